@@ -1,0 +1,2 @@
+//! The zcio command (work in progress).
+fn main() {}

@@ -1,0 +1,22 @@
+//! # zcio: zero-copy file I/O over TCP and RDMA verbs
+//!
+//! zcio moves file data between a client and a server with as few copies as each transport
+//! allows. Both transports draw on one [`pool::Pool`] of pre-allocated, page-aligned buffers
+//! whose arenas are registered with the RDMA NIC once, so the zero-copy calls hand the
+//! application buffers that the NIC (or the socket) filled or drains directly.
+//!
+//! Layers, bottom up:
+//! - [`pool`]: the registered iobuf pool (`IobufMut`, `Iobuf`, `Iobref`).
+//! - [`transport`]: the contract every transport implements (headers plus payload segments,
+//!   never file operations), the registry that maps config names to transports, and
+//!   [`transport::mem`], an in-memory test double.
+//! - [`config`]: the TOML configuration.
+//!
+//! `unsafe` lives only in the pool (and in `zcio-rdma`'s verbs layer); every block carries a
+//! `// SAFETY:` comment.
+
+pub mod error;
+pub mod pool;
+
+pub use error::{Error, Result};
+pub use pool::{Iobref, Iobuf, IobufMut, Pool, PoolConfig};

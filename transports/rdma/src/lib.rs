@@ -1,0 +1,1 @@
+//! zcio-rdma (work in progress).

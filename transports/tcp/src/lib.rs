@@ -1,0 +1,1 @@
+//! zcio-tcp (work in progress).
