@@ -20,3 +20,7 @@ pub mod pool;
 
 pub use error::{Error, Result};
 pub use pool::{Iobref, Iobuf, IobufMut, Pool, PoolConfig};
+pub mod config;
+pub mod transport;
+
+pub use config::Config;

@@ -31,6 +31,7 @@
 
 mod arena;
 mod buf;
+pub mod seg;
 pub(crate) mod sync;
 
 use std::fmt;

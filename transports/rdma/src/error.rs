@@ -91,12 +91,10 @@ pub enum RdmaError {
     },
 
     /// Reading the GID table failed.
-    #[error("failed to read the GID table of port {port} of RDMA device `{device}`")]
+    #[error("failed to read the GID table of RDMA device `{device}`")]
     QueryGid {
         /// The device name.
         device: String,
-        /// The port number.
-        port: u8,
         /// The OS error.
         source: io::Error,
     },

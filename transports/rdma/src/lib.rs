@@ -1,1 +1,7 @@
 //! zcio-rdma (work in progress).
+
+pub mod devices;
+pub mod error;
+pub mod verbs;
+
+pub use error::RdmaError;

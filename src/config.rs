@@ -1,0 +1,596 @@
+//! Configuration: a TOML file, overridden by command-line flags.
+//!
+//! Every key, with its default:
+//!
+//! ```toml
+//! transport = "tcp"              # "tcp" or "rdma": which transport carries requests
+//!
+//! [server]
+//! listen = "127.0.0.1:7700"      # address to listen on (loopback unless told otherwise)
+//! export = "/srv/zcio"           # the directory served; nothing outside it is reachable
+//! read_only = false              # refuse writes, truncates, unlinks and creates
+//! token = ""                     # shared secret; empty = no authentication
+//! workers = 4                    # threads doing file I/O, shared by all connections
+//! max_connections = 256          # connections beyond this are refused
+//! max_in_flight = 64             # requests in flight per connection (back-pressure)
+//! idle_timeout_ms = 300000       # close connections idle this long (0 = never)
+//! direct_io = false              # force O_DIRECT on every open
+//!
+//! [client]
+//! connect = "127.0.0.1:7700"     # server address
+//! token = ""                     # must match the server's
+//! timeout_ms = 30000             # a request (or connect) taking longer fails the connection
+//!
+//! [limits]
+//! max_segments = 256             # payload segments per request
+//! max_payload = "1M"             # payload bytes per request
+//! max_in_flight = 64             # requests in flight per connection, client side
+//!
+//! [pool]
+//! wait_timeout_ms = 5000         # how long a get waits for a free buffer
+//! stripes = 0                    # free-list stripes per class; 0 = one per CPU
+//! [[pool.class]]                 # size classes (default: 4K x1024 (64 reserved),
+//! size = "4K"                    #   64K x256, 128K x256, 1M x64)
+//! count = 1024                   # slots: the bound on this class's memory
+//! reserve = 64                   # slots kept for control messages
+//! arena_slots = 0                # slots per arena (0 = about 4 MiB arenas)
+//!
+//! [tcp]
+//! nodelay = true                 # TCP_NODELAY on every socket
+//!
+//! [rdma]
+//! device = ""                    # device name, e.g. "rxe0"; empty = first with an active port
+//! port = 1                       # port number on that device
+//! gid_index = -1                 # -1 = first RoCE v2 GID of the peer address's family
+//! inline_threshold = 128         # payload up to this many bytes travels with the header
+//! busy_poll = false              # spin on the completion queue instead of sleeping
+//! credits = 32                   # receive buffers posted per connection (flow control)
+//! register_threshold = "256K"    # caller iovecs at least this big are registered on the
+//!                                # fly; smaller ones are bounced through the pool
+//! ```
+//!
+//! An unknown key or a bad value is an error that names the key and the value.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::error::{Error, Result};
+use crate::pool::{ClassConfig, PoolConfig};
+use crate::transport::{Limits, MAX_HEADER};
+
+/// Server settings.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ServerConfig {
+    /// Address to listen on.
+    pub listen: String,
+    /// The exported directory.
+    pub export: PathBuf,
+    /// Refuse every modifying operation.
+    pub read_only: bool,
+    /// Shared secret; empty means none.
+    pub token: String,
+    /// File I/O worker threads.
+    pub workers: usize,
+    /// Most connections at once.
+    pub max_connections: usize,
+    /// Most requests in flight per connection.
+    pub max_in_flight: usize,
+    /// Idle connections are closed after this long (`None`: never).
+    pub idle_timeout: Option<Duration>,
+    /// Open every file with O_DIRECT.
+    pub direct_io: bool,
+}
+
+/// Client settings.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ClientConfig {
+    /// Server address.
+    pub connect: String,
+    /// Shared secret.
+    pub token: String,
+    /// Request and connect timeout.
+    pub timeout: Duration,
+}
+
+/// TCP transport settings.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TcpConfig {
+    /// Set TCP_NODELAY.
+    pub nodelay: bool,
+}
+
+/// RDMA transport settings.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RdmaConfig {
+    /// Device name; `None` picks the first device with an active port.
+    pub device: Option<String>,
+    /// Port number.
+    pub port: u8,
+    /// GID index; `None` picks the first RoCE v2 GID of the peer's address family.
+    pub gid_index: Option<u32>,
+    /// Inline payload threshold in bytes.
+    pub inline_threshold: usize,
+    /// Busy-poll completions instead of sleeping on the completion channel.
+    pub busy_poll: bool,
+    /// Receive buffers posted per connection (initial credits).
+    pub credits: usize,
+    /// Caller iovec segments at least this long are registered on the fly; shorter ones
+    /// are bounced through pool buffers.
+    pub register_threshold: usize,
+}
+
+/// The whole configuration.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Config {
+    /// Transport name.
+    pub transport: String,
+    /// Server settings.
+    pub server: ServerConfig,
+    /// Client settings.
+    pub client: ClientConfig,
+    /// Per-request limits.
+    pub limits: Limits,
+    /// The buffer pool.
+    pub pool: PoolConfig,
+    /// TCP settings.
+    pub tcp: TcpConfig,
+    /// RDMA settings.
+    pub rdma: RdmaConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            transport: "tcp".into(),
+            server: ServerConfig {
+                listen: "127.0.0.1:7700".into(),
+                export: PathBuf::from("/srv/zcio"),
+                read_only: false,
+                token: String::new(),
+                workers: 4,
+                max_connections: 256,
+                max_in_flight: 64,
+                idle_timeout: Some(Duration::from_secs(300)),
+                direct_io: false,
+            },
+            client: ClientConfig {
+                connect: "127.0.0.1:7700".into(),
+                token: String::new(),
+                timeout: Duration::from_secs(30),
+            },
+            limits: Limits {
+                max_segments: 256,
+                max_payload: 1 << 20,
+                max_header: MAX_HEADER,
+                max_in_flight: 64,
+                inline_threshold: 0,
+                rdma_payload: false,
+            },
+            pool: PoolConfig::default(),
+            tcp: TcpConfig { nodelay: true },
+            rdma: RdmaConfig {
+                device: None,
+                port: 1,
+                gid_index: None,
+                inline_threshold: 128,
+                busy_poll: false,
+                credits: 32,
+                register_threshold: 256 << 10,
+            },
+        }
+    }
+}
+
+/// A size: an integer of bytes or a string such as `"64K"`, `"1M"`, `"2GiB"`.
+#[derive(Deserialize, Clone, Debug)]
+#[serde(untagged)]
+enum Size {
+    Bytes(i64),
+    Text(String),
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    transport: Option<String>,
+    server: Option<RawServer>,
+    client: Option<RawClient>,
+    limits: Option<RawLimits>,
+    pool: Option<RawPool>,
+    tcp: Option<RawTcp>,
+    rdma: Option<RawRdma>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawServer {
+    listen: Option<String>,
+    export: Option<String>,
+    read_only: Option<bool>,
+    token: Option<String>,
+    workers: Option<i64>,
+    max_connections: Option<i64>,
+    max_in_flight: Option<i64>,
+    idle_timeout_ms: Option<i64>,
+    direct_io: Option<bool>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawClient {
+    connect: Option<String>,
+    token: Option<String>,
+    timeout_ms: Option<i64>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    max_segments: Option<i64>,
+    max_payload: Option<Size>,
+    max_in_flight: Option<i64>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawPool {
+    wait_timeout_ms: Option<i64>,
+    stripes: Option<i64>,
+    class: Option<Vec<RawClass>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawClass {
+    size: Size,
+    count: i64,
+    reserve: Option<i64>,
+    arena_slots: Option<i64>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawTcp {
+    nodelay: Option<bool>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawRdma {
+    device: Option<String>,
+    port: Option<i64>,
+    gid_index: Option<i64>,
+    inline_threshold: Option<Size>,
+    busy_poll: Option<bool>,
+    credits: Option<i64>,
+    register_threshold: Option<Size>,
+}
+
+/// Parses a size such as `4096`, `"4K"`, `"64KiB"`, `"1M"`, `"1 GiB"`.
+pub fn parse_size(key: &str, s: &str) -> Result<usize> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let bad = |why: &str| Error::config(key, s, why);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| bad("expected a size like 4096, 64K, 1M or 1GiB"))?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        _ => return Err(bad("unknown unit (use B, K, M or G)")),
+    };
+    let v = n
+        .checked_mul(mult)
+        .filter(|&v| v <= (1u64 << 40))
+        .ok_or_else(|| bad("too large"))?;
+    usize::try_from(v).map_err(|_| bad("too large"))
+}
+
+fn size(key: &str, v: &Size) -> Result<usize> {
+    match v {
+        Size::Bytes(n) if *n >= 0 => Ok(*n as usize),
+        Size::Bytes(n) => Err(Error::config(key, n, "must not be negative")),
+        Size::Text(s) => parse_size(key, s),
+    }
+}
+
+fn int(key: &str, v: i64, min: i64, max: i64) -> Result<usize> {
+    if v < min || v > max {
+        return Err(Error::config(key, v, format!("must be {min} ..= {max}")));
+    }
+    Ok(v as usize)
+}
+
+fn addr(key: &str, v: &str) -> Result<String> {
+    use std::net::ToSocketAddrs;
+    let ok = v.rsplit_once(':').is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok());
+    if !ok {
+        return Err(Error::config(key, v, "expected HOST:PORT"));
+    }
+    // Numeric addresses are checked fully; names are resolved at connect time.
+    if v.parse::<std::net::SocketAddr>().is_err() && v.to_socket_addrs().is_err() {
+        return Err(Error::config(key, v, "cannot be resolved"));
+    }
+    Ok(v.to_string())
+}
+
+fn ms(v: i64) -> Option<Duration> {
+    (v > 0).then(|| Duration::from_millis(v as u64))
+}
+
+impl Config {
+    /// Reads a TOML file.
+    pub fn from_file(path: &Path) -> Result<Config> {
+        Config::from_file_with(path, &[])
+    }
+
+    /// Reads a TOML file, then applies `key=value` overrides (as from `--set`).
+    pub fn from_file_with(path: &Path, overrides: &[String]) -> Result<Config> {
+        let text = std::fs::read_to_string(path).map_err(|source| Error::ReadConfig {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Config::parse_with(&text, &path.display().to_string(), overrides)
+    }
+
+    /// Parses TOML text.
+    pub fn parse(text: &str) -> Result<Config> {
+        Config::parse_with(text, "<string>", &[])
+    }
+
+    /// Parses TOML text and applies `key=value` overrides (dotted keys, TOML values; a
+    /// value that is not valid TOML is taken as a string).
+    pub fn parse_with(text: &str, origin: &str, overrides: &[String]) -> Result<Config> {
+        let mut doc: toml::Table = text.parse().map_err(|e: toml::de::Error| Error::ParseConfig {
+            path: origin.into(),
+            message: e.to_string(),
+        })?;
+        for o in overrides {
+            apply_override(&mut doc, o)?;
+        }
+        let raw: RawConfig =
+            RawConfig::deserialize(doc).map_err(|e| Error::ParseConfig {
+                path: origin.into(),
+                message: e.to_string(),
+            })?;
+        Config::from_raw(raw)
+    }
+
+    fn from_raw(raw: RawConfig) -> Result<Config> {
+        let mut c = Config::default();
+        if let Some(t) = raw.transport {
+            if t.is_empty() || !t.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
+                return Err(Error::config("transport", &t, "expected a name like tcp or rdma"));
+            }
+            c.transport = t;
+        }
+        if let Some(s) = raw.server {
+            if let Some(v) = s.listen {
+                c.server.listen = addr("server.listen", &v)?;
+            }
+            if let Some(v) = s.export {
+                if v.is_empty() {
+                    return Err(Error::config("server.export", v, "must not be empty"));
+                }
+                c.server.export = PathBuf::from(v);
+            }
+            if let Some(v) = s.read_only {
+                c.server.read_only = v;
+            }
+            if let Some(v) = s.token {
+                c.server.token = v;
+            }
+            if let Some(v) = s.workers {
+                c.server.workers = int("server.workers", v, 1, 1024)?;
+            }
+            if let Some(v) = s.max_connections {
+                c.server.max_connections = int("server.max_connections", v, 1, 1 << 20)?;
+            }
+            if let Some(v) = s.max_in_flight {
+                c.server.max_in_flight = int("server.max_in_flight", v, 1, 65536)?;
+            }
+            if let Some(v) = s.idle_timeout_ms {
+                int("server.idle_timeout_ms", v, 0, i64::MAX)?;
+                c.server.idle_timeout = ms(v);
+            }
+            if let Some(v) = s.direct_io {
+                c.server.direct_io = v;
+            }
+        }
+        if let Some(s) = raw.client {
+            if let Some(v) = s.connect {
+                c.client.connect = addr("client.connect", &v)?;
+            }
+            if let Some(v) = s.token {
+                c.client.token = v;
+            }
+            if let Some(v) = s.timeout_ms {
+                int("client.timeout_ms", v, 1, 86_400_000)?;
+                c.client.timeout = Duration::from_millis(v as u64);
+            }
+        }
+        if let Some(l) = raw.limits {
+            if let Some(v) = l.max_segments {
+                c.limits.max_segments = int("limits.max_segments", v, 1, 4096)?;
+            }
+            if let Some(v) = &l.max_payload {
+                let n = size("limits.max_payload", v)?;
+                if !(4096..=(64 << 20)).contains(&n) {
+                    return Err(Error::config("limits.max_payload", n, "must be 4K ..= 64M"));
+                }
+                c.limits.max_payload = n;
+            }
+            if let Some(v) = l.max_in_flight {
+                c.limits.max_in_flight = int("limits.max_in_flight", v, 1, 65536)?;
+            }
+        }
+        if let Some(p) = raw.pool {
+            if let Some(v) = p.wait_timeout_ms {
+                int("pool.wait_timeout_ms", v, 0, 3_600_000)?;
+                c.pool.wait_timeout = Duration::from_millis(v as u64);
+            }
+            if let Some(v) = p.stripes {
+                c.pool.stripes = int("pool.stripes", v, 0, 64)?;
+            }
+            if let Some(classes) = p.class {
+                c.pool.classes = classes
+                    .iter()
+                    .enumerate()
+                    .map(|(i, rc)| {
+                        let k = |f: &str| format!("pool.class[{i}].{f}");
+                        Ok(ClassConfig {
+                            size: size(&k("size"), &rc.size)?,
+                            count: int(&k("count"), rc.count, 1, 1 << 24)?,
+                            reserve: int(&k("reserve"), rc.reserve.unwrap_or(0), 0, 1 << 24)?,
+                            arena_slots: int(&k("arena_slots"), rc.arena_slots.unwrap_or(0), 0, 1 << 24)?,
+                        })
+                    })
+                    .collect::<Result<_>>()?;
+            }
+            c.pool.validate().map_err(|e| match e {
+                Error::ConfigValue { key, value, reason } => Error::ConfigValue {
+                    key: key.replace("pool.classes", "pool.class"),
+                    value,
+                    reason,
+                },
+                e => e,
+            })?;
+        }
+        if let Some(t) = raw.tcp {
+            if let Some(v) = t.nodelay {
+                c.tcp.nodelay = v;
+            }
+        }
+        if let Some(r) = raw.rdma {
+            if let Some(v) = r.device {
+                c.rdma.device = (!v.is_empty()).then_some(v);
+            }
+            if let Some(v) = r.port {
+                c.rdma.port = int("rdma.port", v, 1, 255)? as u8;
+            }
+            if let Some(v) = r.gid_index {
+                c.rdma.gid_index = if v == -1 {
+                    None
+                } else {
+                    Some(int("rdma.gid_index", v, -1, 65535)? as u32)
+                };
+            }
+            if let Some(v) = &r.inline_threshold {
+                let n = size("rdma.inline_threshold", v)?;
+                if n > 1024 {
+                    return Err(Error::config("rdma.inline_threshold", n, "must be 0 ..= 1024"));
+                }
+                c.rdma.inline_threshold = n;
+            }
+            if let Some(v) = r.busy_poll {
+                c.rdma.busy_poll = v;
+            }
+            if let Some(v) = r.credits {
+                c.rdma.credits = int("rdma.credits", v, 2, 4096)?;
+            }
+            if let Some(v) = &r.register_threshold {
+                c.rdma.register_threshold = size("rdma.register_threshold", v)?;
+            }
+        }
+        c.check_pool_fits()?;
+        Ok(c)
+    }
+
+    /// The largest pool class must hold a whole request payload.
+    pub fn check_pool_fits(&self) -> Result<()> {
+        let largest = self.pool.classes.iter().map(|c| c.size).max().unwrap_or(0);
+        if largest == 0 {
+            return Err(Error::config("pool.class", "[]", "at least one class is needed"));
+        }
+        Ok(())
+    }
+
+    /// Applies one `key=value` override to an already-built configuration.
+    pub fn with_override(&self, kv: &str) -> Result<Config> {
+        let text = self.to_toml();
+        Config::parse_with(&text, "<overrides>", &[kv.to_string()])
+    }
+
+    /// The configuration as TOML (every key).
+    pub fn to_toml(&self) -> String {
+        let mut s = String::new();
+        let q = |v: &str| toml::Value::String(v.to_string()).to_string();
+        s += &format!("transport = {}\n\n[server]\n", q(&self.transport));
+        s += &format!("listen = {}\n", q(&self.server.listen));
+        s += &format!("export = {}\n", q(&self.server.export.to_string_lossy()));
+        s += &format!("read_only = {}\n", self.server.read_only);
+        s += &format!("token = {}\n", q(&self.server.token));
+        s += &format!("workers = {}\n", self.server.workers);
+        s += &format!("max_connections = {}\n", self.server.max_connections);
+        s += &format!("max_in_flight = {}\n", self.server.max_in_flight);
+        s += &format!(
+            "idle_timeout_ms = {}\n",
+            self.server.idle_timeout.map_or(0, |d| d.as_millis())
+        );
+        s += &format!("direct_io = {}\n\n[client]\n", self.server.direct_io);
+        s += &format!("connect = {}\n", q(&self.client.connect));
+        s += &format!("token = {}\n", q(&self.client.token));
+        s += &format!("timeout_ms = {}\n\n[limits]\n", self.client.timeout.as_millis());
+        s += &format!("max_segments = {}\n", self.limits.max_segments);
+        s += &format!("max_payload = {}\n", self.limits.max_payload);
+        s += &format!("max_in_flight = {}\n\n[pool]\n", self.limits.max_in_flight);
+        s += &format!("wait_timeout_ms = {}\n", self.pool.wait_timeout.as_millis());
+        s += &format!("stripes = {}\n", self.pool.stripes);
+        for c in &self.pool.classes {
+            s += &format!(
+                "[[pool.class]]\nsize = {}\ncount = {}\nreserve = {}\narena_slots = {}\n",
+                c.size, c.count, c.reserve, c.arena_slots
+            );
+        }
+        s += &format!("\n[tcp]\nnodelay = {}\n\n[rdma]\n", self.tcp.nodelay);
+        s += &format!("device = {}\n", q(self.rdma.device.as_deref().unwrap_or("")));
+        s += &format!("port = {}\n", self.rdma.port);
+        s += &format!(
+            "gid_index = {}\n",
+            self.rdma.gid_index.map_or(-1, i64::from)
+        );
+        s += &format!("inline_threshold = {}\n", self.rdma.inline_threshold);
+        s += &format!("busy_poll = {}\n", self.rdma.busy_poll);
+        s += &format!("credits = {}\n", self.rdma.credits);
+        s += &format!("register_threshold = {}\n", self.rdma.register_threshold);
+        s
+    }
+}
+
+fn apply_override(doc: &mut toml::Table, kv: &str) -> Result<()> {
+    let (key, value) = kv
+        .split_once('=')
+        .ok_or_else(|| Error::config(kv, "", "an override must look like key=value"))?;
+    let key = key.trim();
+    let value = value.trim();
+    let parts: Vec<&str> = key.split('.').collect();
+    if parts.iter().any(|p| p.is_empty()) || parts.len() > 2 {
+        return Err(Error::config(key, value, "expected `key` or `section.key`"));
+    }
+    let parsed: toml::Value = format!("v = {value}")
+        .parse::<toml::Table>()
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(value.to_string()));
+    let mut table = doc;
+    for p in &parts[..parts.len() - 1] {
+        let entry = table
+            .entry(p.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        table = entry
+            .as_table_mut()
+            .ok_or_else(|| Error::config(key, value, format!("`{p}` is not a section")))?;
+    }
+    table.insert(parts[parts.len() - 1].to_string(), parsed);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;

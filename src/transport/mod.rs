@@ -1,0 +1,279 @@
+//! The transport contract.
+//!
+//! A transport moves *opaque* request and reply headers plus payload segments between a
+//! client and a server. It never parses file operations (that is [`crate::proto`]'s job).
+//! How payload moves is the transport's business:
+//! - TCP gathers header and payload with `writev` straight from the caller's segments, and
+//!   reads reply payload with `readv` straight into the destination segments registered for
+//!   that request id;
+//! - RDMA sends headers by SEND/RECV and moves payload by RDMA WRITE (replies) and RDMA READ
+//!   (request payload), initiated by the server, between registered pool buffers.
+//!
+//! Client side: [`ClientConn::start`] takes a [`Request`] (header bytes, payload to send,
+//! segments the reply payload must land in) and returns a [`Pending`] that completes with a
+//! [`Reply`] once the reply header has arrived *and* its payload is in the destination
+//! segments. Many requests may be in flight on one connection; replies are matched by id.
+//!
+//! Server side: a [`Listener`] accepts [`ServerConn`]s; [`ServerConn::recv`] yields an
+//! [`Incoming`] request whose payload is already in pool buffers, and a [`Replier`] (usable
+//! from any thread) answers it with a header and payload buffers.
+//!
+//! The [`Registry`] maps the transport name in the configuration to a [`Transport`] the
+//! binary was built with. [`mem`] is an in-memory test double.
+
+pub mod completion;
+pub mod mem;
+
+use std::fmt;
+use std::sync::Arc;
+
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::pool::{Iobuf, Pool};
+
+pub use crate::pool::seg::{recv_len, scatter_into, send_len, RawSeg, RecvSeg, SegKeys, SendSeg};
+pub use completion::{block_on, pair, Completer, Pending};
+
+/// Largest request or reply header any transport must carry.
+pub const MAX_HEADER: usize = 4096;
+
+/// What a transport (or one of its connections) can carry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Most payload segments in one request or reply.
+    pub max_segments: usize,
+    /// Most payload bytes in one request or reply.
+    pub max_payload: usize,
+    /// Longest header.
+    pub max_header: usize,
+    /// Most requests in flight on one connection.
+    pub max_in_flight: usize,
+    /// Payload up to this many bytes travels inline with the header (RDMA); 0 = none.
+    pub inline_threshold: usize,
+    /// True when payload moves by RDMA (no CPU copy on either side).
+    pub rdma_payload: bool,
+}
+
+impl Limits {
+    /// The lower of two limit sets (what two peers can both honour).
+    pub fn min(&self, o: &Limits) -> Limits {
+        Limits {
+            max_segments: self.max_segments.min(o.max_segments),
+            max_payload: self.max_payload.min(o.max_payload),
+            max_header: self.max_header.min(o.max_header),
+            max_in_flight: self.max_in_flight.min(o.max_in_flight),
+            inline_threshold: self.inline_threshold.min(o.inline_threshold),
+            rdma_payload: self.rdma_payload && o.rdma_payload,
+        }
+    }
+}
+
+/// One client request.
+#[derive(Debug, Default)]
+pub struct Request {
+    /// Opaque header bytes (at most [`Limits::max_header`]).
+    pub header: Vec<u8>,
+    /// Payload to send, in order.
+    pub send: Vec<SendSeg>,
+    /// Where the reply payload must land, in order. Their total length is the most the
+    /// server may send back.
+    pub recv: Vec<RecvSeg>,
+}
+
+/// The reply to a [`Request`]; it gives the request's segments back.
+#[derive(Debug)]
+pub struct Reply {
+    /// Opaque reply header.
+    pub header: Vec<u8>,
+    /// Payload bytes written into the receive segments, front to back.
+    pub payload_len: usize,
+    /// The request's receive segments, filled.
+    pub recv: Vec<RecvSeg>,
+    /// The request's send segments, returned.
+    pub send: Vec<SendSeg>,
+}
+
+/// A client's connection.
+pub trait ClientConn: Send + Sync {
+    /// Negotiated limits of this connection.
+    fn limits(&self) -> Limits;
+    /// Sends a request; the result completes when the whole reply has arrived or the
+    /// connection failed. A request whose segments exceed the limits is refused here,
+    /// before anything is sent.
+    fn start(&self, req: Request) -> Result<Pending<Reply>>;
+    /// Closes the connection; pending requests fail.
+    fn close(&self);
+    /// Human-readable description of the peer.
+    fn peer(&self) -> String;
+}
+
+/// A request as the server receives it: payload already in pool buffers.
+#[derive(Debug)]
+pub struct Incoming {
+    /// Request id (unique among this connection's requests in flight).
+    pub id: u64,
+    /// Opaque header.
+    pub header: Vec<u8>,
+    /// Request payload, in pool buffers, in order.
+    pub payload: Vec<Iobuf>,
+    /// The most reply payload the client can take.
+    pub reply_capacity: usize,
+}
+
+/// Sends replies on one server connection, from any thread.
+pub trait Replier: Send + Sync {
+    /// Replies to request `id` with `header` and payload `payload` (in order; at most the
+    /// request's reply capacity in total).
+    fn reply(&self, id: u64, header: &[u8], payload: &[Iobuf]) -> Result<()>;
+    /// Closes the connection (both directions).
+    fn close(&self);
+}
+
+/// A server's end of one connection.
+pub trait ServerConn: Send {
+    /// Negotiated limits.
+    fn limits(&self) -> Limits;
+    /// The next request; `Ok(None)` when the client closed the connection cleanly.
+    fn recv(&mut self) -> Result<Option<Incoming>>;
+    /// The reply side, shareable with worker threads.
+    fn replier(&self) -> Arc<dyn Replier>;
+    /// Human-readable description of the peer.
+    fn peer(&self) -> String;
+}
+
+/// Accepts connections.
+pub trait Listener: Send + Sync {
+    /// Blocks for the next connection. Errors that concern one connection attempt (a bad
+    /// handshake) are returned as `Ok(Err(..))` so the accept loop carries on.
+    fn accept(&self) -> Result<Result<Box<dyn ServerConn>>>;
+    /// The address clients should connect to.
+    fn local_addr(&self) -> String;
+    /// Makes a blocked [`Listener::accept`] return an error, for shutdown.
+    fn shutdown(&self);
+}
+
+/// A transport implementation, registered by name.
+pub trait Transport: Send + Sync {
+    /// The name used in configuration (`tcp`, `rdma`).
+    fn name(&self) -> &'static str;
+    /// Checks that the transport can run here (libraries, devices); the error says what to
+    /// do.
+    fn check_available(&self, cfg: &Config) -> Result<()>;
+    /// Connects to the server named by `cfg.client.connect`.
+    fn connect(&self, cfg: &Config, pool: &Pool) -> Result<Box<dyn ClientConn>>;
+    /// Listens on `cfg.server.listen`.
+    fn listen(&self, cfg: &Config, pool: &Pool) -> Result<Box<dyn Listener>>;
+}
+
+/// A transport name the binary knows of but was built without, and how to get it.
+#[derive(Clone, Debug)]
+struct Missing {
+    name: String,
+    reason: String,
+    hint: String,
+}
+
+/// Maps configuration names to transports.
+#[derive(Clone, Default)]
+pub struct Registry {
+    transports: Vec<Arc<dyn Transport>>,
+    missing: Vec<Missing>,
+}
+
+impl fmt::Debug for Registry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Registry")
+            .field("transports", &self.names())
+            .finish()
+    }
+}
+
+impl Registry {
+    /// An empty registry.
+    pub fn new() -> Registry {
+        Registry::default()
+    }
+
+    /// Adds a transport (replacing one of the same name).
+    pub fn register(&mut self, t: Arc<dyn Transport>) {
+        self.transports.retain(|o| o.name() != t.name());
+        self.missing.retain(|m| m.name != t.name());
+        self.transports.push(t);
+    }
+
+    /// Records a transport this build lacks, so asking for it explains how to get it.
+    pub fn register_missing(&mut self, name: &str, reason: &str, hint: &str) {
+        if self.transports.iter().any(|t| t.name() == name) {
+            return;
+        }
+        self.missing.push(Missing {
+            name: name.into(),
+            reason: reason.into(),
+            hint: hint.into(),
+        });
+    }
+
+    /// Names of the transports available in this build.
+    pub fn names(&self) -> Vec<&'static str> {
+        self.transports.iter().map(|t| t.name()).collect()
+    }
+
+    /// The transport called `name`, checked to be usable with `cfg`.
+    pub fn get(&self, name: &str, cfg: &Config) -> Result<Arc<dyn Transport>> {
+        if let Some(t) = self.transports.iter().find(|t| t.name() == name) {
+            t.check_available(cfg)?;
+            return Ok(t.clone());
+        }
+        if let Some(m) = self.missing.iter().find(|m| m.name == name) {
+            return Err(Error::TransportUnavailable {
+                name: m.name.clone(),
+                reason: m.reason.clone(),
+                hint: m.hint.clone(),
+            });
+        }
+        Err(Error::UnknownTransport {
+            name: name.into(),
+            known: if self.transports.is_empty() {
+                "no transports".into()
+            } else {
+                self.names().join(", ")
+            },
+        })
+    }
+}
+
+/// Checks a request against limits before anything is sent or allocated.
+pub fn check_request(req: &Request, l: &Limits) -> Result<()> {
+    if req.header.len() > l.max_header {
+        return Err(Error::LimitExceeded {
+            what: "request header length",
+            value: req.header.len() as u64,
+            limit: l.max_header as u64,
+        });
+    }
+    for (what, segs) in [
+        ("request send segments", req.send.len()),
+        ("request receive segments", req.recv.len()),
+    ] {
+        if segs > l.max_segments {
+            return Err(Error::LimitExceeded {
+                what,
+                value: segs as u64,
+                limit: l.max_segments as u64,
+            });
+        }
+    }
+    for (what, n) in [
+        ("request payload", send_len(&req.send)),
+        ("reply capacity", recv_len(&req.recv)),
+    ] {
+        if n > l.max_payload {
+            return Err(Error::LimitExceeded {
+                what,
+                value: n as u64,
+                limit: l.max_payload as u64,
+            });
+        }
+    }
+    Ok(())
+}
