@@ -17,6 +17,7 @@
 
 pub mod error;
 pub mod pool;
+pub mod proto;
 
 pub use error::{Error, Result};
 pub use pool::{Iobref, Iobuf, IobufMut, Pool, PoolConfig};

@@ -3,3 +3,238 @@
 //! **A test double, not a product transport.** It copies payload (a real transport must
 //! not), so it is never registered under a name a user can choose. It exists so that the
 //! file protocol, the server and the client can be unit-tested without sockets.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::{Arc, Mutex};
+
+use super::{
+    check_request, pair, send_len, ClientConn, Completer, Incoming, Limits,
+    Listener, Pending, RecvSeg, Replier, Reply, Request, SendSeg, ServerConn,
+};
+use crate::error::{Error, Result};
+use crate::pool::{Iobuf, Pool};
+
+type Waiting = (Completer<Reply>, Vec<RecvSeg>, Vec<SendSeg>);
+
+struct Link {
+    pending: Mutex<HashMap<u64, Waiting>>,
+    closed: AtomicBool,
+}
+
+impl Link {
+    fn fail_all(&self, why: &str) {
+        self.closed.store(true, Ordering::SeqCst);
+        let drained: Vec<Waiting> = lock(&self.pending).drain().map(|(_, w)| w).collect();
+        for (c, _, _) in drained {
+            c.complete(Err(Error::ConnectionClosed(why.into())));
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Accepts in-memory connections made with [`MemListener::connect`].
+pub struct MemListener {
+    pool: Pool,
+    limits: Limits,
+    tx: Mutex<Option<Sender<MemServerConn>>>,
+    rx: Mutex<Receiver<MemServerConn>>,
+}
+
+impl MemListener {
+    /// A listener whose server side takes payload buffers from `pool`.
+    pub fn new(pool: Pool, limits: Limits) -> Arc<MemListener> {
+        let (tx, rx) = channel();
+        Arc::new(MemListener {
+            pool,
+            limits,
+            tx: Mutex::new(Some(tx)),
+            rx: Mutex::new(rx),
+        })
+    }
+
+    /// Opens a connection; the server side appears in [`Listener::accept`].
+    pub fn connect(&self) -> Result<Box<dyn ClientConn>> {
+        let (tx, rx) = channel();
+        let link = Arc::new(Link {
+            pending: Mutex::new(HashMap::new()),
+            closed: AtomicBool::new(false),
+        });
+        let server = MemServerConn {
+            rx,
+            link: link.clone(),
+            limits: self.limits,
+        };
+        lock(&self.tx)
+            .as_ref()
+            .ok_or_else(|| Error::ConnectionClosed("listener shut down".into()))?
+            .send(server)
+            .map_err(|_| Error::ConnectionClosed("listener gone".into()))?;
+        Ok(Box::new(MemClientConn {
+            tx: Mutex::new(Some(tx)),
+            link,
+            pool: self.pool.clone(),
+            limits: self.limits,
+            next_id: AtomicU64::new(1),
+        }))
+    }
+}
+
+impl Listener for MemListener {
+    fn accept(&self) -> Result<Result<Box<dyn ServerConn>>> {
+        let c = lock(&self.rx)
+            .recv()
+            .map_err(|_| Error::ConnectionClosed("listener shut down".into()))?;
+        Ok(Ok(Box::new(c)))
+    }
+    fn local_addr(&self) -> String {
+        "mem".into()
+    }
+    fn shutdown(&self) {
+        lock(&self.tx).take();
+    }
+}
+
+struct MemClientConn {
+    tx: Mutex<Option<Sender<Incoming>>>,
+    link: Arc<Link>,
+    pool: Pool,
+    limits: Limits,
+    next_id: AtomicU64,
+}
+
+impl ClientConn for MemClientConn {
+    fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    fn start(&self, req: Request) -> Result<Pending<Reply>> {
+        check_request(&req, &self.limits)?;
+        if self.link.closed.load(Ordering::SeqCst) {
+            return Err(Error::ConnectionClosed("connection closed".into()));
+        }
+        // The copy a real transport avoids: request payload into the server's buffers.
+        let mut left = send_len(&req.send);
+        let mut payload = self.pool.get_span(left)?.into_vec();
+        let mut bytes = req.send.iter().flat_map(|s| s.as_slice().iter().copied());
+        for b in &mut payload {
+            for (d, s) in b.iter_mut().zip(&mut bytes) {
+                *d = s;
+            }
+            left -= b.len();
+        }
+        debug_assert_eq!(left, 0);
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (c, p) = pair();
+        let cap = super::recv_len(&req.recv);
+        lock(&self.link.pending).insert(id, (c, req.recv, req.send));
+        let inc = Incoming {
+            id,
+            header: req.header,
+            payload: payload.into_iter().map(|b| b.freeze()).collect(),
+            reply_capacity: cap,
+        };
+        let sent = lock(&self.tx).as_ref().map(|tx| tx.send(inc).is_ok());
+        if sent != Some(true) {
+            self.link.fail_all("connection closed");
+        }
+        Ok(p)
+    }
+
+    fn close(&self) {
+        lock(&self.tx).take();
+        self.link.fail_all("closed by client");
+    }
+
+    fn peer(&self) -> String {
+        "mem".into()
+    }
+}
+
+impl Drop for MemClientConn {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+/// The server side of an in-memory connection.
+pub struct MemServerConn {
+    rx: Receiver<Incoming>,
+    link: Arc<Link>,
+    limits: Limits,
+}
+
+impl ServerConn for MemServerConn {
+    fn limits(&self) -> Limits {
+        self.limits
+    }
+    fn recv(&mut self) -> Result<Option<Incoming>> {
+        Ok(self.rx.recv().ok())
+    }
+    fn replier(&self) -> Arc<dyn Replier> {
+        Arc::new(MemReplier {
+            link: self.link.clone(),
+        })
+    }
+    fn peer(&self) -> String {
+        "mem".into()
+    }
+}
+
+struct MemReplier {
+    link: Arc<Link>,
+}
+
+impl Replier for MemReplier {
+    fn reply(&self, id: u64, header: &[u8], payload: &[Iobuf]) -> Result<()> {
+        let (c, mut recv, send) = lock(&self.link.pending)
+            .remove(&id)
+            .ok_or_else(|| Error::decode("reply", format!("no request {id} in flight")))?;
+        let total: usize = payload.iter().map(|b| b.len()).sum();
+        let cap = super::recv_len(&recv);
+        if total > cap {
+            c.complete(Err(Error::decode(
+                "reply",
+                format!("{total} payload bytes for a {cap}-byte buffer"),
+            )));
+            return Err(Error::LimitExceeded {
+                what: "reply payload",
+                value: total as u64,
+                limit: cap as u64,
+            });
+        }
+        // Scatter the concatenated payload front to back.
+        let mut off = 0;
+        let mut si = 0;
+        let mut so = 0;
+        for b in payload {
+            let mut src: &[u8] = b;
+            while !src.is_empty() && si < recv.len() {
+                let d = &mut recv[si].as_mut_slice()[so..];
+                let k = d.len().min(src.len());
+                d[..k].copy_from_slice(&src[..k]);
+                src = &src[k..];
+                so += k;
+                off += k;
+                if so == recv[si].len() {
+                    si += 1;
+                    so = 0;
+                }
+            }
+        }
+        c.complete(Ok(Reply {
+            header: header.to_vec(),
+            payload_len: off,
+            recv,
+            send,
+        }));
+        Ok(())
+    }
+    fn close(&self) {
+        self.link.fail_all("closed by server");
+    }
+}

@@ -309,7 +309,10 @@ mod tests {
         };
         let text = dev.to_string();
         assert!(text.starts_with("rxe0\n  port 1: ACTIVE, link layer Ethernet, active MTU 1024"));
-        assert!(text.contains("GID[1] ::ffff:127.0.0.1 RoCE v2 (lo)"), "{text}");
+        assert!(
+            text.contains("GID[1] ::ffff:127.0.0.1 RoCE v2 (lo)"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -324,13 +324,12 @@ impl Context {
         let list = device_list()?;
         let device = match name {
             None => list.get(0).ok_or(RdmaError::NoDevice)?,
-            Some(wanted) => list
-                .iter()
-                .find(|d| d.name() == wanted)
-                .ok_or_else(|| RdmaError::DeviceNotFound {
+            Some(wanted) => list.iter().find(|d| d.name() == wanted).ok_or_else(|| {
+                RdmaError::DeviceNotFound {
                     name: wanted.to_owned(),
                     available: list.iter().map(|d| d.name()).collect::<Vec<_>>().join(", "),
-                })?,
+                }
+            })?,
         };
         let dev_name = device.name();
         let inner = device.open().map_err(|e| RdmaError::OpenDevice {
@@ -394,9 +393,9 @@ impl Context {
         let inner = self.inner.alloc_pd().map_err(|e| RdmaError::AllocPd {
             device: self.name.to_string(),
             source: match e.0 {
-                sideway::ibverbs::device_context::AllocateProtectionDomainErrorKind::Ibverbs(
-                    e,
-                ) => e,
+                sideway::ibverbs::device_context::AllocateProtectionDomainErrorKind::Ibverbs(e) => {
+                    e
+                }
                 other => io::Error::other(other.to_string()),
             },
         })?;
@@ -504,13 +503,14 @@ impl ProtectionDomain {
         // registration and is shared with the device), which is exactly what sideway's
         // `reg_mr` requires; the address range was checked to be non-null, non-empty and
         // not wrapping.
-        let inner = unsafe { self.inner.reg_mr(addr as usize, len, access.flags()) }.map_err(
-            |e| RdmaError::RegisterMemory {
-                addr: addr as usize,
-                len,
-                source: register_os_error(e),
-            },
-        )?;
+        let inner =
+            unsafe { self.inner.reg_mr(addr as usize, len, access.flags()) }.map_err(|e| {
+                RdmaError::RegisterMemory {
+                    addr: addr as usize,
+                    len,
+                    source: register_os_error(e),
+                }
+            })?;
         Ok(MemoryRegion {
             inner,
             pd: self.clone(),

@@ -1,0 +1,876 @@
+//! The file protocol: requests and replies carried as opaque headers by any transport.
+//!
+//! Pure encoding and decoding, no I/O, no `unsafe`: every decoder treats its input as
+//! hostile (bounds-checked reads, lengths checked before any allocation, unknown ops and
+//! trailing bytes refused), and the fuzz targets call them directly.
+//!
+//! Request header: `op u8, reserved [u8; 3]`, then the op's fields. Reply header:
+//! `status u32` (0 = OK, otherwise an errno value or a [`Status`] code), then the op's
+//! fields on success or a UTF-8 message (`u16` length + bytes) on failure. Integers are
+//! little-endian; strings are `u16` length + UTF-8 bytes. Bulk data (read and write
+//! payload, directory listings) travels as transport payload, never in headers.
+
+use crate::error::{Error, Result};
+
+/// Protocol version spoken by this build.
+pub const VERSION: u16 = 1;
+/// Longest path accepted.
+pub const MAX_PATH: usize = 4096;
+/// Length of the hello nonces.
+pub const NONCE_LEN: usize = 16;
+/// Length of an authentication MAC (HMAC-SHA256).
+pub const MAC_LEN: usize = 32;
+
+/// Non-errno status codes (above the errno range).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u32)]
+pub enum Status {
+    /// The request could not be decoded.
+    BadRequest = 10_001,
+    /// Authentication is required first, or failed.
+    AuthRequired = 10_002,
+    /// The export is read-only.
+    ReadOnly = 10_003,
+    /// A path leads outside the export.
+    OutsideExport = 10_004,
+    /// Unknown file handle.
+    BadHandle = 10_005,
+    /// A limit was exceeded.
+    Limit = 10_006,
+    /// The server is out of buffers or other resources.
+    Busy = 10_007,
+}
+
+/// Open flags.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OpenFlags(pub u32);
+
+impl OpenFlags {
+    /// Open for reading.
+    pub const READ: OpenFlags = OpenFlags(1);
+    /// Open for writing.
+    pub const WRITE: OpenFlags = OpenFlags(2);
+    /// Create if missing.
+    pub const CREATE: OpenFlags = OpenFlags(4);
+    /// Truncate to zero on open.
+    pub const TRUNCATE: OpenFlags = OpenFlags(8);
+    /// O_DIRECT (page-aligned buffers, offsets and lengths).
+    pub const DIRECT: OpenFlags = OpenFlags(16);
+    /// Fail if it exists (with CREATE).
+    pub const EXCL: OpenFlags = OpenFlags(32);
+    /// All defined bits.
+    pub const ALL: u32 = 63;
+
+    /// True if every bit of `o` is set.
+    pub fn contains(self, o: OpenFlags) -> bool {
+        self.0 & o.0 == o.0
+    }
+    /// Read + write.
+    pub fn rw() -> OpenFlags {
+        OpenFlags::READ | OpenFlags::WRITE
+    }
+}
+
+impl std::ops::BitOr for OpenFlags {
+    type Output = OpenFlags;
+    fn bitor(self, o: OpenFlags) -> OpenFlags {
+        OpenFlags(self.0 | o.0)
+    }
+}
+
+/// A request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Req {
+    /// First message: version and the client's nonce.
+    Hello {
+        /// Client's protocol version.
+        version: u16,
+        /// Random bytes for the challenge.
+        client_nonce: [u8; NONCE_LEN],
+    },
+    /// Proof of the shared token.
+    Auth {
+        /// HMAC-SHA256 over both nonces, keyed by the token.
+        mac: [u8; MAC_LEN],
+    },
+    /// Open (or create) a file.
+    Open {
+        /// Path relative to the export.
+        path: String,
+        /// Flags.
+        flags: OpenFlags,
+        /// Permission bits for a created file.
+        mode: u32,
+    },
+    /// Read `len` bytes at `offset`; the data comes back as reply payload.
+    Read {
+        /// File handle.
+        fh: u64,
+        /// Offset.
+        offset: u64,
+        /// Bytes wanted.
+        len: u32,
+    },
+    /// Write the request payload at `offset`.
+    Write {
+        /// File handle.
+        fh: u64,
+        /// Offset.
+        offset: u64,
+    },
+    /// Flush to stable storage.
+    Fsync {
+        /// File handle.
+        fh: u64,
+        /// Data only (fdatasync).
+        datasync: bool,
+    },
+    /// Stat a path.
+    Stat {
+        /// Path relative to the export ("" or "." for the export itself).
+        path: String,
+    },
+    /// Stat an open file.
+    Fstat {
+        /// File handle.
+        fh: u64,
+    },
+    /// Set an open file's length.
+    Truncate {
+        /// File handle.
+        fh: u64,
+        /// New length.
+        len: u64,
+    },
+    /// Close a file handle.
+    Close {
+        /// File handle.
+        fh: u64,
+    },
+    /// Remove a file.
+    Unlink {
+        /// Path.
+        path: String,
+    },
+    /// List a directory; entries come back as reply payload.
+    List {
+        /// Directory path.
+        path: String,
+        /// Index of the first entry wanted (0 to start).
+        cookie: u64,
+    },
+    /// Create a directory.
+    Mkdir {
+        /// Path.
+        path: String,
+        /// Permission bits.
+        mode: u32,
+    },
+}
+
+impl Req {
+    fn op(&self) -> u8 {
+        match self {
+            Req::Hello { .. } => 1,
+            Req::Auth { .. } => 2,
+            Req::Open { .. } => 3,
+            Req::Read { .. } => 4,
+            Req::Write { .. } => 5,
+            Req::Fsync { .. } => 6,
+            Req::Stat { .. } => 7,
+            Req::Fstat { .. } => 8,
+            Req::Truncate { .. } => 9,
+            Req::Close { .. } => 10,
+            Req::Unlink { .. } => 11,
+            Req::List { .. } => 12,
+            Req::Mkdir { .. } => 13,
+        }
+    }
+
+    /// The operation's name, for errors and logs.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Req::Hello { .. } => "hello",
+            Req::Auth { .. } => "auth",
+            Req::Open { .. } => "open",
+            Req::Read { .. } => "read",
+            Req::Write { .. } => "write",
+            Req::Fsync { .. } => "fsync",
+            Req::Stat { .. } => "stat",
+            Req::Fstat { .. } => "fstat",
+            Req::Truncate { .. } => "truncate",
+            Req::Close { .. } => "close",
+            Req::Unlink { .. } => "unlink",
+            Req::List { .. } => "list",
+            Req::Mkdir { .. } => "mkdir",
+        }
+    }
+
+    /// Encodes the request header.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = Writer(Vec::with_capacity(32));
+        w.u8(self.op());
+        w.bytes(&[0, 0, 0]);
+        match self {
+            Req::Hello {
+                version,
+                client_nonce,
+            } => {
+                w.u16(*version);
+                w.bytes(client_nonce);
+            }
+            Req::Auth { mac } => w.bytes(mac),
+            Req::Open { path, flags, mode } => {
+                w.str(path);
+                w.u32(flags.0);
+                w.u32(*mode);
+            }
+            Req::Read { fh, offset, len } => {
+                w.u64(*fh);
+                w.u64(*offset);
+                w.u32(*len);
+            }
+            Req::Write { fh, offset } => {
+                w.u64(*fh);
+                w.u64(*offset);
+            }
+            Req::Fsync { fh, datasync } => {
+                w.u64(*fh);
+                w.u8(u8::from(*datasync));
+            }
+            Req::Stat { path } | Req::Unlink { path } => w.str(path),
+            Req::Fstat { fh } | Req::Close { fh } => w.u64(*fh),
+            Req::Truncate { fh, len } => {
+                w.u64(*fh);
+                w.u64(*len);
+            }
+            Req::List { path, cookie } => {
+                w.str(path);
+                w.u64(*cookie);
+            }
+            Req::Mkdir { path, mode } => {
+                w.str(path);
+                w.u32(*mode);
+            }
+        }
+        w.0
+    }
+
+    /// Decodes a request header.
+    pub fn decode(b: &[u8]) -> Result<Req> {
+        let mut r = Reader::new(b, "request header");
+        let op = r.u8()?;
+        r.bytes(3)?;
+        let req = match op {
+            1 => Req::Hello {
+                version: r.u16()?,
+                client_nonce: r.array()?,
+            },
+            2 => Req::Auth { mac: r.array()? },
+            3 => {
+                let path = r.path()?;
+                let flags = r.u32()?;
+                if flags & !OpenFlags::ALL != 0 {
+                    return Err(Error::decode("request header", format!("unknown open flags {flags:#x}")));
+                }
+                Req::Open {
+                    path,
+                    flags: OpenFlags(flags),
+                    mode: r.u32()? & 0o7777,
+                }
+            }
+            4 => Req::Read {
+                fh: r.u64()?,
+                offset: r.u64()?,
+                len: r.u32()?,
+            },
+            5 => Req::Write {
+                fh: r.u64()?,
+                offset: r.u64()?,
+            },
+            6 => Req::Fsync {
+                fh: r.u64()?,
+                datasync: r.bool()?,
+            },
+            7 => Req::Stat { path: r.path()? },
+            8 => Req::Fstat { fh: r.u64()? },
+            9 => Req::Truncate {
+                fh: r.u64()?,
+                len: r.u64()?,
+            },
+            10 => Req::Close { fh: r.u64()? },
+            11 => Req::Unlink { path: r.path()? },
+            12 => Req::List {
+                path: r.path()?,
+                cookie: r.u64()?,
+            },
+            13 => Req::Mkdir {
+                path: r.path()?,
+                mode: r.u32()? & 0o7777,
+            },
+            op => return Err(Error::decode("request header", format!("unknown op {op}"))),
+        };
+        r.finish()?;
+        Ok(req)
+    }
+}
+
+/// What the server says in answer to hello.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HelloReply {
+    /// Server's protocol version.
+    pub version: u16,
+    /// Random bytes for the challenge.
+    pub server_nonce: [u8; NONCE_LEN],
+    /// True if `Auth` must follow.
+    pub auth_required: bool,
+    /// The export refuses modifications.
+    pub read_only: bool,
+    /// Most payload segments per request the server takes.
+    pub max_segments: u32,
+    /// Most payload bytes per request.
+    pub max_payload: u32,
+    /// Most requests in flight per connection.
+    pub max_in_flight: u32,
+}
+
+/// File attributes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Stat {
+    /// Size in bytes.
+    pub size: u64,
+    /// Mode bits (type and permissions).
+    pub mode: u32,
+    /// Modification time, ns since the epoch.
+    pub mtime_ns: i64,
+}
+
+impl Stat {
+    /// True for a directory.
+    pub fn is_dir(&self) -> bool {
+        self.mode & 0o170000 == 0o040000
+    }
+    /// True for a regular file.
+    pub fn is_file(&self) -> bool {
+        self.mode & 0o170000 == 0o100000
+    }
+}
+
+/// A successful reply's fields.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Resp {
+    /// Answer to hello.
+    Hello(HelloReply),
+    /// Authentication accepted; the server proves it knows the token too.
+    Auth {
+        /// HMAC-SHA256 over both nonces (server direction).
+        mac: [u8; MAC_LEN],
+    },
+    /// File opened.
+    Open {
+        /// Handle.
+        fh: u64,
+        /// Size at open.
+        size: u64,
+    },
+    /// Bytes read (in the payload) and whether the end of the file was reached.
+    Read {
+        /// Bytes in the payload.
+        len: u32,
+        /// End of file reached.
+        eof: bool,
+    },
+    /// Bytes written.
+    Write {
+        /// Bytes written.
+        written: u32,
+    },
+    /// Attributes.
+    Stat(Stat),
+    /// Directory entries are in the payload.
+    List {
+        /// Entries in the payload.
+        count: u32,
+        /// Cookie for the next batch.
+        next_cookie: u64,
+        /// No more entries.
+        done: bool,
+    },
+    /// Done, nothing to report.
+    Ok,
+}
+
+/// Encodes a success reply for request op `op`.
+pub fn encode_ok(resp: &Resp) -> Vec<u8> {
+    let mut w = Writer(Vec::with_capacity(48));
+    w.u32(0);
+    match resp {
+        Resp::Hello(h) => {
+            w.u16(h.version);
+            w.bytes(&h.server_nonce);
+            w.u8(u8::from(h.auth_required));
+            w.u8(u8::from(h.read_only));
+            w.u32(h.max_segments);
+            w.u32(h.max_payload);
+            w.u32(h.max_in_flight);
+        }
+        Resp::Auth { mac } => w.bytes(mac),
+        Resp::Open { fh, size } => {
+            w.u64(*fh);
+            w.u64(*size);
+        }
+        Resp::Read { len, eof } => {
+            w.u32(*len);
+            w.u8(u8::from(*eof));
+        }
+        Resp::Write { written } => w.u32(*written),
+        Resp::Stat(s) => {
+            w.u64(s.size);
+            w.u32(s.mode);
+            w.u64(s.mtime_ns as u64);
+        }
+        Resp::List {
+            count,
+            next_cookie,
+            done,
+        } => {
+            w.u32(*count);
+            w.u64(*next_cookie);
+            w.u8(u8::from(*done));
+        }
+        Resp::Ok => {}
+    }
+    w.0
+}
+
+/// Encodes an error reply.
+pub fn encode_err(code: u32, message: &str) -> Vec<u8> {
+    let mut w = Writer(Vec::with_capacity(8 + message.len()));
+    w.u32(code.max(1));
+    // Messages are ours, but keep them bounded anyway.
+    let mut m = message;
+    while m.len() > 1024 {
+        let mut cut = 1024;
+        while !m.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        m = &m[..cut];
+    }
+    w.str(m);
+    w.0
+}
+
+/// Decodes a reply header to the request `req` (whose op tells the reply's shape).
+pub fn decode_reply(req: &Req, b: &[u8]) -> Result<Resp> {
+    let mut r = Reader::new(b, "reply header");
+    let status = r.u32()?;
+    if status != 0 {
+        let message = r.string(1024)?;
+        r.finish()?;
+        return Err(Error::Remote {
+            op: req.name(),
+            code: status,
+            message,
+        });
+    }
+    let resp = match req {
+        Req::Hello { .. } => Resp::Hello(HelloReply {
+            version: r.u16()?,
+            server_nonce: r.array()?,
+            auth_required: r.bool()?,
+            read_only: r.bool()?,
+            max_segments: r.u32()?,
+            max_payload: r.u32()?,
+            max_in_flight: r.u32()?,
+        }),
+        Req::Auth { .. } => Resp::Auth { mac: r.array()? },
+        Req::Open { .. } => Resp::Open {
+            fh: r.u64()?,
+            size: r.u64()?,
+        },
+        Req::Read { .. } => Resp::Read {
+            len: r.u32()?,
+            eof: r.bool()?,
+        },
+        Req::Write { .. } => Resp::Write { written: r.u32()? },
+        Req::Stat { .. } | Req::Fstat { .. } => Resp::Stat(Stat {
+            size: r.u64()?,
+            mode: r.u32()?,
+            mtime_ns: r.u64()? as i64,
+        }),
+        Req::List { .. } => Resp::List {
+            count: r.u32()?,
+            next_cookie: r.u64()?,
+            done: r.bool()?,
+        },
+        _ => Resp::Ok,
+    };
+    r.finish()?;
+    Ok(resp)
+}
+
+/// One directory entry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DirEntry {
+    /// File name (no slash).
+    pub name: String,
+    /// Size in bytes (0 for directories).
+    pub size: u64,
+    /// True for a directory.
+    pub is_dir: bool,
+}
+
+/// Appends one entry to a listing payload: `is_dir u8, size u64, name (u16 + bytes)`.
+pub fn encode_dirent(out: &mut Vec<u8>, e: &DirEntry) {
+    let mut w = Writer(std::mem::take(out));
+    w.u8(u8::from(e.is_dir));
+    w.u64(e.size);
+    w.str(&e.name);
+    *out = w.0;
+}
+
+/// Encoded length of an entry.
+pub fn dirent_len(e: &DirEntry) -> usize {
+    1 + 8 + 2 + e.name.len()
+}
+
+/// Decodes `count` entries from a listing payload.
+pub fn decode_dirents(b: &[u8], count: u32) -> Result<Vec<DirEntry>> {
+    let mut r = Reader::new(b, "directory listing");
+    // Each entry takes at least 11 bytes: a count the payload cannot hold is refused
+    // before anything is allocated for it.
+    if (count as usize).saturating_mul(11) > b.len() {
+        return Err(Error::decode(
+            "directory listing",
+            format!("{count} entries cannot fit in {} bytes", b.len()),
+        ));
+    }
+    let mut v = Vec::with_capacity(count as usize);
+    for _ in 0..count {
+        let is_dir = r.bool()?;
+        let size = r.u64()?;
+        let name = r.string(MAX_PATH)?;
+        if name.is_empty() || name.contains('/') || name == "." || name == ".." {
+            return Err(Error::decode("directory listing", format!("bad name {name:?}")));
+        }
+        v.push(DirEntry { name, size, is_dir });
+    }
+    r.finish()?;
+    Ok(v)
+}
+
+struct Writer(Vec<u8>);
+
+impl Writer {
+    fn u8(&mut self, v: u8) {
+        self.0.push(v);
+    }
+    fn u16(&mut self, v: u16) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn u32(&mut self, v: u32) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn u64(&mut self, v: u64) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn bytes(&mut self, b: &[u8]) {
+        self.0.extend_from_slice(b);
+    }
+    fn str(&mut self, s: &str) {
+        // Callers keep strings under MAX_PATH (checked by `Reader::path` on the far side);
+        // longer ones are cut at a char boundary rather than mis-framed.
+        let mut s = s;
+        while s.len() > u16::MAX as usize {
+            let mut cut = u16::MAX as usize;
+            while !s.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            s = &s[..cut];
+        }
+        self.u16(s.len() as u16);
+        self.bytes(s.as_bytes());
+    }
+}
+
+/// A bounds-checked cursor over hostile bytes.
+pub(crate) struct Reader<'a> {
+    b: &'a [u8],
+    what: &'static str,
+}
+
+impl<'a> Reader<'a> {
+    pub(crate) fn new(b: &'a [u8], what: &'static str) -> Self {
+        Reader { b, what }
+    }
+    fn short(&self, need: usize) -> Error {
+        Error::decode(
+            self.what,
+            format!("truncated: needed {need} more bytes, {} left", self.b.len()),
+        )
+    }
+    pub(crate) fn bytes(&mut self, n: usize) -> Result<&'a [u8]> {
+        if self.b.len() < n {
+            return Err(self.short(n));
+        }
+        let (h, t) = self.b.split_at(n);
+        self.b = t;
+        Ok(h)
+    }
+    pub(crate) fn array<const N: usize>(&mut self) -> Result<[u8; N]> {
+        let mut a = [0u8; N];
+        a.copy_from_slice(self.bytes(N)?);
+        Ok(a)
+    }
+    pub(crate) fn u8(&mut self) -> Result<u8> {
+        Ok(self.array::<1>()?[0])
+    }
+    pub(crate) fn bool(&mut self) -> Result<bool> {
+        match self.u8()? {
+            0 => Ok(false),
+            1 => Ok(true),
+            v => Err(Error::decode(self.what, format!("bad boolean {v}"))),
+        }
+    }
+    pub(crate) fn u16(&mut self) -> Result<u16> {
+        Ok(u16::from_le_bytes(self.array()?))
+    }
+    pub(crate) fn u32(&mut self) -> Result<u32> {
+        Ok(u32::from_le_bytes(self.array()?))
+    }
+    pub(crate) fn u64(&mut self) -> Result<u64> {
+        Ok(u64::from_le_bytes(self.array()?))
+    }
+    pub(crate) fn string(&mut self, max: usize) -> Result<String> {
+        let n = self.u16()? as usize;
+        if n > max {
+            return Err(Error::decode(self.what, format!("string of {n} bytes, limit {max}")));
+        }
+        let b = self.bytes(n)?;
+        String::from_utf8(b.to_vec()).map_err(|_| Error::decode(self.what, "string is not UTF-8"))
+    }
+    fn path(&mut self) -> Result<String> {
+        let p = self.string(MAX_PATH)?;
+        if p.contains('\0') {
+            return Err(Error::decode(self.what, "path contains NUL"));
+        }
+        Ok(p)
+    }
+    pub(crate) fn finish(self) -> Result<()> {
+        if self.b.is_empty() {
+            Ok(())
+        } else {
+            Err(Error::decode(
+                self.what,
+                format!("{} unexpected trailing bytes", self.b.len()),
+            ))
+        }
+    }
+}
+
+/// The MAC a client sends: HMAC-SHA256(token, "zcio-auth-v1 client" || cn || sn).
+pub fn client_mac(token: &[u8], cn: &[u8; NONCE_LEN], sn: &[u8; NONCE_LEN]) -> [u8; MAC_LEN] {
+    mac(token, b"zcio-auth-v1 client", cn, sn)
+}
+
+/// The MAC the server answers with: HMAC-SHA256(token, "zcio-auth-v1 server" || cn || sn).
+pub fn server_mac(token: &[u8], cn: &[u8; NONCE_LEN], sn: &[u8; NONCE_LEN]) -> [u8; MAC_LEN] {
+    mac(token, b"zcio-auth-v1 server", cn, sn)
+}
+
+fn mac(token: &[u8], label: &[u8], cn: &[u8], sn: &[u8]) -> [u8; MAC_LEN] {
+    use hmac::{Hmac, Mac};
+    type H = Hmac<sha2::Sha256>;
+    // HMAC takes keys of any length; `new_from_slice` cannot fail for it.
+    let mut m = match <H as Mac>::new_from_slice(token) {
+        Ok(m) => m,
+        Err(_) => return [0; MAC_LEN],
+    };
+    m.update(label);
+    m.update(cn);
+    m.update(sn);
+    m.finalize().into_bytes().into()
+}
+
+/// Constant-time comparison of two MACs.
+pub fn mac_eq(a: &[u8; MAC_LEN], b: &[u8; MAC_LEN]) -> bool {
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn all_reqs() -> Vec<Req> {
+        vec![
+            Req::Hello {
+                version: 1,
+                client_nonce: [7; NONCE_LEN],
+            },
+            Req::Auth { mac: [9; MAC_LEN] },
+            Req::Open {
+                path: "a/b.txt".into(),
+                flags: OpenFlags::rw() | OpenFlags::CREATE,
+                mode: 0o644,
+            },
+            Req::Read {
+                fh: 3,
+                offset: 1 << 40,
+                len: 1 << 20,
+            },
+            Req::Write { fh: 3, offset: 5 },
+            Req::Fsync {
+                fh: 3,
+                datasync: true,
+            },
+            Req::Stat { path: "".into() },
+            Req::Fstat { fh: 1 },
+            Req::Truncate { fh: 1, len: 77 },
+            Req::Close { fh: 1 },
+            Req::Unlink { path: "x".into() },
+            Req::List {
+                path: "d".into(),
+                cookie: 4,
+            },
+            Req::Mkdir {
+                path: "d2".into(),
+                mode: 0o755,
+            },
+        ]
+    }
+
+    #[test]
+    fn requests_round_trip() {
+        for r in all_reqs() {
+            assert_eq!(Req::decode(&r.encode()).unwrap(), r);
+        }
+    }
+
+    #[test]
+    fn every_truncation_and_extension_is_refused() {
+        for r in all_reqs() {
+            let b = r.encode();
+            for n in 0..b.len() {
+                assert!(Req::decode(&b[..n]).is_err(), "{r:?} truncated to {n}");
+            }
+            let mut long = b.clone();
+            long.push(0);
+            assert!(Req::decode(&long).is_err(), "{r:?} with a trailing byte");
+        }
+    }
+
+    #[test]
+    fn hostile_requests() {
+        assert!(Req::decode(&[99, 0, 0, 0]).is_err());
+        // A path length beyond the limit, with too few bytes behind it.
+        let mut b = vec![3, 0, 0, 0];
+        b.extend_from_slice(&u16::MAX.to_le_bytes());
+        assert!(Req::decode(&b).is_err());
+        // Unknown open flag bits.
+        let mut o = Req::Open {
+            path: "f".into(),
+            flags: OpenFlags::READ,
+            mode: 0,
+        }
+        .encode();
+        let at = o.len() - 8;
+        o[at..at + 4].copy_from_slice(&0x100u32.to_le_bytes());
+        assert!(Req::decode(&o).is_err());
+        // NUL in a path, bad boolean.
+        let mut w = Writer(vec![7, 0, 0, 0]);
+        w.str("a\0b");
+        assert!(Req::decode(&w.0).is_err());
+        let mut f = Req::Fsync {
+            fh: 1,
+            datasync: false,
+        }
+        .encode();
+        *f.last_mut().unwrap() = 2;
+        assert!(Req::decode(&f).is_err());
+    }
+
+    #[test]
+    fn replies_round_trip_and_errors_decode() {
+        let reqs = all_reqs();
+        let resps = [
+            Resp::Hello(HelloReply {
+                version: 1,
+                server_nonce: [1; NONCE_LEN],
+                auth_required: true,
+                read_only: false,
+                max_segments: 256,
+                max_payload: 1 << 20,
+                max_in_flight: 64,
+            }),
+            Resp::Auth { mac: [3; MAC_LEN] },
+            Resp::Open { fh: 9, size: 10 },
+            Resp::Read { len: 5, eof: true },
+            Resp::Write { written: 5 },
+            Resp::Ok,
+            Resp::Stat(Stat {
+                size: 1,
+                mode: 0o100644,
+                mtime_ns: -5,
+            }),
+        ];
+        for (req, resp) in reqs.iter().zip(resps.iter()) {
+            let b = encode_ok(resp);
+            assert_eq!(&decode_reply(req, &b).unwrap(), resp);
+            for n in 0..b.len() {
+                assert!(decode_reply(req, &b[..n]).is_err());
+            }
+        }
+        let e = decode_reply(&reqs[2], &encode_err(2, "no such file")).unwrap_err();
+        match e {
+            Error::Remote { op, code, message } => {
+                assert_eq!((op, code, message.as_str()), ("open", 2, "no such file"));
+            }
+            e => panic!("{e:?}"),
+        }
+    }
+
+    #[test]
+    fn dirents() {
+        let es = vec![
+            DirEntry {
+                name: "a".into(),
+                size: 3,
+                is_dir: false,
+            },
+            DirEntry {
+                name: "dir".into(),
+                size: 0,
+                is_dir: true,
+            },
+        ];
+        let mut b = Vec::new();
+        for e in &es {
+            encode_dirent(&mut b, e);
+        }
+        assert_eq!(b.len(), es.iter().map(dirent_len).sum::<usize>());
+        assert_eq!(decode_dirents(&b, 2).unwrap(), es);
+        assert!(decode_dirents(&b, 3).is_err());
+        assert!(decode_dirents(&b, 1).is_err());
+        assert!(decode_dirents(&b, u32::MAX).is_err());
+        let mut bad = Vec::new();
+        encode_dirent(
+            &mut bad,
+            &DirEntry {
+                name: "..".into(),
+                size: 0,
+                is_dir: true,
+            },
+        );
+        assert!(decode_dirents(&bad, 1).is_err());
+    }
+
+    #[test]
+    fn macs_bind_token_and_direction() {
+        let (c, s) = ([1; NONCE_LEN], [2; NONCE_LEN]);
+        let a = client_mac(b"tok", &c, &s);
+        assert!(mac_eq(&a, &client_mac(b"tok", &c, &s)));
+        assert!(!mac_eq(&a, &client_mac(b"tok2", &c, &s)));
+        assert!(!mac_eq(&a, &server_mac(b"tok", &c, &s)));
+        assert!(!mac_eq(&a, &client_mac(b"tok", &s, &c)));
+    }
+}
