@@ -84,11 +84,13 @@ perf_pair() {
     echo "=== $name: $tool -d $DEV -x 1 $* -p $PORT [127.0.0.1]" >>"$log"
     timeout -k 5 120 "$tool" -d "$DEV" -x 1 "$@" -p "$PORT" >"$out.server" 2>&1 &
     spid=$!
+    local t0=$SECONDS listening=no
     for _ in $(seq 1 150); do
-        ss -Hltn "sport = :$PORT" 2>/dev/null | grep -q . && break
+        if ss -Hltn "sport = :$PORT" 2>/dev/null | grep -q .; then listening=yes; break; fi
         kill -0 "$spid" 2>/dev/null || break
         sleep 0.2
     done
+    echo "--- server listening on $PORT: $listening (waited ~$((SECONDS - t0))s)" >>"$log"
     timeout -k 5 120 "$tool" -d "$DEV" -x 1 "$@" -p "$PORT" 127.0.0.1 >"$out.client" 2>&1
     crc=$?
     wait "$spid"

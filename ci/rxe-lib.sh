@@ -16,6 +16,8 @@
 #   ZCIO_RXE_WORKDIR  the guest's writable directory; must be new or empty
 #                     (default: a fresh mktemp -d under ${TMPDIR:-/tmp})
 #   ZCIO_RXE_KEEP=1   keep the workdir even when everything passed
+#   ZCIO_RXE_VERBOSE=1  show the guest kernel's console messages (vng --verbose), e.g.
+#                     to see a kernel panic
 
 RXE_CI_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 RXE_REPO_DIR=$(cd "$RXE_CI_DIR/.." && pwd)
@@ -80,10 +82,12 @@ rxe_boot() {
     cmd="bash $(printf '%q' "$RXE_CI_DIR/rxe-guest.sh") $(printf '%q' "$RXE_WORK") $mode"
     rxe_log "booting $RXE_KERNEL under TCG (${ZCIO_RXE_CPUS:-2} CPUs, ${ZCIO_RXE_MEMORY:-2G}), limit ${limit}s"
     start=$(date +%s)
+    local verbose=()
+    [ "${ZCIO_RXE_VERBOSE:-0}" != 1 ] || verbose=(--verbose)
     set +e
     timeout -k 30 "$limit" "$RXE_VNG" --run "$RXE_KERNEL" --disable-kvm --disable-monitor \
         --memory "${ZCIO_RXE_MEMORY:-2G}" --cpus "${ZCIO_RXE_CPUS:-2}" \
-        --rwdir "$RXE_WORK" --cwd "$RXE_REPO_DIR" --exec "$cmd" \
+        --rwdir "$RXE_WORK" --cwd "$RXE_REPO_DIR" --exec "$cmd" ${verbose[@]+"${verbose[@]}"} \
         </dev/null 2>&1 | tee "$RXE_WORK/console.log"
     RXE_BOOT_RC=${PIPESTATUS[0]}
     set -e

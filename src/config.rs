@@ -271,9 +271,7 @@ struct RawRdma {
 /// Parses a size such as `4096`, `"4K"`, `"64KiB"`, `"1M"`, `"1 GiB"`.
 pub fn parse_size(key: &str, s: &str) -> Result<usize> {
     let t = s.trim();
-    let split = t
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(t.len());
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
     let bad = |why: &str| Error::config(key, s, why);
     let n: u64 = num
@@ -310,7 +308,9 @@ fn int(key: &str, v: i64, min: i64, max: i64) -> Result<usize> {
 
 fn addr(key: &str, v: &str) -> Result<String> {
     use std::net::ToSocketAddrs;
-    let ok = v.rsplit_once(':').is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok());
+    let ok = v
+        .rsplit_once(':')
+        .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok());
     if !ok {
         return Err(Error::config(key, v, "expected HOST:PORT"));
     }
@@ -348,18 +348,19 @@ impl Config {
     /// Parses TOML text and applies `key=value` overrides (dotted keys, TOML values; a
     /// value that is not valid TOML is taken as a string).
     pub fn parse_with(text: &str, origin: &str, overrides: &[String]) -> Result<Config> {
-        let mut doc: toml::Table = text.parse().map_err(|e: toml::de::Error| Error::ParseConfig {
-            path: origin.into(),
-            message: e.to_string(),
-        })?;
+        let mut doc: toml::Table =
+            text.parse()
+                .map_err(|e: toml::de::Error| Error::ParseConfig {
+                    path: origin.into(),
+                    message: e.to_string(),
+                })?;
         for o in overrides {
             apply_override(&mut doc, o)?;
         }
-        let raw: RawConfig =
-            RawConfig::deserialize(doc).map_err(|e| Error::ParseConfig {
-                path: origin.into(),
-                message: e.to_string(),
-            })?;
+        let raw: RawConfig = RawConfig::deserialize(doc).map_err(|e| Error::ParseConfig {
+            path: origin.into(),
+            message: e.to_string(),
+        })?;
         Config::from_raw(raw)
     }
 
@@ -367,7 +368,11 @@ impl Config {
         let mut c = Config::default();
         if let Some(t) = raw.transport {
             if t.is_empty() || !t.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
-                return Err(Error::config("transport", &t, "expected a name like tcp or rdma"));
+                return Err(Error::config(
+                    "transport",
+                    &t,
+                    "expected a name like tcp or rdma",
+                ));
             }
             c.transport = t;
         }
@@ -449,7 +454,12 @@ impl Config {
                             size: size(&k("size"), &rc.size)?,
                             count: int(&k("count"), rc.count, 1, 1 << 24)?,
                             reserve: int(&k("reserve"), rc.reserve.unwrap_or(0), 0, 1 << 24)?,
-                            arena_slots: int(&k("arena_slots"), rc.arena_slots.unwrap_or(0), 0, 1 << 24)?,
+                            arena_slots: int(
+                                &k("arena_slots"),
+                                rc.arena_slots.unwrap_or(0),
+                                0,
+                                1 << 24,
+                            )?,
                         })
                     })
                     .collect::<Result<_>>()?;
@@ -485,7 +495,11 @@ impl Config {
             if let Some(v) = &r.inline_threshold {
                 let n = size("rdma.inline_threshold", v)?;
                 if n > 1024 {
-                    return Err(Error::config("rdma.inline_threshold", n, "must be 0 ..= 1024"));
+                    return Err(Error::config(
+                        "rdma.inline_threshold",
+                        n,
+                        "must be 0 ..= 1024",
+                    ));
                 }
                 c.rdma.inline_threshold = n;
             }
@@ -507,7 +521,11 @@ impl Config {
     pub fn check_pool_fits(&self) -> Result<()> {
         let largest = self.pool.classes.iter().map(|c| c.size).max().unwrap_or(0);
         if largest == 0 {
-            return Err(Error::config("pool.class", "[]", "at least one class is needed"));
+            return Err(Error::config(
+                "pool.class",
+                "[]",
+                "at least one class is needed",
+            ));
         }
         Ok(())
     }
@@ -537,7 +555,10 @@ impl Config {
         s += &format!("direct_io = {}\n\n[client]\n", self.server.direct_io);
         s += &format!("connect = {}\n", q(&self.client.connect));
         s += &format!("token = {}\n", q(&self.client.token));
-        s += &format!("timeout_ms = {}\n\n[limits]\n", self.client.timeout.as_millis());
+        s += &format!(
+            "timeout_ms = {}\n\n[limits]\n",
+            self.client.timeout.as_millis()
+        );
         s += &format!("max_segments = {}\n", self.limits.max_segments);
         s += &format!("max_payload = {}\n", self.limits.max_payload);
         s += &format!("max_in_flight = {}\n\n[pool]\n", self.limits.max_in_flight);
@@ -550,7 +571,10 @@ impl Config {
             );
         }
         s += &format!("\n[tcp]\nnodelay = {}\n\n[rdma]\n", self.tcp.nodelay);
-        s += &format!("device = {}\n", q(self.rdma.device.as_deref().unwrap_or("")));
+        s += &format!(
+            "device = {}\n",
+            q(self.rdma.device.as_deref().unwrap_or(""))
+        );
         s += &format!("port = {}\n", self.rdma.port);
         s += &format!(
             "gid_index = {}\n",

@@ -15,13 +15,18 @@
 //! `unsafe` lives only in the pool (and in `zcio-rdma`'s verbs layer); every block carries a
 //! `// SAFETY:` comment.
 
+pub mod client;
 pub mod error;
 pub mod pool;
 pub mod proto;
+pub mod server;
 
 pub use error::{Error, Result};
 pub use pool::{Iobref, Iobuf, IobufMut, Pool, PoolConfig};
 pub mod config;
 pub mod transport;
 
+pub use client::{Client, Completion, File};
 pub use config::Config;
+pub use proto::{DirEntry, OpenFlags, Stat};
+pub use server::{Server, ServerHandle};

@@ -271,7 +271,10 @@ impl Req {
                 let path = r.path()?;
                 let flags = r.u32()?;
                 if flags & !OpenFlags::ALL != 0 {
-                    return Err(Error::decode("request header", format!("unknown open flags {flags:#x}")));
+                    return Err(Error::decode(
+                        "request header",
+                        format!("unknown open flags {flags:#x}"),
+                    ));
                 }
                 Req::Open {
                     path,
@@ -551,7 +554,10 @@ pub fn decode_dirents(b: &[u8], count: u32) -> Result<Vec<DirEntry>> {
         let size = r.u64()?;
         let name = r.string(MAX_PATH)?;
         if name.is_empty() || name.contains('/') || name == "." || name == ".." {
-            return Err(Error::decode("directory listing", format!("bad name {name:?}")));
+            return Err(Error::decode(
+                "directory listing",
+                format!("bad name {name:?}"),
+            ));
         }
         v.push(DirEntry { name, size, is_dir });
     }
@@ -644,7 +650,10 @@ impl<'a> Reader<'a> {
     pub(crate) fn string(&mut self, max: usize) -> Result<String> {
         let n = self.u16()? as usize;
         if n > max {
-            return Err(Error::decode(self.what, format!("string of {n} bytes, limit {max}")));
+            return Err(Error::decode(
+                self.what,
+                format!("string of {n} bytes, limit {max}"),
+            ));
         }
         let b = self.bytes(n)?;
         String::from_utf8(b.to_vec()).map_err(|_| Error::decode(self.what, "string is not UTF-8"))

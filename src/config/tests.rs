@@ -73,8 +73,18 @@ fn every_key_parsed() {
     assert_eq!(
         c.pool.classes,
         vec![
-            ClassConfig { size: 8192, count: 10, reserve: 2, arena_slots: 5 },
-            ClassConfig { size: 2 << 20, count: 4, reserve: 0, arena_slots: 0 },
+            ClassConfig {
+                size: 8192,
+                count: 10,
+                reserve: 2,
+                arena_slots: 5
+            },
+            ClassConfig {
+                size: 2 << 20,
+                count: 4,
+                reserve: 0,
+                arena_slots: 0
+            },
         ]
     );
     assert!(!c.tcp.nodelay);
@@ -101,31 +111,83 @@ fn every_bad_value_rejected_naming_key_and_value() {
     let cases: &[(&str, &str, &str)] = &[
         ("transport = \"t cp\"", "transport", "t cp"),
         ("[server]\nlisten = \"nohost\"", "server.listen", "nohost"),
-        ("[server]\nlisten = \"1.2.3.4:99999\"", "server.listen", "1.2.3.4:99999"),
+        (
+            "[server]\nlisten = \"1.2.3.4:99999\"",
+            "server.listen",
+            "1.2.3.4:99999",
+        ),
         ("[server]\nexport = \"\"", "server.export", ""),
         ("[server]\nworkers = 0", "server.workers", "0"),
-        ("[server]\nmax_connections = -1", "server.max_connections", "-1"),
-        ("[server]\nmax_in_flight = 70000", "server.max_in_flight", "70000"),
-        ("[server]\nidle_timeout_ms = -5", "server.idle_timeout_ms", "-5"),
+        (
+            "[server]\nmax_connections = -1",
+            "server.max_connections",
+            "-1",
+        ),
+        (
+            "[server]\nmax_in_flight = 70000",
+            "server.max_in_flight",
+            "70000",
+        ),
+        (
+            "[server]\nidle_timeout_ms = -5",
+            "server.idle_timeout_ms",
+            "-5",
+        ),
         ("[client]\nconnect = \":80\"", "client.connect", ":80"),
         ("[client]\ntimeout_ms = 0", "client.timeout_ms", "0"),
         ("[limits]\nmax_segments = 0", "limits.max_segments", "0"),
-        ("[limits]\nmax_payload = \"12Q\"", "limits.max_payload", "12Q"),
-        ("[limits]\nmax_payload = \"1G\"", "limits.max_payload", "1073741824"),
+        (
+            "[limits]\nmax_payload = \"12Q\"",
+            "limits.max_payload",
+            "12Q",
+        ),
+        (
+            "[limits]\nmax_payload = \"1G\"",
+            "limits.max_payload",
+            "1073741824",
+        ),
         ("[limits]\nmax_payload = -4", "limits.max_payload", "-4"),
         ("[limits]\nmax_in_flight = 0", "limits.max_in_flight", "0"),
         ("[pool]\nwait_timeout_ms = -1", "pool.wait_timeout_ms", "-1"),
         ("[pool]\nstripes = 65", "pool.stripes", "65"),
-        ("[[pool.class]]\nsize = \"x\"\ncount = 1", "pool.class[0].size", "x"),
-        ("[[pool.class]]\nsize = 4096\ncount = 0", "pool.class[0].count", "0"),
-        ("[[pool.class]]\nsize = 4096\ncount = 4\nreserve = 4", "pool.class[0].reserve", "4"),
-        ("[[pool.class]]\nsize = 4096\ncount = 4\narena_slots = 5", "pool.class[0].arena_slots", "5"),
-        ("[[pool.class]]\nsize = 0\ncount = 4", "pool.class[0].size", "0"),
+        (
+            "[[pool.class]]\nsize = \"x\"\ncount = 1",
+            "pool.class[0].size",
+            "x",
+        ),
+        (
+            "[[pool.class]]\nsize = 4096\ncount = 0",
+            "pool.class[0].count",
+            "0",
+        ),
+        (
+            "[[pool.class]]\nsize = 4096\ncount = 4\nreserve = 4",
+            "pool.class[0].reserve",
+            "4",
+        ),
+        (
+            "[[pool.class]]\nsize = 4096\ncount = 4\narena_slots = 5",
+            "pool.class[0].arena_slots",
+            "5",
+        ),
+        (
+            "[[pool.class]]\nsize = 0\ncount = 4",
+            "pool.class[0].size",
+            "0",
+        ),
         ("[rdma]\nport = 0", "rdma.port", "0"),
         ("[rdma]\ngid_index = -2", "rdma.gid_index", "-2"),
-        ("[rdma]\ninline_threshold = 4096", "rdma.inline_threshold", "4096"),
+        (
+            "[rdma]\ninline_threshold = 4096",
+            "rdma.inline_threshold",
+            "4096",
+        ),
         ("[rdma]\ncredits = 1", "rdma.credits", "1"),
-        ("[rdma]\nregister_threshold = \"5X\"", "rdma.register_threshold", "5X"),
+        (
+            "[rdma]\nregister_threshold = \"5X\"",
+            "rdma.register_threshold",
+            "5X",
+        ),
     ];
     for (text, key, value) in cases {
         let e = Config::parse(text).expect_err(text).to_string();
@@ -154,23 +216,42 @@ fn overrides_apply_and_are_checked() {
     let c = Config::parse_with(
         FULL,
         "t",
-        &["transport=tcp".into(), "server.workers=2".into(), "rdma.device=rxe1".into()],
+        &[
+            "transport=tcp".into(),
+            "server.workers=2".into(),
+            "rdma.device=rxe1".into(),
+        ],
     )
     .unwrap();
     assert_eq!((c.transport.as_str(), c.server.workers), ("tcp", 2));
     assert_eq!(c.rdma.device.as_deref(), Some("rxe1"));
     let c2 = c.with_override("limits.max_payload=512K").unwrap();
     assert_eq!(c2.limits.max_payload, 512 << 10);
-    for bad in ["server.workers", "a.b.c=1", "server.nope=1", "server.workers=-3"] {
+    for bad in [
+        "server.workers",
+        "a.b.c=1",
+        "server.nope=1",
+        "server.workers=-3",
+    ] {
         assert!(c.with_override(bad).is_err(), "{bad}");
     }
-    let e = c.with_override("server.workers=-3").unwrap_err().to_string();
+    let e = c
+        .with_override("server.workers=-3")
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("server.workers") && e.contains("-3"), "{e}");
 }
 
 #[test]
 fn sizes() {
-    for (s, v) in [("4096", 4096), ("4K", 4096), ("64KiB", 65536), ("1M", 1 << 20), ("2 GiB", 2 << 30), ("7b", 7)] {
+    for (s, v) in [
+        ("4096", 4096),
+        ("4K", 4096),
+        ("64KiB", 65536),
+        ("1M", 1 << 20),
+        ("2 GiB", 2 << 30),
+        ("7b", 7),
+    ] {
         assert_eq!(parse_size("k", s).unwrap(), v, "{s}");
     }
     for s in ["", "K", "-1", "1T", "99999999999999999999", "4096G"] {

@@ -137,7 +137,11 @@ impl PoolConfig {
     /// Checks the configuration, naming the offending key on error.
     pub fn validate(&self) -> Result<()> {
         if self.classes.is_empty() {
-            return Err(Error::config("pool.classes", "[]", "at least one class is needed"));
+            return Err(Error::config(
+                "pool.classes",
+                "[]",
+                "at least one class is needed",
+            ));
         }
         for (i, c) in self.classes.iter().enumerate() {
             let key = |f: &str| format!("pool.classes[{i}].{f}");
@@ -145,7 +149,11 @@ impl PoolConfig {
                 return Err(Error::config(key("size"), c.size, "must be 1 B ..= 1 GiB"));
             }
             if c.count == 0 || c.count > (1 << 24) {
-                return Err(Error::config(key("count"), c.count, "must be 1 ..= 16777216"));
+                return Err(Error::config(
+                    key("count"),
+                    c.count,
+                    "must be 1 ..= 16777216",
+                ));
             }
             if c.reserve >= c.count {
                 return Err(Error::config(
@@ -171,7 +179,11 @@ impl PoolConfig {
             }
         }
         if self.stripes > 64 {
-            return Err(Error::config("pool.stripes", self.stripes, "must be 0 ..= 64"));
+            return Err(Error::config(
+                "pool.stripes",
+                self.stripes,
+                "must be 0 ..= 64",
+            ));
         }
         Ok(())
     }
@@ -296,11 +308,7 @@ impl fmt::Display for PoolStats {
                 c.created
             )?;
         }
-        write!(
-            f,
-            "  bytes in use: {}",
-            human_size(self.bytes_in_use())
-        )
+        write!(f, "  bytes in use: {}", human_size(self.bytes_in_use()))
     }
 }
 
@@ -553,7 +561,9 @@ impl Class {
     /// `this` points to a live class and the caller owns one of its holds.
     unsafe fn release(this: NonNull<Class>) {
         // SAFETY: the caller's hold keeps the class alive until this decrement.
-        let prev = unsafe { this.as_ref() }.holders.fetch_sub(1, Ordering::Release);
+        let prev = unsafe { this.as_ref() }
+            .holders
+            .fetch_sub(1, Ordering::Release);
         if prev == 1 {
             fence(Ordering::Acquire);
             // SAFETY: the class was made by `Box::into_raw` in `Pool::new` and this was the

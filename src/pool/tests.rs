@@ -74,7 +74,10 @@ fn concurrent_owners_never_overlap_and_all_slots_return() {
                 barrier.wait();
                 for i in 0..iters {
                     let mut b = p.get(4096).unwrap();
-                    assert!(live.lock().unwrap().insert(b.as_ptr() as usize), "slot shared");
+                    assert!(
+                        live.lock().unwrap().insert(b.as_ptr() as usize),
+                        "slot shared"
+                    );
                     let tag = (t * iters + i) as u8;
                     b.fill(tag);
                     thread::yield_now();
@@ -112,7 +115,11 @@ fn frozen_refcounts_across_clones_and_threads() {
     for h in hs {
         h.join().unwrap();
     }
-    assert_eq!(p.stats().classes[0].in_use, 1, "slot returned while a handle lives");
+    assert_eq!(
+        p.stats().classes[0].in_use,
+        1,
+        "slot returned while a handle lives"
+    );
     let f2 = f.clone();
     let f = match f.try_into_mut() {
         Ok(_) => panic!("try_into_mut succeeded with two handles"),
@@ -243,7 +250,10 @@ fn registration_once_per_arena_including_later_arenas() {
         let k = b.keys(id).expect("keys");
         let (_, addr, len) = calls[(k.lkey - 1000) as usize];
         let p0 = b.as_ptr() as usize;
-        assert!(p0 >= addr && p0 + 4096 <= addr + len, "keys of another arena");
+        assert!(
+            p0 >= addr && p0 + 4096 <= addr + len,
+            "keys of another arena"
+        );
         assert_eq!(k.rkey - 2000, k.lkey - 1000);
     }
     let shared = held.into_iter().next().unwrap().freeze();
@@ -315,7 +325,10 @@ fn config_validation_names_the_key() {
     c.classes[1].size = 4096;
     let e = c.validate().unwrap_err().to_string();
     assert!(e.contains("duplicate"), "{e}");
-    assert_eq!(PoolConfig::default().total_bytes(), (4 + 16 + 32 + 64) << 20);
+    assert_eq!(
+        PoolConfig::default().total_bytes(),
+        (4 + 16 + 32 + 64) << 20
+    );
 }
 
 #[test]

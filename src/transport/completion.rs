@@ -220,6 +220,12 @@ mod tests {
         let (c, p) = pair::<u32>();
         let p = p.wait_timeout(Duration::from_millis(10)).unwrap_err();
         c.complete(Ok(1));
-        assert_eq!(p.wait_timeout(Duration::from_secs(1)).ok().unwrap().unwrap(), 1);
+        assert_eq!(
+            p.wait_timeout(Duration::from_secs(1))
+                .ok()
+                .unwrap()
+                .unwrap(),
+            1
+        );
     }
 }

@@ -10,8 +10,8 @@ use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 
 use super::{
-    check_request, pair, send_len, ClientConn, Completer, Incoming, Limits,
-    Listener, Pending, RecvSeg, Replier, Reply, Request, SendSeg, ServerConn,
+    check_request, pair, send_len, ClientConn, Completer, Incoming, Limits, Listener, Pending,
+    RecvSeg, Replier, Reply, Request, SendSeg, ServerConn,
 };
 use crate::error::{Error, Result};
 use crate::pool::{Iobuf, Pool};

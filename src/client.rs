@@ -1,0 +1,863 @@
+//! The client API.
+//!
+//! - [`Client::connect`] picks the transport named in the configuration, says hello,
+//!   authenticates (challenge-response; the token never crosses the wire) and negotiates
+//!   limits.
+//! - [`File::preadv`] / [`File::pwritev`]: classic vectored I/O on the caller's own
+//!   iovecs; the transport fills or drains them directly (TCP `readv`/`writev`, RDMA).
+//! - The zero-copy family GlusterFS proposed: [`Client::get_buffers`],
+//!   [`File::zero_readv`] (returns the pool buffers the transport filled; dropping them is
+//!   `free_buffer`) and [`File::zero_writev`] (sends from pool buffers).
+//! - Async: [`File::zero_readv_async`], [`File::read_into_async`] and
+//!   [`File::zero_writev_async`] return a [`Completion`] at once, so many requests can be
+//!   in flight (`glfs_preadv_async`); a completion can be waited on or awaited as a
+//!   [`Future`] on any executor.
+//!
+//! One request carries every segment of an iovec up to the negotiated limits (segments
+//! and payload bytes); a larger iovec is split into as few requests as those limits allow,
+//! and the pieces travel concurrently. Never one request per segment.
+
+use std::future::Future;
+use std::io::{IoSlice, IoSliceMut};
+use std::pin::Pin;
+use std::ptr::NonNull;
+use std::sync::{Arc, OnceLock, RwLock};
+use std::task::{Context, Poll};
+
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::pool::{Iobref, IobufMut, Pool};
+use crate::proto::{self, DirEntry, OpenFlags, Req, Resp, Stat, NONCE_LEN};
+use crate::transport::{
+    ClientConn, Limits, Pending, RawSeg, RecvSeg, Registry, Reply, Request, SendSeg, Transport,
+};
+
+/// The registry [`Client::connect`] uses; transports add themselves with
+/// [`register_transport`] (e.g. `zcio_tcp::register()`).
+fn global() -> &'static RwLock<Registry> {
+    static R: OnceLock<RwLock<Registry>> = OnceLock::new();
+    R.get_or_init(|| RwLock::new(Registry::new()))
+}
+
+/// Adds a transport to the process-wide registry used by [`Client::connect`].
+pub fn register_transport(t: Arc<dyn Transport>) {
+    global()
+        .write()
+        .unwrap_or_else(|p| p.into_inner())
+        .register(t);
+}
+
+/// A snapshot of the process-wide registry.
+pub fn global_registry() -> Registry {
+    global().read().unwrap_or_else(|p| p.into_inner()).clone()
+}
+
+struct Inner {
+    conn: Box<dyn ClientConn>,
+    pool: Pool,
+    limits: Limits,
+    read_only: bool,
+}
+
+/// A connection to a zcio server. Cheap to clone; all clones share the connection.
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("peer", &self.inner.conn.peer())
+            .field("limits", &self.inner.limits)
+            .finish()
+    }
+}
+
+/// One piece of a split iovec: `(segment index, offset in it, length)`.
+type Piece = (usize, usize, usize);
+
+/// Splits segments of the given lengths into as few requests as the limits allow.
+/// Segments longer than `max_payload` are cut; empty ones are skipped.
+pub fn plan_requests(lens: &[usize], max_segments: usize, max_payload: usize) -> Vec<Vec<Piece>> {
+    let max_segments = max_segments.max(1);
+    let max_payload = max_payload.max(1);
+    let mut out: Vec<Vec<Piece>> = Vec::new();
+    let mut cur: Vec<Piece> = Vec::new();
+    let mut cur_bytes = 0usize;
+    for (i, &len) in lens.iter().enumerate() {
+        let mut off = 0;
+        while off < len {
+            if cur.len() == max_segments || cur_bytes == max_payload {
+                out.push(std::mem::take(&mut cur));
+                cur_bytes = 0;
+            }
+            let n = (len - off).min(max_payload - cur_bytes);
+            cur.push((i, off, n));
+            cur_bytes += n;
+            off += n;
+        }
+    }
+    if !cur.is_empty() {
+        out.push(cur);
+    }
+    out
+}
+
+impl Client {
+    /// Connects with the transport named by `cfg.transport`, from the process-wide
+    /// registry, and a new pool built from `cfg.pool`.
+    pub fn connect(cfg: &Config) -> Result<Client> {
+        Client::connect_with(cfg, &global_registry())
+    }
+
+    /// Connects with a transport from `registry`.
+    pub fn connect_with(cfg: &Config, registry: &Registry) -> Result<Client> {
+        let t = registry.get(&cfg.transport, cfg)?;
+        let pool = Pool::new(&cfg.pool)?;
+        Client::connect_transport(cfg, t.as_ref(), pool)
+    }
+
+    /// Connects with a given transport and pool (share one pool between clients and a
+    /// server in the same process if you like).
+    pub fn connect_transport(cfg: &Config, t: &dyn Transport, pool: Pool) -> Result<Client> {
+        let conn = t.connect(cfg, &pool)?;
+        Client::from_conn(cfg, conn, pool)
+    }
+
+    /// Says hello (and authenticates) over an established transport connection.
+    pub fn from_conn(cfg: &Config, conn: Box<dyn ClientConn>, pool: Pool) -> Result<Client> {
+        let mut c = Client {
+            inner: Arc::new(Inner {
+                limits: conn.limits(),
+                conn,
+                pool,
+                read_only: false,
+            }),
+        };
+        let mut cn = [0u8; NONCE_LEN];
+        rand::Rng::fill(&mut rand::thread_rng(), &mut cn[..]);
+        let hello = match c.call_simple(&Req::Hello {
+            version: proto::VERSION,
+            client_nonce: cn,
+        }) {
+            Ok(Resp::Hello(h)) => h,
+            Ok(other) => return Err(Error::decode("hello reply", format!("{other:?}"))),
+            Err(e) => return Err(e),
+        };
+        if hello.version != proto::VERSION {
+            return Err(Error::Version {
+                ours: proto::VERSION,
+                theirs: hello.version,
+            });
+        }
+        let token = cfg.client.token.as_bytes();
+        if hello.auth_required {
+            if token.is_empty() {
+                return Err(Error::Auth(
+                    "the server requires a token; set client.token (or --token)".into(),
+                ));
+            }
+            let mac = proto::client_mac(token, &cn, &hello.server_nonce);
+            match c.call_simple(&Req::Auth { mac }) {
+                Ok(Resp::Auth { mac: smac }) => {
+                    if !proto::mac_eq(&smac, &proto::server_mac(token, &cn, &hello.server_nonce)) {
+                        return Err(Error::Auth(
+                            "the server could not prove it knows the token".into(),
+                        ));
+                    }
+                }
+                Ok(other) => return Err(Error::decode("auth reply", format!("{other:?}"))),
+                Err(Error::Remote { message, .. }) => return Err(Error::Auth(message)),
+                Err(e) => return Err(e),
+            }
+        }
+        let server = Limits {
+            max_segments: hello.max_segments as usize,
+            max_payload: hello.max_payload as usize,
+            max_header: c.inner.limits.max_header,
+            max_in_flight: hello.max_in_flight as usize,
+            inline_threshold: c.inner.limits.inline_threshold,
+            rdma_payload: c.inner.limits.rdma_payload,
+        };
+        let limits = c
+            .inner
+            .limits
+            .min(&server)
+            .min(&cfg.limits_with_transport(&c.inner.limits));
+        if limits.max_segments == 0 || limits.max_payload == 0 {
+            return Err(Error::decode(
+                "hello reply",
+                "server offers zero segments or payload",
+            ));
+        }
+        let inner = Arc::get_mut(&mut c.inner)
+            .ok_or_else(|| Error::InvalidArgument("client shared during hello".into()))?;
+        inner.limits = limits;
+        inner.read_only = hello.read_only;
+        Ok(c)
+    }
+
+    /// Negotiated limits.
+    pub fn limits(&self) -> Limits {
+        self.inner.limits
+    }
+
+    /// True when the server's export is read-only.
+    pub fn read_only(&self) -> bool {
+        self.inner.read_only
+    }
+
+    /// The client's buffer pool.
+    pub fn pool(&self) -> &Pool {
+        &self.inner.pool
+    }
+
+    /// `count` pool buffers of `size` bytes (GlusterFS's `glfs_get_buffer`); fill them and
+    /// pass them to [`File::zero_writev`]. Dropping the [`Iobref`] frees them.
+    pub fn get_buffers(&self, size: usize, count: usize) -> Result<Iobref> {
+        self.inner.pool.get_buffers(size, count)
+    }
+
+    fn start(&self, req: &Req, send: Vec<SendSeg>, recv: Vec<RecvSeg>) -> Result<Pending<Reply>> {
+        self.inner.conn.start(Request {
+            header: req.encode(),
+            send,
+            recv,
+        })
+    }
+
+    fn call_simple(&self, req: &Req) -> Result<Resp> {
+        let reply = self.start(req, Vec::new(), Vec::new())?.wait()?;
+        proto::decode_reply(req, &reply.header)
+    }
+
+    /// Opens a file.
+    pub fn open(&self, path: &str, flags: OpenFlags) -> Result<File> {
+        self.open_mode(path, flags, 0o644)
+    }
+
+    /// Opens a file, giving the mode of a created file.
+    pub fn open_mode(&self, path: &str, flags: OpenFlags, mode: u32) -> Result<File> {
+        check_path(path)?;
+        match self.call_simple(&Req::Open {
+            path: path.into(),
+            flags,
+            mode,
+        })? {
+            Resp::Open { fh, size } => Ok(File {
+                client: self.clone(),
+                fh,
+                size_at_open: size,
+                closed: false,
+            }),
+            r => Err(Error::decode("open reply", format!("{r:?}"))),
+        }
+    }
+
+    /// Attributes of a path ("" is the export itself).
+    pub fn stat(&self, path: &str) -> Result<Stat> {
+        check_path(path)?;
+        match self.call_simple(&Req::Stat { path: path.into() })? {
+            Resp::Stat(s) => Ok(s),
+            r => Err(Error::decode("stat reply", format!("{r:?}"))),
+        }
+    }
+
+    /// Removes a file.
+    pub fn unlink(&self, path: &str) -> Result<()> {
+        check_path(path)?;
+        self.call_simple(&Req::Unlink { path: path.into() })
+            .map(drop)
+    }
+
+    /// Creates a directory.
+    pub fn mkdir(&self, path: &str) -> Result<()> {
+        check_path(path)?;
+        self.call_simple(&Req::Mkdir {
+            path: path.into(),
+            mode: 0o755,
+        })
+        .map(drop)
+    }
+
+    /// Lists a directory, sorted by name.
+    pub fn list(&self, path: &str) -> Result<Vec<DirEntry>> {
+        check_path(path)?;
+        let mut out = Vec::new();
+        let mut cookie = 0u64;
+        let size = (64 << 10).min(self.inner.limits.max_payload);
+        loop {
+            let buf = self.inner.pool.get(size)?;
+            let req = Req::List {
+                path: path.into(),
+                cookie,
+            };
+            let reply = self
+                .start(&req, Vec::new(), vec![RecvSeg::Pool(buf)])?
+                .wait()?;
+            let (count, next, done) = match proto::decode_reply(&req, &reply.header)? {
+                Resp::List {
+                    count,
+                    next_cookie,
+                    done,
+                } => (count, next_cookie, done),
+                r => return Err(Error::decode("list reply", format!("{r:?}"))),
+            };
+            let Some(RecvSeg::Pool(b)) = reply.recv.into_iter().next() else {
+                return Err(Error::decode("list reply", "receive buffer not returned"));
+            };
+            let n = reply.payload_len.min(b.len());
+            out.extend(proto::decode_dirents(&b[..n], count)?);
+            if done || next <= cookie {
+                return Ok(out);
+            }
+            cookie = next;
+        }
+    }
+
+    /// Closes the connection; requests in flight fail.
+    pub fn close(&self) {
+        self.inner.conn.close();
+    }
+}
+
+impl Config {
+    /// The configured per-request limits, with the transport's header limit.
+    fn limits_with_transport(&self, t: &Limits) -> Limits {
+        Limits {
+            max_header: t.max_header,
+            inline_threshold: t.inline_threshold,
+            rdma_payload: t.rdma_payload,
+            ..self.limits
+        }
+    }
+}
+
+fn check_path(path: &str) -> Result<()> {
+    if path.len() > proto::MAX_PATH || path.contains('\0') {
+        return Err(Error::InvalidArgument(format!(
+            "path must be under {} bytes without NUL",
+            proto::MAX_PATH
+        )));
+    }
+    Ok(())
+}
+
+/// An open file. Dropping it closes the handle on the server (without waiting).
+pub struct File {
+    client: Client,
+    fh: u64,
+    size_at_open: u64,
+    closed: bool,
+}
+
+impl std::fmt::Debug for File {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("File").field("fh", &self.fh).finish()
+    }
+}
+
+/// Decodes a read reply: bytes delivered.
+fn read_len(req: &Req, reply: &Reply) -> Result<usize> {
+    match proto::decode_reply(req, &reply.header)? {
+        Resp::Read { len, .. } => {
+            if len as usize != reply.payload_len {
+                return Err(Error::decode(
+                    "read reply",
+                    format!("header says {len} bytes, payload has {}", reply.payload_len),
+                ));
+            }
+            Ok(len as usize)
+        }
+        r => Err(Error::decode("read reply", format!("{r:?}"))),
+    }
+}
+
+fn write_len(req: &Req, reply: &Reply) -> Result<usize> {
+    match proto::decode_reply(req, &reply.header)? {
+        Resp::Write { written } => Ok(written as usize),
+        r => Err(Error::decode("write reply", format!("{r:?}"))),
+    }
+}
+
+/// Adds up per-request byte counts of a split transfer: stops at the first short piece
+/// (end of file), and fails if any piece failed.
+fn contiguous(results: Vec<(usize, Result<usize>)>) -> Result<usize> {
+    let mut total = 0;
+    let mut short = false;
+    let mut first_err = None;
+    for (want, r) in results {
+        match r {
+            Ok(n) if !short => {
+                total += n;
+                short = n < want;
+            }
+            Ok(_) => {}
+            Err(e) => {
+                first_err.get_or_insert(e);
+            }
+        }
+    }
+    match first_err {
+        Some(e) => Err(e),
+        None => Ok(total),
+    }
+}
+
+impl File {
+    /// The server's file handle.
+    pub fn handle(&self) -> u64 {
+        self.fh
+    }
+
+    /// The size the file had when it was opened.
+    pub fn size_at_open(&self) -> u64 {
+        self.size_at_open
+    }
+
+    fn limits(&self) -> Limits {
+        self.client.inner.limits
+    }
+
+    /// Reads into the caller's iovecs at `offset`; the transport writes the payload
+    /// straight into them. Returns the bytes read (short at end of file).
+    pub fn preadv(&self, iov: &mut [IoSliceMut<'_>], offset: u64) -> Result<usize> {
+        let lens: Vec<usize> = iov.iter().map(|s| s.len()).collect();
+        let l = self.limits();
+        let plan = plan_requests(&lens, l.max_segments, l.max_payload);
+        let bases: Vec<*mut u8> = iov.iter_mut().map(|s| s.as_mut_ptr()).collect();
+        let mut pend = Vec::with_capacity(plan.len());
+        let mut pos = offset;
+        let mut err = None;
+        for pieces in &plan {
+            let want: usize = pieces.iter().map(|p| p.2).sum();
+            let recv = pieces
+                .iter()
+                .map(|&(i, off, n)| {
+                    // SAFETY: `iov` is borrowed mutably for this whole call, and the loop
+                    // below waits for every started request before returning, so the
+                    // memory outlives the request and nothing else touches it meanwhile.
+                    let p = unsafe { NonNull::new_unchecked(bases[i].add(off)) };
+                    // SAFETY: as above.
+                    RecvSeg::Raw(unsafe { RawSeg::new(p, n) })
+                })
+                .collect();
+            let req = Req::Read {
+                fh: self.fh,
+                offset: pos,
+                len: want as u32,
+            };
+            match self.client.start(&req, Vec::new(), recv) {
+                Ok(p) => pend.push((want, req, p)),
+                Err(e) => {
+                    err = Some(e);
+                    break;
+                }
+            }
+            pos += want as u64;
+        }
+        // Wait for every request, even after a failure: they may still be writing.
+        let results: Vec<(usize, Result<usize>)> = pend
+            .into_iter()
+            .map(|(want, req, p)| (want, p.wait().and_then(|r| read_len(&req, &r))))
+            .collect();
+        let total = contiguous(results)?;
+        match err {
+            Some(e) => Err(e),
+            None => Ok(total),
+        }
+    }
+
+    /// Reads into one buffer.
+    pub fn pread(&self, buf: &mut [u8], offset: u64) -> Result<usize> {
+        self.preadv(&mut [IoSliceMut::new(buf)], offset)
+    }
+
+    /// Writes the caller's iovecs at `offset`; the transport sends straight from them.
+    /// Returns the bytes written.
+    pub fn pwritev(&self, iov: &[IoSlice<'_>], offset: u64) -> Result<usize> {
+        let lens: Vec<usize> = iov.iter().map(|s| s.len()).collect();
+        let l = self.limits();
+        let plan = plan_requests(&lens, l.max_segments, l.max_payload);
+        let mut pend = Vec::with_capacity(plan.len());
+        let mut pos = offset;
+        let mut err = None;
+        for pieces in &plan {
+            let want: usize = pieces.iter().map(|p| p.2).sum();
+            let send = pieces
+                .iter()
+                .map(|&(i, off, n)| {
+                    let base = iov[i].as_ptr().cast_mut();
+                    // SAFETY: `iov` is borrowed for this whole call and every started
+                    // request is waited for below; the transport only reads send segments.
+                    let p = unsafe { NonNull::new_unchecked(base.add(off)) };
+                    // SAFETY: as above.
+                    SendSeg::Raw(unsafe { RawSeg::new(p, n) })
+                })
+                .collect();
+            let req = Req::Write {
+                fh: self.fh,
+                offset: pos,
+            };
+            match self.client.start(&req, send, Vec::new()) {
+                Ok(p) => pend.push((want, req, p)),
+                Err(e) => {
+                    err = Some(e);
+                    break;
+                }
+            }
+            pos += want as u64;
+        }
+        let results: Vec<(usize, Result<usize>)> = pend
+            .into_iter()
+            .map(|(want, req, p)| (want, p.wait().and_then(|r| write_len(&req, &r))))
+            .collect();
+        let total = contiguous(results)?;
+        match err {
+            Some(e) => Err(e),
+            None => Ok(total),
+        }
+    }
+
+    /// Writes one buffer.
+    pub fn pwrite(&self, buf: &[u8], offset: u64) -> Result<usize> {
+        self.pwritev(&[IoSlice::new(buf)], offset)
+    }
+
+    /// Reads `len` bytes at `offset` into pool buffers the transport fills directly, and
+    /// returns them (trimmed to what was read). Dropping the result frees the buffers.
+    pub fn zero_readv(&self, len: usize, offset: u64) -> Result<Iobref> {
+        self.zero_readv_async(len, offset)?.wait()
+    }
+
+    /// Writes pool buffers (from [`Client::get_buffers`]) at `offset` without copying.
+    pub fn zero_writev(&self, bufs: &Iobref, offset: u64) -> Result<usize> {
+        let lens: Vec<usize> = bufs.buffers().iter().map(|b| b.len()).collect();
+        let l = self.limits();
+        let plan = plan_requests(&lens, l.max_segments, l.max_payload);
+        let mut pend = Vec::with_capacity(plan.len());
+        let mut pos = offset;
+        let mut err = None;
+        for pieces in &plan {
+            let want: usize = pieces.iter().map(|p| p.2).sum();
+            let send = pieces
+                .iter()
+                .map(|&(i, off, n)| {
+                    let b = &bufs.buffers()[i];
+                    if off == 0 && n == b.len() {
+                        // SAFETY: `bufs` is borrowed for this whole call and every started
+                        // request is waited for below; the transport only reads it.
+                        SendSeg::Raw(unsafe { RawSeg::from_pool(b) })
+                    } else {
+                        // SAFETY: as above, for a sub-range of the buffer.
+                        let p = unsafe { NonNull::new_unchecked(b.as_ptr().cast_mut().add(off)) };
+                        // SAFETY: as above.
+                        SendSeg::Raw(unsafe { RawSeg::new(p, n) })
+                    }
+                })
+                .collect();
+            let req = Req::Write {
+                fh: self.fh,
+                offset: pos,
+            };
+            match self.client.start(&req, send, Vec::new()) {
+                Ok(p) => pend.push((want, req, p)),
+                Err(e) => {
+                    err = Some(e);
+                    break;
+                }
+            }
+            pos += want as u64;
+        }
+        let results: Vec<(usize, Result<usize>)> = pend
+            .into_iter()
+            .map(|(want, req, p)| (want, p.wait().and_then(|r| write_len(&req, &r))))
+            .collect();
+        let total = contiguous(results)?;
+        match err {
+            Some(e) => Err(e),
+            None => Ok(total),
+        }
+    }
+
+    /// Starts a read of `len` bytes at `offset` into new pool buffers; completes with
+    /// the filled buffers.
+    pub fn zero_readv_async(&self, len: usize, offset: u64) -> Result<Completion<Iobref>> {
+        let l = self.limits();
+        let per = l
+            .max_payload
+            .min(self.client.inner.pool.max_buffer_size() * l.max_segments);
+        let per = per.max(1);
+        let mut bufs = Iobref::new();
+        let mut left = len;
+        while left > 0 {
+            let n = left.min(per);
+            let span = self.client.inner.pool.get_span(n)?;
+            for b in span {
+                bufs.push(b);
+            }
+            left -= n;
+        }
+        self.read_into_async(bufs, offset)
+    }
+
+    /// Starts a read at `offset` into the given pool buffers (their visible lengths say how
+    /// much); completes with them, trimmed to what was read.
+    pub fn read_into_async(&self, bufs: Iobref, offset: u64) -> Result<Completion<Iobref>> {
+        let l = self.limits();
+        let groups = group_buffers(bufs.into_vec(), l.max_segments, l.max_payload)?;
+        let mut parts = Vec::with_capacity(groups.len());
+        let mut wants = Vec::with_capacity(groups.len());
+        let mut pos = offset;
+        for g in groups {
+            let want: usize = g.iter().map(|b| b.len()).sum();
+            let req = Req::Read {
+                fh: self.fh,
+                offset: pos,
+                len: want as u32,
+            };
+            parts.push(self.client.start(
+                &req,
+                Vec::new(),
+                g.into_iter().map(RecvSeg::Pool).collect(),
+            )?);
+            wants.push((want, req));
+            pos += want as u64;
+        }
+        Ok(Completion::new(parts, move |replies| {
+            let mut out = Iobref::new();
+            let mut short = false;
+            let mut first_err = None;
+            for ((want, req), r) in wants.into_iter().zip(replies) {
+                match r.and_then(|r| read_len(&req, &r).map(|n| (n, r))) {
+                    Ok((n, reply)) => {
+                        // After a short piece (end of file) later pieces add nothing.
+                        let mut left = if short { 0 } else { n };
+                        for seg in reply.recv {
+                            if let RecvSeg::Pool(mut b) = seg {
+                                let k = b.len().min(left);
+                                left -= k;
+                                if k > 0 {
+                                    b.set_len(k);
+                                    out.push(b);
+                                }
+                            }
+                        }
+                        short |= n < want;
+                    }
+                    Err(e) => {
+                        first_err.get_or_insert(e);
+                    }
+                }
+            }
+            match first_err {
+                Some(e) => Err(e),
+                None => Ok(out),
+            }
+        }))
+    }
+
+    /// Starts a write of pool buffers at `offset`; completes with the bytes written and
+    /// the buffers (to reuse).
+    pub fn zero_writev_async(
+        &self,
+        bufs: Iobref,
+        offset: u64,
+    ) -> Result<Completion<(usize, Iobref)>> {
+        let l = self.limits();
+        let groups = group_buffers(bufs.into_vec(), l.max_segments, l.max_payload)?;
+        let mut parts = Vec::with_capacity(groups.len());
+        let mut reqs = Vec::with_capacity(groups.len());
+        let mut pos = offset;
+        for g in groups {
+            let want: usize = g.iter().map(|b| b.len()).sum();
+            let req = Req::Write {
+                fh: self.fh,
+                offset: pos,
+            };
+            parts.push(self.client.start(
+                &req,
+                g.into_iter().map(SendSeg::PoolMut).collect(),
+                Vec::new(),
+            )?);
+            reqs.push(req);
+            pos += want as u64;
+        }
+        Ok(Completion::new(parts, move |replies| {
+            let mut total = 0;
+            let mut back = Iobref::new();
+            let mut first_err = None;
+            for (req, r) in reqs.into_iter().zip(replies) {
+                match r {
+                    Ok(reply) => {
+                        match write_len(&req, &reply) {
+                            Ok(n) => total += n,
+                            Err(e) => {
+                                first_err.get_or_insert(e);
+                            }
+                        }
+                        for s in reply.send {
+                            if let SendSeg::PoolMut(b) = s {
+                                back.push(b);
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        first_err.get_or_insert(e);
+                    }
+                }
+            }
+            match first_err {
+                Some(e) => Err(e),
+                None => Ok((total, back)),
+            }
+        }))
+    }
+
+    /// Flushes the file to stable storage.
+    pub fn fsync(&self) -> Result<()> {
+        self.client
+            .call_simple(&Req::Fsync {
+                fh: self.fh,
+                datasync: false,
+            })
+            .map(drop)
+    }
+
+    /// Current attributes.
+    pub fn stat(&self) -> Result<Stat> {
+        match self.client.call_simple(&Req::Fstat { fh: self.fh })? {
+            Resp::Stat(s) => Ok(s),
+            r => Err(Error::decode("fstat reply", format!("{r:?}"))),
+        }
+    }
+
+    /// Sets the file's length.
+    pub fn truncate(&self, len: u64) -> Result<()> {
+        self.client
+            .call_simple(&Req::Truncate { fh: self.fh, len })
+            .map(drop)
+    }
+
+    /// Closes the handle and waits for the server to confirm.
+    pub fn close(mut self) -> Result<()> {
+        self.closed = true;
+        self.client
+            .call_simple(&Req::Close { fh: self.fh })
+            .map(drop)
+    }
+}
+
+impl Drop for File {
+    fn drop(&mut self) {
+        if !self.closed {
+            // Fire and forget: the server also closes everything when the connection goes.
+            let _ = self
+                .client
+                .start(&Req::Close { fh: self.fh }, Vec::new(), Vec::new());
+        }
+    }
+}
+
+/// Groups whole buffers into requests within the limits.
+fn group_buffers(
+    bufs: Vec<IobufMut>,
+    max_segments: usize,
+    max_payload: usize,
+) -> Result<Vec<Vec<IobufMut>>> {
+    let mut out: Vec<Vec<IobufMut>> = Vec::new();
+    let mut cur: Vec<IobufMut> = Vec::new();
+    let mut bytes = 0;
+    for b in bufs {
+        if b.len() > max_payload {
+            return Err(Error::LimitExceeded {
+                what: "one pool buffer's length",
+                value: b.len() as u64,
+                limit: max_payload as u64,
+            });
+        }
+        if cur.len() == max_segments || bytes + b.len() > max_payload {
+            out.push(std::mem::take(&mut cur));
+            bytes = 0;
+        }
+        bytes += b.len();
+        cur.push(b);
+    }
+    if !cur.is_empty() {
+        out.push(cur);
+    }
+    Ok(out)
+}
+
+type Finish<T> = Box<dyn FnOnce(Vec<Result<Reply>>) -> Result<T> + Send>;
+
+/// An asynchronous operation in flight: [`Completion::wait`] blocks for it; as a
+/// [`Future`] it can be awaited on any executor.
+pub struct Completion<T> {
+    parts: std::collections::VecDeque<Pending<Reply>>,
+    done: Vec<Result<Reply>>,
+    finish: Option<Finish<T>>,
+}
+
+impl<T> std::fmt::Debug for Completion<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Completion")
+            .field("pending", &self.parts.len())
+            .finish()
+    }
+}
+
+impl<T> Completion<T> {
+    fn new(
+        parts: Vec<Pending<Reply>>,
+        finish: impl FnOnce(Vec<Result<Reply>>) -> Result<T> + Send + 'static,
+    ) -> Self {
+        Completion {
+            done: Vec::with_capacity(parts.len()),
+            parts: parts.into(),
+            finish: Some(Box::new(finish)),
+        }
+    }
+
+    /// Blocks until the operation is complete.
+    pub fn wait(mut self) -> Result<T> {
+        while let Some(p) = self.parts.pop_front() {
+            self.done.push(p.wait());
+        }
+        self.conclude()
+    }
+
+    /// True when every part has completed (waiting would not block).
+    pub fn is_done(&self) -> bool {
+        self.parts.iter().all(Pending::is_done)
+    }
+
+    fn conclude(&mut self) -> Result<T> {
+        let f = self
+            .finish
+            .take()
+            .ok_or_else(|| Error::InvalidArgument("completion polled after it finished".into()))?;
+        f(std::mem::take(&mut self.done))
+    }
+}
+
+impl<T> Future for Completion<T> {
+    type Output = Result<T>;
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = &mut *self;
+        while let Some(p) = this.parts.front_mut() {
+            match Pin::new(p).poll(cx) {
+                Poll::Ready(r) => {
+                    this.parts.pop_front();
+                    this.done.push(r);
+                }
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        Poll::Ready(this.conclude())
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,105 @@
+use super::*;
+use crate::transport::mem::MemListener;
+use crate::Server;
+
+fn setup(
+    token: &str,
+) -> (
+    tempfile::TempDir,
+    crate::ServerHandle,
+    Arc<MemListener>,
+    Config,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = Config::default();
+    cfg.server.export = dir.path().to_path_buf();
+    cfg.server.token = token.into();
+    cfg.client.token = token.into();
+    cfg.pool.classes.iter_mut().for_each(|c| {
+        c.count = c.count.min(64);
+        c.reserve = c.reserve.min(8);
+    });
+    let pool = Pool::new(&cfg.pool).unwrap();
+    let limits = Limits {
+        max_segments: cfg.limits.max_segments,
+        max_payload: cfg.limits.max_payload,
+        max_header: crate::transport::MAX_HEADER,
+        max_in_flight: 64,
+        inline_threshold: 0,
+        rdma_payload: false,
+    };
+    let l = MemListener::new(pool.clone(), limits);
+    let srv = Server::with_listener(&cfg, l.clone(), pool)
+        .unwrap()
+        .spawn()
+        .unwrap();
+    (dir, srv, l, cfg)
+}
+
+fn client(l: &MemListener, cfg: &Config) -> Result<Client> {
+    let pool = Pool::new(&cfg.pool).unwrap();
+    Client::from_conn(cfg, l.connect().unwrap(), pool)
+}
+
+#[test]
+fn plan_requests_packs_segments() {
+    assert_eq!(plan_requests(&[4096; 32], 256, 1 << 20).len(), 1);
+    assert_eq!(plan_requests(&[4096; 256], 256, 1 << 20).len(), 1);
+    let p = plan_requests(&[4096; 300], 256, 1 << 20);
+    assert_eq!(p.iter().map(Vec::len).collect::<Vec<_>>(), vec![256, 44]);
+    // A segment larger than a request is cut.
+    let p = plan_requests(&[3 << 20], 256, 1 << 20);
+    assert_eq!(
+        p,
+        vec![
+            vec![(0, 0, 1 << 20)],
+            vec![(0, 1 << 20, 1 << 20)],
+            vec![(0, 2 << 20, 1 << 20)]
+        ]
+    );
+    let p = plan_requests(&[700_000, 700_000], 256, 1 << 20);
+    assert_eq!(p.len(), 2);
+    assert_eq!(p[0], vec![(0, 0, 700_000), (1, 0, (1 << 20) - 700_000)]);
+    assert!(plan_requests(&[0, 0], 4, 10).is_empty());
+}
+
+#[test]
+fn end_to_end_over_the_in_memory_transport() {
+    let (dir, srv, l, cfg) = setup("");
+    let c = client(&l, &cfg).unwrap();
+    let f = c
+        .open("a.bin", OpenFlags::rw() | OpenFlags::CREATE)
+        .unwrap();
+    let data: Vec<u8> = (0..100_000u32).map(|i| (i * 7) as u8).collect();
+    assert_eq!(f.pwrite(&data, 0).unwrap(), data.len());
+    let mut a = vec![0u8; 1000];
+    let mut b = vec![0u8; 99_500];
+    let n = f
+        .preadv(&mut [IoSliceMut::new(&mut a), IoSliceMut::new(&mut b)], 0)
+        .unwrap();
+    assert_eq!(n, 100_000);
+    assert_eq!(&a[..], &data[..1000]);
+    assert_eq!(&b[..99_000], &data[1000..]);
+    let z = f.zero_readv(5000, 99_000).unwrap();
+    assert_eq!(z.to_vec(), &data[99_000..]);
+    assert_eq!(std::fs::read(dir.path().join("a.bin")).unwrap(), data);
+    assert_eq!(srv.open_files(), 1);
+    f.close().unwrap();
+    assert_eq!(srv.open_files(), 0);
+    assert_eq!(c.list("").unwrap().len(), 1);
+    c.unlink("a.bin").unwrap();
+    assert!(c.stat("a.bin").is_err());
+}
+
+#[test]
+fn token_is_required_and_checked() {
+    let (_d, _srv, l, cfg) = setup("right");
+    assert!(client(&l, &cfg).is_ok());
+    let mut wrong = cfg.clone();
+    wrong.client.token = "wrong".into();
+    assert!(matches!(client(&l, &wrong), Err(Error::Auth(_))));
+    let mut none = cfg.clone();
+    none.client.token = String::new();
+    let e = client(&l, &none).unwrap_err().to_string();
+    assert!(e.contains("requires a token"), "{e}");
+}

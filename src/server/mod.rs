@@ -1,0 +1,699 @@
+//! The file server: serves one export directory over any transport.
+//!
+//! One thread accepts connections; each connection has a thread that receives requests
+//! (with their payload already in pool buffers) and hands them to a shared pool of worker
+//! threads, which do the file I/O with `preadv`/`pwritev` straight into and out of pool
+//! buffers and send the reply from those same buffers. A per-connection limit on requests
+//! in flight stops the receiving thread (and so, through the transport, the client) when a
+//! connection asks for more than its share. A connection's open files are closed when it
+//! goes away, however it goes.
+
+mod export;
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{IoSlice, IoSliceMut};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, Weak};
+use std::thread::JoinHandle;
+
+use nix::sys::uio::{preadv, pwritev};
+
+use self::export::{Export, OpError};
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::pool::{Iobuf, Pool};
+use crate::proto::{self, HelloReply, Req, Resp, Status, NONCE_LEN};
+use crate::transport::{Incoming, Listener, Registry, Replier, ServerConn, Transport};
+
+/// Counters of a running server.
+#[derive(Debug, Default)]
+pub struct ServerStats {
+    /// Connections accepted.
+    pub accepted: AtomicU64,
+    /// Connections refused because the server was full.
+    pub refused: AtomicU64,
+    /// Connections open now.
+    pub active: AtomicUsize,
+    /// Files open now, all connections.
+    pub open_files: AtomicUsize,
+    /// Requests answered.
+    pub requests: AtomicU64,
+    /// Requests answered with an error.
+    pub errors: AtomicU64,
+    /// Connections ended by a transport or protocol error.
+    pub failed_connections: AtomicU64,
+}
+
+struct Job {
+    conn: Arc<Conn>,
+    inc: Incoming,
+}
+
+/// A counting semaphore for requests in flight on one connection.
+struct Permits {
+    free: Mutex<usize>,
+    cond: Condvar,
+}
+
+impl Permits {
+    fn acquire(&self) {
+        let mut f = lock(&self.free);
+        while *f == 0 {
+            f = self.cond.wait(f).unwrap_or_else(|p| p.into_inner());
+        }
+        *f -= 1;
+    }
+    fn release(&self) {
+        *lock(&self.free) += 1;
+        self.cond.notify_one();
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+struct OpenFile {
+    file: File,
+    writable: bool,
+}
+
+/// One connection's state. Dropped (closing its files) when its receive thread has ended
+/// and the last worker holding one of its requests is done.
+struct Conn {
+    replier: Arc<dyn Replier>,
+    peer: String,
+    files: Mutex<HashMap<u64, Arc<OpenFile>>>,
+    next_fh: AtomicU64,
+    /// `(client nonce, server nonce)` from hello.
+    hello: Mutex<Option<([u8; NONCE_LEN], [u8; NONCE_LEN])>>,
+    authed: AtomicBool,
+    permits: Permits,
+    shared: Arc<Shared>,
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        let n = lock(&self.files).len();
+        self.shared.stats.open_files.fetch_sub(n, Ordering::Relaxed);
+    }
+}
+
+struct Shared {
+    cfg: Config,
+    pool: Pool,
+    export: Export,
+    stats: ServerStats,
+    conns: Mutex<Vec<Weak<Conn>>>,
+    stopping: AtomicBool,
+}
+
+/// A server bound to its listener, not yet serving.
+pub struct Server {
+    shared: Arc<Shared>,
+    listener: Arc<dyn Listener>,
+}
+
+/// A server running on background threads.
+pub struct ServerHandle {
+    shared: Arc<Shared>,
+    listener: Arc<dyn Listener>,
+    accept: Option<JoinHandle<()>>,
+    addr: String,
+}
+
+impl Server {
+    /// Binds the transport named in `cfg` (looked up in `registry`), with a new pool.
+    pub fn bind(cfg: &Config, registry: &Registry) -> Result<Server> {
+        let pool = Pool::new(&cfg.pool)?;
+        let t = registry.get(&cfg.transport, cfg)?;
+        Server::bind_transport(cfg, t.as_ref(), pool)
+    }
+
+    /// Binds a given transport with a given pool.
+    pub fn bind_transport(cfg: &Config, t: &dyn Transport, pool: Pool) -> Result<Server> {
+        let listener: Arc<dyn Listener> = Arc::from(t.listen(cfg, &pool)?);
+        Server::with_listener(cfg, listener, pool)
+    }
+
+    /// Serves on an existing listener (the in-memory test transport uses this).
+    pub fn with_listener(cfg: &Config, listener: Arc<dyn Listener>, pool: Pool) -> Result<Server> {
+        let export = Export::open_root(
+            &cfg.server.export,
+            cfg.server.read_only,
+            cfg.server.direct_io,
+        )
+        .map_err(|e| Error::io(format!("open export {}", cfg.server.export.display()), e))?;
+        Ok(Server {
+            shared: Arc::new(Shared {
+                cfg: cfg.clone(),
+                pool,
+                export,
+                stats: ServerStats::default(),
+                conns: Mutex::new(Vec::new()),
+                stopping: AtomicBool::new(false),
+            }),
+            listener,
+        })
+    }
+
+    /// Where clients connect.
+    pub fn local_addr(&self) -> String {
+        self.listener.local_addr()
+    }
+
+    /// The server's buffer pool.
+    pub fn pool(&self) -> &Pool {
+        &self.shared.pool
+    }
+
+    /// Starts the worker and accept threads and returns at once.
+    pub fn spawn(self) -> Result<ServerHandle> {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Job>(4096);
+        let rx = Arc::new(Mutex::new(rx));
+        for i in 0..self.shared.cfg.server.workers {
+            let rx = rx.clone();
+            std::thread::Builder::new()
+                .name(format!("zcio-worker-{i}"))
+                .spawn(move || loop {
+                    let job = match lock(&rx).recv() {
+                        Ok(j) => j,
+                        Err(_) => return,
+                    };
+                    handle(job);
+                })
+                .map_err(|e| Error::io("spawn worker thread", e))?;
+        }
+        let addr = self.listener.local_addr();
+        let shared = self.shared.clone();
+        let listener = self.listener.clone();
+        let accept = std::thread::Builder::new()
+            .name("zcio-accept".into())
+            .spawn(move || accept_loop(shared, listener, tx))
+            .map_err(|e| Error::io("spawn accept thread", e))?;
+        Ok(ServerHandle {
+            shared: self.shared,
+            listener: self.listener,
+            accept: Some(accept),
+            addr,
+        })
+    }
+
+    /// Serves until the listener fails or is shut down.
+    pub fn serve(self) -> Result<()> {
+        let mut h = self.spawn()?;
+        if let Some(t) = h.accept.take() {
+            let _ = t.join();
+        }
+        Ok(())
+    }
+}
+
+impl ServerHandle {
+    /// Where clients connect.
+    pub fn local_addr(&self) -> &str {
+        &self.addr
+    }
+
+    /// The server's counters.
+    pub fn stats(&self) -> &ServerStats {
+        &self.shared.stats
+    }
+
+    /// The server's buffer pool.
+    pub fn pool(&self) -> &Pool {
+        &self.shared.pool
+    }
+
+    /// Files open now, all connections.
+    pub fn open_files(&self) -> usize {
+        self.shared.stats.open_files.load(Ordering::SeqCst)
+    }
+
+    /// Connections open now.
+    pub fn connections(&self) -> usize {
+        self.shared.stats.active.load(Ordering::SeqCst)
+    }
+
+    /// Stops accepting, closes every connection and waits for the accept thread.
+    pub fn shutdown(mut self) {
+        self.stop();
+    }
+
+    fn stop(&mut self) {
+        self.shared.stopping.store(true, Ordering::SeqCst);
+        self.listener.shutdown();
+        for c in lock(&self.shared.conns).iter().filter_map(Weak::upgrade) {
+            c.replier.close();
+        }
+        if let Some(t) = self.accept.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for ServerHandle {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn accept_loop(
+    shared: Arc<Shared>,
+    listener: Arc<dyn Listener>,
+    jobs: std::sync::mpsc::SyncSender<Job>,
+) {
+    loop {
+        let conn = match listener.accept() {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => {
+                tracing::warn!("connection attempt failed: {e}");
+                continue;
+            }
+            Err(e) => {
+                if !shared.stopping.load(Ordering::SeqCst) {
+                    tracing::error!("accept failed, server stops: {e}");
+                }
+                return;
+            }
+        };
+        if shared.stopping.load(Ordering::SeqCst) {
+            conn.replier().close();
+            return;
+        }
+        shared.stats.accepted.fetch_add(1, Ordering::Relaxed);
+        let active = shared.stats.active.fetch_add(1, Ordering::SeqCst) + 1;
+        let shared2 = shared.clone();
+        let jobs = jobs.clone();
+        let full = active > shared.cfg.server.max_connections;
+        let r = std::thread::Builder::new()
+            .name("zcio-conn".into())
+            .spawn(move || {
+                if full {
+                    refuse_full(&shared2, conn);
+                } else {
+                    serve_conn(&shared2, conn, &jobs);
+                }
+                shared2.stats.active.fetch_sub(1, Ordering::SeqCst);
+            });
+        if let Err(e) = r {
+            tracing::error!("cannot start a connection thread: {e}");
+            shared.stats.active.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+}
+
+/// Answers a connection over the limit with one clear error, then closes it.
+fn refuse_full(shared: &Shared, mut conn: Box<dyn ServerConn>) {
+    shared.stats.refused.fetch_add(1, Ordering::Relaxed);
+    let replier = conn.replier();
+    if let Ok(Some(inc)) = conn.recv() {
+        let msg = format!(
+            "server is at its limit of {} connections; try again later",
+            shared.cfg.server.max_connections
+        );
+        let _ = replier.reply(inc.id, &proto::encode_err(Status::Busy as u32, &msg), &[]);
+    }
+    replier.close();
+}
+
+fn serve_conn(
+    shared: &Arc<Shared>,
+    mut sc: Box<dyn ServerConn>,
+    jobs: &std::sync::mpsc::SyncSender<Job>,
+) {
+    let conn = Arc::new(Conn {
+        replier: sc.replier(),
+        peer: sc.peer(),
+        files: Mutex::new(HashMap::new()),
+        next_fh: AtomicU64::new(1),
+        hello: Mutex::new(None),
+        authed: AtomicBool::new(false),
+        permits: Permits {
+            free: Mutex::new(shared.cfg.server.max_in_flight),
+            cond: Condvar::new(),
+        },
+        shared: shared.clone(),
+    });
+    {
+        let mut conns = lock(&shared.conns);
+        conns.retain(|w| w.strong_count() > 0);
+        conns.push(Arc::downgrade(&conn));
+    }
+    tracing::debug!("connection from {}", conn.peer);
+    loop {
+        conn.permits.acquire();
+        match sc.recv() {
+            Ok(Some(inc)) => {
+                if jobs
+                    .send(Job {
+                        conn: conn.clone(),
+                        inc,
+                    })
+                    .is_err()
+                {
+                    break;
+                }
+            }
+            Ok(None) => break,
+            Err(e) => {
+                if !shared.stopping.load(Ordering::SeqCst) {
+                    tracing::info!("connection {} dropped: {e}", conn.peer);
+                    shared
+                        .stats
+                        .failed_connections
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+                break;
+            }
+        }
+    }
+    conn.replier.close();
+    tracing::debug!("connection from {} closed", conn.peer);
+}
+
+fn handle(job: Job) {
+    let Job { conn, inc } = job;
+    let shared = conn.shared.clone();
+    let (header, payload) = match Req::decode(&inc.header) {
+        Ok(req) => match execute(&conn, &req, &inc) {
+            Ok((resp, payload)) => (proto::encode_ok(&resp), payload),
+            Err(e) => {
+                shared.stats.errors.fetch_add(1, Ordering::Relaxed);
+                (proto::encode_err(e.code, &e.message), Vec::new())
+            }
+        },
+        Err(e) => {
+            shared.stats.errors.fetch_add(1, Ordering::Relaxed);
+            (
+                proto::encode_err(Status::BadRequest as u32, &e.to_string()),
+                Vec::new(),
+            )
+        }
+    };
+    // Free the request's payload buffers before replying.
+    drop(inc.payload);
+    shared.stats.requests.fetch_add(1, Ordering::Relaxed);
+    if let Err(e) = conn.replier.reply(inc.id, &header, &payload) {
+        tracing::debug!("reply to {} failed: {e}", conn.peer);
+        conn.replier.close();
+    }
+    drop(payload);
+    conn.permits.release();
+}
+
+fn file(conn: &Conn, fh: u64) -> Result<Arc<OpenFile>, OpError> {
+    lock(&conn.files).get(&fh).cloned().ok_or_else(|| {
+        OpError::new(
+            Status::BadHandle as u32,
+            format!("no open file handle {fh}"),
+        )
+    })
+}
+
+fn errno_of(e: nix::errno::Errno, what: &str) -> OpError {
+    OpError::new(e as i32 as u32, format!("{what}: {}", e.desc()))
+}
+
+fn execute(conn: &Conn, req: &Req, inc: &Incoming) -> Result<(Resp, Vec<Iobuf>), OpError> {
+    let shared = &conn.shared;
+    let cfg = &shared.cfg;
+    match req {
+        Req::Hello {
+            version,
+            client_nonce,
+        } => {
+            if *version != proto::VERSION {
+                return Err(OpError::new(
+                    Status::BadRequest as u32,
+                    format!(
+                        "protocol version {version} not supported (server speaks {})",
+                        proto::VERSION
+                    ),
+                ));
+            }
+            let mut sn = [0u8; NONCE_LEN];
+            rand::Rng::fill(&mut rand::thread_rng(), &mut sn[..]);
+            *lock(&conn.hello) = Some((*client_nonce, sn));
+            let auth_required = !cfg.server.token.is_empty();
+            if !auth_required {
+                conn.authed.store(true, Ordering::SeqCst);
+            }
+            return Ok((
+                Resp::Hello(HelloReply {
+                    version: proto::VERSION,
+                    server_nonce: sn,
+                    auth_required,
+                    read_only: shared.export.read_only(),
+                    max_segments: cfg.limits.max_segments as u32,
+                    max_payload: cfg.limits.max_payload as u32,
+                    max_in_flight: cfg.server.max_in_flight as u32,
+                }),
+                Vec::new(),
+            ));
+        }
+        Req::Auth { mac } => {
+            let Some((cn, sn)) = *lock(&conn.hello) else {
+                return Err(OpError::new(
+                    Status::AuthRequired as u32,
+                    "auth before hello",
+                ));
+            };
+            let token = cfg.server.token.as_bytes();
+            if token.is_empty() {
+                return Ok((
+                    Resp::Auth {
+                        mac: [0; proto::MAC_LEN],
+                    },
+                    Vec::new(),
+                ));
+            }
+            if !proto::mac_eq(mac, &proto::client_mac(token, &cn, &sn)) {
+                // One try per hello: a new hello (new nonce) is needed to try again.
+                *lock(&conn.hello) = None;
+                return Err(OpError::new(Status::AuthRequired as u32, "wrong token"));
+            }
+            conn.authed.store(true, Ordering::SeqCst);
+            return Ok((
+                Resp::Auth {
+                    mac: proto::server_mac(token, &cn, &sn),
+                },
+                Vec::new(),
+            ));
+        }
+        _ => {}
+    }
+    if !conn.authed.load(Ordering::SeqCst) {
+        return Err(OpError::new(
+            Status::AuthRequired as u32,
+            format!(
+                "{} refused: hello and authentication come first",
+                req.name()
+            ),
+        ));
+    }
+    match req {
+        Req::Open { path, flags, mode } => {
+            let (f, _direct) = shared.export.open(path, *flags, *mode)?;
+            let size = Export::fstat(&f)?.size;
+            let writable = flags.contains(proto::OpenFlags::WRITE);
+            let fh = conn.next_fh.fetch_add(1, Ordering::Relaxed);
+            lock(&conn.files).insert(fh, Arc::new(OpenFile { file: f, writable }));
+            shared.stats.open_files.fetch_add(1, Ordering::Relaxed);
+            Ok((Resp::Open { fh, size }, Vec::new()))
+        }
+        Req::Read { fh, offset, len } => {
+            let f = file(conn, *fh)?;
+            let want = (*len as usize)
+                .min(inc.reply_capacity)
+                .min(cfg.limits.max_payload);
+            read_into_pool(&shared.pool, &f.file, *offset, want)
+        }
+        Req::Write { fh, offset } => {
+            let f = file(conn, *fh)?;
+            if !f.writable {
+                return Err(errno_of(
+                    nix::errno::Errno::EBADF,
+                    "write to a file not opened for writing",
+                ));
+            }
+            let written = write_from_pool(&f.file, *offset, &inc.payload)?;
+            Ok((
+                Resp::Write {
+                    written: written as u32,
+                },
+                Vec::new(),
+            ))
+        }
+        Req::Fsync { fh, datasync } => {
+            let f = file(conn, *fh)?;
+            let r = if *datasync {
+                f.file.sync_data()
+            } else {
+                f.file.sync_all()
+            };
+            r.map_err(|e| {
+                OpError::new(e.raw_os_error().unwrap_or(5) as u32, format!("fsync: {e}"))
+            })?;
+            Ok((Resp::Ok, Vec::new()))
+        }
+        Req::Stat { path } => Ok((Resp::Stat(shared.export.stat(path)?), Vec::new())),
+        Req::Fstat { fh } => Ok((
+            Resp::Stat(Export::fstat(&file(conn, *fh)?.file)?),
+            Vec::new(),
+        )),
+        Req::Truncate { fh, len } => {
+            let f = file(conn, *fh)?;
+            if shared.export.read_only() || !f.writable {
+                return Err(OpError::new(
+                    Status::ReadOnly as u32,
+                    "truncate: file not opened for writing",
+                ));
+            }
+            f.file.set_len(*len).map_err(|e| {
+                OpError::new(
+                    e.raw_os_error().unwrap_or(5) as u32,
+                    format!("truncate: {e}"),
+                )
+            })?;
+            Ok((Resp::Ok, Vec::new()))
+        }
+        Req::Close { fh } => {
+            let removed = lock(&conn.files).remove(fh);
+            if removed.is_none() {
+                return Err(OpError::new(
+                    Status::BadHandle as u32,
+                    format!("no open file handle {fh}"),
+                ));
+            }
+            shared.stats.open_files.fetch_sub(1, Ordering::Relaxed);
+            Ok((Resp::Ok, Vec::new()))
+        }
+        Req::Unlink { path } => {
+            shared.export.unlink(path)?;
+            Ok((Resp::Ok, Vec::new()))
+        }
+        Req::Mkdir { path, mode } => {
+            shared.export.mkdir(path, *mode)?;
+            Ok((Resp::Ok, Vec::new()))
+        }
+        Req::List { path, cookie } => {
+            let budget = inc
+                .reply_capacity
+                .min(shared.pool.max_buffer_size())
+                .min(cfg.limits.max_payload);
+            let (entries, done) = shared.export.list(path, *cookie, budget)?;
+            let mut bytes = Vec::with_capacity(budget.min(64 << 10));
+            for e in &entries {
+                proto::encode_dirent(&mut bytes, e);
+            }
+            let mut buf = shared
+                .pool
+                .get(bytes.len().max(1))
+                .map_err(|e| OpError::new(Status::Busy as u32, e.to_string()))?;
+            buf.set_len(bytes.len());
+            buf.copy_from_slice(&bytes);
+            Ok((
+                Resp::List {
+                    count: entries.len() as u32,
+                    next_cookie: cookie + entries.len() as u64,
+                    done,
+                },
+                vec![buf.freeze()],
+            ))
+        }
+        Req::Hello { .. } | Req::Auth { .. } => {
+            Err(OpError::new(Status::BadRequest as u32, "unreachable"))
+        }
+    }
+}
+
+/// Reads up to `want` bytes at `offset` with `preadv` straight into pool buffers.
+fn read_into_pool(
+    pool: &Pool,
+    f: &File,
+    offset: u64,
+    want: usize,
+) -> Result<(Resp, Vec<Iobuf>), OpError> {
+    if want == 0 {
+        return Ok((Resp::Read { len: 0, eof: false }, Vec::new()));
+    }
+    let mut bufs = pool
+        .get_span(want)
+        .map_err(|e| OpError::new(Status::Busy as u32, e.to_string()))?
+        .into_vec();
+    let mut done = 0usize;
+    let mut eof = false;
+    while done < want {
+        // Skip the buffers already filled.
+        let mut skip = done;
+        let mut iov: Vec<IoSliceMut<'_>> = Vec::with_capacity(bufs.len());
+        for b in bufs.iter_mut() {
+            if skip >= b.len() {
+                skip -= b.len();
+                continue;
+            }
+            iov.push(IoSliceMut::new(&mut b[skip..]));
+            skip = 0;
+        }
+        let off = offset.saturating_add(done as u64);
+        let off =
+            i64::try_from(off).map_err(|_| errno_of(nix::errno::Errno::EINVAL, "read offset"))?;
+        match preadv(f, &mut iov, off) {
+            Ok(0) => {
+                eof = true;
+                break;
+            }
+            Ok(n) => done += n,
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => return Err(errno_of(e, "read")),
+        }
+    }
+    // Trim the buffers to what was read; drop the unused ones.
+    let mut left = done;
+    let mut out = Vec::with_capacity(bufs.len());
+    for mut b in bufs {
+        if left == 0 {
+            break;
+        }
+        let n = b.len().min(left);
+        b.set_len(n);
+        left -= n;
+        out.push(b.freeze());
+    }
+    Ok((
+        Resp::Read {
+            len: done as u32,
+            eof,
+        },
+        out,
+    ))
+}
+
+/// Writes the payload at `offset` with `pwritev` straight from the pool buffers.
+fn write_from_pool(f: &File, offset: u64, payload: &[Iobuf]) -> Result<usize, OpError> {
+    let total: usize = payload.iter().map(|b| b.len()).sum();
+    let mut done = 0usize;
+    while done < total {
+        let mut skip = done;
+        let mut iov: Vec<IoSlice<'_>> = Vec::with_capacity(payload.len());
+        for b in payload {
+            if skip >= b.len() {
+                skip -= b.len();
+                continue;
+            }
+            iov.push(IoSlice::new(&b[skip..]));
+            skip = 0;
+        }
+        let off = i64::try_from(offset.saturating_add(done as u64))
+            .map_err(|_| errno_of(nix::errno::Errno::EINVAL, "write offset"))?;
+        match pwritev(f, &iov, off) {
+            Ok(0) => return Err(errno_of(nix::errno::Errno::EIO, "write made no progress")),
+            Ok(n) => done += n,
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => return Err(errno_of(e, "write")),
+        }
+    }
+    Ok(done)
+}

@@ -1,0 +1,620 @@
+#![cfg(feature = "rdma")]
+//! Verbs-layer tests against a real RDMA device: two RC queue pairs connected in one process
+//! (one PD each), every transfer checked byte for byte.
+//!
+//! Without a device each test prints `SKIP <test>: no RDMA device (<reason>)` and passes,
+//! unless `ZCIO_RDMA_REQUIRED=1`, which turns a missing device into a failure (`ci/rxe-test`
+//! sets it). `ZCIO_RDMA_DEVICE` picks the device (default: the first one). The transfers are
+//! small on purpose: under qemu's TCG everything is 10-50x slower.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
+use std::error::Error as _;
+use std::time::{Duration, Instant};
+
+use zcio_rdma::devices::{list_devices, PortState};
+use zcio_rdma::verbs::{
+    check_memlock, Completion, CompletionQueue, Context, CqMode, Endpoint, MemoryRegion, MrAccess,
+    ProtectionDomain, QpConfig, QpState, QueuePair, Remote, Sge, WcOpcode, WcStatus,
+};
+use zcio_rdma::RdmaError;
+
+// ---------------------------------------------------------------------------------------------
+// Allocation counting: a global allocator that counts allocations made by the current thread
+// while tracking is on, to prove the post/poll/wait path allocates nothing.
+
+struct CountingAlloc;
+
+thread_local! {
+    static TRACKING: Cell<bool> = const { Cell::new(false) };
+    static ALLOCATIONS: Cell<u64> = const { Cell::new(0) };
+}
+
+fn note_allocation() {
+    let _ = TRACKING.try_with(|on| {
+        if on.get() {
+            let _ = ALLOCATIONS.try_with(|n| n.set(n.get() + 1));
+        }
+    });
+}
+
+// SAFETY: every method forwards to the system allocator with the caller's arguments
+// unchanged; the counting touches only const-initialized thread-locals, which never allocate.
+unsafe impl GlobalAlloc for CountingAlloc {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        note_allocation();
+        // SAFETY: forwarded with the caller's guarantees for `GlobalAlloc::alloc`.
+        unsafe { System.alloc(layout) }
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        note_allocation();
+        // SAFETY: forwarded with the caller's guarantees for `GlobalAlloc::alloc_zeroed`.
+        unsafe { System.alloc_zeroed(layout) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        note_allocation();
+        // SAFETY: forwarded with the caller's guarantees for `GlobalAlloc::realloc`.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: forwarded with the caller's guarantees for `GlobalAlloc::dealloc`.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: CountingAlloc = CountingAlloc;
+
+/// Runs `f` and returns how many heap allocations this thread made meanwhile.
+fn allocations_in<R>(f: impl FnOnce() -> R) -> (R, u64) {
+    ALLOCATIONS.with(|n| n.set(0));
+    TRACKING.with(|on| on.set(true));
+    let result = f();
+    TRACKING.with(|on| on.set(false));
+    (result, ALLOCATIONS.with(|n| n.get()))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Device selection and skipping.
+
+fn chain(err: &RdmaError) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+/// The device to test on, or `None` after printing a SKIP line. With `ZCIO_RDMA_REQUIRED=1`
+/// a missing device fails the test.
+fn device(test: &str) -> Option<Context> {
+    let name = std::env::var("ZCIO_RDMA_DEVICE")
+        .ok()
+        .filter(|n| !n.is_empty());
+    let required = std::env::var("ZCIO_RDMA_REQUIRED").is_ok_and(|v| v == "1");
+    match Context::open(name.as_deref()) {
+        Ok(ctx) => Some(ctx),
+        Err(err) if required => {
+            panic!(
+                "{test}: ZCIO_RDMA_REQUIRED=1 but no RDMA device: {}",
+                chain(&err)
+            )
+        }
+        Err(err) => {
+            println!("SKIP {test}: no RDMA device ({})", chain(&err));
+            None
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Test memory: page-aligned, accessed only through raw-pointer copies (never through Rust
+// references the device could write under), and only while no work request targets it.
+
+struct Buf {
+    ptr: *mut u8,
+    layout: Layout,
+}
+
+impl Buf {
+    fn new(len: usize) -> Buf {
+        let layout = Layout::from_size_align(len, 4096).unwrap();
+        assert!(len > 0);
+        // SAFETY: the layout has a non-zero size.
+        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
+        assert!(!ptr.is_null(), "out of memory");
+        Buf { ptr, layout }
+    }
+
+    fn addr(&self, offset: usize) -> u64 {
+        assert!(offset <= self.layout.size());
+        self.ptr as u64 + offset as u64
+    }
+
+    fn write(&self, offset: usize, data: &[u8]) {
+        assert!(offset + data.len() <= self.layout.size());
+        // SAFETY: the range is inside the allocation (checked above) and `data` is a
+        // separate Rust allocation, so they do not overlap.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.ptr.add(offset), data.len()) };
+    }
+
+    fn read(&self, offset: usize, len: usize) -> Vec<u8> {
+        assert!(offset + len <= self.layout.size());
+        let mut out = vec![0u8; len];
+        // SAFETY: the range is inside the allocation (checked above); `out` is a separate
+        // allocation of `len` bytes.
+        unsafe { std::ptr::copy_nonoverlapping(self.ptr.add(offset), out.as_mut_ptr(), len) };
+        out
+    }
+}
+
+impl Drop for Buf {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `new` with this layout, freed once.
+        unsafe { std::alloc::dealloc(self.ptr, self.layout) };
+    }
+}
+
+/// A deterministic byte pattern, different per `seed`.
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| {
+            (i as u32)
+                .wrapping_mul(2_654_435_761)
+                .rotate_left(u32::from(seed)) as u8
+                ^ seed
+        })
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Two connected queue pairs.
+
+const BUF_LEN: usize = 256 * 1024;
+const WAIT: Duration = Duration::from_secs(60);
+
+/// One side: fields drop in declaration order, so the queue pair and the memory region go
+/// before the buffer they use.
+struct Side {
+    qp: QueuePair,
+    cq: CompletionQueue,
+    mr: MemoryRegion,
+    _pd: ProtectionDomain,
+    buf: Buf,
+}
+
+impl Side {
+    fn new(ctx: &Context, mode: CqMode) -> Side {
+        let pd = ctx.alloc_pd().unwrap();
+        let buf = Buf::new(BUF_LEN);
+        // SAFETY: `buf` outlives `mr` (field order of `Side`), and the tests only touch the
+        // buffer through raw-pointer copies while no work request targets it.
+        let mr = unsafe { pd.register(buf.ptr, BUF_LEN, MrAccess::RemoteReadWrite) }
+            .unwrap_or_else(|e| panic!("register: {}", chain(&e)));
+        let cq = CompletionQueue::new(ctx, 256, mode).unwrap();
+        let cfg = QpConfig {
+            allow_remote_access: true,
+            max_send_wr: 64,
+            max_recv_wr: 64,
+            max_send_sge: 16,
+            max_inline_data: 64,
+            ..QpConfig::default()
+        };
+        let qp = QueuePair::new(&pd, &cq, &cq, &cfg)
+            .unwrap_or_else(|e| panic!("create QP: {}", chain(&e)));
+        assert_eq!(qp.query_state().unwrap(), QpState::Init);
+        Side {
+            qp,
+            cq,
+            mr,
+            _pd: pd,
+            buf,
+        }
+    }
+
+    fn sge(&self, offset: usize, len: u32) -> Sge {
+        self.mr.sge(offset, len).expect("SGE inside the region")
+    }
+
+    fn remote(&self, offset: usize) -> Remote {
+        Remote {
+            addr: self.buf.addr(offset),
+            rkey: self.mr.rkey(),
+        }
+    }
+
+    fn wait_one(&self) -> Completion {
+        wait_one(&self.cq)
+    }
+
+    fn expect_ok(&self, wr_id: u64, opcode: WcOpcode) -> Completion {
+        let c = self.wait_one();
+        assert_eq!(c.status, WcStatus::Success, "{c:?}");
+        assert_eq!(c.wr_id, wr_id, "{c:?}");
+        assert_eq!(c.opcode, opcode, "{c:?}");
+        assert_eq!(c.qp_num, self.qp.qp_num(), "{c:?}");
+        c
+    }
+}
+
+/// Waits for exactly one completion.
+fn wait_one(cq: &CompletionQueue) -> Completion {
+    let mut out = [Completion::EMPTY; 1];
+    let n = cq
+        .wait(&mut out, Some(WAIT))
+        .unwrap_or_else(|e| panic!("wait: {}", chain(&e)));
+    assert_eq!(n, 1, "no completion within {WAIT:?}");
+    out[0]
+}
+
+struct Pair {
+    a: Side,
+    b: Side,
+}
+
+/// Two RC queue pairs on `ctx`, each on its own PD and CQ, connected through the endpoint
+/// encoding as a TCP bootstrap would carry it.
+fn connected_pair(ctx: &Context, mode: CqMode) -> Pair {
+    check_memlock(2 * BUF_LEN as u64).unwrap_or_else(|e| panic!("{}", chain(&e)));
+    let mut a = Side::new(ctx, mode);
+    let mut b = Side::new(ctx, mode);
+    let wire_a = a.qp.local_endpoint().encode();
+    let wire_b = b.qp.local_endpoint().encode();
+    let ep_a = Endpoint::decode(&wire_a).unwrap();
+    let ep_b = Endpoint::decode(&wire_b).unwrap();
+    assert_ne!(ep_a.qpn, ep_b.qpn);
+    a.qp.connect(&ep_b)
+        .unwrap_or_else(|e| panic!("connect a: {}", chain(&e)));
+    b.qp.connect(&ep_a)
+        .unwrap_or_else(|e| panic!("connect b: {}", chain(&e)));
+    assert_eq!(a.qp.query_state().unwrap(), QpState::ReadyToSend);
+    assert_eq!(b.qp.query_state().unwrap(), QpState::ReadyToSend);
+    Pair { a, b }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tests.
+
+#[test]
+fn devices_are_listed_with_ports_and_gids() {
+    let Some(ctx) = device("devices_are_listed_with_ports_and_gids") else {
+        return;
+    };
+    let devices = list_devices().unwrap_or_else(|e| panic!("{}", chain(&e)));
+    for dev in &devices {
+        println!("{dev}");
+    }
+    let dev = devices
+        .iter()
+        .find(|d| d.name == ctx.name())
+        .expect("the opened device is listed");
+    let port = dev.ports.first().expect("at least one port");
+    assert_eq!(port.port, 1);
+    assert_eq!(port.state, PortState::Active);
+    assert!(port.active_mtu.is_some());
+    let gid = port.default_gid().expect("a usable GID");
+    println!("default GID of {} port 1: {gid}", dev.name);
+    assert_eq!(ctx.port_info(1).unwrap(), *port);
+    assert!(ctx.caps().unwrap().max_sge >= 16);
+}
+
+#[test]
+fn bad_arguments_are_errors_not_crashes() {
+    let Some(ctx) = device("bad_arguments_are_errors_not_crashes") else {
+        return;
+    };
+    let pd = ctx.alloc_pd().unwrap();
+    // SAFETY: both calls are rejected before anything is registered.
+    let null = unsafe { pd.register(std::ptr::null_mut(), 4096, MrAccess::LocalWrite) };
+    assert!(
+        matches!(null, Err(RdmaError::InvalidRegion { .. })),
+        "{null:?}"
+    );
+    let buf = Buf::new(4096);
+    // SAFETY: as above.
+    let empty = unsafe { pd.register(buf.ptr, 0, MrAccess::LocalWrite) };
+    assert!(
+        matches!(empty, Err(RdmaError::InvalidRegion { .. })),
+        "{empty:?}"
+    );
+
+    let cq = CompletionQueue::new(&ctx, 16, CqMode::BusyPoll).unwrap();
+    let bad = |cfg: QpConfig| match QueuePair::new(&pd, &cq, &cq, &cfg) {
+        Err(RdmaError::InvalidConfig { what }) => what,
+        other => panic!("expected InvalidConfig, got {other:?}"),
+    };
+    bad(QpConfig {
+        max_rd_atomic: 0,
+        ..QpConfig::default()
+    });
+    bad(QpConfig {
+        port: 0,
+        ..QpConfig::default()
+    });
+    let too_many = bad(QpConfig {
+        max_send_sge: 100_000,
+        ..QpConfig::default()
+    });
+    assert!(too_many.contains("max_send_sge"), "{too_many}");
+    assert!(matches!(
+        QueuePair::new(
+            &pd,
+            &cq,
+            &cq,
+            &QpConfig {
+                port: 77,
+                ..QpConfig::default()
+            }
+        ),
+        Err(RdmaError::QueryPort { port: 77, .. })
+    ));
+    assert!(matches!(
+        CompletionQueue::new(&ctx, 0, CqMode::Event),
+        Err(RdmaError::InvalidConfig { .. })
+    ));
+    assert!(matches!(
+        Context::open(Some("no-such-device")),
+        Err(RdmaError::DeviceNotFound { .. })
+    ));
+}
+
+#[test]
+fn rdma_write_64k_gathered_from_16_sges() {
+    let Some(ctx) = device("rdma_write_64k_gathered_from_16_sges") else {
+        return;
+    };
+    let p = connected_pair(&ctx, CqMode::BusyPoll);
+    const PIECE: usize = 4096;
+    let src = pattern(16 * PIECE, 7);
+    p.a.buf.write(0, &src);
+    // Gather the 16 pieces in reverse order, so the test sees SGE order, not memory order.
+    let sges: Vec<Sge> = (0..16)
+        .map(|i| p.a.sge((15 - i) * PIECE, PIECE as u32))
+        .collect();
+    let dst = 64 * 1024;
+    p.a.qp.post_write(11, &sges, p.b.remote(dst)).unwrap();
+    p.a.expect_ok(11, WcOpcode::RdmaWrite);
+
+    let expected: Vec<u8> = (0..16)
+        .flat_map(|i| src[(15 - i) * PIECE..(16 - i) * PIECE].iter().copied())
+        .collect();
+    assert!(
+        p.b.buf.read(dst, expected.len()) == expected,
+        "RDMA WRITE data differs"
+    );
+    // Nothing around the target was touched.
+    assert!(p.b.buf.read(0, dst).iter().all(|&b| b == 0));
+    assert!(p.b.buf.read(dst + 64 * 1024, 4096).iter().all(|&b| b == 0));
+}
+
+#[test]
+fn rdma_read_64k() {
+    let Some(ctx) = device("rdma_read_64k") else {
+        return;
+    };
+    let p = connected_pair(&ctx, CqMode::BusyPoll);
+    let src = pattern(64 * 1024, 3);
+    p.b.buf.write(4096, &src);
+    // Scatter into two local pieces.
+    let sges = [p.a.sge(0, 32 * 1024), p.a.sge(128 * 1024, 32 * 1024)];
+    p.a.qp.post_read(21, &sges, p.b.remote(4096)).unwrap();
+    p.a.expect_ok(21, WcOpcode::RdmaRead);
+    assert!(
+        p.a.buf.read(0, 32 * 1024) == src[..32 * 1024],
+        "first half differs"
+    );
+    assert!(
+        p.a.buf.read(128 * 1024, 32 * 1024) == src[32 * 1024..],
+        "second half differs"
+    );
+}
+
+#[test]
+fn send_recv_4k_into_a_preposted_receive() {
+    let Some(ctx) = device("send_recv_4k_into_a_preposted_receive") else {
+        return;
+    };
+    let p = connected_pair(&ctx, CqMode::Event);
+    let msg = pattern(4096, 5);
+    p.a.buf.write(8192, &msg);
+    p.b.qp.post_recv(31, p.b.sge(16 * 1024, 4096)).unwrap();
+    p.a.qp
+        .post_send(32, &[p.a.sge(8192, 1000), p.a.sge(8192 + 1000, 3096)])
+        .unwrap();
+    p.a.expect_ok(32, WcOpcode::Send);
+    let c = p.b.expect_ok(31, WcOpcode::Recv);
+    assert_eq!(c.byte_len, 4096);
+    assert_eq!(c.imm, None);
+    assert!(p.b.buf.read(16 * 1024, 4096) == msg, "SEND data differs");
+}
+
+#[test]
+fn inline_send() {
+    let Some(ctx) = device("inline_send") else {
+        return;
+    };
+    let p = connected_pair(&ctx, CqMode::BusyPoll);
+    let caps = p.a.qp.caps();
+    assert!(caps.max_inline_data >= 64, "{caps:?}");
+    p.b.qp.post_recv(41, p.b.sge(0, 256)).unwrap();
+    let mut header = *b"zcio inline header";
+    p.a.qp
+        .post_send_inline(42, &[&header[..5], &header[5..]])
+        .unwrap();
+    // The data was copied at post time: changing it now must not change what arrives.
+    header.fill(b'X');
+    p.a.expect_ok(42, WcOpcode::Send);
+    let c = p.b.expect_ok(41, WcOpcode::Recv);
+    assert_eq!(c.byte_len, 18);
+    assert_eq!(p.b.buf.read(0, 18), b"zcio inline header");
+
+    let big = vec![0u8; caps.max_inline_data as usize + 1];
+    assert!(matches!(
+        p.a.qp.post_send_inline(43, &[&big]),
+        Err(RdmaError::InlineTooLarge { .. })
+    ));
+    let pieces = vec![&header[..1]; caps.max_send_sge as usize + 1];
+    assert!(matches!(
+        p.a.qp.post_send_inline(44, &pieces),
+        Err(RdmaError::TooManySges { .. })
+    ));
+    let sges = vec![p.a.sge(0, 1); caps.max_send_sge as usize + 1];
+    assert!(matches!(
+        p.a.qp.post_send(45, &sges),
+        Err(RdmaError::TooManySges { .. })
+    ));
+}
+
+#[test]
+fn bogus_rkey_is_a_remote_access_error_and_flushes_the_qp() {
+    let Some(ctx) = device("bogus_rkey_is_a_remote_access_error_and_flushes_the_qp") else {
+        return;
+    };
+    let p = connected_pair(&ctx, CqMode::Event);
+    p.a.buf.write(0, &pattern(4096, 9));
+    let bogus = Remote {
+        addr: p.b.buf.addr(0),
+        rkey: p.b.mr.rkey() ^ 0x00ff_ff00,
+    };
+    p.a.qp.post_write(51, &[p.a.sge(0, 4096)], bogus).unwrap();
+    let c = p.a.wait_one();
+    assert_eq!(c.wr_id, 51);
+    assert_eq!(c.status, WcStatus::RemoteAccessError, "{c:?}");
+    assert!(
+        p.b.buf.read(0, 4096).iter().all(|&b| b == 0),
+        "target was written"
+    );
+
+    assert_eq!(p.a.qp.query_state().unwrap(), QpState::Error);
+    println!(
+        "after the access error: initiator {}, responder {}",
+        p.a.qp.query_state().unwrap(),
+        p.b.qp.query_state().unwrap()
+    );
+
+    // Later work requests are flushed (or refused at post time), never executed.
+    let valid = p.b.remote(0);
+    match p.a.qp.post_write(52, &[p.a.sge(0, 4096)], valid) {
+        Ok(()) => {
+            let c = p.a.wait_one();
+            assert_eq!((c.wr_id, c.status), (52, WcStatus::WrFlushError), "{c:?}");
+        }
+        Err(e) => println!("post after error refused: {}", chain(&e)),
+    }
+    match p.a.qp.post_recv(53, p.a.sge(8192, 64)) {
+        Ok(()) => {
+            let c = p.a.wait_one();
+            assert_eq!((c.wr_id, c.status), (53, WcStatus::WrFlushError), "{c:?}");
+        }
+        Err(e) => println!("receive after error refused: {}", chain(&e)),
+    }
+    assert!(
+        p.b.buf.read(0, 4096).iter().all(|&b| b == 0),
+        "target was written"
+    );
+    let mut out = [Completion::EMPTY; 4];
+    assert_eq!(p.a.cq.poll(&mut out).unwrap(), 0);
+}
+
+#[test]
+fn blocking_wait_sleeps_until_a_completion_arrives() {
+    let Some(ctx) = device("blocking_wait_sleeps_until_a_completion_arrives") else {
+        return;
+    };
+    let p = connected_pair(&ctx, CqMode::Event);
+    assert_eq!(p.b.cq.mode(), CqMode::Event);
+    assert!(p.b.cq.event_fd().is_some());
+
+    // Nothing outstanding: a wait with a timeout returns 0 after roughly that long.
+    let mut out = [Completion::EMPTY; 4];
+    let start = Instant::now();
+    assert_eq!(
+        p.b.cq
+            .wait(&mut out, Some(Duration::from_millis(100)))
+            .unwrap(),
+        0
+    );
+    assert!(start.elapsed() >= Duration::from_millis(100));
+
+    p.b.qp.post_recv(61, p.b.sge(0, 64)).unwrap();
+    p.a.buf.write(4096, b"wake up");
+    let delay = Duration::from_millis(300);
+    let (completion, waited) = std::thread::scope(|s| {
+        let cq = &p.b.cq;
+        let waiter = s.spawn(move || {
+            let start = Instant::now();
+            let c = wait_one(cq);
+            (c, start.elapsed())
+        });
+        std::thread::sleep(delay);
+        p.a.qp.post_send(62, &[p.a.sge(4096, 7)]).unwrap();
+        waiter.join().unwrap()
+    });
+    assert_eq!(
+        (completion.wr_id, completion.status),
+        (61, WcStatus::Success)
+    );
+    assert_eq!(completion.byte_len, 7);
+    assert!(waited >= delay / 2, "the waiter returned after {waited:?}");
+    p.a.expect_ok(62, WcOpcode::Send);
+    assert_eq!(p.b.buf.read(0, 7), b"wake up");
+}
+
+#[test]
+fn post_poll_and_wait_do_not_allocate() {
+    let Some(ctx) = device("post_poll_and_wait_do_not_allocate") else {
+        return;
+    };
+    let p = connected_pair(&ctx, CqMode::Event);
+    p.a.buf.write(0, &pattern(8192, 1));
+    let write_sges = [p.a.sge(0, 4096), p.a.sge(4096, 4096)];
+    let read_sges = [p.a.sge(64 * 1024, 8192)];
+    let mut out = [Completion::EMPTY; 8];
+
+    let (completions, allocations) = allocations_in(|| {
+        let mut seen = 0;
+        for round in 0..4u64 {
+            let id = round * 10;
+            p.b.qp.post_recv(id + 1, p.b.sge(128 * 1024, 4096)).unwrap();
+            p.a.qp.post_send(id + 2, &write_sges[..1]).unwrap();
+            p.a.qp
+                .post_send_inline(id + 3, &[b"hdr", b"inline"])
+                .unwrap();
+            p.b.qp.post_recv(id + 4, p.b.sge(132 * 1024, 4096)).unwrap();
+            p.a.qp
+                .post_write(id + 5, &write_sges, p.b.remote(0))
+                .unwrap();
+            p.a.qp.post_read(id + 6, &read_sges, p.b.remote(0)).unwrap();
+            // 4 on A (send, inline send, write, read), 2 on B (receives).
+            let mut on_a = 0;
+            while on_a < 4 {
+                let n = p.a.cq.wait(&mut out, Some(WAIT)).unwrap();
+                assert!(n > 0, "timed out");
+                assert!(out[..n].iter().all(Completion::is_success));
+                on_a += n;
+            }
+            let mut on_b = 0;
+            while on_b < 2 {
+                let n = p.b.cq.busy_wait(&mut out, Some(WAIT)).unwrap();
+                assert!(n > 0, "timed out");
+                assert!(out[..n].iter().all(Completion::is_success));
+                on_b += n;
+            }
+            seen += on_a + on_b;
+        }
+        seen
+    });
+    assert_eq!(completions, 24);
+    assert_eq!(
+        allocations, 0,
+        "the data path allocated {allocations} times"
+    );
+    // The RDMA READ brought back what the WRITE put there.
+    assert!(p.a.buf.read(64 * 1024, 8192) == p.a.buf.read(0, 8192));
+}

@@ -1,0 +1,240 @@
+//! Vectored socket I/O that loops over partial transfers without copying.
+//!
+//! Writes go through `sendmsg(2)` with `MSG_NOSIGNAL` (a `writev` that cannot raise
+//! SIGPIPE when the peer has gone, even in a process that did not ignore the signal);
+//! reads through `readv(2)` (`Read::read_vectored`). Both advance through the caller's
+//! slices in place after a partial transfer.
+
+use std::io::{self, IoSlice, IoSliceMut, Read};
+use std::net::{Shutdown, TcpStream};
+use std::os::fd::AsRawFd;
+use std::time::{Duration, Instant};
+
+use nix::errno::Errno;
+use nix::sys::socket::{sendmsg, MsgFlags, SockaddrStorage};
+
+/// Most iovecs handed to one system call (Linux's `UIO_MAXIOV`).
+const MAX_IOV: usize = 1024;
+
+/// Writes every byte of `parts`, in order. The slices are advanced in place, so on error
+/// `parts` shows what was not sent.
+pub(crate) fn write_all_vectored(sock: &TcpStream, parts: &mut [&[u8]]) -> io::Result<()> {
+    let fd = sock.as_raw_fd();
+    let mut first = 0;
+    let mut iov: Vec<IoSlice<'_>> = Vec::with_capacity(parts.len().min(MAX_IOV));
+    loop {
+        while first < parts.len() && parts[first].is_empty() {
+            first += 1;
+        }
+        if first == parts.len() {
+            return Ok(());
+        }
+        iov.clear();
+        iov.extend(
+            parts[first..]
+                .iter()
+                .filter(|p| !p.is_empty())
+                .take(MAX_IOV)
+                .map(|p| IoSlice::new(p)),
+        );
+        let n = match sendmsg::<SockaddrStorage>(fd, &iov, &[], MsgFlags::MSG_NOSIGNAL, None) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => n,
+            Err(Errno::EINTR) => continue,
+            Err(Errno::EAGAIN) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "send timed out (the peer is not reading)",
+                ))
+            }
+            Err(e) => return Err(e.into()),
+        };
+        advance(&mut parts[first..], n);
+    }
+}
+
+/// Moves the front of `parts` on by `n` bytes.
+fn advance(parts: &mut [&[u8]], mut n: usize) {
+    for p in parts.iter_mut() {
+        if n == 0 {
+            return;
+        }
+        let k = p.len().min(n);
+        *p = &p[k..];
+        n -= k;
+    }
+}
+
+/// Why [`read_exact_vectored`] stopped short.
+#[derive(Debug)]
+pub(crate) enum ReadError<E> {
+    /// The peer closed the stream after `got` bytes of this read.
+    Eof {
+        /// Bytes read before the end of stream.
+        got: usize,
+    },
+    /// The socket failed.
+    Io(io::Error),
+    /// The tick callback gave up (a timeout).
+    Tick(E),
+}
+
+/// Calls a check at most once per `every` while a read waits or trickles.
+pub(crate) struct Ticker {
+    every: Duration,
+    last: Instant,
+}
+
+impl Ticker {
+    /// A ticker that fires every `every`.
+    pub(crate) fn new(every: Duration) -> Ticker {
+        Ticker {
+            every,
+            last: Instant::now(),
+        }
+    }
+
+    fn due(&mut self, timed_out: bool) -> bool {
+        let now = Instant::now();
+        if timed_out || now.duration_since(self.last) >= self.every {
+            self.last = now;
+            return true;
+        }
+        false
+    }
+}
+
+/// The receive-timeout tick for a deadline of `d`: a fraction of it, within 5 ms ..= 1 s.
+pub(crate) fn tick_for(d: Duration) -> Duration {
+    (d / 8).clamp(Duration::from_millis(5), Duration::from_secs(1))
+}
+
+/// Fills every byte of `parts` from `sock` with `readv`, advancing in place over partial
+/// reads. The socket is expected to have a receive timeout (`SO_RCVTIMEO`); each time it
+/// expires, and at most once per tick while data trickles in, `tick` is called and may
+/// abort the read by returning an error.
+pub(crate) fn read_exact_vectored<E>(
+    mut sock: &TcpStream,
+    parts: &mut [&mut [u8]],
+    ticker: &mut Ticker,
+    tick: &mut dyn FnMut() -> Result<(), E>,
+) -> Result<(), ReadError<E>> {
+    let mut got = 0;
+    let mut first = 0;
+    loop {
+        while first < parts.len() && parts[first].is_empty() {
+            first += 1;
+        }
+        if first == parts.len() {
+            return Ok(());
+        }
+        let res = {
+            let mut iov: Vec<IoSliceMut<'_>> = parts[first..]
+                .iter_mut()
+                .filter(|p| !p.is_empty())
+                .take(MAX_IOV)
+                .map(|p| IoSliceMut::new(p))
+                .collect();
+            sock.read_vectored(&mut iov)
+        };
+        let timed_out = match res {
+            Ok(0) => return Err(ReadError::Eof { got }),
+            Ok(n) => {
+                got += n;
+                advance_mut(&mut parts[first..], n);
+                false
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => false,
+            Err(e)
+                if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::TimedOut =>
+            {
+                true
+            }
+            Err(e) => return Err(ReadError::Io(e)),
+        };
+        if ticker.due(timed_out) {
+            tick().map_err(ReadError::Tick)?;
+        }
+    }
+}
+
+/// Moves the front of `parts` on by `n` bytes.
+fn advance_mut(parts: &mut [&mut [u8]], mut n: usize) {
+    for p in parts.iter_mut() {
+        if n == 0 {
+            return;
+        }
+        let k = p.len().min(n);
+        let whole = std::mem::take(p);
+        *p = &mut whole[k..];
+        n -= k;
+    }
+}
+
+/// Shuts both directions of a socket down, ignoring "not connected".
+pub(crate) fn shutdown(sock: &TcpStream) {
+    let _ = sock.shutdown(Shutdown::Both);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn advance_over_slices() {
+        let (a, b, c) = (*b"abc", *b"de", *b"fghi");
+        let mut parts: [&[u8]; 3] = [&a, &b, &c];
+        advance(&mut parts, 4);
+        assert_eq!(parts, [&b""[..], &b"e"[..], &b"fghi"[..]]);
+        advance(&mut parts, 3);
+        assert_eq!(parts[2], b"hi");
+        let mut x = *b"abcdef";
+        let (l, r) = x.split_at_mut(2);
+        let mut m: [&mut [u8]; 2] = [l, r];
+        advance_mut(&mut m, 3);
+        assert!(m[0].is_empty());
+        assert_eq!(&*m[1], b"def");
+    }
+
+    #[test]
+    fn vectored_round_trip_over_a_socket_pair() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let a = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (b, _) = l.accept().unwrap();
+        // Many parts, some empty, more than MAX_IOV of them, more bytes than a socket
+        // buffer holds (so both sides see partial transfers).
+        let data: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7 + i / 251) as u8).collect();
+        let writer = std::thread::spawn(move || {
+            let mut parts: Vec<&[u8]> = Vec::new();
+            let mut rest = &data[..];
+            let mut i = 0;
+            while !rest.is_empty() {
+                let n = rest.len().min(1 + (i * 37) % 4000);
+                parts.push(&rest[..n]);
+                if i % 5 == 0 {
+                    parts.push(&[]);
+                }
+                rest = &rest[n..];
+                i += 1;
+            }
+            assert!(parts.len() > MAX_IOV);
+            write_all_vectored(&a, &mut parts).unwrap();
+            data
+        });
+        b.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+        let mut out = vec![0u8; 3_000_000];
+        let mut parts: Vec<&mut [u8]> = out.chunks_mut(999).collect();
+        let mut ticker = Ticker::new(Duration::from_millis(50));
+        read_exact_vectored::<()>(&b, &mut parts, &mut ticker, &mut || Ok(())).unwrap();
+        let data = writer.join().unwrap();
+        assert!(out == data);
+        // End of stream mid-read reports how much arrived.
+        drop(writer);
+        let mut buf = [0u8; 8];
+        let mut parts: [&mut [u8]; 1] = [&mut buf];
+        match read_exact_vectored::<()>(&b, &mut parts, &mut ticker, &mut || Ok(())) {
+            Err(ReadError::Eof { got: 0 }) => {}
+            other => panic!("{other:?}"),
+        }
+    }
+}
