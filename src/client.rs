@@ -828,6 +828,23 @@ impl<T> Completion<T> {
         self.conclude()
     }
 
+    /// A completion whose result is passed through `f`.
+    pub fn map<U>(self, f: impl FnOnce(T) -> U + Send + 'static) -> Completion<U>
+    where
+        T: 'static,
+    {
+        let Completion {
+            parts,
+            done,
+            finish,
+        } = self;
+        Completion {
+            parts,
+            done,
+            finish: finish.map(|g| -> Finish<U> { Box::new(move |r| g(r).map(f)) }),
+        }
+    }
+
     /// True when every part has completed (waiting would not block).
     pub fn is_done(&self) -> bool {
         self.parts.iter().all(Pending::is_done)

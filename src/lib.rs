@@ -30,3 +30,6 @@ pub use client::{Client, Completion, File};
 pub use config::Config;
 pub use proto::{DirEntry, OpenFlags, Stat};
 pub use server::{Server, ServerHandle};
+
+#[cfg(feature = "testkit")]
+pub mod conformance;

@@ -39,6 +39,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// Accepts in-memory connections made with [`MemListener::connect`].
 pub struct MemListener {
+    name: String,
     pool: Pool,
     limits: Limits,
     tx: Mutex<Option<Sender<MemServerConn>>>,
@@ -49,7 +50,9 @@ impl MemListener {
     /// A listener whose server side takes payload buffers from `pool`.
     pub fn new(pool: Pool, limits: Limits) -> Arc<MemListener> {
         let (tx, rx) = channel();
+        static NEXT: AtomicU64 = AtomicU64::new(1);
         Arc::new(MemListener {
+            name: format!("127.0.0.1:{}", NEXT.fetch_add(1, Ordering::Relaxed)),
             pool,
             limits,
             tx: Mutex::new(Some(tx)),
@@ -92,7 +95,7 @@ impl Listener for MemListener {
         Ok(Ok(Box::new(c)))
     }
     fn local_addr(&self) -> String {
-        "mem".into()
+        self.name.clone()
     }
     fn shutdown(&self) {
         lock(&self.tx).take();
@@ -236,5 +239,64 @@ impl Replier for MemReplier {
     }
     fn close(&self) {
         self.link.fail_all("closed by server");
+    }
+}
+
+/// The in-memory test double as a [`Transport`]: `listen` creates a [`MemListener`] under a
+/// made-up address, `connect` finds it by that address. Not registered by any binary.
+#[derive(Default)]
+pub struct MemTransport {
+    listeners: Mutex<HashMap<String, std::sync::Weak<MemListener>>>,
+}
+
+impl MemTransport {
+    /// A new, empty transport.
+    pub fn new() -> Arc<MemTransport> {
+        Arc::new(MemTransport::default())
+    }
+}
+
+/// A listener handle that unregisters nothing but forwards to the shared listener.
+struct SharedListener(Arc<MemListener>);
+
+impl Listener for SharedListener {
+    fn accept(&self) -> Result<Result<Box<dyn ServerConn>>> {
+        self.0.accept()
+    }
+    fn local_addr(&self) -> String {
+        self.0.local_addr()
+    }
+    fn shutdown(&self) {
+        self.0.shutdown()
+    }
+}
+
+impl super::Transport for MemTransport {
+    fn name(&self) -> &'static str {
+        "mem"
+    }
+    fn check_available(&self, _: &crate::Config) -> Result<()> {
+        Ok(())
+    }
+    fn connect(&self, cfg: &crate::Config, pool: &Pool) -> Result<Box<dyn ClientConn>> {
+        let _ = pool;
+        let l = lock(&self.listeners)
+            .get(&cfg.client.connect)
+            .and_then(std::sync::Weak::upgrade)
+            .ok_or_else(|| Error::ConnectionClosed(format!("nothing listens at {}", cfg.client.connect)))?;
+        l.connect()
+    }
+    fn listen(&self, cfg: &crate::Config, pool: &Pool) -> Result<Box<dyn Listener>> {
+        let limits = Limits {
+            max_segments: cfg.limits.max_segments,
+            max_payload: cfg.limits.max_payload,
+            max_header: super::MAX_HEADER,
+            max_in_flight: cfg.limits.max_in_flight,
+            inline_threshold: 0,
+            rdma_payload: false,
+        };
+        let l = MemListener::new(pool.clone(), limits);
+        lock(&self.listeners).insert(l.local_addr(), Arc::downgrade(&l));
+        Ok(Box::new(SharedListener(l)))
     }
 }
