@@ -658,6 +658,86 @@ impl File {
         }))
     }
 
+    /// Starts a read at `offset` into the caller's own buffers (moved in for the duration,
+    /// filled directly by the transport, and handed back): the async `preadv`.
+    /// Completes with the bytes read and the buffers.
+    pub fn preadv_async(&self, bufs: Vec<Vec<u8>>, offset: u64) -> Result<Completion<(usize, Vec<Vec<u8>>)>> {
+        let l = self.limits();
+        let lens: Vec<usize> = bufs.iter().map(Vec::len).collect();
+        let groups = group_lens(&lens, l.max_segments, l.max_payload)?;
+        let mut it = bufs.into_iter();
+        let mut parts = Vec::with_capacity(groups.len());
+        let mut wants = Vec::with_capacity(groups.len());
+        let mut pos = offset;
+        for (count, want) in groups {
+            let recv = it.by_ref().take(count).map(RecvSeg::Owned).collect();
+            let req = Req::Read {
+                fh: self.fh,
+                offset: pos,
+                len: want as u32,
+            };
+            parts.push(self.client.start(&req, Vec::new(), recv)?);
+            wants.push((want, req));
+            pos += want as u64;
+        }
+        Ok(Completion::new(parts, move |replies| {
+            let mut back = Vec::new();
+            let mut results = Vec::with_capacity(wants.len());
+            for ((want, req), r) in wants.into_iter().zip(replies) {
+                match r {
+                    Ok(reply) => {
+                        results.push((want, read_len(&req, &reply)));
+                        back.extend(reply.recv.into_iter().filter_map(|s| match s {
+                            RecvSeg::Owned(v) => Some(v),
+                            _ => None,
+                        }));
+                    }
+                    Err(e) => results.push((want, Err(e))),
+                }
+            }
+            Ok((contiguous(results)?, back))
+        }))
+    }
+
+    /// Starts a write of the caller's own buffers at `offset` (moved in, sent directly,
+    /// handed back): the async `pwritev`.
+    pub fn pwritev_async(&self, bufs: Vec<Vec<u8>>, offset: u64) -> Result<Completion<(usize, Vec<Vec<u8>>)>> {
+        let l = self.limits();
+        let lens: Vec<usize> = bufs.iter().map(Vec::len).collect();
+        let groups = group_lens(&lens, l.max_segments, l.max_payload)?;
+        let mut it = bufs.into_iter();
+        let mut parts = Vec::with_capacity(groups.len());
+        let mut wants = Vec::with_capacity(groups.len());
+        let mut pos = offset;
+        for (count, want) in groups {
+            let send = it.by_ref().take(count).map(SendSeg::Owned).collect();
+            let req = Req::Write {
+                fh: self.fh,
+                offset: pos,
+            };
+            parts.push(self.client.start(&req, send, Vec::new())?);
+            wants.push((want, req));
+            pos += want as u64;
+        }
+        Ok(Completion::new(parts, move |replies| {
+            let mut back = Vec::new();
+            let mut results = Vec::with_capacity(wants.len());
+            for ((want, req), r) in wants.into_iter().zip(replies) {
+                match r {
+                    Ok(reply) => {
+                        results.push((want, write_len(&req, &reply)));
+                        back.extend(reply.send.into_iter().filter_map(|s| match s {
+                            SendSeg::Owned(v) => Some(v),
+                            _ => None,
+                        }));
+                    }
+                    Err(e) => results.push((want, Err(e))),
+                }
+            }
+            Ok((contiguous(results)?, back))
+        }))
+    }
+
     /// Starts a write of pool buffers at `offset`; completes with the bytes written and
     /// the buffers (to reuse).
     pub fn zero_writev_async(
@@ -760,34 +840,40 @@ impl Drop for File {
     }
 }
 
-/// Groups whole buffers into requests within the limits.
-fn group_buffers(
-    bufs: Vec<IobufMut>,
-    max_segments: usize,
-    max_payload: usize,
-) -> Result<Vec<Vec<IobufMut>>> {
-    let mut out: Vec<Vec<IobufMut>> = Vec::new();
-    let mut cur: Vec<IobufMut> = Vec::new();
-    let mut bytes = 0;
-    for b in bufs {
-        if b.len() > max_payload {
+/// Groups whole buffers of the given lengths into requests within the limits: returns
+/// `(buffers, bytes)` per request.
+fn group_lens(lens: &[usize], max_segments: usize, max_payload: usize) -> Result<Vec<(usize, usize)>> {
+    let mut out = Vec::new();
+    let (mut count, mut bytes) = (0usize, 0usize);
+    for &len in lens {
+        if len > max_payload {
             return Err(Error::LimitExceeded {
-                what: "one pool buffer's length",
-                value: b.len() as u64,
+                what: "one buffer's length",
+                value: len as u64,
                 limit: max_payload as u64,
             });
         }
-        if cur.len() == max_segments || bytes + b.len() > max_payload {
-            out.push(std::mem::take(&mut cur));
-            bytes = 0;
+        if count == max_segments || bytes + len > max_payload {
+            out.push((count, bytes));
+            (count, bytes) = (0, 0);
         }
-        bytes += b.len();
-        cur.push(b);
+        count += 1;
+        bytes += len;
     }
-    if !cur.is_empty() {
-        out.push(cur);
+    if count > 0 {
+        out.push((count, bytes));
     }
     Ok(out)
+}
+
+/// Groups whole pool buffers into requests within the limits.
+fn group_buffers(bufs: Vec<IobufMut>, max_segments: usize, max_payload: usize) -> Result<Vec<Vec<IobufMut>>> {
+    let lens: Vec<usize> = bufs.iter().map(|b| b.len()).collect();
+    let mut it = bufs.into_iter();
+    Ok(group_lens(&lens, max_segments, max_payload)?
+        .into_iter()
+        .map(|(count, _)| it.by_ref().take(count).collect())
+        .collect())
 }
 
 type Finish<T> = Box<dyn FnOnce(Vec<Result<Reply>>) -> Result<T> + Send>;

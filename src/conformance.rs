@@ -290,6 +290,28 @@ pub fn async_in_flight(t: Arc<dyn Transport>) {
     for (i, p) in pending.into_iter().enumerate() {
         assert!(p.wait().unwrap().to_vec() == data[i * 65536..(i + 1) * 65536]);
     }
+    // The async preadv into the caller's own memory: 32 x (4 x 16 KiB).
+    let pending: Vec<_> = (0..32)
+        .map(|i| f.preadv_async(vec![vec![0u8; 16384]; 4], i as u64 * 65536).unwrap())
+        .collect();
+    for (i, p) in pending.into_iter().enumerate() {
+        let (n, bufs) = p.wait().unwrap();
+        assert_eq!((n, bufs.len()), (65536, 4));
+        assert!(bufs.concat() == data[i * 65536..(i + 1) * 65536], "preadv_async {i}");
+    }
+    // The async pwritev from the caller's own memory, then back to the original.
+    let pending: Vec<_> = (0..32)
+        .map(|i| {
+            let chunk = data[i * 65536..(i + 1) * 65536].to_vec();
+            let bufs = chunk.chunks(8192).map(<[u8]>::to_vec).collect();
+            f.pwritev_async(bufs, i as u64 * 65536).unwrap()
+        })
+        .collect();
+    for p in pending {
+        let (n, bufs) = p.wait().unwrap();
+        assert_eq!((n, bufs.len()), (65536, 8));
+    }
+    assert!(std::fs::read(h.path("a")).unwrap() == data);
     // 32 writes in flight, then verify.
     let new = pattern(5, 32 * 65536);
     let pending: Vec<_> = (0..32)

@@ -119,6 +119,9 @@ pub enum SendSeg {
     PoolMut(IobufMut),
     /// Borrowed memory.
     Raw(RawSeg),
+    /// Caller heap memory the request owns (returned with the reply). Not registered:
+    /// RDMA registers or bounces it by its documented rule.
+    Owned(Vec<u8>),
 }
 
 impl SendSeg {
@@ -128,6 +131,7 @@ impl SendSeg {
             SendSeg::Pool(b) => b,
             SendSeg::PoolMut(b) => b,
             SendSeg::Raw(r) => r.as_slice(),
+            SendSeg::Owned(v) => v,
         }
     }
 
@@ -147,6 +151,7 @@ impl SendSeg {
             SendSeg::Pool(b) => b.keys(id).map(SegKeys::from),
             SendSeg::PoolMut(b) => b.keys(id).map(SegKeys::from),
             SendSeg::Raw(r) => r.keys(id),
+            SendSeg::Owned(_) => None,
         }
     }
 }
@@ -158,6 +163,8 @@ pub enum RecvSeg {
     Pool(IobufMut),
     /// Borrowed memory.
     Raw(RawSeg),
+    /// Caller heap memory the request owns (returned, filled, with the reply).
+    Owned(Vec<u8>),
 }
 
 impl RecvSeg {
@@ -166,6 +173,7 @@ impl RecvSeg {
         match self {
             RecvSeg::Pool(b) => b,
             RecvSeg::Raw(r) => r.as_mut_slice(),
+            RecvSeg::Owned(v) => v,
         }
     }
 
@@ -179,6 +187,7 @@ impl RecvSeg {
         match self {
             RecvSeg::Pool(b) => b.len(),
             RecvSeg::Raw(r) => r.len(),
+            RecvSeg::Owned(v) => v.len(),
         }
     }
 
@@ -192,6 +201,7 @@ impl RecvSeg {
         match self {
             RecvSeg::Pool(b) => b.keys(id).map(SegKeys::from),
             RecvSeg::Raw(r) => r.keys(id),
+            RecvSeg::Owned(_) => None,
         }
     }
 }
