@@ -1,2 +1,334 @@
-//! The zcio command (work in progress).
-fn main() {}
+//! The `zcio` command: serve an export, benchmark a server, copy files, list RDMA devices.
+//!
+//! `zcio bench` with no `--server` starts an embedded server on 127.0.0.1 over a temporary
+//! export, so `cargo run --release -p zcio-cli -- bench` measures the whole stack on this
+//! machine with nothing else installed.
+
+mod baseline;
+mod bench;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use zcio::transport::Registry;
+use zcio::{Client, Config, OpenFlags, Server};
+
+/// Zero-copy file I/O over TCP and RDMA verbs.
+#[derive(Parser, Debug)]
+#[command(name = "zcio", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+/// Options every command that builds a configuration shares.
+#[derive(Args, Debug, Clone, Default)]
+pub(crate) struct Common {
+    /// TOML configuration file (every key is documented in the README).
+    #[arg(long, short = 'c', value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Transport: tcp or rdma (overrides `transport` in the file).
+    #[arg(long, short = 't', value_name = "NAME")]
+    transport: Option<String>,
+    /// Shared authentication token (overrides server.token and client.token).
+    #[arg(long, value_name = "TOKEN", env = "ZCIO_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Any configuration key, e.g. `--set rdma.device=rxe0` (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+}
+
+impl Common {
+    fn load(&self) -> Result<Config, zcio::Error> {
+        let mut overrides = self.set.clone();
+        if let Some(t) = &self.transport {
+            overrides.push(format!("transport={}", toml_str(t)));
+        }
+        if let Some(t) = &self.token {
+            overrides.push(format!("server.token={}", toml_str(t)));
+            overrides.push(format!("client.token={}", toml_str(t)));
+        }
+        match &self.config {
+            Some(p) => Config::from_file_with(p, &overrides),
+            None => Config::parse_with("", "<defaults>", &overrides),
+        }
+    }
+}
+
+pub(crate) fn toml_str(s: &str) -> String {
+    let mut out = String::from("\"");
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if c.is_control() => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Serve a directory.
+    Serve {
+        /// The directory to export (confined: nothing outside it is reachable).
+        #[arg(long, value_name = "DIR")]
+        export: Option<PathBuf>,
+        /// Address to listen on (default 127.0.0.1:7700).
+        #[arg(long, value_name = "ADDR")]
+        listen: Option<String>,
+        /// Refuse every modification.
+        #[arg(long)]
+        read_only: bool,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Benchmark: a fio-like load generator against a server (embedded by default).
+    Bench(Box<bench::BenchArgs>),
+    /// Copy a file from a server to a local path.
+    Get {
+        /// Server address.
+        addr: String,
+        /// Path on the server (relative to its export).
+        path: String,
+        /// Local destination.
+        local: PathBuf,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Copy a local file to a server.
+    Put {
+        /// Local source.
+        local: PathBuf,
+        /// Server address.
+        addr: String,
+        /// Path on the server (relative to its export).
+        path: String,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// List RDMA devices, ports, states and GIDs, or say why there are none.
+    Devices,
+    /// Print the effective configuration (defaults, file and flags merged) as TOML.
+    Config {
+        #[command(flatten)]
+        common: Common,
+    },
+}
+
+/// The transports this binary was built with.
+pub(crate) fn registry() -> Registry {
+    let mut r = Registry::new();
+    zcio_tcp::register(&mut r);
+    #[cfg(feature = "rdma")]
+    zcio_rdma::register(&mut r);
+    #[cfg(not(feature = "rdma"))]
+    r.register_missing(
+        "rdma",
+        "this zcio binary was built without RDMA support",
+        "rebuild it with `cargo build --release --features rdma` (needs cmake and libclang-dev; \
+         ci/setup installs them)",
+    );
+    r
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("ZCIO_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("zcio: error: {e}");
+            let mut src = std::error::Error::source(&*e);
+            while let Some(s) = src {
+                eprintln!("  caused by: {s}");
+                src = s.source();
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+pub(crate) type AnyResult<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
+
+fn run(cli: Cli) -> AnyResult<()> {
+    match cli.cmd {
+        Cmd::Serve {
+            export,
+            listen,
+            read_only,
+            common,
+        } => {
+            let mut cfg = common.load()?;
+            if let Some(e) = export {
+                cfg.server.export = e;
+            }
+            if let Some(l) = listen {
+                cfg = cfg.with_override(&format!("server.listen={}", toml_str(&l)))?;
+            }
+            cfg.server.read_only |= read_only;
+            let server = Server::bind(&cfg, &registry())?;
+            eprintln!(
+                "zcio: serving {} over {} on {}{}",
+                cfg.server.export.display(),
+                cfg.transport,
+                server.local_addr(),
+                if cfg.server.read_only { " (read-only)" } else { "" }
+            );
+            server.serve()?;
+            Ok(())
+        }
+        Cmd::Bench(args) => bench::run(*args),
+        Cmd::Get {
+            addr,
+            path,
+            local,
+            common,
+        } => {
+            let c = connect(&common, &addr)?;
+            copy_get(&c, &path, &local)
+        }
+        Cmd::Put {
+            local,
+            addr,
+            path,
+            common,
+        } => {
+            let c = connect(&common, &addr)?;
+            copy_put(&c, &local, &path)
+        }
+        Cmd::Devices => devices(),
+        Cmd::Config { common } => {
+            print!("{}", common.load()?.to_toml());
+            Ok(())
+        }
+    }
+}
+
+fn connect(common: &Common, addr: &str) -> AnyResult<Client> {
+    let cfg = common
+        .load()?
+        .with_override(&format!("client.connect={}", toml_str(addr)))?;
+    Ok(Client::connect_with(&cfg, &registry())?)
+}
+
+/// Copies in chunks of the negotiated payload size, several in flight, into pool buffers
+/// that go straight to the local file.
+fn copy_get(c: &Client, path: &str, local: &std::path::Path) -> AnyResult<()> {
+    use std::io::Write;
+    let f = c.open(path, OpenFlags::READ)?;
+    let size = f.stat()?.size;
+    let chunk = c.limits().max_payload.min(1 << 20) as u64;
+    let mut out = std::fs::File::create(local)
+        .map_err(|e| format!("create {}: {e}", local.display()))?;
+    let depth = 8u64;
+    let mut inflight = std::collections::VecDeque::new();
+    let mut next = 0u64;
+    let mut written = 0u64;
+    while written < size {
+        while next < size && (inflight.len() as u64) < depth {
+            let n = chunk.min(size - next) as usize;
+            inflight.push_back(f.zero_readv_async(n, next)?);
+            next += n as u64;
+        }
+        let Some(p) = inflight.pop_front() else { break };
+        let bufs = p.wait()?;
+        if bufs.total_len() == 0 {
+            break;
+        }
+        let iov: Vec<std::io::IoSlice<'_>> = bufs.buffers().iter().map(|b| std::io::IoSlice::new(b)).collect();
+        let mut iov = iov;
+        let mut slices = &mut iov[..];
+        while !slices.is_empty() {
+            let n = out.write_vectored(slices)?;
+            if n == 0 {
+                return Err("local write made no progress".into());
+            }
+            std::io::IoSlice::advance_slices(&mut slices, n);
+        }
+        written += bufs.total_len() as u64;
+    }
+    out.sync_all()?;
+    let got = std::fs::metadata(local)?.len();
+    if got != size {
+        return Err(format!("length check failed: server has {size} bytes, {} has {got}", local.display()).into());
+    }
+    eprintln!("zcio: got {path} -> {} ({size} bytes)", local.display());
+    Ok(())
+}
+
+fn copy_put(c: &Client, local: &std::path::Path, path: &str) -> AnyResult<()> {
+    use std::io::Read;
+    let mut src = std::fs::File::open(local).map_err(|e| format!("open {}: {e}", local.display()))?;
+    let size = src.metadata()?.len();
+    let f = c.open(path, OpenFlags::WRITE | OpenFlags::CREATE | OpenFlags::TRUNCATE)?;
+    let chunk = c.limits().max_payload.min(1 << 20);
+    let mut off = 0u64;
+    let mut inflight = std::collections::VecDeque::new();
+    loop {
+        let mut bufs = c.pool().get_span(chunk)?;
+        let mut n = 0;
+        for b in bufs.buffers_mut() {
+            let mut filled = 0;
+            while filled < b.len() {
+                let k = src.read(&mut b[filled..])?;
+                if k == 0 {
+                    break;
+                }
+                filled += k;
+            }
+            b.set_len(filled);
+            n += filled;
+            if filled == 0 {
+                break;
+            }
+        }
+        if n == 0 {
+            break;
+        }
+        let bufs = zcio::Iobref::from(bufs.into_iter().filter(|b| !b.is_empty()).collect::<Vec<_>>());
+        inflight.push_back((n, f.zero_writev_async(bufs, off)?));
+        off += n as u64;
+        if inflight.len() >= 8 {
+            let (want, p) = inflight.pop_front().ok_or("empty queue")?;
+            let (wrote, _) = p.wait()?;
+            if wrote != want {
+                return Err(format!("short write: {wrote} of {want}").into());
+            }
+        }
+    }
+    for (want, p) in inflight {
+        let (wrote, _) = p.wait()?;
+        if wrote != want {
+            return Err(format!("short write: {wrote} of {want}").into());
+        }
+    }
+    f.fsync()?;
+    let remote = f.stat()?.size;
+    if remote != size {
+        return Err(format!("length check failed: {} has {size} bytes, server has {remote}", local.display()).into());
+    }
+    eprintln!("zcio: put {} -> {path} ({size} bytes)", local.display());
+    Ok(())
+}
+
+fn devices() -> AnyResult<()> {
+    match zcio_rdma::devices::list_devices() {
+        Ok(devs) => {
+            for d in devs {
+                println!("{d}");
+            }
+            Ok(())
+        }
+        Err(e) => Err(Box::new(e)),
+    }
+}

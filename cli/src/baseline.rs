@@ -1,0 +1,99 @@
+//! Raw-socket baselines on loopback, measured in the same process as `zcio bench`.
+//!
+//! - `tcp_stream`: one thread writes `bs`-byte chunks into a TCP socket as fast as it can,
+//!   another reads them into one buffer: the most a byte stream can carry here.
+//! - `tcp_pingpong`: a 32-byte request answered by a `bs`-byte reply, one at a time: the
+//!   least a request/response round trip can cost here.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::bench::Run;
+use crate::AnyResult;
+
+fn pair() -> AnyResult<(TcpStream, TcpStream)> {
+    let l = TcpListener::bind("127.0.0.1:0")?;
+    let c = TcpStream::connect(l.local_addr()?)?;
+    let (s, _) = l.accept()?;
+    c.set_nodelay(true)?;
+    s.set_nodelay(true)?;
+    Ok((c, s))
+}
+
+/// Streams `bs`-byte chunks for `runtime`.
+pub(crate) fn tcp_stream(bs: usize, runtime: Duration, label: &str) -> AnyResult<Run> {
+    let (mut rx, mut tx) = pair()?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let stop2 = stop.clone();
+    let writer = std::thread::spawn(move || {
+        let buf = vec![7u8; bs];
+        while !stop2.load(Ordering::Relaxed) {
+            if tx.write_all(&buf).is_err() {
+                break;
+            }
+        }
+    });
+    let mut buf = vec![0u8; bs];
+    let mut bytes = 0u64;
+    let mut ops = 0u64;
+    let mut lat = Vec::new();
+    let t0 = Instant::now();
+    while t0.elapsed() < runtime {
+        let t = Instant::now();
+        rx.read_exact(&mut buf)?;
+        lat.push(t.elapsed().as_nanos() as u64);
+        bytes += bs as u64;
+        ops += 1;
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    stop.store(true, Ordering::Relaxed);
+    drop(rx);
+    let _ = writer.join();
+    lat.sort_unstable();
+    Ok(Run {
+        label: label.into(),
+        bytes,
+        ops,
+        secs,
+        lat,
+    })
+}
+
+/// Request/response round trips of a 32-byte request and a `bs`-byte reply.
+pub(crate) fn tcp_pingpong(bs: usize, runtime: Duration, label: &str) -> AnyResult<Run> {
+    let (mut c, mut s) = pair()?;
+    let server = std::thread::spawn(move || {
+        let mut req = [0u8; 32];
+        let reply = vec![9u8; bs];
+        while s.read_exact(&mut req).is_ok() {
+            if s.write_all(&reply).is_err() {
+                break;
+            }
+        }
+    });
+    let req = [1u8; 32];
+    let mut buf = vec![0u8; bs];
+    let mut lat = Vec::new();
+    let t0 = Instant::now();
+    while t0.elapsed() < runtime {
+        let t = Instant::now();
+        c.write_all(&req)?;
+        c.read_exact(&mut buf)?;
+        lat.push(t.elapsed().as_nanos() as u64);
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    drop(c);
+    let _ = server.join();
+    lat.sort_unstable();
+    let ops = lat.len() as u64;
+    Ok(Run {
+        label: label.into(),
+        bytes: ops * bs as u64,
+        ops,
+        secs,
+        lat,
+    })
+}

@@ -1,0 +1,771 @@
+//! `zcio bench`: a fio-like load generator.
+//!
+//! Each job is one client connection keeping `--iodepth` operations in flight with the
+//! async API. An operation moves `--bs` bytes shaped as `--segments` equal iovec segments,
+//! in one of four modes:
+//! - `zero-copy`: pool buffers the transport fills or drains (`read_into_async`,
+//!   `zero_writev_async`);
+//! - `direct`: the caller's own iovecs, filled or drained directly by the transport
+//!   (`preadv_async`, `pwritev_async`);
+//! - `bounce`: payload lands in pool buffers and is copied into the caller's iovecs (or
+//!   copied out of them before sending): the picture before GlusterFS's 2013 patch;
+//! - `per-segment`: one request per iovec segment: the picture before the FUSE 2012 patch.
+//!
+//! Several modes (comma separated) and `--repeat N` interleave runs in one process, so
+//! figures are compared side by side; the summary gives medians and ratios to the first
+//! mode. `--baseline tcp-stream,tcp-pingpong` adds raw-socket baselines to the same run.
+
+use std::collections::VecDeque;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::{Args, ValueEnum};
+use rand::Rng;
+use zcio::{Client, Completion, Config, File, Iobref, OpenFlags, Server};
+
+use crate::baseline;
+use crate::{registry, toml_str, AnyResult, Common};
+
+/// Read or write, sequential or random.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Rw {
+    /// Sequential reads.
+    Read,
+    /// Sequential writes.
+    Write,
+    /// Random reads.
+    Randread,
+    /// Random writes.
+    Randwrite,
+}
+
+impl Rw {
+    fn is_read(self) -> bool {
+        matches!(self, Rw::Read | Rw::Randread)
+    }
+    fn is_random(self) -> bool {
+        matches!(self, Rw::Randread | Rw::Randwrite)
+    }
+}
+
+/// How payload reaches the application.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Mode {
+    /// Pool buffers filled or drained by the transport.
+    ZeroCopy,
+    /// The caller's own iovecs, filled or drained by the transport.
+    Direct,
+    /// Pool buffers plus a copy to or from the caller's iovecs.
+    Bounce,
+    /// One request per iovec segment.
+    PerSegment,
+}
+
+impl Mode {
+    fn name(self) -> &'static str {
+        match self {
+            Mode::ZeroCopy => "zero-copy",
+            Mode::Direct => "direct",
+            Mode::Bounce => "bounce",
+            Mode::PerSegment => "per-segment",
+        }
+    }
+}
+
+/// Raw-socket baselines run in the same process.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Baseline {
+    /// A raw TCP stream on loopback: one side writes `bs` chunks, the other reads them.
+    TcpStream,
+    /// A raw TCP ping-pong: a 32-byte request, a `bs` reply, one at a time.
+    TcpPingpong,
+}
+
+/// `zcio bench` options.
+#[derive(Args, Debug)]
+pub(crate) struct BenchArgs {
+    /// Server address; without it an embedded server runs on 127.0.0.1 over a
+    /// temporary export.
+    #[arg(long, value_name = "ADDR")]
+    server: Option<String>,
+    /// Workload.
+    #[arg(long, value_enum, default_value = "read")]
+    rw: Rw,
+    /// Bytes per operation.
+    #[arg(long, default_value = "128K", value_parser = size_arg)]
+    bs: usize,
+    /// Operations in flight per job.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    iodepth: u32,
+    /// Size of each file.
+    #[arg(long, default_value = "64M", value_parser = size_arg)]
+    size: usize,
+    /// Number of files (jobs spread over them).
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    files: u32,
+    /// Jobs: client connections, each on its own thread.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=256))]
+    jobs: u32,
+    /// Iovec shape: N segments of bs/N bytes.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    segments: u32,
+    /// Modes to compare, comma separated; the first is the reference for ratios.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "zero-copy")]
+    mode: Vec<Mode>,
+    /// Run time of each measurement.
+    #[arg(long, default_value = "5s", value_parser = duration_arg)]
+    runtime: Duration,
+    /// Measurements per mode (interleaved); the summary reports medians.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=100))]
+    repeat: u32,
+    /// Check every byte read (and, after write runs, every byte of the files).
+    #[arg(long)]
+    verify: bool,
+    /// Print the results as JSON on stdout.
+    #[arg(long)]
+    json: bool,
+    /// Raw-socket baselines to run alongside, comma separated.
+    #[arg(long, value_enum, value_delimiter = ',')]
+    baseline: Vec<Baseline>,
+    /// Export directory of the embedded server (default: a temporary directory in $TMPDIR).
+    #[arg(long, value_name = "DIR")]
+    export: Option<PathBuf>,
+    #[command(flatten)]
+    common: Common,
+}
+
+fn size_arg(s: &str) -> Result<usize, String> {
+    zcio::config::parse_size("--size", s).map_err(|e| e.to_string())
+}
+
+fn duration_arg(s: &str) -> Result<Duration, String> {
+    let t = s.trim();
+    let (num, mult) = if let Some(v) = t.strip_suffix("ms") {
+        (v, 0.001)
+    } else if let Some(v) = t.strip_suffix('s') {
+        (v, 1.0)
+    } else if let Some(v) = t.strip_suffix('m') {
+        (v, 60.0)
+    } else {
+        (t, 1.0)
+    };
+    let v: f64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{s}`: expected a duration like 500ms, 10s or 2m"))?;
+    if !(v > 0.0 && v * mult <= 86_400.0) {
+        return Err(format!("`{s}`: must be between 1ms and 24h"));
+    }
+    Ok(Duration::from_secs_f64(v * mult))
+}
+
+/// One measurement.
+#[derive(Clone, Debug)]
+pub(crate) struct Run {
+    pub(crate) label: String,
+    pub(crate) bytes: u64,
+    pub(crate) ops: u64,
+    pub(crate) secs: f64,
+    /// Operation latencies in nanoseconds, sorted.
+    pub(crate) lat: Vec<u64>,
+}
+
+impl Run {
+    pub(crate) fn mbps(&self) -> f64 {
+        self.bytes as f64 / self.secs / 1e6
+    }
+    pub(crate) fn iops(&self) -> f64 {
+        self.ops as f64 / self.secs
+    }
+    pub(crate) fn pct(&self, p: f64) -> f64 {
+        if self.lat.is_empty() {
+            return 0.0;
+        }
+        let i = ((self.lat.len() as f64 * p / 100.0).ceil() as usize).clamp(1, self.lat.len()) - 1;
+        self.lat[i] as f64 / 1000.0
+    }
+    fn line(&self) -> String {
+        format!(
+            "{:<28} {:>9.1} MB/s {:>9.0} IOPS  lat us p50 {:>8.1} p99 {:>8.1} p99.9 {:>8.1}",
+            self.label,
+            self.mbps(),
+            self.iops(),
+            self.pct(50.0),
+            self.pct(99.0),
+            self.pct(99.9)
+        )
+    }
+}
+
+/// The byte at `off` of bench file `file`: cheap to make and to check.
+fn pattern_fill(buf: &mut [u8], file: u32, off: u64) {
+    for (i, b) in buf.iter_mut().enumerate() {
+        let o = off + i as u64;
+        *b = (o as u8) ^ ((o >> 8) as u8).wrapping_mul(31) ^ (file as u8).wrapping_mul(101);
+    }
+}
+
+fn pattern_check(buf: &[u8], file: u32, off: u64) -> Result<(), String> {
+    for (i, &b) in buf.iter().enumerate() {
+        let o = off + i as u64;
+        let want = (o as u8) ^ ((o >> 8) as u8).wrapping_mul(31) ^ (file as u8).wrapping_mul(101);
+        if b != want {
+            return Err(format!("file {file} offset {o}: read {b:#04x}, expected {want:#04x}"));
+        }
+    }
+    Ok(())
+}
+
+fn file_name(i: u32) -> String {
+    format!("zcio-bench.{i}")
+}
+
+pub(crate) fn run(a: BenchArgs) -> AnyResult<()> {
+    if a.bs == 0 || a.bs % a.segments as usize != 0 {
+        return Err(format!("--bs {} must be a non-zero multiple of --segments {}", a.bs, a.segments).into());
+    }
+    if a.size < a.bs {
+        return Err(format!("--size {} is smaller than --bs {}", a.size, a.bs).into());
+    }
+    let mut cfg = a.common.load()?;
+    let reg = registry();
+    // The embedded server, unless one was named.
+    let mut _embedded = None;
+    let _tmp;
+    match &a.server {
+        Some(addr) => cfg = cfg.with_override(&format!("client.connect={}", toml_str(addr)))?,
+        None => {
+            let export = match &a.export {
+                Some(d) => d.clone(),
+                None => {
+                    let t = tempfile::Builder::new().prefix("zcio-bench-").tempdir()?;
+                    let p = t.path().to_path_buf();
+                    _tmp = t;
+                    p
+                }
+            };
+            cfg.server.export = export;
+            cfg.server.listen = "127.0.0.1:0".into();
+            // Enough in flight for every job's iodepth (x segments in per-segment mode).
+            let need = (a.iodepth * a.segments.max(1)) as usize + 8;
+            cfg.server.max_in_flight = cfg.server.max_in_flight.max(need);
+            let server = Server::bind(&cfg, &reg)?.spawn()?;
+            cfg.client.connect = server.local_addr().to_string();
+            _embedded = Some(server);
+        }
+    }
+    cfg.limits.max_in_flight = cfg.limits.max_in_flight.max((a.iodepth * a.segments) as usize + 8);
+    let t = reg.get(&cfg.transport, &cfg)?;
+    // One client pool shared by every job, as an application would.
+    let client_pool = zcio::Pool::new(&cfg.pool)?;
+    let connect = |cfg: &Config| -> AnyResult<Client> {
+        Ok(Client::connect_transport(cfg, t.as_ref(), client_pool.clone())?)
+    };
+    let setup = connect(&cfg)?;
+    eprintln!(
+        "zcio bench: {} over {} to {}{}: {:?} bs={} x{} segments iodepth={} jobs={} files={}x{}",
+        if a.verify { "verified " } else { "" },
+        cfg.transport,
+        cfg.client.connect,
+        if a.server.is_none() { " (embedded server)" } else { "" },
+        a.rw,
+        zcio::pool::human_size(a.bs),
+        a.segments,
+        a.iodepth,
+        a.jobs,
+        a.files,
+        zcio::pool::human_size(a.size),
+    );
+    prepare_files(&setup, &a)?;
+
+    let mut runs: Vec<(String, Vec<Run>)> = a
+        .mode
+        .iter()
+        .map(|m| (m.name().to_string(), Vec::new()))
+        .chain(a.baseline.iter().map(|b| (baseline_name(*b).to_string(), Vec::new())))
+        .collect();
+    for r in 0..a.repeat {
+        for (k, m) in a.mode.iter().enumerate() {
+            let label = format!("{} #{}", m.name(), r + 1);
+            let run = measure(&a, &cfg, &connect, *m, &label)?;
+            eprintln!("{}", run.line());
+            runs[k].1.push(run);
+        }
+        for (k, b) in a.baseline.iter().enumerate() {
+            let label = format!("{} #{}", baseline_name(*b), r + 1);
+            let run = match b {
+                Baseline::TcpStream => baseline::tcp_stream(a.bs, a.runtime, &label)?,
+                Baseline::TcpPingpong => baseline::tcp_pingpong(a.bs, a.runtime, &label)?,
+            };
+            eprintln!("{}", run.line());
+            runs[a.mode.len() + k].1.push(run);
+        }
+    }
+    if a.verify && !a.rw.is_read() {
+        verify_files(&setup, &a)?;
+        eprintln!("verify: every byte of {} files checked", a.files);
+    }
+    let client_stats = client_pool.stats();
+    let server_stats = _embedded.as_ref().map(|s| s.pool().stats());
+    report(&a, &runs, &client_stats, server_stats.as_ref());
+    Ok(())
+}
+
+fn baseline_name(b: Baseline) -> &'static str {
+    match b {
+        Baseline::TcpStream => "raw-tcp-stream",
+        Baseline::TcpPingpong => "raw-tcp-pingpong",
+    }
+}
+
+/// Makes sure every bench file exists with its pattern (reusing files of the right size).
+fn prepare_files(c: &Client, a: &BenchArgs) -> AnyResult<()> {
+    let chunk = c.limits().max_payload.min(1 << 20);
+    for i in 0..a.files {
+        let name = file_name(i);
+        if let Ok(st) = c.stat(&name) {
+            if st.size == a.size as u64 {
+                continue;
+            }
+        }
+        let f = c.open(&name, OpenFlags::rw() | OpenFlags::CREATE | OpenFlags::TRUNCATE)?;
+        let mut off = 0usize;
+        let mut inflight = VecDeque::new();
+        while off < a.size {
+            let n = chunk.min(a.size - off);
+            let mut bufs = c.pool().get_span(n)?;
+            let mut o = off as u64;
+            for b in bufs.buffers_mut() {
+                pattern_fill(b, i, o);
+                o += b.len() as u64;
+            }
+            inflight.push_back(f.zero_writev_async(bufs, off as u64)?);
+            if inflight.len() >= 8 {
+                inflight.pop_front().ok_or("queue")?.wait()?;
+            }
+            off += n;
+        }
+        for p in inflight {
+            p.wait()?;
+        }
+        f.fsync()?;
+    }
+    Ok(())
+}
+
+fn verify_files(c: &Client, a: &BenchArgs) -> AnyResult<()> {
+    for i in 0..a.files {
+        let f = c.open(&file_name(i), OpenFlags::READ)?;
+        let mut off = 0u64;
+        while off < a.size as u64 {
+            let n = (1usize << 20).min(a.size - off as usize);
+            let bufs = f.zero_readv(n, off)?;
+            if bufs.total_len() != n {
+                return Err(format!("file {i} short at {off}").into());
+            }
+            let mut o = off;
+            for b in bufs.buffers() {
+                pattern_check(b, i, o)?;
+                o += b.len() as u64;
+            }
+            off += n as u64;
+        }
+    }
+    Ok(())
+}
+
+enum Op {
+    Pool(Completion<Iobref>),
+    Vecs(Completion<(usize, Vec<Vec<u8>>)>),
+    PoolWrite(Completion<(usize, Iobref)>),
+    Group(Vec<Completion<(usize, Vec<Vec<u8>>)>>),
+}
+
+struct InFlight {
+    op: Op,
+    start: Instant,
+    file: u32,
+    off: u64,
+}
+
+/// One job: a connection keeping `iodepth` operations in flight until `stop`.
+struct Job<'a> {
+    a: &'a BenchArgs,
+    mode: Mode,
+    files: Vec<File>,
+    file_ids: Vec<u32>,
+    client: Client,
+    seg: usize,
+    /// Caller-owned iovec sets to reuse (direct, bounce, per-segment).
+    spare: Vec<Vec<Vec<u8>>>,
+    cursor: u64,
+    rng: rand::rngs::ThreadRng,
+    lat: Vec<u64>,
+    bytes: u64,
+    ops: u64,
+}
+
+impl Job<'_> {
+    fn iovecs(&mut self) -> Vec<Vec<u8>> {
+        self.spare
+            .pop()
+            .unwrap_or_else(|| vec![vec![0u8; self.seg]; self.a.segments as usize])
+    }
+
+    fn next_pos(&mut self) -> (usize, u64) {
+        let bs = self.a.bs as u64;
+        let blocks = (self.a.size as u64 / bs).max(1);
+        let k = if self.a.rw.is_random() {
+            self.rng.gen_range(0..blocks * self.files.len() as u64)
+        } else {
+            let k = self.cursor;
+            self.cursor = (self.cursor + 1) % (blocks * self.files.len() as u64);
+            k
+        };
+        ((k % self.files.len() as u64) as usize, (k / self.files.len() as u64) * bs)
+    }
+
+    fn submit(&mut self) -> AnyResult<InFlight> {
+        let (fi, off) = self.next_pos();
+        let file = self.file_ids[fi];
+        let start = Instant::now();
+        let seg = self.seg;
+        let n = self.a.segments as usize;
+        let read = self.a.rw.is_read();
+        let verify = self.a.verify;
+        let op = match (self.mode, read) {
+            (Mode::ZeroCopy | Mode::Bounce, true) => {
+                let bufs = self.client.get_buffers(seg, n)?;
+                Op::Pool(self.files[fi].read_into_async(bufs, off)?)
+            }
+            (Mode::Direct, true) => {
+                let v = self.iovecs();
+                Op::Vecs(self.files[fi].preadv_async(v, off)?)
+            }
+            (Mode::PerSegment, true) => {
+                let mut g = Vec::with_capacity(n);
+                for k in 0..n {
+                    let v = self.spare.pop().unwrap_or_else(|| vec![vec![0u8; seg]]);
+                    g.push(self.files[fi].preadv_async(v, off + (k * seg) as u64)?);
+                }
+                Op::Group(g)
+            }
+            (Mode::ZeroCopy, false) => {
+                let mut bufs = self.client.get_buffers(seg, n)?;
+                if verify {
+                    let mut o = off;
+                    for b in bufs.buffers_mut() {
+                        pattern_fill(b, file, o);
+                        o += b.len() as u64;
+                    }
+                }
+                Op::PoolWrite(self.files[fi].zero_writev_async(bufs, off)?)
+            }
+            (Mode::Direct, false) => {
+                let mut v = self.iovecs();
+                if verify {
+                    let mut o = off;
+                    for b in &mut v {
+                        pattern_fill(b, file, o);
+                        o += b.len() as u64;
+                    }
+                }
+                Op::Vecs(self.files[fi].pwritev_async(v, off)?)
+            }
+            (Mode::Bounce, false) => {
+                // The application's data is in its own iovecs; bounce copies it into pool
+                // buffers before sending.
+                let mut v = self.iovecs();
+                if verify {
+                    let mut o = off;
+                    for b in &mut v {
+                        pattern_fill(b, file, o);
+                        o += b.len() as u64;
+                    }
+                }
+                let mut bufs = self.client.get_buffers(seg, n)?;
+                for (d, s) in bufs.buffers_mut().iter_mut().zip(&v) {
+                    d.copy_from_slice(s);
+                }
+                self.spare.push(v);
+                Op::PoolWrite(self.files[fi].zero_writev_async(bufs, off)?)
+            }
+            (Mode::PerSegment, false) => {
+                let mut g = Vec::with_capacity(n);
+                for k in 0..n {
+                    let mut v = self.spare.pop().unwrap_or_else(|| vec![vec![0u8; seg]]);
+                    if verify {
+                        pattern_fill(&mut v[0], file, off + (k * seg) as u64);
+                    }
+                    g.push(self.files[fi].pwritev_async(v, off + (k * seg) as u64)?);
+                }
+                Op::Group(g)
+            }
+        };
+        Ok(InFlight {
+            op,
+            start,
+            file,
+            off,
+        })
+    }
+
+    fn complete(&mut self, f: InFlight) -> AnyResult<usize> {
+        let read = self.a.rw.is_read();
+        let verify = self.a.verify && read;
+        let n = match f.op {
+            Op::Pool(c) => {
+                let bufs = c.wait()?;
+                let n = bufs.total_len();
+                if self.mode == Mode::Bounce {
+                    // The copy the 2013 patch removed: pool buffer -> caller's iovecs.
+                    let mut v = self.iovecs();
+                    let mut src = bufs.buffers().iter().flat_map(|b| b.chunks(self.seg));
+                    for d in v.iter_mut() {
+                        if let Some(s) = src.next() {
+                            d[..s.len()].copy_from_slice(s);
+                        }
+                    }
+                    if verify {
+                        check_iovecs(&v, n, f.file, f.off)?;
+                    }
+                    self.spare.push(v);
+                } else if verify {
+                    let mut o = f.off;
+                    for b in bufs.buffers() {
+                        pattern_check(b, f.file, o)?;
+                        o += b.len() as u64;
+                    }
+                }
+                n
+            }
+            Op::Vecs(c) => {
+                let (n, v) = c.wait()?;
+                if verify {
+                    check_iovecs(&v, n, f.file, f.off)?;
+                }
+                self.spare.push(v);
+                n
+            }
+            Op::PoolWrite(c) => c.wait()?.0,
+            Op::Group(g) => {
+                let mut total = 0;
+                for (k, c) in g.into_iter().enumerate() {
+                    let (n, v) = c.wait()?;
+                    if verify {
+                        check_iovecs(&v, n, f.file, f.off + (k * self.seg) as u64)?;
+                    }
+                    self.spare.push(v);
+                    total += n;
+                }
+                total
+            }
+        };
+        if n != self.a.bs {
+            return Err(format!("short {} at file {} offset {}: {n} of {} bytes", if read { "read" } else { "write" }, f.file, f.off, self.a.bs).into());
+        }
+        self.lat.push(f.start.elapsed().as_nanos() as u64);
+        self.bytes += n as u64;
+        self.ops += 1;
+        Ok(n)
+    }
+}
+
+fn check_iovecs(v: &[Vec<u8>], n: usize, file: u32, off: u64) -> AnyResult<()> {
+    let mut o = off;
+    let mut left = n;
+    for b in v {
+        let k = b.len().min(left);
+        pattern_check(&b[..k], file, o)?;
+        o += k as u64;
+        left -= k;
+    }
+    Ok(())
+}
+
+fn measure(
+    a: &BenchArgs,
+    cfg: &Config,
+    connect: &(dyn Fn(&Config) -> AnyResult<Client> + Sync),
+    mode: Mode,
+    label: &str,
+) -> AnyResult<Run> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let progress = Arc::new(AtomicU64::new(0));
+    let bar = indicatif::ProgressBar::new(a.runtime.as_millis() as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{prefix:>20} [{bar:30}] {msg}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    bar.set_prefix(label.to_string());
+    let t0 = Instant::now();
+    let results: Vec<AnyResult<(u64, u64, Vec<u64>)>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..a.jobs)
+            .map(|j| {
+                let stop = stop.clone();
+                let progress = progress.clone();
+                s.spawn(move || -> AnyResult<(u64, u64, Vec<u64>)> {
+                    let client = connect(cfg).map_err(|e| e.to_string())?;
+                    let flags = if a.rw.is_read() { OpenFlags::READ } else { OpenFlags::rw() };
+                    // Job j starts at file j so jobs spread over the files.
+                    let file_ids: Vec<u32> = (0..a.files).map(|k| (k + j) % a.files).collect();
+                    let files = file_ids
+                        .iter()
+                        .map(|&i| client.open(&file_name(i), flags))
+                        .collect::<Result<Vec<_>, _>>()
+                        .map_err(|e| e.to_string())?;
+                    let mut job = Job {
+                        a,
+                        mode,
+                        files,
+                        file_ids,
+                        client,
+                        seg: a.bs / a.segments as usize,
+                        spare: Vec::new(),
+                        cursor: 0,
+                        rng: rand::thread_rng(),
+                        lat: Vec::with_capacity(1 << 16),
+                        bytes: 0,
+                        ops: 0,
+                    };
+                    let mut q = VecDeque::with_capacity(a.iodepth as usize);
+                    let r = (|| -> AnyResult<()> {
+                        while !stop.load(Ordering::Relaxed) {
+                            while q.len() < a.iodepth as usize {
+                                q.push_back(job.submit()?);
+                            }
+                            if let Some(f) = q.pop_front() {
+                                let n = job.complete(f)?;
+                                progress.fetch_add(n as u64, Ordering::Relaxed);
+                            }
+                        }
+                        Ok(())
+                    })();
+                    // Drain what is in flight (not counted: the clock has stopped).
+                    for f in q {
+                        let _ = job.complete(f);
+                    }
+                    r.map_err(|e| e.to_string())?;
+                    Ok((job.bytes, job.ops, job.lat))
+                })
+            })
+            .collect();
+        while t0.elapsed() < a.runtime {
+            std::thread::sleep(Duration::from_millis(100));
+            let el = t0.elapsed();
+            bar.set_position(el.as_millis() as u64);
+            bar.set_message(format!(
+                "{:.0} MB/s",
+                progress.load(Ordering::Relaxed) as f64 / el.as_secs_f64() / 1e6
+            ));
+        }
+        stop.store(true, Ordering::Relaxed);
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|_| Err("job thread panicked".into())))
+            .collect()
+    });
+    bar.finish_and_clear();
+    let secs = a.runtime.as_secs_f64().min(t0.elapsed().as_secs_f64());
+    let mut run = Run {
+        label: label.to_string(),
+        bytes: 0,
+        ops: 0,
+        secs,
+        lat: Vec::new(),
+    };
+    for r in results {
+        let (b, o, l) = r?;
+        run.bytes += b;
+        run.ops += o;
+        run.lat.extend(l);
+    }
+    run.lat.sort_unstable();
+    Ok(run)
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.total_cmp(b));
+    if s.is_empty() {
+        0.0
+    } else if s.len() % 2 == 1 {
+        s[s.len() / 2]
+    } else {
+        (s[s.len() / 2 - 1] + s[s.len() / 2]) / 2.0
+    }
+}
+
+fn report(a: &BenchArgs, runs: &[(String, Vec<Run>)], client: &zcio::pool::PoolStats, server: Option<&zcio::pool::PoolStats>) {
+    let reference = runs.first().map(|(_, r)| median(&r.iter().map(Run::mbps).collect::<Vec<_>>())).unwrap_or(0.0);
+    let rows: Vec<(String, f64, f64, f64, f64, f64, f64)> = runs
+        .iter()
+        .map(|(name, r)| {
+            let mb = median(&r.iter().map(Run::mbps).collect::<Vec<_>>());
+            let io = median(&r.iter().map(Run::iops).collect::<Vec<_>>());
+            let p50 = median(&r.iter().map(|x| x.pct(50.0)).collect::<Vec<_>>());
+            let p99 = median(&r.iter().map(|x| x.pct(99.0)).collect::<Vec<_>>());
+            let p999 = median(&r.iter().map(|x| x.pct(99.9)).collect::<Vec<_>>());
+            let ratio = if reference > 0.0 { mb / reference } else { 0.0 };
+            (name.clone(), mb, io, p50, p99, p999, ratio)
+        })
+        .collect();
+    if a.json {
+        let modes: Vec<serde_json::Value> = rows
+            .iter()
+            .zip(runs)
+            .map(|((name, mb, io, p50, p99, p999, ratio), (_, r))| {
+                serde_json::json!({
+                    "mode": name, "mb_per_s": mb, "iops": io,
+                    "lat_us": {"p50": p50, "p99": p99, "p99_9": p999},
+                    "ratio_to_first": ratio,
+                    "runs_mb_per_s": r.iter().map(Run::mbps).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        let v = serde_json::json!({
+            "rw": format!("{:?}", a.rw).to_lowercase(), "bs": a.bs, "segments": a.segments,
+            "iodepth": a.iodepth, "jobs": a.jobs, "files": a.files, "size": a.size,
+            "runtime_s": a.runtime.as_secs_f64(), "repeat": a.repeat, "verified": a.verify,
+            "results": modes,
+            "client_pool": pool_json(client),
+            "server_pool": server.map(pool_json),
+        });
+        println!("{v:#}");
+        return;
+    }
+    println!(
+        "\nsummary: {:?} bs={} segments={} iodepth={} jobs={} (medians of {})",
+        a.rw,
+        zcio::pool::human_size(a.bs),
+        a.segments,
+        a.iodepth,
+        a.jobs,
+        a.repeat
+    );
+    println!(
+        "{:<18} {:>10} {:>10} {:>10} {:>10} {:>10} {:>8}",
+        "mode", "MB/s", "IOPS", "p50 us", "p99 us", "p99.9 us", "ratio"
+    );
+    for (name, mb, io, p50, p99, p999, ratio) in rows {
+        println!("{name:<18} {mb:>10.1} {io:>10.0} {p50:>10.1} {p99:>10.1} {p999:>10.1} {ratio:>8.3}");
+    }
+    println!("client pool:\n{client}");
+    if let Some(s) = server {
+        println!("server pool:\n{s}");
+    }
+}
+
+fn pool_json(s: &zcio::pool::PoolStats) -> serde_json::Value {
+    serde_json::json!({
+        "bytes_in_use": s.bytes_in_use(),
+        "classes": s.classes.iter().map(|c| serde_json::json!({
+            "size": c.size, "gets": c.gets, "hits": c.hits, "waits": c.waits,
+            "misses": c.failures, "reserve_gets": c.reserve_gets, "in_use": c.in_use,
+            "capacity": c.capacity,
+        })).collect::<Vec<_>>(),
+    })
+}
