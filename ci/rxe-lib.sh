@@ -42,9 +42,12 @@ rxe_find_vng() {
 rxe_find_kernel() {
     local k=${ZCIO_RXE_KERNEL:-}
     if [ -z "$k" ]; then
+        # shellcheck disable=SC2012 # plain kernel file names; sort -V orders the versions
         k=$(ls /boot/vmlinuz-6.1.0-*-amd64 2>/dev/null | sort -V | tail -n 1 || true)
     fi
-    [ -n "$k" ] && [ -r "$k" ] || rxe_die "no guest kernel /boot/vmlinuz-6.1.0-*-amd64 (run ci/setup, or set ZCIO_RXE_KERNEL)"
+    if [ -z "$k" ] || [ ! -r "$k" ]; then
+        rxe_die "no guest kernel /boot/vmlinuz-6.1.0-*-amd64 (run ci/setup, or set ZCIO_RXE_KERNEL)"
+    fi
     local ver=${k##*/vmlinuz-}
     [ -d "/lib/modules/$ver" ] || rxe_die "kernel $k has no /lib/modules/$ver"
     RXE_KERNEL=$k
