@@ -1,0 +1,196 @@
+//! Real processes killed mid-run: the `zcio` binary as a client or as a server, SIGKILLed.
+
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use zcio::pool::Pool;
+use zcio::{Client, Config, Error, OpenFlags, Server};
+
+fn zcio() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_zcio"))
+}
+
+fn kill(mut c: Child) {
+    // SIGKILL: no destructors, no clean shutdown.
+    let _ = c.kill();
+    let _ = c.wait();
+}
+
+fn wait_until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
+    let t0 = Instant::now();
+    while !f() {
+        assert!(t0.elapsed() < limit, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn server_cfg(dir: &std::path::Path) -> Config {
+    let mut cfg = Config::default();
+    cfg.server.listen = "127.0.0.1:0".into();
+    cfg.server.export = dir.to_path_buf();
+    cfg.pool = zcio_pool_small();
+    cfg
+}
+
+fn zcio_pool_small() -> zcio::PoolConfig {
+    let mut p = zcio::PoolConfig::default();
+    for c in &mut p.classes {
+        c.count = c.count.min(128);
+        c.reserve = c.reserve.min(8);
+    }
+    p
+}
+
+#[test]
+fn client_process_killed_mid_write_leaves_server_clean() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = server_cfg(dir.path());
+    let pool = Pool::new(&cfg.pool).unwrap();
+    let srv = Server::bind_transport(&cfg, &zcio_tcp::TcpTransport, pool)
+        .unwrap()
+        .spawn()
+        .unwrap();
+    let child = zcio()
+        .args(["bench", "--server", srv.local_addr(), "--rw", "randwrite", "--bs", "256K"])
+        .args(["--size", "8M", "--files", "2", "--iodepth", "16", "--runtime", "60s"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Mid-transfer: files open and writes flowing.
+    wait_until("the client's writes", Duration::from_secs(60), || {
+        srv.open_files() >= 2 && srv.stats().requests.load(std::sync::atomic::Ordering::Relaxed) > 200
+    });
+    kill(child);
+    wait_until("the server to clean up", Duration::from_secs(20), || {
+        srv.open_files() == 0 && srv.connections() == 0 && srv.pool().stats().slots_in_use() == 0
+    });
+    // And it still serves.
+    let mut ccfg = cfg.clone();
+    ccfg.client.connect = srv.local_addr().to_string();
+    let c = Client::connect_transport(&ccfg, &zcio_tcp::TcpTransport, Pool::new(&ccfg.pool).unwrap()).unwrap();
+    assert_eq!(c.stat("zcio-bench.0").unwrap().size, 8 << 20);
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn spawn_server(export: &std::path::Path, port: u16) -> Child {
+    let child = zcio()
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--export"])
+        .arg(export)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_until("the server to listen", Duration::from_secs(30), || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
+    child
+}
+
+#[test]
+fn server_process_killed_mid_run_fails_requests_promptly_and_clients_reconnect() {
+    let dir = tempfile::tempdir().unwrap();
+    let data: Vec<u8> = (0..(8u32 << 20)).map(|i| (i % 251) as u8).collect();
+    std::fs::write(dir.path().join("f"), &data).unwrap();
+    let port = free_port();
+    let server = spawn_server(dir.path(), port);
+    let mut cfg = Config::default();
+    cfg.client.connect = format!("127.0.0.1:{port}");
+    cfg.pool = zcio_pool_small();
+    let c = Client::connect_transport(&cfg, &zcio_tcp::TcpTransport, Pool::new(&cfg.pool).unwrap()).unwrap();
+    let f = Arc::new(c.open("f", OpenFlags::READ).unwrap());
+    // A reader keeps 8 requests in flight until it sees an error.
+    let reader = {
+        let f = f.clone();
+        std::thread::spawn(move || -> (u64, Error, Instant) {
+            let mut ok = 0u64;
+            loop {
+                let p: Vec<_> = (0..8u64).map(|i| f.zero_readv_async(1 << 20, i << 20)).collect();
+                for p in p {
+                    match p.and_then(|p| p.wait()) {
+                        Ok(b) => {
+                            assert_eq!(b.total_len(), 1 << 20);
+                            ok += 1;
+                        }
+                        Err(e) => return (ok, e, Instant::now()),
+                    }
+                }
+            }
+        })
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    let killed_at = Instant::now();
+    kill(server);
+    let (ok, err, failed_at) = reader.join().unwrap();
+    assert!(ok > 0, "no read completed before the kill");
+    assert!(
+        matches!(err, Error::ConnectionClosed(_) | Error::Io { .. } | Error::Transport { .. }),
+        "unclear error after the server died: {err:?}"
+    );
+    assert!(
+        failed_at.duration_since(killed_at) < Duration::from_secs(10),
+        "requests hung after the server died"
+    );
+    // New requests on the dead connection fail at once too.
+    assert!(f.zero_readv(4096, 0).is_err());
+    // A restarted server takes a new connection; the file is intact.
+    let server = spawn_server(dir.path(), port);
+    let c2 = Client::connect_transport(&cfg, &zcio_tcp::TcpTransport, Pool::new(&cfg.pool).unwrap()).unwrap();
+    let f2 = c2.open("f", OpenFlags::READ).unwrap();
+    assert!(f2.zero_readv(8 << 20, 0).unwrap().to_vec() == data);
+    kill(server);
+}
+
+#[test]
+fn cli_errors_are_clear() {
+    let out = zcio().args(["bench", "--transport", "carrier-pigeon", "--runtime", "1s"]).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("unknown transport `carrier-pigeon`"), "{err}");
+    #[cfg(not(feature = "rdma"))]
+    {
+        let out = zcio().args(["bench", "--transport", "rdma", "--runtime", "1s"]).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("built without RDMA") && err.contains("--features rdma"), "{err}");
+    }
+    let out = zcio().args(["bench", "--bs", "12Q"]).output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("12Q"));
+    let out = zcio().args(["config", "--set", "server.workers=0"]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("server.workers") && err.contains("`0`"), "{err}");
+    let out = zcio().args(["get", "127.0.0.1:1", "x", "/tmp/zcio-never"]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("zcio: error"));
+}
+
+#[test]
+fn get_and_put_copy_files_and_check_lengths() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = server_cfg(dir.path());
+    let srv = Server::bind_transport(&cfg, &zcio_tcp::TcpTransport, Pool::new(&cfg.pool).unwrap())
+        .unwrap()
+        .spawn()
+        .unwrap();
+    let local = tempfile::tempdir().unwrap();
+    let src = local.path().join("src");
+    let data: Vec<u8> = (0..3_000_017u32).map(|i| (i * 13 % 256) as u8).collect();
+    std::fs::write(&src, &data).unwrap();
+    let st = zcio().arg("put").arg(&src).args([srv.local_addr(), "copy"]).status().unwrap();
+    assert!(st.success());
+    assert!(std::fs::read(dir.path().join("copy")).unwrap() == data);
+    let back = local.path().join("back");
+    let st = zcio().args(["get", srv.local_addr(), "copy"]).arg(&back).status().unwrap();
+    assert!(st.success());
+    assert!(std::fs::read(&back).unwrap() == data);
+    let st = zcio().args(["get", srv.local_addr(), "../etc/passwd"]).arg(local.path().join("x")).output().unwrap();
+    assert!(!st.status.success());
+    assert!(String::from_utf8_lossy(&st.stderr).contains("outside the export"));
+}
