@@ -1,4 +1,3 @@
-#![cfg(feature = "rdma")]
 //! Verbs-layer tests against a real RDMA device: two RC queue pairs connected in one process
 //! (one PD each), every transfer checked byte for byte.
 //!
@@ -6,6 +5,7 @@
 //! unless `ZCIO_RDMA_REQUIRED=1`, which turns a missing device into a failure (`ci/rxe-test`
 //! sets it). `ZCIO_RDMA_DEVICE` picks the device (default: the first one). The transfers are
 //! small on purpose: under qemu's TCG everything is 10-50x slower.
+#![cfg(feature = "rdma")]
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
@@ -478,19 +478,31 @@ fn bogus_rkey_is_a_remote_access_error_and_flushes_the_qp() {
     };
     let p = connected_pair(&ctx, CqMode::Event);
     p.a.buf.write(0, &pattern(4096, 9));
+    // Receives outstanding when the error hits are flushed with it.
+    p.a.qp.post_recv(50, p.a.sge(8192, 64)).unwrap();
     let bogus = Remote {
         addr: p.b.buf.addr(0),
         rkey: p.b.mr.rkey() ^ 0x00ff_ff00,
     };
     p.a.qp.post_write(51, &[p.a.sge(0, 4096)], bogus).unwrap();
-    let c = p.a.wait_one();
-    assert_eq!(c.wr_id, 51);
-    assert_eq!(c.status, WcStatus::RemoteAccessError, "{c:?}");
+    let mut got = [p.a.wait_one(), p.a.wait_one()];
+    got.sort_by_key(|c| c.wr_id);
+    assert_eq!(
+        (got[0].wr_id, got[0].status),
+        (50, WcStatus::WrFlushError),
+        "{got:?}"
+    );
+    assert_eq!(
+        (got[1].wr_id, got[1].status),
+        (51, WcStatus::RemoteAccessError),
+        "{got:?}"
+    );
     assert!(
         p.b.buf.read(0, 4096).iter().all(|&b| b == 0),
         "target was written"
     );
 
+    // The device moved the queue pair to Error on its own: only a real query sees it.
     assert_eq!(p.a.qp.query_state().unwrap(), QpState::Error);
     println!(
         "after the access error: initiator {}, responder {}",
@@ -498,28 +510,36 @@ fn bogus_rkey_is_a_remote_access_error_and_flushes_the_qp() {
         p.b.qp.query_state().unwrap()
     );
 
-    // Later work requests are flushed (or refused at post time), never executed.
-    let valid = p.b.remote(0);
-    match p.a.qp.post_write(52, &[p.a.sge(0, 4096)], valid) {
+    // A later send-side work request is flushed (or refused at post time), never executed.
+    match p.a.qp.post_write(52, &[p.a.sge(0, 4096)], p.b.remote(0)) {
         Ok(()) => {
             let c = p.a.wait_one();
             assert_eq!((c.wr_id, c.status), (52, WcStatus::WrFlushError), "{c:?}");
         }
         Err(e) => println!("post after error refused: {}", chain(&e)),
     }
-    match p.a.qp.post_recv(53, p.a.sge(8192, 64)) {
-        Ok(()) => {
-            let c = p.a.wait_one();
-            assert_eq!((c.wr_id, c.status), (53, WcStatus::WrFlushError), "{c:?}");
-        }
-        Err(e) => println!("receive after error refused: {}", chain(&e)),
-    }
     assert!(
         p.b.buf.read(0, 4096).iter().all(|&b| b == 0),
         "target was written"
     );
+
+    // A receive posted after the error must not crash. Verbs says it completes flushed, but
+    // rxe on Linux 6.1 accepts it and never completes it: allow both.
+    match p.a.qp.post_recv(53, p.a.sge(8192, 64)) {
+        Ok(()) => {
+            let mut out = [Completion::EMPTY; 2];
+            match p.a.cq.wait(&mut out, Some(Duration::from_secs(2))).unwrap() {
+                0 => println!("receive posted in the error state was not flushed (rxe quirk)"),
+                n => {
+                    assert_eq!(n, 1, "{out:?}");
+                    assert_eq!((out[0].wr_id, out[0].status), (53, WcStatus::WrFlushError));
+                }
+            }
+        }
+        Err(e) => println!("receive after error refused: {}", chain(&e)),
+    }
     let mut out = [Completion::EMPTY; 4];
-    assert_eq!(p.a.cq.poll(&mut out).unwrap(), 0);
+    assert_eq!(p.a.cq.poll(&mut out).unwrap(), 0, "{out:?}");
 }
 
 #[test]

@@ -120,8 +120,12 @@ fn port_count(ctx: &DeviceContext, name: &str) -> Result<u8, RdmaError> {
 }
 
 /// Port attributes without GIDs, read from the raw `ibv_port_attr` (sideway's accessors panic
-/// on values they do not know).
-fn query_port_attrs(ctx: &DeviceContext, name: &str, port: u8) -> Result<PortInfo, RdmaError> {
+/// on values they do not know), and the length of the port's GID table.
+fn query_port_attrs(
+    ctx: &DeviceContext,
+    name: &str,
+    port: u8,
+) -> Result<(PortInfo, usize), RdmaError> {
     let attr = ctx
         .query_port(port)
         .map_err(|e| RdmaError::QueryPort {
@@ -130,30 +134,28 @@ fn query_port_attrs(ctx: &DeviceContext, name: &str, port: u8) -> Result<PortInf
             source: query_port_os_error(e),
         })?
         .attr;
-    Ok(PortInfo {
+    let info = PortInfo {
         port,
         state: PortState::from_code(attr.state),
         active_mtu: Mtu::from_code(attr.active_mtu),
         link_layer: LinkLayer::from_code(attr.link_layer),
         lid: attr.lid,
         gids: Vec::new(),
-    })
+    };
+    Ok((info, usize::try_from(attr.gid_tbl_len).unwrap_or(0)))
 }
 
 /// Every port of the device, with its GIDs.
 fn query_ports(ctx: &DeviceContext, name: &str) -> Result<Vec<PortInfo>, RdmaError> {
     let count = port_count(ctx, name)?;
     let mut ports = Vec::with_capacity(usize::from(count));
-    let mut table_len = 0usize;
+    let mut table_lens = Vec::with_capacity(usize::from(count));
     for port in 1..=count {
-        ports.push(query_port_attrs(ctx, name, port)?);
-        let len = ctx
-            .query_port(port)
-            .map(|p| p.attr.gid_tbl_len)
-            .unwrap_or(0);
-        table_len += usize::try_from(len).unwrap_or(0);
+        let (info, table_len) = query_port_attrs(ctx, name, port)?;
+        ports.push(info);
+        table_lens.push(table_len);
     }
-    fill_gids(ctx, name, &mut ports, table_len)?;
+    fill_gids(ctx, name, &mut ports, &table_lens)?;
     Ok(ports)
 }
 
@@ -179,7 +181,7 @@ fn fill_gids(
     ctx: &DeviceContext,
     name: &str,
     ports: &mut [PortInfo],
-    table_len: usize,
+    table_lens: &[usize],
 ) -> Result<(), RdmaError> {
     let empty = ibv_gid_entry {
         gid: ibv_gid { raw: [0; 16] },
@@ -188,7 +190,7 @@ fn fill_gids(
         gid_type: 0,
         ndev_ifindex: 0,
     };
-    let mut entries = vec![empty; table_len];
+    let mut entries = vec![empty; table_lens.iter().sum()];
     // SAFETY: `ctx.context()` is the open device context `ctx` owns, alive for this call;
     // `entries` is a writable array of `entries.len()` `ibv_gid_entry`s and the wrapper passes
     // the entry size, so the library writes at most that many entries.
@@ -201,7 +203,7 @@ fn fill_gids(
         )
     };
     if ret == -(libc::EOPNOTSUPP as isize) {
-        return fill_gids_one_by_one(ctx, name, ports);
+        return fill_gids_one_by_one(ctx, name, ports, table_lens);
     }
     let count = usize::try_from(ret).map_err(|_| RdmaError::QueryGid {
         device: name.to_owned(),
@@ -242,12 +244,9 @@ fn fill_gids_one_by_one(
     ctx: &DeviceContext,
     name: &str,
     ports: &mut [PortInfo],
+    table_lens: &[usize],
 ) -> Result<(), RdmaError> {
-    for port in ports.iter_mut() {
-        let len = ctx
-            .query_port(port.port)
-            .map(|p| p.attr.gid_tbl_len)
-            .unwrap_or(0);
+    for (port, &len) in ports.iter_mut().zip(table_lens) {
         for index in 0..u32::try_from(len).unwrap_or(0) {
             let gid = ctx
                 .query_gid(port.port, index)

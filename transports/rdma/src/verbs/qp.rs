@@ -689,6 +689,11 @@ impl QueuePair {
 
     /// Posts a receive of one buffer. An incoming SEND lands in it and completes on the
     /// receive CQ with `wr_id` and its length.
+    ///
+    /// Receives outstanding when the queue pair goes to the error state complete flushed, but
+    /// on Soft-RoCE (rxe, Linux 6.1) a receive posted *after* that is accepted and never
+    /// completed. So after any error completion stop posting, and take back the buffers of
+    /// receives still posted once the queue pair is dropped, not from flush completions.
     pub fn post_recv(&self, wr_id: u64, buf: Sge) -> Result<(), RdmaError> {
         let mut sge = ibv_sge {
             addr: buf.addr,
