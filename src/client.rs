@@ -33,7 +33,7 @@ use crate::transport::{
 };
 
 /// The registry [`Client::connect`] uses; transports add themselves with
-/// [`register_transport`] (e.g. `zcio_tcp::register()`).
+/// [`register_transport`].
 fn global() -> &'static RwLock<Registry> {
     static R: OnceLock<RwLock<Registry>> = OnceLock::new();
     R.get_or_init(|| RwLock::new(Registry::new()))

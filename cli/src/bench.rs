@@ -136,11 +136,11 @@ pub(crate) struct BenchArgs {
     common: Common,
 }
 
-fn size_arg(s: &str) -> Result<usize, String> {
+pub(crate) fn size_arg(s: &str) -> Result<usize, String> {
     zcio::config::parse_size("--size", s).map_err(|e| e.to_string())
 }
 
-fn duration_arg(s: &str) -> Result<Duration, String> {
+pub(crate) fn duration_arg(s: &str) -> Result<Duration, String> {
     let t = s.trim();
     let (num, mult) = if let Some(v) = t.strip_suffix("ms") {
         (v, 0.001)

@@ -6,6 +6,7 @@
 
 mod baseline;
 mod bench;
+mod soak;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -88,6 +89,8 @@ enum Cmd {
     },
     /// Benchmark: a fio-like load generator against a server (embedded by default).
     Bench(Box<bench::BenchArgs>),
+    /// Soak: many connections, mixed verified reads and writes, then a leak check.
+    Soak(Box<soak::SoakArgs>),
     /// Copy a file from a server to a local path.
     Get {
         /// Server address.
@@ -188,6 +191,7 @@ fn run(cli: Cli) -> AnyResult<()> {
             Ok(())
         }
         Cmd::Bench(args) => bench::run(*args),
+        Cmd::Soak(args) => soak::run(*args),
         Cmd::Get {
             addr,
             path,

@@ -45,6 +45,53 @@ use crate::error::{BoxError, Error, Result};
 
 pub use self::buf::{Iobref, Iobuf, IobufMut};
 
+/// Probes for the loom models in `tests/loom_pool.rs`; compiled only under `--cfg loom`.
+///
+/// A class records its own freeing here, and every place where a buffer or the pool
+/// handle touches a class asserts that the class has not been freed yet and records a read
+/// of the class's `alive` cell, which its drop writes, so loom also checks that the free
+/// happens after every touch. The probes use relaxed loom atomics, so they add no
+/// synchronisation the model could lean on. They assume one class is freed per execution
+/// (the models use single-class pools).
+#[cfg(loom)]
+#[doc(hidden)]
+pub mod loom_probe {
+    use super::sync::{AtomicUsize, Ordering};
+
+    loom::lazy_static! {
+        static ref FREED: AtomicUsize = AtomicUsize::new(0);
+        static ref LAST_FREED: AtomicUsize = AtomicUsize::new(0);
+    }
+
+    /// Classes freed so far in the current loom execution.
+    pub fn classes_freed() -> usize {
+        FREED.load(Ordering::Relaxed)
+    }
+
+    /// Creates the statics on the calling thread (loom's lazy statics synchronise on first
+    /// use, which would otherwise hide missing orderings between the model's threads).
+    pub(super) fn init() {
+        let _ = (&*FREED, &*LAST_FREED);
+    }
+
+    pub(super) fn freed(class: usize) {
+        LAST_FREED.store(class, Ordering::Relaxed);
+        FREED.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Checks that `class` is still there, then records a read of its `alive` cell, which
+    /// loom checks happens before the write `Class`'s drop records.
+    pub(super) fn touch(class: std::ptr::NonNull<super::Class>) {
+        assert_ne!(
+            LAST_FREED.load(Ordering::Relaxed),
+            class.as_ptr() as usize,
+            "class touched after it was freed"
+        );
+        // SAFETY: not freed, by the assertion above (one class per execution).
+        unsafe { class.as_ref() }.alive.with(|_| ());
+    }
+}
+
 /// How many registrars (protection domains) one pool can serve.
 pub const MAX_REGISTRARS: usize = 4;
 
@@ -363,6 +410,27 @@ pub(crate) struct Class {
     /// Holders: the pool handle plus one per open-or-nonempty stripe.
     holders: AtomicUsize,
     registry: Arc<Registry>,
+    /// Loom's view of the class's lifetime: read on every touch, written when freed.
+    #[cfg(loom)]
+    alive: loom::cell::UnsafeCell<()>,
+}
+
+/// Under loom: the class goes only when the pool has closed every stripe and no buffer
+/// is live, after every touch of it (`alive`), and it says so to the probes.
+#[cfg(loom)]
+impl Drop for Class {
+    fn drop(&mut self) {
+        for s in self.stripes.iter() {
+            assert_eq!(
+                s.state.load(Ordering::Relaxed),
+                CLOSED,
+                "class freed while its pool is open or a buffer is live"
+            );
+        }
+        assert_eq!(self.holders.load(Ordering::Relaxed), 0);
+        self.alive.with_mut(|_| ());
+        loom_probe::freed(self as *const Class as usize);
+    }
 }
 
 impl Class {
@@ -484,6 +552,8 @@ impl Class {
     }
 
     fn wake_waiters(&self) {
+        #[cfg(loom)]
+        loom_probe::touch(NonNull::from(self));
         if self.waiting.load(Ordering::SeqCst) > 0 {
             let _g = lock(&self.wait_lock);
             self.wait_cond.notify_all();
@@ -543,9 +613,13 @@ impl Class {
     pub(crate) unsafe fn put(this: NonNull<Class>, slot: u32, stripe: usize) {
         // SAFETY: the caller's live buffer keeps its stripe holding the class.
         let class = unsafe { this.as_ref() };
+        #[cfg(loom)]
+        loom_probe::touch(this);
         let s = &class.stripes[stripe];
         s.queue.push(slot);
         class.wake_waiters();
+        #[cfg(loom)]
+        loom_probe::touch(this);
         // Last touch of the class by this buffer. If this was the stripe's last buffer after
         // the pool closed, the stripe's hold goes too.
         let prev = s.state.fetch_sub(ONE, Ordering::AcqRel);
@@ -582,6 +656,8 @@ impl Class {
         let class = unsafe { this.as_ref() };
         let n = class.stripes.len();
         for i in 0..n {
+            #[cfg(loom)]
+            loom_probe::touch(this);
             // SAFETY: as above; `release` below may only free the class once the pool's hold
             // (released last) is gone.
             let prev = unsafe { this.as_ref() }.stripes[i]
@@ -651,6 +727,8 @@ fn home_stripe(_n: usize) -> usize {
 
 /// Shared state behind [`Pool`] handles.
 struct PoolInner {
+    /// Unique per pool for the life of the process.
+    id: u64,
     /// Classes sorted by size.
     classes: Vec<NonNull<Class>>,
     registry: Arc<Registry>,
@@ -694,6 +772,8 @@ impl Pool {
     /// Builds a pool. The first arena of each class is mapped now; the rest on demand.
     pub fn new(cfg: &PoolConfig) -> Result<Pool> {
         cfg.validate()?;
+        #[cfg(loom)]
+        loom_probe::init();
         let mut classes_cfg = cfg.classes.clone();
         classes_cfg.sort_by_key(|c| c.size);
         let registry = Arc::new(Registry {
@@ -708,7 +788,9 @@ impl Pool {
         } else {
             cfg.stripes
         };
+        static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
         let mut inner = PoolInner {
+            id: NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             classes: Vec::new(),
             registry: registry.clone(),
             wait_timeout: cfg.wait_timeout,
@@ -749,6 +831,8 @@ impl Pool {
                 failures: AtomicU64::new(0),
                 holders: AtomicUsize::new(nstripes + 2),
                 registry: registry.clone(),
+                #[cfg(loom)]
+                alive: loom::cell::UnsafeCell::new(()),
             });
             let ptr = NonNull::from(Box::leak(class));
             // From here on PoolInner's Drop frees the class if a later step fails.
@@ -897,6 +981,12 @@ impl Pool {
                 .map(|i| self.class(i).stats())
                 .collect(),
         }
+    }
+
+    /// An identifier of this pool, equal for all its clones and distinct from every other
+    /// live pool (for per-pool caches such as an RDMA transport's registrations).
+    pub fn id(&self) -> u64 {
+        self.inner.id
     }
 
     /// Free slots in created arenas, all classes (for leak checks: equals the created slot

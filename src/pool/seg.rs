@@ -168,6 +168,15 @@ pub enum RecvSeg {
 }
 
 impl RecvSeg {
+    /// The memory, read-only (e.g. after the reply filled it).
+    pub fn as_slice(&self) -> &[u8] {
+        match self {
+            RecvSeg::Pool(b) => b,
+            RecvSeg::Raw(r) => r.as_slice(),
+            RecvSeg::Owned(v) => v,
+        }
+    }
+
     /// The memory to fill.
     pub fn as_mut_slice(&mut self) -> &mut [u8] {
         match self {

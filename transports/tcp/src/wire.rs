@@ -478,17 +478,17 @@ mod tests {
     #[test]
     fn frame_whole_and_truncated() {
         let l = limits();
-        let mut b = req(3, 5, 0).encode().to_vec();
+        let mut b = req(3, 6, 0).encode().to_vec();
         b.extend_from_slice(b"hdrpaylo");
         // One byte short.
         assert_eq!(
-            decode_frame(&b[..b.len() - 1], Kind::Request, &l),
-            Err(WireError::Truncated { need: 32, got: 31 })
+            decode_frame(&b, Kind::Request, &l),
+            Err(WireError::Truncated { need: 33, got: 32 })
         );
         b.push(b'd');
         b.extend_from_slice(b"next frame");
         let (f, n) = decode_frame(&b, Kind::Request, &l).unwrap();
-        assert_eq!(n, 32);
+        assert_eq!(n, 33);
         assert_eq!(f.header, b"hdr");
         assert_eq!(f.payload, b"paylod");
     }
@@ -513,6 +513,15 @@ mod tests {
                 b[..4].copy_from_slice(b"ZCIO");
                 b[4] = 1 + (i % 4 == 0) as u8;
                 b[5] = if i % 8 == 0 { 1 } else { 0 };
+                if b.len() >= PREFIX_LEN {
+                    // Mostly plausible lengths.
+                    b[7] &= 0x0f;
+                    b[18..20].fill(0);
+                    b[22..24].fill(0);
+                    if i % 3 == 0 {
+                        b[20..22].fill(0);
+                    }
+                }
             }
             for kind in [Kind::Request, Kind::Reply] {
                 if let Ok(p) = decode_prefix(&b, kind, &l) {

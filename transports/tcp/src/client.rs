@@ -1,0 +1,521 @@
+//! The client side: one connection, many requests in flight, one reader thread.
+//!
+//! # Request life cycle
+//! [`ClientConn::start`] checks the request against the negotiated limits, waits for an
+//! in-flight slot, assigns an id and inserts an [`Entry`] into the pending map *before* a
+//! byte is written (the reply can only be matched if the entry is already there). It then
+//! writes the frame under the write lock, gathering prefix, header and the request's send
+//! segments with one vectored send per partial write.
+//!
+//! An entry lends its segments out: the send segments to the writer (they stay with
+//! `start` while it writes), the receive segments to the reader thread (while it `readv`s
+//! the reply payload into them). It completes only when **both** are back home and an
+//! outcome (reply or error) is set, by whichever party brings the last piece home. This is
+//! the guarantee the core relies on: once a [`Pending`] completes, the transport no longer
+//! touches the request's memory, even when the connection fails while a write or a read
+//! is in progress.
+//!
+//! # Failure
+//! End of stream, an I/O error, a protocol violation by the server, a failed write,
+//! [`ClientConn::close`] or a request older than `client.timeout` mark the connection dead
+//! (the first reason is kept), shut the socket down (which wakes a blocked reader and
+//! writer) and give every unanswered request `Error::ConnectionClosed(reason)`; the
+//! request that timed out gets `Error::Timeout`. Later `start`s fail at once.
+//!
+//! # Timeouts
+//! The socket's receive timeout is a tick (an eighth of `client.timeout`, 5 ms ..= 1 s).
+//! On every tick, and at most once per tick while a long reply trickles in, the reader
+//! looks for the oldest unanswered request; if it is older than `client.timeout` the
+//! connection fails. A connection with nothing pending never times out. Sends use
+//! `client.timeout` as their send timeout (a server that stops reading).
+
+use std::collections::HashMap;
+use std::io::{self, Read};
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use zcio::config::Config;
+use zcio::transport::{
+    check_request, pair, recv_len, send_len, ClientConn, Completer, Limits, Pending, RecvSeg,
+    Reply, Request, SendSeg,
+};
+use zcio::{Error, Result};
+
+use crate::io::{read_exact_vectored, shutdown, tick_for, write_all_vectored, ReadError, Ticker};
+use crate::wire::{decode_prefix, Hello, Kind, Prefix, HELLO_LEN, PREFIX_LEN};
+use crate::{lock, transport_err, wire_err};
+
+/// A reply header and payload length, or the error the request fails with.
+type Outcome = Result<(Vec<u8>, usize)>;
+
+/// One request in flight.
+struct Entry {
+    completer: Completer<Reply>,
+    /// `None` while the writer sends from them.
+    send: Option<Vec<SendSeg>>,
+    /// `None` while the reader fills them.
+    recv: Option<Vec<RecvSeg>>,
+    started: Instant,
+    outcome: Option<Outcome>,
+}
+
+impl Entry {
+    fn finished(&self) -> bool {
+        self.send.is_some() && self.recv.is_some() && self.outcome.is_some()
+    }
+}
+
+struct State {
+    pending: HashMap<u64, Entry>,
+    next_id: u64,
+    /// Why the connection is dead, once it is.
+    dead: Option<String>,
+}
+
+/// A completion to deliver once the state lock is released.
+type Done = (Completer<Reply>, Result<Reply>);
+
+struct Shared {
+    sock: TcpStream,
+    /// Serializes frames on the socket.
+    write_lock: Mutex<()>,
+    state: Mutex<State>,
+    /// Signalled when an entry leaves the map or the connection dies.
+    slot_freed: Condvar,
+    limits: Limits,
+    timeout: Duration,
+    peer: String,
+}
+
+/// Why the reader stopped.
+struct Failure {
+    reason: String,
+    /// The request that timed out, and its error.
+    culprit: Option<(u64, Error)>,
+}
+
+impl Failure {
+    fn new(reason: String) -> Failure {
+        Failure {
+            reason,
+            culprit: None,
+        }
+    }
+}
+
+/// Removes the entry `id` if it is finished, for completion outside the lock.
+fn take_if_done(st: &mut State, id: u64) -> Option<Done> {
+    if !st.pending.get(&id)?.finished() {
+        return None;
+    }
+    let e = st.pending.remove(&id)?;
+    let result = match (e.outcome, e.send, e.recv) {
+        (Some(Ok((header, payload_len))), Some(send), Some(recv)) => Ok(Reply {
+            header,
+            payload_len,
+            recv,
+            send,
+        }),
+        (Some(Err(err)), _, _) => Err(err),
+        _ => Err(Error::ConnectionClosed("request state lost".into())),
+    };
+    Some((e.completer, result))
+}
+
+impl Shared {
+    fn deliver(&self, done: Vec<Done>) {
+        if !done.is_empty() {
+            self.slot_freed.notify_all();
+        }
+        for (c, r) in done {
+            c.complete(r);
+        }
+    }
+
+    /// Marks the connection dead (the first reason wins), shuts the socket down and fails
+    /// every request that has no outcome yet; those whose segments are home complete now,
+    /// the others when the writer or reader brings them back.
+    fn fail(&self, f: Failure) {
+        shutdown(&self.sock);
+        let mut done = Vec::new();
+        {
+            let mut st = lock(&self.state);
+            let reason = st.dead.get_or_insert(f.reason).clone();
+            let mut culprit = f.culprit;
+            let ids: Vec<u64> = st.pending.keys().copied().collect();
+            for id in ids {
+                if let Some(e) = st.pending.get_mut(&id) {
+                    if e.outcome.is_none() {
+                        let err = match culprit.take() {
+                            Some((c, err)) if c == id => err,
+                            other => {
+                                culprit = other;
+                                Error::ConnectionClosed(reason.clone())
+                            }
+                        };
+                        e.outcome = Some(Err(err));
+                    }
+                }
+                done.extend(take_if_done(&mut st, id));
+            }
+        }
+        self.slot_freed.notify_all();
+        self.deliver(done);
+    }
+
+    /// The writer gives a request's send segments back.
+    fn return_send(&self, id: u64, send: Vec<SendSeg>) {
+        let done = {
+            let mut st = lock(&self.state);
+            if let Some(e) = st.pending.get_mut(&id) {
+                e.send = Some(send);
+            }
+            take_if_done(&mut st, id)
+        };
+        self.deliver(done.into_iter().collect());
+    }
+
+    /// The reader takes the receive segments of request `id` to read a reply payload of
+    /// `payload_len` bytes into them.
+    fn take_recv(&self, id: u64, payload_len: usize) -> Result<Vec<RecvSeg>, Failure> {
+        let violation = |what: String| {
+            Failure::new(format!(
+                "protocol violation by the server {}: {what}",
+                self.peer
+            ))
+        };
+        let mut st = lock(&self.state);
+        let Some(e) = st.pending.get_mut(&id) else {
+            return Err(violation(format!(
+                "reply for request id {id}, which is not in flight"
+            )));
+        };
+        if e.outcome.is_some() {
+            return Err(violation(format!("a second reply for request id {id}")));
+        }
+        let Some(recv) = e.recv.take() else {
+            return Err(violation(format!("a second reply for request id {id}")));
+        };
+        let cap = recv_len(&recv);
+        if payload_len > cap {
+            e.recv = Some(recv);
+            return Err(violation(format!(
+                "reply {id} carries {payload_len} payload bytes, the request has room for {cap}"
+            )));
+        }
+        Ok(recv)
+    }
+
+    /// The reader gives the receive segments back, with the reply if it arrived whole.
+    fn return_recv(&self, id: u64, recv: Vec<RecvSeg>, reply: Option<(Vec<u8>, usize)>) {
+        let done = {
+            let mut st = lock(&self.state);
+            if let Some(e) = st.pending.get_mut(&id) {
+                e.recv = Some(recv);
+                if let Some(r) = reply {
+                    e.outcome = Some(Ok(r));
+                }
+            }
+            take_if_done(&mut st, id)
+        };
+        self.deliver(done.into_iter().collect());
+    }
+
+    /// Fails the connection when the oldest unanswered request is older than the timeout.
+    fn check_timeout(&self) -> Result<(), Failure> {
+        let st = lock(&self.state);
+        let oldest = st
+            .pending
+            .iter()
+            .filter(|(_, e)| e.outcome.is_none())
+            .min_by_key(|(_, e)| e.started);
+        if let Some((&id, e)) = oldest {
+            if e.started.elapsed() > self.timeout {
+                return Err(Failure {
+                    reason: format!(
+                        "request {id} to {} got no reply within client.timeout ({:?})",
+                        self.peer, self.timeout
+                    ),
+                    culprit: Some((
+                        id,
+                        Error::Timeout {
+                            what: format!("request {id} to {} over tcp", self.peer),
+                            after: self.timeout,
+                        },
+                    )),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn read_failure(&self, e: ReadError<Failure>, what: &str, len: usize) -> Failure {
+        match e {
+            ReadError::Tick(f) => f,
+            ReadError::Eof { got } => Failure::new(format!(
+                "the server {} closed the connection in the middle of a reply ({got} of {len} bytes of {what})",
+                self.peer
+            )),
+            ReadError::Io(e) => Failure::new(format!("reading {what} from {}: {e}", self.peer)),
+        }
+    }
+
+    /// Reads replies until the connection fails; returns why.
+    fn read_replies(&self) -> Failure {
+        let mut ticker = Ticker::new(tick_for(self.timeout));
+        let mut tick = || self.check_timeout();
+        loop {
+            let mut pfx = [0u8; PREFIX_LEN];
+            match read_exact_vectored(&self.sock, &mut [&mut pfx[..]], &mut ticker, &mut tick) {
+                Ok(()) => {}
+                Err(ReadError::Eof { got: 0 }) => {
+                    return Failure::new(format!("the server {} closed the connection", self.peer))
+                }
+                Err(e) => return self.read_failure(e, "a reply prefix", PREFIX_LEN),
+            }
+            let p = match decode_prefix(&pfx, Kind::Reply, &self.limits) {
+                Ok(p) => p,
+                Err(e) => {
+                    return Failure::new(format!(
+                        "protocol violation by the server {}: bad reply frame: {e}",
+                        self.peer
+                    ))
+                }
+            };
+            let mut header = vec![0u8; p.header_len];
+            if let Err(e) =
+                read_exact_vectored(&self.sock, &mut [&mut header[..]], &mut ticker, &mut tick)
+            {
+                return self.read_failure(e, "a reply header", p.header_len);
+            }
+            let mut recv = match self.take_recv(p.id, p.payload_len) {
+                Ok(r) => r,
+                Err(f) => return f,
+            };
+            let res = {
+                // Straight into the request's segments, front to back, exactly
+                // `payload_len` bytes (the next frame must stay in the socket).
+                let mut left = p.payload_len;
+                let mut parts: Vec<&mut [u8]> = Vec::with_capacity(recv.len());
+                for s in recv.iter_mut() {
+                    if left == 0 {
+                        break;
+                    }
+                    let d = s.as_mut_slice();
+                    let k = d.len().min(left);
+                    parts.push(&mut d[..k]);
+                    left -= k;
+                }
+                read_exact_vectored(&self.sock, &mut parts, &mut ticker, &mut tick)
+            };
+            match res {
+                Ok(()) => self.return_recv(p.id, recv, Some((header, p.payload_len))),
+                Err(e) => {
+                    self.return_recv(p.id, recv, None);
+                    return self.read_failure(e, "a reply payload", p.payload_len);
+                }
+            }
+        }
+    }
+}
+
+/// A client connection (see the module documentation).
+pub(crate) struct TcpClientConn {
+    shared: Arc<Shared>,
+    reader: Option<JoinHandle<()>>,
+}
+
+fn handshake_err(peer: &str, timeout: Duration, e: io::Error) -> Error {
+    match e.kind() {
+        io::ErrorKind::UnexpectedEof => Error::ConnectionClosed(format!(
+            "the server {peer} closed the connection during the tcp handshake (is it a zcio \
+             server, and does it accept more connections?)"
+        )),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => Error::Timeout {
+            what: format!("tcp handshake with {peer}"),
+            after: timeout,
+        },
+        _ => transport_err(format!("tcp handshake with {peer}"), e),
+    }
+}
+
+/// Connects to `cfg.client.connect`, runs the handshake and starts the reader thread.
+pub(crate) fn connect(cfg: &Config) -> Result<TcpClientConn> {
+    let target = &cfg.client.connect;
+    let timeout = cfg.client.timeout;
+    let addrs: Vec<SocketAddr> = target
+        .to_socket_addrs()
+        .map_err(|e| Error::io(format!("resolving {target}"), e))?
+        .collect();
+    let mut last = io::Error::new(io::ErrorKind::NotFound, "the name resolved to no address");
+    let mut sock = None;
+    for a in &addrs {
+        match TcpStream::connect_timeout(a, timeout) {
+            Ok(s) => {
+                sock = Some(s);
+                break;
+            }
+            Err(e) => last = e,
+        }
+    }
+    let sock = sock.ok_or_else(|| Error::io(format!("tcp connect to {target}"), last))?;
+    let peer = sock
+        .peer_addr()
+        .map_or_else(|_| target.clone(), |a| a.to_string());
+    let setup = |e| transport_err(format!("setting up the socket to {peer}"), e);
+    sock.set_nodelay(cfg.tcp.nodelay).map_err(setup)?;
+    sock.set_read_timeout(Some(timeout)).map_err(setup)?;
+    sock.set_write_timeout(Some(timeout)).map_err(setup)?;
+
+    let ours = Hello::from_limits(&cfg.limits, cfg.limits.max_in_flight);
+    write_all_vectored(&sock, &mut [&ours.encode()[..]])
+        .map_err(|e| handshake_err(&peer, timeout, e))?;
+    let mut buf = [0u8; HELLO_LEN];
+    (&sock)
+        .read_exact(&mut buf)
+        .map_err(|e| handshake_err(&peer, timeout, e))?;
+    let theirs = Hello::decode(&buf).map_err(|e| wire_err(e, "tcp handshake", &peer))?;
+    let limits = ours.negotiate(&theirs);
+    sock.set_read_timeout(Some(tick_for(timeout)))
+        .map_err(setup)?;
+    tracing::debug!(%peer, ?limits, "tcp client connected");
+
+    let shared = Arc::new(Shared {
+        sock,
+        write_lock: Mutex::new(()),
+        state: Mutex::new(State {
+            pending: HashMap::new(),
+            next_id: 1,
+            dead: None,
+        }),
+        slot_freed: Condvar::new(),
+        limits,
+        timeout,
+        peer,
+    });
+    let sh = shared.clone();
+    let reader = std::thread::Builder::new()
+        .name("zcio-tcp-client".into())
+        .spawn(move || {
+            let f = sh.read_replies();
+            tracing::debug!(peer = %sh.peer, reason = %f.reason, "tcp client connection ended");
+            sh.fail(f);
+        })
+        .map_err(|e| Error::io("spawning the tcp reader thread", e))?;
+    Ok(TcpClientConn {
+        shared,
+        reader: Some(reader),
+    })
+}
+
+impl ClientConn for TcpClientConn {
+    fn limits(&self) -> Limits {
+        self.shared.limits
+    }
+
+    fn start(&self, req: Request) -> Result<Pending<Reply>> {
+        let sh = &*self.shared;
+        check_request(&req, &sh.limits)?;
+        let Request { header, send, recv } = req;
+        let payload_len = send_len(&send);
+        let recv_cap = recv_len(&recv);
+        let (completer, pending) = pair();
+        let id = {
+            let mut st = lock(&sh.state);
+            let deadline = Instant::now() + sh.timeout;
+            loop {
+                if let Some(r) = &st.dead {
+                    return Err(Error::ConnectionClosed(r.clone()));
+                }
+                if st.pending.len() < sh.limits.max_in_flight {
+                    break;
+                }
+                let now = Instant::now();
+                if now >= deadline {
+                    return Err(Error::Timeout {
+                        what: format!(
+                            "a free request slot on the tcp connection to {} ({} in flight)",
+                            sh.peer, sh.limits.max_in_flight
+                        ),
+                        after: sh.timeout,
+                    });
+                }
+                st = match sh.slot_freed.wait_timeout(st, deadline - now) {
+                    Ok((g, _)) => g,
+                    Err(p) => p.into_inner().0,
+                };
+            }
+            let id = st.next_id;
+            st.next_id = st.next_id.wrapping_add(1);
+            st.pending.insert(
+                id,
+                Entry {
+                    completer,
+                    send: None,
+                    recv: Some(recv),
+                    started: Instant::now(),
+                    outcome: None,
+                },
+            );
+            id
+        };
+        let prefix = Prefix {
+            kind: Kind::Request,
+            header_len: header.len(),
+            id,
+            payload_len,
+            recv_cap,
+        }
+        .encode();
+        let res = {
+            let mut parts: Vec<&[u8]> = Vec::with_capacity(2 + send.len());
+            parts.push(&prefix);
+            parts.push(&header);
+            parts.extend(send.iter().map(SendSeg::as_slice));
+            let _w = lock(&sh.write_lock);
+            write_all_vectored(&sh.sock, &mut parts)
+        };
+        if let Err(e) = res {
+            // A partial frame leaves the stream out of step: the connection is over.
+            sh.fail(Failure::new(format!(
+                "sending request {id} to {}: {e}",
+                sh.peer
+            )));
+        }
+        sh.return_send(id, send);
+        Ok(pending)
+    }
+
+    fn close(&self) {
+        let sh = &*self.shared;
+        {
+            let mut st = lock(&sh.state);
+            if st.dead.is_none() {
+                st.dead = Some(format!(
+                    "the connection to {} was closed by this client",
+                    sh.peer
+                ));
+            }
+        }
+        // The reader wakes up to end of stream and fails what is pending.
+        shutdown(&sh.sock);
+        sh.slot_freed.notify_all();
+    }
+
+    fn peer(&self) -> String {
+        self.shared.peer.clone()
+    }
+}
+
+impl Drop for TcpClientConn {
+    fn drop(&mut self) {
+        self.close();
+        if let Some(h) = self.reader.take() {
+            if h.thread().id() != std::thread::current().id() {
+                let _ = h.join();
+            }
+        }
+    }
+}

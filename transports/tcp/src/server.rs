@@ -1,0 +1,541 @@
+//! The server side: a listener with a background acceptor, connections read by the
+//! caller's thread, replies written from any thread.
+//!
+//! # Accepting
+//! A background acceptor thread takes sockets from the kernel and hands each to a short
+//! handshake thread (read timeout [`HANDSHAKE_TIMEOUT`], or `server.idle_timeout` when
+//! shorter); [`Listener::accept`] returns what the handshakes produce, in the order they
+//! finish: a ready connection, or `Ok(Err(..))` for a bad handshake. So a client that
+//! connects and says nothing costs a thread for a few seconds but never stalls the accept
+//! loop, and `limits()` is known as soon as `accept` returns a connection. At most
+//! [`MAX_PENDING`] connections are being handshaken or wait for `accept` at once; beyond
+//! that the acceptor waits and the kernel's backlog holds new connections.
+//!
+//! # Receiving
+//! [`ServerConn::recv`] reads a frame prefix, checks it against the negotiated limits and
+//! the in-flight rules (ids unique, at most `max_in_flight` unanswered) before allocating
+//! anything, reads the header, takes pool buffers for the payload ([`Pool::get_span`],
+//! which waits up to the pool's timeout) and `readv`s the payload straight into them.
+//! Any error is final for the connection: the socket is shut down and later calls fail.
+//!
+//! # Idle timeout
+//! With `server.idle_timeout` set, the socket's receive timeout is a tick (an eighth of it,
+//! 5 ms ..= 1 s). A connection with no request in flight whose last complete frame (in or
+//! out) is older than the idle timeout fails with `Error::Timeout`, including one that is
+//! trickling a partial frame (slowloris). The idle timeout is also the send timeout of
+//! replies (a client that stops reading); `idle_timeout = 0` disables both.
+
+use std::collections::HashMap;
+use std::io::{self, Read};
+use std::net::{SocketAddr, TcpStream};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use zcio::config::Config;
+use zcio::transport::{Incoming, Limits, Listener, Replier, ServerConn};
+use zcio::{Error, Iobuf, IobufMut, Pool, Result};
+
+use crate::io::{read_exact_vectored, shutdown, tick_for, write_all_vectored, ReadError, Ticker};
+use crate::wire::{decode_prefix, Hello, Kind, Prefix, WireError, HELLO_LEN, PREFIX_LEN};
+use crate::{lock, transport_err, wire_err};
+
+/// The longest a connecting client may take to send its handshake.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Most connections being handshaken or waiting for [`Listener::accept`] at once.
+pub const MAX_PENDING: usize = 64;
+
+/// What a connection needs from the configuration.
+#[derive(Clone)]
+struct ConnConfig {
+    limits: Limits,
+    max_in_flight: usize,
+    nodelay: bool,
+    idle: Option<Duration>,
+}
+
+enum Msg {
+    Conn(Result<Box<dyn ServerConn>>),
+    Closed,
+}
+
+struct ListenShared {
+    listener: std::net::TcpListener,
+    closed: AtomicBool,
+    /// Connections being handshaken or queued for `accept`.
+    pending: Mutex<usize>,
+    pending_cv: Condvar,
+    local: String,
+}
+
+impl ListenShared {
+    fn closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
+    fn acceptor(&self, tx: &Sender<Msg>, cfg: &ConnConfig, pool: &Pool) {
+        loop {
+            {
+                let mut n = lock(&self.pending);
+                while *n >= MAX_PENDING && !self.closed() {
+                    n = match self.pending_cv.wait(n) {
+                        Ok(g) => g,
+                        Err(p) => p.into_inner(),
+                    };
+                }
+            }
+            if self.closed() {
+                return;
+            }
+            match self.listener.accept() {
+                Ok((sock, peer)) => {
+                    if self.closed() {
+                        return;
+                    }
+                    *lock(&self.pending) += 1;
+                    let (tx2, cfg2, pool2) = (tx.clone(), cfg.clone(), pool.clone());
+                    let spawned = std::thread::Builder::new()
+                        .name("zcio-tcp-hs".into())
+                        .spawn(move || {
+                            let r = handshake(sock, peer, &cfg2, pool2);
+                            if let Err(e) = &r {
+                                tracing::debug!(%peer, error = %e, "tcp handshake failed");
+                            }
+                            let _ = tx2.send(Msg::Conn(r));
+                        });
+                    if let Err(e) = spawned {
+                        let _ = tx.send(Msg::Conn(Err(Error::io(
+                            format!("spawning a handshake thread for {peer}"),
+                            e,
+                        ))));
+                    }
+                }
+                Err(_) if self.closed() => return,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::ConnectionAborted
+                            | io::ErrorKind::Interrupted
+                            | io::ErrorKind::WouldBlock
+                    ) => {}
+                Err(e) => {
+                    // Out of descriptors and the like: report it, and back off so that
+                    // the loop does not spin while the condition lasts.
+                    *lock(&self.pending) += 1;
+                    let _ = tx.send(Msg::Conn(Err(Error::io(
+                        format!("tcp accept on {}", self.local),
+                        e,
+                    ))));
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+        }
+    }
+}
+
+/// A listening socket (see the module documentation).
+pub(crate) struct TcpListen {
+    shared: Arc<ListenShared>,
+    rx: Mutex<Receiver<Msg>>,
+    /// To pass the shutdown notice on to other threads blocked in `accept`.
+    tx: Sender<Msg>,
+    acceptor: Option<JoinHandle<()>>,
+}
+
+/// Binds `cfg.server.listen` and starts the acceptor.
+pub(crate) fn listen(cfg: &Config, pool: &Pool) -> Result<TcpListen> {
+    let addr = &cfg.server.listen;
+    let listener = std::net::TcpListener::bind(addr)
+        .map_err(|e| Error::io(format!("tcp listen on {addr}"), e))?;
+    let local = listener
+        .local_addr()
+        .map_or_else(|_| addr.clone(), |a| a.to_string());
+    let ccfg = ConnConfig {
+        limits: cfg.limits,
+        max_in_flight: cfg.server.max_in_flight,
+        nodelay: cfg.tcp.nodelay,
+        idle: cfg.server.idle_timeout,
+    };
+    let shared = Arc::new(ListenShared {
+        listener,
+        closed: AtomicBool::new(false),
+        pending: Mutex::new(0),
+        pending_cv: Condvar::new(),
+        local,
+    });
+    let (tx, rx) = channel();
+    let (sh, tx2, pool) = (shared.clone(), tx.clone(), pool.clone());
+    let acceptor = std::thread::Builder::new()
+        .name("zcio-tcp-accept".into())
+        .spawn(move || {
+            sh.acceptor(&tx2, &ccfg, &pool);
+            let _ = tx2.send(Msg::Closed);
+        })
+        .map_err(|e| Error::io("spawning the tcp acceptor thread", e))?;
+    tracing::debug!(addr = %shared.local, "tcp listening");
+    Ok(TcpListen {
+        shared,
+        rx: Mutex::new(rx),
+        tx,
+        acceptor: Some(acceptor),
+    })
+}
+
+impl TcpListen {
+    fn closed_err(&self) -> Error {
+        Error::ConnectionClosed(format!(
+            "the tcp listener on {} was shut down",
+            self.shared.local
+        ))
+    }
+}
+
+impl Listener for TcpListen {
+    fn accept(&self) -> Result<Result<Box<dyn ServerConn>>> {
+        if self.shared.closed() {
+            return Err(self.closed_err());
+        }
+        let msg = lock(&self.rx).recv();
+        match msg {
+            Ok(Msg::Conn(r)) => {
+                {
+                    let mut n = lock(&self.shared.pending);
+                    *n = n.saturating_sub(1);
+                }
+                self.shared.pending_cv.notify_one();
+                Ok(r)
+            }
+            Ok(Msg::Closed) | Err(_) => {
+                let _ = self.tx.send(Msg::Closed);
+                Err(self.closed_err())
+            }
+        }
+    }
+
+    fn local_addr(&self) -> String {
+        self.shared.local.clone()
+    }
+
+    fn shutdown(&self) {
+        let sh = &self.shared;
+        sh.closed.store(true, Ordering::Release);
+        sh.pending_cv.notify_all();
+        // On Linux, shutting a listening socket down makes a blocked accept(2) return
+        // EINVAL at once: the acceptor sees `closed` and ends.
+        let _ =
+            nix::sys::socket::shutdown(sh.listener.as_raw_fd(), nix::sys::socket::Shutdown::Both);
+    }
+}
+
+impl Drop for TcpListen {
+    fn drop(&mut self) {
+        self.shutdown();
+        if let Some(h) = self.acceptor.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+fn handshake_err(peer: SocketAddr, after: Duration, e: io::Error) -> Error {
+    match e.kind() {
+        io::ErrorKind::UnexpectedEof => Error::ConnectionClosed(format!(
+            "{peer} closed the connection during the tcp handshake"
+        )),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => Error::Timeout {
+            what: format!("tcp handshake from {peer}"),
+            after,
+        },
+        _ => transport_err(format!("tcp handshake from {peer}"), e),
+    }
+}
+
+/// The server half of the handshake, on a fresh socket.
+fn handshake(
+    sock: TcpStream,
+    peer: SocketAddr,
+    cfg: &ConnConfig,
+    pool: Pool,
+) -> Result<Box<dyn ServerConn>> {
+    let after = cfg
+        .idle
+        .map_or(HANDSHAKE_TIMEOUT, |d| d.min(HANDSHAKE_TIMEOUT));
+    let setup = |e| transport_err(format!("setting up the socket from {peer}"), e);
+    sock.set_nodelay(cfg.nodelay).map_err(setup)?;
+    sock.set_read_timeout(Some(after)).map_err(setup)?;
+    sock.set_write_timeout(Some(after)).map_err(setup)?;
+    let mut buf = [0u8; HELLO_LEN];
+    (&sock)
+        .read_exact(&mut buf)
+        .map_err(|e| handshake_err(peer, after, e))?;
+    let ours = Hello::from_limits(&cfg.limits, cfg.max_in_flight);
+    let theirs = match Hello::decode(&buf) {
+        Ok(h) => h,
+        Err(e @ WireError::Version { .. }) => {
+            // Answer anyway, so that the client can report the mismatch as well.
+            let _ = write_all_vectored(&sock, &mut [&ours.encode()[..]]);
+            return Err(wire_err(e, "tcp handshake", &peer.to_string()));
+        }
+        Err(e) => return Err(wire_err(e, "tcp handshake", &peer.to_string())),
+    };
+    write_all_vectored(&sock, &mut [&ours.encode()[..]])
+        .map_err(|e| handshake_err(peer, after, e))?;
+    let limits = ours.negotiate(&theirs);
+    sock.set_read_timeout(cfg.idle.map(tick_for))
+        .map_err(setup)?;
+    sock.set_write_timeout(cfg.idle).map_err(setup)?;
+    tracing::debug!(%peer, ?limits, "tcp connection accepted");
+    let now = Instant::now();
+    Ok(Box::new(TcpServerConn {
+        shared: Arc::new(ConnShared {
+            sock,
+            write_lock: Mutex::new(()),
+            state: Mutex::new(ConnState {
+                in_flight: HashMap::new(),
+                last_reply: now,
+                closed: None,
+            }),
+            limits,
+            peer: peer.to_string(),
+        }),
+        pool,
+        idle: cfg.idle,
+        last_in: now,
+        broken: None,
+    }))
+}
+
+struct ConnState {
+    /// Requests received and not yet answered: id -> reply capacity.
+    in_flight: HashMap<u64, usize>,
+    last_reply: Instant,
+    /// Why the connection is closed, once it is.
+    closed: Option<String>,
+}
+
+/// What the receiving side and the repliers share; also the [`Replier`].
+struct ConnShared {
+    sock: TcpStream,
+    write_lock: Mutex<()>,
+    state: Mutex<ConnState>,
+    limits: Limits,
+    peer: String,
+}
+
+impl ConnShared {
+    fn close_with(&self, reason: String) {
+        lock(&self.state).closed.get_or_insert(reason);
+        shutdown(&self.sock);
+    }
+}
+
+impl Replier for ConnShared {
+    fn reply(&self, id: u64, header: &[u8], payload: &[Iobuf]) -> Result<()> {
+        let l = &self.limits;
+        let over = |what, value: usize, limit: usize| Error::LimitExceeded {
+            what,
+            value: value as u64,
+            limit: limit as u64,
+        };
+        if header.len() > l.max_header {
+            return Err(over("reply header length", header.len(), l.max_header));
+        }
+        if payload.len() > l.max_segments {
+            return Err(over(
+                "reply payload segments",
+                payload.len(),
+                l.max_segments,
+            ));
+        }
+        let total: usize = payload.iter().map(|b| b.len()).sum();
+        if total > l.max_payload {
+            return Err(over("reply payload", total, l.max_payload));
+        }
+        {
+            let mut st = lock(&self.state);
+            if let Some(r) = &st.closed {
+                return Err(Error::ConnectionClosed(r.clone()));
+            }
+            let Some(&cap) = st.in_flight.get(&id) else {
+                return Err(Error::InvalidArgument(format!(
+                    "reply to request id {id}, which is not in flight on the connection from {}",
+                    self.peer
+                )));
+            };
+            if total > cap {
+                return Err(over(
+                    "reply payload (the request's reply capacity)",
+                    total,
+                    cap,
+                ));
+            }
+            // Before the write: once the client has the reply it may reuse the slot, and
+            // its next request must not count this one.
+            st.in_flight.remove(&id);
+        }
+        let prefix = Prefix {
+            kind: Kind::Reply,
+            header_len: header.len(),
+            id,
+            payload_len: total,
+            recv_cap: 0,
+        }
+        .encode();
+        let mut parts: Vec<&[u8]> = Vec::with_capacity(2 + payload.len());
+        parts.push(&prefix);
+        parts.push(header);
+        parts.extend(payload.iter().map(|b| &b[..]));
+        let res = {
+            let _w = lock(&self.write_lock);
+            write_all_vectored(&self.sock, &mut parts)
+        };
+        match res {
+            Ok(()) => {
+                lock(&self.state).last_reply = Instant::now();
+                Ok(())
+            }
+            Err(e) => {
+                let what = format!("sending reply {id} to {}", self.peer);
+                self.close_with(format!("{what}: {e}"));
+                Err(transport_err(what, e))
+            }
+        }
+    }
+
+    fn close(&self) {
+        self.close_with(format!(
+            "the connection from {} was closed by the server",
+            self.peer
+        ));
+    }
+}
+
+/// The server's end of one connection.
+struct TcpServerConn {
+    shared: Arc<ConnShared>,
+    pool: Pool,
+    idle: Option<Duration>,
+    /// When the last complete request frame arrived (or the connection was accepted).
+    last_in: Instant,
+    /// Set after a failed `recv`: the stream is out of step for good.
+    broken: Option<String>,
+}
+
+impl TcpServerConn {
+    fn read_failure(&self, e: ReadError<Error>, what: &str, len: usize) -> Error {
+        match e {
+            ReadError::Tick(e) => e,
+            ReadError::Eof { got } => Error::ConnectionClosed(format!(
+                "{} closed the connection in the middle of a request frame ({got} of {len} bytes of {what})",
+                self.shared.peer
+            )),
+            ReadError::Io(e) => {
+                transport_err(format!("reading {what} from {}", self.shared.peer), e)
+            }
+        }
+    }
+
+    fn violation(&self, reason: String) -> Error {
+        Error::decode(
+            "tcp request frame",
+            format!("from {}: {reason}", self.shared.peer),
+        )
+    }
+
+    fn recv_frame(&mut self) -> Result<Option<Incoming>> {
+        let sh = &*self.shared;
+        let (idle, last_in) = (self.idle, self.last_in);
+        let mut ticker = Ticker::new(idle.map_or(Duration::from_secs(1), tick_for));
+        let mut tick = || -> Result<()> {
+            let Some(idle) = idle else { return Ok(()) };
+            let st = lock(&sh.state);
+            if !st.in_flight.is_empty() || last_in.max(st.last_reply).elapsed() < idle {
+                return Ok(());
+            }
+            Err(Error::Timeout {
+                what: format!(
+                    "idle tcp connection from {} (no complete request, server.idle_timeout)",
+                    sh.peer
+                ),
+                after: idle,
+            })
+        };
+
+        let mut pfx = [0u8; PREFIX_LEN];
+        match read_exact_vectored(&sh.sock, &mut [&mut pfx[..]], &mut ticker, &mut tick) {
+            Ok(()) => {}
+            Err(ReadError::Eof { got: 0 }) => return Ok(None),
+            Err(e) => return Err(self.read_failure(e, "a request prefix", PREFIX_LEN)),
+        }
+        let p = decode_prefix(&pfx, Kind::Request, &sh.limits)
+            .map_err(|e| self.violation(e.to_string()))?;
+        {
+            let st = lock(&sh.state);
+            if st.in_flight.contains_key(&p.id) {
+                return Err(self.violation(format!("request id {} is already in flight", p.id)));
+            }
+            if st.in_flight.len() >= sh.limits.max_in_flight {
+                return Err(self.violation(format!(
+                    "more than the negotiated {} requests in flight",
+                    sh.limits.max_in_flight
+                )));
+            }
+        }
+        let mut header = vec![0u8; p.header_len];
+        read_exact_vectored(&sh.sock, &mut [&mut header[..]], &mut ticker, &mut tick)
+            .map_err(|e| self.read_failure(e, "a request header", p.header_len))?;
+        let payload = if p.payload_len == 0 {
+            Vec::new()
+        } else {
+            let mut bufs = self.pool.get_span(p.payload_len)?;
+            {
+                let mut parts: Vec<&mut [u8]> =
+                    bufs.buffers_mut().iter_mut().map(|b| &mut b[..]).collect();
+                read_exact_vectored(&sh.sock, &mut parts, &mut ticker, &mut tick)
+                    .map_err(|e| self.read_failure(e, "a request payload", p.payload_len))?;
+            }
+            bufs.into_iter().map(IobufMut::freeze).collect()
+        };
+        lock(&sh.state).in_flight.insert(p.id, p.recv_cap);
+        self.last_in = Instant::now();
+        Ok(Some(Incoming {
+            id: p.id,
+            header,
+            payload,
+            reply_capacity: p.recv_cap,
+        }))
+    }
+}
+
+impl ServerConn for TcpServerConn {
+    fn limits(&self) -> Limits {
+        self.shared.limits
+    }
+
+    fn recv(&mut self) -> Result<Option<Incoming>> {
+        if let Some(r) = &self.broken {
+            return Err(Error::ConnectionClosed(r.clone()));
+        }
+        match self.recv_frame() {
+            Ok(v) => Ok(v),
+            Err(e) => {
+                let reason = format!("the connection from {} failed: {e}", self.shared.peer);
+                tracing::debug!(%reason, "tcp server connection ends");
+                self.shared.close_with(reason.clone());
+                self.broken = Some(reason);
+                Err(e)
+            }
+        }
+    }
+
+    fn replier(&self) -> Arc<dyn Replier> {
+        self.shared.clone()
+    }
+
+    fn peer(&self) -> String {
+        self.shared.peer.clone()
+    }
+}
