@@ -129,6 +129,11 @@ pub(crate) struct BenchArgs {
     /// Raw-socket baselines to run alongside, comma separated.
     #[arg(long, value_enum, value_delimiter = ',')]
     baseline: Vec<Baseline>,
+    /// Hostile TCP peers (garbage, truncated and oversized frames, duplicate ids, floods,
+    /// slowloris) attacking the server: each mode is then measured without and with the
+    /// attack, side by side.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=256))]
+    hostile: u32,
     /// Export directory of the embedded server (default: a temporary directory in $TMPDIR).
     #[arg(long, value_name = "DIR")]
     export: Option<PathBuf>,
@@ -280,16 +285,39 @@ pub(crate) fn run(a: BenchArgs) -> AnyResult<()> {
     );
     prepare_files(&setup, &a)?;
 
-    let mut runs: Vec<(String, Vec<Run>)> = a
+    if a.hostile > 0 && cfg.transport != "tcp" {
+        return Err("--hostile speaks raw TCP frames: use it with --transport tcp".into());
+    }
+    // Each mode, then (with --hostile) the same mode under attack.
+    let variants: Vec<(Mode, bool)> = a
         .mode
         .iter()
-        .map(|m| (m.name().to_string(), Vec::new()))
+        .flat_map(|m| {
+            let under = if a.hostile > 0 { vec![false, true] } else { vec![false] };
+            under.into_iter().map(move |h| (*m, h))
+        })
+        .collect();
+    let mut runs: Vec<(String, Vec<Run>)> = variants
+        .iter()
+        .map(|(m, h)| (format!("{}{}", m.name(), if *h { "+attack" } else { "" }), Vec::new()))
         .chain(a.baseline.iter().map(|b| (baseline_name(*b).to_string(), Vec::new())))
         .collect();
+    let attack_stats = Arc::new(crate::hostile::AttackStats::default());
     for r in 0..a.repeat {
-        for (k, m) in a.mode.iter().enumerate() {
-            let label = format!("{} #{}", m.name(), r + 1);
-            let run = measure(&a, &cfg, &connect, *m, &label)?;
+        for (k, (m, hostile)) in variants.iter().enumerate() {
+            let label = format!("{} #{}", runs[k].0, r + 1);
+            let stop = Arc::new(AtomicBool::new(false));
+            let attackers = if *hostile {
+                crate::hostile::start(cfg.client.connect.clone(), a.hostile as usize, stop.clone(), attack_stats.clone())
+            } else {
+                Vec::new()
+            };
+            let run = measure(&a, &cfg, &connect, *m, &label);
+            stop.store(true, Ordering::Relaxed);
+            for t in attackers {
+                let _ = t.join();
+            }
+            let run = run?;
             eprintln!("{}", run.line());
             runs[k].1.push(run);
         }
@@ -300,7 +328,7 @@ pub(crate) fn run(a: BenchArgs) -> AnyResult<()> {
                 Baseline::TcpPingpong => baseline::tcp_pingpong(a.bs, a.runtime, &label)?,
             };
             eprintln!("{}", run.line());
-            runs[a.mode.len() + k].1.push(run);
+            runs[variants.len() + k].1.push(run);
         }
     }
     if a.verify && !a.rw.is_read() {
@@ -310,6 +338,26 @@ pub(crate) fn run(a: BenchArgs) -> AnyResult<()> {
     let client_stats = client_pool.stats();
     let server_stats = _embedded.as_ref().map(|s| s.pool().stats());
     report(&a, &runs, &client_stats, server_stats.as_ref());
+    if a.hostile > 0 {
+        println!("attacks (class: tried / contained by close, error reply or back-pressure):");
+        for (i, name) in crate::hostile::CLASSES.iter().enumerate() {
+            println!(
+                "  {name:<36} {:>6} / {:<6}",
+                attack_stats.attacks[i].load(Ordering::Relaxed),
+                attack_stats.repelled[i].load(Ordering::Relaxed)
+            );
+        }
+        if let Some(s) = &_embedded {
+            let st = s.stats();
+            println!(
+                "server: {} connections accepted, {} ended by protocol errors, {} requests answered, pool {} in use",
+                st.accepted.load(Ordering::Relaxed),
+                st.failed_connections.load(Ordering::Relaxed),
+                st.requests.load(Ordering::Relaxed),
+                s.pool().stats().slots_in_use()
+            );
+        }
+    }
     Ok(())
 }
 

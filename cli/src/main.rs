@@ -6,6 +6,7 @@
 
 mod baseline;
 mod bench;
+mod hostile;
 mod soak;
 
 use std::path::PathBuf;

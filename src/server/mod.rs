@@ -50,6 +50,73 @@ struct Job {
     inc: Incoming,
 }
 
+/// Fair scheduling of requests over connections: each connection queues its own requests,
+/// and workers take one request at a time from the connections in round-robin order. A
+/// connection flooding the server with cheap requests gets its turn like every other and
+/// no more, instead of crowding a shared FIFO.
+struct Scheduler {
+    ready: Mutex<SchedState>,
+    cond: Condvar,
+}
+
+struct SchedState {
+    /// Connections with queued requests, each at most once.
+    ready: std::collections::VecDeque<Arc<Conn>>,
+    closed: bool,
+}
+
+impl Scheduler {
+    fn push(&self, conn: &Arc<Conn>, inc: Incoming) {
+        let schedule = {
+            let mut q = lock(&conn.queue);
+            q.jobs.push_back(inc);
+            !std::mem::replace(&mut q.scheduled, true)
+        };
+        if schedule {
+            lock(&self.ready).ready.push_back(conn.clone());
+            self.cond.notify_one();
+        }
+    }
+
+    /// The next request, or `None` once the scheduler is closed.
+    fn pop(&self) -> Option<Job> {
+        let mut st = lock(&self.ready);
+        loop {
+            if let Some(conn) = st.ready.pop_front() {
+                let (inc, more) = {
+                    let mut q = lock(&conn.queue);
+                    let inc = q.jobs.pop_front();
+                    let more = !q.jobs.is_empty();
+                    q.scheduled = more;
+                    (inc, more)
+                };
+                if more {
+                    st.ready.push_back(conn.clone());
+                }
+                match inc {
+                    Some(inc) => return Some(Job { conn, inc }),
+                    None => continue,
+                }
+            }
+            if st.closed {
+                return None;
+            }
+            st = self.cond.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    fn close(&self) {
+        lock(&self.ready).closed = true;
+        self.cond.notify_all();
+    }
+}
+
+#[derive(Default)]
+struct ConnQueue {
+    jobs: std::collections::VecDeque<Incoming>,
+    scheduled: bool,
+}
+
 /// A counting semaphore for requests in flight on one connection.
 struct Permits {
     free: Mutex<usize>,
@@ -90,6 +157,7 @@ struct Conn {
     hello: Mutex<Option<([u8; NONCE_LEN], [u8; NONCE_LEN])>>,
     authed: AtomicBool,
     permits: Permits,
+    queue: Mutex<ConnQueue>,
     shared: Arc<Shared>,
 }
 
@@ -170,18 +238,21 @@ impl Server {
 
     /// Starts the worker and accept threads and returns at once.
     pub fn spawn(self) -> Result<ServerHandle> {
-        let (tx, rx) = std::sync::mpsc::sync_channel::<Job>(4096);
-        let rx = Arc::new(Mutex::new(rx));
+        let sched = Arc::new(Scheduler {
+            ready: Mutex::new(SchedState {
+                ready: std::collections::VecDeque::new(),
+                closed: false,
+            }),
+            cond: Condvar::new(),
+        });
         for i in 0..self.shared.cfg.server.workers {
-            let rx = rx.clone();
+            let sched = sched.clone();
             std::thread::Builder::new()
                 .name(format!("zcio-worker-{i}"))
-                .spawn(move || loop {
-                    let job = match lock(&rx).recv() {
-                        Ok(j) => j,
-                        Err(_) => return,
-                    };
-                    handle(job);
+                .spawn(move || {
+                    while let Some(job) = sched.pop() {
+                        handle(job);
+                    }
                 })
                 .map_err(|e| Error::io("spawn worker thread", e))?;
         }
@@ -190,7 +261,7 @@ impl Server {
         let listener = self.listener.clone();
         let accept = std::thread::Builder::new()
             .name("zcio-accept".into())
-            .spawn(move || accept_loop(shared, listener, tx))
+            .spawn(move || accept_loop(shared, listener, sched))
             .map_err(|e| Error::io("spawn accept thread", e))?;
         Ok(ServerHandle {
             shared: self.shared,
@@ -262,24 +333,29 @@ impl Drop for ServerHandle {
 fn accept_loop(
     shared: Arc<Shared>,
     listener: Arc<dyn Listener>,
-    jobs: std::sync::mpsc::SyncSender<Job>,
+    jobs: Arc<Scheduler>,
 ) {
     loop {
         let conn = match listener.accept() {
             Ok(Ok(c)) => c,
             Ok(Err(e)) => {
-                tracing::warn!("connection attempt failed: {e}");
+                // A bad peer; counted, logged quietly (an attacker must not flood the log).
+                shared.stats.failed_connections.fetch_add(1, Ordering::Relaxed);
+                tracing::info!("connection attempt failed: {e}");
                 continue;
             }
             Err(e) => {
                 if !shared.stopping.load(Ordering::SeqCst) {
                     tracing::error!("accept failed, server stops: {e}");
                 }
+                // Workers finish what is queued, then exit.
+                jobs.close();
                 return;
             }
         };
         if shared.stopping.load(Ordering::SeqCst) {
             conn.replier().close();
+            jobs.close();
             return;
         }
         shared.stats.accepted.fetch_add(1, Ordering::Relaxed);
@@ -321,7 +397,7 @@ fn refuse_full(shared: &Shared, mut conn: Box<dyn ServerConn>) {
 fn serve_conn(
     shared: &Arc<Shared>,
     mut sc: Box<dyn ServerConn>,
-    jobs: &std::sync::mpsc::SyncSender<Job>,
+    jobs: &Scheduler,
 ) {
     let conn = Arc::new(Conn {
         replier: sc.replier(),
@@ -334,6 +410,7 @@ fn serve_conn(
             free: Mutex::new(shared.cfg.server.max_in_flight),
             cond: Condvar::new(),
         },
+        queue: Mutex::new(ConnQueue::default()),
         shared: shared.clone(),
     });
     {
@@ -346,15 +423,7 @@ fn serve_conn(
         conn.permits.acquire();
         match sc.recv() {
             Ok(Some(inc)) => {
-                if jobs
-                    .send(Job {
-                        conn: conn.clone(),
-                        inc,
-                    })
-                    .is_err()
-                {
-                    break;
-                }
+                jobs.push(&conn, inc);
             }
             Ok(None) => break,
             Err(e) => {

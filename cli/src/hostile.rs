@@ -1,0 +1,237 @@
+//! Hostile TCP peers, for `zcio bench --hostile N`: attackers that hammer a server while
+//! the benchmark measures what well-behaved clients still get.
+//!
+//! Each attacker thread cycles through the classes below on fresh connections until told
+//! to stop. None of them may crash the server, make it exceed its memory bounds, or stall
+//! its other clients; each attack must end with an error reply or the server closing
+//! that connection (or, for the slow ones, the attacker giving up).
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+use zcio::proto::{Req, NONCE_LEN};
+use zcio::transport::{Limits, MAX_HEADER};
+use zcio_tcp::wire::{Hello, Kind, Prefix};
+
+/// The attack classes, in the order each attacker cycles through them.
+pub(crate) const CLASSES: [&str; 8] = [
+    "garbage bytes",
+    "truncated frame",
+    "huge lengths",
+    "duplicate request ids",
+    "reply where a request is expected",
+    "thousands of tiny requests",
+    "slowloris partial frame",
+    "oversized in-flight window",
+];
+
+/// Counts per class of how attacks ended.
+#[derive(Default)]
+pub(crate) struct AttackStats {
+    pub(crate) attacks: [AtomicU64; CLASSES.len()],
+    /// Attacks the server contained: a close, an error reply or back-pressure.
+    pub(crate) repelled: [AtomicU64; CLASSES.len()],
+}
+
+fn hello_bytes() -> [u8; zcio_tcp::wire::HELLO_LEN] {
+    let l = Limits {
+        max_segments: 256,
+        max_payload: 1 << 20,
+        max_header: MAX_HEADER,
+        max_in_flight: 64,
+        inline_threshold: 0,
+        rdma_payload: false,
+    };
+    Hello::from_limits(&l, 64).encode()
+}
+
+fn prefix(kind: Kind, header_len: usize, id: u64, payload_len: usize, recv_cap: usize) -> [u8; 24] {
+    Prefix {
+        kind,
+        header_len,
+        id,
+        payload_len,
+        recv_cap,
+    }
+    .encode()
+}
+
+/// Reads until the server closes (Ok(true)), an error (Ok(true): reset counts as closed),
+/// or `limit` passes (Ok(false)).
+fn server_closes(s: &mut TcpStream, limit: Duration) -> bool {
+    let _ = s.set_read_timeout(Some(Duration::from_millis(200)));
+    let t0 = Instant::now();
+    let mut buf = [0u8; 4096];
+    while t0.elapsed() < limit {
+        match s.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => {}
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+            Err(_) => return true,
+        }
+    }
+    false
+}
+
+fn connect(addr: &str) -> Option<TcpStream> {
+    let s = TcpStream::connect(addr).ok()?;
+    let _ = s.set_nodelay(true);
+    let _ = s.set_write_timeout(Some(Duration::from_secs(5)));
+    Some(s)
+}
+
+/// Handshake, reading the server's hello back.
+fn handshake(addr: &str) -> Option<TcpStream> {
+    let mut s = connect(addr)?;
+    s.write_all(&hello_bytes()).ok()?;
+    let mut h = [0u8; zcio_tcp::wire::HELLO_LEN];
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    s.read_exact(&mut h).ok()?;
+    Some(s)
+}
+
+fn request(id: u64, req: &Req) -> Vec<u8> {
+    let h = req.encode();
+    let mut v = prefix(Kind::Request, h.len(), id, 0, 4096).to_vec();
+    v.extend_from_slice(&h);
+    v
+}
+
+/// Runs one attack of class `k`; true if the server repelled it.
+fn attack(addr: &str, k: usize, stop: &AtomicBool) -> bool {
+    let mut rng = rand::thread_rng();
+    match k {
+        0 => {
+            let Some(mut s) = connect(addr) else { return false };
+            let junk: Vec<u8> = (0..rng.gen_range(1..4096)).map(|_| rng.gen()).collect();
+            let _ = s.write_all(&junk);
+            server_closes(&mut s, Duration::from_secs(10))
+        }
+        1 => {
+            let Some(mut s) = handshake(addr) else { return false };
+            let p = prefix(Kind::Request, 100, 1, 0, 0);
+            let _ = s.write_all(&p[..rng.gen_range(1..24)]);
+            let _ = s.shutdown(std::net::Shutdown::Write);
+            server_closes(&mut s, Duration::from_secs(10))
+        }
+        2 => {
+            let Some(mut s) = handshake(addr) else { return false };
+            let p = match rng.gen_range(0..3) {
+                0 => prefix(Kind::Request, 65535, 1, 0, 0),
+                1 => prefix(Kind::Request, 4, 1, u32::MAX as usize, 0),
+                _ => prefix(Kind::Request, 4, 1, 0, u32::MAX as usize),
+            };
+            let _ = s.write_all(&p);
+            server_closes(&mut s, Duration::from_secs(10))
+        }
+        3 => {
+            let Some(mut s) = handshake(addr) else { return false };
+            // The same id twice while the first may be in flight, never reading replies.
+            let r = request(7, &Req::Stat { path: String::new() });
+            for _ in 0..64 {
+                if s.write_all(&r).is_err() {
+                    break;
+                }
+            }
+            server_closes(&mut s, Duration::from_secs(10))
+        }
+        4 => {
+            let Some(mut s) = handshake(addr) else { return false };
+            let mut v = prefix(Kind::Reply, 4, 1, 0, 0).to_vec();
+            v.extend_from_slice(&[0, 0, 0, 0]);
+            let _ = s.write_all(&v);
+            server_closes(&mut s, Duration::from_secs(10))
+        }
+        5 => {
+            // Thousands of tiny valid requests, pipelined, replies never read: the server
+            // must push back (its in-flight limit, then TCP) rather than queue without end.
+            let Some(mut s) = handshake(addr) else { return false };
+            let mut sent = 0;
+            let _ = s.set_write_timeout(Some(Duration::from_millis(500)));
+            // 100000 x 46 bytes: more than the socket buffers hold.
+            for id in 0..100_000u64 {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                let r = request(id, &Req::Hello {
+                    version: zcio::proto::VERSION,
+                    client_nonce: [0; NONCE_LEN],
+                });
+                if s.write_all(&r).is_err() {
+                    break;
+                }
+                sent += 1;
+            }
+            // Contained if the server pushed back (it stopped reading: its in-flight limit,
+            // then TCP), or kept answering valid requests; either way it stayed bounded.
+            if sent < 100_000 {
+                return true;
+            }
+            let mut first = [0u8; 28];
+            s.read_exact(&mut first).is_ok() || server_closes(&mut s, Duration::from_secs(2))
+        }
+        6 => {
+            // One byte of a frame every 100 ms: the idle timeout must end it; the attacker
+            // gives up after 3 s (the server's default idle timeout is much longer).
+            let Some(mut s) = handshake(addr) else { return false };
+            let p = prefix(Kind::Request, 10, 1, 0, 0);
+            let t0 = Instant::now();
+            for b in p.iter() {
+                if stop.load(Ordering::Relaxed) || t0.elapsed() > Duration::from_secs(3) {
+                    break;
+                }
+                if s.write_all(&[*b]).is_err() {
+                    return true;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            // Not closed yet is expected: what matters is that the others were served.
+            true
+        }
+        _ => {
+            // More requests in flight than negotiated, before hello: each is refused with
+            // an error reply ("hello first"), or the connection is closed.
+            let Some(mut s) = handshake(addr) else { return false };
+            for id in 0..200u64 {
+                let r = request(id + 1000, &Req::Stat { path: String::new() });
+                if s.write_all(&r).is_err() {
+                    break;
+                }
+            }
+            let mut first = [0u8; 28];
+            match s.read_exact(&mut first) {
+                // A reply frame whose status (first header word) is an error.
+                Ok(()) => u32::from_le_bytes([first[24], first[25], first[26], first[27]]) != 0,
+                Err(_) => true,
+            }
+        }
+    }
+}
+
+/// Starts `n` attacker threads against `addr`; they run until `stop`.
+pub(crate) fn start(
+    addr: String,
+    n: usize,
+    stop: Arc<AtomicBool>,
+    stats: Arc<AttackStats>,
+) -> Vec<std::thread::JoinHandle<()>> {
+    (0..n)
+        .map(|i| {
+            let (addr, stop, stats) = (addr.clone(), stop.clone(), stats.clone());
+            std::thread::spawn(move || {
+                let mut k = i % CLASSES.len();
+                while !stop.load(Ordering::Relaxed) {
+                    stats.attacks[k].fetch_add(1, Ordering::Relaxed);
+                    if attack(&addr, k, &stop) {
+                        stats.repelled[k].fetch_add(1, Ordering::Relaxed);
+                    }
+                    k = (k + 1) % CLASSES.len();
+                }
+            })
+        })
+        .collect()
+}
