@@ -428,7 +428,8 @@ enum Op {
     Pool(Completion<Iobref>),
     Vecs(Completion<(usize, Vec<Vec<u8>>)>),
     PoolWrite(Completion<(usize, Iobref)>),
-    Group(Vec<Completion<(usize, Vec<Vec<u8>>)>>),
+    /// Per-segment mode: the first segment's request; the rest follow one by one.
+    Chain(usize, Completion<(usize, Vec<Vec<u8>>)>),
 }
 
 struct InFlight {
@@ -462,6 +463,23 @@ impl Job<'_> {
             .unwrap_or_else(|| vec![vec![0u8; self.seg]; self.a.segments as usize])
     }
 
+    /// Starts the request for segment `k` of a per-segment operation at `off`.
+    fn segment(&mut self, fi: usize, file: u32, off: u64, k: usize) -> AnyResult<Completion<(usize, Vec<Vec<u8>>)>> {
+        let seg = self.seg;
+        let at = off + (k * seg) as u64;
+        let mut v = self.spare.pop().unwrap_or_else(|| vec![vec![0u8; seg]]);
+        v.truncate(1);
+        v[0].resize(seg, 0);
+        Ok(if self.a.rw.is_read() {
+            self.files[fi].preadv_async(v, at)?
+        } else {
+            if self.a.verify {
+                pattern_fill(&mut v[0], file, at);
+            }
+            self.files[fi].pwritev_async(v, at)?
+        })
+    }
+
     fn next_pos(&mut self) -> (usize, u64) {
         let bs = self.a.bs as u64;
         let blocks = (self.a.size as u64 / bs).max(1);
@@ -492,14 +510,7 @@ impl Job<'_> {
                 let v = self.iovecs();
                 Op::Vecs(self.files[fi].preadv_async(v, off)?)
             }
-            (Mode::PerSegment, true) => {
-                let mut g = Vec::with_capacity(n);
-                for k in 0..n {
-                    let v = self.spare.pop().unwrap_or_else(|| vec![vec![0u8; seg]]);
-                    g.push(self.files[fi].preadv_async(v, off + (k * seg) as u64)?);
-                }
-                Op::Group(g)
-            }
+            (Mode::PerSegment, _) => Op::Chain(fi, self.segment(fi, file, off, 0)?),
             (Mode::ZeroCopy, false) => {
                 let mut bufs = self.client.get_buffers(seg, n)?;
                 if verify {
@@ -539,17 +550,6 @@ impl Job<'_> {
                 }
                 self.spare.push(v);
                 Op::PoolWrite(self.files[fi].zero_writev_async(bufs, off)?)
-            }
-            (Mode::PerSegment, false) => {
-                let mut g = Vec::with_capacity(n);
-                for k in 0..n {
-                    let mut v = self.spare.pop().unwrap_or_else(|| vec![vec![0u8; seg]]);
-                    if verify {
-                        pattern_fill(&mut v[0], file, off + (k * seg) as u64);
-                    }
-                    g.push(self.files[fi].pwritev_async(v, off + (k * seg) as u64)?);
-                }
-                Op::Group(g)
             }
         };
         Ok(InFlight {
@@ -598,15 +598,22 @@ impl Job<'_> {
                 n
             }
             Op::PoolWrite(c) => c.wait()?.0,
-            Op::Group(g) => {
+            Op::Chain(fi, first) => {
+                // One request per segment, each issued when the previous one is done: the
+                // kernel's FUSE direct I/O before the 2012 scatter-gather patch.
                 let mut total = 0;
-                for (k, c) in g.into_iter().enumerate() {
-                    let (n, v) = c.wait()?;
+                let mut cur = first;
+                for k in 0..self.a.segments as usize {
+                    let (n, v) = cur.wait()?;
                     if verify {
                         check_iovecs(&v, n, f.file, f.off + (k * self.seg) as u64)?;
                     }
                     self.spare.push(v);
                     total += n;
+                    if k + 1 == self.a.segments as usize {
+                        break;
+                    }
+                    cur = self.segment(fi, f.file, f.off, k + 1)?;
                 }
                 total
             }

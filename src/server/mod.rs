@@ -135,6 +135,10 @@ impl Permits {
         *lock(&self.free) += 1;
         self.cond.notify_one();
     }
+
+    fn available(&self) -> usize {
+        *lock(&self.free)
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -423,7 +427,17 @@ fn serve_conn(
         conn.permits.acquire();
         match sc.recv() {
             Ok(Some(inc)) => {
-                jobs.push(&conn, inc);
+                // A client with one request outstanding (a synchronous caller) is served on
+                // this thread: one thread hand-off less per request. Deeper queues go to
+                // the workers, which run them in parallel.
+                if conn.permits.available() + 1 == shared.cfg.server.max_in_flight {
+                    handle(Job {
+                        conn: conn.clone(),
+                        inc,
+                    });
+                } else {
+                    jobs.push(&conn, inc);
+                }
             }
             Ok(None) => break,
             Err(e) => {
