@@ -116,6 +116,20 @@ enum Cmd {
     },
     /// List RDMA devices, ports, states and GIDs, or say why there are none.
     Devices,
+    /// Test helper: writes numbered 64 KiB blocks to PATH in order and appends the index of
+    /// each acknowledged block to LOG; used to check that killing a client mid-write loses
+    /// nothing acknowledged and tears nothing.
+    #[command(hide = true)]
+    ProbeWriter {
+        /// Server address.
+        addr: String,
+        /// File on the server.
+        path: String,
+        /// Local log of acknowledged blocks.
+        log: PathBuf,
+        #[command(flatten)]
+        common: Common,
+    },
     /// Print the effective configuration (defaults, file and flags merged) as TOML.
     Config {
         #[command(flatten)]
@@ -212,6 +226,28 @@ fn run(cli: Cli) -> AnyResult<()> {
             copy_put(&c, &local, &path)
         }
         Cmd::Devices => devices(),
+        Cmd::ProbeWriter {
+            addr,
+            path,
+            log,
+            common,
+        } => {
+            use std::io::Write;
+            let c = connect(&common, &addr)?;
+            let f = c.open(&path, OpenFlags::rw() | OpenFlags::CREATE)?;
+            let mut log = std::fs::OpenOptions::new().create(true).append(true).open(log)?;
+            for i in 0u64.. {
+                let block = vec![(i % 251) as u8 + 1; 64 << 10];
+                // Many segments, so a write is in flight for a while.
+                let iov: Vec<std::io::IoSlice<'_>> = block.chunks(4096).map(std::io::IoSlice::new).collect();
+                let n = f.pwritev(&iov, (i % 1024) * (64 << 10))?;
+                if n != block.len() {
+                    return Err(format!("short write {n}").into());
+                }
+                writeln!(log, "{i}")?;
+            }
+            Ok(())
+        }
         Cmd::Config { common } => {
             print!("{}", common.load()?.to_toml());
             Ok(())
