@@ -661,7 +661,11 @@ impl File {
     /// Starts a read at `offset` into the caller's own buffers (moved in for the duration,
     /// filled directly by the transport, and handed back): the async `preadv`.
     /// Completes with the bytes read and the buffers.
-    pub fn preadv_async(&self, bufs: Vec<Vec<u8>>, offset: u64) -> Result<Completion<(usize, Vec<Vec<u8>>)>> {
+    pub fn preadv_async(
+        &self,
+        bufs: Vec<Vec<u8>>,
+        offset: u64,
+    ) -> Result<Completion<(usize, Vec<Vec<u8>>)>> {
         let l = self.limits();
         let lens: Vec<usize> = bufs.iter().map(Vec::len).collect();
         let groups = group_lens(&lens, l.max_segments, l.max_payload)?;
@@ -701,7 +705,11 @@ impl File {
 
     /// Starts a write of the caller's own buffers at `offset` (moved in, sent directly,
     /// handed back): the async `pwritev`.
-    pub fn pwritev_async(&self, bufs: Vec<Vec<u8>>, offset: u64) -> Result<Completion<(usize, Vec<Vec<u8>>)>> {
+    pub fn pwritev_async(
+        &self,
+        bufs: Vec<Vec<u8>>,
+        offset: u64,
+    ) -> Result<Completion<(usize, Vec<Vec<u8>>)>> {
         let l = self.limits();
         let lens: Vec<usize> = bufs.iter().map(Vec::len).collect();
         let groups = group_lens(&lens, l.max_segments, l.max_payload)?;
@@ -842,7 +850,11 @@ impl Drop for File {
 
 /// Groups whole buffers of the given lengths into requests within the limits: returns
 /// `(buffers, bytes)` per request.
-fn group_lens(lens: &[usize], max_segments: usize, max_payload: usize) -> Result<Vec<(usize, usize)>> {
+fn group_lens(
+    lens: &[usize],
+    max_segments: usize,
+    max_payload: usize,
+) -> Result<Vec<(usize, usize)>> {
     let mut out = Vec::new();
     let (mut count, mut bytes) = (0usize, 0usize);
     for &len in lens {
@@ -867,7 +879,11 @@ fn group_lens(lens: &[usize], max_segments: usize, max_payload: usize) -> Result
 }
 
 /// Groups whole pool buffers into requests within the limits.
-fn group_buffers(bufs: Vec<IobufMut>, max_segments: usize, max_payload: usize) -> Result<Vec<Vec<IobufMut>>> {
+fn group_buffers(
+    bufs: Vec<IobufMut>,
+    max_segments: usize,
+    max_payload: usize,
+) -> Result<Vec<Vec<IobufMut>>> {
     let lens: Vec<usize> = bufs.iter().map(|b| b.len()).collect();
     let mut it = bufs.into_iter();
     Ok(group_lens(&lens, max_segments, max_payload)?

@@ -177,13 +177,20 @@ pub fn preadv_shapes(t: Arc<dyn Transport>) {
                 _ => data.len() as u64 - (total as u64 / 2),
             };
             let mut bufs: Vec<Vec<u8>> = shape.iter().map(|&n| vec![0xAA; n]).collect();
-            let mut iov: Vec<IoSliceMut<'_>> = bufs.iter_mut().map(|b| IoSliceMut::new(b)).collect();
+            let mut iov: Vec<IoSliceMut<'_>> =
+                bufs.iter_mut().map(|b| IoSliceMut::new(b)).collect();
             let n = f.preadv(&mut iov, offset).unwrap();
             let want = total.min(data.len() - offset as usize);
             assert_eq!(n, want, "{name} at {offset}: length");
             let got: Vec<u8> = bufs.concat();
-            assert!(got[..n] == data[offset as usize..offset as usize + n], "{name} at {offset}: data");
-            assert!(got[n..].iter().all(|&b| b == 0xAA), "{name}: bytes beyond the read were written");
+            assert!(
+                got[..n] == data[offset as usize..offset as usize + n],
+                "{name} at {offset}: data"
+            );
+            assert!(
+                got[n..].iter().all(|&b| b == 0xAA),
+                "{name}: bytes beyond the read were written"
+            );
         }
     }
     // Entirely past the end.
@@ -232,9 +239,15 @@ pub fn zero_copy_family(t: Arc<dyn Transport>) {
     let h = Harness::start(t, |_| {});
     let c = h.client();
     let f = c.open("z", OpenFlags::rw() | OpenFlags::CREATE).unwrap();
-    for (i, (count, size)) in [(1usize, 1usize << 20), (32, 4096), (256, 4096), (5, 65536), (300, 4096)]
-        .into_iter()
-        .enumerate()
+    for (i, (count, size)) in [
+        (1usize, 1usize << 20),
+        (32, 4096),
+        (256, 4096),
+        (5, 65536),
+        (300, 4096),
+    ]
+    .into_iter()
+    .enumerate()
     {
         let mut bufs = c.get_buffers(size, count).unwrap();
         let data = pattern(200 + i as u64, size * count);
@@ -246,8 +259,14 @@ pub fn zero_copy_family(t: Arc<dyn Transport>) {
         drop(bufs);
         let back = f.zero_readv(size * count, off).unwrap();
         assert_eq!(back.total_len(), size * count);
-        assert!(back.to_vec() == data, "zero_readv returned other bytes ({count} x {size})");
-        assert!(back.buffers().iter().all(|b| b.as_ptr() as usize % 4096 == 0));
+        assert!(
+            back.to_vec() == data,
+            "zero_readv returned other bytes ({count} x {size})"
+        );
+        assert!(back
+            .buffers()
+            .iter()
+            .all(|b| b.as_ptr() as usize % 4096 == 0));
     }
     // Short read at the end of the file.
     let size = f.stat().unwrap().size;
@@ -257,7 +276,11 @@ pub fn zero_copy_family(t: Arc<dyn Transport>) {
     let client_pool = c.pool().clone();
     drop(tail);
     drop(f);
-    assert_eq!(client_pool.stats().slots_in_use(), 0, "client buffers leaked");
+    assert_eq!(
+        client_pool.stats().slots_in_use(),
+        0,
+        "client buffers leaked"
+    );
     drop(c);
     h.assert_server_clean();
 }
@@ -278,7 +301,10 @@ pub fn async_in_flight(t: Arc<dyn Transport>) {
         } else {
             crate::transport::block_on(p).unwrap()
         };
-        assert!(got.to_vec() == data[i * 65536..(i + 1) * 65536], "async read {i}");
+        assert!(
+            got.to_vec() == data[i * 65536..(i + 1) * 65536],
+            "async read {i}"
+        );
     }
     // Reads into caller-provided pool buffers: 32 x (16 x 4 KiB).
     let pending: Vec<_> = (0..32)
@@ -292,12 +318,18 @@ pub fn async_in_flight(t: Arc<dyn Transport>) {
     }
     // The async preadv into the caller's own memory: 32 x (4 x 16 KiB).
     let pending: Vec<_> = (0..32)
-        .map(|i| f.preadv_async(vec![vec![0u8; 16384]; 4], i as u64 * 65536).unwrap())
+        .map(|i| {
+            f.preadv_async(vec![vec![0u8; 16384]; 4], i as u64 * 65536)
+                .unwrap()
+        })
         .collect();
     for (i, p) in pending.into_iter().enumerate() {
         let (n, bufs) = p.wait().unwrap();
         assert_eq!((n, bufs.len()), (65536, 4));
-        assert!(bufs.concat() == data[i * 65536..(i + 1) * 65536], "preadv_async {i}");
+        assert!(
+            bufs.concat() == data[i * 65536..(i + 1) * 65536],
+            "preadv_async {i}"
+        );
     }
     // The async pwritev from the caller's own memory, then back to the original.
     let pending: Vec<_> = (0..32)
@@ -385,7 +417,10 @@ pub fn o_direct(t: Arc<dyn Transport>) {
         Err(Error::Remote { code, .. }) => assert_eq!(code, libc::EINVAL as u32),
         Ok(n) => {
             assert_eq!(n, 100);
-            assert!(odd[..] == data[1..101], "misaligned O_DIRECT read mangled the data");
+            assert!(
+                odd[..] == data[1..101],
+                "misaligned O_DIRECT read mangled the data"
+            );
         }
         Err(e) => panic!("misaligned O_DIRECT read: {e}"),
     }
@@ -419,17 +454,29 @@ pub fn escapes_refused(t: Arc<dyn Transport>) {
     ] {
         match c.open(p, OpenFlags::READ) {
             Err(Error::Remote { code, .. }) => {
-                assert_eq!(code, Status::OutsideExport as u32, "{p}: wrong refusal code")
+                assert_eq!(
+                    code,
+                    Status::OutsideExport as u32,
+                    "{p}: wrong refusal code"
+                )
             }
             Ok(_) => panic!("{p}: escaped the export"),
             Err(e) => panic!("{p}: {e}"),
         }
         assert!(c.stat(p).is_err(), "stat {p}");
     }
-    assert!(c.open("out/new", OpenFlags::rw() | OpenFlags::CREATE).is_err());
-    assert!(!outside.path().join("new").exists(), "created a file outside the export");
+    assert!(c
+        .open("out/new", OpenFlags::rw() | OpenFlags::CREATE)
+        .is_err());
+    assert!(
+        !outside.path().join("new").exists(),
+        "created a file outside the export"
+    );
     assert!(c.unlink("out/secret").is_err());
-    assert!(outside.path().join("secret").exists(), "unlinked a file outside the export");
+    assert!(
+        outside.path().join("secret").exists(),
+        "unlinked a file outside the export"
+    );
     assert!(c.list("out").is_err());
     assert!(c.list("..").is_err());
     let f = c.open("in_link", OpenFlags::READ).unwrap();
@@ -571,17 +618,28 @@ pub fn metadata_ops(t: Arc<dyn Transport>) {
     assert_eq!(l.len(), 300);
     assert_eq!(l[7].name, "file007");
     assert_eq!(l[7].size, 7);
-    assert!(c.list("").unwrap().iter().any(|e| e.name == "dir" && e.is_dir));
+    assert!(c
+        .list("")
+        .unwrap()
+        .iter()
+        .any(|e| e.name == "dir" && e.is_dir));
     assert!(c.stat("dir").unwrap().is_dir());
     assert!(c.stat("").unwrap().is_dir());
-    let f = c.open("dir/t", OpenFlags::rw() | OpenFlags::CREATE).unwrap();
+    let f = c
+        .open("dir/t", OpenFlags::rw() | OpenFlags::CREATE)
+        .unwrap();
     f.pwrite(b"0123456789", 0).unwrap();
     f.truncate(4).unwrap();
     f.fsync().unwrap();
     assert_eq!(c.stat("dir/t").unwrap().size, 4);
     assert!(c.stat("dir/t").unwrap().is_file());
     f.close().unwrap();
-    assert!(c.open("dir/t", OpenFlags::READ | OpenFlags::CREATE | OpenFlags::EXCL).is_err());
+    assert!(c
+        .open(
+            "dir/t",
+            OpenFlags::READ | OpenFlags::CREATE | OpenFlags::EXCL
+        )
+        .is_err());
     c.unlink("dir/t").unwrap();
     match c.stat("dir/t") {
         Err(Error::Remote { code, .. }) => assert_eq!(code, libc::ENOENT as u32),

@@ -217,7 +217,9 @@ fn pattern_check(buf: &[u8], file: u32, off: u64) -> Result<(), String> {
         let o = off + i as u64;
         let want = (o as u8) ^ ((o >> 8) as u8).wrapping_mul(31) ^ (file as u8).wrapping_mul(101);
         if b != want {
-            return Err(format!("file {file} offset {o}: read {b:#04x}, expected {want:#04x}"));
+            return Err(format!(
+                "file {file} offset {o}: read {b:#04x}, expected {want:#04x}"
+            ));
         }
     }
     Ok(())
@@ -229,7 +231,11 @@ fn file_name(i: u32) -> String {
 
 pub(crate) fn run(a: BenchArgs) -> AnyResult<()> {
     if a.bs == 0 || a.bs % a.segments as usize != 0 {
-        return Err(format!("--bs {} must be a non-zero multiple of --segments {}", a.bs, a.segments).into());
+        return Err(format!(
+            "--bs {} must be a non-zero multiple of --segments {}",
+            a.bs, a.segments
+        )
+        .into());
     }
     if a.size < a.bs {
         return Err(format!("--size {} is smaller than --bs {}", a.size, a.bs).into());
@@ -261,12 +267,19 @@ pub(crate) fn run(a: BenchArgs) -> AnyResult<()> {
             _embedded = Some(server);
         }
     }
-    cfg.limits.max_in_flight = cfg.limits.max_in_flight.max((a.iodepth * a.segments) as usize + 8);
+    cfg.limits.max_in_flight = cfg
+        .limits
+        .max_in_flight
+        .max((a.iodepth * a.segments) as usize + 8);
     let t = reg.get(&cfg.transport, &cfg)?;
     // One client pool shared by every job, as an application would.
     let client_pool = zcio::Pool::new(&cfg.pool)?;
     let connect = |cfg: &Config| -> AnyResult<Client> {
-        Ok(Client::connect_transport(cfg, t.as_ref(), client_pool.clone())?)
+        Ok(Client::connect_transport(
+            cfg,
+            t.as_ref(),
+            client_pool.clone(),
+        )?)
     };
     let setup = connect(&cfg)?;
     eprintln!(
@@ -274,7 +287,11 @@ pub(crate) fn run(a: BenchArgs) -> AnyResult<()> {
         if a.verify { "verified " } else { "" },
         cfg.transport,
         cfg.client.connect,
-        if a.server.is_none() { " (embedded server)" } else { "" },
+        if a.server.is_none() {
+            " (embedded server)"
+        } else {
+            ""
+        },
         a.rw,
         zcio::pool::human_size(a.bs),
         a.segments,
@@ -293,14 +310,27 @@ pub(crate) fn run(a: BenchArgs) -> AnyResult<()> {
         .mode
         .iter()
         .flat_map(|m| {
-            let under = if a.hostile > 0 { vec![false, true] } else { vec![false] };
+            let under = if a.hostile > 0 {
+                vec![false, true]
+            } else {
+                vec![false]
+            };
             under.into_iter().map(move |h| (*m, h))
         })
         .collect();
     let mut runs: Vec<(String, Vec<Run>)> = variants
         .iter()
-        .map(|(m, h)| (format!("{}{}", m.name(), if *h { "+attack" } else { "" }), Vec::new()))
-        .chain(a.baseline.iter().map(|b| (baseline_name(*b).to_string(), Vec::new())))
+        .map(|(m, h)| {
+            (
+                format!("{}{}", m.name(), if *h { "+attack" } else { "" }),
+                Vec::new(),
+            )
+        })
+        .chain(
+            a.baseline
+                .iter()
+                .map(|b| (baseline_name(*b).to_string(), Vec::new())),
+        )
         .collect();
     let attack_stats = Arc::new(crate::hostile::AttackStats::default());
     for r in 0..a.repeat {
@@ -308,7 +338,12 @@ pub(crate) fn run(a: BenchArgs) -> AnyResult<()> {
             let label = format!("{} #{}", runs[k].0, r + 1);
             let stop = Arc::new(AtomicBool::new(false));
             let attackers = if *hostile {
-                crate::hostile::start(cfg.client.connect.clone(), a.hostile as usize, stop.clone(), attack_stats.clone())
+                crate::hostile::start(
+                    cfg.client.connect.clone(),
+                    a.hostile as usize,
+                    stop.clone(),
+                    attack_stats.clone(),
+                )
             } else {
                 Vec::new()
             };
@@ -378,7 +413,10 @@ fn prepare_files(c: &Client, a: &BenchArgs) -> AnyResult<()> {
                 continue;
             }
         }
-        let f = c.open(&name, OpenFlags::rw() | OpenFlags::CREATE | OpenFlags::TRUNCATE)?;
+        let f = c.open(
+            &name,
+            OpenFlags::rw() | OpenFlags::CREATE | OpenFlags::TRUNCATE,
+        )?;
         let mut off = 0usize;
         let mut inflight = VecDeque::new();
         while off < a.size {
@@ -464,7 +502,13 @@ impl Job<'_> {
     }
 
     /// Starts the request for segment `k` of a per-segment operation at `off`.
-    fn segment(&mut self, fi: usize, file: u32, off: u64, k: usize) -> AnyResult<Completion<(usize, Vec<Vec<u8>>)>> {
+    fn segment(
+        &mut self,
+        fi: usize,
+        file: u32,
+        off: u64,
+        k: usize,
+    ) -> AnyResult<Completion<(usize, Vec<Vec<u8>>)>> {
         let seg = self.seg;
         let at = off + (k * seg) as u64;
         let mut v = self.spare.pop().unwrap_or_else(|| vec![vec![0u8; seg]]);
@@ -490,7 +534,10 @@ impl Job<'_> {
             self.cursor = (self.cursor + 1) % (blocks * self.files.len() as u64);
             k
         };
-        ((k % self.files.len() as u64) as usize, (k / self.files.len() as u64) * bs)
+        (
+            (k % self.files.len() as u64) as usize,
+            (k / self.files.len() as u64) * bs,
+        )
     }
 
     fn submit(&mut self) -> AnyResult<InFlight> {
@@ -619,7 +666,14 @@ impl Job<'_> {
             }
         };
         if n != self.a.bs {
-            return Err(format!("short {} at file {} offset {}: {n} of {} bytes", if read { "read" } else { "write" }, f.file, f.off, self.a.bs).into());
+            return Err(format!(
+                "short {} at file {} offset {}: {n} of {} bytes",
+                if read { "read" } else { "write" },
+                f.file,
+                f.off,
+                self.a.bs
+            )
+            .into());
         }
         self.lat.push(f.start.elapsed().as_nanos() as u64);
         self.bytes += n as u64;
@@ -664,7 +718,11 @@ fn measure(
                 let progress = progress.clone();
                 s.spawn(move || -> AnyResult<(u64, u64, Vec<u64>)> {
                     let client = connect(cfg).map_err(|e| e.to_string())?;
-                    let flags = if a.rw.is_read() { OpenFlags::READ } else { OpenFlags::rw() };
+                    let flags = if a.rw.is_read() {
+                        OpenFlags::READ
+                    } else {
+                        OpenFlags::rw()
+                    };
                     // Job j starts at file j so jobs spread over the files.
                     let file_ids: Vec<u32> = (0..a.files).map(|k| (k + j) % a.files).collect();
                     let files = file_ids
@@ -720,7 +778,10 @@ fn measure(
         stop.store(true, Ordering::Relaxed);
         handles
             .into_iter()
-            .map(|h| h.join().unwrap_or_else(|_| Err("job thread panicked".into())))
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err("job thread panicked".into()))
+            })
             .collect()
     });
     bar.finish_and_clear();
@@ -754,8 +815,16 @@ fn median(v: &[f64]) -> f64 {
     }
 }
 
-fn report(a: &BenchArgs, runs: &[(String, Vec<Run>)], client: &zcio::pool::PoolStats, server: Option<&zcio::pool::PoolStats>) {
-    let reference = runs.first().map(|(_, r)| median(&r.iter().map(Run::mbps).collect::<Vec<_>>())).unwrap_or(0.0);
+fn report(
+    a: &BenchArgs,
+    runs: &[(String, Vec<Run>)],
+    client: &zcio::pool::PoolStats,
+    server: Option<&zcio::pool::PoolStats>,
+) {
+    let reference = runs
+        .first()
+        .map(|(_, r)| median(&r.iter().map(Run::mbps).collect::<Vec<_>>()))
+        .unwrap_or(0.0);
     let rows: Vec<(String, f64, f64, f64, f64, f64, f64)> = runs
         .iter()
         .map(|(name, r)| {
@@ -806,7 +875,9 @@ fn report(a: &BenchArgs, runs: &[(String, Vec<Run>)], client: &zcio::pool::PoolS
         "mode", "MB/s", "IOPS", "p50 us", "p99 us", "p99.9 us", "ratio"
     );
     for (name, mb, io, p50, p99, p999, ratio) in rows {
-        println!("{name:<18} {mb:>10.1} {io:>10.0} {p50:>10.1} {p99:>10.1} {p999:>10.1} {ratio:>8.3}");
+        println!(
+            "{name:<18} {mb:>10.1} {io:>10.0} {p50:>10.1} {p99:>10.1} {p999:>10.1} {ratio:>8.3}"
+        );
     }
     println!("client pool:\n{client}");
     if let Some(s) = server {

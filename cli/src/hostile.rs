@@ -70,7 +70,11 @@ fn server_closes(s: &mut TcpStream, limit: Duration) -> bool {
         match s.read(&mut buf) {
             Ok(0) => return true,
             Ok(_) => {}
-            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
             Err(_) => return true,
         }
     }
@@ -106,20 +110,26 @@ fn attack(addr: &str, k: usize, stop: &AtomicBool) -> bool {
     let mut rng = rand::thread_rng();
     match k {
         0 => {
-            let Some(mut s) = connect(addr) else { return false };
+            let Some(mut s) = connect(addr) else {
+                return false;
+            };
             let junk: Vec<u8> = (0..rng.gen_range(1..4096)).map(|_| rng.gen()).collect();
             let _ = s.write_all(&junk);
             server_closes(&mut s, Duration::from_secs(10))
         }
         1 => {
-            let Some(mut s) = handshake(addr) else { return false };
+            let Some(mut s) = handshake(addr) else {
+                return false;
+            };
             let p = prefix(Kind::Request, 100, 1, 0, 0);
             let _ = s.write_all(&p[..rng.gen_range(1..24)]);
             let _ = s.shutdown(std::net::Shutdown::Write);
             server_closes(&mut s, Duration::from_secs(10))
         }
         2 => {
-            let Some(mut s) = handshake(addr) else { return false };
+            let Some(mut s) = handshake(addr) else {
+                return false;
+            };
             let p = match rng.gen_range(0..3) {
                 0 => prefix(Kind::Request, 65535, 1, 0, 0),
                 1 => prefix(Kind::Request, 4, 1, u32::MAX as usize, 0),
@@ -129,9 +139,16 @@ fn attack(addr: &str, k: usize, stop: &AtomicBool) -> bool {
             server_closes(&mut s, Duration::from_secs(10))
         }
         3 => {
-            let Some(mut s) = handshake(addr) else { return false };
+            let Some(mut s) = handshake(addr) else {
+                return false;
+            };
             // The same id twice while the first may be in flight, never reading replies.
-            let r = request(7, &Req::Stat { path: String::new() });
+            let r = request(
+                7,
+                &Req::Stat {
+                    path: String::new(),
+                },
+            );
             for _ in 0..64 {
                 if s.write_all(&r).is_err() {
                     break;
@@ -140,7 +157,9 @@ fn attack(addr: &str, k: usize, stop: &AtomicBool) -> bool {
             server_closes(&mut s, Duration::from_secs(10))
         }
         4 => {
-            let Some(mut s) = handshake(addr) else { return false };
+            let Some(mut s) = handshake(addr) else {
+                return false;
+            };
             let mut v = prefix(Kind::Reply, 4, 1, 0, 0).to_vec();
             v.extend_from_slice(&[0, 0, 0, 0]);
             let _ = s.write_all(&v);
@@ -149,7 +168,9 @@ fn attack(addr: &str, k: usize, stop: &AtomicBool) -> bool {
         5 => {
             // Thousands of tiny valid requests, pipelined, replies never read: the server
             // must push back (its in-flight limit, then TCP) rather than queue without end.
-            let Some(mut s) = handshake(addr) else { return false };
+            let Some(mut s) = handshake(addr) else {
+                return false;
+            };
             let mut sent = 0;
             let _ = s.set_write_timeout(Some(Duration::from_millis(500)));
             // 100000 x 46 bytes: more than the socket buffers hold.
@@ -157,10 +178,13 @@ fn attack(addr: &str, k: usize, stop: &AtomicBool) -> bool {
                 if stop.load(Ordering::Relaxed) {
                     break;
                 }
-                let r = request(id, &Req::Hello {
-                    version: zcio::proto::VERSION,
-                    client_nonce: [0; NONCE_LEN],
-                });
+                let r = request(
+                    id,
+                    &Req::Hello {
+                        version: zcio::proto::VERSION,
+                        client_nonce: [0; NONCE_LEN],
+                    },
+                );
                 if s.write_all(&r).is_err() {
                     break;
                 }
@@ -177,7 +201,9 @@ fn attack(addr: &str, k: usize, stop: &AtomicBool) -> bool {
         6 => {
             // One byte of a frame every 100 ms: the idle timeout must end it; the attacker
             // gives up after 3 s (the server's default idle timeout is much longer).
-            let Some(mut s) = handshake(addr) else { return false };
+            let Some(mut s) = handshake(addr) else {
+                return false;
+            };
             let p = prefix(Kind::Request, 10, 1, 0, 0);
             let t0 = Instant::now();
             for b in p.iter() {
@@ -195,9 +221,16 @@ fn attack(addr: &str, k: usize, stop: &AtomicBool) -> bool {
         _ => {
             // More requests in flight than negotiated, before hello: each is refused with
             // an error reply ("hello first"), or the connection is closed.
-            let Some(mut s) = handshake(addr) else { return false };
+            let Some(mut s) = handshake(addr) else {
+                return false;
+            };
             for id in 0..200u64 {
-                let r = request(id + 1000, &Req::Stat { path: String::new() });
+                let r = request(
+                    id + 1000,
+                    &Req::Stat {
+                        path: String::new(),
+                    },
+                );
                 if s.write_all(&r).is_err() {
                     break;
                 }

@@ -200,7 +200,11 @@ fn run(cli: Cli) -> AnyResult<()> {
                 cfg.server.export.display(),
                 cfg.transport,
                 server.local_addr(),
-                if cfg.server.read_only { " (read-only)" } else { "" }
+                if cfg.server.read_only {
+                    " (read-only)"
+                } else {
+                    ""
+                }
             );
             server.serve()?;
             Ok(())
@@ -235,11 +239,15 @@ fn run(cli: Cli) -> AnyResult<()> {
             use std::io::Write;
             let c = connect(&common, &addr)?;
             let f = c.open(&path, OpenFlags::rw() | OpenFlags::CREATE)?;
-            let mut log = std::fs::OpenOptions::new().create(true).append(true).open(log)?;
+            let mut log = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(log)?;
             for i in 0u64.. {
                 let block = vec![(i % 251) as u8 + 1; 64 << 10];
                 // Many segments, so a write is in flight for a while.
-                let iov: Vec<std::io::IoSlice<'_>> = block.chunks(4096).map(std::io::IoSlice::new).collect();
+                let iov: Vec<std::io::IoSlice<'_>> =
+                    block.chunks(4096).map(std::io::IoSlice::new).collect();
                 let n = f.pwritev(&iov, (i % 1024) * (64 << 10))?;
                 if n != block.len() {
                     return Err(format!("short write {n}").into());
@@ -269,8 +277,8 @@ fn copy_get(c: &Client, path: &str, local: &std::path::Path) -> AnyResult<()> {
     let f = c.open(path, OpenFlags::READ)?;
     let size = f.stat()?.size;
     let chunk = c.limits().max_payload.min(1 << 20) as u64;
-    let mut out = std::fs::File::create(local)
-        .map_err(|e| format!("create {}: {e}", local.display()))?;
+    let mut out =
+        std::fs::File::create(local).map_err(|e| format!("create {}: {e}", local.display()))?;
     let depth = 8u64;
     let mut inflight = std::collections::VecDeque::new();
     let mut next = 0u64;
@@ -286,7 +294,11 @@ fn copy_get(c: &Client, path: &str, local: &std::path::Path) -> AnyResult<()> {
         if bufs.total_len() == 0 {
             break;
         }
-        let iov: Vec<std::io::IoSlice<'_>> = bufs.buffers().iter().map(|b| std::io::IoSlice::new(b)).collect();
+        let iov: Vec<std::io::IoSlice<'_>> = bufs
+            .buffers()
+            .iter()
+            .map(|b| std::io::IoSlice::new(b))
+            .collect();
         let mut iov = iov;
         let mut slices = &mut iov[..];
         while !slices.is_empty() {
@@ -301,7 +313,11 @@ fn copy_get(c: &Client, path: &str, local: &std::path::Path) -> AnyResult<()> {
     out.sync_all()?;
     let got = std::fs::metadata(local)?.len();
     if got != size {
-        return Err(format!("length check failed: server has {size} bytes, {} has {got}", local.display()).into());
+        return Err(format!(
+            "length check failed: server has {size} bytes, {} has {got}",
+            local.display()
+        )
+        .into());
     }
     eprintln!("zcio: got {path} -> {} ({size} bytes)", local.display());
     Ok(())
@@ -309,9 +325,13 @@ fn copy_get(c: &Client, path: &str, local: &std::path::Path) -> AnyResult<()> {
 
 fn copy_put(c: &Client, local: &std::path::Path, path: &str) -> AnyResult<()> {
     use std::io::Read;
-    let mut src = std::fs::File::open(local).map_err(|e| format!("open {}: {e}", local.display()))?;
+    let mut src =
+        std::fs::File::open(local).map_err(|e| format!("open {}: {e}", local.display()))?;
     let size = src.metadata()?.len();
-    let f = c.open(path, OpenFlags::WRITE | OpenFlags::CREATE | OpenFlags::TRUNCATE)?;
+    let f = c.open(
+        path,
+        OpenFlags::WRITE | OpenFlags::CREATE | OpenFlags::TRUNCATE,
+    )?;
     let chunk = c.limits().max_payload.min(1 << 20);
     let mut off = 0u64;
     let mut inflight = std::collections::VecDeque::new();
@@ -336,7 +356,11 @@ fn copy_put(c: &Client, local: &std::path::Path, path: &str) -> AnyResult<()> {
         if n == 0 {
             break;
         }
-        let bufs = zcio::Iobref::from(bufs.into_iter().filter(|b| !b.is_empty()).collect::<Vec<_>>());
+        let bufs = zcio::Iobref::from(
+            bufs.into_iter()
+                .filter(|b| !b.is_empty())
+                .collect::<Vec<_>>(),
+        );
         inflight.push_back((n, f.zero_writev_async(bufs, off)?));
         off += n as u64;
         if inflight.len() >= 8 {
@@ -356,7 +380,11 @@ fn copy_put(c: &Client, local: &std::path::Path, path: &str) -> AnyResult<()> {
     f.fsync()?;
     let remote = f.stat()?.size;
     if remote != size {
-        return Err(format!("length check failed: {} has {size} bytes, server has {remote}", local.display()).into());
+        return Err(format!(
+            "length check failed: {} has {size} bytes, server has {remote}",
+            local.display()
+        )
+        .into());
     }
     eprintln!("zcio: put {} -> {path} ({size} bytes)", local.display());
     Ok(())

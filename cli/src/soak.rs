@@ -54,7 +54,9 @@ pub(crate) struct SoakArgs {
 }
 
 fn fill(buf: &mut [u8], conn: u32, block: u32, version: u64) {
-    let seed = (u64::from(conn) << 40) ^ (u64::from(block) << 20) ^ version.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    let seed = (u64::from(conn) << 40)
+        ^ (u64::from(block) << 20)
+        ^ version.wrapping_mul(0x9E37_79B9_7F4A_7C15);
     for (i, c) in buf.chunks_mut(8).enumerate() {
         let w = (seed ^ (i as u64).wrapping_mul(0xBF58_476D_1CE4_E5B9)).to_le_bytes();
         c.copy_from_slice(&w[..c.len()]);
@@ -85,13 +87,19 @@ enum Op {
 }
 
 fn open_fds() -> usize {
-    std::fs::read_dir("/proc/self/fd").map(|d| d.count()).unwrap_or(0)
+    std::fs::read_dir("/proc/self/fd")
+        .map(|d| d.count())
+        .unwrap_or(0)
 }
 
 fn rss_bytes() -> u64 {
     std::fs::read_to_string("/proc/self/statm")
         .ok()
-        .and_then(|s| s.split_whitespace().nth(1).and_then(|v| v.parse::<u64>().ok()))
+        .and_then(|s| {
+            s.split_whitespace()
+                .nth(1)
+                .and_then(|v| v.parse::<u64>().ok())
+        })
         .map_or(0, |pages| pages * 4096)
 }
 
@@ -174,11 +182,17 @@ pub(crate) fn run(a: SoakArgs) -> AnyResult<()> {
         }
         stop.store(true, Ordering::Relaxed);
         hs.into_iter()
-            .map(|h| h.join().unwrap_or_else(|_| Err("connection thread panicked".into())))
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err("connection thread panicked".into()))
+            })
             .collect()
     });
     let elapsed = t0.elapsed().as_secs_f64();
-    let failed: Vec<String> = results.into_iter().filter_map(|r| r.err().map(|e| e.to_string())).collect();
+    let failed: Vec<String> = results
+        .into_iter()
+        .filter_map(|r| r.err().map(|e| e.to_string()))
+        .collect();
     // Leak checks: everything returns once the connections are gone.
     let deadline = Instant::now() + Duration::from_secs(20);
     let mut leaks = Vec::new();
@@ -212,7 +226,10 @@ pub(crate) fn run(a: SoakArgs) -> AnyResult<()> {
     let rss_end = rss_bytes();
     // "Flat": no more than 32 MiB of growth after warm-up (allocator noise is far below).
     if rss_warm > 0 && rss_end > rss_warm + (32 << 20) {
-        leaks.push(format!("memory grew from {} to {} bytes after warm-up", rss_warm, rss_end));
+        leaks.push(format!(
+            "memory grew from {} to {} bytes after warm-up",
+            rss_warm, rss_end
+        ));
     }
     let reads = tally.reads.load(Ordering::Relaxed);
     let writes = tally.writes.load(Ordering::Relaxed);
@@ -242,17 +259,34 @@ pub(crate) fn run(a: SoakArgs) -> AnyResult<()> {
         for f in &failed {
             println!("  connection failed: {f}");
         }
-        println!("  rss after warm-up {} MiB, at end {} MiB", rss_warm >> 20, rss_end >> 20);
+        println!(
+            "  rss after warm-up {} MiB, at end {} MiB",
+            rss_warm >> 20,
+            rss_end >> 20
+        );
     }
     if corruptions > 0 || errors > 0 || !leaks.is_empty() {
-        return Err(format!("soak failed: {corruptions} corruptions, {errors} errors, {} leaks", leaks.len()).into());
+        return Err(format!(
+            "soak failed: {corruptions} corruptions, {errors} errors, {} leaks",
+            leaks.len()
+        )
+        .into());
     }
     Ok(())
 }
 
-fn connection(a: &SoakArgs, c: &Client, conn: u32, tally: &Tally, stop: &AtomicBool) -> AnyResult<()> {
+fn connection(
+    a: &SoakArgs,
+    c: &Client,
+    conn: u32,
+    tally: &Tally,
+    stop: &AtomicBool,
+) -> AnyResult<()> {
     let name = format!("soak.{conn}");
-    let f = c.open(&name, OpenFlags::rw() | OpenFlags::CREATE | OpenFlags::TRUNCATE)?;
+    let f = c.open(
+        &name,
+        OpenFlags::rw() | OpenFlags::CREATE | OpenFlags::TRUNCATE,
+    )?;
     let blocks = a.blocks as usize;
     let bs = a.block;
     // Version 0: write every block once.
@@ -303,7 +337,9 @@ fn connection(a: &SoakArgs, c: &Client, conn: u32, tally: &Tally, stop: &AtomicB
             };
             q.push_back((op, b, version[b]));
         }
-        let Some((op, b, v)) = q.pop_front() else { break };
+        let Some((op, b, v)) = q.pop_front() else {
+            break;
+        };
         finish(op, conn, b, v, bs, tally, &name)?;
         busy[b] = false;
     }
@@ -322,7 +358,15 @@ fn connection(a: &SoakArgs, c: &Client, conn: u32, tally: &Tally, stop: &AtomicB
     Ok(())
 }
 
-fn finish(op: Op, conn: u32, b: usize, v: u64, bs: usize, tally: &Tally, name: &str) -> AnyResult<()> {
+fn finish(
+    op: Op,
+    conn: u32,
+    b: usize,
+    v: u64,
+    bs: usize,
+    tally: &Tally,
+    name: &str,
+) -> AnyResult<()> {
     let block = b as u32;
     let (n, ok) = match op {
         Op::Read(c) => {

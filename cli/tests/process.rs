@@ -52,15 +52,37 @@ fn client_process_killed_mid_write_leaves_server_clean() {
         .spawn()
         .unwrap();
     let child = zcio()
-        .args(["bench", "--server", srv.local_addr(), "--rw", "randwrite", "--bs", "256K"])
-        .args(["--size", "8M", "--files", "2", "--iodepth", "16", "--runtime", "60s"])
+        .args([
+            "bench",
+            "--server",
+            srv.local_addr(),
+            "--rw",
+            "randwrite",
+            "--bs",
+            "256K",
+        ])
+        .args([
+            "--size",
+            "8M",
+            "--files",
+            "2",
+            "--iodepth",
+            "16",
+            "--runtime",
+            "60s",
+        ])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
     // Mid-transfer: files open and writes flowing.
     wait_until("the client's writes", Duration::from_secs(60), || {
-        srv.open_files() >= 2 && srv.stats().requests.load(std::sync::atomic::Ordering::Relaxed) > 200
+        srv.open_files() >= 2
+            && srv
+                .stats()
+                .requests
+                .load(std::sync::atomic::Ordering::Relaxed)
+                > 200
     });
     kill(child);
     wait_until("the server to clean up", Duration::from_secs(20), || {
@@ -69,7 +91,12 @@ fn client_process_killed_mid_write_leaves_server_clean() {
     // And it still serves.
     let mut ccfg = cfg.clone();
     ccfg.client.connect = srv.local_addr().to_string();
-    let c = Client::connect_transport(&ccfg, &zcio_tcp::TcpTransport, Pool::new(&ccfg.pool).unwrap()).unwrap();
+    let c = Client::connect_transport(
+        &ccfg,
+        &zcio_tcp::TcpTransport,
+        Pool::new(&ccfg.pool).unwrap(),
+    )
+    .unwrap();
     assert_eq!(c.stat("zcio-bench.0").unwrap().size, 8 << 20);
 }
 
@@ -83,7 +110,12 @@ fn free_port() -> u16 {
 
 fn spawn_server(export: &std::path::Path, port: u16) -> Child {
     let child = zcio()
-        .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--export"])
+        .args([
+            "serve",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--export",
+        ])
         .arg(export)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -105,7 +137,8 @@ fn server_process_killed_mid_run_fails_requests_promptly_and_clients_reconnect()
     let mut cfg = Config::default();
     cfg.client.connect = format!("127.0.0.1:{port}");
     cfg.pool = zcio_pool_small();
-    let c = Client::connect_transport(&cfg, &zcio_tcp::TcpTransport, Pool::new(&cfg.pool).unwrap()).unwrap();
+    let c = Client::connect_transport(&cfg, &zcio_tcp::TcpTransport, Pool::new(&cfg.pool).unwrap())
+        .unwrap();
     let f = Arc::new(c.open("f", OpenFlags::READ).unwrap());
     // A reader keeps 8 requests in flight until it sees an error.
     let reader = {
@@ -113,7 +146,9 @@ fn server_process_killed_mid_run_fails_requests_promptly_and_clients_reconnect()
         std::thread::spawn(move || -> (u64, Error, Instant) {
             let mut ok = 0u64;
             loop {
-                let p: Vec<_> = (0..8u64).map(|i| f.zero_readv_async(1 << 20, i << 20)).collect();
+                let p: Vec<_> = (0..8u64)
+                    .map(|i| f.zero_readv_async(1 << 20, i << 20))
+                    .collect();
                 for p in p {
                     match p.and_then(|p| p.wait()) {
                         Ok(b) => {
@@ -132,7 +167,10 @@ fn server_process_killed_mid_run_fails_requests_promptly_and_clients_reconnect()
     let (ok, err, failed_at) = reader.join().unwrap();
     assert!(ok > 0, "no read completed before the kill");
     assert!(
-        matches!(err, Error::ConnectionClosed(_) | Error::Io { .. } | Error::Transport { .. }),
+        matches!(
+            err,
+            Error::ConnectionClosed(_) | Error::Io { .. } | Error::Transport { .. }
+        ),
         "unclear error after the server died: {err:?}"
     );
     assert!(
@@ -143,7 +181,9 @@ fn server_process_killed_mid_run_fails_requests_promptly_and_clients_reconnect()
     assert!(f.zero_readv(4096, 0).is_err());
     // A restarted server takes a new connection; the file is intact.
     let server = spawn_server(dir.path(), port);
-    let c2 = Client::connect_transport(&cfg, &zcio_tcp::TcpTransport, Pool::new(&cfg.pool).unwrap()).unwrap();
+    let c2 =
+        Client::connect_transport(&cfg, &zcio_tcp::TcpTransport, Pool::new(&cfg.pool).unwrap())
+            .unwrap();
     let f2 = c2.open("f", OpenFlags::READ).unwrap();
     assert!(f2.zero_readv(8 << 20, 0).unwrap().to_vec() == data);
     kill(server);
@@ -151,22 +191,40 @@ fn server_process_killed_mid_run_fails_requests_promptly_and_clients_reconnect()
 
 #[test]
 fn cli_errors_are_clear() {
-    let out = zcio().args(["bench", "--transport", "carrier-pigeon", "--runtime", "1s"]).output().unwrap();
+    let out = zcio()
+        .args(["bench", "--transport", "carrier-pigeon", "--runtime", "1s"])
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("unknown transport `carrier-pigeon`"), "{err}");
     #[cfg(not(feature = "rdma"))]
     {
-        let out = zcio().args(["bench", "--transport", "rdma", "--runtime", "1s"]).output().unwrap();
+        let out = zcio()
+            .args(["bench", "--transport", "rdma", "--runtime", "1s"])
+            .output()
+            .unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
-        assert!(err.contains("built without RDMA") && err.contains("--features rdma"), "{err}");
+        assert!(
+            err.contains("built without RDMA") && err.contains("--features rdma"),
+            "{err}"
+        );
     }
     let out = zcio().args(["bench", "--bs", "12Q"]).output().unwrap();
     assert!(String::from_utf8_lossy(&out.stderr).contains("12Q"));
-    let out = zcio().args(["config", "--set", "server.workers=0"]).output().unwrap();
+    let out = zcio()
+        .args(["config", "--set", "server.workers=0"])
+        .output()
+        .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("server.workers") && err.contains("`0`"), "{err}");
-    let out = zcio().args(["get", "127.0.0.1:1", "x", "/tmp/zcio-never"]).output().unwrap();
+    assert!(
+        err.contains("server.workers") && err.contains("`0`"),
+        "{err}"
+    );
+    let out = zcio()
+        .args(["get", "127.0.0.1:1", "x", "/tmp/zcio-never"])
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("zcio: error"));
 }
@@ -183,14 +241,27 @@ fn get_and_put_copy_files_and_check_lengths() {
     let src = local.path().join("src");
     let data: Vec<u8> = (0..3_000_017u32).map(|i| (i * 13 % 256) as u8).collect();
     std::fs::write(&src, &data).unwrap();
-    let st = zcio().arg("put").arg(&src).args([srv.local_addr(), "copy"]).status().unwrap();
+    let st = zcio()
+        .arg("put")
+        .arg(&src)
+        .args([srv.local_addr(), "copy"])
+        .status()
+        .unwrap();
     assert!(st.success());
     assert!(std::fs::read(dir.path().join("copy")).unwrap() == data);
     let back = local.path().join("back");
-    let st = zcio().args(["get", srv.local_addr(), "copy"]).arg(&back).status().unwrap();
+    let st = zcio()
+        .args(["get", srv.local_addr(), "copy"])
+        .arg(&back)
+        .status()
+        .unwrap();
     assert!(st.success());
     assert!(std::fs::read(&back).unwrap() == data);
-    let st = zcio().args(["get", srv.local_addr(), "../etc/passwd"]).arg(local.path().join("x")).output().unwrap();
+    let st = zcio()
+        .args(["get", srv.local_addr(), "../etc/passwd"])
+        .arg(local.path().join("x"))
+        .output()
+        .unwrap();
     assert!(!st.status.success());
     assert!(String::from_utf8_lossy(&st.stderr).contains("outside the export"));
 }
@@ -213,7 +284,9 @@ fn client_killed_mid_write_loses_nothing_acknowledged_and_tears_nothing() {
         .spawn()
         .unwrap();
     wait_until("acknowledged writes", Duration::from_secs(60), || {
-        std::fs::read_to_string(&log).map(|s| s.lines().count() > 300).unwrap_or(false)
+        std::fs::read_to_string(&log)
+            .map(|s| s.lines().count() > 300)
+            .unwrap_or(false)
     });
     kill(child);
     wait_until("the server to clean up", Duration::from_secs(20), || {

@@ -10,11 +10,26 @@ fn zcio() -> Command {
 #[test]
 fn soak_64_connections_iodepth_32_no_corruption_no_leak() {
     let out = zcio()
-        .args(["soak", "--connections", "64", "--iodepth", "32", "--blocks", "64", "--runtime", "4s", "--json"])
+        .args([
+            "soak",
+            "--connections",
+            "64",
+            "--iodepth",
+            "32",
+            "--blocks",
+            "64",
+            "--runtime",
+            "4s",
+            "--json",
+        ])
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
     assert_eq!(v["corruptions"], 0);
     assert_eq!(v["errors"], 0);
@@ -26,16 +41,38 @@ fn soak_64_connections_iodepth_32_no_corruption_no_leak() {
 #[test]
 fn verified_reads_survive_hostile_peers() {
     let out = zcio()
-        .args(["bench", "--size", "8M", "--files", "2", "--runtime", "2s", "--hostile", "4", "--verify", "--json"])
+        .args([
+            "bench",
+            "--size",
+            "8M",
+            "--files",
+            "2",
+            "--runtime",
+            "2s",
+            "--hostile",
+            "4",
+            "--verify",
+            "--json",
+        ])
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // The JSON document comes first, the attack table after it.
     let json_end = stdout.rfind("\n}").map(|i| i + 2).unwrap();
     let v: serde_json::Value = serde_json::from_str(&stdout[..json_end]).unwrap();
     let under_attack = &v["results"][1];
     assert_eq!(under_attack["mode"], "zero-copy+attack");
-    assert!(under_attack["mb_per_s"].as_f64().unwrap() > 0.0, "no verified read completed under attack");
-    assert_eq!(v["server_pool"]["bytes_in_use"], 0, "server buffers leaked: {v}");
+    assert!(
+        under_attack["mb_per_s"].as_f64().unwrap() > 0.0,
+        "no verified read completed under attack"
+    );
+    assert_eq!(
+        v["server_pool"]["bytes_in_use"], 0,
+        "server buffers leaked: {v}"
+    );
 }

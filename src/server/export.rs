@@ -54,7 +54,11 @@ pub(crate) struct Export {
 
 fn how(flags: OFlag, mode: u32) -> OpenHow {
     // openat2 refuses a mode without O_CREAT (EINVAL), unlike open(2).
-    let mode = if flags.contains(OFlag::O_CREAT) { mode } else { 0 };
+    let mode = if flags.contains(OFlag::O_CREAT) {
+        mode
+    } else {
+        0
+    };
     OpenHow::new()
         .flags(flags | OFlag::O_CLOEXEC)
         .mode(Mode::from_bits_truncate(mode))

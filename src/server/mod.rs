@@ -334,17 +334,16 @@ impl Drop for ServerHandle {
     }
 }
 
-fn accept_loop(
-    shared: Arc<Shared>,
-    listener: Arc<dyn Listener>,
-    jobs: Arc<Scheduler>,
-) {
+fn accept_loop(shared: Arc<Shared>, listener: Arc<dyn Listener>, jobs: Arc<Scheduler>) {
     loop {
         let conn = match listener.accept() {
             Ok(Ok(c)) => c,
             Ok(Err(e)) => {
                 // A bad peer; counted, logged quietly (an attacker must not flood the log).
-                shared.stats.failed_connections.fetch_add(1, Ordering::Relaxed);
+                shared
+                    .stats
+                    .failed_connections
+                    .fetch_add(1, Ordering::Relaxed);
                 tracing::info!("connection attempt failed: {e}");
                 continue;
             }
@@ -398,11 +397,7 @@ fn refuse_full(shared: &Shared, mut conn: Box<dyn ServerConn>) {
     replier.close();
 }
 
-fn serve_conn(
-    shared: &Arc<Shared>,
-    mut sc: Box<dyn ServerConn>,
-    jobs: &Scheduler,
-) {
+fn serve_conn(shared: &Arc<Shared>, mut sc: Box<dyn ServerConn>, jobs: &Scheduler) {
     let conn = Arc::new(Conn {
         replier: sc.replier(),
         peer: sc.peer(),

@@ -283,7 +283,9 @@ impl super::Transport for MemTransport {
         let l = lock(&self.listeners)
             .get(&cfg.client.connect)
             .and_then(std::sync::Weak::upgrade)
-            .ok_or_else(|| Error::ConnectionClosed(format!("nothing listens at {}", cfg.client.connect)))?;
+            .ok_or_else(|| {
+                Error::ConnectionClosed(format!("nothing listens at {}", cfg.client.connect))
+            })?;
         l.connect()
     }
     fn listen(&self, cfg: &crate::Config, pool: &Pool) -> Result<Box<dyn Listener>> {
