@@ -13,6 +13,7 @@
 //! workers = 4                    # threads doing file I/O, shared by all connections
 //! max_connections = 256          # connections beyond this are refused
 //! max_in_flight = 64             # requests in flight per connection (back-pressure)
+//! max_open_files = 1024          # open file handles per connection
 //! idle_timeout_ms = 300000       # close connections idle this long (0 = never)
 //! direct_io = false              # force O_DIRECT on every open
 //!
@@ -77,6 +78,8 @@ pub struct ServerConfig {
     pub max_connections: usize,
     /// Most requests in flight per connection.
     pub max_in_flight: usize,
+    /// Most open file handles per connection.
+    pub max_open_files: usize,
     /// Idle connections are closed after this long (`None`: never).
     pub idle_timeout: Option<Duration>,
     /// Open every file with O_DIRECT.
@@ -152,6 +155,7 @@ impl Default for Config {
                 workers: 4,
                 max_connections: 256,
                 max_in_flight: 64,
+                max_open_files: 1024,
                 idle_timeout: Some(Duration::from_secs(300)),
                 direct_io: false,
             },
@@ -213,6 +217,7 @@ struct RawServer {
     workers: Option<i64>,
     max_connections: Option<i64>,
     max_in_flight: Option<i64>,
+    max_open_files: Option<i64>,
     idle_timeout_ms: Option<i64>,
     direct_io: Option<bool>,
 }
@@ -401,6 +406,9 @@ impl Config {
             if let Some(v) = s.max_in_flight {
                 c.server.max_in_flight = int("server.max_in_flight", v, 1, 65536)?;
             }
+            if let Some(v) = s.max_open_files {
+                c.server.max_open_files = int("server.max_open_files", v, 1, 1 << 20)?;
+            }
             if let Some(v) = s.idle_timeout_ms {
                 int("server.idle_timeout_ms", v, 0, i64::MAX)?;
                 c.server.idle_timeout = ms(v);
@@ -548,6 +556,7 @@ impl Config {
         s += &format!("workers = {}\n", self.server.workers);
         s += &format!("max_connections = {}\n", self.server.max_connections);
         s += &format!("max_in_flight = {}\n", self.server.max_in_flight);
+        s += &format!("max_open_files = {}\n", self.server.max_open_files);
         s += &format!(
             "idle_timeout_ms = {}\n",
             self.server.idle_timeout.map_or(0, |d| d.as_millis())

@@ -676,6 +676,29 @@ pub fn read_only_export(t: Arc<dyn Transport>) {
     assert_eq!(std::fs::read(h.path("r")).unwrap(), b"data");
 }
 
+/// Open files per connection are bounded; closing one makes room.
+pub fn open_file_limit(t: Arc<dyn Transport>) {
+    let h = Harness::start(t, |c| c.server.max_open_files = 3);
+    write_file(&h, "f", b"x");
+    let c = h.client();
+    let files: Vec<_> = (0..3)
+        .map(|_| c.open("f", OpenFlags::READ).unwrap())
+        .collect();
+    match c.open("f", OpenFlags::READ) {
+        Err(Error::Remote { code, message, .. }) => {
+            assert_eq!(code, Status::Limit as u32);
+            assert!(message.contains("max_open_files"), "{message}");
+        }
+        other => panic!("fourth open: {other:?}"),
+    }
+    let mut it = files.into_iter();
+    it.next().unwrap().close().unwrap();
+    let again = c.open("f", OpenFlags::READ).unwrap();
+    drop((again, it));
+    drop(c);
+    h.assert_server_clean();
+}
+
 /// Connections beyond the limit are refused with a clear error.
 pub fn max_connections(t: Arc<dyn Transport>) {
     let h = Harness::start(t, |c| c.server.max_connections = 2);
@@ -711,7 +734,7 @@ macro_rules! conformance_tests {
             preadv_shapes, pwritev_shapes, zero_copy_family, async_in_flight,
             several_clients, o_direct, escapes_refused, wrong_token_refused,
             malformed_requests, client_vanishes_mid_transfer, metadata_ops,
-            read_only_export, max_connections);
+            read_only_export, max_connections, open_file_limit);
     };
     (@cases $factory:expr; $($case:ident),* $(,)?) => {
         $(

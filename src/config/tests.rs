@@ -11,6 +11,7 @@ token = "s3cret"
 workers = 8
 max_connections = 10
 max_in_flight = 16
+max_open_files = 7
 idle_timeout_ms = 1234
 direct_io = true
 
@@ -60,6 +61,7 @@ fn every_key_parsed() {
     assert_eq!(c.server.workers, 8);
     assert_eq!(c.server.max_connections, 10);
     assert_eq!(c.server.max_in_flight, 16);
+    assert_eq!(c.server.max_open_files, 7);
     assert_eq!(c.server.idle_timeout, Some(Duration::from_millis(1234)));
     assert!(c.server.direct_io);
     assert_eq!(c.client.connect, "127.0.0.1:9001");

@@ -573,6 +573,15 @@ fn execute(conn: &Conn, req: &Req, inc: &Incoming) -> Result<(Resp, Vec<Iobuf>),
     }
     match req {
         Req::Open { path, flags, mode } => {
+            if lock(&conn.files).len() >= cfg.server.max_open_files {
+                return Err(OpError::new(
+                    Status::Limit as u32,
+                    format!(
+                        "open {path:?}: this connection already has {} files open (server.max_open_files)",
+                        cfg.server.max_open_files
+                    ),
+                ));
+            }
             let (f, _direct) = shared.export.open(path, *flags, *mode)?;
             let size = Export::fstat(&f)?.size;
             let writable = flags.contains(proto::OpenFlags::WRITE);
