@@ -434,6 +434,10 @@ pub enum MrAccess {
     /// Also a peer holding the rkey may RDMA READ and RDMA WRITE it (a client's buffers,
     /// which the server reads from and writes into).
     RemoteReadWrite,
+    /// Only a peer holding the rkey may RDMA READ it; the local device may read it too
+    /// (SEND source, local side of an RDMA WRITE) but nothing may write it. For memory a
+    /// client only sends from: it may be read-only, and the peer cannot modify it.
+    RemoteRead,
 }
 
 impl MrAccess {
@@ -443,6 +447,7 @@ impl MrAccess {
             MrAccess::RemoteReadWrite => {
                 AccessFlags::LocalWrite | AccessFlags::RemoteRead | AccessFlags::RemoteWrite
             }
+            MrAccess::RemoteRead => AccessFlags::RemoteRead,
         }
     }
 }

@@ -4,7 +4,7 @@
 use std::fmt;
 use std::io;
 use std::mem::MaybeUninit;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::ptr::{self, NonNull};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -432,6 +432,94 @@ impl CompletionQueue {
         }
     }
 
+    /// Like [`wait`](Self::wait), but also returns when `fd` becomes readable (data, end of
+    /// stream or an error on it): one thread can watch a connection's completions and its
+    /// bootstrap socket. Returns the completions taken (written to the front of `out`; 0 on
+    /// timeout or when only `fd` is ready) and whether `fd` is ready. In
+    /// [`CqMode::BusyPoll`] it spins and checks `fd` every 256 empty polls. Allocates nothing.
+    pub fn wait_or_readable(
+        &self,
+        out: &mut [Completion],
+        fd: BorrowedFd<'_>,
+        timeout: Option<Duration>,
+    ) -> Result<(usize, bool), RdmaError> {
+        if out.is_empty() {
+            return Ok((0, fd_ready(fd.as_raw_fd(), 0)?));
+        }
+        let deadline = timeout.map(|t| Instant::now() + t);
+        let Some(channel_fd) = self.event_fd() else {
+            let mut spins = 0u32;
+            loop {
+                let n = self.poll(out)?;
+                if n > 0 {
+                    return Ok((n, false));
+                }
+                spins = spins.wrapping_add(1);
+                if spins % 256 == 0 {
+                    if fd_ready(fd.as_raw_fd(), 0)? {
+                        return Ok((self.poll(out)?, true));
+                    }
+                    if deadline.is_some_and(|d| Instant::now() >= d) {
+                        return Ok((0, false));
+                    }
+                }
+                std::hint::spin_loop();
+            }
+        };
+        loop {
+            let n = self.poll(out)?;
+            if n > 0 {
+                return Ok((n, false));
+            }
+            self.request_notify()?;
+            // As in `wait_event`: a completion that raced the arming raises no event.
+            let n = self.poll(out)?;
+            if n > 0 {
+                return Ok((n, false));
+            }
+            let timeout_ms = match deadline {
+                None => -1,
+                Some(d) => {
+                    let now = Instant::now();
+                    if now >= d {
+                        return Ok((0, false));
+                    }
+                    let left = d - now;
+                    let ms = left.as_millis() + u128::from(left.subsec_nanos() % 1_000_000 != 0);
+                    ms.min(i32::MAX as u128) as i32
+                }
+            };
+            let mut pfds = [
+                libc::pollfd {
+                    fd: channel_fd,
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+                libc::pollfd {
+                    fd: fd.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+            ];
+            // SAFETY: `pfds` is an array of two valid, writable pollfds; the channel's
+            // descriptor is open while `self.channel` lives and `fd` is borrowed for the call.
+            let ret = unsafe { libc::poll(pfds.as_mut_ptr(), 2, timeout_ms) };
+            if ret < 0 {
+                let err = io::Error::last_os_error();
+                if err.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(RdmaError::GetCqEvent { source: err });
+            }
+            if pfds[0].revents != 0 {
+                self.ack_event()?;
+            }
+            if pfds[1].revents != 0 {
+                return Ok((self.poll(out)?, true));
+            }
+        }
+    }
+
     /// Arms the CQ: the next completion added to it raises one event on the completion
     /// channel. ([`wait`](Self::wait) does this itself.)
     pub fn request_notify(&self) -> Result<(), RdmaError> {
@@ -474,5 +562,26 @@ impl CompletionQueue {
         // acknowledged.
         unsafe { ibv_ack_cq_events(self.raw().as_ptr(), 1) };
         Ok(true)
+    }
+}
+
+/// Whether `fd` is readable (or at end of stream / in error) within `timeout_ms`.
+fn fd_ready(fd: RawFd, timeout_ms: i32) -> Result<bool, RdmaError> {
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    loop {
+        // SAFETY: `pfd` is one valid, writable pollfd; the caller keeps `fd` open (it is
+        // borrowed for the call).
+        let ret = unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
+        if ret >= 0 {
+            return Ok(ret > 0 && pfd.revents != 0);
+        }
+        let err = io::Error::last_os_error();
+        if err.kind() != io::ErrorKind::Interrupted {
+            return Err(RdmaError::GetCqEvent { source: err });
+        }
     }
 }

@@ -30,10 +30,14 @@ pub fn memlock_limit() -> Result<Option<u64>, RdmaError> {
     }
 }
 
-/// Whether the process has `CAP_IPC_LOCK` in its effective set, which exempts it from the
-/// limit. Reads `/proc/self/status`; anything unreadable counts as "no".
+/// Whether the calling thread has `CAP_IPC_LOCK` in its effective set, which exempts it
+/// from the limit. Capabilities are per thread (a thread may have dropped one the main
+/// thread still has), so this reads `/proc/thread-self/status`, falling back to
+/// `/proc/self/status` on kernels without it; anything unreadable counts as "no".
 pub fn has_ipc_lock_capability() -> bool {
-    let Ok(status) = std::fs::read_to_string("/proc/self/status") else {
+    let Ok(status) = std::fs::read_to_string("/proc/thread-self/status")
+        .or_else(|_| std::fs::read_to_string("/proc/self/status"))
+    else {
         return false;
     };
     status

@@ -1,0 +1,343 @@
+//! # The RDMA transport (`rdma`)
+//!
+//! Reliable-connected (RC) queue pairs set up over a TCP bootstrap connection; headers
+//! travel by SEND into pre-posted receive buffers, payload moves by RDMA READ and RDMA
+//! WRITE, all initiated by the server, between registered pool buffers. The wire formats
+//! ([`bootstrap`], [`msg`]) and the work-request planner ([`plan`]) are pure, `unsafe`-free
+//! modules that compile without the `rdma` feature (unit-tested and fuzzable);
+//! [`RdmaTransport`] and everything that touches a device need the feature.
+//!
+//! ## Memory and registration
+//! One device context and one protection domain per device and process, opened lazily.
+//! Each data pool gets one registrar per (device, role), installed with
+//! `Pool::add_registrar`, so every arena (existing and future) is registered once and a
+//! buffer's keys are `buf.keys(id)` in O(1):
+//! - a **client** registers its pool LOCAL_WRITE | REMOTE_READ | REMOTE_WRITE (the server
+//!   READs request payload from it and WRITEs reply payload into it);
+//! - a **server** registers its pool LOCAL_WRITE only: it initiates every RDMA operation,
+//!   so no client can read or write server memory.
+//!
+//! Pool segments are expected to come from the pool the connection was made with: the
+//! core's `RegistrarId` is an index into a pool's registrars, not qualified by pool, so a
+//! buffer of another pool would be described with whatever that pool's registrar at the
+//! same index gave it. That is safe (the peer's RDMA then fails its key check, or, when
+//! the other pool also has a client registration on this device, works) but not useful.
+//!
+//! Messages do not use the data pool. Each connection has a small private **control pool**
+//! (registered LOCAL_WRITE) holding its receive buffers (one per credit, each as large as
+//! the largest message the peer may send) and its outgoing message buffers. Two reasons:
+//! a live client must not keep buffers of the caller's pool in use (the conformance suite
+//! checks that a client's pool is empty between requests), and a server's shared pool
+//! must not be drained by idle connections' receive rings (32 credits x 16 KiB would take
+//! half of the conformance pool's 64 KiB class per connection, and starve payload). The
+//! cost is `credits x (request size + 2 x reply size)` bytes per server connection
+//! (about 1 MiB with the defaults) and `credits x (request size + reply size)` per client
+//! connection, pinned; `listen`/`connect` check RLIMIT_MEMLOCK against the data pool plus
+//! one connection's control pool, and report a limit that is too low with the fix.
+//!
+//! ## Connection set-up (TCP bootstrap)
+//! The client connects to `client.connect`; the server's listener accepts on
+//! `server.listen` (handshakes run on their own threads, as in the TCP transport). Each
+//! side creates one completion queue and an RC queue pair in INIT, posts all its receives,
+//! then sends its fixed-size [`bootstrap::Hello`]: endpoint (GID, QPN, PSN, MTU), credits,
+//! max segments, max payload, max header, inline threshold and its receive size. The
+//! client speaks first; the server, knowing the client's hello, posts receives sized for
+//! the negotiated limits. Both use the field-wise minimum (the client further lowers
+//! `max_segments` so that a request with that many send and receive descriptors fits the
+//! server's receives), move the queue pair to RTR and RTS, and send one `READY` byte;
+//! nobody SENDs before reading the peer's `READY`, so the peer is RTR. The TCP socket stays
+//! open as the liveness channel: end of stream on it (the peer closed the connection, or
+//! its process died and the kernel closed the socket) fails the connection at once,
+//! instead of after RC retry timeouts (seconds, or never for an idle connection).
+//! Authentication stays in the file protocol's hello, which runs over the established
+//! connection as with TCP.
+//!
+//! ## Messages ([`msg`])
+//! A request carries its id, the header, descriptors (`addr, rkey, len`, 16 bytes each) of
+//! the client's send segments (what the server READs) and of its receive segments (where
+//! the server WRITEs the reply payload), and optionally an inline payload. A reply carries
+//! the id, the payload length, the header and optionally an inline payload. Decoders check
+//! every length against the negotiated limits and the message size before anything is
+//! copied; a bad message fails that connection (it never panics).
+//!
+//! ## Data path
+//! - **Reads** (reply payload): the core server reads the file into its pool buffers and
+//!   calls `Replier::reply`; the transport RDMA WRITEs them into the client's advertised
+//!   receive segments (one work request per remote descriptor, split further so that no
+//!   work request gathers more than the device's SGE limit, capped at 32), then SENDs the
+//!   reply; RC ordering makes the data land before the reply is seen. The payload
+//!   buffers are held (shared `Iobuf` clones) until the SEND completes.
+//! - **Writes** (request payload): on a request, `ServerConn::recv` takes pool buffers
+//!   (`Pool::get_span`), RDMA READs the client's send segments into them, and hands the
+//!   request out only when every READ has completed.
+//! - **Inline**: payload up to the negotiated `rdma.inline_threshold` travels inside the
+//!   message, both ways (the client copies a small inline reply into its receive
+//!   segments; a request whose reply capacity is within the threshold advertises no
+//!   receive descriptors at all). Messages that fit the queue pair's inline size go out as
+//!   inline SENDs.
+//! - **Caller memory outside the pool** (`RawSeg`/`Vec` segments without keys): a segment
+//!   of at least `rdma.register_threshold` bytes (and at least the pool's largest buffer
+//!   size) is registered on the fly (`ibv_reg_mr`, REMOTE_READ only for send segments,
+//!   REMOTE_READ|WRITE for receive segments) and deregistered when its request completes;
+//!   shorter ones are bounced: consecutive small segments are packed into pool buffers,
+//!   copied in before the request is sent (writes) or out after the reply arrived (reads).
+//!   Pool segments with keys are used in place. Descriptors that continue each other (same
+//!   key, adjacent addresses) are merged.
+//!
+//!   Why a size threshold: registering and deregistering costs nearly the same from 4 KiB
+//!   to 1 MiB (system calls, page pinning, the device's translation table), while a copy
+//!   grows with the size. The test `register_vs_copy_cost` (in `tests/rdma_faults.rs`)
+//!   measures both per size. On Soft-RoCE in the emulated guest (medians of three runs):
+//!
+//!   | size    | reg + dereg | bounce copy |
+//!   |--------:|------------:|------------:|
+//!   |   4 KiB |  86-144 us  |    5-8 us   |
+//!   |  16 KiB |  87-120 us  |     52 us   |
+//!   |  64 KiB |  91-149 us  |  200-230 us |
+//!   | 256 KiB | 150-168 us  |  0.8-0.9 ms |
+//!   |   1 MiB | 200-265 us  |  0.4-0.5 ms |
+//!
+//!   so there copying wins below roughly 32 KiB. The guest emulates every instruction,
+//!   which makes copies relatively dearer than on real hardware (where a copy runs near
+//!   memory bandwidth, about 25 us for 256 KiB, and registration costs tens of
+//!   microseconds); the default of 256 KiB keeps registrations, and the pinned memory and
+//!   device translation entries they cost, for the segments where they clearly pay, and
+//!   is a configuration value (`rdma.register_threshold`).
+//!
+//! ## Flow control
+//! Each side posts `rdma.credits` receives; the negotiated credits are the minimum. The
+//! client keeps at most that many requests in flight (a slot per credit; `start` waits up
+//! to `client.timeout` for one and then fails with a timeout), each reply returning one
+//! credit implicitly. The server reposts a request's receive buffer as soon as the message
+//! is decoded, before it replies, and the client reposts a reply's receive before it
+//! completes the request, so a receiver-not-ready retry never happens. A client exceeding
+//! its credits is a protocol violation. The server's send queue is sized for at least one
+//! request's worst case (`max_segments + ceil(max_segments / max_sge) + 2` work requests)
+//! and four per credit; posting waits for room, which completions free.
+//!
+//! ## Threads
+//! One thread per connection. It sleeps in `poll(2)` on both the completion channel and
+//! the bootstrap socket (`CompletionQueue::wait_or_readable`; with `rdma.busy_poll` it
+//! spins on the CQ and checks the socket every 256 empty polls), wakes at least every tick
+//! (an eighth of `client.timeout` or `server.idle_timeout`, 5 ms ..= 1 s) for timeouts,
+//! and dispatches completions by `wr_id` (kind, slot, send-queue sequence number). Watching
+//! the socket in the same thread rather than in a second, blocked one matters: when the
+//! socket ends, the completions already queued (say, the reply a server sent just before
+//! closing, such as "server full") are dispatched before the connection is failed, so they
+//! are never lost to the race between two threads; and shutting the socket down wakes the
+//! thread at once when the connection is closed locally.
+//!
+//! Per-request state lives in a preallocated slot table indexed by slot, per-slot
+//! descriptor lists are reused, and work requests and scatter/gather lists are built on
+//! the stack, so in steady state the transport allocates only what the contract's types
+//! require (the reply or request header `Vec`, the completion handle, the payload
+//! `Vec<Iobuf>`). `ServerConn::recv` takes requests from a queue the connection thread
+//! fills; `Replier::reply` posts from any thread. Posting happens under the connection's
+//! lock, so send-queue completions retire work requests in sequence order.
+//!
+//! ## Failure
+//! Any error completion (a remote access error from a bogus rkey, retries exceeded, a
+//! flush), an unexpected or malformed message, end of stream on the bootstrap socket, the
+//! client timeout or the server's idle timeout fail that connection only: under its lock
+//! the queue pair is destroyed first (after that the device touches none of the
+//! connection's memory; on Soft-RoCE a receive posted after an error would never complete,
+//! so receive buffers are reclaimed here, not from flush completions), then on-the-fly
+//! regions are deregistered and every buffer goes back to its pool; the client's requests
+//! in flight complete with `ConnectionClosed("…why…")` (or `Timeout`). A server logs a
+//! client's bogus memory key (`tracing::warn`, with the peer address) and keeps serving its
+//! other connections. `Replier::close` lets replies already posted drain (up to 2 s) first.
+//!
+//! ## Limits
+//! `limits()` reports `rdma_payload = true`, the negotiated `inline_threshold`,
+//! `max_segments` (it may exceed the device's SGE limit: splitting across work requests is
+//! internal), `max_payload`, `max_header` and `max_in_flight` = credits.
+
+pub mod bootstrap;
+pub mod msg;
+pub mod plan;
+
+#[cfg(feature = "rdma")]
+mod client;
+#[cfg(feature = "rdma")]
+mod conn;
+#[cfg(feature = "rdma")]
+mod device;
+#[cfg(feature = "rdma")]
+mod server;
+
+#[cfg(feature = "rdma")]
+pub use self::rdma::{Faults, RdmaTransport};
+#[cfg(feature = "rdma")]
+pub use server::{HANDSHAKE_TIMEOUT, MAX_PENDING};
+
+/// Largest inline payload this transport carries (the configuration's upper bound).
+pub const MAX_INLINE: usize = 1024;
+
+#[cfg(feature = "rdma")]
+use self::rdma::{bootstrap_err, handshake_io_err, lock, memlock_err, rdma_err, unavailable};
+
+#[cfg(feature = "rdma")]
+mod rdma {
+    use std::sync::{Mutex, MutexGuard};
+    use std::time::Duration;
+
+    use zcio::config::Config;
+    use zcio::transport::{ClientConn, Listener, Transport};
+    use zcio::{Error, Pool, Result};
+
+    use super::bootstrap::{BootstrapError, VERSION};
+    use super::conn::chain;
+    use crate::RdmaError;
+
+    /// Test-only fault injection (not part of the supported API).
+    #[doc(hidden)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct Faults {
+        /// The client advertises corrupted memory keys in every request: the server's
+        /// RDMA operations on them fail with a remote access error.
+        pub corrupt_rkeys: bool,
+    }
+
+    /// The RDMA verbs transport, registered as `rdma` (see the module documentation).
+    #[derive(Clone, Debug, Default)]
+    pub struct RdmaTransport {
+        faults: Faults,
+    }
+
+    impl RdmaTransport {
+        /// The transport.
+        pub fn new() -> RdmaTransport {
+            RdmaTransport::default()
+        }
+
+        /// A transport whose client connections inject `faults` (for tests).
+        #[doc(hidden)]
+        pub fn with_faults(faults: Faults) -> RdmaTransport {
+            RdmaTransport { faults }
+        }
+    }
+
+    impl Transport for RdmaTransport {
+        fn name(&self) -> &'static str {
+            "rdma"
+        }
+
+        fn check_available(&self, cfg: &Config) -> Result<()> {
+            super::device::device(&cfg.rdma).map(drop)
+        }
+
+        fn connect(&self, cfg: &Config, pool: &Pool) -> Result<Box<dyn ClientConn>> {
+            Ok(Box::new(super::client::connect(self.faults, cfg, pool)?))
+        }
+
+        fn listen(&self, cfg: &Config, pool: &Pool) -> Result<Box<dyn Listener>> {
+            Ok(Box::new(super::server::listen(cfg, pool)?))
+        }
+    }
+
+    /// Locks a mutex, ignoring poisoning (critical sections keep the state consistent).
+    pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+        m.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A verbs failure as a connection-fatal transport error.
+    pub(crate) fn rdma_err(what: String, e: RdmaError) -> Error {
+        Error::Transport {
+            transport: "rdma",
+            what,
+            source: Box::new(e),
+        }
+    }
+
+    /// Why RDMA cannot run here, and what to do about it.
+    pub(crate) fn unavailable(e: &RdmaError) -> Error {
+        let (reason, hint) = match e {
+            RdmaError::NotBuilt => (
+                "this binary was built without RDMA support".to_string(),
+                "rebuild with `--features rdma` (needs cmake and libclang-dev)".to_string(),
+            ),
+            RdmaError::LibraryMissing { .. } => (
+                "libibverbs is not installed or could not be loaded".to_string(),
+                "install rdma-core (Debian/Ubuntu: `apt-get install rdma-core \
+                 ibverbs-providers`)"
+                    .to_string(),
+            ),
+            RdmaError::NoKernelSupport { .. } => (
+                "the running kernel has no RDMA support".to_string(),
+                "use a kernel with CONFIG_INFINIBAND and load a driver, e.g. `modprobe \
+                 rdma_rxe && rdma link add rxe0 type rxe netdev <interface>` for Soft-RoCE"
+                    .to_string(),
+            ),
+            RdmaError::NoDevice => (
+                "no RDMA device found".to_string(),
+                "check `ibv_devices` and that the provider library (ibverbs-providers) is \
+                 installed, or create a Soft-RoCE device: `rdma link add rxe0 type rxe \
+                 netdev <interface>`"
+                    .to_string(),
+            ),
+            RdmaError::DeviceNotFound { name, available } => (
+                format!("RDMA device `{name}` not found (available: {available})"),
+                "set rdma.device to one of them (see `zcio devices`), or leave it empty for \
+                 the first device with an active port"
+                    .to_string(),
+            ),
+            other => (
+                chain(other),
+                "see `zcio devices` and `ibv_devinfo -v`".to_string(),
+            ),
+        };
+        Error::TransportUnavailable {
+            name: "rdma".into(),
+            reason,
+            hint,
+        }
+    }
+
+    /// The locked-memory check's error, with the fix.
+    pub(crate) fn memlock_err(e: RdmaError) -> Error {
+        match e {
+            RdmaError::Memlock { have, need } => Error::TransportUnavailable {
+                name: "rdma".into(),
+                reason: format!(
+                    "the locked-memory limit (RLIMIT_MEMLOCK) is {have} bytes, but RDMA must \
+                     pin {need} bytes (the buffer pool and one connection's message buffers)"
+                ),
+                hint: "raise it with `ulimit -l unlimited` in the shell that starts zcio, a \
+                       `memlock` line in /etc/security/limits.conf, or `LimitMEMLOCK=infinity` \
+                       in the systemd unit; or make the pool smaller ([pool] classes)"
+                    .into(),
+            },
+            other => unavailable(&other),
+        }
+    }
+
+    /// A malformed hello from `peer`.
+    pub(crate) fn bootstrap_err(e: BootstrapError, peer: &str) -> Error {
+        match e {
+            BootstrapError::Version { theirs } => Error::Version {
+                ours: VERSION,
+                theirs,
+            },
+            e => Error::decode("rdma handshake", format!("from {peer}: {e}")),
+        }
+    }
+
+    /// A bootstrap socket error during the handshake with `peer`.
+    pub(crate) fn handshake_io_err(peer: &str, after: Duration, e: std::io::Error) -> Error {
+        match e.kind() {
+            std::io::ErrorKind::UnexpectedEof => Error::ConnectionClosed(format!(
+                "{peer} closed the connection during the rdma handshake (is it a zcio peer \
+                 with transport \"rdma\", and does it accept more connections?)"
+            )),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => Error::Timeout {
+                what: format!("rdma handshake with {peer}"),
+                after,
+            },
+            _ => Error::Transport {
+                transport: "rdma",
+                what: format!("rdma handshake with {peer}"),
+                source: Box::new(e),
+            },
+        }
+    }
+}

@@ -1,0 +1,1074 @@
+//! The client side: one RC queue pair per connection, a slot per credit, and one thread
+//! that handles completions and watches the bootstrap socket.
+//!
+//! # Request life cycle
+//! [`ClientConn::start`] checks the request against the negotiated limits, then takes a free
+//! slot (one per credit; it waits up to `client.timeout` when all are in flight). Outside
+//! any lock it describes the payload: pool segments by their keys, large foreign segments
+//! by a memory region registered on the fly, small foreign segments by bounce buffers from
+//! the pool (copied in now for writes, out after the reply for reads), and payload up to the
+//! inline threshold inline. It encodes the request into the slot's private message buffer,
+//! enters the request in the slot and posts the SEND, all under the connection's lock.
+//!
+//! The completion thread matches a reply to its slot by the id (`sequence << 16 | slot`),
+//! reposts the receive buffer at once (so a credit is never lost), copies inline or bounced
+//! payload into the destination segments, deregisters the request's on-the-fly regions and
+//! completes the [`Pending`]. The slot is free again when the reply is processed and its SEND
+//! has completed (the message buffer is then no longer the device's).
+//!
+//! # Failure
+//! An error completion, a malformed or unexpected reply, end of stream on the bootstrap
+//! socket (the server's process died or it closed the connection), [`ClientConn::close`] or
+//! a request older than `client.timeout` fail the connection: under the lock the queue pair
+//! is destroyed first (after that the device touches none of this connection's memory),
+//! then every request in flight is taken out with its segments, regions and bounce buffers,
+//! and completes with an error; receive buffers go back to the connection's control pool.
+
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use zcio::config::Config;
+use zcio::pool::RegistrarId;
+use zcio::transport::{
+    check_request, pair, recv_len, send_len, ClientConn, Completer, Limits, Pending, RecvSeg,
+    Reply, Request, SendSeg, MAX_HEADER,
+};
+use zcio::{Error, IobufMut, Pool, Result};
+
+use super::bootstrap::{Hello, Role, HELLO_LEN, MAX_CREDITS, READY};
+use super::conn::{
+    buf_sge, chain, control_bytes, control_pool, create_qp, describe_failure, post_recv_buf,
+    recv_exact, round_page, send_all, spawn_conn_thread, tick_for, wr_id, wr_parts, ConnCore,
+    QpSizes, SendQueue, KIND_RECV, KIND_SEND,
+};
+use super::device::{device, register_err, registrar_id, Side};
+use super::msg::{
+    decode_reply, encode_request, max_request_len, reply_len, request_len, Desc, MsgLimits,
+    RequestHead, DESC_LEN, REQUEST_FIXED,
+};
+use super::plan::push_desc;
+use super::{bootstrap_err, handshake_io_err, lock, memlock_err, rdma_err, Faults, MAX_INLINE};
+use crate::verbs::{
+    check_memlock, Completion, MemoryRegion, MrAccess, ProtectionDomain, QueuePair,
+};
+
+/// A run of small receive segments bounced through one pool buffer.
+struct RecvBounce {
+    buf: IobufMut,
+    /// Offset of the buffer's first byte in the reply payload.
+    pos: usize,
+    /// Segment and offset in it where the buffer's first byte belongs.
+    seg: usize,
+    seg_off: usize,
+}
+
+/// Per-slot working storage, reused from request to request.
+#[derive(Default)]
+struct Scratch {
+    send_descs: Vec<Desc>,
+    recv_descs: Vec<Desc>,
+    /// Regions registered on the fly for this request.
+    mrs: Vec<MemoryRegion>,
+    send_bounce: Vec<IobufMut>,
+    recv_bounce: Vec<RecvBounce>,
+}
+
+impl Scratch {
+    fn with_capacity(n: usize) -> Scratch {
+        Scratch {
+            send_descs: Vec::with_capacity(n),
+            recv_descs: Vec::with_capacity(n),
+            mrs: Vec::new(),
+            send_bounce: Vec::new(),
+            recv_bounce: Vec::new(),
+        }
+    }
+
+    fn clear(&mut self) {
+        self.send_descs.clear();
+        self.recv_descs.clear();
+        self.mrs.clear();
+        self.send_bounce.clear();
+        self.recv_bounce.clear();
+    }
+}
+
+/// A request in flight.
+struct InFlight {
+    id: u64,
+    completer: Completer<Reply>,
+    send: Vec<SendSeg>,
+    recv: Vec<RecvSeg>,
+    recv_cap: usize,
+    started: Instant,
+    scratch: Scratch,
+}
+
+/// One credit.
+struct Slot {
+    /// Taken by a `start` or in use by a request.
+    busy: bool,
+    /// The SEND of the slot's last request has not completed yet.
+    sending: bool,
+    /// The private message buffer (lent out while a request is being prepared).
+    msg: Option<IobufMut>,
+    /// Working storage (lent out while a request is prepared or completed).
+    scratch: Option<Scratch>,
+    req: Option<InFlight>,
+}
+
+struct State {
+    dead: Option<String>,
+    /// Destroyed (set to `None`) first thing when the connection fails.
+    qp: Option<QueuePair>,
+    recv: Vec<Option<IobufMut>>,
+    slots: Vec<Slot>,
+    free: Vec<usize>,
+    next_seq: u64,
+    sq: SendQueue,
+}
+
+/// A completion to deliver once the lock is released.
+type Done = (Completer<Reply>, Result<Reply>);
+
+struct Core {
+    state: Mutex<State>,
+    /// Signalled when a slot frees up or the connection dies.
+    cond: Condvar,
+    dead: AtomicBool,
+    sock: TcpStream,
+    /// The caller's pool: bounce buffers.
+    pool: Pool,
+    reg: RegistrarId,
+    ctl_reg: RegistrarId,
+    pd: ProtectionDomain,
+    limits: Limits,
+    msg_limits: MsgLimits,
+    /// Foreign segments at least this long are registered; shorter ones are bounced.
+    register_threshold: usize,
+    max_inline_send: usize,
+    timeout: Duration,
+    peer: String,
+    faults: Faults,
+    _ctl: Pool,
+}
+
+/// A client connection (see the module documentation).
+pub(crate) struct RdmaClientConn {
+    core: Arc<Core>,
+    /// The connection's thread (completions and liveness); it ends soon after the
+    /// connection fails (the socket is shut down, which wakes it).
+    thread: Option<JoinHandle<()>>,
+}
+
+fn tcp_connect(target: &str, timeout: Duration) -> Result<TcpStream> {
+    let addrs: Vec<SocketAddr> = target
+        .to_socket_addrs()
+        .map_err(|e| Error::io(format!("resolving {target}"), e))?
+        .collect();
+    let mut last = std::io::Error::new(
+        std::io::ErrorKind::NotFound,
+        "the name resolved to no address",
+    );
+    for a in &addrs {
+        match TcpStream::connect_timeout(a, timeout) {
+            Ok(s) => return Ok(s),
+            Err(e) => last = e,
+        }
+    }
+    Err(Error::io(
+        format!("tcp connect to {target} (rdma bootstrap)"),
+        last,
+    ))
+}
+
+/// Connects to `cfg.client.connect`: bootstrap, queue pair, threads.
+pub(crate) fn connect(faults: Faults, cfg: &Config, pool: &Pool) -> Result<RdmaClientConn> {
+    let r = &cfg.rdma;
+    let dev = device(r)?;
+    let timeout = cfg.client.timeout;
+    let credits = r.credits.clamp(1, MAX_CREDITS as usize);
+    let inline = r.inline_threshold.min(MAX_INLINE);
+    let max_segments = cfg.limits.max_segments.clamp(1, usize::from(u16::MAX));
+    let max_payload = cfg.limits.max_payload.min(1 << 30);
+    let reply_size = round_page(reply_len(MAX_HEADER, inline));
+    let req_size = round_page(max_request_len(MAX_HEADER, max_segments, inline));
+    let classes = [(reply_size, credits), (req_size, credits)];
+    check_memlock((pool.total_bytes() + control_bytes(&classes)) as u64).map_err(memlock_err)?;
+    let reg = registrar_id(&dev, pool, Side::Client)?;
+    let ctl = control_pool(&classes)?;
+    let ctl_reg = registrar_id(&dev, &ctl, Side::Control)?;
+
+    let target = &cfg.client.connect;
+    let sock = tcp_connect(target, timeout)?;
+    let peer = sock
+        .peer_addr()
+        .map_or_else(|_| target.clone(), |a| a.to_string());
+    let setup = |e| Error::io(format!("setting up the bootstrap socket to {peer}"), e);
+    sock.set_nodelay(true).map_err(setup)?;
+    sock.set_read_timeout(Some(timeout)).map_err(setup)?;
+    sock.set_write_timeout(Some(timeout)).map_err(setup)?;
+
+    // Declared before the queue pair so that on an early return the queue pair (dropped
+    // first) is destroyed before the buffers it may write into go back.
+    let mut recv: Vec<Option<IobufMut>> = Vec::with_capacity(credits);
+    let (cq, mut qp) = create_qp(
+        &dev,
+        r,
+        &QpSizes {
+            send_wr: credits + 1,
+            recv_wr: credits,
+            inline: inline + 256,
+            remote_access: true,
+        },
+    )?;
+    for i in 0..credits {
+        let b = ctl.get_control(reply_size)?;
+        post_recv_buf(&qp, i, &b, ctl_reg).map_err(|e| Error::Transport {
+            transport: "rdma",
+            what: "posting the initial receives".into(),
+            source: e.into(),
+        })?;
+        recv.push(Some(b));
+    }
+    let ours = Hello {
+        role: Role::Client,
+        endpoint: qp.local_endpoint(),
+        credits: credits as u32,
+        max_segments: max_segments as u32,
+        max_payload: max_payload as u32,
+        max_header: MAX_HEADER as u32,
+        inline_threshold: inline as u32,
+        recv_size: reply_size as u32,
+    };
+    let hs = |e| handshake_io_err(&peer, timeout, e);
+    send_all(&sock, &ours.encode()).map_err(hs)?;
+    let mut b = [0u8; HELLO_LEN];
+    recv_exact(&sock, &mut b).map_err(hs)?;
+    let theirs = Hello::decode(&b, Role::Server).map_err(|e| bootstrap_err(e, &peer))?;
+    let credits = credits.min(theirs.credits as usize);
+    let max_header = MAX_HEADER.min(theirs.max_header as usize);
+    let inline = inline.min(theirs.inline_threshold as usize);
+    let fit = (theirs.recv_size as usize).saturating_sub(REQUEST_FIXED + max_header + inline)
+        / (2 * DESC_LEN);
+    let max_segments = max_segments.min(theirs.max_segments as usize).min(fit);
+    if max_segments == 0 {
+        return Err(Error::decode(
+            "rdma handshake",
+            format!(
+                "the server {peer} takes messages of {} bytes: too small for a request",
+                theirs.recv_size
+            ),
+        ));
+    }
+    let limits = Limits {
+        max_segments,
+        max_payload: max_payload.min(theirs.max_payload as usize),
+        max_header,
+        max_in_flight: credits,
+        inline_threshold: inline,
+        rdma_payload: true,
+    };
+    qp.connect(&theirs.endpoint)
+        .map_err(|e| rdma_err(format!("connecting the queue pair to {peer}"), e))?;
+    send_all(&sock, &[READY]).map_err(hs)?;
+    let mut ready = [0u8; 1];
+    recv_exact(&sock, &mut ready).map_err(hs)?;
+    if ready[0] != READY {
+        return Err(Error::decode(
+            "rdma handshake",
+            format!("the server {peer} sent {:#04x} instead of ready", ready[0]),
+        ));
+    }
+    sock.set_read_timeout(None).map_err(setup)?;
+    let live_sock = sock.try_clone().map_err(setup)?;
+
+    let mut slots = Vec::with_capacity(credits);
+    for _ in 0..credits {
+        slots.push(Slot {
+            busy: false,
+            sending: false,
+            msg: Some(ctl.get_control(req_size)?),
+            scratch: Some(Scratch::with_capacity(max_segments)),
+            req: None,
+        });
+    }
+    let max_inline_send = qp.caps().max_inline_data as usize;
+    tracing::debug!(%peer, ?limits, local = %qp.local_endpoint(), remote = %theirs.endpoint, "rdma client connected");
+    let core = Arc::new(Core {
+        state: Mutex::new(State {
+            dead: None,
+            qp: Some(qp),
+            recv,
+            slots,
+            free: (0..credits).rev().collect(),
+            next_seq: 1,
+            sq: SendQueue::new(credits + 1, 0),
+        }),
+        cond: Condvar::new(),
+        dead: AtomicBool::new(false),
+        sock,
+        pool: pool.clone(),
+        reg,
+        ctl_reg,
+        pd: dev.pd.clone(),
+        limits,
+        msg_limits: MsgLimits {
+            max_header,
+            max_segments,
+            max_payload: limits.max_payload,
+            inline_threshold: inline,
+        },
+        register_threshold: r.register_threshold.min(pool.max_buffer_size()).max(1),
+        max_inline_send,
+        timeout,
+        peer,
+        faults,
+        _ctl: ctl,
+    });
+    let thread = spawn_conn_thread(
+        core.clone(),
+        cq,
+        tick_for(timeout),
+        live_sock,
+        reply_size,
+        "zcio-rdma-client",
+    )?;
+    Ok(RdmaClientConn {
+        core,
+        thread: Some(thread),
+    })
+}
+
+/// Where a send segment's bytes are.
+fn send_ptr(s: &SendSeg) -> *const u8 {
+    s.as_slice().as_ptr()
+}
+
+impl Core {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        lock(&self.state)
+    }
+
+    fn closed_err(&self, st: &State) -> Error {
+        Error::ConnectionClosed(st.dead.clone().unwrap_or_default())
+    }
+
+    /// Takes a free slot, waiting up to the timeout.
+    fn acquire(&self) -> Result<(usize, Scratch, IobufMut)> {
+        let mut st = self.lock();
+        let deadline = Instant::now() + self.timeout;
+        loop {
+            if st.dead.is_some() {
+                return Err(self.closed_err(&st));
+            }
+            if let Some(i) = st.free.pop() {
+                let slot = &mut st.slots[i];
+                if let (Some(scratch), Some(msg)) = (slot.scratch.take(), slot.msg.take()) {
+                    slot.busy = true;
+                    return Ok((i, scratch, msg));
+                }
+                // Unreachable: a free slot has its storage home.
+                return Err(Error::ConnectionClosed("rdma slot state lost".into()));
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(Error::Timeout {
+                    what: format!(
+                        "a free credit on the rdma connection to {} ({} requests in flight)",
+                        self.peer, self.limits.max_in_flight
+                    ),
+                    after: self.timeout,
+                });
+            }
+            st = match self.cond.wait_timeout(st, deadline - now) {
+                Ok((g, _)) => g,
+                Err(p) => p.into_inner().0,
+            };
+        }
+    }
+
+    /// Gives a slot back that never carried the request.
+    fn release(&self, i: usize, mut scratch: Scratch, msg: IobufMut) {
+        scratch.clear();
+        let mut st = self.lock();
+        let slot = &mut st.slots[i];
+        slot.scratch = Some(scratch);
+        slot.msg = Some(msg);
+        slot.busy = false;
+        st.free.push(i);
+        drop(st);
+        self.cond.notify_one();
+    }
+
+    fn register(&self, ptr: *mut u8, len: usize, access: MrAccess) -> Result<MemoryRegion> {
+        // SAFETY: `ptr..ptr+len` is a segment of the request being prepared: borrowed memory
+        // the caller promised (RawSeg's contract) stays valid and otherwise untouched until
+        // the request completes, or a Vec the request owns (its heap buffer does not move).
+        // The region lives in the request's slot and is dropped, i.e. deregistered, before
+        // the request completes: after its reply (every RDMA operation on it is then over),
+        // or after the queue pair was destroyed (on failure). No Rust reference to a receive
+        // segment is made while the server may write it.
+        unsafe { self.pd.register(ptr, len, access) }.map_err(register_err)
+    }
+
+    /// A bounce buffer for the next `want` bytes of a run of small segments.
+    fn bounce_buf(&self, want: usize) -> Result<IobufMut> {
+        self.pool.get(want.clamp(1, self.pool.max_buffer_size()))
+    }
+
+    fn desc_of(&self, buf: &IobufMut, len: usize) -> Result<Desc> {
+        let keys = buf.keys(self.reg).ok_or_else(|| {
+            Error::InvalidArgument("a pool buffer without rdma registration".into())
+        })?;
+        Ok(Desc {
+            addr: buf.as_ptr() as u64,
+            rkey: keys.rkey,
+            len: len as u32,
+        })
+    }
+
+    /// Bytes of bounced send segments from `from` on, starting with `first` bytes.
+    fn send_run(&self, send: &[SendSeg], from: usize, first: usize) -> usize {
+        first
+            + send[from + 1..]
+                .iter()
+                .take_while(|s| {
+                    s.is_empty()
+                        || (s.keys(self.reg).is_none() && s.len() < self.register_threshold)
+                })
+                .map(SendSeg::len)
+                .sum::<usize>()
+    }
+
+    fn describe_send(&self, send: &[SendSeg], s: &mut Scratch) -> Result<()> {
+        // The bounce buffer being filled, and how much of it is.
+        let mut cur: Option<(IobufMut, usize)> = None;
+        for (i, seg) in send.iter().enumerate() {
+            let len = seg.len();
+            if len == 0 {
+                continue;
+            }
+            if let Some(k) = seg.keys(self.reg) {
+                self.flush_send(&mut cur, s)?;
+                push_desc(
+                    &mut s.send_descs,
+                    Desc {
+                        addr: send_ptr(seg) as u64,
+                        rkey: k.rkey,
+                        len: len as u32,
+                    },
+                );
+            } else if len >= self.register_threshold {
+                self.flush_send(&mut cur, s)?;
+                let mr = self.register(send_ptr(seg).cast_mut(), len, MrAccess::RemoteRead)?;
+                push_desc(
+                    &mut s.send_descs,
+                    Desc {
+                        addr: send_ptr(seg) as u64,
+                        rkey: mr.rkey(),
+                        len: len as u32,
+                    },
+                );
+                s.mrs.push(mr);
+            } else {
+                let mut bytes = seg.as_slice();
+                while !bytes.is_empty() {
+                    let full = cur.as_ref().is_some_and(|(b, n)| *n == b.len());
+                    if full {
+                        self.flush_send(&mut cur, s)?;
+                    }
+                    if cur.is_none() {
+                        let want = self.send_run(send, i, bytes.len());
+                        cur = Some((self.bounce_buf(want)?, 0));
+                    }
+                    if let Some((b, n)) = cur.as_mut() {
+                        let k = (b.len() - *n).min(bytes.len());
+                        b[*n..*n + k].copy_from_slice(&bytes[..k]);
+                        *n += k;
+                        bytes = &bytes[k..];
+                    }
+                }
+            }
+        }
+        self.flush_send(&mut cur, s)
+    }
+
+    fn flush_send(&self, cur: &mut Option<(IobufMut, usize)>, s: &mut Scratch) -> Result<()> {
+        if let Some((mut b, n)) = cur.take() {
+            if n > 0 {
+                b.set_len(n);
+                push_desc(&mut s.send_descs, self.desc_of(&b, n)?);
+                s.send_bounce.push(b);
+            }
+        }
+        Ok(())
+    }
+
+    fn recv_run(&self, recv: &[RecvSeg], from: usize, first: usize) -> usize {
+        first
+            + recv[from + 1..]
+                .iter()
+                .take_while(|s| {
+                    s.is_empty()
+                        || (s.keys(self.reg).is_none() && s.len() < self.register_threshold)
+                })
+                .map(RecvSeg::len)
+                .sum::<usize>()
+    }
+
+    fn describe_recv(&self, recv: &mut [RecvSeg], s: &mut Scratch) -> Result<()> {
+        let mut cur: Option<RecvBounce> = None;
+        let mut pos = 0usize;
+        for i in 0..recv.len() {
+            let len = recv[i].len();
+            if len == 0 {
+                continue;
+            }
+            if let Some(k) = recv[i].keys(self.reg) {
+                self.flush_recv(&mut cur, pos, s)?;
+                let addr = recv[i].addr() as u64;
+                push_desc(
+                    &mut s.recv_descs,
+                    Desc {
+                        addr,
+                        rkey: k.rkey,
+                        len: len as u32,
+                    },
+                );
+                pos += len;
+            } else if len >= self.register_threshold {
+                self.flush_recv(&mut cur, pos, s)?;
+                let ptr = recv[i].addr();
+                let mr = self.register(ptr, len, MrAccess::RemoteReadWrite)?;
+                push_desc(
+                    &mut s.recv_descs,
+                    Desc {
+                        addr: ptr as u64,
+                        rkey: mr.rkey(),
+                        len: len as u32,
+                    },
+                );
+                s.mrs.push(mr);
+                pos += len;
+            } else {
+                let mut off = 0;
+                while off < len {
+                    // An open bounce buffer holds the bytes from its `pos` up to `pos` now.
+                    let full = cur.as_ref().is_some_and(|b| pos - b.pos == b.buf.len());
+                    if full {
+                        self.flush_recv(&mut cur, pos, s)?;
+                    }
+                    if cur.is_none() {
+                        let want = self.recv_run(recv, i, len - off);
+                        cur = Some(RecvBounce {
+                            buf: self.bounce_buf(want)?,
+                            pos,
+                            seg: i,
+                            seg_off: off,
+                        });
+                    }
+                    if let Some(b) = cur.as_ref() {
+                        let room = b.buf.len() - (pos - b.pos);
+                        let k = room.min(len - off);
+                        off += k;
+                        pos += k;
+                    }
+                }
+            }
+        }
+        self.flush_recv(&mut cur, pos, s)
+    }
+
+    /// Closes the open bounce buffer, which covers the payload from its `pos` to `pos`.
+    fn flush_recv(&self, cur: &mut Option<RecvBounce>, pos: usize, s: &mut Scratch) -> Result<()> {
+        if let Some(mut b) = cur.take() {
+            let used = pos - b.pos;
+            if used > 0 {
+                b.buf.set_len(used);
+                push_desc(&mut s.recv_descs, self.desc_of(&b.buf, used)?);
+                s.recv_bounce.push(b);
+            }
+        }
+        Ok(())
+    }
+
+    /// Describes the payload and encodes the request into `msg`; returns the message
+    /// length and the reply capacity.
+    fn prepare(
+        &self,
+        id: u64,
+        header: &[u8],
+        send: &[SendSeg],
+        recv: &mut [RecvSeg],
+        s: &mut Scratch,
+        msg: &mut IobufMut,
+    ) -> Result<(usize, usize)> {
+        s.clear();
+        let send_total = send_len(send);
+        let recv_cap = recv_len(recv);
+        let inline = self.limits.inline_threshold;
+        let inline_send = send_total > 0 && send_total <= inline;
+        if send_total > 0 && !inline_send {
+            self.describe_send(send, s)?;
+        }
+        if recv_cap > inline {
+            self.describe_recv(recv, s)?;
+        }
+        if self.faults.corrupt_rkeys {
+            for d in s.send_descs.iter_mut().chain(s.recv_descs.iter_mut()) {
+                d.rkey ^= 0x00ff_ff00;
+            }
+        }
+        let inline_len = if inline_send { send_total } else { 0 };
+        let len = request_len(
+            header.len(),
+            s.send_descs.len(),
+            s.recv_descs.len(),
+            inline_len,
+        );
+        let cap = msg.capacity();
+        msg.set_len(cap);
+        let head = RequestHead {
+            id,
+            inline_len,
+            recv_cap,
+            send_total,
+        };
+        // The negotiated limits make every request fit its slot's buffer.
+        let mut at = encode_request(&mut msg[..], &head, header, &s.send_descs, &s.recv_descs)
+            .map_err(|e| Error::InvalidArgument(format!("cannot encode the rdma request: {e}")))?;
+        if inline_send {
+            for seg in send {
+                let b = seg.as_slice();
+                msg[at..at + b.len()].copy_from_slice(b);
+                at += b.len();
+            }
+        }
+        msg.set_len(len);
+        Ok((len, recv_cap))
+    }
+
+    /// Marks the connection dead, destroys the queue pair and takes every request in
+    /// flight out; the caller completes them once the lock is released.
+    fn fail_locked(
+        &self,
+        st: &mut State,
+        reason: String,
+        mut culprit: Option<(u64, Error)>,
+    ) -> Vec<Done> {
+        if st.dead.is_some() {
+            return Vec::new();
+        }
+        tracing::debug!(peer = %self.peer, %reason, "rdma client connection fails");
+        st.dead = Some(reason.clone());
+        self.dead.store(true, Ordering::SeqCst);
+        // First: after this the device touches none of our memory.
+        st.qp = None;
+        for r in st.recv.iter_mut() {
+            *r = None;
+        }
+        st.sq.clear();
+        let mut done = Vec::new();
+        for slot in st.slots.iter_mut() {
+            if let Some(f) = slot.req.take() {
+                let err = match culprit.take() {
+                    Some((id, e)) if id == f.id => e,
+                    other => {
+                        culprit = other;
+                        Error::ConnectionClosed(reason.clone())
+                    }
+                };
+                // Segments, regions and bounce buffers go with `f`.
+                done.push((f.completer, Err(err)));
+            }
+        }
+        done
+    }
+
+    fn fail(&self, reason: String, culprit: Option<(u64, Error)>) {
+        let done = {
+            let mut st = self.lock();
+            self.fail_locked(&mut st, reason, culprit)
+        };
+        self.finish_fail(done);
+    }
+
+    fn finish_fail(&self, done: Vec<Done>) {
+        let _ = self.sock.shutdown(std::net::Shutdown::Both);
+        self.cond.notify_all();
+        for (c, r) in done {
+            c.complete(r);
+        }
+    }
+
+    fn start(&self, req: Request) -> Result<Pending<Reply>> {
+        check_request(&req, &self.limits)?;
+        let (i, mut scratch, mut msg) = self.acquire()?;
+        let Request {
+            header,
+            send,
+            mut recv,
+        } = req;
+        let seq = {
+            let mut st = self.lock();
+            let s = st.next_seq;
+            st.next_seq = st.next_seq.wrapping_add(1);
+            s
+        };
+        let id = (seq << 16) | i as u64;
+        let (msg_len, recv_cap) =
+            match self.prepare(id, &header, &send, &mut recv, &mut scratch, &mut msg) {
+                Ok(v) => v,
+                Err(e) => {
+                    self.release(i, scratch, msg);
+                    return Err(e);
+                }
+            };
+        let (completer, pending) = pair();
+        let mut st = self.lock();
+        if st.dead.is_some() {
+            let e = self.closed_err(&st);
+            drop(st);
+            self.release(i, scratch, msg);
+            return Err(e);
+        }
+        let inline = msg_len <= self.max_inline_send;
+        let sge = buf_sge(&msg, msg_len, self.ctl_reg);
+        let st = &mut *st;
+        let sq_seq = st.sq.next_seq();
+        let wr = wr_id(KIND_SEND, i, sq_seq);
+        let posted = match (&st.qp, sge) {
+            (Some(qp), _) if inline => qp.post_send_inline(wr, &[&msg[..msg_len]]),
+            (Some(qp), Some(sge)) => qp.post_send(wr, &[sge]),
+            _ => Ok(()),
+        };
+        let slot = &mut st.slots[i];
+        slot.msg = Some(msg);
+        slot.sending = true;
+        slot.req = Some(InFlight {
+            id,
+            completer,
+            send,
+            recv,
+            recv_cap,
+            started: Instant::now(),
+            scratch,
+        });
+        if let Err(e) = posted {
+            let done = self.fail_locked(
+                st,
+                format!("posting a request to {} failed: {}", self.peer, chain(&e)),
+                None,
+            );
+            self.finish_fail(done);
+        }
+        Ok(pending)
+    }
+
+    fn on_send_done(&self, slot: usize, seq: u64) {
+        let mut st = self.lock();
+        if st.dead.is_some() {
+            return;
+        }
+        if let Err(e) = st.sq.complete(seq) {
+            let done = self.fail_locked(&mut st, format!("internal: {e}"), None);
+            drop(st);
+            self.finish_fail(done);
+            return;
+        }
+        let free = match st.slots.get_mut(slot) {
+            Some(s) => {
+                s.sending = false;
+                s.busy && s.req.is_none() && s.scratch.is_some()
+            }
+            None => false,
+        };
+        if free {
+            st.slots[slot].busy = false;
+            st.free.push(slot);
+            drop(st);
+            self.cond.notify_one();
+        }
+    }
+
+    fn violation(&self, what: String) -> String {
+        format!("protocol violation by the server {}: {what}", self.peer)
+    }
+
+    fn on_reply(&self, ri: usize, byte_len: usize) {
+        let buf = {
+            let mut st = self.lock();
+            if st.dead.is_some() {
+                return;
+            }
+            match st.recv.get_mut(ri).and_then(Option::take) {
+                Some(b) => b,
+                None => {
+                    let r = self.violation(format!(
+                        "a completion for receive {ri}, which is not posted"
+                    ));
+                    let done = self.fail_locked(&mut st, r, None);
+                    drop(st);
+                    self.finish_fail(done);
+                    return;
+                }
+            }
+        };
+        let len = byte_len.min(buf.len());
+        let (id, header, payload_len, inline_len, mut inline_bytes) = {
+            let view = match decode_reply(&buf[..len], &self.msg_limits) {
+                Ok(v) => v,
+                Err(e) => {
+                    self.fail(self.violation(format!("malformed reply: {e}")), None);
+                    return;
+                }
+            };
+            let mut tmp = [0u8; MAX_INLINE];
+            let inline_len = view.inline.map(|b| {
+                tmp[..b.len()].copy_from_slice(b);
+                b.len()
+            });
+            (
+                view.id,
+                view.header.to_vec(),
+                view.payload_len,
+                inline_len,
+                tmp,
+            )
+        };
+        let slot = (id & 0xffff) as usize;
+        let taken = {
+            let mut st = self.lock();
+            if st.dead.is_some() {
+                return;
+            }
+            let st = &mut *st;
+            let ok = st
+                .slots
+                .get(slot)
+                .and_then(|s| s.req.as_ref())
+                .is_some_and(|f| f.id == id);
+            if !ok {
+                let r = self.violation(format!(
+                    "a reply for request id {id}, which is not in flight"
+                ));
+                let done = self.fail_locked(st, r, None);
+                drop(buf);
+                Err(done)
+            } else {
+                // Repost first: the server may send the next reply as soon as the client
+                // knows this one arrived.
+                let posted = match &st.qp {
+                    Some(qp) => post_recv_buf(qp, ri, &buf, self.ctl_reg),
+                    None => Ok(()),
+                };
+                st.recv[ri] = Some(buf);
+                let f = st.slots[slot].req.take();
+                match posted {
+                    Ok(()) => Ok(f),
+                    Err(e) => {
+                        let mut done =
+                            self.fail_locked(st, format!("reposting a receive: {e}"), None);
+                        if let Some(f) = f {
+                            done.push((f.completer, Err(Error::ConnectionClosed(e))));
+                        }
+                        Err(done)
+                    }
+                }
+            }
+        };
+        let mut f = match taken {
+            Ok(Some(f)) => f,
+            Ok(None) => return,
+            Err(done) => {
+                self.finish_fail(done);
+                return;
+            }
+        };
+        // Check the reply against what the request offered.
+        let bad = if payload_len > f.recv_cap {
+            Some(format!(
+                "reply {id} carries {payload_len} payload bytes, the request has room for {}",
+                f.recv_cap
+            ))
+        } else if inline_len.is_none() && payload_len > 0 && f.scratch.recv_descs.is_empty() {
+            Some(format!(
+                "reply {id} claims {payload_len} bytes written, but the request offered none"
+            ))
+        } else {
+            None
+        };
+        if let Some(why) = bad {
+            let reason = self.violation(why);
+            let mut done = {
+                let mut st = self.lock();
+                self.fail_locked(&mut st, reason.clone(), None)
+            };
+            done.push((f.completer, Err(Error::ConnectionClosed(reason))));
+            self.finish_fail(done);
+            return;
+        }
+        match inline_len {
+            Some(n) => {
+                zcio::transport::scatter_into(&mut f.recv, &inline_bytes[..n]);
+                inline_bytes[..n].fill(0);
+            }
+            None => copy_out(&mut f.recv, &f.scratch.recv_bounce, payload_len),
+        }
+        let InFlight {
+            completer,
+            send,
+            recv,
+            mut scratch,
+            ..
+        } = f;
+        // Deregisters the on-the-fly regions, returns the bounce buffers.
+        scratch.clear();
+        completer.complete(Ok(Reply {
+            header,
+            payload_len,
+            recv,
+            send,
+        }));
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        let s = &mut st.slots[slot];
+        s.scratch = Some(scratch);
+        if s.busy && !s.sending && st.dead.is_none() {
+            s.busy = false;
+            st.free.push(slot);
+            drop(guard);
+            self.cond.notify_one();
+        }
+    }
+}
+
+/// Copies bounced reply payload into the receive segments.
+fn copy_out(recv: &mut [RecvSeg], bounces: &[RecvBounce], payload_len: usize) {
+    for b in bounces {
+        if b.pos >= payload_len {
+            break;
+        }
+        let n = (payload_len - b.pos).min(b.buf.len());
+        let mut src = &b.buf[..n];
+        let (mut seg, mut off) = (b.seg, b.seg_off);
+        while !src.is_empty() && seg < recv.len() {
+            let d = recv[seg].as_mut_slice();
+            let k = d.len().saturating_sub(off).min(src.len());
+            d[off..off + k].copy_from_slice(&src[..k]);
+            src = &src[k..];
+            off += k;
+            if off >= d.len() {
+                seg += 1;
+                off = 0;
+            }
+        }
+    }
+}
+
+impl ConnCore for Core {
+    fn on_completion(&self, c: &Completion, _scratch: &mut Vec<u8>) {
+        let (kind, slot, seq) = wr_parts(c.wr_id);
+        if !c.is_success() {
+            if self.dead.load(Ordering::SeqCst) {
+                return;
+            }
+            let why = describe_failure(kind, c.status);
+            self.fail(format!("rdma connection to {}: {why}", self.peer), None);
+            return;
+        }
+        match kind {
+            KIND_SEND => self.on_send_done(slot, seq),
+            KIND_RECV => self.on_reply(slot, c.byte_len as usize),
+            other => self.fail(
+                format!("internal: a completion of unknown kind {other}"),
+                None,
+            ),
+        }
+    }
+
+    fn on_tick(&self) {
+        let mut st = self.lock();
+        if st.dead.is_some() {
+            return;
+        }
+        let oldest = st
+            .slots
+            .iter()
+            .filter_map(|s| s.req.as_ref())
+            .min_by_key(|f| f.started)
+            .map(|f| (f.id, f.started));
+        if let Some((id, started)) = oldest {
+            if started.elapsed() > self.timeout {
+                let reason = format!(
+                    "request {id} to {} got no reply within client.timeout ({:?})",
+                    self.peer, self.timeout
+                );
+                let culprit = Error::Timeout {
+                    what: format!("request {id} to {} over rdma", self.peer),
+                    after: self.timeout,
+                };
+                let done = self.fail_locked(&mut st, reason, Some((id, culprit)));
+                drop(st);
+                self.finish_fail(done);
+            }
+        }
+    }
+
+    fn is_dead(&self) -> bool {
+        self.dead.load(Ordering::SeqCst)
+    }
+
+    fn on_socket_end(&self, why: Option<String>) {
+        let reason = match why {
+            None => format!(
+                "the server {} closed the connection (its process exited, or it closed this \
+                 connection)",
+                self.peer
+            ),
+            Some(w) => format!("connection to {}: {w}", self.peer),
+        };
+        self.fail(reason, None);
+    }
+
+    fn on_cq_error(&self, why: String) {
+        self.fail(format!("rdma connection to {}: {why}", self.peer), None);
+    }
+}
+
+impl ClientConn for RdmaClientConn {
+    fn limits(&self) -> Limits {
+        self.core.limits
+    }
+
+    fn start(&self, req: Request) -> Result<Pending<Reply>> {
+        self.core.start(req)
+    }
+
+    fn close(&self) {
+        let c = &*self.core;
+        c.fail(
+            format!("the connection to {} was closed by this client", c.peer),
+            None,
+        );
+    }
+
+    fn peer(&self) -> String {
+        self.core.peer.clone()
+    }
+}
+
+impl Drop for RdmaClientConn {
+    fn drop(&mut self) {
+        self.close();
+        if let Some(h) = self.thread.take() {
+            if h.thread().id() != std::thread::current().id() {
+                let _ = h.join();
+            }
+        }
+    }
+}

@@ -1,0 +1,455 @@
+//! Machinery both ends of a connection share: work request ids, the send-queue ledger,
+//! private control pools, queue pair set-up, the bootstrap socket, and the thread every
+//! connection runs (completions and liveness).
+
+use std::collections::VecDeque;
+use std::io::{self, Read};
+use std::net::TcpStream;
+use std::os::fd::{AsFd, AsRawFd};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use nix::errno::Errno;
+use nix::sys::socket::{send, MsgFlags};
+use zcio::config::RdmaConfig;
+use zcio::pool::{ClassConfig, PoolConfig, RegistrarId};
+use zcio::{Error, Iobuf, IobufMut, Pool, Result};
+
+use super::device::Device;
+use super::rdma_err;
+use crate::verbs::{Completion, CompletionQueue, CqMode, QpConfig, QueuePair, Sge, WcStatus};
+
+/// Work request kinds, in the top byte of a `wr_id`.
+pub(crate) const KIND_RECV: u8 = 1;
+pub(crate) const KIND_SEND: u8 = 2;
+pub(crate) const KIND_WRITE: u8 = 3;
+pub(crate) const KIND_READ: u8 = 4;
+
+const SEQ_BITS: u32 = 40;
+const SEQ_MASK: u64 = (1 << SEQ_BITS) - 1;
+
+/// Largest scatter/gather list this transport builds (on the stack).
+pub(crate) const MAX_SGE: usize = 32;
+
+/// `wr_id` = kind (8 bits) | slot (16 bits) | send-queue sequence number (low 40 bits).
+pub(crate) fn wr_id(kind: u8, slot: usize, seq: u64) -> u64 {
+    (u64::from(kind) << 56) | (((slot as u64) & 0xffff) << SEQ_BITS) | (seq & SEQ_MASK)
+}
+
+/// The parts of a `wr_id`: kind, slot, low 40 bits of the sequence number.
+pub(crate) fn wr_parts(id: u64) -> (u8, usize, u64) {
+    (
+        (id >> 56) as u8,
+        ((id >> SEQ_BITS) & 0xffff) as usize,
+        id & SEQ_MASK,
+    )
+}
+
+/// What a posted send-queue work request needs kept alive until it completes. Never read:
+/// holding it is the point, and dropping it releases the buffer.
+#[derive(Debug)]
+#[allow(dead_code)]
+pub(crate) enum Held {
+    /// A control buffer holding a message.
+    Buf(IobufMut),
+    /// A payload buffer an RDMA WRITE gathers from.
+    View(Iobuf),
+}
+
+/// The send queue's ledger. Send-queue completions of an RC queue pair arrive in posting
+/// order and every work request is signaled, so each completion retires exactly the oldest
+/// outstanding work request: the resources held for it are released, and its entry in the
+/// queue's depth is free again. Posting happens under the connection's lock, so sequence
+/// numbers follow the posting order.
+pub(crate) struct SendQueue {
+    room: usize,
+    next_post: u64,
+    next_done: u64,
+    held: VecDeque<(u64, Held)>,
+}
+
+impl SendQueue {
+    pub(crate) fn new(depth: usize, held_capacity: usize) -> SendQueue {
+        SendQueue {
+            room: depth,
+            next_post: 0,
+            next_done: 0,
+            held: VecDeque::with_capacity(held_capacity),
+        }
+    }
+
+    /// Free entries of the send queue.
+    pub(crate) fn room(&self) -> usize {
+        self.room
+    }
+
+    /// Takes one entry and gives the posting sequence number of the work request about to
+    /// be posted.
+    pub(crate) fn next_seq(&mut self) -> u64 {
+        self.room = self.room.saturating_sub(1);
+        let s = self.next_post;
+        self.next_post += 1;
+        s
+    }
+
+    /// Keeps `h` until work request `seq` completes.
+    pub(crate) fn hold(&mut self, seq: u64, h: Held) {
+        self.held.push_back((seq, h));
+    }
+
+    /// Retires the oldest outstanding work request, which must be `seq_lo` (low bits).
+    pub(crate) fn complete(&mut self, seq_lo: u64) -> std::result::Result<(), String> {
+        if self.next_done == self.next_post {
+            return Err(format!(
+                "a send-queue completion (sequence {seq_lo}) with nothing outstanding"
+            ));
+        }
+        let done = self.next_done;
+        if done & SEQ_MASK != seq_lo {
+            return Err(format!(
+                "send-queue completion out of order: sequence {seq_lo}, expected {}",
+                done & SEQ_MASK
+            ));
+        }
+        self.next_done += 1;
+        self.room += 1;
+        while self.held.front().is_some_and(|(s, _)| *s <= done) {
+            self.held.pop_front();
+        }
+        Ok(())
+    }
+
+    /// True when every posted work request has completed.
+    pub(crate) fn idle(&self) -> bool {
+        self.next_done == self.next_post
+    }
+
+    /// Drops everything held (only once the queue pair is destroyed).
+    pub(crate) fn clear(&mut self) {
+        self.held.clear();
+    }
+}
+
+/// Rounds up to a whole number of 4 KiB pages.
+pub(crate) fn round_page(n: usize) -> usize {
+    n.div_ceil(4096).max(1) * 4096
+}
+
+/// A connection's private pool for messages: `(buffer size, count)` per class. Registered
+/// LOCAL_WRITE; mapped whole at once (one arena per class).
+pub(crate) fn control_pool(classes: &[(usize, usize)]) -> Result<Pool> {
+    let mut cc: Vec<ClassConfig> = Vec::with_capacity(classes.len());
+    for &(size, count) in classes {
+        let size = round_page(size);
+        match cc.iter_mut().find(|c| c.size == size) {
+            Some(c) => {
+                c.count += count;
+                c.arena_slots = c.count;
+            }
+            None => cc.push(ClassConfig {
+                size,
+                count,
+                reserve: 0,
+                arena_slots: count,
+            }),
+        }
+    }
+    Pool::new(&PoolConfig {
+        classes: cc,
+        wait_timeout: Duration::from_secs(10),
+        stripes: 1,
+    })
+}
+
+/// Total bytes of a control pool with these classes.
+pub(crate) fn control_bytes(classes: &[(usize, usize)]) -> usize {
+    classes.iter().map(|&(s, c)| round_page(s) * c).sum()
+}
+
+/// The scatter/gather entry of a pool buffer's first `len` bytes.
+pub(crate) fn buf_sge(buf: &IobufMut, len: usize, reg: RegistrarId) -> Option<Sge> {
+    let keys = buf.keys(reg)?;
+    Some(Sge {
+        addr: buf.as_ptr() as u64,
+        len: u32::try_from(len).ok()?,
+        lkey: keys.lkey,
+    })
+}
+
+/// Posts a receive into the whole of a control buffer.
+pub(crate) fn post_recv_buf(
+    qp: &QueuePair,
+    slot: usize,
+    buf: &IobufMut,
+    reg: RegistrarId,
+) -> std::result::Result<(), String> {
+    let sge = buf_sge(buf, buf.len(), reg)
+        .ok_or_else(|| "a control buffer without registration keys".to_string())?;
+    qp.post_recv(wr_id(KIND_RECV, slot, 0), sge)
+        .map_err(|e| format!("posting a receive: {}", chain(&e)))
+}
+
+/// How to size one connection's queue pair.
+pub(crate) struct QpSizes {
+    pub(crate) send_wr: usize,
+    pub(crate) recv_wr: usize,
+    pub(crate) inline: usize,
+    pub(crate) remote_access: bool,
+}
+
+/// Creates the connection's completion queue and queue pair (in INIT). If the device
+/// refuses the inline size, retries without inline SENDs.
+pub(crate) fn create_qp(
+    dev: &Device,
+    cfg: &RdmaConfig,
+    sizes: &QpSizes,
+) -> Result<(CompletionQueue, QueuePair)> {
+    let max_wr = dev.caps.max_qp_wr.max(1) as usize;
+    let send_wr = sizes.send_wr.clamp(1, max_wr) as u32;
+    let recv_wr = sizes.recv_wr.clamp(1, max_wr) as u32;
+    let gid_index = match cfg.gid_index {
+        None => None,
+        Some(i) => Some(u8::try_from(i).map_err(|_| {
+            Error::config("rdma.gid_index", i, "must be below 256 for this transport")
+        })?),
+    };
+    let mode = if cfg.busy_poll {
+        CqMode::BusyPoll
+    } else {
+        CqMode::Event
+    };
+    let cqe = (send_wr + recv_wr).min(dev.caps.max_cqe.max(1));
+    let cq = CompletionQueue::new(&dev.ctx, cqe, mode)
+        .map_err(|e| rdma_err("creating a completion queue".into(), e))?;
+    let mut qc = QpConfig {
+        port: cfg.port,
+        gid_index,
+        max_send_wr: send_wr,
+        max_recv_wr: recv_wr,
+        max_send_sge: dev.caps.max_sge.clamp(1, MAX_SGE as u32),
+        max_recv_sge: 1,
+        max_inline_data: u32::try_from(sizes.inline).unwrap_or(u32::MAX),
+        allow_remote_access: sizes.remote_access,
+        ..QpConfig::default()
+    };
+    let qp = match QueuePair::new(&dev.pd, &cq, &cq, &qc) {
+        Ok(qp) => qp,
+        Err(first) if qc.max_inline_data > 0 => {
+            qc.max_inline_data = 0;
+            QueuePair::new(&dev.pd, &cq, &cq, &qc)
+                .map_err(|_| rdma_err("creating an RC queue pair".into(), first))?
+        }
+        Err(e) => return Err(rdma_err("creating an RC queue pair".into(), e)),
+    };
+    Ok((cq, qp))
+}
+
+/// Sends all of `bytes` on the bootstrap socket (never raising SIGPIPE).
+pub(crate) fn send_all(sock: &TcpStream, mut bytes: &[u8]) -> io::Result<()> {
+    while !bytes.is_empty() {
+        match send(sock.as_raw_fd(), bytes, MsgFlags::MSG_NOSIGNAL) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => bytes = &bytes[n..],
+            Err(Errno::EINTR) => {}
+            Err(Errno::EAGAIN) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "send timed out (the peer is not reading)",
+                ))
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
+/// Reads exactly `buf.len()` bytes from the bootstrap socket.
+pub(crate) fn recv_exact(sock: &TcpStream, buf: &mut [u8]) -> io::Result<()> {
+    let mut s = sock;
+    s.read_exact(buf)
+}
+
+/// An error and its sources on one line.
+pub(crate) fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(x) = src {
+        s.push_str(": ");
+        s.push_str(&x.to_string());
+        src = x.source();
+    }
+    s
+}
+
+/// What a failed work completion means, in words.
+pub(crate) fn describe_failure(kind: u8, status: WcStatus) -> String {
+    let op = match kind {
+        KIND_RECV => "a receive",
+        KIND_SEND => "a SEND",
+        KIND_WRITE => "an RDMA WRITE",
+        KIND_READ => "an RDMA READ",
+        _ => "a work request",
+    };
+    let why = match status {
+        WcStatus::RemoteAccessError => "a remote access error: the peer's memory key, address \
+             or length was refused (a bogus or stale memory descriptor)"
+            .to_string(),
+        WcStatus::RemoteInvalidRequestError => {
+            "a remote invalid request error: the peer refused the operation".to_string()
+        }
+        WcStatus::RetryExceededError => "transport retries exceeded: the peer stopped \
+             answering (its process or queue pair is gone, or the network is down)"
+            .to_string(),
+        WcStatus::RnrRetryExceededError => {
+            "receiver-not-ready retries exceeded: the peer posted no receive".to_string()
+        }
+        WcStatus::WrFlushError => "a flush: the queue pair went into the error state (the \
+             peer's RDMA access to memory this side advertised failed, or the connection \
+             broke; the peer's log says which)"
+            .to_string(),
+        WcStatus::LocalLengthError => {
+            "a local length error: a message larger than the receive buffer".to_string()
+        }
+        WcStatus::LocalProtectionError => {
+            "a local protection error: a local buffer outside its memory region".to_string()
+        }
+        other => format!("status {other}"),
+    };
+    format!("{op} failed with {why}")
+}
+
+/// The tick of a connection's completion thread: how often it checks timeouts and death.
+pub(crate) fn tick_for(d: Duration) -> Duration {
+    (d / 8).clamp(Duration::from_millis(5), Duration::from_secs(1))
+}
+
+/// What a connection's thread calls back into.
+pub(crate) trait ConnCore: Send + Sync + 'static {
+    /// Handles one work completion.
+    fn on_completion(&self, c: &Completion, scratch: &mut Vec<u8>);
+    /// Periodic checks (timeouts); also called after every batch of completions.
+    fn on_tick(&self);
+    /// True once the connection has failed or closed: the thread ends.
+    fn is_dead(&self) -> bool;
+    /// The bootstrap socket reached end of stream (`None`) or failed / carried bytes it
+    /// must not (`Some(why)`). Completions already queued have been dispatched.
+    fn on_socket_end(&self, why: Option<String>);
+    /// Waiting for completions failed.
+    fn on_cq_error(&self, why: String);
+}
+
+/// Starts a connection's thread: it waits on the completion channel and on the bootstrap
+/// socket at once (liveness), dispatches completions, and runs the periodic checks.
+pub(crate) fn spawn_conn_thread<C: ConnCore>(
+    core: Arc<C>,
+    cq: CompletionQueue,
+    tick: Duration,
+    sock: TcpStream,
+    scratch_len: usize,
+    name: &str,
+) -> Result<JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name(name.to_string())
+        .spawn(move || conn_loop(&*core, &cq, &sock, tick, scratch_len))
+        .map_err(|e| Error::io("spawning an rdma connection thread", e))
+}
+
+/// What a readable bootstrap socket means: `None` if nothing (a spurious wake-up),
+/// `Some(None)` at end of stream, `Some(Some(why))` on an error or unexpected bytes.
+fn socket_end(sock: &TcpStream) -> Option<Option<String>> {
+    let mut b = [0u8; 1];
+    let mut s = sock;
+    match s.read(&mut b) {
+        Ok(0) => Some(None),
+        Ok(_) => Some(Some(
+            "the peer sent bytes on the bootstrap socket after set-up (protocol violation)"
+                .to_string(),
+        )),
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::Interrupted | io::ErrorKind::WouldBlock
+            ) =>
+        {
+            None
+        }
+        Err(e) => Some(Some(format!("the bootstrap socket failed: {e}"))),
+    }
+}
+
+fn conn_loop<C: ConnCore>(
+    core: &C,
+    cq: &CompletionQueue,
+    sock: &TcpStream,
+    tick: Duration,
+    scratch_len: usize,
+) {
+    let mut out = [Completion::EMPTY; 32];
+    let mut scratch = Vec::with_capacity(scratch_len);
+    loop {
+        if core.is_dead() {
+            return;
+        }
+        match cq.wait_or_readable(&mut out, sock.as_fd(), Some(tick)) {
+            Ok((n, readable)) => {
+                for c in &out[..n] {
+                    core.on_completion(c, &mut scratch);
+                }
+                if readable {
+                    if let Some(end) = socket_end(sock) {
+                        // A reply (or request) the peer sent right before closing is
+                        // already in the CQ: dispatch it before failing the connection.
+                        while let Ok(n) = cq.poll(&mut out) {
+                            if n == 0 {
+                                break;
+                            }
+                            for c in &out[..n] {
+                                core.on_completion(c, &mut scratch);
+                            }
+                        }
+                        core.on_socket_end(end);
+                        return;
+                    }
+                }
+            }
+            Err(e) => {
+                core.on_cq_error(format!("waiting for completions failed: {}", chain(&e)));
+                return;
+            }
+        }
+        core.on_tick();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wr_ids_round_trip() {
+        for (k, s, q) in [
+            (KIND_READ, 4095usize, 1u64 << 39),
+            (KIND_RECV, 0, 0),
+            (KIND_SEND, 65535, SEQ_MASK),
+        ] {
+            assert_eq!(wr_parts(wr_id(k, s, q)), (k, s, q));
+        }
+        assert_eq!(wr_parts(wr_id(KIND_WRITE, 1, SEQ_MASK + 5)).2, 4);
+    }
+
+    #[test]
+    fn send_queue_retires_in_order() {
+        let mut q = SendQueue::new(4, 4);
+        assert!(q.complete(0).is_err());
+        let a = q.next_seq();
+        let b = q.next_seq();
+        assert_eq!(q.room(), 2);
+        assert!(q.complete(b).is_err());
+        q.complete(a).unwrap();
+        assert!(!q.idle());
+        q.complete(b).unwrap();
+        assert!(q.idle());
+        assert_eq!(q.room(), 4);
+    }
+}

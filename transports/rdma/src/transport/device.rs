@@ -1,0 +1,198 @@
+//! Per-process, per-device state: one open device and one protection domain per device,
+//! opened lazily and kept for the life of the process, and one memory registrar per
+//! (device, pool, role) installed on the pool.
+//!
+//! The client's registrar registers arenas `LOCAL_WRITE | REMOTE_READ | REMOTE_WRITE` (the
+//! server reads request payload from them and writes reply payload into them); the
+//! server's registers them `LOCAL_WRITE` only, so no client can touch server memory: every
+//! RDMA operation is initiated by the server. Registrations last as long as the pool (the
+//! memory region lives in the arena's [`RegionKeys::guard`]); a buffer's keys are
+//! `buf.keys(id)`, found in O(1).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+
+use zcio::config::RdmaConfig;
+use zcio::error::BoxError;
+use zcio::pool::{ArenaInfo, MemoryRegistrar, RegionKeys, RegistrarId};
+use zcio::{Error, Pool, Result};
+
+use super::{lock, unavailable};
+use crate::devices::{list_devices, PortState};
+use crate::verbs::{Context, DeviceCaps, MrAccess, ProtectionDomain};
+use crate::RdmaError;
+
+/// An open device with its protection domain.
+pub(crate) struct Device {
+    pub(crate) ctx: Context,
+    pub(crate) pd: ProtectionDomain,
+    pub(crate) caps: DeviceCaps,
+}
+
+/// Which side registers: decides the access rights of pool memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) enum Side {
+    /// A client's data pool: the server may READ and WRITE it.
+    Client,
+    /// A server's data pool: local access only.
+    Server,
+    /// A connection's private control pool (messages): local access only.
+    Control,
+}
+
+fn devices() -> &'static Mutex<HashMap<String, Arc<Device>>> {
+    static D: OnceLock<Mutex<HashMap<String, Arc<Device>>>> = OnceLock::new();
+    D.get_or_init(|| Mutex::new(HashMap::new()))
+}
+
+/// (device name, pool id, side).
+type RegKey = (String, u64, Side);
+/// The registrar's id on its pool, and the registrar (alive as long as the pool is).
+type RegMap = HashMap<RegKey, (RegistrarId, Weak<Registrar>)>;
+
+fn registrars() -> &'static Mutex<RegMap> {
+    static R: OnceLock<Mutex<RegMap>> = OnceLock::new();
+    R.get_or_init(|| Mutex::new(HashMap::new()))
+}
+
+/// The name of the device to use: the configured one, or the first whose port
+/// `cfg.port` is active.
+fn pick_device(cfg: &RdmaConfig) -> std::result::Result<String, Error> {
+    if let Some(name) = &cfg.device {
+        return Ok(name.clone());
+    }
+    let list = list_devices().map_err(|e| unavailable(&e))?;
+    if let Some(d) = list.iter().find(|d| {
+        d.ports
+            .iter()
+            .any(|p| p.port == cfg.port && matches!(p.state, PortState::Active))
+    }) {
+        return Ok(d.name.clone());
+    }
+    let seen = list
+        .iter()
+        .map(|d| {
+            let state = d
+                .ports
+                .iter()
+                .find(|p| p.port == cfg.port)
+                .map_or_else(|| "no such port".to_string(), |p| p.state.to_string());
+            format!("{} port {}: {state}", d.name, cfg.port)
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+    Err(Error::TransportUnavailable {
+        name: "rdma".into(),
+        reason: format!("no RDMA device has port {} active ({seen})", cfg.port),
+        hint: "check the link with `rdma link` / `ibv_devinfo`, or set rdma.device and \
+               rdma.port to a device whose port is ACTIVE"
+            .into(),
+    })
+}
+
+/// The device `cfg` names (opened on first use), with its port checked to be active.
+pub(crate) fn device(cfg: &RdmaConfig) -> Result<Arc<Device>> {
+    let name = pick_device(cfg)?;
+    let dev = {
+        let mut map = lock(devices());
+        match map.get(&name) {
+            Some(d) => d.clone(),
+            None => {
+                let ctx = Context::open(Some(&name)).map_err(|e| unavailable(&e))?;
+                let caps = ctx.caps().map_err(|e| unavailable(&e))?;
+                let pd = ctx.alloc_pd().map_err(|e| unavailable(&e))?;
+                let d = Arc::new(Device { ctx, pd, caps });
+                map.insert(name.clone(), d.clone());
+                d
+            }
+        }
+    };
+    let port = dev.ctx.port_info(cfg.port).map_err(|e| unavailable(&e))?;
+    if !matches!(port.state, PortState::Active | PortState::ActiveDefer) {
+        return Err(Error::TransportUnavailable {
+            name: "rdma".into(),
+            reason: format!(
+                "port {} of RDMA device `{name}` is {}",
+                cfg.port, port.state
+            ),
+            hint: "bring the link up (for Soft-RoCE: `ip link set <netdev> up`), or pick \
+                   another port or device with rdma.port / rdma.device"
+                .into(),
+        });
+    }
+    Ok(dev)
+}
+
+/// Registers pool arenas with one protection domain.
+struct Registrar {
+    pd: ProtectionDomain,
+    access: MrAccess,
+    label: String,
+}
+
+impl MemoryRegistrar for Registrar {
+    fn name(&self) -> String {
+        self.label.clone()
+    }
+
+    fn register(&self, arena: &ArenaInfo) -> std::result::Result<RegionKeys, BoxError> {
+        // SAFETY: the pool keeps the arena mapped for as long as the returned `RegionKeys`
+        // (which owns the memory region) lives, so the memory outlives the registration.
+        // The device only touches it through work requests this transport posts for buffers
+        // it owns at that moment (receives into buffers it holds, RDMA on segments of a
+        // request in flight), or, for a client's arenas, through the server's RDMA on
+        // buffers the client advertised for a request in flight; the pool's ownership rules
+        // keep Rust references away from a buffer while that request holds it.
+        let mr = unsafe {
+            self.pd
+                .register(arena.addr.as_ptr(), arena.len, self.access)
+        }
+        .map_err(|e| -> BoxError { Box::new(e) })?;
+        Ok(RegionKeys {
+            lkey: mr.lkey(),
+            rkey: mr.rkey(),
+            guard: Box::new(mr),
+        })
+    }
+}
+
+/// The id of the registrar of (`dev`, `pool`, `side`), installing it on first use.
+pub(crate) fn registrar_id(dev: &Device, pool: &Pool, side: Side) -> Result<RegistrarId> {
+    let key = (dev.ctx.name().to_string(), pool.id(), side);
+    let mut regs = lock(registrars());
+    if let Some((id, _)) = regs.get(&key) {
+        return Ok(*id);
+    }
+    // Forget registrars of pools that are gone (pool ids are never reused).
+    regs.retain(|_, (_, w)| w.strong_count() > 0);
+    let access = match side {
+        Side::Client => MrAccess::RemoteReadWrite,
+        Side::Server | Side::Control => MrAccess::LocalWrite,
+    };
+    let r = Arc::new(Registrar {
+        pd: dev.pd.clone(),
+        access,
+        label: format!(
+            "rdma:{}:{}",
+            dev.ctx.name(),
+            match side {
+                Side::Client => "client",
+                Side::Server => "server",
+                Side::Control => "control",
+            }
+        ),
+    });
+    let weak = Arc::downgrade(&r);
+    let id = pool.add_registrar(r)?;
+    regs.insert(key, (id, weak));
+    Ok(id)
+}
+
+/// The error a failed on-the-fly registration becomes.
+pub(crate) fn register_err(e: RdmaError) -> Error {
+    Error::Transport {
+        transport: "rdma",
+        what: "registering caller memory for RDMA".into(),
+        source: Box::new(e),
+    }
+}

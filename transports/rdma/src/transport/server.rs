@@ -1,0 +1,1314 @@
+//! The server side: a listener with a background acceptor, connections whose requests
+//! are decoded by a completion thread and delivered by [`ServerConn::recv`], and replies
+//! posted from any thread.
+//!
+//! # Accepting
+//! As in the TCP transport: a background acceptor hands every new bootstrap socket to a
+//! short-lived handshake thread (timeout [`HANDSHAKE_TIMEOUT`], or `server.idle_timeout`
+//! when shorter), so a silent client never stalls [`Listener::accept`]; at most
+//! [`MAX_PENDING`] sockets are in handshake or wait for `accept`.
+//!
+//! # Requests
+//! The completion thread decodes each request message as it arrives, copies what it needs
+//! into the request's slot (one per credit, preallocated), reposts the receive buffer at
+//! once and queues the request for `recv`. `recv` (the core's connection thread, which may
+//! block) takes pool buffers for the request payload and posts the RDMA READs of the
+//! client's segments; the request is handed out once they have all completed. Payload that
+//! came inline is copied into pool buffers instead. So several requests' READs can be in
+//! flight while earlier ones are served.
+//!
+//! # Replies
+//! [`Replier::reply`] (any thread) encodes the reply into a control buffer (or on the
+//! stack, for an inline SEND), RDMA WRITEs the payload buffers into the client's receive
+//! segments and SENDs the reply; reliable-connection ordering makes the data land before
+//! the reply is seen. The payload buffers and the message stay held until the SEND
+//! completes. Posting waits when the send queue is full (its depth covers at least one
+//! request's worst case; see `SendQueue`).
+//!
+//! # Failure
+//! An error completion (a client's bogus memory key shows up as a remote access error of
+//! a READ or WRITE, and is logged with the peer's address), a malformed message, more
+//! requests than credits, end of stream on the bootstrap socket (the client closed or its
+//! process died), the idle timeout, or [`Replier::close`] end the connection: the queue
+//! pair is destroyed first, then every buffer the connection holds goes back to its pool.
+//! Other connections are not affected.
+
+use std::collections::{HashMap, VecDeque};
+use std::io;
+use std::net::{SocketAddr, TcpStream};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use zcio::config::{Config, RdmaConfig};
+use zcio::pool::RegistrarId;
+use zcio::transport::{Incoming, Limits, Listener, Replier, ServerConn, MAX_HEADER};
+use zcio::{Error, Iobuf, IobufMut, Pool, Result};
+
+use super::bootstrap::{BootstrapError, Hello, Role, HELLO_LEN, MAX_CREDITS, READY};
+use super::conn::{
+    buf_sge, chain, control_bytes, control_pool, create_qp, describe_failure, post_recv_buf,
+    recv_exact, round_page, send_all, spawn_conn_thread, tick_for, wr_id, wr_parts, ConnCore, Held,
+    QpSizes, SendQueue, KIND_READ, KIND_RECV, KIND_SEND, KIND_WRITE, MAX_SGE,
+};
+use super::device::{device, registrar_id, Device, Side};
+use super::msg::{decode_request, encode_reply, max_request_len, reply_len, Desc, MsgLimits};
+use super::plan::{Local, Plan};
+use super::{bootstrap_err, handshake_io_err, lock, memlock_err, rdma_err, MAX_INLINE};
+use crate::verbs::{check_memlock, Completion, Endpoint, Mtu, QueuePair, Remote, Sge, WcStatus};
+
+/// The longest a connecting client may take for the bootstrap exchange.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Most connections in handshake or waiting for [`Listener::accept`] at once.
+pub const MAX_PENDING: usize = 64;
+
+/// Largest reply encoded on the stack for an inline SEND.
+const STACK_MSG: usize = MAX_INLINE + 256;
+
+/// How long [`Replier::close`] lets posted replies drain before destroying the queue pair.
+const CLOSE_DRAIN: Duration = Duration::from_secs(2);
+
+/// What every connection of a listener shares.
+struct ListenCtx {
+    dev: Arc<Device>,
+    pool: Pool,
+    reg: RegistrarId,
+    rdma: RdmaConfig,
+    limits: Limits,
+    idle: Option<Duration>,
+}
+
+enum Msg {
+    Conn(Result<Box<dyn ServerConn>>),
+    Closed,
+}
+
+struct ListenShared {
+    listener: std::net::TcpListener,
+    closed: AtomicBool,
+    pending: Mutex<usize>,
+    pending_cv: Condvar,
+    local: String,
+}
+
+impl ListenShared {
+    fn closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
+    fn acceptor(&self, tx: &Sender<Msg>, ctx: &Arc<ListenCtx>) {
+        loop {
+            {
+                let mut n = lock(&self.pending);
+                while *n >= MAX_PENDING && !self.closed() {
+                    n = match self.pending_cv.wait(n) {
+                        Ok(g) => g,
+                        Err(p) => p.into_inner(),
+                    };
+                }
+            }
+            if self.closed() {
+                return;
+            }
+            match self.listener.accept() {
+                Ok((sock, peer)) => {
+                    if self.closed() {
+                        return;
+                    }
+                    *lock(&self.pending) += 1;
+                    let (tx2, ctx2) = (tx.clone(), ctx.clone());
+                    let spawned = std::thread::Builder::new()
+                        .name("zcio-rdma-hs".into())
+                        .spawn(move || {
+                            let r = handshake(sock, peer, &ctx2);
+                            if let Err(e) = &r {
+                                tracing::debug!(%peer, error = %e, "rdma handshake failed");
+                            }
+                            let _ = tx2.send(Msg::Conn(r));
+                        });
+                    if let Err(e) = spawned {
+                        let _ = tx.send(Msg::Conn(Err(Error::io(
+                            format!("spawning a handshake thread for {peer}"),
+                            e,
+                        ))));
+                    }
+                }
+                Err(_) if self.closed() => return,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::ConnectionAborted
+                            | io::ErrorKind::Interrupted
+                            | io::ErrorKind::WouldBlock
+                    ) => {}
+                Err(e) => {
+                    *lock(&self.pending) += 1;
+                    let _ = tx.send(Msg::Conn(Err(Error::io(
+                        format!("accept on {} (rdma bootstrap)", self.local),
+                        e,
+                    ))));
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+        }
+    }
+}
+
+/// A listening bootstrap socket (see the module documentation).
+pub(crate) struct RdmaListener {
+    shared: Arc<ListenShared>,
+    rx: Mutex<Receiver<Msg>>,
+    tx: Sender<Msg>,
+    acceptor: Option<JoinHandle<()>>,
+}
+
+/// Binds `cfg.server.listen`, installs the server's registrar on `pool` and starts the
+/// acceptor.
+pub(crate) fn listen(cfg: &Config, pool: &Pool) -> Result<RdmaListener> {
+    let dev = device(&cfg.rdma)?;
+    let credits = cfg.rdma.credits.clamp(1, MAX_CREDITS as usize);
+    let one_conn = control_bytes(&control_classes(
+        credits,
+        cfg.limits.max_segments,
+        cfg.rdma.inline_threshold.min(MAX_INLINE),
+        MAX_HEADER,
+    ));
+    check_memlock((pool.total_bytes() + one_conn) as u64).map_err(memlock_err)?;
+    let reg = registrar_id(&dev, pool, Side::Server)?;
+    let addr = &cfg.server.listen;
+    let listener = std::net::TcpListener::bind(addr)
+        .map_err(|e| Error::io(format!("listen on {addr} (rdma bootstrap)"), e))?;
+    let local = listener
+        .local_addr()
+        .map_or_else(|_| addr.clone(), |a| a.to_string());
+    let ctx = Arc::new(ListenCtx {
+        dev,
+        pool: pool.clone(),
+        reg,
+        rdma: cfg.rdma.clone(),
+        limits: cfg.limits,
+        idle: cfg.server.idle_timeout,
+    });
+    let shared = Arc::new(ListenShared {
+        listener,
+        closed: AtomicBool::new(false),
+        pending: Mutex::new(0),
+        pending_cv: Condvar::new(),
+        local,
+    });
+    let (tx, rx) = channel();
+    let (sh, tx2) = (shared.clone(), tx.clone());
+    let acceptor = std::thread::Builder::new()
+        .name("zcio-rdma-accept".into())
+        .spawn(move || {
+            sh.acceptor(&tx2, &ctx);
+            let _ = tx2.send(Msg::Closed);
+        })
+        .map_err(|e| Error::io("spawning the rdma acceptor thread", e))?;
+    tracing::debug!(addr = %shared.local, "rdma listening");
+    Ok(RdmaListener {
+        shared,
+        rx: Mutex::new(rx),
+        tx,
+        acceptor: Some(acceptor),
+    })
+}
+
+impl RdmaListener {
+    fn closed_err(&self) -> Error {
+        Error::ConnectionClosed(format!(
+            "the rdma listener on {} was shut down",
+            self.shared.local
+        ))
+    }
+}
+
+impl Listener for RdmaListener {
+    fn accept(&self) -> Result<Result<Box<dyn ServerConn>>> {
+        if self.shared.closed() {
+            return Err(self.closed_err());
+        }
+        let msg = lock(&self.rx).recv();
+        match msg {
+            Ok(Msg::Conn(r)) => {
+                {
+                    let mut n = lock(&self.shared.pending);
+                    *n = n.saturating_sub(1);
+                }
+                self.shared.pending_cv.notify_one();
+                Ok(r)
+            }
+            Ok(Msg::Closed) | Err(_) => {
+                let _ = self.tx.send(Msg::Closed);
+                Err(self.closed_err())
+            }
+        }
+    }
+
+    fn local_addr(&self) -> String {
+        self.shared.local.clone()
+    }
+
+    fn shutdown(&self) {
+        let sh = &self.shared;
+        sh.closed.store(true, Ordering::Release);
+        sh.pending_cv.notify_all();
+        // Shutting a listening socket down makes a blocked accept(2) return at once.
+        let _ =
+            nix::sys::socket::shutdown(sh.listener.as_raw_fd(), nix::sys::socket::Shutdown::Both);
+    }
+}
+
+impl Drop for RdmaListener {
+    fn drop(&mut self) {
+        self.shutdown();
+        if let Some(h) = self.acceptor.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+/// The classes of a server connection's control pool: request receives, reply messages.
+fn control_classes(
+    credits: usize,
+    max_segments: usize,
+    inline: usize,
+    max_header: usize,
+) -> [(usize, usize); 2] {
+    [
+        (
+            round_page(max_request_len(max_header, max_segments, inline)),
+            credits,
+        ),
+        (round_page(reply_len(max_header, inline)), 2 * credits),
+    ]
+}
+
+fn hs_error(e: BootstrapError, peer: &str) -> Error {
+    bootstrap_err(e, peer)
+}
+
+/// The server half of the bootstrap, on a fresh socket.
+fn handshake(sock: TcpStream, peer: SocketAddr, ctx: &ListenCtx) -> Result<Box<dyn ServerConn>> {
+    let peer_s = peer.to_string();
+    let after = ctx
+        .idle
+        .map_or(HANDSHAKE_TIMEOUT, |d| d.min(HANDSHAKE_TIMEOUT));
+    let setup = |e| Error::io(format!("setting up the bootstrap socket from {peer}"), e);
+    sock.set_nodelay(true).map_err(setup)?;
+    sock.set_read_timeout(Some(after)).map_err(setup)?;
+    sock.set_write_timeout(Some(after)).map_err(setup)?;
+    let hs = |e| handshake_io_err(&peer_s, after, e);
+    let mut b = [0u8; HELLO_LEN];
+    recv_exact(&sock, &mut b).map_err(hs)?;
+    let r = &ctx.rdma;
+    let credits = r.credits.clamp(1, MAX_CREDITS as usize);
+    let inline = r.inline_threshold.min(MAX_INLINE);
+    let theirs = match Hello::decode(&b, Role::Client) {
+        Ok(h) => h,
+        Err(e @ BootstrapError::Version { .. }) => {
+            // Answer anyway, so that the client can report the mismatch too.
+            let dummy = Hello {
+                role: Role::Server,
+                endpoint: Endpoint {
+                    qpn: 0,
+                    psn: 0,
+                    lid: 0,
+                    port: 1,
+                    gid_index: 0,
+                    gid: std::net::Ipv6Addr::UNSPECIFIED,
+                    mtu: Mtu::Mtu1024,
+                },
+                credits: credits as u32,
+                max_segments: 1,
+                max_payload: 1,
+                max_header: 1,
+                inline_threshold: 0,
+                recv_size: 4096,
+            };
+            let _ = send_all(&sock, &dummy.encode());
+            return Err(hs_error(e, &peer_s));
+        }
+        Err(e) => return Err(hs_error(e, &peer_s)),
+    };
+    let credits = credits.min(theirs.credits as usize);
+    let max_header = MAX_HEADER.min(theirs.max_header as usize);
+    let inline = inline.min(theirs.inline_threshold as usize);
+    let max_segments = ctx
+        .limits
+        .max_segments
+        .min(theirs.max_segments as usize)
+        .clamp(1, usize::from(u16::MAX));
+    let max_payload = ctx
+        .limits
+        .max_payload
+        .min(theirs.max_payload as usize)
+        .min(1 << 30);
+    if (theirs.recv_size as usize) < reply_len(max_header, inline) {
+        return Err(Error::decode(
+            "rdma handshake",
+            format!(
+                "the client {peer} takes messages of {} bytes, a reply needs up to {}",
+                theirs.recv_size,
+                reply_len(max_header, inline)
+            ),
+        ));
+    }
+    let classes = control_classes(credits, max_segments, inline, max_header);
+    let req_size = classes[0].0;
+    let ctl = control_pool(&classes)?;
+    let ctl_reg = registrar_id(&ctx.dev, &ctl, Side::Control)?;
+    let write_sge = (ctx.dev.caps.max_sge as usize).clamp(1, MAX_SGE);
+    let read_sge = write_sge.min((ctx.dev.caps.max_sge_rd as usize).max(1));
+    // Worst case of one request: one work request per remote descriptor, plus one per
+    // `max_sge` local pieces, plus the SEND.
+    let worst = max_segments + max_segments.div_ceil(read_sge.min(write_sge)) + 2;
+    let sq_depth = worst.max(4 * credits);
+
+    // Declared before the queue pair: on an early return the queue pair goes first.
+    let mut recv: Vec<Option<IobufMut>> = Vec::with_capacity(credits);
+    let (cq, mut qp) = create_qp(
+        &ctx.dev,
+        r,
+        &QpSizes {
+            send_wr: sq_depth,
+            recv_wr: credits,
+            inline: inline + 256,
+            remote_access: false,
+        },
+    )?;
+    let sq_depth = qp.caps().max_send_wr as usize;
+    if sq_depth < worst {
+        return Err(Error::TransportUnavailable {
+            name: "rdma".into(),
+            reason: format!(
+                "the device gives a send queue of {sq_depth} entries, a request may need {worst}"
+            ),
+            hint: "lower limits.max_segments".into(),
+        });
+    }
+    for i in 0..credits {
+        let b = ctl.get_control(req_size)?;
+        post_recv_buf(&qp, i, &b, ctl_reg).map_err(|e| Error::Transport {
+            transport: "rdma",
+            what: "posting the initial receives".into(),
+            source: e.into(),
+        })?;
+        recv.push(Some(b));
+    }
+    let ours = Hello {
+        role: Role::Server,
+        endpoint: qp.local_endpoint(),
+        credits: credits as u32,
+        max_segments: max_segments as u32,
+        max_payload: max_payload as u32,
+        max_header: max_header as u32,
+        inline_threshold: inline as u32,
+        recv_size: req_size as u32,
+    };
+    send_all(&sock, &ours.encode()).map_err(hs)?;
+    qp.connect(&theirs.endpoint)
+        .map_err(|e| rdma_err(format!("connecting the queue pair to {peer}"), e))?;
+    send_all(&sock, &[READY]).map_err(hs)?;
+    let mut ready = [0u8; 1];
+    recv_exact(&sock, &mut ready).map_err(hs)?;
+    if ready[0] != READY {
+        return Err(Error::decode(
+            "rdma handshake",
+            format!("the client {peer} sent {:#04x} instead of ready", ready[0]),
+        ));
+    }
+    sock.set_read_timeout(None).map_err(setup)?;
+    let live_sock = sock.try_clone().map_err(setup)?;
+    let limits = Limits {
+        max_segments,
+        max_payload,
+        max_header,
+        max_in_flight: credits,
+        inline_threshold: inline,
+        rdma_payload: true,
+    };
+    let slots = (0..credits)
+        .map(|_| SSlot {
+            stage: Stage::Free,
+            id: 0,
+            header: Vec::new(),
+            send: Vec::with_capacity(max_segments),
+            recv: Vec::with_capacity(max_segments),
+            inline: Vec::with_capacity(inline),
+            recv_cap: 0,
+            send_total: 0,
+            bufs: Vec::new(),
+        })
+        .collect();
+    let max_inline_send = qp.caps().max_inline_data as usize;
+    tracing::debug!(%peer, ?limits, local = %qp.local_endpoint(), remote = %theirs.endpoint, "rdma connection accepted");
+    let core = Arc::new(SCore {
+        state: Mutex::new(SState {
+            dead: None,
+            end: End::Clean,
+            closing: false,
+            qp: Some(qp),
+            recv,
+            slots,
+            free: (0..credits).rev().collect(),
+            ids: HashMap::with_capacity(2 * credits),
+            events: VecDeque::with_capacity(2 * credits),
+            sq: SendQueue::new(sq_depth, 4 * credits),
+            local: Vec::with_capacity(max_segments.max(64)),
+            last_activity: Instant::now(),
+        }),
+        cond: Condvar::new(),
+        dead: AtomicBool::new(false),
+        sock,
+        pool: ctx.pool.clone(),
+        reg: ctx.reg,
+        ctl,
+        ctl_reg,
+        limits,
+        msg_limits: MsgLimits {
+            max_header,
+            max_segments,
+            max_payload,
+            inline_threshold: inline,
+        },
+        max_inline_send,
+        write_sge,
+        read_sge,
+        sq_depth,
+        idle: ctx.idle,
+        peer: peer_s,
+    });
+    let _thread = spawn_conn_thread(
+        core.clone(),
+        cq,
+        tick_for(ctx.idle.unwrap_or(Duration::from_secs(8))),
+        live_sock,
+        req_size,
+        "zcio-rdma-srv",
+    )?;
+    Ok(Box::new(RdmaServerConn { core }))
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Stage {
+    Free,
+    /// Decoded, waiting for `recv`.
+    Queued,
+    /// RDMA READs of the payload outstanding.
+    Reading(usize),
+    /// Payload in; waiting for `recv` to hand it out.
+    Ready,
+    /// Handed out; waiting for the reply.
+    Delivered,
+}
+
+/// One request's state.
+struct SSlot {
+    stage: Stage,
+    id: u64,
+    header: Vec<u8>,
+    send: Vec<Desc>,
+    recv: Vec<Desc>,
+    inline: Vec<u8>,
+    recv_cap: usize,
+    send_total: usize,
+    /// Pool buffers the payload is READ into.
+    bufs: Vec<IobufMut>,
+}
+
+impl SSlot {
+    fn reset(&mut self) {
+        self.stage = Stage::Free;
+        self.id = 0;
+        self.send.clear();
+        self.recv.clear();
+        self.inline.clear();
+        self.bufs.clear();
+        self.recv_cap = 0;
+        self.send_total = 0;
+    }
+}
+
+enum Ev {
+    New(usize),
+    ReadsDone(usize),
+}
+
+/// How the connection ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum End {
+    /// The client closed it, or the server did.
+    Clean,
+    /// Idle for longer than the idle timeout.
+    Idle(Duration),
+    /// An error.
+    Failed,
+}
+
+struct SState {
+    dead: Option<String>,
+    end: End,
+    /// [`Replier::close`] is draining: no new replies.
+    closing: bool,
+    qp: Option<QueuePair>,
+    recv: Vec<Option<IobufMut>>,
+    slots: Vec<SSlot>,
+    free: Vec<usize>,
+    ids: HashMap<u64, usize>,
+    events: VecDeque<Ev>,
+    sq: SendQueue,
+    /// Scratch for plans.
+    local: Vec<Local>,
+    last_activity: Instant,
+}
+
+struct SCore {
+    state: Mutex<SState>,
+    /// Signalled for new events, send-queue room and death.
+    cond: Condvar,
+    dead: AtomicBool,
+    sock: TcpStream,
+    pool: Pool,
+    reg: RegistrarId,
+    ctl: Pool,
+    ctl_reg: RegistrarId,
+    limits: Limits,
+    msg_limits: MsgLimits,
+    max_inline_send: usize,
+    write_sge: usize,
+    read_sge: usize,
+    sq_depth: usize,
+    idle: Option<Duration>,
+    peer: String,
+}
+
+/// The server's end of one connection.
+struct RdmaServerConn {
+    core: Arc<SCore>,
+}
+
+fn to_sge(l: &Local) -> Sge {
+    Sge {
+        addr: l.addr,
+        len: l.len,
+        lkey: l.lkey,
+    }
+}
+
+impl SCore {
+    fn lock(&self) -> MutexGuard<'_, SState> {
+        lock(&self.state)
+    }
+
+    fn wait<'a>(&self, g: MutexGuard<'a, SState>) -> MutexGuard<'a, SState> {
+        match self.cond.wait(g) {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        }
+    }
+
+    /// Marks the connection dead and releases everything; the QP goes first.
+    fn fail_locked(&self, st: &mut SState, reason: String, end: End) -> bool {
+        if st.dead.is_some() {
+            return false;
+        }
+        tracing::debug!(peer = %self.peer, %reason, "rdma server connection ends");
+        st.dead = Some(reason);
+        st.end = end;
+        self.dead.store(true, Ordering::SeqCst);
+        st.qp = None;
+        for r in st.recv.iter_mut() {
+            *r = None;
+        }
+        st.sq.clear();
+        for s in st.slots.iter_mut() {
+            s.reset();
+        }
+        st.events.clear();
+        st.ids.clear();
+        true
+    }
+
+    fn after_fail(&self) {
+        let _ = self.sock.shutdown(std::net::Shutdown::Both);
+        self.cond.notify_all();
+    }
+
+    fn fail(&self, reason: String, end: End) {
+        let failed = {
+            let mut st = self.lock();
+            self.fail_locked(&mut st, reason, end)
+        };
+        if failed {
+            self.after_fail();
+        }
+    }
+
+    fn closed_result(&self, st: &SState) -> Result<Option<Incoming>> {
+        let reason = st.dead.clone().unwrap_or_default();
+        match st.end {
+            End::Clean => Ok(None),
+            End::Idle(after) => Err(Error::Timeout {
+                what: format!(
+                    "idle rdma connection from {} (server.idle_timeout)",
+                    self.peer
+                ),
+                after,
+            }),
+            End::Failed => Err(Error::ConnectionClosed(reason)),
+        }
+    }
+
+    fn violation(&self, what: String) -> String {
+        format!("protocol violation by the client {}: {what}", self.peer)
+    }
+
+    /// A request message arrived in receive buffer `ri`.
+    fn on_request(&self, ri: usize, byte_len: usize) {
+        let buf = {
+            let mut st = self.lock();
+            if st.dead.is_some() {
+                return;
+            }
+            match st.recv.get_mut(ri).and_then(Option::take) {
+                Some(b) => b,
+                None => {
+                    let r = self.violation(format!("a completion for receive {ri}, not posted"));
+                    if self.fail_locked(&mut st, r, End::Failed) {
+                        drop(st);
+                        self.after_fail();
+                    }
+                    return;
+                }
+            }
+        };
+        let len = byte_len.min(buf.len());
+        let view = match decode_request(&buf[..len], &self.msg_limits) {
+            Ok(v) => v,
+            Err(e) => {
+                let r = self.violation(format!("malformed request: {e}"));
+                tracing::warn!(peer = %self.peer, "{r}; closing that connection");
+                self.fail(r, End::Failed);
+                return;
+            }
+        };
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        if st.dead.is_some() {
+            return;
+        }
+        let problem = if st.ids.contains_key(&view.id) {
+            Some(format!("request id {} is already in flight", view.id))
+        } else if st.free.is_empty() {
+            Some(format!(
+                "more than the negotiated {} requests in flight",
+                self.limits.max_in_flight
+            ))
+        } else {
+            None
+        };
+        if let Some(p) = problem {
+            let r = self.violation(p);
+            if self.fail_locked(st, r, End::Failed) {
+                drop(guard);
+                self.after_fail();
+            }
+            return;
+        }
+        let Some(s) = st.free.pop() else { return };
+        let slot = &mut st.slots[s];
+        slot.stage = Stage::Queued;
+        slot.id = view.id;
+        slot.header.clear();
+        slot.header.extend_from_slice(view.header);
+        slot.send.clear();
+        slot.send.extend(view.send_descs());
+        slot.recv.clear();
+        slot.recv.extend(view.recv_descs());
+        slot.inline.clear();
+        slot.inline.extend_from_slice(view.inline);
+        slot.recv_cap = view.recv_cap;
+        slot.send_total = view.send_total;
+        st.ids.insert(view.id, s);
+        st.events.push_back(Ev::New(s));
+        st.last_activity = Instant::now();
+        // Repost at once: the client may send its next request as soon as it has this
+        // one's reply.
+        let posted = match &st.qp {
+            Some(qp) => post_recv_buf(qp, ri, &buf, self.ctl_reg),
+            None => Ok(()),
+        };
+        st.recv[ri] = Some(buf);
+        if let Err(e) = posted {
+            if self.fail_locked(st, format!("reposting a receive: {e}"), End::Failed) {
+                drop(guard);
+                self.after_fail();
+                return;
+            }
+        }
+        drop(guard);
+        self.cond.notify_all();
+    }
+
+    fn on_send_queue(&self, kind: u8, slot: usize, seq: u64) {
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        if st.dead.is_some() {
+            return;
+        }
+        if let Err(e) = st.sq.complete(seq) {
+            if self.fail_locked(st, format!("internal: {e}"), End::Failed) {
+                drop(guard);
+                self.after_fail();
+            }
+            return;
+        }
+        if kind == KIND_READ {
+            if let Some(sl) = st.slots.get_mut(slot) {
+                if let Stage::Reading(n) = sl.stage {
+                    if n <= 1 {
+                        sl.stage = Stage::Ready;
+                        st.events.push_back(Ev::ReadsDone(slot));
+                    } else {
+                        sl.stage = Stage::Reading(n - 1);
+                    }
+                }
+            }
+        }
+        drop(guard);
+        self.cond.notify_all();
+    }
+
+    /// Hands request `s` out with its payload.
+    fn deliver(&self, st: &mut SState, s: usize, bufs: Vec<IobufMut>) -> Incoming {
+        let slot = &mut st.slots[s];
+        slot.stage = Stage::Delivered;
+        Incoming {
+            id: slot.id,
+            header: std::mem::take(&mut slot.header),
+            payload: bufs.into_iter().map(IobufMut::freeze).collect(),
+            reply_capacity: slot.recv_cap,
+        }
+    }
+
+    /// Waits for `n` free send-queue entries; `Err` once the connection is dead.
+    fn wait_room<'a>(
+        &'a self,
+        mut g: MutexGuard<'a, SState>,
+        n: usize,
+    ) -> std::result::Result<MutexGuard<'a, SState>, MutexGuard<'a, SState>> {
+        loop {
+            if g.dead.is_some() {
+                return Err(g);
+            }
+            if g.sq.room() >= n {
+                return Ok(g);
+            }
+            g = self.wait(g);
+        }
+    }
+
+    /// Posts the RDMA READs of request `s`'s payload into `bufs`.
+    fn post_reads<'a>(
+        &'a self,
+        guard: MutexGuard<'a, SState>,
+        s: usize,
+        bufs: Vec<IobufMut>,
+    ) -> (MutexGuard<'a, SState>, Result<()>) {
+        let mut guard = guard;
+        let total = guard.slots[s].send_total;
+        {
+            let st = &mut *guard;
+            st.local.clear();
+            for b in &bufs {
+                match b.keys(self.reg) {
+                    Some(k) => st.local.push(Local {
+                        addr: b.as_ptr() as u64,
+                        len: b.len() as u32,
+                        lkey: k.lkey,
+                    }),
+                    None => {
+                        return (
+                            guard,
+                            Err(Error::InvalidArgument(
+                                "a pool buffer without rdma registration".into(),
+                            )),
+                        )
+                    }
+                }
+            }
+        }
+        let n = Plan::new(
+            &guard.slots[s].send,
+            &guard.local,
+            total as u64,
+            self.read_sge,
+        )
+        .count();
+        if n > self.sq_depth {
+            let r = format!(
+                "a request needs {n} RDMA READs, more than the send queue's {}",
+                self.sq_depth
+            );
+            self.fail_locked(&mut guard, r.clone(), End::Failed);
+            return (guard, Err(Error::ConnectionClosed(r)));
+        }
+        let mut guard = match self.wait_room(guard, n) {
+            Ok(g) => g,
+            Err(g) => {
+                let r = self.closed_result(&g).err();
+                return (
+                    g,
+                    Err(r.unwrap_or_else(|| Error::ConnectionClosed("closed".into()))),
+                );
+            }
+        };
+        let st = &mut *guard;
+        let mut posted: std::result::Result<(), String> = Ok(());
+        {
+            let SState {
+                slots,
+                local,
+                qp,
+                sq,
+                ..
+            } = st;
+            let mut plan = Plan::new(&slots[s].send, local, total as u64, self.read_sge);
+            let mut pieces = [Local::default(); MAX_SGE];
+            let mut sges = [Sge::default(); MAX_SGE];
+            let mut count = 0;
+            while let Some(w) = plan.next_into(&mut pieces[..self.read_sge]) {
+                for (d, p) in sges.iter_mut().zip(&pieces[..w.n_sge]) {
+                    *d = to_sge(p);
+                }
+                let seq = sq.next_seq();
+                count += 1;
+                let r = match qp {
+                    Some(qp) => qp.post_read(
+                        wr_id(KIND_READ, s, seq),
+                        &sges[..w.n_sge],
+                        Remote {
+                            addr: w.remote_addr,
+                            rkey: w.rkey,
+                        },
+                    ),
+                    None => Ok(()),
+                };
+                if let Err(e) = r {
+                    posted = Err(format!("posting an RDMA READ: {}", chain(&e)));
+                    break;
+                }
+            }
+            slots[s].stage = Stage::Reading(count);
+            slots[s].bufs = bufs;
+        }
+        if let Err(r) = posted {
+            self.fail_locked(st, r.clone(), End::Failed);
+            return (guard, Err(Error::ConnectionClosed(r)));
+        }
+        (guard, Ok(()))
+    }
+
+    fn recv(&self) -> Result<Option<Incoming>> {
+        let mut st = self.lock();
+        loop {
+            if st.dead.is_some() {
+                return self.closed_result(&st);
+            }
+            let Some(ev) = st.events.pop_front() else {
+                st = self.wait(st);
+                continue;
+            };
+            let s = match ev {
+                Ev::ReadsDone(s) => {
+                    let bufs = std::mem::take(&mut st.slots[s].bufs);
+                    return Ok(Some(self.deliver(&mut st, s, bufs)));
+                }
+                Ev::New(s) => s,
+            };
+            let total = st.slots[s].send_total;
+            if total == 0 {
+                return Ok(Some(self.deliver(&mut st, s, Vec::new())));
+            }
+            // Pool buffers for the payload: may wait for the pool, so not under the lock.
+            drop(st);
+            let bufs = self.pool.get_span(total);
+            st = self.lock();
+            if st.dead.is_some() {
+                return self.closed_result(&st);
+            }
+            let bufs = match bufs {
+                Ok(b) => b.into_vec(),
+                Err(e) => {
+                    let r = format!(
+                        "no pool buffers for a {total}-byte request payload from {}: {e}",
+                        self.peer
+                    );
+                    if self.fail_locked(&mut st, r, End::Failed) {
+                        drop(st);
+                        self.after_fail();
+                    }
+                    return Err(e);
+                }
+            };
+            if st.slots[s].send.is_empty() {
+                // Inline payload: copy it into the pool buffers.
+                let mut bufs = bufs;
+                let mut src: &[u8] = &st.slots[s].inline;
+                for b in bufs.iter_mut() {
+                    let k = b.len().min(src.len());
+                    b[..k].copy_from_slice(&src[..k]);
+                    src = &src[k..];
+                }
+                return Ok(Some(self.deliver(&mut st, s, bufs)));
+            }
+            let (g, r) = self.post_reads(st, s, bufs);
+            st = g;
+            if let Err(e) = r {
+                drop(st);
+                self.after_fail();
+                return Err(e);
+            }
+        }
+    }
+
+    fn reply(&self, id: u64, header: &[u8], payload: &[Iobuf]) -> Result<()> {
+        let l = &self.limits;
+        let over = |what, value: usize, limit: usize| Error::LimitExceeded {
+            what,
+            value: value as u64,
+            limit: limit as u64,
+        };
+        if header.len() > l.max_header {
+            return Err(over("reply header length", header.len(), l.max_header));
+        }
+        if payload.len() > l.max_segments {
+            return Err(over(
+                "reply payload segments",
+                payload.len(),
+                l.max_segments,
+            ));
+        }
+        let total: usize = payload.iter().map(|b| b.len()).sum();
+        if total > l.max_payload {
+            return Err(over("reply payload", total, l.max_payload));
+        }
+        // Payload outside this server's registered pool is copied into it first.
+        let copied: Option<Vec<Iobuf>> = if payload.iter().any(|b| b.keys(self.reg).is_none()) {
+            let mut span = self.pool.get_span(total)?.into_vec();
+            let mut it = payload.iter().flat_map(|b| b.iter().copied());
+            for b in span.iter_mut() {
+                for (d, s) in b.iter_mut().zip(&mut it) {
+                    *d = s;
+                }
+            }
+            Some(span.into_iter().map(IobufMut::freeze).collect())
+        } else {
+            None
+        };
+        let payload: &[Iobuf] = copied.as_deref().unwrap_or(payload);
+        let inline = total <= l.inline_threshold;
+        let msg_len = reply_len(header.len(), if inline { total } else { 0 });
+        let on_stack = msg_len <= self.max_inline_send && msg_len <= STACK_MSG;
+        let mut stack = [0u8; STACK_MSG];
+        let mut ctl_buf = if on_stack {
+            None
+        } else {
+            Some(self.ctl.get_control(msg_len)?)
+        };
+        {
+            let out: &mut [u8] = match ctl_buf.as_mut() {
+                Some(b) => &mut b[..msg_len],
+                None => &mut stack[..msg_len],
+            };
+            let mut at = encode_reply(out, id, header, total, inline)
+                .map_err(|e| Error::InvalidArgument(format!("cannot encode the reply: {e}")))?;
+            if inline {
+                for b in payload {
+                    out[at..at + b.len()].copy_from_slice(b);
+                    at += b.len();
+                }
+            }
+        }
+
+        let mut guard = self.lock();
+        if let Some(r) = &guard.dead {
+            return Err(Error::ConnectionClosed(r.clone()));
+        }
+        if guard.closing {
+            return Err(Error::ConnectionClosed(format!(
+                "the connection from {} is being closed by the server",
+                self.peer
+            )));
+        }
+        let s = match guard.ids.get(&id) {
+            Some(&s) if guard.slots[s].stage == Stage::Delivered => s,
+            _ => {
+                return Err(Error::InvalidArgument(format!(
+                    "reply to request id {id}, which is not in flight on the connection from {}",
+                    self.peer
+                )))
+            }
+        };
+        let cap = guard.slots[s].recv_cap;
+        if total > cap {
+            return Err(over(
+                "reply payload (the request's reply capacity)",
+                total,
+                cap,
+            ));
+        }
+        let n_writes = if inline {
+            0
+        } else {
+            let st = &mut *guard;
+            st.local.clear();
+            for b in payload.iter().filter(|b| !b.is_empty()) {
+                // Checked above: every buffer has keys.
+                let lkey = b.keys(self.reg).map_or(0, |k| k.lkey);
+                st.local.push(Local {
+                    addr: b.as_ptr() as u64,
+                    len: b.len() as u32,
+                    lkey,
+                });
+            }
+            Plan::new(&st.slots[s].recv, &st.local, total as u64, self.write_sge).count()
+        };
+        if n_writes + 1 > self.sq_depth {
+            let r = format!(
+                "a reply needs {} work requests, more than the send queue's {}",
+                n_writes + 1,
+                self.sq_depth
+            );
+            if self.fail_locked(&mut guard, r.clone(), End::Failed) {
+                drop(guard);
+                self.after_fail();
+            }
+            return Err(Error::ConnectionClosed(r));
+        }
+        let mut guard = match self.wait_room(guard, n_writes + 1) {
+            Ok(g) => g,
+            Err(g) => return Err(Error::ConnectionClosed(g.dead.clone().unwrap_or_default())),
+        };
+        let st = &mut *guard;
+        let mut posted: std::result::Result<(), String> = Ok(());
+        {
+            let SState {
+                slots,
+                local,
+                qp,
+                sq,
+                ..
+            } = &mut *st;
+            let Some(qp) = qp.as_ref() else {
+                return Err(Error::ConnectionClosed("the queue pair is gone".into()));
+            };
+            if !inline {
+                let mut plan = Plan::new(&slots[s].recv, local, total as u64, self.write_sge);
+                let mut pieces = [Local::default(); MAX_SGE];
+                let mut sges = [Sge::default(); MAX_SGE];
+                while let Some(w) = plan.next_into(&mut pieces[..self.write_sge]) {
+                    for (d, p) in sges.iter_mut().zip(&pieces[..w.n_sge]) {
+                        *d = to_sge(p);
+                    }
+                    let seq = sq.next_seq();
+                    if let Err(e) = qp.post_write(
+                        wr_id(KIND_WRITE, s, seq),
+                        &sges[..w.n_sge],
+                        Remote {
+                            addr: w.remote_addr,
+                            rkey: w.rkey,
+                        },
+                    ) {
+                        posted = Err(format!("posting an RDMA WRITE: {}", chain(&e)));
+                        break;
+                    }
+                }
+            }
+            if posted.is_ok() {
+                let seq = sq.next_seq();
+                if !inline {
+                    for b in payload.iter().filter(|b| !b.is_empty()) {
+                        sq.hold(seq, Held::View(b.clone()));
+                    }
+                }
+                let wr = wr_id(KIND_SEND, s, seq);
+                let r = match ctl_buf.take() {
+                    None => qp.post_send_inline(wr, &[&stack[..msg_len]]),
+                    Some(b) => {
+                        let r = match buf_sge(&b, msg_len, self.ctl_reg) {
+                            Some(sge) => qp.post_send(wr, &[sge]),
+                            None => Ok(()),
+                        };
+                        sq.hold(seq, Held::Buf(b));
+                        r
+                    }
+                };
+                if let Err(e) = r {
+                    posted = Err(format!("posting a reply SEND: {}", chain(&e)));
+                }
+            }
+        }
+        if let Err(r) = posted {
+            let r = format!("{r} (connection from {})", self.peer);
+            if self.fail_locked(st, r.clone(), End::Failed) {
+                drop(guard);
+                self.after_fail();
+            }
+            return Err(Error::Transport {
+                transport: "rdma",
+                what: r,
+                source: "post failed".into(),
+            });
+        }
+        st.ids.remove(&id);
+        st.slots[s].reset();
+        st.free.push(s);
+        st.last_activity = Instant::now();
+        Ok(())
+    }
+
+    fn close(&self) {
+        let mut st = self.lock();
+        if st.dead.is_some() {
+            return;
+        }
+        st.closing = true;
+        // Let replies already posted reach the client (a refusal like "server full" is sent
+        // right before the connection is closed).
+        let deadline = Instant::now() + CLOSE_DRAIN;
+        while st.dead.is_none() && !st.sq.idle() {
+            let now = Instant::now();
+            if now >= deadline {
+                break;
+            }
+            st = match self.cond.wait_timeout(st, deadline - now) {
+                Ok((g, _)) => g,
+                Err(p) => p.into_inner().0,
+            };
+        }
+        let r = format!("the connection from {} was closed by the server", self.peer);
+        if self.fail_locked(&mut st, r, End::Clean) {
+            drop(st);
+            self.after_fail();
+        }
+    }
+}
+
+impl ConnCore for SCore {
+    fn on_completion(&self, c: &Completion, _scratch: &mut Vec<u8>) {
+        let (kind, slot, seq) = wr_parts(c.wr_id);
+        if !c.is_success() {
+            if self.dead.load(Ordering::SeqCst) {
+                return;
+            }
+            let why = describe_failure(kind, c.status);
+            if matches!(kind, KIND_READ | KIND_WRITE)
+                && matches!(
+                    c.status,
+                    WcStatus::RemoteAccessError | WcStatus::RemoteInvalidRequestError
+                )
+            {
+                tracing::warn!(
+                    peer = %self.peer,
+                    "the client {} advertised memory the server cannot access: {why}; \
+                     closing that connection",
+                    self.peer
+                );
+            }
+            self.fail(
+                format!("rdma connection from {}: {why}", self.peer),
+                End::Failed,
+            );
+            return;
+        }
+        match kind {
+            KIND_RECV => self.on_request(slot, c.byte_len as usize),
+            KIND_SEND | KIND_WRITE | KIND_READ => self.on_send_queue(kind, slot, seq),
+            other => self.fail(
+                format!("internal: a completion of unknown kind {other}"),
+                End::Failed,
+            ),
+        }
+    }
+
+    fn on_tick(&self) {
+        let Some(idle) = self.idle else { return };
+        let mut st = self.lock();
+        if st.dead.is_some() || st.free.len() < st.slots.len() || !st.sq.idle() {
+            return;
+        }
+        if st.last_activity.elapsed() > idle {
+            let r = format!(
+                "the connection from {} was idle for longer than server.idle_timeout ({idle:?})",
+                self.peer
+            );
+            if self.fail_locked(&mut st, r, End::Idle(idle)) {
+                drop(st);
+                self.after_fail();
+            }
+        }
+    }
+
+    fn is_dead(&self) -> bool {
+        self.dead.load(Ordering::SeqCst)
+    }
+
+    fn on_socket_end(&self, why: Option<String>) {
+        match why {
+            None => self.fail(
+                format!("the client {} closed the connection", self.peer),
+                End::Clean,
+            ),
+            Some(w) => self.fail(format!("connection from {}: {w}", self.peer), End::Failed),
+        }
+    }
+
+    fn on_cq_error(&self, why: String) {
+        self.fail(
+            format!("rdma connection from {}: {why}", self.peer),
+            End::Failed,
+        );
+    }
+}
+
+impl Replier for SCore {
+    fn reply(&self, id: u64, header: &[u8], payload: &[Iobuf]) -> Result<()> {
+        SCore::reply(self, id, header, payload)
+    }
+
+    fn close(&self) {
+        SCore::close(self);
+    }
+}
+
+impl ServerConn for RdmaServerConn {
+    fn limits(&self) -> Limits {
+        self.core.limits
+    }
+
+    fn recv(&mut self) -> Result<Option<Incoming>> {
+        self.core.recv()
+    }
+
+    fn replier(&self) -> Arc<dyn Replier> {
+        self.core.clone()
+    }
+
+    fn peer(&self) -> String {
+        self.core.peer.clone()
+    }
+}
+
+impl Drop for RdmaServerConn {
+    /// Nobody can take this connection's requests any more: end it (a no-op when it has
+    /// already ended, as after the core server's own `close`).
+    fn drop(&mut self) {
+        self.core.close();
+    }
+}

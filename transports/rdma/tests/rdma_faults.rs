@@ -1,0 +1,959 @@
+//! RDMA transport tests beyond the shared conformance suite: segment counts around the
+//! device's SGE limit, credit exhaustion, peers that die mid-transfer, a client advertising
+//! bogus memory keys, a memlock limit that is too low, and the cost measurement behind the
+//! register-or-bounce rule.
+//!
+//! Without a device each test prints `SKIP <test>: no RDMA device (<reason>)` and passes,
+//! unless `ZCIO_RDMA_REQUIRED=1` (set by `ci/rxe-test`), which makes it a failure. Some
+//! tests re-run this binary as a child process (`child_process_entry`, selected by the
+//! `ZCIO_FAULTS_CHILD` variable) to have a peer that can be killed, or whose resource
+//! limits can be lowered without touching the other tests.
+#![cfg(feature = "rdma")]
+
+use std::io::{BufRead, BufReader, IoSlice, IoSliceMut, Write};
+use std::process::{Child, Command, Stdio};
+use std::ptr::NonNull;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use zcio::config::Config;
+use zcio::conformance::{pattern, test_pool, Harness};
+use zcio::proto::{self, OpenFlags, Req, Resp};
+use zcio::transport::{RawSeg, RecvSeg, Request, SendSeg, Transport};
+use zcio::{Client, Error, Pool};
+use zcio_rdma::transport::Faults;
+use zcio_rdma::verbs::{Context, MrAccess};
+use zcio_rdma::RdmaTransport;
+
+// ---------------------------------------------------------------------------------------------
+// Device selection, skipping, child processes.
+
+fn required() -> bool {
+    std::env::var("ZCIO_RDMA_REQUIRED").is_ok_and(|v| v == "1")
+}
+
+fn device_name() -> Option<String> {
+    std::env::var("ZCIO_RDMA_DEVICE")
+        .ok()
+        .filter(|n| !n.is_empty())
+}
+
+fn base_config() -> Config {
+    let mut cfg = Config {
+        transport: "rdma".into(),
+        ..Config::default()
+    };
+    cfg.rdma.device = device_name();
+    cfg.pool = test_pool();
+    cfg.server.listen = "127.0.0.1:0".into();
+    cfg
+}
+
+/// The transport under test, or `None` after printing a SKIP line.
+fn rdma(test: &str) -> Option<Arc<dyn Transport>> {
+    let t = RdmaTransport::new();
+    match t.check_available(&base_config()) {
+        Ok(()) => Some(Arc::new(t)),
+        Err(e) if required() => panic!("{test}: ZCIO_RDMA_REQUIRED=1 but no RDMA device: {e}"),
+        Err(e) => {
+            println!("SKIP {test}: no RDMA device ({e})");
+            None
+        }
+    }
+}
+
+fn start(t: Arc<dyn Transport>, tweak: impl FnOnce(&mut Config)) -> Harness {
+    Harness::start(t, |c| {
+        c.rdma.device = device_name();
+        tweak(c);
+    })
+}
+
+/// The device's scatter/gather limit as the transport uses it (capped at 32).
+fn max_sge() -> usize {
+    let ctx = Context::open(device_name().as_deref()).expect("open the device");
+    (ctx.caps().expect("device caps").max_sge as usize).min(32)
+}
+
+/// A child process, killed if the test ends (or panics) while it still runs.
+struct ChildGuard(Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Runs this test binary as a child doing `role` (see `child_process_entry`).
+fn spawn_child(role: &str, env: &[(&str, &str)]) -> ChildGuard {
+    let exe = std::env::current_exe().expect("test binary path");
+    let mut cmd = Command::new(exe);
+    cmd.args([
+        "--exact",
+        "child_process_entry",
+        "--nocapture",
+        "--test-threads=1",
+    ])
+    .env("ZCIO_FAULTS_CHILD", role)
+    .stdout(Stdio::piped())
+    .stderr(Stdio::inherit());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    ChildGuard(cmd.spawn().expect("spawn the child test process"))
+}
+
+/// Marks the child's own lines on its stdout (libtest writes there too, and its
+/// `test child_process_entry ... ` has no line end before the test's output).
+const MARK: &str = "@@child@@ ";
+
+/// Reads the child's stdout until it says `prefix`; returns the rest of that line.
+fn wait_line(lines: &mut impl Iterator<Item = std::io::Result<String>>, prefix: &str) -> String {
+    let want = format!("{MARK}{prefix}");
+    for line in lines {
+        let line = line.expect("child stdout");
+        if let Some(at) = line.find(&want) {
+            return line[at + want.len()..].trim().to_string();
+        }
+    }
+    panic!("the child process ended before printing `{prefix}`");
+}
+
+/// The entry point of child processes; a no-op in a normal test run.
+#[test]
+fn child_process_entry() {
+    let Ok(role) = std::env::var("ZCIO_FAULTS_CHILD") else {
+        return;
+    };
+    match role.as_str() {
+        "client" => child_client(),
+        "server" => child_server(),
+        "memlock" => child_memlock(),
+        other => panic!("unknown child role {other}"),
+    }
+}
+
+/// Tells the parent something (see [`MARK`]).
+fn say(line: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "\n{MARK}{line}");
+    let _ = out.flush();
+}
+
+/// A client that starts many transfers and then waits to be killed.
+fn child_client() {
+    let mut cfg = base_config();
+    cfg.client.connect = std::env::var("ZCIO_FAULTS_ADDR").expect("ZCIO_FAULTS_ADDR");
+    let pool = Pool::new(&cfg.pool).unwrap();
+    let c = Client::connect_transport(&cfg, &RdmaTransport::new(), pool).unwrap();
+    let f = c.open("big", OpenFlags::rw()).unwrap();
+    let mut pending = Vec::new();
+    let mut writes = Vec::new();
+    for i in 0..16u64 {
+        pending.push(f.zero_readv_async(1 << 20, (i % 4) << 20).unwrap());
+        let mut w = c.get_buffers(65536, 4).unwrap();
+        w.buffers_mut().iter_mut().for_each(|b| b.fill(i as u8));
+        writes.push(f.zero_writev_async(w, i * 65536).unwrap());
+    }
+    say("STARTED");
+    std::thread::sleep(Duration::from_secs(300));
+}
+
+/// A server that takes requests and never answers, until it is killed.
+fn child_server() {
+    let cfg = base_config();
+    let pool = Pool::new(&cfg.pool).unwrap();
+    let l = RdmaTransport::new().listen(&cfg, &pool).unwrap();
+    say(&format!("ADDR {}", l.local_addr()));
+    let mut conn = l.accept().unwrap().unwrap();
+    let mut held = Vec::new();
+    while let Ok(Some(inc)) = conn.recv() {
+        held.push(inc);
+        say(&format!("GOT {}", held.len()));
+    }
+    std::thread::sleep(Duration::from_secs(300));
+}
+
+/// Drops CAP_IPC_LOCK (so the limit applies even to root) and lowers RLIMIT_MEMLOCK to
+/// 1 MiB, then checks that listening and connecting with a 32 MiB pool fail clearly.
+fn child_memlock() {
+    #[repr(C)]
+    struct CapHeader {
+        version: u32,
+        pid: i32,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy, Default)]
+    struct CapData {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    const CAP_V3: u32 = 0x2008_0522;
+    const CAP_IPC_LOCK: u32 = 14;
+    let mut hdr = CapHeader {
+        version: CAP_V3,
+        pid: 0,
+    };
+    let mut data = [CapData::default(); 2];
+    // SAFETY: capget reads the header and writes two `__user_cap_data_struct`s (version 3),
+    // which `data` provides; both structs are repr(C) matches of the kernel's.
+    let r = unsafe { libc::syscall(libc::SYS_capget, &mut hdr, data.as_mut_ptr()) };
+    assert_eq!(r, 0, "capget: {}", std::io::Error::last_os_error());
+    data[0].effective &= !(1 << CAP_IPC_LOCK);
+    data[0].permitted &= !(1 << CAP_IPC_LOCK);
+    // SAFETY: as above; capset only reads both arguments.
+    let r = unsafe { libc::syscall(libc::SYS_capset, &mut hdr, data.as_ptr()) };
+    assert_eq!(r, 0, "capset: {}", std::io::Error::last_os_error());
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one rlimit into `lim`.
+    let r = unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut lim) };
+    assert_eq!(r, 0);
+    lim.rlim_cur = 1 << 20;
+    // SAFETY: setrlimit reads one rlimit; lowering the soft limit is always allowed.
+    let r = unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &lim) };
+    assert_eq!(r, 0);
+
+    let cfg = base_config();
+    assert!(cfg.pool.total_bytes() > 1 << 20);
+    let pool = Pool::new(&cfg.pool).unwrap();
+    let t = RdmaTransport::new();
+    let check = |what: &str, e: Error| {
+        let msg = e.to_string();
+        say(&format!("{what}: {msg}"));
+        assert!(
+            matches!(e, Error::TransportUnavailable { .. }),
+            "{what}: {e:?}"
+        );
+        assert!(msg.contains("RLIMIT_MEMLOCK"), "{what}: {msg}");
+        assert!(msg.contains("ulimit -l"), "{what}: {msg}");
+        assert!(msg.contains(&(1u64 << 20).to_string()), "{what}: {msg}");
+    };
+    match t.listen(&cfg, &pool) {
+        Ok(_) => panic!("listen succeeded under a 1 MiB memlock limit"),
+        Err(e) => check("listen", e),
+    }
+    let mut ccfg = cfg.clone();
+    ccfg.client.connect = "127.0.0.1:9".into();
+    match t.connect(&ccfg, &pool) {
+        Ok(_) => panic!("connect succeeded under a 1 MiB memlock limit"),
+        Err(e) => check("connect", e),
+    }
+    say("MEMLOCK OK");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Log capture (for the warning about a client's bogus memory key).
+
+#[derive(Clone)]
+struct Capture(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Capture {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend_from_slice(b);
+        std::io::stderr().write_all(b)?;
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn captured_logs() -> &'static Arc<Mutex<Vec<u8>>> {
+    static LOGS: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
+    LOGS.get_or_init(|| {
+        let buf = Arc::new(Mutex::new(Vec::new()));
+        let w = Capture(buf.clone());
+        let _ = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::WARN)
+            .with_ansi(false)
+            .with_writer(move || w.clone())
+            .try_init();
+        buf
+    })
+}
+
+fn logs_text() -> String {
+    String::from_utf8_lossy(&captured_logs().lock().unwrap_or_else(|p| p.into_inner())).into_owned()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tests.
+
+#[test]
+fn segments_up_to_and_beyond_the_sge_limit() {
+    let Some(t) = rdma("segments_up_to_and_beyond_the_sge_limit") else {
+        return;
+    };
+    let sge = max_sge();
+    let h = start(t, |_| {});
+    let c = h.client();
+    let l = c.limits();
+    assert!(l.rdma_payload, "{l:?}");
+    assert!(
+        l.max_segments >= 256,
+        "one request must carry 256 segments: {l:?}"
+    );
+    let f = c.open("segs", OpenFlags::rw() | OpenFlags::CREATE).unwrap();
+    for (round, n) in [1, sge, sge + 1, 256].into_iter().enumerate() {
+        let off = (round as u64) * (2 << 20);
+        // Pool segments, used in place: n x 4 KiB written, then read into n pool buffers.
+        let data = pattern(round as u64, n * 4096);
+        let mut bufs = c.get_buffers(4096, n).unwrap();
+        for (j, b) in bufs.buffers_mut().iter_mut().enumerate() {
+            b.copy_from_slice(&data[j * 4096..(j + 1) * 4096]);
+        }
+        assert_eq!(
+            f.zero_writev(&bufs, off).unwrap(),
+            data.len(),
+            "{n} pool segments"
+        );
+        drop(bufs);
+        let back = f
+            .read_into_async(c.get_buffers(4096, n).unwrap(), off)
+            .unwrap()
+            .wait()
+            .unwrap();
+        assert!(back.to_vec() == data, "{n} pool segments read back differ");
+        drop(back);
+        // Caller memory of odd sizes (bounced through the pool): read ...
+        let lens: Vec<usize> = (0..n).map(|i| 1 + (i * 977 + 13) % 4000).collect();
+        let total: usize = lens.iter().sum();
+        assert!(total <= data.len());
+        let mut mine: Vec<Vec<u8>> = lens.iter().map(|&l| vec![0xAA; l]).collect();
+        let mut iov: Vec<IoSliceMut<'_>> = mine.iter_mut().map(|b| IoSliceMut::new(b)).collect();
+        assert_eq!(
+            f.preadv(&mut iov, off).unwrap(),
+            total,
+            "{n} caller segments"
+        );
+        assert!(
+            mine.concat() == data[..total],
+            "{n} caller segments read differ"
+        );
+        // ... and write, at an unaligned offset; checked on disk.
+        let wdata = pattern(100 + round as u64, total);
+        let mut at = 0;
+        let iov: Vec<IoSlice<'_>> = lens
+            .iter()
+            .map(|&l| {
+                let s = IoSlice::new(&wdata[at..at + l]);
+                at += l;
+                s
+            })
+            .collect();
+        assert_eq!(
+            f.pwritev(&iov, off + 1).unwrap(),
+            total,
+            "{n} caller segments"
+        );
+        let disk = std::fs::read(h.path("segs")).unwrap();
+        assert!(
+            disk[off as usize + 1..off as usize + 1 + total] == wdata[..],
+            "{n} caller segments written differ on disk"
+        );
+    }
+    // Caller segments above the register threshold (256 KiB): registered on the fly.
+    let big = pattern(7, 3 * 300_000);
+    let iov: Vec<IoSlice<'_>> = big.chunks(300_000).map(IoSlice::new).collect();
+    assert_eq!(f.pwritev(&iov, 10 << 20).unwrap(), big.len());
+    let mut back = vec![vec![0u8; 300_000]; 3];
+    let mut iov: Vec<IoSliceMut<'_>> = back.iter_mut().map(|b| IoSliceMut::new(b)).collect();
+    assert_eq!(f.preadv(&mut iov, 10 << 20).unwrap(), big.len());
+    assert!(back.concat() == big, "registered caller segments differ");
+    drop(f);
+    let client_pool = c.pool().clone();
+    assert_eq!(
+        client_pool.stats().slots_in_use(),
+        0,
+        "client buffers leaked"
+    );
+    drop(c);
+    h.assert_server_clean();
+}
+
+#[test]
+fn mixed_segment_kinds_in_one_request() {
+    let Some(t) = rdma("mixed_segment_kinds_in_one_request") else {
+        return;
+    };
+    let h = start(t.clone(), |_| {});
+    let data = pattern(11, 1 << 20);
+    std::fs::write(h.path("m"), &data).unwrap();
+    let pool = Pool::new(&h.cfg.pool).unwrap();
+    let conn = t.connect(&h.cfg, &pool).unwrap();
+    let call = |req: &Req, send: Vec<SendSeg>, recv: Vec<RecvSeg>| {
+        let r = conn
+            .start(Request {
+                header: req.encode(),
+                send,
+                recv,
+            })
+            .unwrap()
+            .wait()
+            .unwrap();
+        let resp = proto::decode_reply(req, &r.header).unwrap();
+        (resp, r)
+    };
+    let hello = Req::Hello {
+        version: proto::VERSION,
+        client_nonce: [1; proto::NONCE_LEN],
+    };
+    call(&hello, Vec::new(), Vec::new());
+    let open = Req::Open {
+        path: "m".into(),
+        flags: OpenFlags::rw(),
+        mode: 0,
+    };
+    let (Resp::Open { fh, .. }, _) = call(&open, Vec::new(), Vec::new()) else {
+        panic!("open failed");
+    };
+    // One read into: a pool buffer, a small Vec (bounced), a large Vec (registered), a
+    // borrowed slice of a pool buffer the caller keeps (keys used in place), a borrowed
+    // small slice of plain memory (bounced), an empty segment.
+    let keep = pool.get(8192).unwrap();
+    let mut plain = vec![0u8; 1000];
+    let sizes = [4096usize, 100, 300_000, 8192, 1000, 0];
+    let total: usize = sizes.iter().sum();
+    let recv = vec![
+        RecvSeg::Pool(pool.get(4096).unwrap()),
+        RecvSeg::Owned(vec![0; 100]),
+        RecvSeg::Owned(vec![0; 300_000]),
+        // SAFETY: `keep` outlives the request (waited for below) and is not touched meanwhile.
+        RecvSeg::Raw(unsafe { RawSeg::from_pool(&keep) }),
+        // SAFETY: `plain` outlives the request and is not touched until it completes.
+        RecvSeg::Raw(unsafe {
+            RawSeg::new(NonNull::new(plain.as_mut_ptr()).unwrap(), plain.len())
+        }),
+        RecvSeg::Owned(Vec::new()),
+    ];
+    let read = Req::Read {
+        fh,
+        offset: 5,
+        len: total as u32,
+    };
+    let (resp, reply) = call(&read, Vec::new(), recv);
+    assert!(
+        matches!(resp, Resp::Read { len, .. } if len as usize == total),
+        "{resp:?}"
+    );
+    assert_eq!(reply.payload_len, total);
+    let mut got = Vec::new();
+    for s in reply.recv {
+        match s {
+            RecvSeg::Pool(b) => got.extend_from_slice(&b),
+            RecvSeg::Owned(v) => got.extend_from_slice(&v),
+            RecvSeg::Raw(r) => got.extend_from_slice(r.as_slice()),
+        }
+    }
+    assert!(got == data[5..5 + total], "mixed read differs");
+    // One write from the same kinds.
+    let w = pattern(12, total);
+    let mut kept = pool.get(8192).unwrap();
+    kept.copy_from_slice(&w[4096 + 100 + 300_000..4096 + 100 + 300_000 + 8192]);
+    let mut p1 = pool.get(4096).unwrap();
+    p1.copy_from_slice(&w[..4096]);
+    let tail = w[total - 1000..].to_vec();
+    let send = vec![
+        SendSeg::PoolMut(p1),
+        SendSeg::Owned(w[4096..4196].to_vec()),
+        SendSeg::Owned(w[4196..4196 + 300_000].to_vec()),
+        // SAFETY: `kept` outlives the request and is not written meanwhile.
+        SendSeg::Raw(unsafe { RawSeg::from_pool(&kept) }),
+        // SAFETY: `tail` outlives the request and is not written meanwhile.
+        SendSeg::Raw(unsafe {
+            RawSeg::new(NonNull::new(tail.as_ptr().cast_mut()).unwrap(), tail.len())
+        }),
+        SendSeg::Owned(Vec::new()),
+    ];
+    let write = Req::Write { fh, offset: 3 };
+    let (resp, _) = call(&write, send, Vec::new());
+    assert!(
+        matches!(resp, Resp::Write { written } if written as usize == total),
+        "{resp:?}"
+    );
+    let disk = std::fs::read(h.path("m")).unwrap();
+    assert!(disk[3..3 + total] == w[..], "mixed write differs on disk");
+    drop((keep, kept, plain, tail));
+    drop(conn);
+    assert_eq!(pool.stats().slots_in_use(), 0, "client buffers leaked");
+    h.assert_server_clean();
+}
+
+#[test]
+fn credits_exhausted_and_replenished_at_iodepth_64() {
+    let Some(t) = rdma("credits_exhausted_and_replenished_at_iodepth_64") else {
+        return;
+    };
+    let h = start(t, |c| c.rdma.credits = 8);
+    let data = pattern(21, 64 * 4096);
+    std::fs::write(h.path("c"), &data).unwrap();
+    let c = h.client();
+    assert_eq!(c.limits().max_in_flight, 8, "{:?}", c.limits());
+    let f = c.open("c", OpenFlags::rw()).unwrap();
+    let new = pattern(22, 64 * 4096);
+    let began = Instant::now();
+    let mut reads = Vec::new();
+    let mut writes = Vec::new();
+    for i in 0..64usize {
+        // `start` blocks while all 8 credits are in flight; replies give them back.
+        reads.push(f.zero_readv_async(4096, (i * 4096) as u64).unwrap());
+        let mut b = c.get_buffers(4096, 1).unwrap();
+        b.buffers_mut()[0].copy_from_slice(&new[i * 4096..(i + 1) * 4096]);
+        writes.push(
+            f.zero_writev_async(b, (64 * 4096 + i * 4096) as u64)
+                .unwrap(),
+        );
+    }
+    for (i, p) in reads.into_iter().enumerate() {
+        let got = p.wait().unwrap_or_else(|e| panic!("read {i} failed: {e}"));
+        assert!(got.to_vec() == data[i * 4096..(i + 1) * 4096], "read {i}");
+    }
+    for (i, p) in writes.into_iter().enumerate() {
+        let (n, _) = p.wait().unwrap_or_else(|e| panic!("write {i} failed: {e}"));
+        assert_eq!(n, 4096);
+    }
+    println!("128 requests through 8 credits in {:?}", began.elapsed());
+    let disk = std::fs::read(h.path("c")).unwrap();
+    assert!(disk[64 * 4096..] == new[..]);
+    drop(f);
+    drop(c);
+    h.assert_server_clean();
+}
+
+#[test]
+fn client_killed_mid_transfer() {
+    let Some(t) = rdma("client_killed_mid_transfer") else {
+        return;
+    };
+    let h = start(t, |_| {});
+    let data = pattern(31, 4 << 20);
+    std::fs::write(h.path("big"), &data).unwrap();
+    let mut child = spawn_child("client", &[("ZCIO_FAULTS_ADDR", &h.cfg.client.connect)]);
+    let out = child.0.stdout.take().unwrap();
+    let mut lines = BufReader::new(out).lines();
+    wait_line(&mut lines, "STARTED");
+    assert!(h.server.open_files() >= 1);
+    child.0.kill().unwrap();
+    let status = child.0.wait().unwrap();
+    println!("client child killed ({status}) with transfers in flight");
+    let began = Instant::now();
+    h.assert_server_clean();
+    println!("server clean {:?} after the kill", began.elapsed());
+    // The server still serves, and serves right.
+    let c = h.client();
+    let f = c.open("big", OpenFlags::READ).unwrap();
+    let got = f.zero_readv(1 << 20, 3 << 20).unwrap();
+    assert!(got.to_vec() == data[3 << 20..], "second client read");
+}
+
+#[test]
+fn server_killed_client_requests_fail_promptly() {
+    let Some(t) = rdma("server_killed_client_requests_fail_promptly") else {
+        return;
+    };
+    let mut child = spawn_child("server", &[]);
+    let out = child.0.stdout.take().unwrap();
+    let mut lines = BufReader::new(out).lines();
+    let addr = wait_line(&mut lines, "ADDR ");
+    let mut cfg = base_config();
+    cfg.client.connect = addr;
+    let pool = Pool::new(&cfg.pool).unwrap();
+    let conn = t.connect(&cfg, &pool).unwrap();
+    let mut pending = Vec::new();
+    for i in 0..8 {
+        let (send, recv) = if i % 2 == 0 {
+            (Vec::new(), vec![RecvSeg::Pool(pool.get(65536).unwrap())])
+        } else {
+            let mut b = pool.get(65536).unwrap();
+            b.fill(i as u8);
+            (vec![SendSeg::PoolMut(b)], Vec::new())
+        };
+        pending.push(
+            conn.start(Request {
+                header: vec![i as u8; 16],
+                send,
+                recv,
+            })
+            .unwrap(),
+        );
+    }
+    assert_eq!(wait_line(&mut lines, "GOT 8"), "");
+    assert!(pending.iter().all(|p| !p.is_done()), "the server answered");
+    child.0.kill().unwrap();
+    let killed = Instant::now();
+    for p in pending {
+        match p.wait_timeout(Duration::from_secs(30)) {
+            Ok(Err(Error::ConnectionClosed(why))) => println!("request failed: {why}"),
+            Ok(other) => panic!("a request to a killed server: {other:?}"),
+            Err(_) => panic!("a request to a killed server did not fail within 30 s"),
+        }
+    }
+    let took = killed.elapsed();
+    println!("all requests failed {took:?} after the kill");
+    assert!(took < Duration::from_secs(5), "failing took {took:?}");
+    let _ = child.0.wait();
+    assert!(matches!(
+        conn.start(Request::default()),
+        Err(Error::ConnectionClosed(_))
+    ));
+    drop(conn);
+    assert_eq!(
+        pool.stats().slots_in_use(),
+        0,
+        "client buffers not returned"
+    );
+}
+
+#[test]
+fn server_closing_a_connection_fails_its_requests_promptly() {
+    let Some(t) = rdma("server_closing_a_connection_fails_its_requests_promptly") else {
+        return;
+    };
+    let cfg = base_config();
+    let spool = Pool::new(&cfg.pool).unwrap();
+    let l = t.listen(&cfg, &spool).unwrap();
+    let mut ccfg = cfg.clone();
+    ccfg.client.connect = l.local_addr();
+    let cpool = Pool::new(&cfg.pool).unwrap();
+    let conn = t.connect(&ccfg, &cpool).unwrap();
+    let mut sc = l.accept().unwrap().unwrap();
+    assert!(sc.limits().rdma_payload);
+    let mut pending = Vec::new();
+    for i in 0..4u8 {
+        let mut b = cpool.get(8192).unwrap();
+        b.fill(i);
+        pending.push(
+            conn.start(Request {
+                header: vec![i],
+                send: vec![SendSeg::PoolMut(b)],
+                recv: vec![RecvSeg::Pool(cpool.get(8192).unwrap())],
+            })
+            .unwrap(),
+        );
+    }
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        let inc = sc.recv().unwrap().expect("a request");
+        assert_eq!(inc.payload.iter().map(|b| b.len()).sum::<usize>(), 8192);
+        assert!(inc
+            .payload
+            .iter()
+            .all(|b| b.iter().all(|&x| x == inc.header[0])));
+        held.push(inc);
+    }
+    // Answer one, then close the connection with three unanswered.
+    let first = held.remove(0);
+    let reply = spool.get(100).unwrap().freeze();
+    sc.replier().reply(first.id, b"ok", &[reply]).unwrap();
+    let began = Instant::now();
+    sc.replier().close();
+    let mut ok = 0;
+    for p in pending {
+        match p.wait_timeout(Duration::from_secs(30)) {
+            Ok(Ok(r)) => {
+                assert_eq!((r.header.as_slice(), r.payload_len), (&b"ok"[..], 100));
+                ok += 1;
+            }
+            Ok(Err(Error::ConnectionClosed(_))) => {}
+            Ok(Err(e)) => panic!("unexpected error {e}"),
+            Err(_) => panic!("a request did not complete within 30 s of the close"),
+        }
+    }
+    println!("requests done {:?} after the close", began.elapsed());
+    assert_eq!(ok, 1, "the reply sent before the close must arrive");
+    assert!(began.elapsed() < Duration::from_secs(5));
+    assert!(matches!(sc.recv(), Ok(None) | Err(_)));
+    drop(held);
+    drop(first);
+    drop(conn);
+    assert_eq!(
+        cpool.stats().slots_in_use(),
+        0,
+        "client buffers not returned"
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while spool.stats().slots_in_use() != 0 {
+        assert!(
+            Instant::now() < deadline,
+            "server buffers not returned: {}",
+            spool.stats()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn bogus_rkey_is_reported_and_the_server_keeps_serving() {
+    let Some(t) = rdma("bogus_rkey_is_reported_and_the_server_keeps_serving") else {
+        return;
+    };
+    let _ = captured_logs();
+    let h = start(t, |_| {});
+    let data = pattern(41, 1 << 20);
+    std::fs::write(h.path("r"), &data).unwrap();
+    let bad = RdmaTransport::with_faults(Faults {
+        corrupt_rkeys: true,
+    });
+    // A write (the server's RDMA READ fails) and a read (its RDMA WRITE fails), each on
+    // its own connection.
+    for (k, what) in ["write", "read"].into_iter().enumerate() {
+        let pool = Pool::new(&h.cfg.pool).unwrap();
+        let c = Client::connect_transport(&h.cfg, &bad, pool.clone())
+            .expect("hello and open carry no memory keys");
+        let f = c.open("r", OpenFlags::rw()).unwrap();
+        let r = if what == "write" {
+            f.pwrite(&vec![7u8; 65536], 0).map(drop)
+        } else {
+            let mut b = vec![0u8; 65536];
+            f.pread(&mut b, 0).map(drop)
+        };
+        let e = r.expect_err("a request with bogus keys succeeded");
+        println!("{what} with bogus keys: {e}");
+        assert!(e.is_connection_fatal(), "{e:?}");
+        drop(f);
+        drop(c);
+        assert_eq!(pool.stats().slots_in_use(), 0, "client buffers leaked");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while h
+            .server
+            .stats()
+            .failed_connections
+            .load(std::sync::atomic::Ordering::SeqCst)
+            < k as u64 + 1
+        {
+            assert!(
+                Instant::now() < deadline,
+                "the server did not count the failed connection"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    let logs = logs_text();
+    assert!(
+        logs.contains("advertised memory the server cannot access")
+            && logs.contains("remote access error")
+            && logs.contains("127.0.0.1:"),
+        "the server did not report the bogus key with the peer address:\n{logs}"
+    );
+    h.assert_server_clean();
+    // The file is intact and another client is served.
+    assert!(
+        std::fs::read(h.path("r")).unwrap() == data,
+        "a bogus request changed the file"
+    );
+    let c = h.client();
+    let f = c.open("r", OpenFlags::READ).unwrap();
+    assert!(f.zero_readv(1 << 20, 0).unwrap().to_vec() == data);
+}
+
+#[test]
+fn memlock_too_small_is_a_clear_error() {
+    if rdma("memlock_too_small_is_a_clear_error").is_none() {
+        return;
+    }
+    let mut child = spawn_child("memlock", &[]);
+    let out = child.0.stdout.take().unwrap();
+    let text: Vec<String> = BufReader::new(out).lines().map_while(Result::ok).collect();
+    let status = child.0.wait().unwrap();
+    println!("{}", text.join("\n"));
+    assert!(status.success(), "memlock child failed: {status}");
+    assert!(
+        text.iter()
+            .any(|l| l.contains(&format!("{MARK}MEMLOCK OK"))),
+        "the child did not finish its checks"
+    );
+}
+
+#[test]
+fn unknown_device_is_a_clear_error() {
+    let mut cfg = base_config();
+    cfg.rdma.device = Some("no-such-rdma-device".into());
+    let e = RdmaTransport::new()
+        .check_available(&cfg)
+        .expect_err("a device that does not exist");
+    let Error::TransportUnavailable { reason, hint, .. } = &e else {
+        panic!("{e:?}");
+    };
+    assert!(!reason.is_empty() && !hint.is_empty(), "{e}");
+    if rdma("unknown_device_is_a_clear_error").is_some() {
+        assert!(reason.contains("no-such-rdma-device"), "{e}");
+        assert!(hint.contains("rdma.device"), "{e}");
+    }
+    println!("{e}");
+}
+
+/// The measurement behind `rdma.register_threshold`: registering and deregistering caller
+/// memory on the fly (what a registered segment costs per request) versus copying it
+/// through a pool buffer (what a bounced one costs), per size. Prints a table; the
+/// threshold belongs where the ratio crosses 1.
+#[test]
+fn register_vs_copy_cost() {
+    if rdma("register_vs_copy_cost").is_none() {
+        return;
+    }
+    let ctx = Context::open(device_name().as_deref()).unwrap();
+    let pd = ctx.alloc_pd().unwrap();
+    let pool = Pool::new(&test_pool()).unwrap();
+    println!("   size    reg+dereg  bounce copy  reg/copy   (medians)");
+    for size in [
+        4096usize,
+        16 << 10,
+        64 << 10,
+        128 << 10,
+        256 << 10,
+        512 << 10,
+        1 << 20,
+    ] {
+        let src = pattern(size as u64, size);
+        let mut mem = vec![1u8; size];
+        let runs = 25;
+        let mut reg = Vec::with_capacity(runs);
+        let mut copy = Vec::with_capacity(runs);
+        for i in 0..runs + 3 {
+            let t0 = Instant::now();
+            // SAFETY: `mem` outlives the region, which is dropped on the next line, and
+            // nothing posts work requests on it.
+            let mr =
+                unsafe { pd.register(mem.as_mut_ptr(), size, MrAccess::RemoteReadWrite) }.unwrap();
+            drop(mr);
+            let r = t0.elapsed();
+            let t0 = Instant::now();
+            let mut b = pool.get(size).unwrap();
+            b.copy_from_slice(&src);
+            std::hint::black_box(&mut b);
+            drop(b);
+            let c = t0.elapsed();
+            // The first rounds warm caches and fault the pool's pages in.
+            if i >= 3 {
+                reg.push(r);
+                copy.push(c);
+            }
+        }
+        mem[0] = 0;
+        reg.sort();
+        copy.sort();
+        let (r, c) = (reg[runs / 2], copy[runs / 2]);
+        println!(
+            "{:>7} {:>12.1?} {:>12.1?} {:>9.2}",
+            zcio::pool::human_size(size),
+            r,
+            c,
+            r.as_secs_f64() / c.as_secs_f64().max(1e-9)
+        );
+    }
+}
+
+#[test]
+fn busy_poll_round_trip() {
+    let Some(t) = rdma("busy_poll_round_trip") else {
+        return;
+    };
+    let h = start(t, |c| c.rdma.busy_poll = true);
+    let c = h.client();
+    let f = c.open("b", OpenFlags::rw() | OpenFlags::CREATE).unwrap();
+    let data = pattern(51, 300_000);
+    assert_eq!(f.pwrite(&data, 0).unwrap(), data.len());
+    let mut back = vec![0u8; data.len()];
+    assert_eq!(f.pread(&mut back, 0).unwrap(), data.len());
+    assert!(back == data);
+    let got = f.zero_readv(100, 7).unwrap();
+    assert!(got.to_vec() == data[7..107], "inline reply");
+    drop(f);
+    drop(c);
+    h.assert_server_clean();
+}
+
+#[test]
+fn idle_connection_is_closed_by_the_server() {
+    let Some(t) = rdma("idle_connection_is_closed_by_the_server") else {
+        return;
+    };
+    let h = start(t, |c| {
+        c.server.idle_timeout = Some(Duration::from_millis(300))
+    });
+    let c = h.client();
+    assert!(c.stat("").unwrap().is_dir());
+    std::thread::sleep(Duration::from_millis(1500));
+    match c.stat("") {
+        Err(e) => {
+            println!("after the idle timeout: {e}");
+            assert!(e.is_connection_fatal(), "{e:?}");
+        }
+        Ok(_) => panic!("the idle connection was not closed"),
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while h.server.connections() != 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the server kept the idle connection"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    h.assert_server_clean();
+    // A new connection is served.
+    assert!(h.client().stat("").unwrap().is_dir());
+}
+
+#[test]
+fn request_without_reply_times_out() {
+    let Some(t) = rdma("request_without_reply_times_out") else {
+        return;
+    };
+    let cfg = base_config();
+    let spool = Pool::new(&cfg.pool).unwrap();
+    let l = t.listen(&cfg, &spool).unwrap();
+    let mut ccfg = cfg.clone();
+    ccfg.client.connect = l.local_addr();
+    ccfg.client.timeout = Duration::from_millis(400);
+    let cpool = Pool::new(&cfg.pool).unwrap();
+    let conn = t.connect(&ccfg, &cpool).unwrap();
+    let mut sc = l.accept().unwrap().unwrap();
+    let began = Instant::now();
+    let p = conn
+        .start(Request {
+            header: b"never answered".to_vec(),
+            send: Vec::new(),
+            recv: vec![RecvSeg::Pool(cpool.get(65536).unwrap())],
+        })
+        .unwrap();
+    let inc = sc.recv().unwrap().expect("the request arrives");
+    match p.wait_timeout(Duration::from_secs(30)) {
+        Ok(Err(Error::Timeout { .. })) => {}
+        Ok(other) => panic!("expected a timeout: {other:?}"),
+        Err(_) => panic!("no timeout within 30 s"),
+    }
+    let took = began.elapsed();
+    println!("timed out after {took:?} (client.timeout 400 ms)");
+    assert!(took >= Duration::from_millis(400), "{took:?}");
+    assert!(took < Duration::from_secs(10), "{took:?}");
+    // The connection is gone for good; the server sees it end.
+    assert!(conn.start(Request::default()).is_err());
+    drop(inc);
+    assert!(matches!(sc.recv(), Ok(None) | Err(_)));
+    drop(conn);
+    assert_eq!(cpool.stats().slots_in_use(), 0);
+}
+
+#[test]
+fn registry_knows_rdma() {
+    let mut r = zcio::transport::Registry::new();
+    zcio_rdma::register(&mut r);
+    assert_eq!(r.names(), vec!["rdma"]);
+    let cfg = base_config();
+    match r.get("rdma", &cfg) {
+        Ok(t) => assert_eq!(t.name(), "rdma"),
+        Err(Error::TransportUnavailable { reason, hint, .. }) => {
+            assert!(!required(), "ZCIO_RDMA_REQUIRED=1 but: {reason}; {hint}");
+            println!("rdma unavailable here: {reason}; {hint}");
+        }
+        Err(e) => panic!("{e:?}"),
+    }
+}
