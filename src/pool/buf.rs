@@ -90,6 +90,11 @@ impl IobufMut {
         keys_of(self.class(), self.slot, id)
     }
 
+    /// [`super::Pool::id`] of the pool this buffer came from.
+    pub fn pool_id(&self) -> u64 {
+        self.class().pool_id
+    }
+
     /// Makes the buffer shared and read-only.
     pub fn freeze(self) -> Iobuf {
         let me = std::mem::ManuallyDrop::new(self);
@@ -112,7 +117,10 @@ impl IobufMut {
 }
 
 fn keys_of(class: &Class, slot: u32, id: RegistrarId) -> Option<&RegionKeys> {
-    class.arena_of(slot)?.keys.get(id.0)?.get()
+    if class.pool_id != id.pool {
+        return None;
+    }
+    class.arena_of(slot)?.keys.get(id.index)?.get()
 }
 
 impl Drop for IobufMut {

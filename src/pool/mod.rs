@@ -283,14 +283,23 @@ pub trait MemoryRegistrar: Send + Sync + 'static {
     fn register(&self, arena: &ArenaInfo) -> Result<RegionKeys, BoxError>;
 }
 
-/// Identifies an installed registrar; pass it to [`IobufMut::keys`].
+/// Identifies a registrar installed on one pool; pass it to [`IobufMut::keys`]. Qualified
+/// by the pool, so asking a buffer of another pool for these keys gives `None` rather than
+/// that pool's keys at the same index.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct RegistrarId(pub(crate) usize);
+pub struct RegistrarId {
+    pub(crate) pool: u64,
+    pub(crate) index: usize,
+}
 
 impl RegistrarId {
     /// The raw index, `0..MAX_REGISTRARS`.
     pub fn index(self) -> usize {
-        self.0
+        self.index
+    }
+    /// The [`Pool::id`] it belongs to.
+    pub fn pool(self) -> u64 {
+        self.pool
     }
 }
 
@@ -410,6 +419,8 @@ pub(crate) struct Class {
     /// Holders: the pool handle plus one per open-or-nonempty stripe.
     holders: AtomicUsize,
     registry: Arc<Registry>,
+    /// [`Pool::id`] of the owning pool.
+    pool_id: u64,
     /// Loom's view of the class's lifetime: read on every touch, written when freed.
     #[cfg(loom)]
     alive: loom::cell::UnsafeCell<()>,
@@ -831,6 +842,7 @@ impl Pool {
                 failures: AtomicU64::new(0),
                 holders: AtomicUsize::new(nstripes + 2),
                 registry: registry.clone(),
+                pool_id: inner.id,
                 #[cfg(loom)]
                 alive: loom::cell::UnsafeCell::new(()),
             });
@@ -971,7 +983,10 @@ impl Pool {
             }
         }
         regs.push(r);
-        Ok(RegistrarId(id))
+        Ok(RegistrarId {
+            pool: self.inner.id,
+            index: id,
+        })
     }
 
     /// A snapshot of the counters.

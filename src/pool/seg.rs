@@ -34,6 +34,8 @@ pub struct RawSeg {
     ptr: NonNull<u8>,
     len: usize,
     keys: [Option<SegKeys>; MAX_REGISTRARS],
+    /// The pool the keys belong to.
+    pool: Option<u64>,
 }
 
 // SAFETY: a RawSeg is an address plus a promise (made by its unsafe constructor) that the
@@ -55,6 +57,7 @@ impl RawSeg {
             ptr,
             len,
             keys: [None; MAX_REGISTRARS],
+            pool: None,
         }
     }
 
@@ -63,15 +66,17 @@ impl RawSeg {
     /// # Safety
     /// As [`RawSeg::new`], for the buffer's visible bytes.
     pub unsafe fn from_pool(buf: &IobufMut) -> RawSeg {
+        let pool = buf.pool_id();
         let mut keys = [None; MAX_REGISTRARS];
-        for (i, k) in keys.iter_mut().enumerate() {
-            *k = buf.keys(RegistrarId(i)).map(SegKeys::from);
+        for (index, k) in keys.iter_mut().enumerate() {
+            *k = buf.keys(RegistrarId { pool, index }).map(SegKeys::from);
         }
         RawSeg {
             // A slot always has a non-null address.
             ptr: NonNull::new(buf.as_ptr().cast_mut()).unwrap_or(NonNull::dangling()),
             len: buf.len(),
             keys,
+            pool: Some(pool),
         }
     }
 
@@ -106,7 +111,10 @@ impl RawSeg {
 
     /// Keys of the pool arena holding this memory, if it is pool memory.
     pub fn keys(&self, id: RegistrarId) -> Option<SegKeys> {
-        self.keys.get(id.0).copied().flatten()
+        if self.pool != Some(id.pool) {
+            return None;
+        }
+        self.keys.get(id.index).copied().flatten()
     }
 }
 

@@ -258,7 +258,23 @@ fn registration_once_per_arena_including_later_arenas() {
     }
     let shared = held.into_iter().next().unwrap().freeze();
     assert!(shared.keys(id).is_some());
-    assert!(shared.keys(RegistrarId(3)).is_none());
+    assert!(shared
+        .keys(RegistrarId {
+            pool: p.id(),
+            index: 3
+        })
+        .is_none());
+    // A buffer of another pool does not answer for this pool's registrar.
+    let other = Pool::new(&small(4, 0, 4)).unwrap();
+    other
+        .add_registrar(Arc::new(CountingRegistrar {
+            calls: Mutex::new(Vec::new()),
+            next_key: AtomicUsize::new(0),
+        }))
+        .unwrap();
+    let ob = other.get(10).unwrap();
+    assert_eq!(id.index(), 0);
+    assert!(ob.keys(id).is_none(), "keys of another pool's registrar");
 }
 
 #[test]
