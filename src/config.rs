@@ -45,7 +45,10 @@
 //! gid_index = -1                 # -1 = first RoCE v2 GID of the peer address's family
 //! inline_threshold = 128         # payload up to this many bytes travels with the header
 //! busy_poll = false              # spin on the completion queue instead of sleeping
-//! credits = 32                   # receive buffers posted per connection (flow control)
+//! credits = 32                   # receive buffers posted per connection (flow control);
+//!                                # each RDMA connection pins its own ring of these
+//!                                # (about 1 MiB per server connection with the defaults),
+//!                                # on top of the pool: size memlock for max_connections
 //! register_threshold = "256K"    # caller iovecs at least this big are registered on the
 //!                                # fly; smaller ones are bounced through the pool
 //! ```
