@@ -158,25 +158,40 @@ pub(crate) fn run(a: SoakArgs) -> AnyResult<()> {
         a.runtime
     );
     let tally = Arc::new(Tally::default());
+    // Connections that finished setting up (memory is measured once all have).
+    let ready = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
     let mut rss_warm = 0;
     let t0 = Instant::now();
     let results: Vec<AnyResult<()>> = std::thread::scope(|s| {
         let hs: Vec<_> = (0..a.connections)
             .map(|conn| {
-                let (cfg, t, pool, tally, stop) = (&cfg, &t, &client_pool, &tally, &stop);
+                let (cfg, t, pool, tally, stop, ready) =
+                    (&cfg, &t, &client_pool, &tally, &stop, &ready);
                 let a = &a;
                 s.spawn(move || -> AnyResult<()> {
-                    let c = Client::connect_transport(cfg, t.as_ref(), pool.clone())?;
-                    connection(a, &c, conn, tally, stop)
+                    let c = Client::connect_transport(cfg, t.as_ref(), pool.clone());
+                    // Counted even on failure, so the memory reference is still taken.
+                    let r = c
+                        .map_err(Into::into)
+                        .and_then(|c| connection(a, &c, conn, tally, stop, ready));
+                    if r.is_err() {
+                        ready.fetch_add(1, Ordering::Relaxed);
+                    }
+                    r
                 })
             })
             .collect();
-        // Memory after warm-up (connections up, buffers mapped) is the reference.
-        let warm = Duration::from_secs(2).min(a.runtime / 4);
+        // Memory once every connection is set up and has run a while (buffers mapped,
+        // queues built) is the reference; it must stay flat from there.
+        let mut all_ready_at = None;
         while t0.elapsed() < a.runtime {
             std::thread::sleep(Duration::from_millis(100));
-            if rss_warm == 0 && t0.elapsed() >= warm {
+            if all_ready_at.is_none() && ready.load(Ordering::Relaxed) >= u64::from(a.connections) {
+                all_ready_at = Some(Instant::now());
+            }
+            if rss_warm == 0 && all_ready_at.is_some_and(|t| t.elapsed() >= Duration::from_secs(1))
+            {
                 rss_warm = rss_bytes();
             }
         }
@@ -281,6 +296,7 @@ fn connection(
     conn: u32,
     tally: &Tally,
     stop: &AtomicBool,
+    ready: &AtomicU64,
 ) -> AnyResult<()> {
     let name = format!("soak.{conn}");
     let f = c.open(
@@ -298,6 +314,7 @@ fn connection(
             return Err(format!("{name}: short initial write").into());
         }
     }
+    ready.fetch_add(1, Ordering::Relaxed);
     let mut busy = vec![false; blocks];
     let mut q: VecDeque<(Op, usize, u64)> = VecDeque::new();
     let mut rng = rand::thread_rng();
