@@ -21,6 +21,19 @@
 //!
 //! Arenas are mapped (`mmap`, std `OnceLock`) in `Pool::new`, before any thread spawns;
 //! the models use one arena, so `get` never grows the class inside the model.
+//!
+//! The models are explored exhaustively (no preemption bound); each reports its number of
+//! executions on stderr (`-- --nocapture`). Each was checked to fail when the ordering it
+//! guards is weakened: `Iobuf` drop's `Release`/`Acquire` fence, `try_into_mut`'s
+//! `Acquire`, `put` waking before pushing, `put` dropping its stripe count before pushing
+//! or before waking, or with `Relaxed`, `close`'s `fetch_or` with `Relaxed`, `release`
+//! without its `Acquire` fence, and `take` not counting itself in `waiting`.
+//!
+//! Not modelled here: the timeout path of `get` (loom never times out), and crossbeam's own
+//! queue. With the real `ArrayQueue` the no-lost-wake-up argument is a store-buffer one:
+//! `take` does `waiting.fetch_add(SeqCst)` then `pop` (whose empty path runs a `SeqCst`
+//! fence before reading `tail`), `put` does `push` (a `SeqCst` CAS of `tail`) then
+//! `waiting.load(SeqCst)`; in the single `SeqCst` order one of the two sees the other.
 #![cfg(loom)]
 
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -38,18 +51,17 @@ fn model<F>(f: F)
 where
     F: Fn() + Sync + Send + 'static,
 {
-    static EXECUTIONS: AtomicUsize = AtomicUsize::new(0);
+    let executions = std::sync::Arc::new(AtomicUsize::new(0));
+    let counter = executions.clone();
     let t0 = Instant::now();
-    let before = EXECUTIONS.load(Ordering::Relaxed);
     loom::model(move || {
-        EXECUTIONS.fetch_add(1, Ordering::Relaxed);
+        counter.fetch_add(1, Ordering::Relaxed);
         f();
     });
-    // Tests run in parallel share the counter: run with `--test-threads 1` for exact counts.
     eprintln!(
         "{}: {} executions in {:.2?}",
         std::thread::current().name().unwrap_or("model"),
-        EXECUTIONS.load(Ordering::Relaxed) - before,
+        executions.load(Ordering::Relaxed),
         t0.elapsed()
     );
 }
@@ -168,8 +180,9 @@ fn b_two_stripes_two_buffers_and_the_pool_dropped_at_once() {
     });
 }
 
-/// (b) with (a): the last of two frozen handles, on two threads, closes out a pool dropped
-/// on the main thread.
+/// (b) with (a): two frozen handles of one slot dropped on two threads, one of which then
+/// drops the pool: whichever handle goes last returns the slot, possibly while the pool
+/// closes, and the class goes once.
 #[test]
 fn b_frozen_handles_outlive_the_pool() {
     model(|| {
@@ -182,8 +195,8 @@ fn b_frozen_handles_outlive_the_pool() {
             sh.with(|_| assert!(g.iter().all(|&x| x == 3)));
             drop(g);
         });
-        drop(p);
         drop(f);
+        drop(p);
         t.join().unwrap();
         assert_eq!(loom_probe::classes_freed(), 1);
     });

@@ -27,7 +27,8 @@
 //! get and drop). Instead each stripe holds one reference to its class while the pool is
 //! open or while any buffer taken from it is alive; the count of live buffers per stripe
 //! lives on the stripe's own cache line. The class (and its memory) is freed when the pool
-//! handle and every stripe have let go. `loom` models in `tests` check this protocol.
+//! handle and every stripe have let go. The `loom` models in `tests/loom_pool.rs` check this
+//! protocol.
 
 mod arena;
 mod buf;
