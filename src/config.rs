@@ -315,16 +315,17 @@ fn int(key: &str, v: i64, min: i64, max: i64) -> Result<usize> {
 }
 
 fn addr(key: &str, v: &str) -> Result<String> {
-    use std::net::ToSocketAddrs;
-    let ok = v
-        .rsplit_once(':')
-        .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok());
+    // Checked by form only: parsing a config never touches the network (names are
+    // resolved when connecting or binding).
+    let ok = v.rsplit_once(':').is_some_and(|(h, p)| {
+        !h.is_empty()
+            && p.parse::<u16>().is_ok()
+            && h.chars().all(|c| {
+                c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | ':' | '[' | ']')
+            })
+    });
     if !ok {
         return Err(Error::config(key, v, "expected HOST:PORT"));
-    }
-    // Numeric addresses are checked fully; names are resolved at connect time.
-    if v.parse::<std::net::SocketAddr>().is_err() && v.to_socket_addrs().is_err() {
-        return Err(Error::config(key, v, "cannot be resolved"));
     }
     Ok(v.to_string())
 }
