@@ -666,41 +666,7 @@ impl File {
         bufs: Vec<Vec<u8>>,
         offset: u64,
     ) -> Result<Completion<(usize, Vec<Vec<u8>>)>> {
-        let l = self.limits();
-        let lens: Vec<usize> = bufs.iter().map(Vec::len).collect();
-        let groups = group_lens(&lens, l.max_segments, l.max_payload)?;
-        let mut it = bufs.into_iter();
-        let mut parts = Vec::with_capacity(groups.len());
-        let mut wants = Vec::with_capacity(groups.len());
-        let mut pos = offset;
-        for (count, want) in groups {
-            let recv = it.by_ref().take(count).map(RecvSeg::Owned).collect();
-            let req = Req::Read {
-                fh: self.fh,
-                offset: pos,
-                len: want as u32,
-            };
-            parts.push(self.client.start(&req, Vec::new(), recv)?);
-            wants.push((want, req));
-            pos += want as u64;
-        }
-        Ok(Completion::new(parts, move |replies| {
-            let mut back = Vec::new();
-            let mut results = Vec::with_capacity(wants.len());
-            for ((want, req), r) in wants.into_iter().zip(replies) {
-                match r {
-                    Ok(reply) => {
-                        results.push((want, read_len(&req, &reply)));
-                        back.extend(reply.recv.into_iter().filter_map(|s| match s {
-                            RecvSeg::Owned(v) => Some(v),
-                            _ => None,
-                        }));
-                    }
-                    Err(e) => results.push((want, Err(e))),
-                }
-            }
-            Ok((contiguous(results)?, back))
-        }))
+        self.owned_async(bufs, offset, false)
     }
 
     /// Starts a write of the caller's own buffers at `offset` (moved in, sent directly,
@@ -710,6 +676,16 @@ impl File {
         bufs: Vec<Vec<u8>>,
         offset: u64,
     ) -> Result<Completion<(usize, Vec<Vec<u8>>)>> {
+        self.owned_async(bufs, offset, true)
+    }
+
+    /// The async `preadv`/`pwritev` on caller-owned buffers, split within the limits.
+    fn owned_async(
+        &self,
+        bufs: Vec<Vec<u8>>,
+        offset: u64,
+        write: bool,
+    ) -> Result<Completion<(usize, Vec<Vec<u8>>)>> {
         let l = self.limits();
         let lens: Vec<usize> = bufs.iter().map(Vec::len).collect();
         let groups = group_lens(&lens, l.max_segments, l.max_payload)?;
@@ -718,12 +694,22 @@ impl File {
         let mut wants = Vec::with_capacity(groups.len());
         let mut pos = offset;
         for (count, want) in groups {
-            let send = it.by_ref().take(count).map(SendSeg::Owned).collect();
-            let req = Req::Write {
-                fh: self.fh,
-                offset: pos,
+            let segs = it.by_ref().take(count);
+            let (req, send, recv) = if write {
+                let req = Req::Write {
+                    fh: self.fh,
+                    offset: pos,
+                };
+                (req, segs.map(SendSeg::Owned).collect(), Vec::new())
+            } else {
+                let req = Req::Read {
+                    fh: self.fh,
+                    offset: pos,
+                    len: want as u32,
+                };
+                (req, Vec::new(), segs.map(RecvSeg::Owned).collect())
             };
-            parts.push(self.client.start(&req, send, Vec::new())?);
+            parts.push(self.client.start(&req, send, recv)?);
             wants.push((want, req));
             pos += want as u64;
         }
@@ -733,9 +719,18 @@ impl File {
             for ((want, req), r) in wants.into_iter().zip(replies) {
                 match r {
                     Ok(reply) => {
-                        results.push((want, write_len(&req, &reply)));
+                        let n = if write {
+                            write_len(&req, &reply)
+                        } else {
+                            read_len(&req, &reply)
+                        };
+                        results.push((want, n));
                         back.extend(reply.send.into_iter().filter_map(|s| match s {
                             SendSeg::Owned(v) => Some(v),
+                            _ => None,
+                        }));
+                        back.extend(reply.recv.into_iter().filter_map(|s| match s {
+                            RecvSeg::Owned(v) => Some(v),
                             _ => None,
                         }));
                     }
