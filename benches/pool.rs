@@ -7,9 +7,11 @@
 //!
 //! Throughput is reported in elements per second where one element is one get-and-drop, so
 //! for the two-thread groups it is the aggregate rate of both threads and the ratio of the
-//! two-thread to the one-thread figure is the scaling. Two-thread samples run each thread
-//! for the same number of operations, released together by a barrier, and time from the
-//! first thread's start to the last thread's end.
+//! two-thread to the one-thread figure is the scaling. Both the one- and the two-thread
+//! groups run on the same harness: persistent worker threads (spawned once per benchmark,
+//! so thread start-up, migration and cold caches stay out of the samples), each doing the
+//! same number of operations per sample, released together by a barrier; a sample's time
+//! runs from the first worker's start to the last worker's end.
 //!
 //! Run: `cargo bench --bench pool -- --warm-up-time 1 --measurement-time 3`.
 
@@ -17,14 +19,16 @@
 #![allow(missing_docs)]
 
 use std::hint::black_box;
+use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Barrier};
-use std::thread;
+use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use zcio::pool::{ClassConfig, Pool, PoolConfig};
 
 const SIZES: [(usize, &str); 2] = [(4 << 10, "4K"), (128 << 10, "128K")];
+const THREADS: [usize; 2] = [1, 2];
 
 /// A pool with 4 KiB and 128 KiB classes, far more slots than the benchmark ever holds
 /// (one per thread), so `get` never waits and never maps a new arena after warm-up.
@@ -63,66 +67,91 @@ fn vec_zeroed_op(n: usize) {
     black_box(&mut v);
 }
 
-/// Runs `op` `iters` times on each of `threads` threads at once; returns the wall time from
-/// the earliest start to the latest finish.
-fn run_threads<F>(threads: usize, iters: u64, op: F) -> Duration
-where
-    F: Fn() + Send + Sync + 'static,
-{
-    let op = Arc::new(op);
-    let barrier = Arc::new(Barrier::new(threads));
-    let handles: Vec<_> = (0..threads)
-        .map(|_| {
-            let op = op.clone();
-            let barrier = barrier.clone();
-            thread::spawn(move || {
-                // Warm this thread's allocator arena / home stripe outside the timing.
+/// Persistent threads running one operation in lock step.
+struct Workers {
+    go: Vec<Sender<u64>>,
+    done: Receiver<(Instant, Instant)>,
+    handles: Vec<JoinHandle<()>>,
+}
+
+impl Workers {
+    fn new<F>(threads: usize, op: F) -> Workers
+    where
+        F: Fn() + Send + Sync + 'static,
+    {
+        let op = Arc::new(op);
+        let barrier = Arc::new(Barrier::new(threads));
+        let (done_tx, done) = channel();
+        let mut go = Vec::new();
+        let mut handles = Vec::new();
+        for _ in 0..threads {
+            let (tx, rx) = channel::<u64>();
+            let (op, barrier, done_tx) = (op.clone(), barrier.clone(), done_tx.clone());
+            handles.push(thread::spawn(move || {
+                // Warm this thread's allocator arena / home stripe outside the samples.
                 op();
-                barrier.wait();
-                let start = Instant::now();
-                for _ in 0..iters {
-                    op();
+                while let Ok(iters) = rx.recv() {
+                    barrier.wait();
+                    let start = Instant::now();
+                    for _ in 0..iters {
+                        op();
+                    }
+                    if done_tx.send((start, Instant::now())).is_err() {
+                        break;
+                    }
                 }
-                (start, Instant::now())
-            })
-        })
-        .collect();
-    let spans: Vec<(Instant, Instant)> = handles
-        .into_iter()
-        .map(|h| h.join().expect("bench thread"))
-        .collect();
-    let first = spans.iter().map(|s| s.0).min().expect("a thread");
-    let last = spans.iter().map(|s| s.1).max().expect("a thread");
-    last - first
+            }));
+            go.push(tx);
+        }
+        Workers { go, done, handles }
+    }
+
+    /// Runs `iters` operations on every worker; the wall time from the earliest start to
+    /// the latest finish.
+    fn run(&self, iters: u64) -> Duration {
+        for tx in &self.go {
+            tx.send(iters).expect("worker alive");
+        }
+        let spans: Vec<(Instant, Instant)> = self
+            .go
+            .iter()
+            .map(|_| self.done.recv().expect("worker alive"))
+            .collect();
+        let first = spans.iter().map(|s| s.0).min().expect("a worker");
+        let last = spans.iter().map(|s| s.1).max().expect("a worker");
+        last - first
+    }
+}
+
+impl Drop for Workers {
+    fn drop(&mut self) {
+        self.go.clear();
+        for h in self.handles.drain(..) {
+            h.join().expect("bench worker");
+        }
+    }
 }
 
 fn get_drop(c: &mut Criterion) {
     let pool = bench_pool();
     for (n, label) in SIZES {
-        let mut g = c.benchmark_group(format!("get_drop/{label}/1_thread"));
-        g.throughput(Throughput::Elements(1));
-        g.bench_function("pool", |b| b.iter(|| pool_op(&pool, n)));
-        g.bench_function("vec_with_capacity", |b| b.iter(|| vec_capacity_op(n)));
-        g.bench_function("vec_zeroed", |b| b.iter(|| vec_zeroed_op(n)));
-        g.finish();
-
-        let threads = 2;
-        let mut g = c.benchmark_group(format!("get_drop/{label}/{threads}_threads"));
-        // One criterion iteration is one operation on each thread.
-        g.throughput(Throughput::Elements(threads as u64));
-        g.bench_function("pool", |b| {
-            b.iter_custom(|iters| {
-                let p = pool.clone();
-                run_threads(threads, iters, move || pool_op(&p, n))
-            })
-        });
-        g.bench_function("vec_with_capacity", |b| {
-            b.iter_custom(|iters| run_threads(threads, iters, move || vec_capacity_op(n)))
-        });
-        g.bench_function("vec_zeroed", |b| {
-            b.iter_custom(|iters| run_threads(threads, iters, move || vec_zeroed_op(n)))
-        });
-        g.finish();
+        for threads in THREADS {
+            let name = if threads == 1 { "thread" } else { "threads" };
+            let mut g = c.benchmark_group(format!("get_drop/{label}/{threads}_{name}"));
+            // One criterion iteration is one operation on each thread.
+            g.throughput(Throughput::Elements(threads as u64));
+            let p = pool.clone();
+            let w = Workers::new(threads, move || pool_op(&p, n));
+            g.bench_function("pool", |b| b.iter_custom(|iters| w.run(iters)));
+            drop(w);
+            let w = Workers::new(threads, move || vec_capacity_op(n));
+            g.bench_function("vec_with_capacity", |b| b.iter_custom(|iters| w.run(iters)));
+            drop(w);
+            let w = Workers::new(threads, move || vec_zeroed_op(n));
+            g.bench_function("vec_zeroed", |b| b.iter_custom(|iters| w.run(iters)));
+            drop(w);
+            g.finish();
+        }
     }
     let st = pool.stats();
     assert_eq!(st.slots_in_use(), 0, "bench leaked buffers");
