@@ -580,7 +580,8 @@ impl Class {
         }
         self.waits.fetch_add(1, Ordering::Relaxed);
         let start = Instant::now();
-        let deadline = start + timeout;
+        // A timeout too long to add to now (e.g. `Duration::MAX`) means: wait for good.
+        let deadline = start.checked_add(timeout);
         self.waiting.fetch_add(1, Ordering::SeqCst);
         let mut guard = lock(&self.wait_lock);
         let out = loop {
@@ -590,7 +591,7 @@ impl Class {
                 Err(e) => break Err(e),
             }
             let now = Instant::now();
-            if now >= deadline {
+            if deadline.is_some_and(|d| now >= d) {
                 self.failures.fetch_add(1, Ordering::Relaxed);
                 break Err(Error::PoolExhausted {
                     class_size: self.size,
@@ -600,7 +601,8 @@ impl Class {
                     reserve: self.reserve,
                 });
             }
-            guard = match self.wait_cond.wait_timeout(guard, deadline - now) {
+            let left = deadline.map_or(Duration::from_secs(3600), |d| d - now);
+            guard = match self.wait_cond.wait_timeout(guard, left) {
                 Ok((g, _)) => g,
                 Err(p) => p.into_inner().0,
             };
