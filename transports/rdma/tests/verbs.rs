@@ -416,6 +416,46 @@ fn rdma_read_64k() {
 }
 
 #[test]
+fn unsignaled_requests_complete_with_the_next_signaled_one() {
+    let Some(ctx) = device("unsignaled_requests_complete_with_the_next_signaled_one") else {
+        return;
+    };
+    let p = connected_pair(&ctx, CqMode::BusyPoll);
+    let src = pattern(32 * 1024, 9);
+    p.a.buf.write(0, &src);
+    p.b.buf.write(96 * 1024, &src[..8192]);
+    // An unsignaled WRITE, an unsignaled READ, then a signaled SEND: one completion only,
+    // the SEND's, and by then the WRITE's and READ's data are in place.
+    p.a.qp
+        .post_write_unsignaled(71, &[p.a.sge(0, 16 * 1024)], p.b.remote(0))
+        .unwrap();
+    p.a.qp
+        .post_read_unsignaled(72, &[p.a.sge(64 * 1024, 8192)], p.b.remote(96 * 1024))
+        .unwrap();
+    p.b.qp.post_recv(73, p.b.sge(128 * 1024, 4096)).unwrap();
+    p.a.qp.post_send(74, &[p.a.sge(16 * 1024, 100)]).unwrap();
+    p.a.expect_ok(74, WcOpcode::Send);
+    let c = p.b.wait_one();
+    assert_eq!(
+        (c.wr_id, c.status, c.byte_len),
+        (73, WcStatus::Success, 100)
+    );
+    assert!(p.b.buf.read(0, 16 * 1024) == src[..16 * 1024], "WRITE data");
+    assert!(p.a.buf.read(64 * 1024, 8192) == src[..8192], "READ data");
+    // Nothing else was queued on either side.
+    let mut out = [Completion::EMPTY; 4];
+    assert_eq!(p.a.cq.poll(&mut out).unwrap(), 0);
+    assert_eq!(p.b.cq.poll(&mut out).unwrap(), 0);
+    // An unsignaled inline SEND produces no completion on the sender either.
+    p.b.qp.post_recv(75, p.b.sge(132 * 1024, 4096)).unwrap();
+    p.a.qp.post_send_inline_unsignaled(76, &[b"quiet"]).unwrap();
+    let c = p.b.wait_one();
+    assert_eq!((c.wr_id, c.byte_len), (75, 5));
+    assert!(p.b.buf.read(132 * 1024, 5) == b"quiet");
+    assert_eq!(p.a.cq.poll(&mut out).unwrap(), 0);
+}
+
+#[test]
 fn send_recv_4k_into_a_preposted_receive() {
     let Some(ctx) = device("send_recv_4k_into_a_preposted_receive") else {
         return;

@@ -109,10 +109,11 @@ struct InFlight {
 
 /// One credit.
 struct Slot {
-    /// Taken by a `start` or in use by a request.
+    /// Taken by a `start` or in use by a request. A slot (and its message buffer) is free
+    /// again once the reply is in: the server could only reply after the whole request
+    /// message reached it, so the device is done reading the buffer, whether or not the
+    /// SEND's completion (usually unsignaled) has been seen.
     busy: bool,
-    /// The SEND of the slot's last request has not completed yet.
-    sending: bool,
     /// The private message buffer (lent out while a request is being prepared).
     msg: Option<IobufMut>,
     /// Working storage (lent out while a request is prepared or completed).
@@ -129,6 +130,25 @@ struct State {
     free: Vec<usize>,
     next_seq: u64,
     sq: SendQueue,
+    /// SENDs posted unsignaled since the last signaled one.
+    unsignaled: usize,
+    /// Threads in `start` waiting for send-queue room.
+    room_waiters: usize,
+}
+
+/// The client's send-queue depth for `credits` requests in flight. Most request SENDs are
+/// posted unsignaled (one completion, one wake-up of the connection thread, less per
+/// request), and an unsignaled SEND keeps its entry until a later signaled one's completion
+/// is seen: twice the credits leaves room for a window of those behind the requests in
+/// flight.
+fn sq_depth(credits: usize) -> usize {
+    2 * credits + 1
+}
+
+/// Whether the next request SEND is signaled: one in every `credits`, and every one once
+/// the send queue is half full, so that a completion that frees room is always on its way.
+fn signal_send(unsignaled: usize, credits: usize, room_after: usize) -> bool {
+    unsignaled + 1 >= credits || room_after <= credits
 }
 
 /// A completion to deliver once the lock is released.
@@ -138,6 +158,9 @@ struct Core {
     state: Mutex<State>,
     /// Signalled when a slot frees up or the connection dies.
     cond: Condvar,
+    /// Signalled when send-queue room frees up (and there are waiters) or the connection
+    /// dies.
+    room_cv: Condvar,
     dead: AtomicBool,
     sock: TcpStream,
     /// The caller's pool: bounce buffers.
@@ -219,7 +242,7 @@ pub(crate) fn connect(faults: Faults, cfg: &Config, pool: &Pool) -> Result<RdmaC
         &dev,
         r,
         &QpSizes {
-            send_wr: credits + 1,
+            send_wr: sq_depth(credits),
             recv_wr: credits,
             inline: inline + 256,
             remote_access: true,
@@ -290,7 +313,6 @@ pub(crate) fn connect(faults: Faults, cfg: &Config, pool: &Pool) -> Result<RdmaC
     for _ in 0..credits {
         slots.push(Slot {
             busy: false,
-            sending: false,
             msg: Some(ctl.get_control(req_size)?),
             scratch: Some(Scratch::with_capacity(max_segments)),
             req: None,
@@ -306,9 +328,12 @@ pub(crate) fn connect(faults: Faults, cfg: &Config, pool: &Pool) -> Result<RdmaC
             slots,
             free: (0..credits).rev().collect(),
             next_seq: 1,
-            sq: SendQueue::new(credits + 1, 0),
+            sq: SendQueue::new(sq_depth(credits), 0),
+            unsignaled: 0,
+            room_waiters: 0,
         }),
         cond: Condvar::new(),
+        room_cv: Condvar::new(),
         dead: AtomicBool::new(false),
         sock,
         pool: pool.clone(),
@@ -700,6 +725,7 @@ impl Core {
     fn finish_fail(&self, done: Vec<Done>) {
         let _ = self.sock.shutdown(std::net::Shutdown::Both);
         self.cond.notify_all();
+        self.room_cv.notify_all();
         for (c, r) in done {
             c.complete(r);
         }
@@ -736,19 +762,39 @@ impl Core {
             self.release(i, scratch, msg);
             return Err(e);
         }
+        // Room in the send queue: only short of it while the connection thread has yet to
+        // see a signaled SEND's completion, which is already on its way (`signal_send`).
+        while st.sq.room() == 0 && st.dead.is_none() {
+            st.room_waiters += 1;
+            st = match self.room_cv.wait_timeout(st, self.timeout) {
+                Ok((g, _)) => g,
+                Err(p) => p.into_inner().0,
+            };
+            st.room_waiters -= 1;
+        }
+        if st.dead.is_some() {
+            let e = self.closed_err(&st);
+            drop(st);
+            self.release(i, scratch, msg);
+            return Err(e);
+        }
         let inline = msg_len <= self.max_inline_send;
         let sge = buf_sge(&msg, msg_len, self.ctl_reg);
         let st = &mut *st;
         let sq_seq = st.sq.next_seq();
+        let credits = self.limits.max_in_flight;
+        let signaled = signal_send(st.unsignaled, credits, st.sq.room());
+        st.unsignaled = if signaled { 0 } else { st.unsignaled + 1 };
         let wr = wr_id(KIND_SEND, i, sq_seq);
         let posted = match (&st.qp, sge) {
-            (Some(qp), _) if inline => qp.post_send_inline(wr, &[&msg[..msg_len]]),
-            (Some(qp), Some(sge)) => qp.post_send(wr, &[sge]),
+            (Some(qp), _) if inline && signaled => qp.post_send_inline(wr, &[&msg[..msg_len]]),
+            (Some(qp), _) if inline => qp.post_send_inline_unsignaled(wr, &[&msg[..msg_len]]),
+            (Some(qp), Some(sge)) if signaled => qp.post_send(wr, &[sge]),
+            (Some(qp), Some(sge)) => qp.post_send_unsignaled(wr, &[sge]),
             _ => Ok(()),
         };
         let slot = &mut st.slots[i];
         slot.msg = Some(msg);
-        slot.sending = true;
         slot.req = Some(InFlight {
             id,
             completer,
@@ -769,7 +815,7 @@ impl Core {
         Ok(pending)
     }
 
-    fn on_send_done(&self, slot: usize, seq: u64) {
+    fn on_send_done(&self, seq: u64) {
         let mut st = self.lock();
         if st.dead.is_some() {
             return;
@@ -780,18 +826,9 @@ impl Core {
             self.finish_fail(done);
             return;
         }
-        let free = match st.slots.get_mut(slot) {
-            Some(s) => {
-                s.sending = false;
-                s.busy && s.req.is_none() && s.scratch.is_some()
-            }
-            None => false,
-        };
-        if free {
-            st.slots[slot].busy = false;
-            st.free.push(slot);
+        if st.room_waiters > 0 {
             drop(st);
-            self.cond.notify_one();
+            self.room_cv.notify_all();
         }
     }
 
@@ -938,7 +975,7 @@ impl Core {
         let st = &mut *guard;
         let s = &mut st.slots[slot];
         s.scratch = Some(scratch);
-        if s.busy && !s.sending && st.dead.is_none() {
+        if s.busy && st.dead.is_none() {
             s.busy = false;
             st.free.push(slot);
             drop(guard);
@@ -982,7 +1019,7 @@ impl ConnCore for Core {
             return;
         }
         match kind {
-            KIND_SEND => self.on_send_done(slot, seq),
+            KIND_SEND => self.on_send_done(seq),
             KIND_RECV => self.on_reply(slot, c.byte_len as usize),
             other => self.fail(
                 format!("internal: a completion of unknown kind {other}"),

@@ -57,11 +57,12 @@ pub(crate) enum Held {
     View(Iobuf),
 }
 
-/// The send queue's ledger. Send-queue completions of an RC queue pair arrive in posting
-/// order and every work request is signaled, so each completion retires exactly the oldest
-/// outstanding work request: the resources held for it are released, and its entry in the
-/// queue's depth is free again. Posting happens under the connection's lock, so sequence
-/// numbers follow the posting order.
+/// The send queue's ledger. Send-queue work requests of an RC queue pair complete in posting
+/// order, and only some are signaled (the last of each batch: a reply's SEND after its RDMA
+/// WRITEs, a request's last RDMA READ), so a completion retires every outstanding work
+/// request up to and including its own: the resources held for them are released, and their
+/// entries in the queue's depth are free again. Posting happens under the connection's lock,
+/// so sequence numbers follow the posting order.
 pub(crate) struct SendQueue {
     room: usize,
     next_post: u64,
@@ -98,22 +99,22 @@ impl SendQueue {
         self.held.push_back((seq, h));
     }
 
-    /// Retires the oldest outstanding work request, which must be `seq_lo` (low bits).
+    /// Retires every outstanding work request up to and including `seq_lo` (the low bits of
+    /// a posting sequence number), which must be outstanding.
     pub(crate) fn complete(&mut self, seq_lo: u64) -> std::result::Result<(), String> {
-        if self.next_done == self.next_post {
+        let outstanding = self.next_post - self.next_done;
+        // How far past the oldest outstanding request `seq_lo` lies (modulo the wrap).
+        let ahead = seq_lo.wrapping_sub(self.next_done) & SEQ_MASK;
+        if ahead >= outstanding {
             return Err(format!(
-                "a send-queue completion (sequence {seq_lo}) with nothing outstanding"
+                "a send-queue completion for sequence {seq_lo}, which is not outstanding \
+                 ({outstanding} outstanding from {})",
+                self.next_done & SEQ_MASK
             ));
         }
-        let done = self.next_done;
-        if done & SEQ_MASK != seq_lo {
-            return Err(format!(
-                "send-queue completion out of order: sequence {seq_lo}, expected {}",
-                done & SEQ_MASK
-            ));
-        }
-        self.next_done += 1;
-        self.room += 1;
+        let done = self.next_done + ahead;
+        self.next_done = done + 1;
+        self.room += (ahead + 1) as usize;
         while self.held.front().is_some_and(|(s, _)| *s <= done) {
             self.held.pop_front();
         }
@@ -444,12 +445,40 @@ mod tests {
         assert!(q.complete(0).is_err());
         let a = q.next_seq();
         let b = q.next_seq();
-        assert_eq!(q.room(), 2);
-        assert!(q.complete(b).is_err());
-        q.complete(a).unwrap();
-        assert!(!q.idle());
+        let c = q.next_seq();
+        assert_eq!(q.room(), 1);
+        // b is signaled, a was not: b's completion retires both.
         q.complete(b).unwrap();
+        assert_eq!(q.room(), 3);
+        assert!(!q.idle());
+        assert!(q.complete(a).is_err(), "a is already retired");
+        assert!(q.complete(c + 1).is_err(), "never posted");
+        q.complete(c).unwrap();
         assert!(q.idle());
         assert_eq!(q.room(), 4);
+    }
+
+    #[test]
+    fn send_queue_releases_held_through_the_signaled_request() {
+        let pool = control_pool(&[(4096, 4)]).unwrap();
+        let mut q = SendQueue::new(8, 4);
+        // Sequence numbers wrap at 40 bits; start just below.
+        q.next_post = SEQ_MASK - 1;
+        q.next_done = SEQ_MASK - 1;
+        let w1 = q.next_seq();
+        let s1 = q.next_seq();
+        q.hold(s1, Held::Buf(pool.get_control(4096).unwrap()));
+        let w2 = q.next_seq();
+        let s2 = q.next_seq();
+        q.hold(s2, Held::Buf(pool.get_control(4096).unwrap()));
+        assert_eq!(pool.stats().slots_in_use(), 2);
+        assert!(q.complete(w1 & SEQ_MASK).is_ok());
+        assert_eq!(pool.stats().slots_in_use(), 2, "s1 is not done yet");
+        q.complete(s1 & SEQ_MASK).unwrap();
+        assert_eq!(pool.stats().slots_in_use(), 1);
+        q.complete(s2 & SEQ_MASK).unwrap();
+        assert_eq!(pool.stats().slots_in_use(), 0);
+        assert!(q.idle());
+        assert!(q.complete(w2 & SEQ_MASK).is_err());
     }
 }

@@ -461,8 +461,10 @@ fn handshake(sock: TcpStream, peer: SocketAddr, ctx: &ListenCtx) -> Result<Box<d
             sq: SendQueue::new(sq_depth, 4 * credits),
             local: Vec::with_capacity(max_segments.max(64)),
             last_activity: Instant::now(),
+            room_waiters: 0,
         }),
-        cond: Condvar::new(),
+        events_cv: Condvar::new(),
+        room_cv: Condvar::new(),
         dead: AtomicBool::new(false),
         sock,
         pool: ctx.pool.clone(),
@@ -499,8 +501,8 @@ enum Stage {
     Free,
     /// Decoded, waiting for `recv`.
     Queued,
-    /// RDMA READs of the payload outstanding.
-    Reading(usize),
+    /// RDMA READs of the payload outstanding (only the last is signaled).
+    Reading,
     /// Payload in; waiting for `recv` to hand it out.
     Ready,
     /// Handed out; waiting for the reply.
@@ -565,12 +567,19 @@ struct SState {
     /// Scratch for plans.
     local: Vec<Local>,
     last_activity: Instant,
+    /// Threads waiting in [`SCore::wait_room`] or draining in `close`: a send-queue
+    /// completion wakes them only when there are some.
+    room_waiters: usize,
 }
 
 struct SCore {
     state: Mutex<SState>,
-    /// Signalled for new events, send-queue room and death.
-    cond: Condvar,
+    /// Signalled for new events (the thread in `recv` waits on it) and death. Separate from
+    /// `room_cv`, so that a send-queue completion does not wake `recv` for nothing: every
+    /// wake-up is a context switch, and under emulation each costs tens of microseconds.
+    events_cv: Condvar,
+    /// Signalled for send-queue room (repliers and `close` wait on it) and death.
+    room_cv: Condvar,
     dead: AtomicBool,
     sock: TcpStream,
     pool: Pool,
@@ -605,8 +614,8 @@ impl SCore {
         lock(&self.state)
     }
 
-    fn wait<'a>(&self, g: MutexGuard<'a, SState>) -> MutexGuard<'a, SState> {
-        match self.cond.wait(g) {
+    fn wait<'a>(&self, cv: &Condvar, g: MutexGuard<'a, SState>) -> MutexGuard<'a, SState> {
+        match cv.wait(g) {
             Ok(g) => g,
             Err(p) => p.into_inner(),
         }
@@ -636,7 +645,8 @@ impl SCore {
 
     fn after_fail(&self) {
         let _ = self.sock.shutdown(std::net::Shutdown::Both);
-        self.cond.notify_all();
+        self.events_cv.notify_all();
+        self.room_cv.notify_all();
     }
 
     fn fail(&self, reason: String, end: End) {
@@ -752,7 +762,7 @@ impl SCore {
             }
         }
         drop(guard);
-        self.cond.notify_all();
+        self.events_cv.notify_one();
     }
 
     fn on_send_queue(&self, kind: u8, slot: usize, seq: u64) {
@@ -768,20 +778,24 @@ impl SCore {
             }
             return;
         }
-        if kind == KIND_READ {
-            if let Some(sl) = st.slots.get_mut(slot) {
-                if let Stage::Reading(n) = sl.stage {
-                    if n <= 1 {
-                        sl.stage = Stage::Ready;
-                        st.events.push_back(Ev::ReadsDone(slot));
-                    } else {
-                        sl.stage = Stage::Reading(n - 1);
-                    }
-                }
-            }
+        // Only a request's last READ is signaled: it completing means all of them did.
+        let reads_done = kind == KIND_READ
+            && st
+                .slots
+                .get_mut(slot)
+                .is_some_and(|sl| sl.stage == Stage::Reading);
+        if reads_done {
+            st.slots[slot].stage = Stage::Ready;
+            st.events.push_back(Ev::ReadsDone(slot));
         }
+        let room_waiters = st.room_waiters > 0;
         drop(guard);
-        self.cond.notify_all();
+        if reads_done {
+            self.events_cv.notify_one();
+        }
+        if room_waiters {
+            self.room_cv.notify_all();
+        }
     }
 
     /// Hands request `s` out with its payload.
@@ -809,7 +823,9 @@ impl SCore {
             if g.sq.room() >= n {
                 return Ok(g);
             }
-            g = self.wait(g);
+            g.room_waiters += 1;
+            g = self.wait(&self.room_cv, g);
+            g.room_waiters -= 1;
         }
     }
 
@@ -888,15 +904,15 @@ impl SCore {
                 }
                 let seq = sq.next_seq();
                 count += 1;
+                let wr = wr_id(KIND_READ, s, seq);
+                let remote = Remote {
+                    addr: w.remote_addr,
+                    rkey: w.rkey,
+                };
+                // One completion per request: the last READ's (they complete in order).
                 let r = match qp {
-                    Some(qp) => qp.post_read(
-                        wr_id(KIND_READ, s, seq),
-                        &sges[..w.n_sge],
-                        Remote {
-                            addr: w.remote_addr,
-                            rkey: w.rkey,
-                        },
-                    ),
+                    Some(qp) if count == n => qp.post_read(wr, &sges[..w.n_sge], remote),
+                    Some(qp) => qp.post_read_unsignaled(wr, &sges[..w.n_sge], remote),
                     None => Ok(()),
                 };
                 if let Err(e) = r {
@@ -904,7 +920,12 @@ impl SCore {
                     break;
                 }
             }
-            slots[s].stage = Stage::Reading(count);
+            if count != n {
+                posted = posted.and(Err(format!(
+                    "internal: planned {n} RDMA READs, posted {count}"
+                )));
+            }
+            slots[s].stage = Stage::Reading;
             slots[s].bufs = bufs;
         }
         if let Err(r) = posted {
@@ -921,7 +942,7 @@ impl SCore {
                 return self.closed_result(&st);
             }
             let Some(ev) = st.events.pop_front() else {
-                st = self.wait(st);
+                st = self.wait(&self.events_cv, st);
                 continue;
             };
             let s = match ev {
@@ -1117,7 +1138,8 @@ impl SCore {
                         *d = to_sge(p);
                     }
                     let seq = sq.next_seq();
-                    if let Err(e) = qp.post_write(
+                    // Unsignaled: the SEND that follows is, and completes after it.
+                    if let Err(e) = qp.post_write_unsignaled(
                         wr_id(KIND_WRITE, s, seq),
                         &sges[..w.n_sge],
                         Remote {
@@ -1187,10 +1209,12 @@ impl SCore {
             if now >= deadline {
                 break;
             }
-            st = match self.cond.wait_timeout(st, deadline - now) {
+            st.room_waiters += 1;
+            st = match self.room_cv.wait_timeout(st, deadline - now) {
                 Ok((g, _)) => g,
                 Err(p) => p.into_inner().0,
             };
+            st.room_waiters -= 1;
         }
         let r = format!("the connection from {} was closed by the server", self.peer);
         if self.fail_locked(&mut st, r, End::Clean) {

@@ -251,6 +251,15 @@ impl SendOp {
     }
 }
 
+/// How a send-queue work request is posted.
+#[derive(Clone, Copy)]
+struct Post {
+    /// The data is copied into the work request (`IBV_SEND_INLINE`).
+    inline: bool,
+    /// It produces a completion (`IBV_SEND_SIGNALED`); unsignaled ones only do on failure.
+    signaled: bool,
+}
+
 impl QueuePair {
     /// Creates an RC queue pair on `pd` using `send_cq` and `recv_cq` (they may be the same
     /// CQ), and moves it to INIT. Checks the configuration against the device's limits and
@@ -531,7 +540,7 @@ impl QueuePair {
         Ok(())
     }
 
-    /// Posts one signaled send-queue work request.
+    /// Posts one send-queue work request.
     ///
     /// # Safety
     ///
@@ -544,10 +553,13 @@ impl QueuePair {
         sg_list: *const ibv_sge,
         num_sge: usize,
         remote: Remote,
-        inline: bool,
+        how: Post,
     ) -> Result<(), RdmaError> {
-        let mut flags = ibv_send_flags::IBV_SEND_SIGNALED.0;
-        if inline {
+        let mut flags = 0;
+        if how.signaled {
+            flags |= ibv_send_flags::IBV_SEND_SIGNALED.0;
+        }
+        if how.inline {
             flags |= ibv_send_flags::IBV_SEND_INLINE.0;
         }
         let mut wr = ibv_send_wr {
@@ -595,19 +607,7 @@ impl QueuePair {
     /// Posts a signaled SEND gathering `sges` (at most [`QpCaps::max_send_sge`]); the peer
     /// must have a receive posted. Completes on this side's send CQ with `wr_id`.
     pub fn post_send(&self, wr_id: u64, sges: &[Sge]) -> Result<(), RdmaError> {
-        self.check_sges(sges.len())?;
-        // SAFETY: `Sge` is layout-compatible with `ibv_sge` (checked at compile time) and
-        // the slice outlives the call.
-        unsafe {
-            self.post_one(
-                wr_id,
-                SendOp::Send,
-                sges.as_ptr().cast(),
-                sges.len(),
-                Remote { addr: 0, rkey: 0 },
-                false,
-            )
-        }
+        self.post_sges(wr_id, SendOp::Send, sges, Remote { addr: 0, rkey: 0 }, true)
     }
 
     /// Posts a signaled inline SEND of the concatenation of `data` (at most
@@ -615,6 +615,16 @@ impl QueuePair {
     /// is copied into the work request, so it needs no registration and may be reused as soon
     /// as this returns.
     pub fn post_send_inline(&self, wr_id: u64, data: &[&[u8]]) -> Result<(), RdmaError> {
+        self.send_inline(wr_id, data, true)
+    }
+
+    /// Posts an unsignaled inline SEND (see [`QueuePair::post_send_inline`] and
+    /// [`QueuePair::post_write_unsignaled`]).
+    pub fn post_send_inline_unsignaled(&self, wr_id: u64, data: &[&[u8]]) -> Result<(), RdmaError> {
+        self.send_inline(wr_id, data, false)
+    }
+
+    fn send_inline(&self, wr_id: u64, data: &[&[u8]], signaled: bool) -> Result<(), RdmaError> {
         let max_pieces = (self.caps.max_send_sge as usize).min(MAX_INLINE_PIECES);
         if data.len() > max_pieces {
             return Err(RdmaError::TooManySges {
@@ -650,39 +660,81 @@ impl QueuePair {
                 sges.as_ptr(),
                 data.len(),
                 Remote { addr: 0, rkey: 0 },
-                true,
+                Post {
+                    inline: true,
+                    signaled,
+                },
             )
         }
     }
 
     /// Posts a signaled RDMA WRITE of the local `sges`, gathered in order, to `remote`.
     pub fn post_write(&self, wr_id: u64, sges: &[Sge], remote: Remote) -> Result<(), RdmaError> {
-        self.check_sges(sges.len())?;
-        // SAFETY: as in `post_send`.
-        unsafe {
-            self.post_one(
-                wr_id,
-                SendOp::Write,
-                sges.as_ptr().cast(),
-                sges.len(),
-                remote,
-                false,
-            )
-        }
+        self.post_sges(wr_id, SendOp::Write, sges, remote, true)
+    }
+
+    /// Posts an unsignaled RDMA WRITE: it produces no completion unless it fails. Send-queue
+    /// work requests complete in order, so the next signaled one's completion also says this
+    /// one is done (and its send-queue entry free); the caller must post one.
+    pub fn post_write_unsignaled(
+        &self,
+        wr_id: u64,
+        sges: &[Sge],
+        remote: Remote,
+    ) -> Result<(), RdmaError> {
+        self.post_sges(wr_id, SendOp::Write, sges, remote, false)
     }
 
     /// Posts a signaled RDMA READ from `remote`, scattered in order into the local `sges`.
     pub fn post_read(&self, wr_id: u64, sges: &[Sge], remote: Remote) -> Result<(), RdmaError> {
+        self.post_sges(wr_id, SendOp::Read, sges, remote, true)
+    }
+
+    /// Posts an unsignaled RDMA READ (see [`QueuePair::post_write_unsignaled`]): its data is
+    /// in place once a later signaled work request of this queue pair completes.
+    pub fn post_read_unsignaled(
+        &self,
+        wr_id: u64,
+        sges: &[Sge],
+        remote: Remote,
+    ) -> Result<(), RdmaError> {
+        self.post_sges(wr_id, SendOp::Read, sges, remote, false)
+    }
+
+    /// Posts an unsignaled SEND gathering `sges` (see [`QueuePair::post_write_unsignaled`]).
+    pub fn post_send_unsignaled(&self, wr_id: u64, sges: &[Sge]) -> Result<(), RdmaError> {
+        self.post_sges(
+            wr_id,
+            SendOp::Send,
+            sges,
+            Remote { addr: 0, rkey: 0 },
+            false,
+        )
+    }
+
+    /// Posts `op` on registered memory described by `sges`.
+    fn post_sges(
+        &self,
+        wr_id: u64,
+        op: SendOp,
+        sges: &[Sge],
+        remote: Remote,
+        signaled: bool,
+    ) -> Result<(), RdmaError> {
         self.check_sges(sges.len())?;
-        // SAFETY: as in `post_send`.
+        // SAFETY: `Sge` is layout-compatible with `ibv_sge` (checked at compile time) and
+        // the slice outlives the call.
         unsafe {
             self.post_one(
                 wr_id,
-                SendOp::Read,
+                op,
                 sges.as_ptr().cast(),
                 sges.len(),
                 remote,
-                false,
+                Post {
+                    inline: false,
+                    signaled,
+                },
             )
         }
     }
