@@ -420,35 +420,27 @@ impl File {
         self.client.inner.limits
     }
 
-    /// Reads into the caller's iovecs at `offset`; the transport writes the payload
-    /// straight into them. Returns the bytes read (short at end of file).
-    pub fn preadv(&self, iov: &mut [IoSliceMut<'_>], offset: u64) -> Result<usize> {
-        let lens: Vec<usize> = iov.iter().map(|s| s.len()).collect();
+    /// Starts one request per group of [`plan_requests`] over segments of `lens` bytes, at
+    /// consecutive offsets from `offset`; `make(pos, pieces)` builds a group's request and
+    /// segments. Waits for every started request, even after a failure (they may still be
+    /// touching the segments), and returns the bytes done up to the first short or failed
+    /// request.
+    fn run_planned(
+        &self,
+        lens: &[usize],
+        offset: u64,
+        mut make: impl FnMut(u64, &[Piece]) -> (Req, Vec<SendSeg>, Vec<RecvSeg>),
+        done_len: fn(&Req, &Reply) -> Result<usize>,
+    ) -> Result<usize> {
         let l = self.limits();
-        let plan = plan_requests(&lens, l.max_segments, l.max_payload);
-        let bases: Vec<*mut u8> = iov.iter_mut().map(|s| s.as_mut_ptr()).collect();
+        let plan = plan_requests(lens, l.max_segments, l.max_payload);
         let mut pend = Vec::with_capacity(plan.len());
         let mut pos = offset;
         let mut err = None;
         for pieces in &plan {
             let want: usize = pieces.iter().map(|p| p.2).sum();
-            let recv = pieces
-                .iter()
-                .map(|&(i, off, n)| {
-                    // SAFETY: `iov` is borrowed mutably for this whole call, and the loop
-                    // below waits for every started request before returning, so the
-                    // memory outlives the request and nothing else touches it meanwhile.
-                    let p = unsafe { NonNull::new_unchecked(bases[i].add(off)) };
-                    // SAFETY: as above.
-                    RecvSeg::Raw(unsafe { RawSeg::new(p, n) })
-                })
-                .collect();
-            let req = Req::Read {
-                fh: self.fh,
-                offset: pos,
-                len: want as u32,
-            };
-            match self.client.start(&req, Vec::new(), recv) {
+            let (req, send, recv) = make(pos, pieces);
+            match self.client.start(&req, send, recv) {
                 Ok(p) => pend.push((want, req, p)),
                 Err(e) => {
                     err = Some(e);
@@ -457,16 +449,47 @@ impl File {
             }
             pos += want as u64;
         }
-        // Wait for every request, even after a failure: they may still be writing.
         let results: Vec<(usize, Result<usize>)> = pend
             .into_iter()
-            .map(|(want, req, p)| (want, p.wait().and_then(|r| read_len(&req, &r))))
+            .map(|(want, req, p)| (want, p.wait().and_then(|r| done_len(&req, &r))))
             .collect();
         let total = contiguous(results)?;
         match err {
             Some(e) => Err(e),
             None => Ok(total),
         }
+    }
+
+    /// Reads into the caller's iovecs at `offset`; the transport writes the payload
+    /// straight into them. Returns the bytes read (short at end of file).
+    pub fn preadv(&self, iov: &mut [IoSliceMut<'_>], offset: u64) -> Result<usize> {
+        let lens: Vec<usize> = iov.iter().map(|s| s.len()).collect();
+        let bases: Vec<*mut u8> = iov.iter_mut().map(|s| s.as_mut_ptr()).collect();
+        let fh = self.fh;
+        let make = |pos, pieces: &[Piece]| {
+            let recv = pieces
+                .iter()
+                .map(|&(i, off, n)| {
+                    // SAFETY: `iov` is borrowed mutably for this whole call, and
+                    // `run_planned` waits for every started request before returning, so
+                    // the memory outlives the request and nothing else touches it meanwhile.
+                    let p = unsafe { NonNull::new_unchecked(bases[i].add(off)) };
+                    // SAFETY: as above.
+                    RecvSeg::Raw(unsafe { RawSeg::new(p, n) })
+                })
+                .collect();
+            let len = pieces.iter().map(|p| p.2).sum::<usize>() as u32;
+            (
+                Req::Read {
+                    fh,
+                    offset: pos,
+                    len,
+                },
+                Vec::new(),
+                recv,
+            )
+        };
+        self.run_planned(&lens, offset, make, read_len)
     }
 
     /// Reads into one buffer.
@@ -478,46 +501,22 @@ impl File {
     /// Returns the bytes written.
     pub fn pwritev(&self, iov: &[IoSlice<'_>], offset: u64) -> Result<usize> {
         let lens: Vec<usize> = iov.iter().map(|s| s.len()).collect();
-        let l = self.limits();
-        let plan = plan_requests(&lens, l.max_segments, l.max_payload);
-        let mut pend = Vec::with_capacity(plan.len());
-        let mut pos = offset;
-        let mut err = None;
-        for pieces in &plan {
-            let want: usize = pieces.iter().map(|p| p.2).sum();
+        let fh = self.fh;
+        let make = |pos, pieces: &[Piece]| {
             let send = pieces
                 .iter()
                 .map(|&(i, off, n)| {
                     let base = iov[i].as_ptr().cast_mut();
-                    // SAFETY: `iov` is borrowed for this whole call and every started
-                    // request is waited for below; the transport only reads send segments.
+                    // SAFETY: `iov` is borrowed for this whole call and `run_planned` waits
+                    // for every started request; the transport only reads send segments.
                     let p = unsafe { NonNull::new_unchecked(base.add(off)) };
                     // SAFETY: as above.
                     SendSeg::Raw(unsafe { RawSeg::new(p, n) })
                 })
                 .collect();
-            let req = Req::Write {
-                fh: self.fh,
-                offset: pos,
-            };
-            match self.client.start(&req, send, Vec::new()) {
-                Ok(p) => pend.push((want, req, p)),
-                Err(e) => {
-                    err = Some(e);
-                    break;
-                }
-            }
-            pos += want as u64;
-        }
-        let results: Vec<(usize, Result<usize>)> = pend
-            .into_iter()
-            .map(|(want, req, p)| (want, p.wait().and_then(|r| write_len(&req, &r))))
-            .collect();
-        let total = contiguous(results)?;
-        match err {
-            Some(e) => Err(e),
-            None => Ok(total),
-        }
+            (Req::Write { fh, offset: pos }, send, Vec::new())
+        };
+        self.run_planned(&lens, offset, make, write_len)
     }
 
     /// Writes one buffer.
@@ -534,20 +533,15 @@ impl File {
     /// Writes pool buffers (from [`Client::get_buffers`]) at `offset` without copying.
     pub fn zero_writev(&self, bufs: &Iobref, offset: u64) -> Result<usize> {
         let lens: Vec<usize> = bufs.buffers().iter().map(|b| b.len()).collect();
-        let l = self.limits();
-        let plan = plan_requests(&lens, l.max_segments, l.max_payload);
-        let mut pend = Vec::with_capacity(plan.len());
-        let mut pos = offset;
-        let mut err = None;
-        for pieces in &plan {
-            let want: usize = pieces.iter().map(|p| p.2).sum();
+        let fh = self.fh;
+        let make = |pos, pieces: &[Piece]| {
             let send = pieces
                 .iter()
                 .map(|&(i, off, n)| {
                     let b = &bufs.buffers()[i];
                     if off == 0 && n == b.len() {
-                        // SAFETY: `bufs` is borrowed for this whole call and every started
-                        // request is waited for below; the transport only reads it.
+                        // SAFETY: `bufs` is borrowed for this whole call and `run_planned`
+                        // waits for every started request; the transport only reads it.
                         SendSeg::Raw(unsafe { RawSeg::from_pool(b) })
                     } else {
                         // SAFETY: as above, for a sub-range of the buffer.
@@ -557,28 +551,9 @@ impl File {
                     }
                 })
                 .collect();
-            let req = Req::Write {
-                fh: self.fh,
-                offset: pos,
-            };
-            match self.client.start(&req, send, Vec::new()) {
-                Ok(p) => pend.push((want, req, p)),
-                Err(e) => {
-                    err = Some(e);
-                    break;
-                }
-            }
-            pos += want as u64;
-        }
-        let results: Vec<(usize, Result<usize>)> = pend
-            .into_iter()
-            .map(|(want, req, p)| (want, p.wait().and_then(|r| write_len(&req, &r))))
-            .collect();
-        let total = contiguous(results)?;
-        match err {
-            Some(e) => Err(e),
-            None => Ok(total),
-        }
+            (Req::Write { fh, offset: pos }, send, Vec::new())
+        };
+        self.run_planned(&lens, offset, make, write_len)
     }
 
     /// Starts a read of `len` bytes at `offset` into new pool buffers; completes with

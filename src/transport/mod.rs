@@ -21,6 +21,7 @@
 //! The [`Registry`] maps the transport name in the configuration to a [`Transport`] the
 //! binary was built with. [`mem`] is an in-memory test double.
 
+pub mod accept;
 pub mod completion;
 pub mod mem;
 

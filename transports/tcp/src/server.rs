@@ -28,15 +28,12 @@
 use std::collections::HashMap;
 use std::io::{self, Read};
 use std::net::{SocketAddr, TcpStream};
-use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{channel, Receiver, Sender};
-use std::sync::{Arc, Condvar, Mutex};
-use std::thread::JoinHandle;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use zcio::config::Config;
-use zcio::transport::{Incoming, Limits, Listener, Replier, ServerConn};
+use zcio::transport::accept::HandshakeListener;
+use zcio::transport::{Incoming, Limits, Replier, ServerConn};
 use zcio::{Error, Iobuf, IobufMut, Pool, Result};
 
 use crate::io::{read_exact_vectored, shutdown, tick_for, write_all_vectored, ReadError, Ticker};
@@ -46,8 +43,7 @@ use crate::{lock, transport_err, wire_err};
 /// The longest a connecting client may take to send its handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Most connections being handshaken or waiting for [`Listener::accept`] at once.
-pub const MAX_PENDING: usize = 64;
+pub use zcio::transport::accept::MAX_PENDING;
 
 /// What a connection needs from the configuration.
 #[derive(Clone)]
@@ -58,186 +54,24 @@ struct ConnConfig {
     idle: Option<Duration>,
 }
 
-enum Msg {
-    Conn(Result<Box<dyn ServerConn>>),
-    Closed,
-}
-
-struct ListenShared {
-    listener: std::net::TcpListener,
-    closed: AtomicBool,
-    /// Connections being handshaken or queued for `accept`.
-    pending: Mutex<usize>,
-    pending_cv: Condvar,
-    local: String,
-}
-
-impl ListenShared {
-    fn closed(&self) -> bool {
-        self.closed.load(Ordering::Acquire)
-    }
-
-    fn acceptor(&self, tx: &Sender<Msg>, cfg: &ConnConfig, pool: &Pool) {
-        loop {
-            {
-                let mut n = lock(&self.pending);
-                while *n >= MAX_PENDING && !self.closed() {
-                    n = match self.pending_cv.wait(n) {
-                        Ok(g) => g,
-                        Err(p) => p.into_inner(),
-                    };
-                }
-            }
-            if self.closed() {
-                return;
-            }
-            match self.listener.accept() {
-                Ok((sock, peer)) => {
-                    if self.closed() {
-                        return;
-                    }
-                    *lock(&self.pending) += 1;
-                    let (tx2, cfg2, pool2) = (tx.clone(), cfg.clone(), pool.clone());
-                    let spawned = std::thread::Builder::new()
-                        .name("zcio-tcp-hs".into())
-                        .spawn(move || {
-                            let r = handshake(sock, peer, &cfg2, pool2);
-                            if let Err(e) = &r {
-                                tracing::debug!(%peer, error = %e, "tcp handshake failed");
-                            }
-                            let _ = tx2.send(Msg::Conn(r));
-                        });
-                    if let Err(e) = spawned {
-                        let _ = tx.send(Msg::Conn(Err(Error::io(
-                            format!("spawning a handshake thread for {peer}"),
-                            e,
-                        ))));
-                    }
-                }
-                Err(_) if self.closed() => return,
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::ConnectionAborted
-                            | io::ErrorKind::Interrupted
-                            | io::ErrorKind::WouldBlock
-                    ) => {}
-                Err(e) => {
-                    // Out of descriptors and the like: report it, and back off so that
-                    // the loop does not spin while the condition lasts.
-                    *lock(&self.pending) += 1;
-                    let _ = tx.send(Msg::Conn(Err(Error::io(
-                        format!("tcp accept on {}", self.local),
-                        e,
-                    ))));
-                    std::thread::sleep(Duration::from_millis(50));
-                }
-            }
-        }
-    }
-}
-
-/// A listening socket (see the module documentation).
-pub(crate) struct TcpListen {
-    shared: Arc<ListenShared>,
-    rx: Mutex<Receiver<Msg>>,
-    /// To pass the shutdown notice on to other threads blocked in `accept`.
-    tx: Sender<Msg>,
-    acceptor: Option<JoinHandle<()>>,
-}
-
-/// Binds `cfg.server.listen` and starts the acceptor.
-pub(crate) fn listen(cfg: &Config, pool: &Pool) -> Result<TcpListen> {
+/// Binds `cfg.server.listen` and starts accepting: a [`HandshakeListener`] running this
+/// transport's handshake.
+pub(crate) fn listen(cfg: &Config, pool: &Pool) -> Result<HandshakeListener> {
     let addr = &cfg.server.listen;
     let listener = std::net::TcpListener::bind(addr)
         .map_err(|e| Error::io(format!("tcp listen on {addr}"), e))?;
-    let local = listener
-        .local_addr()
-        .map_or_else(|_| addr.clone(), |a| a.to_string());
     let ccfg = ConnConfig {
         limits: cfg.limits,
         max_in_flight: cfg.server.max_in_flight,
         nodelay: cfg.tcp.nodelay,
         idle: cfg.server.idle_timeout,
     };
-    let shared = Arc::new(ListenShared {
+    let pool = pool.clone();
+    HandshakeListener::spawn(
         listener,
-        closed: AtomicBool::new(false),
-        pending: Mutex::new(0),
-        pending_cv: Condvar::new(),
-        local,
-    });
-    let (tx, rx) = channel();
-    let (sh, tx2, pool) = (shared.clone(), tx.clone(), pool.clone());
-    let acceptor = std::thread::Builder::new()
-        .name("zcio-tcp-accept".into())
-        .spawn(move || {
-            sh.acceptor(&tx2, &ccfg, &pool);
-            let _ = tx2.send(Msg::Closed);
-        })
-        .map_err(|e| Error::io("spawning the tcp acceptor thread", e))?;
-    tracing::debug!(addr = %shared.local, "tcp listening");
-    Ok(TcpListen {
-        shared,
-        rx: Mutex::new(rx),
-        tx,
-        acceptor: Some(acceptor),
-    })
-}
-
-impl TcpListen {
-    fn closed_err(&self) -> Error {
-        Error::ConnectionClosed(format!(
-            "the tcp listener on {} was shut down",
-            self.shared.local
-        ))
-    }
-}
-
-impl Listener for TcpListen {
-    fn accept(&self) -> Result<Result<Box<dyn ServerConn>>> {
-        if self.shared.closed() {
-            return Err(self.closed_err());
-        }
-        let msg = lock(&self.rx).recv();
-        match msg {
-            Ok(Msg::Conn(r)) => {
-                {
-                    let mut n = lock(&self.shared.pending);
-                    *n = n.saturating_sub(1);
-                }
-                self.shared.pending_cv.notify_one();
-                Ok(r)
-            }
-            Ok(Msg::Closed) | Err(_) => {
-                let _ = self.tx.send(Msg::Closed);
-                Err(self.closed_err())
-            }
-        }
-    }
-
-    fn local_addr(&self) -> String {
-        self.shared.local.clone()
-    }
-
-    fn shutdown(&self) {
-        let sh = &self.shared;
-        sh.closed.store(true, Ordering::Release);
-        sh.pending_cv.notify_all();
-        // On Linux, shutting a listening socket down makes a blocked accept(2) return
-        // EINVAL at once: the acceptor sees `closed` and ends.
-        let _ =
-            nix::sys::socket::shutdown(sh.listener.as_raw_fd(), nix::sys::socket::Shutdown::Both);
-    }
-}
-
-impl Drop for TcpListen {
-    fn drop(&mut self) {
-        self.shutdown();
-        if let Some(h) = self.acceptor.take() {
-            let _ = h.join();
-        }
-    }
+        "tcp",
+        Arc::new(move |sock, peer| handshake(sock, peer, &ccfg, pool.clone())),
+    )
 }
 
 fn handshake_err(peer: SocketAddr, after: Duration, e: io::Error) -> Error {

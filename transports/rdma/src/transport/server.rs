@@ -3,8 +3,8 @@
 //! posted from any thread.
 //!
 //! # Accepting
-//! As in the TCP transport: a background acceptor hands every new bootstrap socket to a
-//! short-lived handshake thread (timeout [`HANDSHAKE_TIMEOUT`], or `server.idle_timeout`
+//! A [`HandshakeListener`] (shared with the TCP transport) hands every new bootstrap socket
+//! to a short-lived handshake thread (timeout [`HANDSHAKE_TIMEOUT`], or `server.idle_timeout`
 //! when shorter), so a silent client never stalls [`Listener::accept`]; at most
 //! [`MAX_PENDING`] sockets are in handshake or wait for `accept`.
 //!
@@ -34,18 +34,15 @@
 //! Other connections are not affected.
 
 use std::collections::{HashMap, VecDeque};
-use std::io;
 use std::net::{SocketAddr, TcpStream};
-use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use zcio::config::{Config, RdmaConfig};
 use zcio::pool::RegistrarId;
-use zcio::transport::{Incoming, Limits, Listener, Replier, ServerConn, MAX_HEADER};
+use zcio::transport::accept::HandshakeListener;
+use zcio::transport::{Incoming, Limits, Replier, ServerConn, MAX_HEADER};
 use zcio::{Error, Iobuf, IobufMut, Pool, Result};
 
 use super::bootstrap::{BootstrapError, Hello, Role, HELLO_LEN, MAX_CREDITS, READY};
@@ -63,8 +60,7 @@ use crate::verbs::{check_memlock, Completion, Endpoint, Mtu, QueuePair, Remote, 
 /// The longest a connecting client may take for the bootstrap exchange.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Most connections in handshake or waiting for [`Listener::accept`] at once.
-pub const MAX_PENDING: usize = 64;
+pub use zcio::transport::accept::MAX_PENDING;
 
 /// Largest reply encoded on the stack for an inline SEND.
 const STACK_MSG: usize = MAX_INLINE + 256;
@@ -82,93 +78,9 @@ struct ListenCtx {
     idle: Option<Duration>,
 }
 
-enum Msg {
-    Conn(Result<Box<dyn ServerConn>>),
-    Closed,
-}
-
-struct ListenShared {
-    listener: std::net::TcpListener,
-    closed: AtomicBool,
-    pending: Mutex<usize>,
-    pending_cv: Condvar,
-    local: String,
-}
-
-impl ListenShared {
-    fn closed(&self) -> bool {
-        self.closed.load(Ordering::Acquire)
-    }
-
-    fn acceptor(&self, tx: &Sender<Msg>, ctx: &Arc<ListenCtx>) {
-        loop {
-            {
-                let mut n = lock(&self.pending);
-                while *n >= MAX_PENDING && !self.closed() {
-                    n = match self.pending_cv.wait(n) {
-                        Ok(g) => g,
-                        Err(p) => p.into_inner(),
-                    };
-                }
-            }
-            if self.closed() {
-                return;
-            }
-            match self.listener.accept() {
-                Ok((sock, peer)) => {
-                    if self.closed() {
-                        return;
-                    }
-                    *lock(&self.pending) += 1;
-                    let (tx2, ctx2) = (tx.clone(), ctx.clone());
-                    let spawned = std::thread::Builder::new()
-                        .name("zcio-rdma-hs".into())
-                        .spawn(move || {
-                            let r = handshake(sock, peer, &ctx2);
-                            if let Err(e) = &r {
-                                tracing::debug!(%peer, error = %e, "rdma handshake failed");
-                            }
-                            let _ = tx2.send(Msg::Conn(r));
-                        });
-                    if let Err(e) = spawned {
-                        let _ = tx.send(Msg::Conn(Err(Error::io(
-                            format!("spawning a handshake thread for {peer}"),
-                            e,
-                        ))));
-                    }
-                }
-                Err(_) if self.closed() => return,
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::ConnectionAborted
-                            | io::ErrorKind::Interrupted
-                            | io::ErrorKind::WouldBlock
-                    ) => {}
-                Err(e) => {
-                    *lock(&self.pending) += 1;
-                    let _ = tx.send(Msg::Conn(Err(Error::io(
-                        format!("accept on {} (rdma bootstrap)", self.local),
-                        e,
-                    ))));
-                    std::thread::sleep(Duration::from_millis(50));
-                }
-            }
-        }
-    }
-}
-
-/// A listening bootstrap socket (see the module documentation).
-pub(crate) struct RdmaListener {
-    shared: Arc<ListenShared>,
-    rx: Mutex<Receiver<Msg>>,
-    tx: Sender<Msg>,
-    acceptor: Option<JoinHandle<()>>,
-}
-
-/// Binds `cfg.server.listen`, installs the server's registrar on `pool` and starts the
-/// acceptor.
-pub(crate) fn listen(cfg: &Config, pool: &Pool) -> Result<RdmaListener> {
+/// Binds `cfg.server.listen`, installs the server's registrar on `pool` and starts
+/// accepting: a [`HandshakeListener`] running this transport's handshake.
+pub(crate) fn listen(cfg: &Config, pool: &Pool) -> Result<HandshakeListener> {
     let dev = device(&cfg.rdma)?;
     let credits = cfg.rdma.credits.clamp(1, MAX_CREDITS as usize);
     let one_conn = control_bytes(&control_classes(
@@ -182,9 +94,6 @@ pub(crate) fn listen(cfg: &Config, pool: &Pool) -> Result<RdmaListener> {
     let addr = &cfg.server.listen;
     let listener = std::net::TcpListener::bind(addr)
         .map_err(|e| Error::io(format!("listen on {addr} (rdma bootstrap)"), e))?;
-    let local = listener
-        .local_addr()
-        .map_or_else(|_| addr.clone(), |a| a.to_string());
     let ctx = Arc::new(ListenCtx {
         dev,
         pool: pool.clone(),
@@ -193,83 +102,11 @@ pub(crate) fn listen(cfg: &Config, pool: &Pool) -> Result<RdmaListener> {
         limits: cfg.limits,
         idle: cfg.server.idle_timeout,
     });
-    let shared = Arc::new(ListenShared {
+    HandshakeListener::spawn(
         listener,
-        closed: AtomicBool::new(false),
-        pending: Mutex::new(0),
-        pending_cv: Condvar::new(),
-        local,
-    });
-    let (tx, rx) = channel();
-    let (sh, tx2) = (shared.clone(), tx.clone());
-    let acceptor = std::thread::Builder::new()
-        .name("zcio-rdma-accept".into())
-        .spawn(move || {
-            sh.acceptor(&tx2, &ctx);
-            let _ = tx2.send(Msg::Closed);
-        })
-        .map_err(|e| Error::io("spawning the rdma acceptor thread", e))?;
-    tracing::debug!(addr = %shared.local, "rdma listening");
-    Ok(RdmaListener {
-        shared,
-        rx: Mutex::new(rx),
-        tx,
-        acceptor: Some(acceptor),
-    })
-}
-
-impl RdmaListener {
-    fn closed_err(&self) -> Error {
-        Error::ConnectionClosed(format!(
-            "the rdma listener on {} was shut down",
-            self.shared.local
-        ))
-    }
-}
-
-impl Listener for RdmaListener {
-    fn accept(&self) -> Result<Result<Box<dyn ServerConn>>> {
-        if self.shared.closed() {
-            return Err(self.closed_err());
-        }
-        let msg = lock(&self.rx).recv();
-        match msg {
-            Ok(Msg::Conn(r)) => {
-                {
-                    let mut n = lock(&self.shared.pending);
-                    *n = n.saturating_sub(1);
-                }
-                self.shared.pending_cv.notify_one();
-                Ok(r)
-            }
-            Ok(Msg::Closed) | Err(_) => {
-                let _ = self.tx.send(Msg::Closed);
-                Err(self.closed_err())
-            }
-        }
-    }
-
-    fn local_addr(&self) -> String {
-        self.shared.local.clone()
-    }
-
-    fn shutdown(&self) {
-        let sh = &self.shared;
-        sh.closed.store(true, Ordering::Release);
-        sh.pending_cv.notify_all();
-        // Shutting a listening socket down makes a blocked accept(2) return at once.
-        let _ =
-            nix::sys::socket::shutdown(sh.listener.as_raw_fd(), nix::sys::socket::Shutdown::Both);
-    }
-}
-
-impl Drop for RdmaListener {
-    fn drop(&mut self) {
-        self.shutdown();
-        if let Some(h) = self.acceptor.take() {
-            let _ = h.join();
-        }
-    }
+        "rdma",
+        Arc::new(move |sock, peer| handshake(sock, peer, &ctx)),
+    )
 }
 
 /// The classes of a server connection's control pool: request receives, reply messages.
