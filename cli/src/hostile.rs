@@ -81,6 +81,20 @@ fn server_closes(s: &mut TcpStream, limit: Duration) -> bool {
     false
 }
 
+/// True once the server either closes the connection or sends something back (replies),
+/// within `limit`: it dealt with what it was sent rather than sitting on it.
+fn server_answers_or_closes(s: &mut TcpStream, limit: Duration) -> bool {
+    let _ = s.set_read_timeout(Some(limit));
+    let mut buf = [0u8; 4096];
+    match s.read(&mut buf) {
+        Ok(_) => true,
+        Err(e) => !matches!(
+            e.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        ),
+    }
+}
+
 fn connect(addr: &str) -> Option<TcpStream> {
     let s = TcpStream::connect(addr).ok()?;
     let _ = s.set_nodelay(true);
@@ -154,7 +168,9 @@ fn attack(addr: &str, k: usize, stop: &AtomicBool) -> bool {
                     break;
                 }
             }
-            server_closes(&mut s, Duration::from_secs(10))
+            // A repeat of an id still in flight is a protocol violation (the server closes);
+            // one whose first use was already answered is a new request (it is answered).
+            server_answers_or_closes(&mut s, Duration::from_secs(10))
         }
         4 => {
             let Some(mut s) = handshake(addr) else {
