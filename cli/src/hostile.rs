@@ -87,7 +87,8 @@ fn server_answers_or_closes(s: &mut TcpStream, limit: Duration) -> bool {
     let _ = s.set_read_timeout(Some(limit));
     let mut buf = [0u8; 4096];
     match s.read(&mut buf) {
-        Ok(_) => true,
+        // End of stream (closed) or reply bytes (answered).
+        Ok(0) | Ok(1..) => true,
         Err(e) => !matches!(
             e.kind(),
             std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
