@@ -45,6 +45,11 @@
 //! gid_index = -1                 # -1 = first RoCE v2 GID of the peer address's family
 //! inline_threshold = 128         # payload up to this many bytes travels with the header
 //! busy_poll = false              # spin on the completion queue instead of sleeping
+//! spin_us = 0                    # a thread about to block on its own request (a client
+//!                                # waiting for a reply, the server waiting for the next
+//!                                # request) first polls the completion queue itself for up
+//!                                # to this long: no thread hand-off when the completion
+//!                                # comes within it (0 = off; up to 1000000)
 //! credits = 32                   # receive buffers posted per connection (flow control);
 //!                                # each RDMA connection pins its own ring of these
 //!                                # (about 1 MiB per server connection with the defaults),
@@ -120,6 +125,9 @@ pub struct RdmaConfig {
     pub inline_threshold: usize,
     /// Busy-poll completions instead of sleeping on the completion channel.
     pub busy_poll: bool,
+    /// How long a thread about to block on its own completion first polls the completion
+    /// queue itself (zero: not at all).
+    pub spin: Duration,
     /// Receive buffers posted per connection (initial credits).
     pub credits: usize,
     /// Caller iovec segments at least this long are registered on the fly; shorter ones
@@ -183,6 +191,7 @@ impl Default for Config {
                 gid_index: None,
                 inline_threshold: 128,
                 busy_poll: false,
+                spin: Duration::ZERO,
                 credits: 32,
                 register_threshold: 256 << 10,
             },
@@ -272,6 +281,7 @@ struct RawRdma {
     gid_index: Option<i64>,
     inline_threshold: Option<Size>,
     busy_poll: Option<bool>,
+    spin_us: Option<i64>,
     credits: Option<i64>,
     register_threshold: Option<Size>,
 }
@@ -518,6 +528,9 @@ impl Config {
             if let Some(v) = r.busy_poll {
                 c.rdma.busy_poll = v;
             }
+            if let Some(v) = r.spin_us {
+                c.rdma.spin = Duration::from_micros(int("rdma.spin_us", v, 0, 1_000_000)? as u64);
+            }
             if let Some(v) = r.credits {
                 c.rdma.credits = int("rdma.credits", v, 2, 4096)?;
             }
@@ -595,6 +608,7 @@ impl Config {
         );
         s += &format!("inline_threshold = {}\n", self.rdma.inline_threshold);
         s += &format!("busy_poll = {}\n", self.rdma.busy_poll);
+        s += &format!("spin_us = {}\n", self.rdma.spin.as_micros());
         s += &format!("credits = {}\n", self.rdma.credits);
         s += &format!("register_threshold = {}\n", self.rdma.register_threshold);
         s

@@ -46,6 +46,7 @@ port = 2
 gid_index = 1
 inline_threshold = 64
 busy_poll = true
+spin_us = 250
 credits = 8
 register_threshold = "1M"
 "#;
@@ -95,6 +96,7 @@ fn every_key_parsed() {
     assert_eq!(c.rdma.gid_index, Some(1));
     assert_eq!(c.rdma.inline_threshold, 64);
     assert!(c.rdma.busy_poll);
+    assert_eq!(c.rdma.spin, Duration::from_micros(250));
     assert_eq!(c.rdma.credits, 8);
     assert_eq!(c.rdma.register_threshold, 1 << 20);
 }
@@ -185,6 +187,8 @@ fn every_bad_value_rejected_naming_key_and_value() {
             "4096",
         ),
         ("[rdma]\ncredits = 1", "rdma.credits", "1"),
+        ("[rdma]\nspin_us = 1000001", "rdma.spin_us", "1000001"),
+        ("[rdma]\nspin_us = -1", "rdma.spin_us", "-1"),
         (
             "[rdma]\nregister_threshold = \"5X\"",
             "rdma.register_threshold",

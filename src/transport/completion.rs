@@ -29,9 +29,19 @@ impl<T> Shared<T> {
     }
 }
 
+/// Work a transport can do on the thread that is about to block on one of its
+/// completions, so that the completion can arrive without a thread hand-off: say, poll its
+/// completion queue for a short while first (RDMA's `rdma.spin_us`).
+pub trait Progress: Send + Sync {
+    /// Works towards completions until `done()` is true or the transport's budget for one
+    /// wait is spent; then returns (the caller blocks as usual if it is not done).
+    fn progress(&self, done: &dyn Fn() -> bool);
+}
+
 /// The waiting half.
 pub struct Pending<T> {
     shared: Arc<Shared<T>>,
+    progress: Option<Arc<dyn Progress>>,
 }
 
 /// The completing half. Dropping it without completing fails the waiter with
@@ -42,6 +52,16 @@ pub struct Completer<T> {
 
 /// A connected pair.
 pub fn pair<T>() -> (Completer<T>, Pending<T>) {
+    pair_inner(None)
+}
+
+/// A connected pair whose blocking waits ([`Pending::wait`], [`Pending::wait_timeout`])
+/// first let `progress` work on the waiting thread. Awaiting it as a future does not.
+pub fn pair_with_progress<T>(progress: Arc<dyn Progress>) -> (Completer<T>, Pending<T>) {
+    pair_inner(Some(progress))
+}
+
+fn pair_inner<T>(progress: Option<Arc<dyn Progress>>) -> (Completer<T>, Pending<T>) {
     let shared = Arc::new(Shared {
         state: Mutex::new(State {
             value: None,
@@ -54,7 +74,7 @@ pub fn pair<T>() -> (Completer<T>, Pending<T>) {
         Completer {
             shared: Some(shared.clone()),
         },
-        Pending { shared },
+        Pending { shared, progress },
     )
 }
 
@@ -97,8 +117,16 @@ impl<T> Drop for Completer<T> {
 }
 
 impl<T> Pending<T> {
+    /// Lets the transport's [`Progress`] work on this thread before it blocks.
+    fn progress(&self) {
+        if let Some(p) = &self.progress {
+            p.progress(&|| self.is_done());
+        }
+    }
+
     /// Blocks until the result arrives.
     pub fn wait(self) -> Result<T> {
+        self.progress();
         let mut st = self.shared.lock();
         while !st.done {
             st = match self.shared.cond.wait(st) {
@@ -112,6 +140,7 @@ impl<T> Pending<T> {
     /// Blocks up to `timeout`; on timeout gives the handle back.
     pub fn wait_timeout(self, timeout: Duration) -> Result<Result<T>, Pending<T>> {
         let deadline = Instant::now() + timeout;
+        self.progress();
         {
             let mut st = self.shared.lock();
             while !st.done {
@@ -206,6 +235,38 @@ mod tests {
         });
         assert_eq!(block_on(p).unwrap(), 9);
         h.join().unwrap();
+    }
+
+    #[test]
+    fn wait_lets_progress_complete_on_the_waiting_thread() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        struct Deliver {
+            completer: Mutex<Option<Completer<u32>>>,
+            calls: AtomicUsize,
+            waiter: Mutex<Option<std::thread::ThreadId>>,
+        }
+        impl Progress for Deliver {
+            fn progress(&self, done: &dyn Fn() -> bool) {
+                self.calls.fetch_add(1, Ordering::SeqCst);
+                *self.waiter.lock().unwrap() = Some(std::thread::current().id());
+                assert!(!done());
+                if let Some(c) = self.completer.lock().unwrap().take() {
+                    c.complete(Ok(3));
+                }
+                assert!(done());
+            }
+        }
+        let d = Arc::new(Deliver {
+            completer: Mutex::new(None),
+            calls: AtomicUsize::new(0),
+            waiter: Mutex::new(None),
+        });
+        let (c, p) = pair_with_progress::<u32>(d.clone());
+        *d.completer.lock().unwrap() = Some(c);
+        // Nobody else completes it: only the progress hook, on this thread, can.
+        assert_eq!(p.wait().unwrap(), 3);
+        assert_eq!(d.calls.load(Ordering::SeqCst), 1);
+        assert_eq!(*d.waiter.lock().unwrap(), Some(std::thread::current().id()));
     }
 
     #[test]

@@ -33,7 +33,7 @@ use crate::error::{Error, Result};
 use crate::pool::{Iobuf, Pool};
 
 pub use crate::pool::seg::{recv_len, scatter_into, send_len, RawSeg, RecvSeg, SegKeys, SendSeg};
-pub use completion::{block_on, pair, Completer, Pending};
+pub use completion::{block_on, pair, pair_with_progress, Completer, Pending, Progress};
 
 /// Largest request or reply header any transport must carry.
 pub const MAX_HEADER: usize = 4096;

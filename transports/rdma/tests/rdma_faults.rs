@@ -872,6 +872,56 @@ fn busy_poll_round_trip() {
 }
 
 #[test]
+fn spinning_waiters_share_the_completion_queue() {
+    let Some(t) = rdma("spinning_waiters_share_the_completion_queue") else {
+        return;
+    };
+    // Long enough that waiting threads, not the connection threads, take most completions:
+    // several client threads and the server's `recv` poll the same queues at once.
+    let h = start(t, |c| {
+        c.rdma.spin = std::time::Duration::from_millis(20);
+        c.rdma.credits = 8;
+    });
+    let data = pattern(61, 64 * 4096);
+    std::fs::write(h.path("s"), &data).unwrap();
+    let c = h.client();
+    std::thread::scope(|scope| {
+        for t in 0..4usize {
+            let c = &c;
+            let data = &data;
+            scope.spawn(move || {
+                let f = c.open("s", OpenFlags::rw()).unwrap();
+                let mut back = vec![0u8; 4096];
+                for i in 0..32usize {
+                    let block = (t * 16 + i) % 64;
+                    let at = block * 4096;
+                    assert_eq!(f.pread(&mut back, at as u64).unwrap(), 4096);
+                    assert!(back == data[at..at + 4096], "thread {t} read {i}");
+                    // Writes of what is already there keep every read checkable.
+                    assert_eq!(f.pwrite(&data[at..at + 4096], at as u64).unwrap(), 4096);
+                }
+                // And a window of async requests, waited for out of order.
+                let mut reads: Vec<_> = (0..8usize)
+                    .map(|i| {
+                        f.zero_readv_async(4096, ((t * 8 + i) * 4096) as u64)
+                            .unwrap()
+                    })
+                    .collect();
+                reads.reverse();
+                for (k, p) in reads.into_iter().enumerate() {
+                    let i = 7 - k;
+                    let at = (t * 8 + i) * 4096;
+                    assert!(p.wait().unwrap().to_vec() == data[at..at + 4096]);
+                }
+            });
+        }
+    });
+    assert!(std::fs::read(h.path("s")).unwrap() == data);
+    drop(c);
+    h.assert_server_clean();
+}
+
+#[test]
 fn idle_connection_is_closed_by_the_server() {
     let Some(t) = rdma("idle_connection_is_closed_by_the_server") else {
         return;

@@ -33,8 +33,8 @@ use std::time::{Duration, Instant};
 use zcio::config::Config;
 use zcio::pool::RegistrarId;
 use zcio::transport::{
-    check_request, pair, recv_len, send_len, ClientConn, Completer, Limits, Pending, RecvSeg,
-    Reply, Request, SendSeg, MAX_HEADER,
+    check_request, pair, pair_with_progress, recv_len, send_len, ClientConn, Completer, Limits,
+    Pending, Progress, RecvSeg, Reply, Request, SendSeg, MAX_HEADER,
 };
 use zcio::{Error, IobufMut, Pool, Result};
 
@@ -42,7 +42,7 @@ use super::bootstrap::{Hello, Role, HELLO_LEN, MAX_CREDITS, READY};
 use super::conn::{
     buf_sge, chain, control_bytes, control_pool, create_qp, describe_failure, post_recv_buf,
     recv_exact, round_page, send_all, spawn_conn_thread, tick_for, wr_id, wr_parts, ConnCore,
-    QpSizes, SendQueue, KIND_RECV, KIND_SEND,
+    Poller, QpSizes, SendQueue, KIND_RECV, KIND_SEND,
 };
 use super::device::{device, register_err, registrar_id, Side};
 use super::msg::{
@@ -176,6 +176,9 @@ struct Core {
     timeout: Duration,
     peer: String,
     faults: Faults,
+    /// The completion queue, shared with the connection thread: a thread waiting for a
+    /// reply polls it itself for up to `rdma.spin_us` ([`Progress`]).
+    poller: Arc<Poller>,
     _ctl: Pool,
 }
 
@@ -352,14 +355,14 @@ pub(crate) fn connect(faults: Faults, cfg: &Config, pool: &Pool) -> Result<RdmaC
         timeout,
         peer,
         faults,
+        poller: Arc::new(Poller::new(cq, r.spin)),
         _ctl: ctl,
     });
     let thread = spawn_conn_thread(
         core.clone(),
-        cq,
+        core.poller.clone(),
         tick_for(timeout),
         live_sock,
-        reply_size,
         "zcio-rdma-client",
     )?;
     Ok(RdmaClientConn {
@@ -731,7 +734,7 @@ impl Core {
         }
     }
 
-    fn start(&self, req: Request) -> Result<Pending<Reply>> {
+    fn start(self: &Arc<Self>, req: Request) -> Result<Pending<Reply>> {
         check_request(&req, &self.limits)?;
         let (i, mut scratch, mut msg) = self.acquire()?;
         let Request {
@@ -754,7 +757,11 @@ impl Core {
                     return Err(e);
                 }
             };
-        let (completer, pending) = pair();
+        let (completer, pending) = if self.poller.spins() {
+            pair_with_progress(self.clone())
+        } else {
+            pair()
+        };
         let mut st = self.lock();
         if st.dead.is_some() {
             let e = self.closed_err(&st);
@@ -1007,8 +1014,14 @@ fn copy_out(recv: &mut [RecvSeg], bounces: &[RecvBounce], payload_len: usize) {
     }
 }
 
+impl Progress for Core {
+    fn progress(&self, done: &dyn Fn() -> bool) {
+        self.poller.spin(self, done);
+    }
+}
+
 impl ConnCore for Core {
-    fn on_completion(&self, c: &Completion, _scratch: &mut Vec<u8>) {
+    fn on_completion(&self, c: &Completion) {
         let (kind, slot, seq) = wr_parts(c.wr_id);
         if !c.is_success() {
             if self.dead.load(Ordering::SeqCst) {
@@ -1083,7 +1096,7 @@ impl ClientConn for RdmaClientConn {
     }
 
     fn start(&self, req: Request) -> Result<Pending<Reply>> {
-        self.core.start(req)
+        Core::start(&self.core, req)
     }
 
     fn close(&self) {

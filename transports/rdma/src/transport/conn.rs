@@ -6,9 +6,9 @@ use std::collections::VecDeque;
 use std::io::{self, Read};
 use std::net::TcpStream;
 use std::os::fd::{AsFd, AsRawFd};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use nix::sys::socket::{send, MsgFlags};
@@ -19,6 +19,7 @@ use zcio::{Error, Iobuf, IobufMut, Pool, Result};
 use super::device::Device;
 use super::rdma_err;
 use crate::verbs::{Completion, CompletionQueue, CqMode, QpConfig, QueuePair, Sge, WcStatus};
+use crate::RdmaError;
 
 /// Work request kinds, in the top byte of a `wr_id`.
 pub(crate) const KIND_RECV: u8 = 1;
@@ -328,7 +329,7 @@ pub(crate) fn tick_for(d: Duration) -> Duration {
 /// What a connection's thread calls back into.
 pub(crate) trait ConnCore: Send + Sync + 'static {
     /// Handles one work completion.
-    fn on_completion(&self, c: &Completion, scratch: &mut Vec<u8>);
+    fn on_completion(&self, c: &Completion);
     /// Periodic checks (timeouts); also called after every batch of completions.
     fn on_tick(&self);
     /// True once the connection has failed or closed: the thread ends.
@@ -340,19 +341,75 @@ pub(crate) trait ConnCore: Send + Sync + 'static {
     fn on_cq_error(&self, why: String);
 }
 
+/// A connection's completion queue, polled by its connection thread and, for up to
+/// `rdma.spin_us`, by a thread about to block on its own completion (a client waiting for a
+/// reply, the server's `recv` waiting for a request): when the completion comes within that
+/// time, that thread handles it itself, without waking the connection thread and then being
+/// woken by it (two context switches, each tens of microseconds under emulation). Polling
+/// and handling happen under one lock, so completions are handled in the order the queue
+/// gives them, whichever thread takes them (the send-queue ledger relies on it).
+pub(crate) struct Poller {
+    cq: CompletionQueue,
+    lock: Mutex<()>,
+    spin: Duration,
+}
+
+impl Poller {
+    pub(crate) fn new(cq: CompletionQueue, spin: Duration) -> Poller {
+        Poller {
+            cq,
+            lock: Mutex::new(()),
+            spin,
+        }
+    }
+
+    /// Whether waiting threads spin at all (`rdma.spin_us` > 0).
+    pub(crate) fn spins(&self) -> bool {
+        !self.spin.is_zero()
+    }
+
+    /// Takes the available completions (a batch) and hands each to `core`, under the lock.
+    /// Returns how many. Lock order: this lock, then the connection's state lock (which
+    /// `on_completion` takes); never the other way round.
+    pub(crate) fn drain<C: ConnCore + ?Sized>(&self, core: &C) -> Result<usize, RdmaError> {
+        let _g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        let mut out = [Completion::EMPTY; 16];
+        let n = self.cq.poll(&mut out)?;
+        for c in &out[..n] {
+            core.on_completion(c);
+        }
+        Ok(n)
+    }
+
+    /// Polls (and handles) completions on this thread until `done()` or `rdma.spin_us` has
+    /// passed; at once if spinning is off. Errors are left to the connection thread, which
+    /// sees them too.
+    pub(crate) fn spin<C: ConnCore + ?Sized>(&self, core: &C, done: &dyn Fn() -> bool) {
+        if self.spin.is_zero() {
+            return;
+        }
+        let deadline = Instant::now() + self.spin;
+        while !done() && !core.is_dead() {
+            if self.drain(core).is_err() || Instant::now() >= deadline {
+                return;
+            }
+            std::hint::spin_loop();
+        }
+    }
+}
+
 /// Starts a connection's thread: it waits on the completion channel and on the bootstrap
 /// socket at once (liveness), dispatches completions, and runs the periodic checks.
 pub(crate) fn spawn_conn_thread<C: ConnCore>(
     core: Arc<C>,
-    cq: CompletionQueue,
+    poller: Arc<Poller>,
     tick: Duration,
     sock: TcpStream,
-    scratch_len: usize,
     name: &str,
 ) -> Result<JoinHandle<()>> {
     std::thread::Builder::new()
         .name(name.to_string())
-        .spawn(move || conn_loop(&*core, &cq, &sock, tick, scratch_len))
+        .spawn(move || conn_loop(&*core, &poller, &sock, tick))
         .map_err(|e| Error::io("spawning an rdma connection thread", e))
 }
 
@@ -379,34 +436,23 @@ fn socket_end(sock: &TcpStream) -> Option<Option<String>> {
     }
 }
 
-fn conn_loop<C: ConnCore>(
-    core: &C,
-    cq: &CompletionQueue,
-    sock: &TcpStream,
-    tick: Duration,
-    scratch_len: usize,
-) {
-    let mut out = [Completion::EMPTY; 32];
-    let mut scratch = Vec::with_capacity(scratch_len);
+fn conn_loop<C: ConnCore>(core: &C, poller: &Poller, sock: &TcpStream, tick: Duration) {
     loop {
         if core.is_dead() {
             return;
         }
-        match cq.wait_or_readable(&mut out, sock.as_fd(), Some(tick)) {
-            Ok((n, readable)) => {
-                for c in &out[..n] {
-                    core.on_completion(c, &mut scratch);
-                }
+        let waited = poller
+            .cq
+            .wait_or_readable_with(sock.as_fd(), Some(tick), || poller.drain(core));
+        match waited {
+            Ok((_, readable)) => {
                 if readable {
                     if let Some(end) = socket_end(sock) {
                         // A reply (or request) the peer sent right before closing is
-                        // already in the CQ: dispatch it before failing the connection.
-                        while let Ok(n) = cq.poll(&mut out) {
+                        // already in the CQ: handle it before failing the connection.
+                        while let Ok(n) = poller.drain(core) {
                             if n == 0 {
                                 break;
-                            }
-                            for c in &out[..n] {
-                                core.on_completion(c, &mut scratch);
                             }
                         }
                         core.on_socket_end(end);

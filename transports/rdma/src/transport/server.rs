@@ -49,7 +49,7 @@ use super::bootstrap::{BootstrapError, Hello, Role, HELLO_LEN, MAX_CREDITS, READ
 use super::conn::{
     buf_sge, chain, control_bytes, control_pool, create_qp, describe_failure, post_recv_buf,
     recv_exact, round_page, send_all, spawn_conn_thread, tick_for, wr_id, wr_parts, ConnCore, Held,
-    QpSizes, SendQueue, KIND_READ, KIND_RECV, KIND_SEND, KIND_WRITE, MAX_SGE,
+    Poller, QpSizes, SendQueue, KIND_READ, KIND_RECV, KIND_SEND, KIND_WRITE, MAX_SGE,
 };
 use super::device::{device, registrar_id, Device, Side};
 use super::msg::{decode_request, encode_reply, max_request_len, reply_len, Desc, MsgLimits};
@@ -321,13 +321,13 @@ fn handshake(sock: TcpStream, peer: SocketAddr, ctx: &ListenCtx) -> Result<Box<d
         sq_depth,
         idle: ctx.idle,
         peer: peer_s,
+        poller: Arc::new(Poller::new(cq, ctx.rdma.spin)),
     });
     let _thread = spawn_conn_thread(
         core.clone(),
-        cq,
+        core.poller.clone(),
         tick_for(ctx.idle.unwrap_or(Duration::from_secs(8))),
         live_sock,
-        req_size,
         "zcio-rdma-srv",
     )?;
     Ok(Box::new(RdmaServerConn { core }))
@@ -431,6 +431,9 @@ struct SCore {
     sq_depth: usize,
     idle: Option<Duration>,
     peer: String,
+    /// The completion queue, shared with the connection thread: `recv` polls it itself for
+    /// up to `rdma.spin_us` before it sleeps.
+    poller: Arc<Poller>,
 }
 
 /// The server's end of one connection.
@@ -773,12 +776,25 @@ impl SCore {
     }
 
     fn recv(&self) -> Result<Option<Incoming>> {
+        let mut spun = false;
         let mut st = self.lock();
         loop {
             if st.dead.is_some() {
                 return self.closed_result(&st);
             }
             let Some(ev) = st.events.pop_front() else {
+                if self.poller.spins() && !spun {
+                    // Take the next request off the completion queue on this thread, if it
+                    // comes soon (see `Poller`), before sleeping.
+                    drop(st);
+                    spun = true;
+                    self.poller.spin(self, &|| {
+                        let st = self.lock();
+                        !st.events.is_empty() || st.dead.is_some()
+                    });
+                    st = self.lock();
+                    continue;
+                }
                 st = self.wait(&self.events_cv, st);
                 continue;
             };
@@ -1062,7 +1078,7 @@ impl SCore {
 }
 
 impl ConnCore for SCore {
-    fn on_completion(&self, c: &Completion, _scratch: &mut Vec<u8>) {
+    fn on_completion(&self, c: &Completion) {
         let (kind, slot, seq) = wr_parts(c.wr_id);
         if !c.is_success() {
             if self.dead.load(Ordering::SeqCst) {

@@ -446,18 +446,32 @@ impl CompletionQueue {
         if out.is_empty() {
             return Ok((0, fd_ready(fd.as_raw_fd(), 0)?));
         }
+        self.wait_or_readable_with(fd, timeout, || self.poll(out))
+    }
+
+    /// Like [`wait_or_readable`](Self::wait_or_readable), but every look at the CQ is a call
+    /// of `drain`, which takes the completions and handles them itself (say, under a lock
+    /// shared with other threads that poll this CQ, so that completions are handled in the
+    /// order the CQ gave them) and returns how many it took. Returns as soon as `drain` took
+    /// some, or `fd` is ready, or `timeout` passed: (taken, whether `fd` is ready).
+    pub fn wait_or_readable_with(
+        &self,
+        fd: BorrowedFd<'_>,
+        timeout: Option<Duration>,
+        mut drain: impl FnMut() -> Result<usize, RdmaError>,
+    ) -> Result<(usize, bool), RdmaError> {
         let deadline = timeout.map(|t| Instant::now() + t);
         let Some(channel_fd) = self.event_fd() else {
             let mut spins = 0u32;
             loop {
-                let n = self.poll(out)?;
+                let n = drain()?;
                 if n > 0 {
                     return Ok((n, false));
                 }
                 spins = spins.wrapping_add(1);
                 if spins % 256 == 0 {
                     if fd_ready(fd.as_raw_fd(), 0)? {
-                        return Ok((self.poll(out)?, true));
+                        return Ok((drain()?, true));
                     }
                     if deadline.is_some_and(|d| Instant::now() >= d) {
                         return Ok((0, false));
@@ -467,13 +481,13 @@ impl CompletionQueue {
             }
         };
         loop {
-            let n = self.poll(out)?;
+            let n = drain()?;
             if n > 0 {
                 return Ok((n, false));
             }
             self.request_notify()?;
             // As in `wait_event`: a completion that raced the arming raises no event.
-            let n = self.poll(out)?;
+            let n = drain()?;
             if n > 0 {
                 return Ok((n, false));
             }
@@ -515,7 +529,7 @@ impl CompletionQueue {
                 self.ack_event()?;
             }
             if pfds[1].revents != 0 {
-                return Ok((self.poll(out)?, true));
+                return Ok((drain()?, true));
             }
         }
     }
