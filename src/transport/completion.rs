@@ -117,16 +117,17 @@ impl<T> Drop for Completer<T> {
 }
 
 impl<T> Pending<T> {
-    /// Lets the transport's [`Progress`] work on this thread before it blocks.
-    fn progress(&self) {
+    /// Lets the transport's [`Progress`] work on this thread before it blocks, at most
+    /// until `deadline`.
+    fn progress(&self, deadline: Option<Instant>) {
         if let Some(p) = &self.progress {
-            p.progress(&|| self.is_done());
+            p.progress(&|| self.is_done() || deadline.is_some_and(|d| Instant::now() >= d));
         }
     }
 
     /// Blocks until the result arrives.
     pub fn wait(self) -> Result<T> {
-        self.progress();
+        self.progress(None);
         let mut st = self.shared.lock();
         while !st.done {
             st = match self.shared.cond.wait(st) {
@@ -140,7 +141,7 @@ impl<T> Pending<T> {
     /// Blocks up to `timeout`; on timeout gives the handle back.
     pub fn wait_timeout(self, timeout: Duration) -> Result<Result<T>, Pending<T>> {
         let deadline = Instant::now() + timeout;
-        self.progress();
+        self.progress(Some(deadline));
         {
             let mut st = self.shared.lock();
             while !st.done {
