@@ -33,3 +33,9 @@ pub use server::{Server, ServerHandle};
 
 #[cfg(feature = "testkit")]
 pub mod conformance;
+
+/// Locks `m`; a poisoned lock (a thread panicked while holding it) is taken over rather
+/// than turned into another panic.
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}

@@ -22,6 +22,7 @@ use nix::sys::uio::{preadv, pwritev};
 use self::export::{Export, OpError};
 use crate::config::Config;
 use crate::error::{Error, Result};
+use crate::lock;
 use crate::pool::{Iobuf, Pool};
 use crate::proto::{self, HelloReply, Req, Resp, Status, NONCE_LEN};
 use crate::transport::{Incoming, Listener, Registry, Replier, ServerConn, Transport};
@@ -139,10 +140,6 @@ impl Permits {
     fn available(&self) -> usize {
         *lock(&self.free)
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 struct OpenFile {

@@ -13,12 +13,13 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use super::{Listener, ServerConn};
 use crate::error::{Error, Result};
+use crate::lock;
 
 /// Sockets in handshake or waiting for `accept`, at most.
 pub const MAX_PENDING: usize = 64;
@@ -39,10 +40,6 @@ struct Shared {
     pending_cv: Condvar,
     local: String,
     transport: &'static str,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Shared {

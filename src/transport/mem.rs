@@ -14,6 +14,7 @@ use super::{
     RecvSeg, Replier, Reply, Request, SendSeg, ServerConn,
 };
 use crate::error::{Error, Result};
+use crate::lock;
 use crate::pool::{Iobuf, Pool};
 
 type Waiting = (Completer<Reply>, Vec<RecvSeg>, Vec<SendSeg>);
@@ -31,10 +32,6 @@ impl Link {
             c.complete(Err(Error::ConnectionClosed(why.into())));
         }
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Accepts in-memory connections made with [`MemListener::connect`].

@@ -763,12 +763,6 @@ impl Core {
             pair()
         };
         let mut st = self.lock();
-        if st.dead.is_some() {
-            let e = self.closed_err(&st);
-            drop(st);
-            self.release(i, scratch, msg);
-            return Err(e);
-        }
         // Room in the send queue: only short of it while the connection thread has yet to
         // see a signaled SEND's completion, which is already on its way (`signal_send`).
         while st.sq.room() == 0 && st.dead.is_none() {

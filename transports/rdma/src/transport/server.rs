@@ -622,7 +622,7 @@ impl SCore {
         let reads_done = kind == KIND_READ
             && st
                 .slots
-                .get_mut(slot)
+                .get(slot)
                 .is_some_and(|sl| sl.stage == Stage::Reading);
         if reads_done {
             st.slots[slot].stage = Stage::Ready;
