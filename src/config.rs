@@ -50,10 +50,16 @@
 //!                                # request) first polls the completion queue itself for up
 //!                                # to this long: no thread hand-off when the completion
 //!                                # comes within it (0 = off; up to 1000000)
-//! credits = 32                   # receive buffers posted per connection (flow control);
-//!                                # each RDMA connection pins its own ring of these
-//!                                # (about 1 MiB per server connection with the defaults),
-//!                                # on top of the pool: size memlock for max_connections
+//! credits = 32                   # receive buffers posted per connection (flow control),
+//!                                # shared out among its queue pairs; each RDMA connection
+//!                                # pins its own ring of these (about 1 MiB per server
+//!                                # connection with the defaults), on top of the pool: size
+//!                                # memlock for max_connections
+//! queue_pairs = 2                # queue pairs per connection (1 ..= 8), each with its own
+//!                                # completion queue and thread; requests go to the least
+//!                                # busy one. The connection offers this many, the server
+//!                                # grants up to its own setting. Soft-RoCE serializes a
+//!                                # queue pair's protocol work, so one is bounded by one core
 //! register_threshold = "256K"    # caller iovecs at least this big are registered on the
 //!                                # fly; smaller ones are bounced through the pool
 //! ```
@@ -128,8 +134,11 @@ pub struct RdmaConfig {
     /// How long a thread about to block on its own completion first polls the completion
     /// queue itself (zero: not at all).
     pub spin: Duration,
-    /// Receive buffers posted per connection (initial credits).
+    /// Receive buffers posted per connection (initial credits), shared out among its queue
+    /// pairs.
     pub credits: usize,
+    /// Queue pairs per connection (1 ..= 8): requests are spread over them.
+    pub queue_pairs: usize,
     /// Caller iovec segments at least this long are registered on the fly; shorter ones
     /// are bounced through pool buffers.
     pub register_threshold: usize,
@@ -193,6 +202,7 @@ impl Default for Config {
                 busy_poll: false,
                 spin: Duration::ZERO,
                 credits: 32,
+                queue_pairs: 2,
                 register_threshold: 256 << 10,
             },
         }
@@ -283,6 +293,7 @@ struct RawRdma {
     busy_poll: Option<bool>,
     spin_us: Option<i64>,
     credits: Option<i64>,
+    queue_pairs: Option<i64>,
     register_threshold: Option<Size>,
 }
 
@@ -534,6 +545,9 @@ impl Config {
             if let Some(v) = r.credits {
                 c.rdma.credits = int("rdma.credits", v, 2, 4096)?;
             }
+            if let Some(v) = r.queue_pairs {
+                c.rdma.queue_pairs = int("rdma.queue_pairs", v, 1, 8)?;
+            }
             if let Some(v) = &r.register_threshold {
                 c.rdma.register_threshold = size("rdma.register_threshold", v)?;
             }
@@ -610,6 +624,7 @@ impl Config {
         s += &format!("busy_poll = {}\n", self.rdma.busy_poll);
         s += &format!("spin_us = {}\n", self.rdma.spin.as_micros());
         s += &format!("credits = {}\n", self.rdma.credits);
+        s += &format!("queue_pairs = {}\n", self.rdma.queue_pairs);
         s += &format!("register_threshold = {}\n", self.rdma.register_threshold);
         s
     }

@@ -226,6 +226,7 @@ fn main() {
     ] {
         let h = BootHello {
             role,
+            queue_pairs: 2,
             endpoint: rxe,
             credits: 32,
             max_segments: 256,

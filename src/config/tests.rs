@@ -48,6 +48,7 @@ inline_threshold = 64
 busy_poll = true
 spin_us = 250
 credits = 8
+queue_pairs = 3
 register_threshold = "1M"
 "#;
 
@@ -98,6 +99,7 @@ fn every_key_parsed() {
     assert!(c.rdma.busy_poll);
     assert_eq!(c.rdma.spin, Duration::from_micros(250));
     assert_eq!(c.rdma.credits, 8);
+    assert_eq!(c.rdma.queue_pairs, 3);
     assert_eq!(c.rdma.register_threshold, 1 << 20);
 }
 
@@ -189,6 +191,8 @@ fn every_bad_value_rejected_naming_key_and_value() {
         ("[rdma]\ncredits = 1", "rdma.credits", "1"),
         ("[rdma]\nspin_us = 1000001", "rdma.spin_us", "1000001"),
         ("[rdma]\nspin_us = -1", "rdma.spin_us", "-1"),
+        ("[rdma]\nqueue_pairs = 0", "rdma.queue_pairs", "0"),
+        ("[rdma]\nqueue_pairs = 9", "rdma.queue_pairs", "9"),
         (
             "[rdma]\nregister_threshold = \"5X\"",
             "rdma.register_threshold",

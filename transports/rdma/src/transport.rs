@@ -37,14 +37,16 @@
 //!
 //! ## Connection set-up (TCP bootstrap)
 //! The client connects to `client.connect`; the server's listener accepts on
-//! `server.listen` (handshakes run on their own threads, as in the TCP transport). Each
-//! side creates one completion queue and an RC queue pair in INIT, posts all its receives,
-//! then sends its fixed-size [`bootstrap::Hello`]: endpoint (GID, QPN, PSN, MTU), credits,
-//! max segments, max payload, max header, inline threshold and its receive size. The
-//! client speaks first; the server, knowing the client's hello, posts receives sized for
-//! the negotiated limits. Both use the field-wise minimum (the client further lowers
-//! `max_segments` so that a request with that many send and receive descriptors fits the
-//! server's receives), move the queue pair to RTR and RTS, and send one `READY` byte;
+//! `server.listen` (handshakes run on their own threads, as in the TCP transport). A
+//! connection has `rdma.queue_pairs` RC queue pairs (the client offers its setting, the
+//! server grants at most its own). For each, each side creates a completion queue and the
+//! queue pair in INIT, posts its receives, then sends a fixed-size [`bootstrap::Hello`]:
+//! number of queue pairs, endpoint (GID, QPN, PSN, MTU), credits, max segments, max
+//! payload, max header, inline threshold and its receive size. The client speaks first;
+//! the server, knowing the client's hello, posts receives sized for the negotiated limits.
+//! Both use the field-wise minimum (the client further lowers `max_segments` so that a
+//! request with that many send and receive descriptors fits the server's receives) and move
+//! the queue pair to RTR and RTS. After the last queue pair both send one `READY` byte;
 //! nobody SENDs before reading the peer's `READY`, so the peer is RTR. The TCP socket stays
 //! open as the liveness channel: end of stream on it (the peer closed the connection, or
 //! its process died and the kernel closed the socket) fails the connection at once,
@@ -104,11 +106,30 @@
 //!   device translation entries they cost, for the segments where they clearly pay, and
 //!   is a configuration value (`rdma.register_threshold`).
 //!
+//! ## Queue pairs
+//! Why more than one: Soft-RoCE does a queue pair's protocol work (segmentation, the ICRC,
+//! copies) in the thread that posts or in that queue pair's task, one at a time, so one
+//! queue pair is bounded by one core however many requests are in flight; hardware NICs
+//! likewise spread queue pairs over their processing units. Each queue pair of a connection
+//! is a complete lane: its own completion queue, connection thread, lock, slots, credits and
+//! control pool, so that nothing is shared on the data path. `rdma.credits` is shared out
+//! among them (rounded up; when the server grants fewer queue pairs than offered, each has
+//! the credits the client planned for the offer). The client sends each request on the
+//! queue pair with the most free slots (round robin among equals), and the reply comes back
+//! on the same queue pair. The server hands out the requests of all its queue pairs through
+//! one `recv` (round robin), with the queue pair's index in the top byte of the request id
+//! (client ids stay below 2^56; a larger one is a protocol violation), which routes the
+//! reply. A connection lives and dies as one: the first queue pair to fail shuts the
+//! bootstrap socket down, the others see it end and follow, and the first failure is the
+//! reason everyone reports (the server first handles what all its completion queues hold,
+//! so a client's bad memory key found on one queue pair is not hidden by another's seeing
+//! the socket close). The server's idle timeout counts activity on all queue pairs.
+//!
 //! ## Flow control
-//! Each side posts `rdma.credits` receives; the negotiated credits are the minimum. The
-//! client keeps at most that many requests in flight (a slot per credit; `start` waits up
-//! to `client.timeout` for one and then fails with a timeout), each reply returning one
-//! credit implicitly. The server reposts a request's receive buffer as soon as the message
+//! Each side posts `rdma.credits` receives per connection (divided among the queue pairs);
+//! the negotiated credits are the minimum, per queue pair. The client keeps at most that
+//! many requests in flight (a slot per credit; `start` waits up to `client.timeout` for one
+//! and then fails with a timeout), each reply returning one credit implicitly. The server reposts a request's receive buffer as soon as the message
 //! is decoded, before it replies, and the client reposts a reply's receive before it
 //! completes the request, so a receiver-not-ready retry never happens. A client exceeding
 //! its credits is a protocol violation. The server's send queue is sized for at least one
@@ -116,7 +137,7 @@
 //! and four per credit; posting waits for room, which completions free.
 //!
 //! ## Threads
-//! One thread per connection. It sleeps in `poll(2)` on both the completion channel and
+//! One thread per queue pair. It sleeps in `poll(2)` on both the completion channel and
 //! the bootstrap socket (`CompletionQueue::wait_or_readable`; with `rdma.busy_poll` it
 //! spins on the CQ and checks the socket every 256 empty polls), wakes at least every tick
 //! (an eighth of `client.timeout` or `server.idle_timeout`, 5 ms ..= 1 s) for timeouts,
@@ -150,7 +171,8 @@
 //! ## Limits
 //! `limits()` reports `rdma_payload = true`, the negotiated `inline_threshold`,
 //! `max_segments` (it may exceed the device's SGE limit: splitting across work requests is
-//! internal), `max_payload`, `max_header` and `max_in_flight` = credits.
+//! internal), `max_payload`, `max_header` and `max_in_flight` = the credits of all queue
+//! pairs.
 
 pub mod bootstrap;
 pub mod msg;

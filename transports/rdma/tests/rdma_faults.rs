@@ -1007,3 +1007,151 @@ fn registry_knows_rdma() {
         Err(e) => panic!("{e:?}"),
     }
 }
+
+#[test]
+fn queue_pairs_are_negotiated_share_out_requests_and_route_replies() {
+    let Some(t) = rdma("queue_pairs_are_negotiated_share_out_requests_and_route_replies") else {
+        return;
+    };
+    // (server's queue_pairs, client's, queue pairs agreed, credits of the connection) with
+    // rdma.credits = 8 on both sides, shared out among the queue pairs each side asks for.
+    for (server_qps, client_qps, lanes, credits) in [
+        (2, 2, 2, 8),
+        (4, 4, 4, 8),
+        (2, 1, 1, 8),
+        (1, 2, 1, 4),
+        (2, 4, 2, 4),
+    ] {
+        let case = format!("server {server_qps}, client {client_qps}");
+        let mut cfg = base_config();
+        cfg.rdma.credits = 8;
+        cfg.rdma.queue_pairs = server_qps;
+        let spool = Pool::new(&cfg.pool).unwrap();
+        let listener = t.listen(&cfg, &spool).unwrap();
+        let mut ccfg = cfg.clone();
+        ccfg.client.connect = listener.local_addr();
+        ccfg.rdma.queue_pairs = client_qps;
+        let cpool = Pool::new(&cfg.pool).unwrap();
+        let conn = t.connect(&ccfg, &cpool).unwrap();
+        let mut sconn = listener.accept().unwrap().unwrap();
+        assert_eq!(conn.limits().max_in_flight, credits, "{case}");
+        assert_eq!(sconn.limits().max_in_flight, credits, "{case}");
+        // Every credit in flight at once, before the server answers any: a request that
+        // went to a full queue pair would wait for a credit and time out.
+        let mut pending = Vec::new();
+        for i in 0..credits {
+            let recv = vec![RecvSeg::Pool(cpool.get(4096).unwrap())];
+            let req = Request {
+                header: vec![i as u8; 3],
+                send: Vec::new(),
+                recv,
+            };
+            pending.push(conn.start(req).unwrap());
+        }
+        let got: Vec<_> = (0..credits)
+            .map(|_| sconn.recv().unwrap().expect("a request"))
+            .collect();
+        let mut per_lane = std::collections::BTreeMap::new();
+        for inc in &got {
+            *per_lane.entry(inc.id >> 56).or_insert(0usize) += 1;
+        }
+        assert_eq!(per_lane.len(), lanes, "{case}: {per_lane:?}");
+        assert!(
+            per_lane.values().all(|&n| n == credits / lanes),
+            "{case}: requests not shared out evenly: {per_lane:?}"
+        );
+        let r = sconn.replier();
+        // A reply for an id this connection never handed out is refused.
+        assert!(r.reply(got[0].id | (7 << 56), b"x", &[]).is_err(), "{case}");
+        assert!(r.reply(got[0].id ^ 0x10000, b"x", &[]).is_err(), "{case}");
+        // Answer in reverse order, each with its request's byte as payload.
+        for inc in got.iter().rev() {
+            let mut b = spool.get(4096).unwrap();
+            b.fill(inc.header[0]);
+            r.reply(inc.id, &inc.header, &[b.freeze()]).unwrap();
+        }
+        for (i, p) in pending.into_iter().enumerate() {
+            let reply = p
+                .wait()
+                .unwrap_or_else(|e| panic!("{case}: request {i}: {e}"));
+            assert_eq!(reply.header, vec![i as u8; 3], "{case}");
+            assert_eq!(reply.payload_len, 4096, "{case}");
+            match &reply.recv[0] {
+                RecvSeg::Pool(b) => assert!(b.iter().all(|&x| x == i as u8), "{case}: {i}"),
+                other => panic!("{case}: {other:?}"),
+            }
+        }
+        // The client closing ends every queue pair: the server sees one clean end.
+        drop(conn);
+        assert!(matches!(sconn.recv(), Ok(None)), "{case}");
+        assert!(r.reply(got[0].id, b"late", &[]).is_err(), "{case}");
+        drop(sconn);
+        listener.shutdown();
+        assert_eq!(cpool.stats().slots_in_use(), 0, "{case}: client buffers");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while spool.stats().slots_in_use() != 0 {
+            assert!(Instant::now() < deadline, "{case}: server buffers held");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+#[test]
+fn one_queue_pair_failing_fails_the_whole_connection() {
+    let Some(t) = rdma("one_queue_pair_failing_fails_the_whole_connection") else {
+        return;
+    };
+    let _ = captured_logs();
+    let mut cfg = base_config();
+    cfg.rdma.queue_pairs = 2;
+    let spool = Pool::new(&cfg.pool).unwrap();
+    let listener = t.listen(&cfg, &spool).unwrap();
+    cfg.client.connect = listener.local_addr();
+    let cpool = Pool::new(&cfg.pool).unwrap();
+    let bad = RdmaTransport::with_faults(Faults {
+        corrupt_rkeys: true,
+    });
+    let conn = bad.connect(&cfg, &cpool).unwrap();
+    let mut sconn = listener.accept().unwrap().unwrap();
+    // Two requests, one per queue pair, both asking for payload (bogus keys).
+    let mut pending = Vec::new();
+    for i in 0..2u8 {
+        let req = Request {
+            header: vec![i],
+            send: Vec::new(),
+            recv: vec![RecvSeg::Pool(cpool.get(65536).unwrap())],
+        };
+        pending.push(conn.start(req).unwrap());
+    }
+    let a = sconn.recv().unwrap().unwrap();
+    let b = sconn.recv().unwrap().unwrap();
+    assert_ne!(a.id >> 56, b.id >> 56, "one request per queue pair");
+    let r = sconn.replier();
+    let mut buf = spool.get(65536).unwrap();
+    buf.fill(1);
+    let buf = buf.freeze();
+    // The RDMA WRITE into the bogus key fails that queue pair; the other one goes too.
+    let _ = r.reply(a.id, b"a", std::slice::from_ref(&buf));
+    for p in pending {
+        let e = p
+            .wait()
+            .expect_err("a request on a failed connection succeeded");
+        assert!(e.is_connection_fatal(), "{e:?}");
+    }
+    let e = sconn.recv().expect_err("the connection failed");
+    println!("server: {e}");
+    assert!(
+        e.to_string().contains("remote access error"),
+        "the first failure is the one reported: {e}"
+    );
+    assert!(r.reply(b.id, b"b", &[buf]).is_err());
+    drop(sconn);
+    drop(conn);
+    listener.shutdown();
+    assert_eq!(cpool.stats().slots_in_use(), 0, "client buffers");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while spool.stats().slots_in_use() != 0 {
+        assert!(Instant::now() < deadline, "server buffers held");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}

@@ -7,9 +7,9 @@
 //! | offset | size | field                                                          |
 //! |-------:|-----:|----------------------------------------------------------------|
 //! |      0 |    4 | magic `ZCRD`                                                   |
-//! |      4 |    2 | bootstrap version (1)                                          |
+//! |      4 |    2 | bootstrap version (2)                                          |
 //! |      6 |    1 | role: 1 client, 2 server                                       |
-//! |      7 |    1 | reserved, 0                                                    |
+//! |      7 |    1 | queue pairs of the connection, 1 ..= [`MAX_QUEUE_PAIRS`]       |
 //! |      8 |   32 | the queue pair's [`Endpoint`] (its own encoding: GID, QPN, ...) |
 //! |     40 |    4 | credits: receives this side has posted for messages            |
 //! |     44 |    4 | max_segments per request                                       |
@@ -18,9 +18,13 @@
 //! |     56 |    4 | inline_threshold                                               |
 //! |     60 |    4 | recv_size: bytes each posted receive holds (largest message)   |
 //!
-//! After both hellos, each side moves its queue pair to RTR and RTS and sends [`READY`];
-//! nobody SENDs on the queue pair before it has read the peer's [`READY`], i.e. before the
-//! peer is known to be RTR.
+//! A connection has one or more queue pairs, and one hello per queue pair each way: the
+//! client's first hello offers a number of queue pairs, the server's first hello grants at
+//! most that many, and the remaining hellos, alternating client then server, carry the
+//! granted number and one queue pair each. Each pair of hellos negotiates its queue pair's
+//! limits and credits on its own. After the last hello, each side moves its queue pairs to
+//! RTR and RTS and sends [`READY`]; nobody SENDs on a queue pair before it has read the
+//! peer's [`READY`], i.e. before the peer's queue pairs are known to be RTR.
 #![forbid(unsafe_code)]
 
 use crate::verbs::Endpoint;
@@ -29,7 +33,10 @@ use crate::verbs::Endpoint;
 pub const MAGIC: [u8; 4] = *b"ZCRD";
 
 /// The bootstrap version this crate speaks.
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
+
+/// Most queue pairs one connection may have.
+pub const MAX_QUEUE_PAIRS: u8 = 8;
 
 /// Length of a hello in bytes.
 pub const HELLO_LEN: usize = 64;
@@ -69,6 +76,9 @@ impl Role {
 pub struct Hello {
     /// Who sends it.
     pub role: Role,
+    /// The connection's number of queue pairs: offered (the client's first hello), granted
+    /// (the server's first hello), agreed (every later hello).
+    pub queue_pairs: u8,
     /// The sender's queue pair.
     pub endpoint: Endpoint,
     /// Receives the sender has posted (its flow-control credits).
@@ -141,6 +151,7 @@ impl Hello {
         out[0..4].copy_from_slice(&MAGIC);
         out[4..6].copy_from_slice(&VERSION.to_le_bytes());
         out[6] = self.role.code();
+        out[7] = self.queue_pairs;
         out[8..40].copy_from_slice(&self.endpoint.encode());
         for (at, v) in [
             (40, self.credits),
@@ -180,8 +191,13 @@ impl Hello {
             value: u64::from(value),
             reason,
         };
-        if b[7] != 0 {
-            return Err(bad("reserved", u32::from(b[7]), "must be 0"));
+        let queue_pairs = b[7];
+        if queue_pairs == 0 || queue_pairs > MAX_QUEUE_PAIRS {
+            return Err(bad(
+                "queue_pairs",
+                u32::from(queue_pairs),
+                "must be 1 ..= 8",
+            ));
         }
         let endpoint =
             Endpoint::decode(&b[8..40]).map_err(|e| BootstrapError::Endpoint(e.to_string()))?;
@@ -215,6 +231,7 @@ impl Hello {
         }
         Ok(Hello {
             role: expected,
+            queue_pairs,
             endpoint,
             credits,
             max_segments,
@@ -234,6 +251,7 @@ mod tests {
     fn sample(role: Role) -> Hello {
         Hello {
             role,
+            queue_pairs: 2,
             endpoint: Endpoint {
                 qpn: 0x12,
                 psn: 0x34_5678,
@@ -289,11 +307,13 @@ mod tests {
             Err(BootstrapError::BadMagic { .. })
         ));
         assert!(matches!(
-            with(4, 2),
-            Err(BootstrapError::Version { theirs: 2 })
+            with(4, 1),
+            Err(BootstrapError::Version { theirs: 1 })
         ));
         assert!(matches!(with(6, 2), Err(BootstrapError::Role { .. })));
-        assert!(matches!(with(7, 1), Err(BootstrapError::BadValue { .. })));
+        assert!(matches!(with(7, 0), Err(BootstrapError::BadValue { .. })));
+        assert!(matches!(with(7, 9), Err(BootstrapError::BadValue { .. })));
+        assert_eq!(with(7, 8).unwrap().queue_pairs, 8);
         assert!(matches!(with(8, b'X'), Err(BootstrapError::Endpoint(_))));
         let with32 = |at: usize, v: u32| {
             let mut c = b;

@@ -1,5 +1,6 @@
-//! The client side: one RC queue pair per connection, a slot per credit, and one thread
-//! that handles completions and watches the bootstrap socket.
+//! The client side: one or more RC queue pairs per connection (see "Queue pairs" in the
+//! transport's documentation), each with a slot per credit and one thread that handles its
+//! completions and watches the bootstrap socket.
 //!
 //! # Request life cycle
 //! [`ClientConn::start`] checks the request against the negotiated limits, then takes a free
@@ -25,12 +26,12 @@
 //! and completes with an error; receive buffers go back to the connection's control pool.
 
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use zcio::config::Config;
+use zcio::config::{Config, RdmaConfig};
 use zcio::pool::RegistrarId;
 use zcio::transport::{
     check_request, pair, pair_with_progress, recv_len, send_len, ClientConn, Completer, Limits,
@@ -38,13 +39,13 @@ use zcio::transport::{
 };
 use zcio::{Error, IobufMut, Pool, Result};
 
-use super::bootstrap::{Hello, Role, HELLO_LEN, MAX_CREDITS, READY};
+use super::bootstrap::{Hello, Role, HELLO_LEN, MAX_CREDITS, MAX_QUEUE_PAIRS, READY};
 use super::conn::{
     buf_sge, chain, control_bytes, control_pool, create_qp, describe_failure, post_recv_buf,
     recv_exact, round_page, send_all, spawn_conn_thread, tick_for, wr_id, wr_parts, ConnCore,
     Poller, QpSizes, SendQueue, KIND_RECV, KIND_SEND,
 };
-use super::device::{device, register_err, registrar_id, Side};
+use super::device::{device, register_err, registrar_id, Device, Side};
 use super::msg::{
     decode_reply, encode_request, max_request_len, reply_len, request_len, Desc, MsgLimits,
     RequestHead, DESC_LEN, REQUEST_FIXED,
@@ -52,7 +53,7 @@ use super::msg::{
 use super::plan::push_desc;
 use super::{bootstrap_err, handshake_io_err, lock, memlock_err, rdma_err, Faults, MAX_INLINE};
 use crate::verbs::{
-    check_memlock, Completion, MemoryRegion, MrAccess, ProtectionDomain, QueuePair,
+    check_memlock, Completion, CompletionQueue, MemoryRegion, MrAccess, ProtectionDomain, QueuePair,
 };
 
 /// A run of small receive segments bounced through one pool buffer.
@@ -162,6 +163,10 @@ struct Core {
     /// dies.
     room_cv: Condvar,
     dead: AtomicBool,
+    /// Slots taken (by a `start` or a request in flight): how busy this queue pair is.
+    busy: AtomicUsize,
+    /// Whether and why the connection ended, shared by its queue pairs.
+    ended: Arc<Ended>,
     sock: TcpStream,
     /// The caller's pool: bounce buffers.
     pool: Pool,
@@ -182,12 +187,43 @@ struct Core {
     _ctl: Pool,
 }
 
-/// A client connection (see the module documentation).
-pub(crate) struct RdmaClientConn {
+/// Whether and why a connection ended: the first of its queue pairs to fail records it.
+/// The others follow when they see the bootstrap socket (shut down by the first) end, after
+/// handling what their completion queues already hold, and report this reason; new requests
+/// are refused at once.
+#[derive(Default)]
+struct Ended {
+    yes: AtomicBool,
+    why: Mutex<Option<String>>,
+}
+
+impl Ended {
+    fn record(&self, reason: &str) {
+        lock(&self.why).get_or_insert_with(|| reason.to_string());
+        self.yes.store(true, Ordering::SeqCst);
+    }
+
+    fn reason(&self) -> Option<String> {
+        lock(&self.why).clone()
+    }
+}
+
+/// One queue pair of a client connection.
+struct Lane {
     core: Arc<Core>,
-    /// The connection's thread (completions and liveness); it ends soon after the
+    /// The queue pair's thread (completions and liveness); it ends soon after the
     /// connection fails (the socket is shut down, which wakes it).
     thread: Option<JoinHandle<()>>,
+}
+
+/// A client connection (see the module documentation): one or more queue pairs, each with
+/// its own slots, completion queue and thread; a request goes to the least busy one.
+pub(crate) struct RdmaClientConn {
+    lanes: Vec<Lane>,
+    limits: Limits,
+    /// Where the search for the least busy queue pair starts (round robin among equals).
+    next: AtomicUsize,
+    peer: String,
 }
 
 fn tcp_connect(target: &str, timeout: Duration) -> Result<TcpStream> {
@@ -211,22 +247,25 @@ fn tcp_connect(target: &str, timeout: Duration) -> Result<TcpStream> {
     ))
 }
 
-/// Connects to `cfg.client.connect`: bootstrap, queue pair, threads.
+/// Connects to `cfg.client.connect`: bootstrap, queue pairs, threads.
 pub(crate) fn connect(faults: Faults, cfg: &Config, pool: &Pool) -> Result<RdmaClientConn> {
     let r = &cfg.rdma;
     let dev = device(r)?;
     let timeout = cfg.client.timeout;
-    let credits = r.credits.clamp(1, MAX_CREDITS as usize);
-    let inline = r.inline_threshold.min(MAX_INLINE);
-    let max_segments = cfg.limits.max_segments.clamp(1, usize::from(u16::MAX));
-    let max_payload = cfg.limits.max_payload.min(1 << 30);
-    let reply_size = round_page(reply_len(MAX_HEADER, inline));
-    let req_size = round_page(max_request_len(MAX_HEADER, max_segments, inline));
-    let classes = [(reply_size, credits), (req_size, credits)];
-    check_memlock((pool.total_bytes() + control_bytes(&classes)) as u64).map_err(memlock_err)?;
+    let offer = u8::try_from(r.queue_pairs.clamp(1, usize::from(MAX_QUEUE_PAIRS))).unwrap_or(1);
+    let p = LaneParams {
+        credits: r
+            .credits
+            .div_ceil(usize::from(offer))
+            .clamp(1, MAX_CREDITS as usize),
+        inline: r.inline_threshold.min(MAX_INLINE),
+        max_segments: cfg.limits.max_segments.clamp(1, usize::from(u16::MAX)),
+        max_payload: cfg.limits.max_payload.min(1 << 30),
+    };
+    let classes = p.classes();
+    check_memlock((pool.total_bytes() + usize::from(offer) * control_bytes(&classes)) as u64)
+        .map_err(memlock_err)?;
     let reg = registrar_id(&dev, pool, Side::Client)?;
-    let ctl = control_pool(&classes)?;
-    let ctl_reg = registrar_id(&dev, &ctl, Side::Control)?;
 
     let target = &cfg.client.connect;
     let sock = tcp_connect(target, timeout)?;
@@ -237,69 +276,32 @@ pub(crate) fn connect(faults: Faults, cfg: &Config, pool: &Pool) -> Result<RdmaC
     sock.set_nodelay(true).map_err(setup)?;
     sock.set_read_timeout(Some(timeout)).map_err(setup)?;
     sock.set_write_timeout(Some(timeout)).map_err(setup)?;
-
-    // Declared before the queue pair so that on an early return the queue pair (dropped
-    // first) is destroyed before the buffers it may write into go back.
-    let mut recv: Vec<Option<IobufMut>> = Vec::with_capacity(credits);
-    let (cq, mut qp) = create_qp(
-        &dev,
-        r,
-        &QpSizes {
-            send_wr: sq_depth(credits),
-            recv_wr: credits,
-            inline: inline + 256,
-            remote_access: true,
-        },
-    )?;
-    for i in 0..credits {
-        let b = ctl.get_control(reply_size)?;
-        post_recv_buf(&qp, i, &b, ctl_reg).map_err(|e| Error::Transport {
-            transport: "rdma",
-            what: "posting the initial receives".into(),
-            source: e.into(),
-        })?;
-        recv.push(Some(b));
-    }
-    let ours = Hello {
-        role: Role::Client,
-        endpoint: qp.local_endpoint(),
-        credits: credits as u32,
-        max_segments: max_segments as u32,
-        max_payload: max_payload as u32,
-        max_header: MAX_HEADER as u32,
-        inline_threshold: inline as u32,
-        recv_size: reply_size as u32,
-    };
     let hs = |e| handshake_io_err(&peer, timeout, e);
-    send_all(&sock, &ours.encode()).map_err(hs)?;
-    let mut b = [0u8; HELLO_LEN];
-    recv_exact(&sock, &mut b).map_err(hs)?;
-    let theirs = Hello::decode(&b, Role::Server).map_err(|e| bootstrap_err(e, &peer))?;
-    let credits = credits.min(theirs.credits as usize);
-    let max_header = MAX_HEADER.min(theirs.max_header as usize);
-    let inline = inline.min(theirs.inline_threshold as usize);
-    let fit = (theirs.recv_size as usize).saturating_sub(REQUEST_FIXED + max_header + inline)
-        / (2 * DESC_LEN);
-    let max_segments = max_segments.min(theirs.max_segments as usize).min(fit);
-    if max_segments == 0 {
+
+    // The first hello pair settles how many queue pairs; then one pair per further one.
+    let first = open_lane(&sock, &dev, r, &p, offer, &peer, &hs)?;
+    let n = first.granted;
+    if n == 0 || n > offer {
         return Err(Error::decode(
             "rdma handshake",
-            format!(
-                "the server {peer} takes messages of {} bytes: too small for a request",
-                theirs.recv_size
-            ),
+            format!("the server {peer} granted {n} queue pairs, {offer} were offered"),
         ));
     }
-    let limits = Limits {
-        max_segments,
-        max_payload: max_payload.min(theirs.max_payload as usize),
-        max_header,
-        max_in_flight: credits,
-        inline_threshold: inline,
-        rdma_payload: true,
-    };
-    qp.connect(&theirs.endpoint)
-        .map_err(|e| rdma_err(format!("connecting the queue pair to {peer}"), e))?;
+    let mut lanes = vec![first];
+    for i in 1..n {
+        let lane = open_lane(&sock, &dev, r, &p, n, &peer, &hs)?;
+        if lane.granted != n {
+            return Err(Error::decode(
+                "rdma handshake",
+                format!(
+                    "the server {peer} says {} queue pairs in hello {}, {n} were agreed",
+                    lane.granted,
+                    i + 1
+                ),
+            ));
+        }
+        lanes.push(lane);
+    }
     send_all(&sock, &[READY]).map_err(hs)?;
     let mut ready = [0u8; 1];
     recv_exact(&sock, &mut ready).map_err(hs)?;
@@ -310,64 +312,226 @@ pub(crate) fn connect(faults: Faults, cfg: &Config, pool: &Pool) -> Result<RdmaC
         ));
     }
     sock.set_read_timeout(None).map_err(setup)?;
-    let live_sock = sock.try_clone().map_err(setup)?;
 
-    let mut slots = Vec::with_capacity(credits);
-    for _ in 0..credits {
-        slots.push(Slot {
-            busy: false,
-            msg: Some(ctl.get_control(req_size)?),
-            scratch: Some(Scratch::with_capacity(max_segments)),
-            req: None,
-        });
+    let mut limits = lanes[0].limits;
+    for l in &lanes[1..] {
+        limits = limits.min(&l.limits);
     }
-    let max_inline_send = qp.caps().max_inline_data as usize;
-    tracing::debug!(%peer, ?limits, local = %qp.local_endpoint(), remote = %theirs.endpoint, "rdma client connected");
-    let core = Arc::new(Core {
-        state: Mutex::new(State {
-            dead: None,
-            qp: Some(qp),
+    limits.max_in_flight = lanes.iter().map(|l| l.limits.max_in_flight).sum();
+    let ended = Arc::new(Ended::default());
+    let mut cores = Vec::with_capacity(lanes.len());
+    for l in lanes {
+        let ClientLane {
+            qp,
+            cq,
             recv,
-            slots,
-            free: (0..credits).rev().collect(),
-            next_seq: 1,
-            sq: SendQueue::new(sq_depth(credits), 0),
-            unsignaled: 0,
-            room_waiters: 0,
-        }),
-        cond: Condvar::new(),
-        room_cv: Condvar::new(),
-        dead: AtomicBool::new(false),
-        sock,
-        pool: pool.clone(),
-        reg,
-        ctl_reg,
-        pd: dev.pd.clone(),
+            ctl,
+            ctl_reg,
+            limits,
+            req_size,
+            ..
+        } = l;
+        let credits = limits.max_in_flight;
+        let mut slots = Vec::with_capacity(credits);
+        for _ in 0..credits {
+            slots.push(Slot {
+                busy: false,
+                msg: Some(ctl.get_control(req_size)?),
+                scratch: Some(Scratch::with_capacity(limits.max_segments)),
+                req: None,
+            });
+        }
+        let max_inline_send = qp.caps().max_inline_data as usize;
+        cores.push(Arc::new(Core {
+            state: Mutex::new(State {
+                dead: None,
+                qp: Some(qp),
+                recv,
+                slots,
+                free: (0..credits).rev().collect(),
+                next_seq: 1,
+                sq: SendQueue::new(sq_depth(credits), 0),
+                unsignaled: 0,
+                room_waiters: 0,
+            }),
+            cond: Condvar::new(),
+            room_cv: Condvar::new(),
+            dead: AtomicBool::new(false),
+            busy: AtomicUsize::new(0),
+            ended: ended.clone(),
+            sock: sock.try_clone().map_err(setup)?,
+            pool: pool.clone(),
+            reg,
+            ctl_reg,
+            pd: dev.pd.clone(),
+            limits,
+            msg_limits: MsgLimits {
+                max_header: limits.max_header,
+                max_segments: limits.max_segments,
+                max_payload: limits.max_payload,
+                inline_threshold: limits.inline_threshold,
+            },
+            register_threshold: r.register_threshold.min(pool.max_buffer_size()).max(1),
+            max_inline_send,
+            timeout,
+            peer: peer.clone(),
+            faults,
+            poller: Arc::new(Poller::new(cq, r.spin)),
+            _ctl: ctl,
+        }));
+    }
+    let mut conn = RdmaClientConn {
+        lanes: Vec::with_capacity(cores.len()),
         limits,
-        msg_limits: MsgLimits {
-            max_header,
-            max_segments,
-            max_payload: limits.max_payload,
-            inline_threshold: inline,
+        next: AtomicUsize::new(0),
+        peer: peer.clone(),
+    };
+    for (i, core) in cores.into_iter().enumerate() {
+        let live_sock = sock.try_clone().map_err(setup)?;
+        let thread = spawn_conn_thread(
+            core.clone(),
+            core.poller.clone(),
+            tick_for(timeout),
+            live_sock,
+            &format!("zcio-rdma-cli{i}"),
+        );
+        conn.lanes.push(Lane { core, thread: None });
+        match thread {
+            Ok(t) => conn.lanes[i].thread = Some(t),
+            // Dropping `conn` closes the queue pairs set up so far.
+            Err(e) => return Err(e),
+        }
+    }
+    tracing::debug!(%peer, ?limits, queue_pairs = n, "rdma client connected");
+    Ok(conn)
+}
+
+/// What every queue pair of a client connection asks for.
+struct LaneParams {
+    credits: usize,
+    inline: usize,
+    max_segments: usize,
+    max_payload: usize,
+}
+
+impl LaneParams {
+    fn reply_size(&self) -> usize {
+        round_page(reply_len(MAX_HEADER, self.inline))
+    }
+
+    fn req_size(&self) -> usize {
+        round_page(max_request_len(MAX_HEADER, self.max_segments, self.inline))
+    }
+
+    /// One queue pair's control pool: reply receives, request messages.
+    fn classes(&self) -> [(usize, usize); 2] {
+        [
+            (self.reply_size(), self.credits),
+            (self.req_size(), self.credits),
+        ]
+    }
+}
+
+/// One queue pair of a connection being set up, connected.
+struct ClientLane {
+    // Field order is drop order: the queue pair goes before the buffers it may write into.
+    qp: QueuePair,
+    cq: CompletionQueue,
+    recv: Vec<Option<IobufMut>>,
+    ctl: Pool,
+    ctl_reg: RegistrarId,
+    /// This queue pair's negotiated limits (`max_in_flight`: its credits).
+    limits: Limits,
+    req_size: usize,
+    /// The number of queue pairs the server's hello gives.
+    granted: u8,
+}
+
+/// Sets up one queue pair: creates it, posts its receives, sends this side's hello (saying
+/// `n` queue pairs), reads the server's and connects the queue pair to it.
+fn open_lane(
+    sock: &TcpStream,
+    dev: &Device,
+    r: &RdmaConfig,
+    p: &LaneParams,
+    n: u8,
+    peer: &str,
+    hs: &dyn Fn(std::io::Error) -> Error,
+) -> Result<ClientLane> {
+    let ctl = control_pool(&p.classes())?;
+    let ctl_reg = registrar_id(dev, &ctl, Side::Control)?;
+    let reply_size = p.reply_size();
+    // Declared before the queue pair so that on an early return the queue pair (dropped
+    // first) is destroyed before the buffers it may write into go back.
+    let mut recv: Vec<Option<IobufMut>> = Vec::with_capacity(p.credits);
+    let (cq, mut qp) = create_qp(
+        dev,
+        r,
+        &QpSizes {
+            send_wr: sq_depth(p.credits),
+            recv_wr: p.credits,
+            inline: p.inline + 256,
+            remote_access: true,
         },
-        register_threshold: r.register_threshold.min(pool.max_buffer_size()).max(1),
-        max_inline_send,
-        timeout,
-        peer,
-        faults,
-        poller: Arc::new(Poller::new(cq, r.spin)),
-        _ctl: ctl,
-    });
-    let thread = spawn_conn_thread(
-        core.clone(),
-        core.poller.clone(),
-        tick_for(timeout),
-        live_sock,
-        "zcio-rdma-client",
     )?;
-    Ok(RdmaClientConn {
-        core,
-        thread: Some(thread),
+    for i in 0..p.credits {
+        let b = ctl.get_control(reply_size)?;
+        post_recv_buf(&qp, i, &b, ctl_reg).map_err(|e| Error::Transport {
+            transport: "rdma",
+            what: "posting the initial receives".into(),
+            source: e.into(),
+        })?;
+        recv.push(Some(b));
+    }
+    let ours = Hello {
+        role: Role::Client,
+        queue_pairs: n,
+        endpoint: qp.local_endpoint(),
+        credits: p.credits as u32,
+        max_segments: p.max_segments as u32,
+        max_payload: p.max_payload as u32,
+        max_header: MAX_HEADER as u32,
+        inline_threshold: p.inline as u32,
+        recv_size: reply_size as u32,
+    };
+    send_all(sock, &ours.encode()).map_err(hs)?;
+    let mut b = [0u8; HELLO_LEN];
+    recv_exact(sock, &mut b).map_err(hs)?;
+    let theirs = Hello::decode(&b, Role::Server).map_err(|e| bootstrap_err(e, peer))?;
+    let credits = p.credits.min(theirs.credits as usize);
+    let max_header = MAX_HEADER.min(theirs.max_header as usize);
+    let inline = p.inline.min(theirs.inline_threshold as usize);
+    let fit = (theirs.recv_size as usize).saturating_sub(REQUEST_FIXED + max_header + inline)
+        / (2 * DESC_LEN);
+    let max_segments = p.max_segments.min(theirs.max_segments as usize).min(fit);
+    if max_segments == 0 {
+        return Err(Error::decode(
+            "rdma handshake",
+            format!(
+                "the server {peer} takes messages of {} bytes: too small for a request",
+                theirs.recv_size
+            ),
+        ));
+    }
+    qp.connect(&theirs.endpoint)
+        .map_err(|e| rdma_err(format!("connecting the queue pair to {peer}"), e))?;
+    tracing::debug!(%peer, local = %qp.local_endpoint(), remote = %theirs.endpoint, "rdma queue pair connected");
+    Ok(ClientLane {
+        qp,
+        cq,
+        recv,
+        ctl,
+        ctl_reg,
+        limits: Limits {
+            max_segments,
+            max_payload: p.max_payload.min(theirs.max_payload as usize),
+            max_header,
+            max_in_flight: credits,
+            inline_threshold: inline,
+            rdma_payload: true,
+        },
+        req_size: p.req_size(),
+        granted: theirs.queue_pairs,
     })
 }
 
@@ -379,6 +543,12 @@ fn send_ptr(s: &SendSeg) -> *const u8 {
 impl Core {
     fn lock(&self) -> MutexGuard<'_, State> {
         lock(&self.state)
+    }
+
+    fn free_slots(&self) -> usize {
+        self.limits
+            .max_in_flight
+            .saturating_sub(self.busy.load(Ordering::Relaxed))
     }
 
     fn closed_err(&self, st: &State) -> Error {
@@ -397,6 +567,7 @@ impl Core {
                 let slot = &mut st.slots[i];
                 if let (Some(scratch), Some(msg)) = (slot.scratch.take(), slot.msg.take()) {
                     slot.busy = true;
+                    self.busy.fetch_add(1, Ordering::Relaxed);
                     return Ok((i, scratch, msg));
                 }
                 // Unreachable: a free slot has its storage home.
@@ -429,6 +600,7 @@ impl Core {
         slot.busy = false;
         st.free.push(i);
         drop(st);
+        self.busy.fetch_sub(1, Ordering::Relaxed);
         self.cond.notify_one();
     }
 
@@ -691,7 +863,8 @@ impl Core {
         if st.dead.is_some() {
             return Vec::new();
         }
-        tracing::debug!(peer = %self.peer, %reason, "rdma client connection fails");
+        tracing::debug!(peer = %self.peer, %reason, "rdma client queue pair fails");
+        self.ended.record(&reason);
         st.dead = Some(reason.clone());
         self.dead.store(true, Ordering::SeqCst);
         // First: after this the device touches none of our memory.
@@ -745,7 +918,8 @@ impl Core {
         let seq = {
             let mut st = self.lock();
             let s = st.next_seq;
-            st.next_seq = st.next_seq.wrapping_add(1);
+            // Ids stay below 2^56: the server keeps the top byte for itself.
+            st.next_seq = (st.next_seq + 1) & ((1 << 40) - 1);
             s
         };
         let id = (seq << 16) | i as u64;
@@ -980,6 +1154,7 @@ impl Core {
             s.busy = false;
             st.free.push(slot);
             drop(guard);
+            self.busy.fetch_sub(1, Ordering::Relaxed);
             self.cond.notify_one();
         }
     }
@@ -1068,7 +1243,10 @@ impl ConnCore for Core {
     }
 
     fn on_socket_end(&self, why: Option<String>) {
+        // Another queue pair of this connection failed first and shut the socket down.
+        let first = self.ended.reason();
         let reason = match why {
+            _ if first.is_some() => first.unwrap_or_default(),
             None => format!(
                 "the server {} closed the connection (its process exited, or it closed this \
                  connection)",
@@ -1084,34 +1262,60 @@ impl ConnCore for Core {
     }
 }
 
+impl RdmaClientConn {
+    /// The queue pair with the fewest slots taken, looking from the next in turn.
+    fn pick(&self) -> &Arc<Core> {
+        let n = self.lanes.len();
+        let from = self.next.fetch_add(1, Ordering::Relaxed) % n;
+        let mut best = &self.lanes[from].core;
+        let mut best_free = best.free_slots();
+        for k in 1..n {
+            let c = &self.lanes[(from + k) % n].core;
+            let f = c.free_slots();
+            if f > best_free {
+                best = c;
+                best_free = f;
+            }
+        }
+        best
+    }
+}
+
 impl ClientConn for RdmaClientConn {
     fn limits(&self) -> Limits {
-        self.core.limits
+        self.limits
     }
 
     fn start(&self, req: Request) -> Result<Pending<Reply>> {
-        Core::start(&self.core, req)
+        let core = self.pick();
+        if core.ended.yes.load(Ordering::SeqCst) {
+            return Err(Error::ConnectionClosed(
+                core.ended.reason().unwrap_or_default(),
+            ));
+        }
+        Core::start(core, req)
     }
 
     fn close(&self) {
-        let c = &*self.core;
-        c.fail(
-            format!("the connection to {} was closed by this client", c.peer),
-            None,
-        );
+        let reason = format!("the connection to {} was closed by this client", self.peer);
+        for l in &self.lanes {
+            l.core.fail(reason.clone(), None);
+        }
     }
 
     fn peer(&self) -> String {
-        self.core.peer.clone()
+        self.peer.clone()
     }
 }
 
 impl Drop for RdmaClientConn {
     fn drop(&mut self) {
         self.close();
-        if let Some(h) = self.thread.take() {
-            if h.thread().id() != std::thread::current().id() {
-                let _ = h.join();
+        for l in &mut self.lanes {
+            if let Some(h) = l.thread.take() {
+                if h.thread().id() != std::thread::current().id() {
+                    let _ = h.join();
+                }
             }
         }
     }

@@ -363,6 +363,11 @@ impl Poller {
         }
     }
 
+    /// How long a waiting thread spins (`rdma.spin_us`).
+    pub(crate) fn spin_time(&self) -> Duration {
+        self.spin
+    }
+
     /// Whether waiting threads spin at all (`rdma.spin_us` > 0).
     pub(crate) fn spins(&self) -> bool {
         !self.spin.is_zero()

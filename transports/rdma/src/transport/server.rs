@@ -35,8 +35,8 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::net::{SocketAddr, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use zcio::config::{Config, RdmaConfig};
@@ -55,7 +55,9 @@ use super::device::{device, registrar_id, Device, Side};
 use super::msg::{decode_request, encode_reply, max_request_len, reply_len, Desc, MsgLimits};
 use super::plan::{Local, Plan};
 use super::{bootstrap_err, handshake_io_err, lock, memlock_err, rdma_err, MAX_INLINE};
-use crate::verbs::{check_memlock, Completion, Endpoint, Mtu, QueuePair, Remote, Sge, WcStatus};
+use crate::verbs::{
+    check_memlock, Completion, CompletionQueue, Endpoint, Mtu, QueuePair, Remote, Sge, WcStatus,
+};
 
 /// The longest a connecting client may take for the bootstrap exchange.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -129,7 +131,31 @@ fn hs_error(e: BootstrapError, peer: &str) -> Error {
     bootstrap_err(e, peer)
 }
 
-/// The server half of the bootstrap, on a fresh socket.
+/// One queue pair of a connection being accepted, set up and connected.
+struct LaneSetup {
+    // Field order is drop order: the queue pair goes before the buffers it may write into.
+    qp: QueuePair,
+    cq: CompletionQueue,
+    recv: Vec<Option<IobufMut>>,
+    ctl: Pool,
+    ctl_reg: RegistrarId,
+    credits: usize,
+    limits: Limits,
+    msg_limits: MsgLimits,
+    write_sge: usize,
+    read_sge: usize,
+    sq_depth: usize,
+}
+
+/// Reads the client's next hello.
+fn read_hello(sock: &TcpStream, hs: &dyn Fn(std::io::Error) -> Error) -> Result<[u8; HELLO_LEN]> {
+    let mut b = [0u8; HELLO_LEN];
+    recv_exact(sock, &mut b).map_err(hs)?;
+    Ok(b)
+}
+
+/// The server half of the bootstrap, on a fresh socket: one hello pair per queue pair, then
+/// `READY` both ways.
 fn handshake(sock: TcpStream, peer: SocketAddr, ctx: &ListenCtx) -> Result<Box<dyn ServerConn>> {
     let peer_s = peer.to_string();
     let after = ctx
@@ -140,17 +166,15 @@ fn handshake(sock: TcpStream, peer: SocketAddr, ctx: &ListenCtx) -> Result<Box<d
     sock.set_read_timeout(Some(after)).map_err(setup)?;
     sock.set_write_timeout(Some(after)).map_err(setup)?;
     let hs = |e| handshake_io_err(&peer_s, after, e);
-    let mut b = [0u8; HELLO_LEN];
-    recv_exact(&sock, &mut b).map_err(hs)?;
+    let b = read_hello(&sock, &hs)?;
     let r = &ctx.rdma;
-    let credits = r.credits.clamp(1, MAX_CREDITS as usize);
-    let inline = r.inline_threshold.min(MAX_INLINE);
-    let theirs = match Hello::decode(&b, Role::Client) {
+    let first = match Hello::decode(&b, Role::Client) {
         Ok(h) => h,
         Err(e @ BootstrapError::Version { .. }) => {
             // Answer anyway, so that the client can report the mismatch too.
             let dummy = Hello {
                 role: Role::Server,
+                queue_pairs: 1,
                 endpoint: Endpoint {
                     qpn: 0,
                     psn: 0,
@@ -160,7 +184,7 @@ fn handshake(sock: TcpStream, peer: SocketAddr, ctx: &ListenCtx) -> Result<Box<d
                     gid: std::net::Ipv6Addr::UNSPECIFIED,
                     mtu: Mtu::Mtu1024,
                 },
-                credits: credits as u32,
+                credits: r.credits.clamp(1, MAX_CREDITS as usize) as u32,
                 max_segments: 1,
                 max_payload: 1,
                 max_header: 1,
@@ -172,7 +196,91 @@ fn handshake(sock: TcpStream, peer: SocketAddr, ctx: &ListenCtx) -> Result<Box<d
         }
         Err(e) => return Err(hs_error(e, &peer_s)),
     };
-    let credits = credits.min(theirs.credits as usize);
+    let n = first
+        .queue_pairs
+        .min(u8::try_from(r.queue_pairs.clamp(1, 8)).unwrap_or(1))
+        .max(1);
+    let mut lanes: Vec<LaneSetup> = Vec::with_capacity(usize::from(n));
+    let mut theirs = first;
+    for i in 0..n {
+        if i > 0 {
+            let b = read_hello(&sock, &hs)?;
+            theirs = Hello::decode(&b, Role::Client).map_err(|e| hs_error(e, &peer_s))?;
+            if theirs.queue_pairs != n {
+                return Err(Error::decode(
+                    "rdma handshake",
+                    format!(
+                        "from {peer}: hello {} says {} queue pairs, {n} were agreed",
+                        i + 1,
+                        theirs.queue_pairs
+                    ),
+                ));
+            }
+        }
+        lanes.push(accept_lane(&sock, ctx, &theirs, n, &peer_s, &hs)?);
+    }
+    send_all(&sock, &[READY]).map_err(hs)?;
+    let mut ready = [0u8; 1];
+    recv_exact(&sock, &mut ready).map_err(hs)?;
+    if ready[0] != READY {
+        return Err(Error::decode(
+            "rdma handshake",
+            format!("the client {peer} sent {:#04x} instead of ready", ready[0]),
+        ));
+    }
+    sock.set_read_timeout(None).map_err(setup)?;
+    let shared = Arc::new(Shared::new());
+    let mut limits = lanes[0].limits;
+    for l in &lanes[1..] {
+        limits = limits.min(&l.limits);
+    }
+    limits.max_in_flight = lanes.iter().map(|l| l.credits).sum();
+    let mut cores = Vec::with_capacity(lanes.len());
+    for (i, lane) in lanes.into_iter().enumerate() {
+        cores.push(lane_core(i, lane, ctx, &sock, &shared, &peer_s).map_err(setup)?);
+    }
+    let _ = shared.lanes.set(cores.iter().map(Arc::downgrade).collect());
+    let lanes = Arc::new(Lanes { cores });
+    for (i, core) in lanes.cores.iter().enumerate() {
+        let live_sock = sock.try_clone().map_err(setup)?;
+        if let Err(e) = spawn_conn_thread(
+            core.clone(),
+            core.poller.clone(),
+            tick_for(ctx.idle.unwrap_or(Duration::from_secs(8))),
+            live_sock,
+            &format!("zcio-rdma-srv{i}"),
+        ) {
+            lanes.close();
+            return Err(e);
+        }
+    }
+    tracing::debug!(%peer, ?limits, queue_pairs = n, "rdma connection accepted");
+    Ok(Box::new(RdmaServerConn {
+        lanes,
+        shared,
+        limits,
+        next: 0,
+        peer: peer_s,
+    }))
+}
+
+/// Sets up one queue pair for the client's hello `theirs`: creates it, posts its receives,
+/// answers with this side's hello and connects it.
+fn accept_lane(
+    sock: &TcpStream,
+    ctx: &ListenCtx,
+    theirs: &Hello,
+    n: u8,
+    peer: &str,
+    hs: &dyn Fn(std::io::Error) -> Error,
+) -> Result<LaneSetup> {
+    let r = &ctx.rdma;
+    let credits = r
+        .credits
+        .div_ceil(usize::from(n))
+        .clamp(1, MAX_CREDITS as usize)
+        .min(theirs.credits as usize);
+    let inline = r.inline_threshold.min(MAX_INLINE);
     let max_header = MAX_HEADER.min(theirs.max_header as usize);
     let inline = inline.min(theirs.inline_threshold as usize);
     let max_segments = ctx
@@ -239,6 +347,7 @@ fn handshake(sock: TcpStream, peer: SocketAddr, ctx: &ListenCtx) -> Result<Box<d
     }
     let ours = Hello {
         role: Role::Server,
+        queue_pairs: n,
         endpoint: qp.local_endpoint(),
         credits: credits as u32,
         max_segments: max_segments as u32,
@@ -247,47 +356,76 @@ fn handshake(sock: TcpStream, peer: SocketAddr, ctx: &ListenCtx) -> Result<Box<d
         inline_threshold: inline as u32,
         recv_size: req_size as u32,
     };
-    send_all(&sock, &ours.encode()).map_err(hs)?;
+    send_all(sock, &ours.encode()).map_err(hs)?;
     qp.connect(&theirs.endpoint)
         .map_err(|e| rdma_err(format!("connecting the queue pair to {peer}"), e))?;
-    send_all(&sock, &[READY]).map_err(hs)?;
-    let mut ready = [0u8; 1];
-    recv_exact(&sock, &mut ready).map_err(hs)?;
-    if ready[0] != READY {
-        return Err(Error::decode(
-            "rdma handshake",
-            format!("the client {peer} sent {:#04x} instead of ready", ready[0]),
-        ));
-    }
-    sock.set_read_timeout(None).map_err(setup)?;
-    let live_sock = sock.try_clone().map_err(setup)?;
-    let limits = Limits {
-        max_segments,
-        max_payload,
-        max_header,
-        max_in_flight: credits,
-        inline_threshold: inline,
-        rdma_payload: true,
-    };
+    tracing::debug!(%peer, local = %qp.local_endpoint(), remote = %theirs.endpoint, "rdma queue pair connected");
+    Ok(LaneSetup {
+        qp,
+        cq,
+        recv,
+        ctl,
+        ctl_reg,
+        credits,
+        limits: Limits {
+            max_segments,
+            max_payload,
+            max_header,
+            max_in_flight: credits,
+            inline_threshold: inline,
+            rdma_payload: true,
+        },
+        msg_limits: MsgLimits {
+            max_header,
+            max_segments,
+            max_payload,
+            inline_threshold: inline,
+        },
+        write_sge,
+        read_sge,
+        sq_depth,
+    })
+}
+
+/// The core of queue pair `lane` of a connection.
+fn lane_core(
+    lane: usize,
+    l: LaneSetup,
+    ctx: &ListenCtx,
+    sock: &TcpStream,
+    shared: &Arc<Shared>,
+    peer: &str,
+) -> std::io::Result<Arc<SCore>> {
+    let LaneSetup {
+        qp,
+        cq,
+        recv,
+        ctl,
+        ctl_reg,
+        credits,
+        limits,
+        msg_limits,
+        write_sge,
+        read_sge,
+        sq_depth,
+    } = l;
     let slots = (0..credits)
         .map(|_| SSlot {
             stage: Stage::Free,
             id: 0,
             header: Vec::new(),
-            send: Vec::with_capacity(max_segments),
-            recv: Vec::with_capacity(max_segments),
-            inline: Vec::with_capacity(inline),
+            send: Vec::with_capacity(limits.max_segments),
+            recv: Vec::with_capacity(limits.max_segments),
+            inline: Vec::with_capacity(limits.inline_threshold),
             recv_cap: 0,
             send_total: 0,
             bufs: Vec::new(),
         })
         .collect();
     let max_inline_send = qp.caps().max_inline_data as usize;
-    tracing::debug!(%peer, ?limits, local = %qp.local_endpoint(), remote = %theirs.endpoint, "rdma connection accepted");
-    let core = Arc::new(SCore {
+    Ok(Arc::new(SCore {
         state: Mutex::new(SState {
             dead: None,
-            end: End::Clean,
             closing: false,
             qp: Some(qp),
             recv,
@@ -296,41 +434,28 @@ fn handshake(sock: TcpStream, peer: SocketAddr, ctx: &ListenCtx) -> Result<Box<d
             ids: HashMap::with_capacity(2 * credits),
             events: VecDeque::with_capacity(2 * credits),
             sq: SendQueue::new(sq_depth, 4 * credits),
-            local: Vec::with_capacity(max_segments.max(64)),
-            last_activity: Instant::now(),
+            local: Vec::with_capacity(limits.max_segments.max(64)),
             room_waiters: 0,
         }),
-        events_cv: Condvar::new(),
         room_cv: Condvar::new(),
         dead: AtomicBool::new(false),
-        sock,
+        sock: sock.try_clone()?,
+        shared: shared.clone(),
+        lane: lane as u64,
         pool: ctx.pool.clone(),
         reg: ctx.reg,
         ctl,
         ctl_reg,
         limits,
-        msg_limits: MsgLimits {
-            max_header,
-            max_segments,
-            max_payload,
-            inline_threshold: inline,
-        },
+        msg_limits,
         max_inline_send,
         write_sge,
         read_sge,
         sq_depth,
         idle: ctx.idle,
-        peer: peer_s,
+        peer: peer.to_string(),
         poller: Arc::new(Poller::new(cq, ctx.rdma.spin)),
-    });
-    let _thread = spawn_conn_thread(
-        core.clone(),
-        core.poller.clone(),
-        tick_for(ctx.idle.unwrap_or(Duration::from_secs(8))),
-        live_sock,
-        "zcio-rdma-srv",
-    )?;
-    Ok(Box::new(RdmaServerConn { core }))
+    }))
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -391,7 +516,6 @@ enum End {
 
 struct SState {
     dead: Option<String>,
-    end: End,
     /// [`Replier::close`] is draining: no new replies.
     closing: bool,
     qp: Option<QueuePair>,
@@ -403,22 +527,114 @@ struct SState {
     sq: SendQueue,
     /// Scratch for plans.
     local: Vec<Local>,
-    last_activity: Instant,
     /// Threads waiting in [`SCore::wait_room`] or draining in `close`: a send-queue
     /// completion wakes them only when there are some.
     room_waiters: usize,
 }
 
+/// Marks the queue pair in the top byte of the request ids handed out by `recv`: a client's
+/// ids stay below it (checked on arrival).
+const LANE_SHIFT: u32 = 56;
+
+/// What the queue pairs of one connection share: the signal `recv` waits on, activity for
+/// the idle timeout, and how the connection ended.
+struct Shared {
+    /// Bumped whenever a queue pair has a new event for `recv` or dies. Separate from the
+    /// queue pairs' `room_cv`, so that a send-queue completion does not wake `recv` for
+    /// nothing: every wake-up is a context switch, and under emulation each costs tens of
+    /// microseconds.
+    gen: Mutex<u64>,
+    events_cv: Condvar,
+    /// The first failure of any queue pair (the others follow it): why and how it ended.
+    end: Mutex<Option<(String, End)>>,
+    /// Requests received and not yet answered, over all queue pairs.
+    in_flight: AtomicUsize,
+    /// When a request last arrived or was answered (milliseconds since `base`).
+    last_activity: AtomicU64,
+    base: Instant,
+    /// The connection's queue pairs, set once they all exist.
+    lanes: OnceLock<Vec<Weak<SCore>>>,
+}
+
+impl Shared {
+    fn new() -> Shared {
+        Shared {
+            gen: Mutex::new(0),
+            events_cv: Condvar::new(),
+            end: Mutex::new(None),
+            in_flight: AtomicUsize::new(0),
+            last_activity: AtomicU64::new(0),
+            base: Instant::now(),
+            lanes: OnceLock::new(),
+        }
+    }
+
+    fn notify(&self) {
+        *lock(&self.gen) += 1;
+        self.events_cv.notify_one();
+    }
+
+    fn touch(&self) {
+        let ms = u64::try_from(self.base.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_activity.store(ms, Ordering::Relaxed);
+    }
+
+    fn idle_for(&self) -> Duration {
+        let last = Duration::from_millis(self.last_activity.load(Ordering::Relaxed));
+        self.base.elapsed().saturating_sub(last)
+    }
+
+    /// Records why the connection ended, unless an earlier failure already did. A failure
+    /// found after a clean end (another queue pair saw the client close first) replaces it:
+    /// the client's bad memory key, say, is the cause worth reporting.
+    fn record_end(&self, reason: &str, end: End) {
+        let mut e = lock(&self.end);
+        if e.is_none() || (matches!(*e, Some((_, End::Clean))) && end == End::Failed) {
+            *e = Some((reason.to_string(), end));
+        }
+    }
+
+    /// Handles what every queue pair's completion queue holds (before the connection is
+    /// ended because the bootstrap socket ended: an error completion on another queue pair
+    /// is the real cause).
+    fn drain_all(&self) {
+        for c in self
+            .lanes
+            .get()
+            .into_iter()
+            .flatten()
+            .filter_map(Weak::upgrade)
+        {
+            while c.poller.drain(&*c).is_ok_and(|n| n > 0) {}
+        }
+    }
+
+    /// What `recv` returns once the connection has ended.
+    fn closed_result(&self, peer: &str) -> Result<Option<Incoming>> {
+        let (reason, end) = lock(&self.end)
+            .clone()
+            .unwrap_or_else(|| (format!("the connection from {peer} ended"), End::Failed));
+        match end {
+            End::Clean => Ok(None),
+            End::Idle(after) => Err(Error::Timeout {
+                what: format!("idle rdma connection from {peer} (server.idle_timeout)"),
+                after,
+            }),
+            End::Failed => Err(Error::ConnectionClosed(reason)),
+        }
+    }
+}
+
+/// One queue pair of a connection.
 struct SCore {
     state: Mutex<SState>,
-    /// Signalled for new events (the thread in `recv` waits on it) and death. Separate from
-    /// `room_cv`, so that a send-queue completion does not wake `recv` for nothing: every
-    /// wake-up is a context switch, and under emulation each costs tens of microseconds.
-    events_cv: Condvar,
     /// Signalled for send-queue room (repliers and `close` wait on it) and death.
     room_cv: Condvar,
     dead: AtomicBool,
     sock: TcpStream,
+    shared: Arc<Shared>,
+    /// This queue pair's index in its connection.
+    lane: u64,
     pool: Pool,
     reg: RegistrarId,
     ctl: Pool,
@@ -436,9 +652,26 @@ struct SCore {
     poller: Arc<Poller>,
 }
 
-/// The server's end of one connection.
+/// The server's end of one connection: its queue pairs.
 struct RdmaServerConn {
-    core: Arc<SCore>,
+    lanes: Arc<Lanes>,
+    shared: Arc<Shared>,
+    limits: Limits,
+    /// The queue pair `recv` looks at first (round robin, for fairness).
+    next: usize,
+    peer: String,
+}
+
+/// A connection's queue pairs, in the order of the handshake; the [`Replier`].
+struct Lanes {
+    cores: Vec<Arc<SCore>>,
+}
+
+/// What one look at a queue pair's events found.
+enum Step {
+    Got(Incoming),
+    Empty,
+    Dead,
 }
 
 fn to_sge(l: &Local) -> Sge {
@@ -466,9 +699,9 @@ impl SCore {
         if st.dead.is_some() {
             return false;
         }
-        tracing::debug!(peer = %self.peer, %reason, "rdma server connection ends");
+        tracing::debug!(peer = %self.peer, lane = self.lane, %reason, "rdma server queue pair ends");
+        self.shared.record_end(&reason, end);
         st.dead = Some(reason);
-        st.end = end;
         self.dead.store(true, Ordering::SeqCst);
         st.qp = None;
         for r in st.recv.iter_mut() {
@@ -484,8 +717,9 @@ impl SCore {
     }
 
     fn after_fail(&self) {
+        // The other queue pairs' threads see the bootstrap socket end and follow.
         let _ = self.sock.shutdown(std::net::Shutdown::Both);
-        self.events_cv.notify_all();
+        self.shared.notify();
         self.room_cv.notify_all();
     }
 
@@ -496,21 +730,6 @@ impl SCore {
         };
         if failed {
             self.after_fail();
-        }
-    }
-
-    fn closed_result(&self, st: &SState) -> Result<Option<Incoming>> {
-        let reason = st.dead.clone().unwrap_or_default();
-        match st.end {
-            End::Clean => Ok(None),
-            End::Idle(after) => Err(Error::Timeout {
-                what: format!(
-                    "idle rdma connection from {} (server.idle_timeout)",
-                    self.peer
-                ),
-                after,
-            }),
-            End::Failed => Err(Error::ConnectionClosed(reason)),
         }
     }
 
@@ -552,7 +771,12 @@ impl SCore {
         if st.dead.is_some() {
             return;
         }
-        let problem = if st.ids.contains_key(&view.id) {
+        let problem = if view.id >> LANE_SHIFT != 0 {
+            Some(format!(
+                "request id {} is not below 2^{LANE_SHIFT}",
+                view.id
+            ))
+        } else if st.ids.contains_key(&view.id) {
             Some(format!("request id {} is already in flight", view.id))
         } else if st.free.is_empty() {
             Some(format!(
@@ -586,7 +810,8 @@ impl SCore {
         slot.send_total = view.send_total;
         st.ids.insert(view.id, s);
         st.events.push_back(Ev::New(s));
-        st.last_activity = Instant::now();
+        self.shared.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.shared.touch();
         // Repost at once: the client may send its next request as soon as it has this
         // one's reply.
         let posted = match &st.qp {
@@ -602,7 +827,7 @@ impl SCore {
             }
         }
         drop(guard);
-        self.events_cv.notify_one();
+        self.shared.notify();
     }
 
     fn on_send_queue(&self, kind: u8, slot: usize, seq: u64) {
@@ -631,7 +856,7 @@ impl SCore {
         let room_waiters = st.room_waiters > 0;
         drop(guard);
         if reads_done {
-            self.events_cv.notify_one();
+            self.shared.notify();
         }
         if room_waiters {
             self.room_cv.notify_all();
@@ -717,7 +942,7 @@ impl SCore {
         let mut guard = match self.wait_room(guard, n) {
             Ok(g) => g,
             Err(g) => {
-                let r = self.closed_result(&g).err();
+                let r = self.shared.closed_result(&self.peer).err();
                 return (
                     g,
                     Err(r.unwrap_or_else(|| Error::ConnectionClosed("closed".into()))),
@@ -775,46 +1000,35 @@ impl SCore {
         (guard, Ok(()))
     }
 
-    fn recv(&self) -> Result<Option<Incoming>> {
-        let mut spun = false;
+    /// Works through this queue pair's events until a request is ready to hand out (its
+    /// payload in pool buffers) or there are none; starts the RDMA READs of requests with
+    /// payload on the way. Never blocks, except for pool buffers.
+    fn step(&self) -> Result<Step> {
         let mut st = self.lock();
         loop {
             if st.dead.is_some() {
-                return self.closed_result(&st);
+                return Ok(Step::Dead);
             }
             let Some(ev) = st.events.pop_front() else {
-                if self.poller.spins() && !spun {
-                    // Take the next request off the completion queue on this thread, if it
-                    // comes soon (see `Poller`), before sleeping.
-                    drop(st);
-                    spun = true;
-                    self.poller.spin(self, &|| {
-                        let st = self.lock();
-                        !st.events.is_empty() || st.dead.is_some()
-                    });
-                    st = self.lock();
-                    continue;
-                }
-                st = self.wait(&self.events_cv, st);
-                continue;
+                return Ok(Step::Empty);
             };
             let s = match ev {
                 Ev::ReadsDone(s) => {
                     let bufs = std::mem::take(&mut st.slots[s].bufs);
-                    return Ok(Some(self.deliver(&mut st, s, bufs)));
+                    return Ok(Step::Got(self.deliver(&mut st, s, bufs)));
                 }
                 Ev::New(s) => s,
             };
             let total = st.slots[s].send_total;
             if total == 0 {
-                return Ok(Some(self.deliver(&mut st, s, Vec::new())));
+                return Ok(Step::Got(self.deliver(&mut st, s, Vec::new())));
             }
             // Pool buffers for the payload: may wait for the pool, so not under the lock.
             drop(st);
             let bufs = self.pool.get_span(total);
             st = self.lock();
             if st.dead.is_some() {
-                return self.closed_result(&st);
+                return Ok(Step::Dead);
             }
             let bufs = match bufs {
                 Ok(b) => b.into_vec(),
@@ -839,7 +1053,7 @@ impl SCore {
                     b[..k].copy_from_slice(&src[..k]);
                     src = &src[k..];
                 }
-                return Ok(Some(self.deliver(&mut st, s, bufs)));
+                return Ok(Step::Got(self.deliver(&mut st, s, bufs)));
             }
             let (g, r) = self.post_reads(st, s, bufs);
             st = g;
@@ -1044,19 +1258,17 @@ impl SCore {
         st.ids.remove(&id);
         st.slots[s].reset();
         st.free.push(s);
-        st.last_activity = Instant::now();
+        drop(guard);
+        self.shared.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.shared.touch();
         Ok(())
     }
 
-    fn close(&self) {
+    /// Stops new replies and lets those already posted reach the client (a refusal like
+    /// "server full" is sent right before the connection is closed), until `deadline`.
+    fn drain(&self, deadline: Instant) {
         let mut st = self.lock();
-        if st.dead.is_some() {
-            return;
-        }
         st.closing = true;
-        // Let replies already posted reach the client (a refusal like "server full" is sent
-        // right before the connection is closed).
-        let deadline = Instant::now() + CLOSE_DRAIN;
         while st.dead.is_none() && !st.sq.idle() {
             let now = Instant::now();
             if now >= deadline {
@@ -1068,11 +1280,6 @@ impl SCore {
                 Err(p) => p.into_inner().0,
             };
             st.room_waiters -= 1;
-        }
-        let r = format!("the connection from {} was closed by the server", self.peer);
-        if self.fail_locked(&mut st, r, End::Clean) {
-            drop(st);
-            self.after_fail();
         }
     }
 }
@@ -1117,10 +1324,11 @@ impl ConnCore for SCore {
     fn on_tick(&self) {
         let Some(idle) = self.idle else { return };
         let mut st = self.lock();
-        if st.dead.is_some() || st.free.len() < st.slots.len() || !st.sq.idle() {
+        // Idle means no request of any queue pair in flight and none for `idle`.
+        if st.dead.is_some() || self.shared.in_flight.load(Ordering::Relaxed) > 0 || !st.sq.idle() {
             return;
         }
-        if st.last_activity.elapsed() > idle {
+        if self.shared.idle_for() > idle {
             let r = format!(
                 "the connection from {} was idle for longer than server.idle_timeout ({idle:?})",
                 self.peer
@@ -1137,6 +1345,7 @@ impl ConnCore for SCore {
     }
 
     fn on_socket_end(&self, why: Option<String>) {
+        self.shared.drain_all();
         match why {
             None => self.fail(
                 format!("the client {} closed the connection", self.peer),
@@ -1154,31 +1363,105 @@ impl ConnCore for SCore {
     }
 }
 
-impl Replier for SCore {
+impl Lanes {
+    /// Ends every queue pair of the connection, after letting posted replies drain.
+    fn close(&self) {
+        let deadline = Instant::now() + CLOSE_DRAIN;
+        for c in &self.cores {
+            c.drain(deadline);
+        }
+        for c in &self.cores {
+            let r = format!("the connection from {} was closed by the server", c.peer);
+            c.fail(r, End::Clean);
+        }
+    }
+}
+
+impl Replier for Lanes {
     fn reply(&self, id: u64, header: &[u8], payload: &[Iobuf]) -> Result<()> {
-        SCore::reply(self, id, header, payload)
+        let lane = (id >> LANE_SHIFT) as usize;
+        match self.cores.get(lane) {
+            Some(c) => c.reply(id & ((1 << LANE_SHIFT) - 1), header, payload),
+            None => Err(Error::InvalidArgument(format!(
+                "reply to request id {id}, which this connection never handed out"
+            ))),
+        }
     }
 
     fn close(&self) {
-        SCore::close(self);
+        Lanes::close(self);
+    }
+}
+
+impl RdmaServerConn {
+    /// Polls every queue pair's completion queue on this thread until something is ready
+    /// for `recv` (the generation moves past `gen`) or `rdma.spin_us` has passed.
+    fn spin(&self, gen: u64) {
+        let Some(first) = self.lanes.cores.first() else {
+            return;
+        };
+        let deadline = Instant::now() + first.poller.spin_time();
+        loop {
+            for c in &self.lanes.cores {
+                if c.poller.drain(&**c).is_err() {
+                    return;
+                }
+            }
+            if *lock(&self.shared.gen) != gen || Instant::now() >= deadline {
+                return;
+            }
+            std::hint::spin_loop();
+        }
     }
 }
 
 impl ServerConn for RdmaServerConn {
     fn limits(&self) -> Limits {
-        self.core.limits
+        self.limits
     }
 
     fn recv(&mut self) -> Result<Option<Incoming>> {
-        self.core.recv()
+        let n = self.lanes.cores.len();
+        let mut spun = false;
+        loop {
+            let gen = *lock(&self.shared.gen);
+            for k in 0..n {
+                let i = (self.next + k) % n;
+                match self.lanes.cores[i].step() {
+                    Ok(Step::Got(mut inc)) => {
+                        self.next = (i + 1) % n;
+                        inc.id |= (i as u64) << LANE_SHIFT;
+                        return Ok(Some(inc));
+                    }
+                    Ok(Step::Empty) => {}
+                    Ok(Step::Dead) => return self.shared.closed_result(&self.peer),
+                    Err(e) => return Err(e),
+                }
+            }
+            let spins = self.lanes.cores.iter().any(|c| c.poller.spins());
+            if spins && !spun {
+                // Take the next request off the completion queues on this thread, if it
+                // comes soon (see `Poller`), before sleeping.
+                spun = true;
+                self.spin(gen);
+                continue;
+            }
+            let mut g = lock(&self.shared.gen);
+            while *g == gen {
+                g = match self.shared.events_cv.wait(g) {
+                    Ok(g) => g,
+                    Err(p) => p.into_inner(),
+                };
+            }
+        }
     }
 
     fn replier(&self) -> Arc<dyn Replier> {
-        self.core.clone()
+        self.lanes.clone()
     }
 
     fn peer(&self) -> String {
-        self.core.peer.clone()
+        self.peer.clone()
     }
 }
 
@@ -1186,6 +1469,6 @@ impl Drop for RdmaServerConn {
     /// Nobody can take this connection's requests any more: end it (a no-op when it has
     /// already ended, as after the core server's own `close`).
     fn drop(&mut self) {
-        self.core.close();
+        self.lanes.close();
     }
 }
