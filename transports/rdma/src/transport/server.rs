@@ -36,7 +36,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, Weak};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, RwLock, RwLockReadGuard, Weak};
 use std::time::{Duration, Instant};
 
 use zcio::config::{Config, RdmaConfig};
@@ -427,16 +427,21 @@ fn lane_core(
         state: Mutex::new(SState {
             dead: None,
             closing: false,
-            qp: Some(qp),
             recv,
             slots,
             free: (0..credits).rev().collect(),
             ids: HashMap::with_capacity(2 * credits),
             events: VecDeque::with_capacity(2 * credits),
+            spare_descs: Vec::with_capacity(credits),
+            spare_local: Vec::with_capacity(credits),
+        }),
+        post: Mutex::new(PostSide {
             sq: SendQueue::new(sq_depth, 4 * credits),
             local: Vec::with_capacity(limits.max_segments.max(64)),
             room_waiters: 0,
         }),
+        qp: RwLock::new(Some(qp)),
+        posting: AtomicUsize::new(0),
         room_cv: Condvar::new(),
         dead: AtomicBool::new(false),
         sock: sock.try_clone()?,
@@ -518,14 +523,26 @@ struct SState {
     dead: Option<String>,
     /// [`Replier::close`] is draining: no new replies.
     closing: bool,
-    qp: Option<QueuePair>,
     recv: Vec<Option<IobufMut>>,
     slots: Vec<SSlot>,
     free: Vec<usize>,
     ids: HashMap<u64, usize>,
     events: VecDeque<Ev>,
+    /// Descriptor lists lent to posts in progress: a request's remote descriptors (and the
+    /// local pieces of its READs) move out of the state while they are posted, and come
+    /// back here, kept for their capacity.
+    spare_descs: Vec<Vec<Desc>>,
+    spare_local: Vec<Vec<Local>>,
+}
+
+/// The send side of a queue pair: what posting needs, under its own lock. On Soft-RoCE a
+/// post runs the queue pair's protocol work in the posting thread (for a 64 KiB RDMA WRITE,
+/// about a millisecond under emulation): holding the state lock meanwhile would stop this
+/// queue pair's requests from being received and handed out for that long. The lock also
+/// keeps work requests posted in sequence order, which the ledger relies on.
+struct PostSide {
     sq: SendQueue,
-    /// Scratch for plans.
+    /// Scratch for reply plans.
     local: Vec<Local>,
     /// Threads waiting in [`SCore::wait_room`] or draining in `close`: a send-queue
     /// completion wakes them only when there are some.
@@ -547,6 +564,9 @@ struct Shared {
     events_cv: Condvar,
     /// The first failure of any queue pair (the others follow it): why and how it ended.
     end: Mutex<Option<(String, End)>>,
+    /// Set with `end`: no more replies on any queue pair, even one that has yet to see the
+    /// bootstrap socket end.
+    over: AtomicBool,
     /// Requests received and not yet answered, over all queue pairs.
     in_flight: AtomicUsize,
     /// When a request last arrived or was answered (milliseconds since `base`).
@@ -562,6 +582,7 @@ impl Shared {
             gen: Mutex::new(0),
             events_cv: Condvar::new(),
             end: Mutex::new(None),
+            over: AtomicBool::new(false),
             in_flight: AtomicUsize::new(0),
             last_activity: AtomicU64::new(0),
             base: Instant::now(),
@@ -592,6 +613,7 @@ impl Shared {
         if e.is_none() || (matches!(*e, Some((_, End::Clean))) && end == End::Failed) {
             *e = Some((reason.to_string(), end));
         }
+        self.over.store(true, Ordering::SeqCst);
     }
 
     /// Handles what every queue pair's completion queue holds (before the connection is
@@ -628,8 +650,17 @@ impl Shared {
 /// One queue pair of a connection.
 struct SCore {
     state: Mutex<SState>,
-    /// Signalled for send-queue room (repliers and `close` wait on it) and death.
+    /// Lock order: `state`, then `post`, then `qp`.
+    post: Mutex<PostSide>,
+    /// Read-locked to post, write-locked (after `post`, so no post is in progress) to
+    /// destroy it when the connection fails.
+    qp: RwLock<Option<QueuePair>>,
+    /// Signalled (with `post`) for send-queue room (repliers and `close` wait on it) and
+    /// death.
     room_cv: Condvar,
+    /// Replies between their state check and the end of their post: `close` waits for them
+    /// as for posted work requests. Decremented under `post`.
+    posting: AtomicUsize,
     dead: AtomicBool,
     sock: TcpStream,
     shared: Arc<Shared>,
@@ -667,6 +698,12 @@ struct Lanes {
     cores: Vec<Arc<SCore>>,
 }
 
+/// A reply's message: on the stack (an inline SEND) or in a control buffer of this length.
+enum ReplyMsg<'a> {
+    Inline(&'a [u8]),
+    Buf(IobufMut, usize),
+}
+
 /// What one look at a queue pair's events found.
 enum Step {
     Got(Incoming),
@@ -687,11 +724,12 @@ impl SCore {
         lock(&self.state)
     }
 
-    fn wait<'a>(&self, cv: &Condvar, g: MutexGuard<'a, SState>) -> MutexGuard<'a, SState> {
-        match cv.wait(g) {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        }
+    fn post_lock(&self) -> MutexGuard<'_, PostSide> {
+        lock(&self.post)
+    }
+
+    fn qp(&self) -> RwLockReadGuard<'_, Option<QueuePair>> {
+        self.qp.read().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Marks the connection dead and releases everything; the QP goes first.
@@ -703,11 +741,16 @@ impl SCore {
         self.shared.record_end(&reason, end);
         st.dead = Some(reason);
         self.dead.store(true, Ordering::SeqCst);
-        st.qp = None;
+        {
+            // First: after this the device touches none of our memory. Waits for a post in
+            // progress to end.
+            let mut p = self.post_lock();
+            *self.qp.write().unwrap_or_else(|p| p.into_inner()) = None;
+            p.sq.clear();
+        }
         for r in st.recv.iter_mut() {
             *r = None;
         }
-        st.sq.clear();
         for s in st.slots.iter_mut() {
             s.reset();
         }
@@ -814,7 +857,7 @@ impl SCore {
         self.shared.touch();
         // Repost at once: the client may send its next request as soon as it has this
         // one's reply.
-        let posted = match &st.qp {
+        let posted = match &*self.qp() {
             Some(qp) => post_recv_buf(qp, ri, &buf, self.ctl_reg),
             None => Ok(()),
         };
@@ -831,35 +874,37 @@ impl SCore {
     }
 
     fn on_send_queue(&self, kind: u8, slot: usize, seq: u64) {
-        let mut guard = self.lock();
-        let st = &mut *guard;
-        if st.dead.is_some() {
-            return;
-        }
-        if let Err(e) = st.sq.complete(seq) {
-            if self.fail_locked(st, format!("internal: {e}"), End::Failed) {
-                drop(guard);
-                self.after_fail();
+        let (retired, room_waiters) = {
+            let mut p = self.post_lock();
+            if self.dead.load(Ordering::SeqCst) {
+                return;
             }
+            (p.sq.complete(seq), p.room_waiters > 0)
+        };
+        if let Err(e) = retired {
+            self.fail(format!("internal: {e}"), End::Failed);
             return;
-        }
-        // Only a request's last READ is signaled: it completing means all of them did.
-        let reads_done = kind == KIND_READ
-            && st
-                .slots
-                .get(slot)
-                .is_some_and(|sl| sl.stage == Stage::Reading);
-        if reads_done {
-            st.slots[slot].stage = Stage::Ready;
-            st.events.push_back(Ev::ReadsDone(slot));
-        }
-        let room_waiters = st.room_waiters > 0;
-        drop(guard);
-        if reads_done {
-            self.shared.notify();
         }
         if room_waiters {
             self.room_cv.notify_all();
+        }
+        if kind != KIND_READ {
+            return;
+        }
+        // Only a request's last READ is signaled: it completing means all of them did.
+        let mut st = self.lock();
+        if st.dead.is_some() {
+            return;
+        }
+        if st
+            .slots
+            .get(slot)
+            .is_some_and(|sl| sl.stage == Stage::Reading)
+        {
+            st.slots[slot].stage = Stage::Ready;
+            st.events.push_back(Ev::ReadsDone(slot));
+            drop(st);
+            self.shared.notify();
         }
     }
 
@@ -878,126 +923,147 @@ impl SCore {
     /// Waits for `n` free send-queue entries; `Err` once the connection is dead.
     fn wait_room<'a>(
         &'a self,
-        mut g: MutexGuard<'a, SState>,
+        mut g: MutexGuard<'a, PostSide>,
         n: usize,
-    ) -> std::result::Result<MutexGuard<'a, SState>, MutexGuard<'a, SState>> {
+    ) -> std::result::Result<MutexGuard<'a, PostSide>, MutexGuard<'a, PostSide>> {
         loop {
-            if g.dead.is_some() {
+            if self.dead.load(Ordering::SeqCst) {
                 return Err(g);
             }
             if g.sq.room() >= n {
                 return Ok(g);
             }
             g.room_waiters += 1;
-            g = self.wait(&self.room_cv, g);
+            g = match self.room_cv.wait(g) {
+                Ok(g) => g,
+                Err(p) => p.into_inner(),
+            };
             g.room_waiters -= 1;
         }
     }
 
-    /// Posts the RDMA READs of request `s`'s payload into `bufs`.
+    /// A descriptor list to lend to a post.
+    fn spare_descs(&self, st: &mut SState) -> Vec<Desc> {
+        st.spare_descs
+            .pop()
+            .unwrap_or_else(|| Vec::with_capacity(self.limits.max_segments))
+    }
+
+    /// Starts the RDMA READs of request `s`'s payload into `bufs`: under the state lock
+    /// (held by the caller) the slot moves to `Reading` with the buffers, and its
+    /// descriptors are lent out; then the READs are posted under the send-side lock only.
+    /// On `Err` the connection has failed (the caller wakes everyone).
     fn post_reads<'a>(
         &'a self,
-        guard: MutexGuard<'a, SState>,
+        mut guard: MutexGuard<'a, SState>,
         s: usize,
         bufs: Vec<IobufMut>,
     ) -> (MutexGuard<'a, SState>, Result<()>) {
-        let mut guard = guard;
         let total = guard.slots[s].send_total;
-        {
-            let st = &mut *guard;
-            st.local.clear();
-            for b in &bufs {
-                match b.keys(self.reg) {
-                    Some(k) => st.local.push(Local {
-                        addr: b.as_ptr() as u64,
-                        len: b.len() as u32,
-                        lkey: k.lkey,
-                    }),
-                    None => {
-                        return (
-                            guard,
-                            Err(Error::InvalidArgument(
-                                "a pool buffer without rdma registration".into(),
-                            )),
-                        )
-                    }
+        let st = &mut *guard;
+        let mut local = st
+            .spare_local
+            .pop()
+            .unwrap_or_else(|| Vec::with_capacity(self.limits.max_segments));
+        local.clear();
+        for b in &bufs {
+            match b.keys(self.reg) {
+                Some(k) => local.push(Local {
+                    addr: b.as_ptr() as u64,
+                    len: b.len() as u32,
+                    lkey: k.lkey,
+                }),
+                None => {
+                    st.spare_local.push(local);
+                    let r = "internal: a pool buffer without rdma registration".to_string();
+                    self.fail_locked(st, r.clone(), End::Failed);
+                    return (guard, Err(Error::ConnectionClosed(r)));
                 }
             }
         }
-        let n = Plan::new(
-            &guard.slots[s].send,
-            &guard.local,
-            total as u64,
-            self.read_sge,
-        )
-        .count();
-        if n > self.sq_depth {
-            let r = format!(
+        let spare = self.spare_descs(st);
+        let remote = std::mem::replace(&mut st.slots[s].send, spare);
+        let n = Plan::new(&remote, &local, total as u64, self.read_sge).count();
+        st.slots[s].stage = Stage::Reading;
+        st.slots[s].bufs = bufs;
+        let posted = if n > self.sq_depth {
+            Err(format!(
                 "a request needs {n} RDMA READs, more than the send queue's {}",
                 self.sq_depth
-            );
-            self.fail_locked(&mut guard, r.clone(), End::Failed);
-            return (guard, Err(Error::ConnectionClosed(r)));
-        }
-        let mut guard = match self.wait_room(guard, n) {
-            Ok(g) => g,
-            Err(g) => {
-                let r = self.shared.closed_result(&self.peer).err();
-                return (
-                    g,
-                    Err(r.unwrap_or_else(|| Error::ConnectionClosed("closed".into()))),
-                );
-            }
+            ))
+        } else {
+            drop(guard);
+            let r = self.post_reads_unlocked(s, &remote, &local, total, n);
+            guard = self.lock();
+            r
         };
         let st = &mut *guard;
-        let mut posted: std::result::Result<(), String> = Ok(());
-        {
-            let SState {
-                slots,
-                local,
-                qp,
-                sq,
-                ..
-            } = st;
-            let mut plan = Plan::new(&slots[s].send, local, total as u64, self.read_sge);
-            let mut pieces = [Local::default(); MAX_SGE];
-            let mut sges = [Sge::default(); MAX_SGE];
-            let mut count = 0;
-            while let Some(w) = plan.next_into(&mut pieces[..self.read_sge]) {
-                for (d, p) in sges.iter_mut().zip(&pieces[..w.n_sge]) {
-                    *d = to_sge(p);
-                }
-                let seq = sq.next_seq();
-                count += 1;
-                let wr = wr_id(KIND_READ, s, seq);
-                let remote = Remote {
-                    addr: w.remote_addr,
-                    rkey: w.rkey,
-                };
-                // One completion per request: the last READ's (they complete in order).
-                let r = match qp {
-                    Some(qp) if count == n => qp.post_read(wr, &sges[..w.n_sge], remote),
-                    Some(qp) => qp.post_read_unsignaled(wr, &sges[..w.n_sge], remote),
-                    None => Ok(()),
-                };
-                if let Err(e) = r {
-                    posted = Err(format!("posting an RDMA READ: {}", chain(&e)));
-                    break;
-                }
+        local.clear();
+        st.spare_local.push(local);
+        let mut remote = remote;
+        remote.clear();
+        st.spare_descs.push(remote);
+        match posted {
+            Ok(()) => (guard, Ok(())),
+            Err(r) => {
+                self.fail_locked(st, r.clone(), End::Failed);
+                let e = self
+                    .shared
+                    .closed_result(&self.peer)
+                    .err()
+                    .unwrap_or(Error::ConnectionClosed(r));
+                (guard, Err(e))
             }
-            if count != n {
-                posted = posted.and(Err(format!(
-                    "internal: planned {n} RDMA READs, posted {count}"
-                )));
+        }
+    }
+
+    /// Posts `n` RDMA READs (the last one signaled) of the plan from `remote` into `local`.
+    fn post_reads_unlocked(
+        &self,
+        s: usize,
+        remote: &[Desc],
+        local: &[Local],
+        total: usize,
+        n: usize,
+    ) -> std::result::Result<(), String> {
+        let p = self.post_lock();
+        let mut p = match self.wait_room(p, n) {
+            Ok(p) => p,
+            Err(_) => return Err("the connection ended".into()),
+        };
+        let qp = self.qp();
+        let Some(qp) = qp.as_ref() else {
+            return Err("the queue pair is gone".into());
+        };
+        let mut plan = Plan::new(remote, local, total as u64, self.read_sge);
+        let mut pieces = [Local::default(); MAX_SGE];
+        let mut sges = [Sge::default(); MAX_SGE];
+        let mut count = 0;
+        while let Some(w) = plan.next_into(&mut pieces[..self.read_sge]) {
+            for (d, piece) in sges.iter_mut().zip(&pieces[..w.n_sge]) {
+                *d = to_sge(piece);
             }
-            slots[s].stage = Stage::Reading;
-            slots[s].bufs = bufs;
+            let seq = p.sq.next_seq();
+            count += 1;
+            let wr = wr_id(KIND_READ, s, seq);
+            let remote = Remote {
+                addr: w.remote_addr,
+                rkey: w.rkey,
+            };
+            // One completion per request: the last READ's (they complete in order).
+            let r = if count == n {
+                qp.post_read(wr, &sges[..w.n_sge], remote)
+            } else {
+                qp.post_read_unsignaled(wr, &sges[..w.n_sge], remote)
+            };
+            if let Err(e) = r {
+                return Err(format!("posting an RDMA READ: {}", chain(&e)));
+            }
         }
-        if let Err(r) = posted {
-            self.fail_locked(st, r.clone(), End::Failed);
-            return (guard, Err(Error::ConnectionClosed(r)));
+        if count != n {
+            return Err(format!("internal: planned {n} RDMA READs, posted {count}"));
         }
-        (guard, Ok(()))
+        Ok(())
     }
 
     /// Works through this queue pair's events until a request is ready to hand out (its
@@ -1124,48 +1190,126 @@ impl SCore {
             }
         }
 
-        let mut guard = self.lock();
-        if let Some(r) = &guard.dead {
-            return Err(Error::ConnectionClosed(r.clone()));
-        }
-        if guard.closing {
-            return Err(Error::ConnectionClosed(format!(
-                "the connection from {} is being closed by the server",
-                self.peer
-            )));
-        }
-        let s = match guard.ids.get(&id) {
-            Some(&s) if guard.slots[s].stage == Stage::Delivered => s,
-            _ => {
-                return Err(Error::InvalidArgument(format!(
+        // Under the state lock: the request's checks. Its slot is free again from here on
+        // (the client cannot use this credit again before it has this reply), and its
+        // receive descriptors are lent to the post.
+        let remote = {
+            let mut guard = self.lock();
+            let st = &mut *guard;
+            if let Some(r) = &st.dead {
+                return Err(Error::ConnectionClosed(r.clone()));
+            }
+            if self.shared.over.load(Ordering::SeqCst) {
+                let why = lock(&self.shared.end).clone().map(|(why, _)| why);
+                return Err(Error::ConnectionClosed(why.unwrap_or_default()));
+            }
+            if st.closing {
+                return Err(Error::ConnectionClosed(format!(
+                    "the connection from {} is being closed by the server",
+                    self.peer
+                )));
+            }
+            let s = match st.ids.get(&id) {
+                Some(&s) if st.slots[s].stage == Stage::Delivered => s,
+                _ => {
+                    return Err(Error::InvalidArgument(format!(
                     "reply to request id {id}, which is not in flight on the connection from {}",
                     self.peer
                 )))
+                }
+            };
+            let cap = st.slots[s].recv_cap;
+            if total > cap {
+                return Err(over(
+                    "reply payload (the request's reply capacity)",
+                    total,
+                    cap,
+                ));
             }
+            let spare = self.spare_descs(st);
+            let remote = std::mem::replace(&mut st.slots[s].recv, spare);
+            st.ids.remove(&id);
+            st.slots[s].reset();
+            st.free.push(s);
+            // `close` waits for this reply's post too.
+            self.posting.fetch_add(1, Ordering::SeqCst);
+            remote
         };
-        let cap = guard.slots[s].recv_cap;
-        if total > cap {
-            return Err(over(
-                "reply payload (the request's reply capacity)",
-                total,
-                cap,
-            ));
+        self.shared.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.shared.touch();
+        let msg = match ctl_buf {
+            Some(b) => ReplyMsg::Buf(b, msg_len),
+            None => ReplyMsg::Inline(&stack[..msg_len]),
+        };
+        let posted = self.post_reply(&remote, payload, total, inline, msg);
+        {
+            let mut st = self.lock();
+            let mut remote = remote;
+            remote.clear();
+            st.spare_descs.push(remote);
         }
+        if let Err(r) = posted {
+            if self.dead.load(Ordering::SeqCst) {
+                let why = lock(&self.shared.end).clone().map(|(why, _)| why);
+                return Err(Error::ConnectionClosed(why.unwrap_or(r)));
+            }
+            let r = format!("{r} (connection from {})", self.peer);
+            self.fail(r.clone(), End::Failed);
+            return Err(Error::Transport {
+                transport: "rdma",
+                what: r,
+                source: "post failed".into(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Posts a reply: RDMA WRITEs of `payload` into `remote` (unless it travels inline),
+    /// then the SEND of the message. Under the send-side lock only; ends the reply's
+    /// `posting` count.
+    fn post_reply(
+        &self,
+        remote: &[Desc],
+        payload: &[Iobuf],
+        total: usize,
+        inline: bool,
+        msg: ReplyMsg<'_>,
+    ) -> std::result::Result<(), String> {
+        let p = self.post_lock();
+        let (p, r) = self.post_reply_locked(p, remote, payload, total, inline, msg);
+        // Under the lock, so that `close` (which checks it under the lock) cannot miss it.
+        self.posting.fetch_sub(1, Ordering::SeqCst);
+        let wake = p.room_waiters > 0;
+        drop(p);
+        if wake {
+            self.room_cv.notify_all();
+        }
+        r
+    }
+
+    fn post_reply_locked<'a>(
+        &'a self,
+        mut p: MutexGuard<'a, PostSide>,
+        remote: &[Desc],
+        payload: &[Iobuf],
+        total: usize,
+        inline: bool,
+        msg: ReplyMsg<'_>,
+    ) -> (MutexGuard<'a, PostSide>, std::result::Result<(), String>) {
         let n_writes = if inline {
             0
         } else {
-            let st = &mut *guard;
-            st.local.clear();
+            p.local.clear();
             for b in payload.iter().filter(|b| !b.is_empty()) {
-                // Checked above: every buffer has keys.
+                // Checked by `reply`: every buffer has keys.
                 let lkey = b.keys(self.reg).map_or(0, |k| k.lkey);
-                st.local.push(Local {
+                p.local.push(Local {
                     addr: b.as_ptr() as u64,
                     len: b.len() as u32,
                     lkey,
                 });
             }
-            Plan::new(&st.slots[s].recv, &st.local, total as u64, self.write_sge).count()
+            Plan::new(remote, &p.local, total as u64, self.write_sge).count()
         };
         if n_writes + 1 > self.sq_depth {
             let r = format!(
@@ -1173,113 +1317,81 @@ impl SCore {
                 n_writes + 1,
                 self.sq_depth
             );
-            if self.fail_locked(&mut guard, r.clone(), End::Failed) {
-                drop(guard);
-                self.after_fail();
-            }
-            return Err(Error::ConnectionClosed(r));
+            return (p, Err(r));
         }
-        let mut guard = match self.wait_room(guard, n_writes + 1) {
-            Ok(g) => g,
-            Err(g) => return Err(Error::ConnectionClosed(g.dead.clone().unwrap_or_default())),
+        let mut p = match self.wait_room(p, n_writes + 1) {
+            Ok(p) => p,
+            Err(p) => return (p, Err("the connection ended".into())),
         };
-        let st = &mut *guard;
-        let mut posted: std::result::Result<(), String> = Ok(());
-        {
-            let SState {
-                slots,
-                local,
-                qp,
-                sq,
-                ..
-            } = &mut *st;
-            let Some(qp) = qp.as_ref() else {
-                return Err(Error::ConnectionClosed("the queue pair is gone".into()));
-            };
-            if !inline {
-                let mut plan = Plan::new(&slots[s].recv, local, total as u64, self.write_sge);
-                let mut pieces = [Local::default(); MAX_SGE];
-                let mut sges = [Sge::default(); MAX_SGE];
-                while let Some(w) = plan.next_into(&mut pieces[..self.write_sge]) {
-                    for (d, p) in sges.iter_mut().zip(&pieces[..w.n_sge]) {
-                        *d = to_sge(p);
-                    }
-                    let seq = sq.next_seq();
-                    // Unsignaled: the SEND that follows is, and completes after it.
-                    if let Err(e) = qp.post_write_unsignaled(
-                        wr_id(KIND_WRITE, s, seq),
-                        &sges[..w.n_sge],
-                        Remote {
-                            addr: w.remote_addr,
-                            rkey: w.rkey,
-                        },
-                    ) {
-                        posted = Err(format!("posting an RDMA WRITE: {}", chain(&e)));
-                        break;
-                    }
+        let qp_guard = self.qp();
+        let Some(qp) = qp_guard.as_ref() else {
+            return (p, Err("the queue pair is gone".into()));
+        };
+        let PostSide { sq, local, .. } = &mut *p;
+        if !inline {
+            let mut plan = Plan::new(remote, local, total as u64, self.write_sge);
+            let mut pieces = [Local::default(); MAX_SGE];
+            let mut sges = [Sge::default(); MAX_SGE];
+            while let Some(w) = plan.next_into(&mut pieces[..self.write_sge]) {
+                for (d, piece) in sges.iter_mut().zip(&pieces[..w.n_sge]) {
+                    *d = to_sge(piece);
                 }
-            }
-            if posted.is_ok() {
                 let seq = sq.next_seq();
-                if !inline {
-                    for b in payload.iter().filter(|b| !b.is_empty()) {
-                        sq.hold(seq, Held::View(b.clone()));
-                    }
+                // Unsignaled: the SEND that follows is, and completes after it. The slot
+                // number in the id is unused for WRITEs and SENDs.
+                if let Err(e) = qp.post_write_unsignaled(
+                    wr_id(KIND_WRITE, 0, seq),
+                    &sges[..w.n_sge],
+                    Remote {
+                        addr: w.remote_addr,
+                        rkey: w.rkey,
+                    },
+                ) {
+                    let r = format!("posting an RDMA WRITE: {}", chain(&e));
+                    return (p, Err(r));
                 }
-                let wr = wr_id(KIND_SEND, s, seq);
-                let r = match ctl_buf.take() {
-                    None => qp.post_send_inline(wr, &[&stack[..msg_len]]),
-                    Some(b) => {
-                        let r = match buf_sge(&b, msg_len, self.ctl_reg) {
-                            Some(sge) => qp.post_send(wr, &[sge]),
-                            None => Ok(()),
-                        };
-                        sq.hold(seq, Held::Buf(b));
-                        r
-                    }
+            }
+        }
+        let seq = sq.next_seq();
+        if !inline {
+            for b in payload.iter().filter(|b| !b.is_empty()) {
+                sq.hold(seq, Held::View(b.clone()));
+            }
+        }
+        let wr = wr_id(KIND_SEND, 0, seq);
+        let r = match msg {
+            ReplyMsg::Inline(m) => qp.post_send_inline(wr, &[m]),
+            ReplyMsg::Buf(b, len) => {
+                let r = match buf_sge(&b, len, self.ctl_reg) {
+                    Some(sge) => qp.post_send(wr, &[sge]),
+                    None => Ok(()),
                 };
-                if let Err(e) = r {
-                    posted = Err(format!("posting a reply SEND: {}", chain(&e)));
-                }
+                sq.hold(seq, Held::Buf(b));
+                r
             }
-        }
-        if let Err(r) = posted {
-            let r = format!("{r} (connection from {})", self.peer);
-            if self.fail_locked(st, r.clone(), End::Failed) {
-                drop(guard);
-                self.after_fail();
-            }
-            return Err(Error::Transport {
-                transport: "rdma",
-                what: r,
-                source: "post failed".into(),
-            });
-        }
-        st.ids.remove(&id);
-        st.slots[s].reset();
-        st.free.push(s);
-        drop(guard);
-        self.shared.in_flight.fetch_sub(1, Ordering::Relaxed);
-        self.shared.touch();
-        Ok(())
+        };
+        let r = r.map_err(|e| format!("posting a reply SEND: {}", chain(&e)));
+        (p, r)
     }
 
     /// Stops new replies and lets those already posted reach the client (a refusal like
     /// "server full" is sent right before the connection is closed), until `deadline`.
     fn drain(&self, deadline: Instant) {
-        let mut st = self.lock();
-        st.closing = true;
-        while st.dead.is_none() && !st.sq.idle() {
+        self.lock().closing = true;
+        let mut p = self.post_lock();
+        while !self.dead.load(Ordering::SeqCst)
+            && (!p.sq.idle() || self.posting.load(Ordering::SeqCst) > 0)
+        {
             let now = Instant::now();
             if now >= deadline {
                 break;
             }
-            st.room_waiters += 1;
-            st = match self.room_cv.wait_timeout(st, deadline - now) {
+            p.room_waiters += 1;
+            p = match self.room_cv.wait_timeout(p, deadline - now) {
                 Ok((g, _)) => g,
-                Err(p) => p.into_inner().0,
+                Err(e) => e.into_inner().0,
             };
-            st.room_waiters -= 1;
+            p.room_waiters -= 1;
         }
     }
 }
@@ -1325,7 +1437,10 @@ impl ConnCore for SCore {
         let Some(idle) = self.idle else { return };
         let mut st = self.lock();
         // Idle means no request of any queue pair in flight and none for `idle`.
-        if st.dead.is_some() || self.shared.in_flight.load(Ordering::Relaxed) > 0 || !st.sq.idle() {
+        if st.dead.is_some() || self.shared.in_flight.load(Ordering::Relaxed) > 0 {
+            return;
+        }
+        if !self.post_lock().sq.idle() {
             return;
         }
         if self.shared.idle_for() > idle {
