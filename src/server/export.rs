@@ -13,7 +13,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::path::Path;
 
 use nix::errno::Errno;
-use nix::fcntl::{openat2, OFlag, OpenHow, ResolveFlag};
+use nix::fcntl::{fcntl, openat2, FcntlArg, OFlag, OpenHow, ResolveFlag};
 use nix::sys::stat::{fstat, fstatat, mkdirat, FileStat, Mode};
 use nix::unistd::{unlinkat, UnlinkatFlags};
 
@@ -159,11 +159,25 @@ impl Export {
         }
         // A created file's mode defaults to 0644 when the client sends 0.
         let mode = if mode == 0 { 0o644 } else { mode };
-        let fd = self.resolve(path, o, mode, "open")?;
+        // Non-blocking, so that a FIFO (or a device) in the export cannot hold a server
+        // thread in open(2) until a writer comes; refused below, and the flag is cleared
+        // on a regular file (where it has no effect anyway).
+        let fd = self.resolve(path, o | OFlag::O_NONBLOCK, mode, "open")?;
         let st = fstat(&fd).map_err(|e| OpError::errno(e, "stat", path))?;
-        if st.st_mode & libc::S_IFMT != libc::S_IFREG {
-            return Err(OpError::errno(Errno::EISDIR, "open", path));
+        match st.st_mode & libc::S_IFMT {
+            libc::S_IFREG => {}
+            libc::S_IFDIR => return Err(OpError::errno(Errno::EISDIR, "open", path)),
+            _ => {
+                return Err(OpError::errno(
+                    Errno::EINVAL,
+                    "open (not a regular file)",
+                    path,
+                ))
+            }
         }
+        let fl = fcntl(&fd, FcntlArg::F_GETFL).map_err(|e| OpError::errno(e, "open", path))?;
+        let fl = OFlag::from_bits_truncate(fl) - OFlag::O_NONBLOCK;
+        fcntl(&fd, FcntlArg::F_SETFL(fl)).map_err(|e| OpError::errno(e, "open", path))?;
         Ok((File::from(fd), direct))
     }
 

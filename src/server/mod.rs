@@ -421,8 +421,11 @@ fn serve_conn(shared: &Arc<Shared>, mut sc: Box<dyn ServerConn>, jobs: &Schedule
             Ok(Some(inc)) => {
                 // A client with one request outstanding (a synchronous caller) is served on
                 // this thread: one thread hand-off less per request. Deeper queues go to
-                // the workers, which run them in parallel.
-                if conn.permits.available() + 1 == shared.cfg.server.max_in_flight {
+                // the workers, which run them in parallel; so does a request with more
+                // already waiting in the transport behind it (else a deep queue would be
+                // served here one at a time: each arrives alone as the last is answered).
+                if conn.permits.available() + 1 == shared.cfg.server.max_in_flight && !sc.backlog()
+                {
                     handle(Job {
                         conn: conn.clone(),
                         inc,

@@ -153,8 +153,15 @@
 //! the stack, so in steady state the transport allocates only what the contract's types
 //! require (the reply or request header `Vec`, the completion handle, the payload
 //! `Vec<Iobuf>`). `ServerConn::recv` takes requests from a queue the connection thread
-//! fills; `Replier::reply` posts from any thread. Posting happens under the connection's
-//! lock, so send-queue completions retire work requests in sequence order.
+//! fills; `Replier::reply` posts from any thread. On the client, posting happens under the
+//! queue pair's lock. On the server it happens under a separate send-side lock, not the
+//! state lock: on Soft-RoCE a post does the queue pair's protocol work in the posting thread
+//! (for a 64 KiB RDMA WRITE about a millisecond under emulation), and meanwhile the queue
+//! pair's requests must keep arriving and being handed out. A reply frees its request's
+//! slot and lends its descriptors out under the state lock, then posts under the send-side
+//! lock with the queue pair read-locked (failure write-locks it to destroy it, so no post is
+//! in progress then). The send-side lock keeps work requests posted in sequence order, so
+//! send-queue completions retire them in order.
 //!
 //! ## Failure
 //! Any error completion (a remote access error from a bogus rkey, retries exceeded, a

@@ -62,8 +62,9 @@ pub(crate) enum Held {
 /// order, and only some are signaled (the last of each batch: a reply's SEND after its RDMA
 /// WRITEs, a request's last RDMA READ), so a completion retires every outstanding work
 /// request up to and including its own: the resources held for them are released, and their
-/// entries in the queue's depth are free again. Posting happens under the connection's lock,
-/// so sequence numbers follow the posting order.
+/// entries in the queue's depth are free again. Posting and completing happen under one
+/// lock (the client's state lock, the server's send-side lock), so sequence numbers follow
+/// the posting order.
 pub(crate) struct SendQueue {
     room: usize,
     next_post: u64,
