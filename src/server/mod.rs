@@ -5,8 +5,12 @@
 //! threads, which do the file I/O with `preadv`/`pwritev` straight into and out of pool
 //! buffers and send the reply from those same buffers. A per-connection limit on requests
 //! in flight stops the receiving thread (and so, through the transport, the client) when a
-//! connection asks for more than its share. A connection's open files are closed when it
-//! goes away, however it goes.
+//! connection asks for more than its share. A request that is alone (nothing else of its
+//! connection in flight, and nothing waiting behind it in the transport:
+//! `ServerConn::backlog`) is served on the receiving thread itself, one thread hand-off less
+//! for a synchronous client. Only regular files are opened: a FIFO or device node in the
+//! export is refused without blocking. A connection's open files are closed when it goes
+//! away, however it goes.
 
 mod export;
 
