@@ -6,8 +6,7 @@
 //! buffers and send the reply from those same buffers. A per-connection limit on requests
 //! in flight stops the receiving thread (and so, through the transport, the client) when a
 //! connection asks for more than its share. A request that is alone (nothing else of its
-//! connection in flight, and nothing waiting behind it in the transport:
-//! `ServerConn::backlog`) is served on the receiving thread itself, one thread hand-off less
+//! connection in flight) is served on the receiving thread itself, one thread hand-off less
 //! for a synchronous client. Only regular files are opened: a FIFO or device node in the
 //! export is refused without blocking. A connection's open files are closed when it goes
 //! away, however it goes.
@@ -425,11 +424,8 @@ fn serve_conn(shared: &Arc<Shared>, mut sc: Box<dyn ServerConn>, jobs: &Schedule
             Ok(Some(inc)) => {
                 // A client with one request outstanding (a synchronous caller) is served on
                 // this thread: one thread hand-off less per request. Deeper queues go to
-                // the workers, which run them in parallel; so does a request with more
-                // already waiting in the transport behind it (else a deep queue would be
-                // served here one at a time: each arrives alone as the last is answered).
-                if conn.permits.available() + 1 == shared.cfg.server.max_in_flight && !sc.backlog()
-                {
+                // the workers, which run them in parallel.
+                if conn.permits.available() + 1 == shared.cfg.server.max_in_flight {
                     handle(Job {
                         conn: conn.clone(),
                         inc,
