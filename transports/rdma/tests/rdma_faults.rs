@@ -266,6 +266,16 @@ impl Write for Capture {
     }
 }
 
+/// Waits up to 10 s for every buffer of `pool` to be back (a server returns them from its own
+/// threads, shortly after a connection ends); fails with `what` otherwise.
+fn wait_pool_empty(pool: &Pool, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while pool.stats().slots_in_use() != 0 {
+        assert!(Instant::now() < deadline, "{what}: {}", pool.stats());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 fn captured_logs() -> &'static Arc<Mutex<Vec<u8>>> {
     static LOGS: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
     LOGS.get_or_init(|| {
@@ -679,15 +689,7 @@ fn server_closing_a_connection_fails_its_requests_promptly() {
         0,
         "client buffers not returned"
     );
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while spool.stats().slots_in_use() != 0 {
-        assert!(
-            Instant::now() < deadline,
-            "server buffers not returned: {}",
-            spool.stats()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_pool_empty(&spool, "server buffers not returned");
 }
 
 #[test]
@@ -1088,11 +1090,7 @@ fn queue_pairs_are_negotiated_share_out_requests_and_route_replies() {
         drop(sconn);
         listener.shutdown();
         assert_eq!(cpool.stats().slots_in_use(), 0, "{case}: client buffers");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while spool.stats().slots_in_use() != 0 {
-            assert!(Instant::now() < deadline, "{case}: server buffers held");
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        wait_pool_empty(&spool, &format!("{case}: server buffers held"));
     }
 }
 
@@ -1149,9 +1147,5 @@ fn one_queue_pair_failing_fails_the_whole_connection() {
     drop(conn);
     listener.shutdown();
     assert_eq!(cpool.stats().slots_in_use(), 0, "client buffers");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while spool.stats().slots_in_use() != 0 {
-        assert!(Instant::now() < deadline, "server buffers held");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_pool_empty(&spool, "server buffers held");
 }

@@ -39,11 +39,11 @@ use zcio::transport::{
 };
 use zcio::{Error, IobufMut, Pool, Result};
 
-use super::bootstrap::{Hello, Role, HELLO_LEN, MAX_CREDITS, MAX_QUEUE_PAIRS, READY};
+use super::bootstrap::{Hello, Role, HELLO_LEN, MAX_CREDITS, MAX_QUEUE_PAIRS};
 use super::conn::{
-    buf_sge, chain, control_bytes, control_pool, create_qp, describe_failure, post_recv_buf,
-    recv_exact, round_page, send_all, spawn_conn_thread, tick_for, wr_id, wr_parts, ConnCore,
-    Poller, QpSizes, SendQueue, KIND_RECV, KIND_SEND,
+    buf_sge, chain, connection_limits, control_bytes, control_pool, create_qp, describe_failure,
+    exchange_ready, msg_limits, post_recv_buf, recv_exact, round_page, send_all, spawn_conn_thread,
+    tick_for, wr_id, wr_parts, ConnCore, Poller, QpSizes, SendQueue, KIND_RECV, KIND_SEND,
 };
 use super::device::{device, register_err, registrar_id, Device, Side};
 use super::msg::{
@@ -287,6 +287,7 @@ pub(crate) fn connect(faults: Faults, cfg: &Config, pool: &Pool) -> Result<RdmaC
             format!("the server {peer} granted {n} queue pairs, {offer} were offered"),
         ));
     }
+    let first_limits = first.limits;
     let mut lanes = vec![first];
     for i in 1..n {
         let lane = open_lane(&sock, &dev, r, &p, n, &peer, &hs)?;
@@ -302,22 +303,10 @@ pub(crate) fn connect(faults: Faults, cfg: &Config, pool: &Pool) -> Result<RdmaC
         }
         lanes.push(lane);
     }
-    send_all(&sock, &[READY]).map_err(hs)?;
-    let mut ready = [0u8; 1];
-    recv_exact(&sock, &mut ready).map_err(hs)?;
-    if ready[0] != READY {
-        return Err(Error::decode(
-            "rdma handshake",
-            format!("the server {peer} sent {:#04x} instead of ready", ready[0]),
-        ));
-    }
+    exchange_ready(&sock, &format!("the server {peer}"), &hs)?;
     sock.set_read_timeout(None).map_err(setup)?;
 
-    let mut limits = lanes[0].limits;
-    for l in &lanes[1..] {
-        limits = limits.min(&l.limits);
-    }
-    limits.max_in_flight = lanes.iter().map(|l| l.limits.max_in_flight).sum();
+    let limits = connection_limits(first_limits, lanes[1..].iter().map(|l| l.limits));
     let ended = Arc::new(Ended::default());
     let mut cores = Vec::with_capacity(lanes.len());
     for l in lanes {
@@ -365,12 +354,7 @@ pub(crate) fn connect(faults: Faults, cfg: &Config, pool: &Pool) -> Result<RdmaC
             ctl_reg,
             pd: dev.pd.clone(),
             limits,
-            msg_limits: MsgLimits {
-                max_header: limits.max_header,
-                max_segments: limits.max_segments,
-                max_payload: limits.max_payload,
-                inline_threshold: limits.inline_threshold,
-            },
+            msg_limits: msg_limits(&limits),
             register_threshold: r.register_threshold.min(pool.max_buffer_size()).max(1),
             max_inline_send,
             timeout,

@@ -14,9 +14,12 @@ use nix::errno::Errno;
 use nix::sys::socket::{send, MsgFlags};
 use zcio::config::RdmaConfig;
 use zcio::pool::{ClassConfig, PoolConfig, RegistrarId};
+use zcio::transport::Limits;
 use zcio::{Error, Iobuf, IobufMut, Pool, Result};
 
+use super::bootstrap::READY;
 use super::device::Device;
+use super::msg::MsgLimits;
 use super::rdma_err;
 use crate::verbs::{Completion, CompletionQueue, CqMode, QpConfig, QueuePair, Sge, WcStatus};
 use crate::RdmaError;
@@ -246,6 +249,48 @@ pub(crate) fn create_qp(
         Err(e) => return Err(rdma_err("creating an RC queue pair".into(), e)),
     };
     Ok((cq, qp))
+}
+
+/// The end of the bootstrap: sends [`READY`] and reads the peer's (`who` names the peer
+/// in the error).
+pub(crate) fn exchange_ready(
+    sock: &TcpStream,
+    who: &str,
+    hs: &dyn Fn(io::Error) -> Error,
+) -> Result<()> {
+    send_all(sock, &[READY]).map_err(hs)?;
+    let mut ready = [0u8; 1];
+    recv_exact(sock, &mut ready).map_err(hs)?;
+    if ready[0] != READY {
+        return Err(Error::decode(
+            "rdma handshake",
+            format!("{who} sent {:#04x} instead of ready", ready[0]),
+        ));
+    }
+    Ok(())
+}
+
+/// The limits of a connection from those of its queue pairs: what all of them can carry,
+/// and the credits of all of them in flight.
+pub(crate) fn connection_limits(first: Limits, rest: impl IntoIterator<Item = Limits>) -> Limits {
+    let mut in_flight = first.max_in_flight;
+    let mut l = first;
+    for x in rest {
+        in_flight += x.max_in_flight;
+        l = l.min(&x);
+    }
+    l.max_in_flight = in_flight;
+    l
+}
+
+/// What a queue pair's message decoders check against: its negotiated limits.
+pub(crate) fn msg_limits(l: &Limits) -> MsgLimits {
+    MsgLimits {
+        max_header: l.max_header,
+        max_segments: l.max_segments,
+        max_payload: l.max_payload,
+        inline_threshold: l.inline_threshold,
+    }
 }
 
 /// Sends all of `bytes` on the bootstrap socket (never raising SIGPIPE).

@@ -45,11 +45,12 @@ use zcio::transport::accept::HandshakeListener;
 use zcio::transport::{Incoming, Limits, Replier, ServerConn, MAX_HEADER};
 use zcio::{Error, Iobuf, IobufMut, Pool, Result};
 
-use super::bootstrap::{BootstrapError, Hello, Role, HELLO_LEN, MAX_CREDITS, READY};
+use super::bootstrap::{BootstrapError, Hello, Role, HELLO_LEN, MAX_CREDITS, MAX_QUEUE_PAIRS};
 use super::conn::{
-    buf_sge, chain, control_bytes, control_pool, create_qp, describe_failure, post_recv_buf,
-    recv_exact, round_page, send_all, spawn_conn_thread, tick_for, wr_id, wr_parts, ConnCore, Held,
-    Poller, QpSizes, SendQueue, KIND_READ, KIND_RECV, KIND_SEND, KIND_WRITE, MAX_SGE,
+    buf_sge, chain, connection_limits, control_bytes, control_pool, create_qp, describe_failure,
+    exchange_ready, msg_limits, post_recv_buf, recv_exact, round_page, send_all, spawn_conn_thread,
+    tick_for, wr_id, wr_parts, ConnCore, Held, Poller, QpSizes, SendQueue, KIND_READ, KIND_RECV,
+    KIND_SEND, KIND_WRITE, MAX_SGE,
 };
 use super::device::{device, registrar_id, Device, Side};
 use super::msg::{decode_request, encode_reply, max_request_len, reply_len, Desc, MsgLimits};
@@ -139,9 +140,8 @@ struct LaneSetup {
     recv: Vec<Option<IobufMut>>,
     ctl: Pool,
     ctl_reg: RegistrarId,
-    credits: usize,
+    /// Negotiated; `max_in_flight` is this queue pair's credits.
     limits: Limits,
-    msg_limits: MsgLimits,
     write_sge: usize,
     read_sge: usize,
     sq_depth: usize,
@@ -198,7 +198,7 @@ fn handshake(sock: TcpStream, peer: SocketAddr, ctx: &ListenCtx) -> Result<Box<d
     };
     let n = first
         .queue_pairs
-        .min(u8::try_from(r.queue_pairs.clamp(1, 8)).unwrap_or(1))
+        .min(u8::try_from(r.queue_pairs.clamp(1, usize::from(MAX_QUEUE_PAIRS))).unwrap_or(1))
         .max(1);
     let mut lanes: Vec<LaneSetup> = Vec::with_capacity(usize::from(n));
     let mut theirs = first;
@@ -219,22 +219,10 @@ fn handshake(sock: TcpStream, peer: SocketAddr, ctx: &ListenCtx) -> Result<Box<d
         }
         lanes.push(accept_lane(&sock, ctx, &theirs, n, &peer_s, &hs)?);
     }
-    send_all(&sock, &[READY]).map_err(hs)?;
-    let mut ready = [0u8; 1];
-    recv_exact(&sock, &mut ready).map_err(hs)?;
-    if ready[0] != READY {
-        return Err(Error::decode(
-            "rdma handshake",
-            format!("the client {peer} sent {:#04x} instead of ready", ready[0]),
-        ));
-    }
+    exchange_ready(&sock, &format!("the client {peer}"), &hs)?;
     sock.set_read_timeout(None).map_err(setup)?;
     let shared = Arc::new(Shared::new());
-    let mut limits = lanes[0].limits;
-    for l in &lanes[1..] {
-        limits = limits.min(&l.limits);
-    }
-    limits.max_in_flight = lanes.iter().map(|l| l.credits).sum();
+    let limits = connection_limits(lanes[0].limits, lanes[1..].iter().map(|l| l.limits));
     let mut cores = Vec::with_capacity(lanes.len());
     for (i, lane) in lanes.into_iter().enumerate() {
         cores.push(lane_core(i, lane, ctx, &sock, &shared, &peer_s).map_err(setup)?);
@@ -366,7 +354,6 @@ fn accept_lane(
         recv,
         ctl,
         ctl_reg,
-        credits,
         limits: Limits {
             max_segments,
             max_payload,
@@ -374,12 +361,6 @@ fn accept_lane(
             max_in_flight: credits,
             inline_threshold: inline,
             rdma_payload: true,
-        },
-        msg_limits: MsgLimits {
-            max_header,
-            max_segments,
-            max_payload,
-            inline_threshold: inline,
         },
         write_sge,
         read_sge,
@@ -402,13 +383,12 @@ fn lane_core(
         recv,
         ctl,
         ctl_reg,
-        credits,
         limits,
-        msg_limits,
         write_sge,
         read_sge,
         sq_depth,
     } = l;
+    let credits = limits.max_in_flight;
     let slots = (0..credits)
         .map(|_| SSlot {
             stage: Stage::Free,
@@ -452,7 +432,7 @@ fn lane_core(
         ctl,
         ctl_reg,
         limits,
-        msg_limits,
+        msg_limits: msg_limits(&limits),
         max_inline_send,
         write_sge,
         read_sge,
@@ -629,6 +609,11 @@ impl Shared {
         {
             while c.poller.drain(&*c).is_ok_and(|n| n > 0) {}
         }
+    }
+
+    /// Why the connection ended, once it has.
+    fn reason(&self) -> Option<String> {
+        lock(&self.end).as_ref().map(|(why, _)| why.clone())
     }
 
     /// What `recv` returns once the connection has ended.
@@ -1200,8 +1185,9 @@ impl SCore {
                 return Err(Error::ConnectionClosed(r.clone()));
             }
             if self.shared.over.load(Ordering::SeqCst) {
-                let why = lock(&self.shared.end).clone().map(|(why, _)| why);
-                return Err(Error::ConnectionClosed(why.unwrap_or_default()));
+                return Err(Error::ConnectionClosed(
+                    self.shared.reason().unwrap_or_default(),
+                ));
             }
             if st.closing {
                 return Err(Error::ConnectionClosed(format!(
@@ -1250,8 +1236,7 @@ impl SCore {
         }
         if let Err(r) = posted {
             if self.dead.load(Ordering::SeqCst) {
-                let why = lock(&self.shared.end).clone().map(|(why, _)| why);
-                return Err(Error::ConnectionClosed(why.unwrap_or(r)));
+                return Err(Error::ConnectionClosed(self.shared.reason().unwrap_or(r)));
             }
             let r = format!("{r} (connection from {})", self.peer);
             self.fail(r.clone(), End::Failed);
