@@ -372,7 +372,8 @@ pub(crate) fn run(a: BenchArgs) -> AnyResult<()> {
     }
     let client_stats = client_pool.stats();
     let server_stats = _embedded.as_ref().map(|s| s.pool().stats());
-    report(&a, &runs, &client_stats, server_stats.as_ref());
+    let queueing = _embedded.as_ref().map(|s| Queueing::of(s.stats()));
+    report(&a, &runs, &client_stats, server_stats.as_ref(), queueing);
     if a.hostile > 0 {
         println!("attacks (class: tried / contained by close, error reply or back-pressure):");
         for (i, name) in crate::hostile::CLASSES.iter().enumerate() {
@@ -815,11 +816,36 @@ fn median(v: &[f64]) -> f64 {
     }
 }
 
+/// How deep the embedded server's queues ran, over every run of the bench.
+#[derive(Clone, Copy)]
+struct Queueing {
+    received: u64,
+    mean_depth: f64,
+    inline_share: f64,
+}
+
+impl Queueing {
+    fn of(st: &zcio::server::ServerStats) -> Queueing {
+        let received = st.received.load(Ordering::Relaxed);
+        let inline = st.served_inline.load(Ordering::Relaxed);
+        Queueing {
+            received,
+            mean_depth: st.mean_depth(),
+            inline_share: if received == 0 {
+                0.0
+            } else {
+                inline as f64 / received as f64
+            },
+        }
+    }
+}
+
 fn report(
     a: &BenchArgs,
     runs: &[(String, Vec<Run>)],
     client: &zcio::pool::PoolStats,
     server: Option<&zcio::pool::PoolStats>,
+    queueing: Option<Queueing>,
 ) {
     let reference = runs
         .first()
@@ -857,6 +883,10 @@ fn report(
             "results": modes,
             "client_pool": pool_json(client),
             "server_pool": server.map(pool_json),
+            "server_queueing": queueing.map(|q| serde_json::json!({
+                "requests": q.received, "mean_depth": q.mean_depth,
+                "inline_share": q.inline_share,
+            })),
         });
         println!("{v:#}");
         return;
@@ -877,6 +907,14 @@ fn report(
     for (name, mb, io, p50, p99, p999, ratio) in rows {
         println!(
             "{name:<18} {mb:>10.1} {io:>10.0} {p50:>10.1} {p99:>10.1} {p999:>10.1} {ratio:>8.3}"
+        );
+    }
+    if let Some(q) = queueing {
+        println!(
+            "server: {} requests, {:.1} of their connection's requests in the server when one arrived (mean), {:.0}% served on the receiving thread",
+            q.received,
+            q.mean_depth,
+            q.inline_share * 100.0
         );
     }
     println!("client pool:\n{client}");

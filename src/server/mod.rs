@@ -47,6 +47,28 @@ pub struct ServerStats {
     pub errors: AtomicU64,
     /// Connections ended by a transport or protocol error.
     pub failed_connections: AtomicU64,
+    /// Requests received, all connections.
+    pub received: AtomicU64,
+    /// For each request received, how many of its connection's requests were then in the
+    /// server (itself included), summed: over `received`, the mean queue depth the server
+    /// sees, which tells a client that cannot keep the server busy from a server that
+    /// cannot keep up.
+    pub depth_sum: AtomicU64,
+    /// Requests served on their connection's receiving thread (alone in the server when
+    /// they arrived) rather than handed to the workers.
+    pub served_inline: AtomicU64,
+}
+
+impl ServerStats {
+    /// The mean number of a connection's requests in the server when one arrived
+    /// (0 before any request).
+    pub fn mean_depth(&self) -> f64 {
+        let n = self.received.load(Ordering::Relaxed);
+        if n == 0 {
+            return 0.0;
+        }
+        self.depth_sum.load(Ordering::Relaxed) as f64 / n as f64
+    }
 }
 
 struct Job {
@@ -422,10 +444,16 @@ fn serve_conn(shared: &Arc<Shared>, mut sc: Box<dyn ServerConn>, jobs: &Schedule
         conn.permits.acquire();
         match sc.recv() {
             Ok(Some(inc)) => {
+                let depth =
+                    (shared.cfg.server.max_in_flight).saturating_sub(conn.permits.available());
+                let stats = &shared.stats;
+                stats.received.fetch_add(1, Ordering::Relaxed);
+                stats.depth_sum.fetch_add(depth as u64, Ordering::Relaxed);
                 // A client with one request outstanding (a synchronous caller) is served on
                 // this thread: one thread hand-off less per request. Deeper queues go to
                 // the workers, which run them in parallel.
-                if conn.permits.available() + 1 == shared.cfg.server.max_in_flight {
+                if depth == 1 {
+                    stats.served_inline.fetch_add(1, Ordering::Relaxed);
                     handle(Job {
                         conn: conn.clone(),
                         inc,

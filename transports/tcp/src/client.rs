@@ -43,7 +43,9 @@ use zcio::transport::{
 };
 use zcio::{Error, Result};
 
-use crate::io::{read_exact_vectored, shutdown, tick_for, write_all_vectored, ReadError, Ticker};
+use crate::io::{
+    give_up, read_exact_vectored, shutdown, tick_for, write_all_vectored, ReadError, Ticker,
+};
 use crate::wire::{decode_prefix, Hello, Kind, Prefix, HELLO_LEN, PREFIX_LEN};
 use crate::{lock, transport_err, wire_err};
 
@@ -370,7 +372,7 @@ pub(crate) fn connect(cfg: &Config) -> Result<TcpClientConn> {
     sock.set_write_timeout(Some(timeout)).map_err(setup)?;
 
     let ours = Hello::from_limits(&cfg.limits, cfg.limits.max_in_flight);
-    write_all_vectored(&sock, &mut [&ours.encode()[..]])
+    write_all_vectored(&sock, &mut [&ours.encode()[..]], &mut give_up)
         .map_err(|e| handshake_err(&peer, timeout, e))?;
     let mut buf = [0u8; HELLO_LEN];
     (&sock)
@@ -475,7 +477,7 @@ impl ClientConn for TcpClientConn {
             parts.push(&header);
             parts.extend(send.iter().map(SendSeg::as_slice));
             let _w = lock(&sh.write_lock);
-            write_all_vectored(&sh.sock, &mut parts)
+            write_all_vectored(&sh.sock, &mut parts, &mut give_up)
         };
         if let Err(e) = res {
             // A partial frame leaves the stream out of step: the connection is over.

@@ -7,10 +7,11 @@
 
 use std::io::{self, IoSlice, IoSliceMut, Read};
 use std::net::{Shutdown, TcpStream};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::socket::{sendmsg, MsgFlags, SockaddrStorage};
 
 /// Most iovecs handed to one system call (Linux's `UIO_MAXIOV`).
@@ -18,9 +19,18 @@ const MAX_IOV: usize = 1024;
 
 /// Writes every byte of `parts`, in order. The slices are advanced in place, so on error
 /// `parts` shows what was not sent.
-pub(crate) fn write_all_vectored(sock: &TcpStream, parts: &mut [&[u8]]) -> io::Result<()> {
+///
+/// The socket is expected to have a send timeout (`SO_SNDTIMEO`). Each time it expires with
+/// nothing sent, `stalled` is called with how long the write has made no progress, and may
+/// abort it by returning an error; [`give_up`] aborts at the first expiry.
+pub(crate) fn write_all_vectored(
+    sock: &TcpStream,
+    parts: &mut [&[u8]],
+    stalled: &mut dyn FnMut(Duration) -> io::Result<()>,
+) -> io::Result<()> {
     let fd = sock.as_raw_fd();
     let mut first = 0;
+    let mut progress = Instant::now();
     let mut iov: Vec<IoSlice<'_>> = Vec::with_capacity(parts.len().min(MAX_IOV));
     loop {
         while first < parts.len() && parts[first].is_empty() {
@@ -42,14 +52,37 @@ pub(crate) fn write_all_vectored(sock: &TcpStream, parts: &mut [&[u8]]) -> io::R
             Ok(n) => n,
             Err(Errno::EINTR) => continue,
             Err(Errno::EAGAIN) => {
-                return Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    "send timed out (the peer is not reading)",
-                ))
+                stalled(progress.elapsed())?;
+                continue;
             }
             Err(e) => return Err(e.into()),
         };
+        progress = Instant::now();
         advance(&mut parts[first..], n);
+    }
+}
+
+/// The [`write_all_vectored`] stall policy of a writer that has nothing else to watch: the
+/// send timeout is the deadline.
+pub(crate) fn give_up(_stalled: Duration) -> io::Result<()> {
+    Err(io::Error::new(
+        io::ErrorKind::TimedOut,
+        "send timed out (the peer is not reading)",
+    ))
+}
+
+/// Whether the peer has ended its side of the stream (a FIN, a reset or a socket error is
+/// pending), whatever unread data is still queued before it. Never blocks.
+pub(crate) fn peer_hung_up(sock: &TcpStream) -> bool {
+    // nix names no POLLRDHUP (Linux's "peer shut down writing"), so it comes from libc;
+    // and as nix cannot decode a revents with that bit, the count of ready descriptors is
+    // the answer: only the events asked for (and POLLHUP, POLLERR) make this one ready.
+    let ended =
+        PollFlags::from_bits_retain(libc::POLLRDHUP) | PollFlags::POLLHUP | PollFlags::POLLERR;
+    let mut fds = [PollFd::new(sock.as_fd(), ended)];
+    match poll(&mut fds, PollTimeout::ZERO) {
+        Ok(n) => n > 0,
+        _ => false,
     }
 }
 
@@ -218,7 +251,7 @@ mod tests {
                 i += 1;
             }
             assert!(parts.len() > MAX_IOV);
-            write_all_vectored(&a, &mut parts).unwrap();
+            write_all_vectored(&a, &mut parts, &mut give_up).unwrap();
             data
         });
         b.set_read_timeout(Some(Duration::from_millis(50))).unwrap();

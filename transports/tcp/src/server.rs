@@ -22,8 +22,18 @@
 //! With `server.idle_timeout` set, the socket's receive timeout is a tick (an eighth of it,
 //! 5 ms ..= 1 s). A connection with no request in flight whose last complete frame (in or
 //! out) is older than the idle timeout fails with `Error::Timeout`, including one that is
-//! trickling a partial frame (slowloris). The idle timeout is also the send timeout of
-//! replies (a client that stops reading); `idle_timeout = 0` disables both.
+//! trickling a partial frame (slowloris). A reply that makes no progress for the idle
+//! timeout fails too (a client that stops reading); `idle_timeout = 0` disables both.
+//!
+//! # Blocked replies
+//! A reply blocked on a full socket checks its client every send-timeout tick (the same
+//! tick, or 1 s without an idle timeout). Once the client has ended its side of the
+//! stream the reply fails and the connection closes: the client reads no more replies,
+//! and a socket it closed may never reopen its window (Linux sends no window update after
+//! `shutdown(SHUT_RD)`), which would otherwise hold the replying thread until the kernel
+//! gives up on the orphaned peer, a minute or more later. This matters most for the
+//! server's receiving thread, which serves lone requests inline and so is not reading the
+//! end of stream that would otherwise close the connection.
 
 use std::collections::HashMap;
 use std::io::{self, Read};
@@ -36,7 +46,10 @@ use zcio::transport::accept::HandshakeListener;
 use zcio::transport::{Incoming, Limits, Replier, ServerConn};
 use zcio::{Error, Iobuf, IobufMut, Pool, Result};
 
-use crate::io::{read_exact_vectored, shutdown, tick_for, write_all_vectored, ReadError, Ticker};
+use crate::io::{
+    give_up, peer_hung_up, read_exact_vectored, shutdown, tick_for, write_all_vectored, ReadError,
+    Ticker,
+};
 use crate::wire::{decode_prefix, Hello, Kind, Prefix, WireError, HELLO_LEN, PREFIX_LEN};
 use crate::{lock, transport_err, wire_err};
 
@@ -44,6 +57,9 @@ use crate::{lock, transport_err, wire_err};
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub use zcio::transport::accept::MAX_PENDING;
+
+/// How often a blocked reply checks on its client when `server.idle_timeout` is off.
+const NO_IDLE_TICK: Duration = Duration::from_secs(1);
 
 /// What a connection needs from the configuration.
 #[derive(Clone)]
@@ -110,17 +126,19 @@ fn handshake(
         Ok(h) => h,
         Err(e @ WireError::Version { .. }) => {
             // Answer anyway, so that the client can report the mismatch as well.
-            let _ = write_all_vectored(&sock, &mut [&ours.encode()[..]]);
+            let _ = write_all_vectored(&sock, &mut [&ours.encode()[..]], &mut give_up);
             return Err(wire_err(e, "tcp handshake", &peer.to_string()));
         }
         Err(e) => return Err(wire_err(e, "tcp handshake", &peer.to_string())),
     };
-    write_all_vectored(&sock, &mut [&ours.encode()[..]])
+    write_all_vectored(&sock, &mut [&ours.encode()[..]], &mut give_up)
         .map_err(|e| handshake_err(peer, after, e))?;
     let limits = ours.negotiate(&theirs);
     sock.set_read_timeout(cfg.idle.map(tick_for))
         .map_err(setup)?;
-    sock.set_write_timeout(cfg.idle).map_err(setup)?;
+    // Replies stall-check every tick (see `ConnShared::reply_stalled`).
+    sock.set_write_timeout(Some(cfg.idle.map_or(NO_IDLE_TICK, tick_for)))
+        .map_err(setup)?;
     tracing::debug!(%peer, ?limits, "tcp connection accepted");
     let now = Instant::now();
     Ok(Box::new(TcpServerConn {
@@ -133,6 +151,7 @@ fn handshake(
                 closed: None,
             }),
             limits,
+            idle: cfg.idle,
             peer: peer.to_string(),
         }),
         pool,
@@ -156,6 +175,8 @@ struct ConnShared {
     write_lock: Mutex<()>,
     state: Mutex<ConnState>,
     limits: Limits,
+    /// `server.idle_timeout`: also the longest a reply may make no progress.
+    idle: Option<Duration>,
     peer: String,
 }
 
@@ -163,6 +184,27 @@ impl ConnShared {
     fn close_with(&self, reason: String) {
         lock(&self.state).closed.get_or_insert(reason);
         shutdown(&self.sock);
+    }
+
+    /// Called every send-timeout tick while a reply makes no progress. The reply fails
+    /// when the client has ended its side of the stream (it will read no more: its
+    /// connection is over, and a closed socket may not even reopen its window, which
+    /// would hold this thread until the kernel gives up on the peer), or when nothing moved
+    /// for the idle timeout (a client that stopped reading).
+    fn reply_stalled(&self, stalled: Duration) -> io::Result<()> {
+        if peer_hung_up(&self.sock) {
+            return Err(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                "the client ended the connection while a reply to it was blocked",
+            ));
+        }
+        match self.idle {
+            Some(idle) if stalled >= idle => Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("no reply bytes accepted for {idle:?}: the client is not reading (server.idle_timeout)"),
+            )),
+            _ => Ok(()),
+        }
     }
 }
 
@@ -224,7 +266,7 @@ impl Replier for ConnShared {
         parts.extend(payload.iter().map(|b| &b[..]));
         let res = {
             let _w = lock(&self.write_lock);
-            write_all_vectored(&self.sock, &mut parts)
+            write_all_vectored(&self.sock, &mut parts, &mut |t| self.reply_stalled(t))
         };
         match res {
             Ok(()) => {

@@ -710,6 +710,83 @@ fn server_idle_timeout_closes_silent_and_slow_connections() {
     assert_eq!(r.header, b"Rx");
 }
 
+/// An error and its chain of sources, on one line.
+fn with_sources(e: &Error) -> String {
+    let mut out = e.to_string();
+    let mut src = std::error::Error::source(e);
+    while let Some(s) = src {
+        out.push_str(&format!(": {s}"));
+        src = s.source();
+    }
+    out
+}
+
+#[test]
+fn blocked_replies_fail_once_the_client_hangs_up() {
+    // The default idle timeout (5 minutes) is far beyond the test's patience: what ends
+    // the blocked replies must be the client's end of stream, not a timeout.
+    let server = TestServer::start(&config());
+    let mut s = raw_handshaken(&server.addr);
+    assert!(server.next_accept().is_ok());
+    // A tiny receive buffer, never read: the replies (12 MiB) fill it and the server's
+    // send buffer (at most 4 MiB by default), and the rest block.
+    nix::sys::socket::setsockopt(&s, nix::sys::socket::sockopt::RcvBuf, &4096).unwrap();
+    const N: usize = 12;
+    const LEN: usize = 1 << 20;
+    let mut frames = Vec::new();
+    for i in 0..N {
+        let mut header = b"W".to_vec();
+        header.extend_from_slice(&(LEN as u32).to_le_bytes());
+        header.extend_from_slice(&(i as u32).to_le_bytes());
+        let mut p = Prefix {
+            kind: Kind::Request,
+            header_len: header.len(),
+            id: i as u64 + 1,
+            payload_len: 0,
+            recv_cap: LEN,
+        }
+        .encode()
+        .to_vec();
+        p.extend_from_slice(&header);
+        frames.extend_from_slice(&p);
+    }
+    s.write_all(&frames).unwrap();
+    let mut results: Vec<Result<(), Error>> = Vec::new();
+    let mut requests = 0;
+    while requests < N {
+        match server.next_event() {
+            Event::Request { .. } => requests += 1,
+            Event::ReplyResult(r) => results.push(r),
+            _ => {}
+        }
+    }
+    // Let the replies fill every buffer on the way, then end the stream without reading
+    // (the socket stays open, as a client's does until its last handle goes).
+    std::thread::sleep(Duration::from_millis(300));
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    while results.len() < N {
+        results.push(server.wait_for(|e| match e {
+            Event::ReplyResult(r) => Some(r),
+            _ => None,
+        }));
+    }
+    let failed: Vec<String> = results
+        .iter()
+        .filter_map(|r| r.as_ref().err().map(with_sources))
+        .collect();
+    assert!(
+        failed.len() >= N / 2,
+        "only {} of {N} replies failed: {failed:?}",
+        failed.len()
+    );
+    assert!(
+        failed.iter().any(|e| e.contains("ended the connection")),
+        "{failed:?}"
+    );
+    drop(s);
+    server.assert_pool_clean();
+}
+
 #[test]
 fn version_and_magic_mismatches_are_clear_errors() {
     let server = TestServer::start(&config());

@@ -5,6 +5,8 @@
 //!   reversed (cut to the reply capacity), in pool buffers of an odd 3000 bytes each;
 //! - `G` generate: header `G len:u32 seed:u32`; replies `len` pattern bytes (cut to the
 //!   reply capacity) in pool buffers of 4096 bytes each;
+//! - `W` generate wide: as `G`, in pool buffers of 64 KiB each, and the replier's answer
+//!   goes to the event channel;
 //! - `H` hold: never replies (the request stays in flight);
 //! - `Q` queue: header `Q n:u32`; held until `n` queued requests are in, then all are
 //!   answered (as `E`) in reverse order of arrival;
@@ -14,7 +16,7 @@
 //! - `C` close: closes the connection through its replier;
 //! - `X` crash: the connection thread returns, dropping everything.
 //!
-//! `E` and `G` are answered from a new thread per request, so replies overtake each
+//! `E`, `G` and `W` are answered from a new thread per request, so replies overtake each
 //! other.
 #![allow(dead_code, unreachable_pub)]
 
@@ -41,11 +43,11 @@ pub enum Event {
     Request { id: u64, header: Vec<u8> },
     /// `recv` ended: `Ok(())` for a clean end of stream, or the error.
     RecvEnd(Result<(), zcio::Error>),
-    /// A replier call made by an `O` request, and what it returned.
+    /// A replier call made by an `O` or `W` request, and what it returned.
     ReplyResult(Result<(), zcio::Error>),
 }
 
-/// A small pool: 4 KiB x 1024, 64 KiB x 128, 1 MiB x 8.
+/// A small pool: 4 KiB x 1024, 64 KiB x 256, 1 MiB x 8.
 pub fn pool() -> Pool {
     Pool::new(&PoolConfig {
         classes: vec![
@@ -57,7 +59,7 @@ pub fn pool() -> Pool {
             },
             ClassConfig {
                 size: 64 << 10,
-                count: 128,
+                count: 256,
                 reserve: 0,
                 arena_slots: 16,
             },
@@ -266,19 +268,23 @@ fn serve(mut conn: Box<dyn zcio::transport::ServerConn>, pool: Pool, tx: Sender<
             header: inc.header.clone(),
         });
         match inc.header.first().copied() {
-            Some(b'E') | Some(b'G') => {
-                let (r, p) = (replier.clone(), pool.clone());
+            Some(kind @ (b'E' | b'G' | b'W')) => {
+                let (r, p, tx) = (replier.clone(), pool.clone(), tx.clone());
                 let h = std::thread::spawn(move || {
-                    let (header, payload) = if inc.header[0] == b'E' {
+                    let (header, payload) = if kind == b'E' {
                         echo_reply(&p, &inc)
                     } else {
                         let n = u32_at(&inc.header, 1).min(inc.reply_capacity);
                         let data = pattern(u32_at(&inc.header, 5) as u64, n);
-                        (b"G".to_vec(), in_buffers(&p, &data, 4096))
+                        let chunk = if kind == b'W' { 64 << 10 } else { 4096 };
+                        (vec![kind], in_buffers(&p, &data, chunk))
                     };
                     let id = inc.id;
                     drop(inc);
-                    let _ = r.reply(id, &header, &payload);
+                    let res = r.reply(id, &header, &payload);
+                    if kind == b'W' {
+                        let _ = tx.send(Event::ReplyResult(res));
+                    }
                 });
                 lock(&workers).push(h);
             }
