@@ -6,7 +6,8 @@
 //! buffers and send the reply from those same buffers. A per-connection limit on requests
 //! in flight stops the receiving thread (and so, through the transport, the client) when a
 //! connection asks for more than its share. A request that is alone (nothing else of its
-//! connection in flight) is served on the receiving thread itself, one thread hand-off less
+//! connection in flight, and nothing waiting behind it in the transport:
+//! `ServerConn::backlog`) is served on the receiving thread itself, one thread hand-off less
 //! for a synchronous client. Only regular files are opened: a FIFO or device node in the
 //! export is refused without blocking. A connection's open files are closed when it goes
 //! away, however it goes.
@@ -451,8 +452,10 @@ fn serve_conn(shared: &Arc<Shared>, mut sc: Box<dyn ServerConn>, jobs: &Schedule
                 stats.depth_sum.fetch_add(depth as u64, Ordering::Relaxed);
                 // A client with one request outstanding (a synchronous caller) is served on
                 // this thread: one thread hand-off less per request. Deeper queues go to
-                // the workers, which run them in parallel.
-                if depth == 1 {
+                // the workers, which run them in parallel; so does a request with more
+                // already waiting in the transport behind it (else a deep queue would be
+                // served here one at a time: each arrives alone as the last is answered).
+                if depth == 1 && !sc.backlog() {
                     stats.served_inline.fetch_add(1, Ordering::Relaxed);
                     handle(Job {
                         conn: conn.clone(),

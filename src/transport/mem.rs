@@ -66,6 +66,7 @@ impl MemListener {
         });
         let server = MemServerConn {
             rx,
+            peeked: None,
             link: link.clone(),
             limits: self.limits,
         };
@@ -164,6 +165,8 @@ impl Drop for MemClientConn {
 /// The server side of an in-memory connection.
 pub struct MemServerConn {
     rx: Receiver<Incoming>,
+    /// A request taken off the channel by `backlog`, for the next `recv`.
+    peeked: Option<Incoming>,
     link: Arc<Link>,
     limits: Limits,
 }
@@ -173,7 +176,16 @@ impl ServerConn for MemServerConn {
         self.limits
     }
     fn recv(&mut self) -> Result<Option<Incoming>> {
+        if let Some(inc) = self.peeked.take() {
+            return Ok(Some(inc));
+        }
         Ok(self.rx.recv().ok())
+    }
+    fn backlog(&mut self) -> bool {
+        if self.peeked.is_none() {
+            self.peeked = self.rx.try_recv().ok();
+        }
+        self.peeked.is_some()
     }
     fn replier(&self) -> Arc<dyn Replier> {
         Arc::new(MemReplier {
@@ -297,5 +309,48 @@ impl super::Transport for MemTransport {
         let l = MemListener::new(pool.clone(), limits);
         lock(&self.listeners).insert(l.local_addr(), Arc::downgrade(&l));
         Ok(Box::new(SharedListener(l)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pool::PoolConfig;
+
+    #[test]
+    fn backlog_sees_queued_requests_and_recv_keeps_their_order() {
+        let pool = Pool::new(&PoolConfig::default()).unwrap();
+        let limits = Limits {
+            max_segments: 4,
+            max_payload: 1 << 20,
+            max_header: super::super::MAX_HEADER,
+            max_in_flight: 8,
+            inline_threshold: 0,
+            rdma_payload: false,
+        };
+        let l = MemListener::new(pool, limits);
+        let c = l.connect().unwrap();
+        let mut s = l.accept().unwrap().unwrap();
+        assert!(!s.backlog(), "nothing sent yet");
+        let req = |tag: u8| Request {
+            header: vec![tag],
+            send: Vec::new(),
+            recv: Vec::new(),
+        };
+        let p1 = c.start(req(1)).unwrap();
+        let p2 = c.start(req(2)).unwrap();
+        assert!(s.backlog());
+        assert!(s.backlog(), "asking twice loses nothing");
+        let a = s.recv().unwrap().unwrap();
+        assert_eq!(a.header, [1]);
+        assert!(s.backlog(), "the second request waits");
+        let b = s.recv().unwrap().unwrap();
+        assert_eq!(b.header, [2]);
+        assert!(!s.backlog());
+        let r = s.replier();
+        r.reply(b.id, b"b", &[]).unwrap();
+        r.reply(a.id, b"a", &[]).unwrap();
+        assert_eq!(p1.wait().unwrap().header, b"a");
+        assert_eq!(p2.wait().unwrap().header, b"b");
     }
 }

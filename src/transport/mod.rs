@@ -136,6 +136,14 @@ pub trait ServerConn: Send {
     fn limits(&self) -> Limits;
     /// The next request; `Ok(None)` when the client closed the connection cleanly.
     fn recv(&mut self) -> Result<Option<Incoming>>;
+    /// Whether more requests have already arrived behind those `recv` returned (they wait
+    /// in the transport, or in its socket). A server may serve a lone request on the
+    /// receiving thread, one thread hand-off less, but must hand requests to its workers
+    /// when more are waiting, or they would be served one at a time. A hint: it may change
+    /// at once. The default, for a transport that cannot tell, is `true`.
+    fn backlog(&mut self) -> bool {
+        true
+    }
     /// The reply side, shareable with worker threads.
     fn replier(&self) -> Arc<dyn Replier>;
     /// Human-readable description of the peer.

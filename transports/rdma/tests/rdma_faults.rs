@@ -1050,9 +1050,16 @@ fn queue_pairs_are_negotiated_share_out_requests_and_route_replies() {
             };
             pending.push(conn.start(req).unwrap());
         }
+        // Requests that arrived and wait to be handed out are the server's backlog.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !sconn.backlog() {
+            assert!(Instant::now() < deadline, "{case}: no backlog seen");
+            std::thread::sleep(Duration::from_millis(1));
+        }
         let got: Vec<_> = (0..credits)
             .map(|_| sconn.recv().unwrap().expect("a request"))
             .collect();
+        assert!(!sconn.backlog(), "{case}: every request was handed out");
         let mut per_lane = std::collections::BTreeMap::new();
         for inc in &got {
             *per_lane.entry(inc.id >> 56).or_insert(0usize) += 1;

@@ -391,6 +391,17 @@ impl ServerConn for TcpServerConn {
         self.shared.limits
     }
 
+    /// Whether the socket already holds bytes of a next request.
+    fn backlog(&mut self) -> bool {
+        use std::os::fd::AsRawFd;
+        let flags = nix::sys::socket::MsgFlags::MSG_PEEK | nix::sys::socket::MsgFlags::MSG_DONTWAIT;
+        let mut b = [0u8; 1];
+        matches!(
+            nix::sys::socket::recv(self.shared.sock.as_raw_fd(), &mut b, flags),
+            Ok(n) if n > 0
+        )
+    }
+
     fn recv(&mut self) -> Result<Option<Incoming>> {
         if let Some(r) = &self.broken {
             return Err(Error::ConnectionClosed(r.clone()));

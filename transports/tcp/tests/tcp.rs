@@ -884,3 +884,41 @@ fn zero_length_everything() {
     let _p = c.start(Request::default()).unwrap();
     assert_eq!(server.wait_requests(2)[1].1, b"");
 }
+
+#[test]
+fn backlog_sees_requests_waiting_in_the_socket() {
+    let cfg = config();
+    let spool = pool();
+    let listener = TcpTransport.listen(&cfg, &spool).expect("listen");
+    let mut ccfg = cfg.clone();
+    ccfg.client.connect = listener.local_addr();
+    let c = connect(&ccfg);
+    let mut s = listener.accept().expect("accept").expect("handshake");
+    assert!(!s.backlog(), "nothing sent yet");
+    let p1 = c.start(echo(b"1", Vec::new(), Vec::new())).expect("start");
+    let p2 = c.start(echo(b"2", Vec::new(), Vec::new())).expect("start");
+    // Both frames reach the server's socket; until then there is no backlog to see.
+    let deadline = std::time::Instant::now() + PATIENCE;
+    while !s.backlog() {
+        assert!(std::time::Instant::now() < deadline, "no backlog seen");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let a = s.recv().expect("recv").expect("request");
+    assert_eq!(a.header, b"E1");
+    let deadline = std::time::Instant::now() + PATIENCE;
+    while !s.backlog() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the second request is not seen waiting"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let b = s.recv().expect("recv").expect("request");
+    assert_eq!(b.header, b"E2");
+    assert!(!s.backlog(), "both requests were taken");
+    let r = s.replier();
+    r.reply(a.id, b"a", &[]).expect("reply");
+    r.reply(b.id, b"b", &[]).expect("reply");
+    assert_eq!(wait(p1).expect("reply").header, b"a");
+    assert_eq!(wait(p2).expect("reply").header, b"b");
+}

@@ -549,6 +549,8 @@ struct Shared {
     over: AtomicBool,
     /// Requests received and not yet answered, over all queue pairs.
     in_flight: AtomicUsize,
+    /// Requests received and not yet handed out by `recv` (the backlog).
+    queued: AtomicUsize,
     /// When a request last arrived or was answered (milliseconds since `base`).
     last_activity: AtomicU64,
     base: Instant,
@@ -564,6 +566,7 @@ impl Shared {
             end: Mutex::new(None),
             over: AtomicBool::new(false),
             in_flight: AtomicUsize::new(0),
+            queued: AtomicUsize::new(0),
             last_activity: AtomicU64::new(0),
             base: Instant::now(),
             lanes: OnceLock::new(),
@@ -839,6 +842,7 @@ impl SCore {
         st.ids.insert(view.id, s);
         st.events.push_back(Ev::New(s));
         self.shared.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.shared.queued.fetch_add(1, Ordering::Relaxed);
         self.shared.touch();
         // Repost at once: the client may send its next request as soon as it has this
         // one's reply.
@@ -895,6 +899,7 @@ impl SCore {
 
     /// Hands request `s` out with its payload.
     fn deliver(&self, st: &mut SState, s: usize, bufs: Vec<IobufMut>) -> Incoming {
+        self.shared.queued.fetch_sub(1, Ordering::Relaxed);
         let slot = &mut st.slots[s];
         slot.stage = Stage::Delivered;
         Incoming {
@@ -1558,6 +1563,10 @@ impl ServerConn for RdmaServerConn {
 
     fn replier(&self) -> Arc<dyn Replier> {
         self.lanes.clone()
+    }
+
+    fn backlog(&mut self) -> bool {
+        self.shared.queued.load(Ordering::Relaxed) > 0
     }
 
     fn peer(&self) -> String {
