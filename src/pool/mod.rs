@@ -957,6 +957,25 @@ impl Pool {
         Ok(r)
     }
 
+    /// Like [`Pool::get_span`], but only if the buffers are free right now: `None` (with
+    /// nothing taken) otherwise. For a thread that must not block, such as one that drains
+    /// a completion queue.
+    pub fn try_get_span(&self, len: usize) -> Result<Option<Iobref>> {
+        let max = self.max_buffer_size();
+        let mut r = Iobref::with_capacity(len.div_ceil(max.max(1)).max(1));
+        let mut left = len;
+        while left > 0 {
+            let n = left.min(max);
+            match self.try_get(n, Priority::Data)? {
+                Some(b) => r.push(b),
+                // Dropping `r` puts back what was taken.
+                None => return Ok(None),
+            }
+            left -= n;
+        }
+        Ok(Some(r))
+    }
+
     /// Installs a registrar: it is called now for every existing arena, and later for each
     /// new one. Registrations last as long as the pool.
     pub fn add_registrar(&self, r: Arc<dyn MemoryRegistrar>) -> Result<RegistrarId> {

@@ -59,6 +59,26 @@ fn no_slot_is_handed_out_twice() {
 }
 
 #[test]
+fn try_get_span_is_all_or_nothing() {
+    let p = Pool::new(&small(16, 0, 4)).unwrap();
+    // 3.5 buffers of the largest class (64 KiB x 8).
+    let a = p
+        .try_get_span(3 * 65536 + 32768)
+        .unwrap()
+        .expect("free buffers");
+    assert_eq!(a.total_len(), 3 * 65536 + 32768);
+    assert_eq!(a.buffers().len(), 4);
+    assert_eq!(p.stats().classes[1].in_use, 4);
+    // 5 more do not fit in the 4 left: none is taken.
+    assert!(p.try_get_span(5 * 65536).unwrap().is_none());
+    assert_eq!(p.stats().classes[1].in_use, 4);
+    let b = p.try_get_span(4 * 65536).unwrap().expect("the last four");
+    assert_eq!(p.stats().classes[1].in_use, 8);
+    drop((a, b));
+    assert_eq!(p.stats().classes[1].in_use, 0);
+}
+
+#[test]
 fn concurrent_owners_never_overlap_and_all_slots_return() {
     let p = Pool::new(&small(32, 0, 8)).unwrap();
     let threads = 4;

@@ -1156,3 +1156,81 @@ fn one_queue_pair_failing_fails_the_whole_connection() {
     assert_eq!(cpool.stats().slots_in_use(), 0, "client buffers");
     wait_pool_empty(&spool, "server buffers held");
 }
+
+#[test]
+fn request_payloads_wait_for_server_buffers_when_the_pool_is_empty() {
+    let Some(t) = rdma("request_payloads_wait_for_server_buffers_when_the_pool_is_empty") else {
+        return;
+    };
+    // A request's payload is READ into server pool buffers. Normally the completion
+    // thread takes them at once and starts the READs; with the pool empty it leaves the
+    // request to `recv`, which waits for buffers. This test empties the server's pool,
+    // sends two requests, and frees the buffers only once `recv` is waiting.
+    let cfg = base_config();
+    let spool = Pool::new(&zcio::pool::PoolConfig {
+        classes: vec![zcio::pool::ClassConfig {
+            size: 65536,
+            count: 2,
+            reserve: 0,
+            arena_slots: 2,
+        }],
+        wait_timeout: Duration::from_secs(20),
+        stripes: 1,
+    })
+    .unwrap();
+    let listener = t.listen(&cfg, &spool).unwrap();
+    let mut ccfg = cfg.clone();
+    ccfg.client.connect = listener.local_addr();
+    let cpool = Pool::new(&cfg.pool).unwrap();
+    let conn = t.connect(&ccfg, &cpool).unwrap();
+    let mut sconn = listener.accept().unwrap().unwrap();
+    let held = spool.get_buffers(65536, 2).unwrap();
+    let data: Vec<Vec<u8>> = (0..2).map(|i| pattern(40 + i, 65536)).collect();
+    let pending: Vec<_> = data
+        .iter()
+        .enumerate()
+        .map(|(i, d)| {
+            let mut b = cpool.get(65536).unwrap();
+            b.copy_from_slice(d);
+            conn.start(Request {
+                header: vec![i as u8],
+                send: vec![SendSeg::Pool(b.freeze())],
+                recv: Vec::new(),
+            })
+            .unwrap()
+        })
+        .collect();
+    // Both requests are in, neither can have buffers.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !sconn.backlog() {
+        assert!(Instant::now() < deadline, "no request arrived");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let freer = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(300));
+        drop(held);
+    });
+    let r = sconn.replier();
+    let mut seen = Vec::new();
+    for _ in 0..2 {
+        let inc = sconn.recv().unwrap().expect("a request");
+        let i = inc.header[0] as usize;
+        let got: Vec<u8> = inc.payload.iter().flat_map(|b| b.iter().copied()).collect();
+        assert!(got == data[i], "request {i}: payload differs");
+        seen.push(i);
+        drop(inc.payload);
+        r.reply(inc.id, b"ok", &[]).unwrap();
+    }
+    seen.sort_unstable();
+    assert_eq!(seen, [0, 1]);
+    freer.join().unwrap();
+    for p in pending {
+        assert_eq!(p.wait().unwrap().header, b"ok");
+    }
+    drop(conn);
+    assert!(matches!(sconn.recv(), Ok(None)));
+    drop(sconn);
+    listener.shutdown();
+    wait_pool_empty(&spool, "server buffers held");
+    assert_eq!(cpool.stats().slots_in_use(), 0, "client buffers");
+}

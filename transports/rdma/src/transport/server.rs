@@ -10,12 +10,15 @@
 //!
 //! # Requests
 //! The completion thread decodes each request message as it arrives, copies what it needs
-//! into the request's slot (one per credit, preallocated), reposts the receive buffer at
-//! once and queues the request for `recv`. `recv` (the core's connection thread, which may
-//! block) takes pool buffers for the request payload and posts the RDMA READs of the
-//! client's segments; the request is handed out once they have all completed. Payload that
-//! came inline is copied into pool buffers instead. So several requests' READs can be in
-//! flight while earlier ones are served.
+//! into the request's slot (one per credit, preallocated) and reposts the receive buffer at
+//! once. A request with a payload in the client's memory gets its pool buffers and its RDMA
+//! READs right there, if the pool has the buffers free and the send queue has room (the
+//! completion thread must not wait): each queue pair then moves its own payload, in
+//! parallel, with no hand-off before the READs start. Otherwise the request is queued for
+//! `recv` (the core's connection thread, which may block), which takes the buffers, waiting
+//! for the pool if need be, and posts the READs. The request is handed out once they have
+//! all completed. Payload that came inline is copied into pool buffers by `recv`. So several
+//! requests' READs can be in flight while earlier ones are served.
 //!
 //! # Replies
 //! [`Replier::reply`] (any thread) encodes the reply into a control buffer (or on the
@@ -692,6 +695,15 @@ enum ReplyMsg<'a> {
     Buf(IobufMut, usize),
 }
 
+/// How [`SCore::post_reads`] went, when the connection did not fail.
+enum ReadStart {
+    /// The READs are posted; their completion queues the request.
+    Posted,
+    /// No room in the send queue and not allowed to wait: nothing was posted, and these
+    /// are the buffers that were to receive the payload.
+    NoRoom(Vec<IobufMut>),
+}
+
 /// What one look at a queue pair's events found.
 enum Step {
     Got(Incoming),
@@ -840,7 +852,20 @@ impl SCore {
         slot.recv_cap = view.recv_cap;
         slot.send_total = view.send_total;
         st.ids.insert(view.id, s);
-        st.events.push_back(Ev::New(s));
+        // A payload to READ: start the READs here, on this queue pair's completion thread,
+        // if the pool can give the buffers without waiting. On Soft-RoCE the READ's
+        // protocol work (the client's responses included) runs in the posting thread, so
+        // each queue pair then moves its own payload instead of every request of the
+        // connection queuing for the thread behind `recv`; and the READs start without a
+        // hand-off. Otherwise `recv` takes the buffers (it may wait) and posts them.
+        let direct = if view.send_total > 0 && !st.slots[s].send.is_empty() {
+            self.pool.try_get_span(view.send_total).ok().flatten()
+        } else {
+            None
+        };
+        if direct.is_none() {
+            st.events.push_back(Ev::New(s));
+        }
         self.shared.in_flight.fetch_add(1, Ordering::Relaxed);
         self.shared.queued.fetch_add(1, Ordering::Relaxed);
         self.shared.touch();
@@ -855,11 +880,29 @@ impl SCore {
             if self.fail_locked(st, format!("reposting a receive: {e}"), End::Failed) {
                 drop(guard);
                 self.after_fail();
-                return;
+            }
+            return;
+        }
+        let Some(bufs) = direct else {
+            drop(guard);
+            self.shared.notify();
+            return;
+        };
+        let (mut guard, r) = self.post_reads(guard, s, bufs.into_vec(), false);
+        match r {
+            Ok(ReadStart::Posted) => {}
+            Ok(ReadStart::NoRoom(bufs)) => {
+                // The send queue is full: `recv` posts them once there is room.
+                guard.events.push_back(Ev::New(s));
+                drop(guard);
+                drop(bufs);
+                self.shared.notify();
+            }
+            Err(_) => {
+                drop(guard);
+                self.after_fail();
             }
         }
-        drop(guard);
-        self.shared.notify();
     }
 
     fn on_send_queue(&self, kind: u8, slot: usize, seq: u64) {
@@ -942,13 +985,17 @@ impl SCore {
     /// Starts the RDMA READs of request `s`'s payload into `bufs`: under the state lock
     /// (held by the caller) the slot moves to `Reading` with the buffers, and its
     /// descriptors are lent out; then the READs are posted under the send-side lock only.
-    /// On `Err` the connection has failed (the caller wakes everyone).
+    /// Unless `wait`, a send queue without room for them gives the slot back as it was
+    /// (`NoRoom`, with the buffers): a completion thread must not wait for room that only
+    /// its own completions make. On `Err` the connection has failed (the caller wakes
+    /// everyone).
     fn post_reads<'a>(
         &'a self,
         mut guard: MutexGuard<'a, SState>,
         s: usize,
         bufs: Vec<IobufMut>,
-    ) -> (MutexGuard<'a, SState>, Result<()>) {
+        wait: bool,
+    ) -> (MutexGuard<'a, SState>, Result<ReadStart>) {
         let total = guard.slots[s].send_total;
         let st = &mut *guard;
         let mut local = st
@@ -983,7 +1030,7 @@ impl SCore {
             ))
         } else {
             drop(guard);
-            let r = self.post_reads_unlocked(s, &remote, &local, total, n);
+            let r = self.post_reads_unlocked(s, &remote, &local, total, n, wait);
             guard = self.lock();
             r
         };
@@ -991,10 +1038,22 @@ impl SCore {
         local.clear();
         st.spare_local.push(local);
         let mut remote = remote;
+        if matches!(posted, Ok(false)) && st.dead.is_none() {
+            // Nothing was posted: the slot gets its descriptors and stage back.
+            let slot = &mut st.slots[s];
+            std::mem::swap(&mut slot.send, &mut remote);
+            slot.stage = Stage::Queued;
+            let bufs = std::mem::take(&mut slot.bufs);
+            remote.clear();
+            st.spare_descs.push(remote);
+            return (guard, Ok(ReadStart::NoRoom(bufs)));
+        }
         remote.clear();
         st.spare_descs.push(remote);
         match posted {
-            Ok(()) => (guard, Ok(())),
+            Ok(true) => (guard, Ok(ReadStart::Posted)),
+            // The connection died meanwhile: its failure took the buffers back.
+            Ok(false) => (guard, Ok(ReadStart::NoRoom(Vec::new()))),
             Err(r) => {
                 self.fail_locked(st, r.clone(), End::Failed);
                 let e = self
@@ -1007,7 +1066,9 @@ impl SCore {
         }
     }
 
-    /// Posts `n` RDMA READs (the last one signaled) of the plan from `remote` into `local`.
+    /// Posts `n` RDMA READs (the last one signaled) of the plan from `remote` into `local`:
+    /// `Ok(true)`. Without room for them in the send queue, waits for it if `wait`, else
+    /// posts nothing and returns `Ok(false)`.
     fn post_reads_unlocked(
         &self,
         s: usize,
@@ -1015,11 +1076,16 @@ impl SCore {
         local: &[Local],
         total: usize,
         n: usize,
-    ) -> std::result::Result<(), String> {
+        wait: bool,
+    ) -> std::result::Result<bool, String> {
         let p = self.post_lock();
-        let mut p = match self.wait_room(p, n) {
-            Ok(p) => p,
-            Err(_) => return Err("the connection ended".into()),
+        let mut p = if wait || p.sq.room() >= n {
+            match self.wait_room(p, n) {
+                Ok(p) => p,
+                Err(_) => return Err("the connection ended".into()),
+            }
+        } else {
+            return Ok(false);
         };
         let qp = self.qp();
         let Some(qp) = qp.as_ref() else {
@@ -1053,7 +1119,7 @@ impl SCore {
         if count != n {
             return Err(format!("internal: planned {n} RDMA READs, posted {count}"));
         }
-        Ok(())
+        Ok(true)
     }
 
     /// Works through this queue pair's events until a request is ready to hand out (its
@@ -1111,7 +1177,7 @@ impl SCore {
                 }
                 return Ok(Step::Got(self.deliver(&mut st, s, bufs)));
             }
-            let (g, r) = self.post_reads(st, s, bufs);
+            let (g, r) = self.post_reads(st, s, bufs, true);
             st = g;
             if let Err(e) = r {
                 drop(st);
