@@ -946,12 +946,20 @@ impl Pool {
 
     /// Buffers covering `len` bytes, in as few pool buffers as the largest class allows.
     pub fn get_span(&self, len: usize) -> Result<Iobref> {
+        self.get_span_within(len, self.inner.wait_timeout)
+    }
+
+    /// [`Pool::get_span`], waiting at most `timeout` in all. All or nothing: on failure the
+    /// buffers taken go back.
+    pub fn get_span_within(&self, len: usize, timeout: Duration) -> Result<Iobref> {
+        let deadline = Instant::now() + timeout;
         let max = self.max_buffer_size();
         let mut r = Iobref::with_capacity(len.div_ceil(max.max(1)).max(1));
         let mut left = len;
         while left > 0 {
             let n = left.min(max);
-            r.push(self.get(n)?);
+            let wait = deadline.saturating_duration_since(Instant::now());
+            r.push(self.get_with(n, Priority::Data, wait)?);
             left -= n;
         }
         Ok(r)

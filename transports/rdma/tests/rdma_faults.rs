@@ -1234,3 +1234,76 @@ fn request_payloads_wait_for_server_buffers_when_the_pool_is_empty() {
     wait_pool_empty(&spool, "server buffers held");
     assert_eq!(cpool.stats().slots_in_use(), 0, "client buffers");
 }
+
+#[test]
+fn a_request_waiting_for_buffers_does_not_hold_up_finished_ones() {
+    let Some(t) = rdma("a_request_waiting_for_buffers_does_not_hold_up_finished_ones") else {
+        return;
+    };
+    // Two server buffers, three requests: two take them, the third waits for one. Only
+    // the application can free them, and only once it has both of the others: `recv` must
+    // hand out the second while the third waits, whichever queue pair each is on.
+    let cfg = base_config();
+    let spool = Pool::new(&zcio::pool::PoolConfig {
+        classes: vec![zcio::pool::ClassConfig {
+            size: 65536,
+            count: 2,
+            reserve: 0,
+            arena_slots: 2,
+        }],
+        wait_timeout: Duration::from_secs(20),
+        stripes: 1,
+    })
+    .unwrap();
+    let listener = t.listen(&cfg, &spool).unwrap();
+    let mut ccfg = cfg.clone();
+    ccfg.client.connect = listener.local_addr();
+    let cpool = Pool::new(&cfg.pool).unwrap();
+    let conn = t.connect(&ccfg, &cpool).unwrap();
+    let mut sconn = listener.accept().unwrap().unwrap();
+    let data: Vec<Vec<u8>> = (0..3).map(|i| pattern(50 + i, 65536)).collect();
+    let pending: Vec<_> = data
+        .iter()
+        .enumerate()
+        .map(|(i, d)| {
+            let mut b = cpool.get(65536).unwrap();
+            b.copy_from_slice(d);
+            conn.start(Request {
+                header: vec![i as u8],
+                send: vec![SendSeg::Pool(b.freeze())],
+                recv: Vec::new(),
+            })
+            .unwrap()
+        })
+        .collect();
+    let r = sconn.replier();
+    let mut take = || {
+        let inc = sconn.recv().unwrap().expect("a request");
+        let i = inc.header[0] as usize;
+        let got: Vec<u8> = inc.payload.iter().flat_map(|b| b.iter().copied()).collect();
+        assert!(got == data[i], "request {i}: payload differs");
+        inc
+    };
+    // Which two get the buffers depends on how the queue pairs' threads interleave.
+    let first = take();
+    let second = take();
+    assert_ne!(first.header, second.header);
+    let last = 3 - first.header[0] - second.header[0];
+    for inc in [first, second] {
+        drop(inc.payload);
+        r.reply(inc.id, b"ok", &[]).unwrap();
+    }
+    let third = take();
+    assert_eq!(third.header, [last]);
+    drop(third.payload);
+    r.reply(third.id, b"ok", &[]).unwrap();
+    for p in pending {
+        assert_eq!(p.wait().unwrap().header, b"ok");
+    }
+    drop(conn);
+    assert!(matches!(sconn.recv(), Ok(None)));
+    drop(sconn);
+    listener.shutdown();
+    wait_pool_empty(&spool, "server buffers held");
+    assert_eq!(cpool.stats().slots_in_use(), 0, "client buffers");
+}

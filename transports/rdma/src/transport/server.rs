@@ -708,8 +708,14 @@ enum ReadStart {
 enum Step {
     Got(Incoming),
     Empty,
+    /// The next request waits for pool buffers.
+    Blocked,
     Dead,
 }
+
+/// How long `recv` waits for pool buffers at a time before it looks at every queue pair's
+/// events again.
+const POOL_SLICE: Duration = Duration::from_millis(20);
 
 fn to_sge(l: &Local) -> Sge {
     Sge {
@@ -1125,7 +1131,14 @@ impl SCore {
     /// Works through this queue pair's events until a request is ready to hand out (its
     /// payload in pool buffers) or there are none; starts the RDMA READs of requests with
     /// payload on the way. Never blocks, except for pool buffers.
-    fn step(&self) -> Result<Step> {
+    /// Takes this queue pair's next event for `recv`. A new request whose payload needs
+    /// pool buffers that are not free gives way to a request whose READs are done (its
+    /// buffers come back once it is served: waiting for the pool while it sits behind could
+    /// wait for nothing). Failing that, without `wait` it stays first in line and the
+    /// answer is `Blocked`; with `wait = (slice, last)` the pool is waited on for up to
+    /// `slice`, after which it is `Blocked` again, or, if `last`, the connection fails for
+    /// want of buffers.
+    fn step(&self, wait: Option<(Duration, bool)>) -> Result<Step> {
         let mut st = self.lock();
         loop {
             if st.dead.is_some() {
@@ -1145,25 +1158,45 @@ impl SCore {
             if total == 0 {
                 return Ok(Step::Got(self.deliver(&mut st, s, Vec::new())));
             }
-            // Pool buffers for the payload: may wait for the pool, so not under the lock.
-            drop(st);
-            let bufs = self.pool.get_span(total);
-            st = self.lock();
-            if st.dead.is_some() {
-                return Ok(Step::Dead);
-            }
-            let bufs = match bufs {
-                Ok(b) => b.into_vec(),
-                Err(e) => {
-                    let r = format!(
-                        "no pool buffers for a {total}-byte request payload from {}: {e}",
-                        self.peer
-                    );
-                    if self.fail_locked(&mut st, r, End::Failed) {
-                        drop(st);
-                        self.after_fail();
+            let bufs = match self.pool.try_get_span(total) {
+                Ok(Some(b)) => b.into_vec(),
+                _ => {
+                    let done = st.events.iter().position(|e| matches!(e, Ev::ReadsDone(_)));
+                    if let Some(Ev::ReadsDone(d)) = done.and_then(|k| st.events.remove(k)) {
+                        st.events.push_front(Ev::New(s));
+                        let bufs = std::mem::take(&mut st.slots[d].bufs);
+                        return Ok(Step::Got(self.deliver(&mut st, d, bufs)));
                     }
-                    return Err(e);
+                    let Some((slice, last)) = wait else {
+                        st.events.push_front(Ev::New(s));
+                        return Ok(Step::Blocked);
+                    };
+                    // Not under the lock.
+                    drop(st);
+                    let b = self.pool.get_span_within(total, slice);
+                    st = self.lock();
+                    if st.dead.is_some() {
+                        return Ok(Step::Dead);
+                    }
+                    match b {
+                        Ok(b) => b.into_vec(),
+                        Err(_) if !last => {
+                            st.events.push_front(Ev::New(s));
+                            return Ok(Step::Blocked);
+                        }
+                        Err(e) => {
+                            let r = format!(
+                                "no pool buffers for a {total}-byte request payload from {} within {:?}: {e}",
+                                self.peer,
+                                self.pool.wait_timeout()
+                            );
+                            if self.fail_locked(&mut st, r, End::Failed) {
+                                drop(st);
+                                self.after_fail();
+                            }
+                            return Err(e);
+                        }
+                    }
                 }
             };
             if st.slots[s].send.is_empty() {
@@ -1586,6 +1619,15 @@ impl RdmaServerConn {
     }
 }
 
+impl RdmaServerConn {
+    /// A request from queue pair `i`, its id marked with the queue pair for the reply.
+    fn hand_out(&mut self, i: usize, mut inc: Incoming) -> Incoming {
+        self.next = (i + 1) % self.lanes.cores.len();
+        inc.id |= (i as u64) << LANE_SHIFT;
+        inc
+    }
+}
+
 impl ServerConn for RdmaServerConn {
     fn limits(&self) -> Limits {
         self.limits
@@ -1594,21 +1636,40 @@ impl ServerConn for RdmaServerConn {
     fn recv(&mut self) -> Result<Option<Incoming>> {
         let n = self.lanes.cores.len();
         let mut spun = false;
+        // While a request waits for pool buffers: until when (the pool's own timeout).
+        let mut pool_deadline: Option<Instant> = None;
         loop {
             let gen = *lock(&self.shared.gen);
+            let mut blocked = None;
             for k in 0..n {
                 let i = (self.next + k) % n;
-                match self.lanes.cores[i].step() {
-                    Ok(Step::Got(mut inc)) => {
-                        self.next = (i + 1) % n;
-                        inc.id |= (i as u64) << LANE_SHIFT;
-                        return Ok(Some(inc));
-                    }
+                match self.lanes.cores[i].step(None) {
+                    Ok(Step::Got(inc)) => return Ok(Some(self.hand_out(i, inc))),
                     Ok(Step::Empty) => {}
+                    Ok(Step::Blocked) => {
+                        blocked.get_or_insert(i);
+                    }
                     Ok(Step::Dead) => return self.shared.closed_result(&self.peer),
                     Err(e) => return Err(e),
                 }
             }
+            if let Some(i) = blocked {
+                // Nothing can be handed out without pool buffers: wait for them a slice at a
+                // time, so that a request another queue pair finishes meanwhile (and whose
+                // buffers come back once it is served) is not stuck behind the wait.
+                let core = &self.lanes.cores[i];
+                let deadline =
+                    *pool_deadline.get_or_insert_with(|| Instant::now() + core.pool.wait_timeout());
+                let left = deadline.saturating_duration_since(Instant::now());
+                let last = left <= POOL_SLICE;
+                match core.step(Some((left.min(POOL_SLICE), last))) {
+                    Ok(Step::Got(inc)) => return Ok(Some(self.hand_out(i, inc))),
+                    Ok(Step::Empty | Step::Blocked) => continue,
+                    Ok(Step::Dead) => return self.shared.closed_result(&self.peer),
+                    Err(e) => return Err(e),
+                }
+            }
+            pool_deadline = None;
             let spins = self.lanes.cores.iter().any(|c| c.poller.spins());
             if spins && !spun {
                 // Take the next request off the completion queues on this thread, if it
