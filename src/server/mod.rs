@@ -81,37 +81,60 @@ struct Job {
 /// and workers take one request at a time from the connections in round-robin order. A
 /// connection flooding the server with cheap requests gets its turn like every other and
 /// no more, instead of crowding a shared FIFO.
-struct Scheduler {
-    ready: Mutex<SchedState>,
+struct Scheduler<C = Conn> {
+    ready: Mutex<SchedState<C>>,
     cond: Condvar,
 }
 
-struct SchedState {
+struct SchedState<C> {
     /// Connections with queued requests, each at most once.
-    ready: std::collections::VecDeque<Arc<Conn>>,
+    ready: std::collections::VecDeque<Arc<C>>,
     closed: bool,
 }
 
-impl Scheduler {
-    fn push(&self, conn: &Arc<Conn>, inc: Incoming) {
+/// What the scheduler needs of a connection: its queue of requests.
+trait Queued {
+    fn queue(&self) -> &Mutex<ConnQueue>;
+}
+
+impl Queued for Conn {
+    fn queue(&self) -> &Mutex<ConnQueue> {
+        &self.queue
+    }
+}
+
+impl<C: Queued> Scheduler<C> {
+    fn new() -> Self {
+        Scheduler {
+            ready: Mutex::new(SchedState {
+                ready: std::collections::VecDeque::new(),
+                closed: false,
+            }),
+            cond: Condvar::new(),
+        }
+    }
+
+    fn push(&self, conn: &Arc<C>, inc: Incoming) {
         let schedule = {
-            let mut q = lock(&conn.queue);
+            let mut q = lock(conn.queue());
             q.jobs.push_back(inc);
             !std::mem::replace(&mut q.scheduled, true)
         };
         if schedule {
             lock(&self.ready).ready.push_back(conn.clone());
-            self.cond.notify_one();
         }
+        // Every request may take an idle worker, also when its connection is already in
+        // line: else one connection's queue would be worked by one worker at a time.
+        self.cond.notify_one();
     }
 
-    /// The next request, or `None` once the scheduler is closed.
-    fn pop(&self) -> Option<Job> {
+    /// The next request and its connection, or `None` once the scheduler is closed.
+    fn pop(&self) -> Option<(Arc<C>, Incoming)> {
         let mut st = lock(&self.ready);
         loop {
             if let Some(conn) = st.ready.pop_front() {
                 let (inc, more) = {
-                    let mut q = lock(&conn.queue);
+                    let mut q = lock(conn.queue());
                     let inc = q.jobs.pop_front();
                     let more = !q.jobs.is_empty();
                     q.scheduled = more;
@@ -119,9 +142,12 @@ impl Scheduler {
                 };
                 if more {
                     st.ready.push_back(conn.clone());
+                    // Requests queued while every worker was busy woke nobody: pass the
+                    // rest on to an idle worker, if there is one.
+                    self.cond.notify_one();
                 }
                 match inc {
-                    Some(inc) => return Some(Job { conn, inc }),
+                    Some(inc) => return Some((conn, inc)),
                     None => continue,
                 }
             }
@@ -265,20 +291,14 @@ impl Server {
 
     /// Starts the worker and accept threads and returns at once.
     pub fn spawn(self) -> Result<ServerHandle> {
-        let sched = Arc::new(Scheduler {
-            ready: Mutex::new(SchedState {
-                ready: std::collections::VecDeque::new(),
-                closed: false,
-            }),
-            cond: Condvar::new(),
-        });
+        let sched = Arc::new(Scheduler::new());
         for i in 0..self.shared.cfg.server.workers {
             let sched = sched.clone();
             std::thread::Builder::new()
                 .name(format!("zcio-worker-{i}"))
                 .spawn(move || {
-                    while let Some(job) = sched.pop() {
-                        handle(job);
+                    while let Some((conn, inc)) = sched.pop() {
+                        handle(Job { conn, inc });
                     }
                 })
                 .map_err(|e| Error::io("spawn worker thread", e))?;
@@ -814,4 +834,78 @@ fn write_from_pool(f: &File, offset: u64, payload: &[Iobuf]) -> Result<usize, Op
         }
     }
     Ok(done)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::mpsc::channel;
+    use std::time::Duration;
+
+    struct Fake(Mutex<ConnQueue>);
+
+    impl Queued for Fake {
+        fn queue(&self) -> &Mutex<ConnQueue> {
+            &self.0
+        }
+    }
+
+    fn request(id: u64) -> Incoming {
+        Incoming {
+            id,
+            header: Vec::new(),
+            payload: Vec::new(),
+            reply_capacity: 0,
+        }
+    }
+
+    #[test]
+    fn one_connection_s_queue_reaches_every_idle_worker() {
+        let sched = Arc::new(Scheduler::<Fake>::new());
+        let (tx, rx) = channel();
+        let workers: Vec<_> = (0..3)
+            .map(|_| {
+                let (sched, tx) = (sched.clone(), tx.clone());
+                std::thread::spawn(move || {
+                    // Each worker takes one request and holds it (a long job).
+                    if let Some((_, inc)) = sched.pop() {
+                        tx.send(inc.id).unwrap();
+                    }
+                })
+            })
+            .collect();
+        // Let the workers go to sleep on an empty scheduler.
+        std::thread::sleep(Duration::from_millis(50));
+        let conn = Arc::new(Fake(Mutex::new(ConnQueue::default())));
+        for id in 0..3 {
+            sched.push(&conn, request(id));
+        }
+        let mut got: Vec<u64> = (0..3)
+            .map(|_| {
+                rx.recv_timeout(Duration::from_secs(20))
+                    .expect("a queued request left waiting while a worker idles")
+            })
+            .collect();
+        got.sort_unstable();
+        assert_eq!(got, [0, 1, 2]);
+        sched.close();
+        for w in workers {
+            w.join().unwrap();
+        }
+    }
+
+    #[test]
+    fn connections_take_turns() {
+        let sched = Scheduler::<Fake>::new();
+        let a = Arc::new(Fake(Mutex::new(ConnQueue::default())));
+        let b = Arc::new(Fake(Mutex::new(ConnQueue::default())));
+        for id in 0..3 {
+            sched.push(&a, request(id));
+        }
+        sched.push(&b, request(10));
+        let order: Vec<u64> = (0..4).map(|_| sched.pop().unwrap().1.id).collect();
+        assert_eq!(order, [0, 10, 1, 2]);
+        sched.close();
+        assert!(sched.pop().is_none());
+    }
 }

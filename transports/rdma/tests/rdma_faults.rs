@@ -1157,6 +1157,93 @@ fn one_queue_pair_failing_fails_the_whole_connection() {
     wait_pool_empty(&spool, "server buffers held");
 }
 
+/// A connection to a server whose pool holds two 64 KiB buffers, for the tests of requests
+/// waiting for server buffers.
+struct TwoBuffers {
+    spool: Pool,
+    cpool: Pool,
+    listener: Box<dyn zcio::transport::Listener>,
+    conn: Box<dyn zcio::transport::ClientConn>,
+    sconn: Box<dyn zcio::transport::ServerConn>,
+}
+
+impl TwoBuffers {
+    fn start(t: &Arc<dyn Transport>) -> TwoBuffers {
+        let cfg = base_config();
+        let spool = Pool::new(&zcio::pool::PoolConfig {
+            classes: vec![zcio::pool::ClassConfig {
+                size: 65536,
+                count: 2,
+                reserve: 0,
+                arena_slots: 2,
+            }],
+            wait_timeout: Duration::from_secs(20),
+            stripes: 1,
+        })
+        .unwrap();
+        let listener = t.listen(&cfg, &spool).unwrap();
+        let mut ccfg = cfg.clone();
+        ccfg.client.connect = listener.local_addr();
+        let cpool = Pool::new(&cfg.pool).unwrap();
+        let conn = t.connect(&ccfg, &cpool).unwrap();
+        let sconn = listener.accept().unwrap().unwrap();
+        TwoBuffers {
+            spool,
+            cpool,
+            listener,
+            conn,
+            sconn,
+        }
+    }
+
+    /// Starts one request per element of `data`, with it as a 64 KiB payload and its index
+    /// as header.
+    fn send(&self, data: &[Vec<u8>]) -> Vec<zcio::transport::Pending<zcio::transport::Reply>> {
+        data.iter()
+            .enumerate()
+            .map(|(i, d)| {
+                let mut b = self.cpool.get(d.len()).unwrap();
+                b.copy_from_slice(d);
+                self.conn
+                    .start(Request {
+                        header: vec![i as u8],
+                        send: vec![SendSeg::Pool(b.freeze())],
+                        recv: Vec::new(),
+                    })
+                    .unwrap()
+            })
+            .collect()
+    }
+
+    /// The next request, its payload checked against `data`.
+    fn take(&mut self, data: &[Vec<u8>]) -> zcio::transport::Incoming {
+        let inc = self.sconn.recv().unwrap().expect("a request");
+        let i = inc.header[0] as usize;
+        let got: Vec<u8> = inc.payload.iter().flat_map(|b| b.iter().copied()).collect();
+        assert!(got == data[i], "request {i}: payload differs");
+        inc
+    }
+
+    /// Frees the request's buffers and answers it.
+    fn answer(&self, inc: zcio::transport::Incoming) {
+        drop(inc.payload);
+        self.sconn.replier().reply(inc.id, b"ok", &[]).unwrap();
+    }
+
+    /// Checks the replies, closes, and checks that every buffer came back.
+    fn finish(mut self, pending: Vec<zcio::transport::Pending<zcio::transport::Reply>>) {
+        for p in pending {
+            assert_eq!(p.wait().unwrap().header, b"ok");
+        }
+        drop(self.conn);
+        assert!(matches!(self.sconn.recv(), Ok(None)));
+        drop(self.sconn);
+        self.listener.shutdown();
+        wait_pool_empty(&self.spool, "server buffers held");
+        assert_eq!(self.cpool.stats().slots_in_use(), 0, "client buffers");
+    }
+}
+
 #[test]
 fn request_payloads_wait_for_server_buffers_when_the_pool_is_empty() {
     let Some(t) = rdma("request_payloads_wait_for_server_buffers_when_the_pool_is_empty") else {
@@ -1166,43 +1253,12 @@ fn request_payloads_wait_for_server_buffers_when_the_pool_is_empty() {
     // thread takes them at once and starts the READs; with the pool empty it leaves the
     // request to `recv`, which waits for buffers. This test empties the server's pool,
     // sends two requests, and frees the buffers only once `recv` is waiting.
-    let cfg = base_config();
-    let spool = Pool::new(&zcio::pool::PoolConfig {
-        classes: vec![zcio::pool::ClassConfig {
-            size: 65536,
-            count: 2,
-            reserve: 0,
-            arena_slots: 2,
-        }],
-        wait_timeout: Duration::from_secs(20),
-        stripes: 1,
-    })
-    .unwrap();
-    let listener = t.listen(&cfg, &spool).unwrap();
-    let mut ccfg = cfg.clone();
-    ccfg.client.connect = listener.local_addr();
-    let cpool = Pool::new(&cfg.pool).unwrap();
-    let conn = t.connect(&ccfg, &cpool).unwrap();
-    let mut sconn = listener.accept().unwrap().unwrap();
-    let held = spool.get_buffers(65536, 2).unwrap();
+    let mut tb = TwoBuffers::start(&t);
+    let held = tb.spool.get_buffers(65536, 2).unwrap();
     let data: Vec<Vec<u8>> = (0..2).map(|i| pattern(40 + i, 65536)).collect();
-    let pending: Vec<_> = data
-        .iter()
-        .enumerate()
-        .map(|(i, d)| {
-            let mut b = cpool.get(65536).unwrap();
-            b.copy_from_slice(d);
-            conn.start(Request {
-                header: vec![i as u8],
-                send: vec![SendSeg::Pool(b.freeze())],
-                recv: Vec::new(),
-            })
-            .unwrap()
-        })
-        .collect();
-    // Both requests are in, neither can have buffers.
+    let pending = tb.send(&data);
     let deadline = Instant::now() + Duration::from_secs(20);
-    while !sconn.backlog() {
+    while !tb.sconn.backlog() {
         assert!(Instant::now() < deadline, "no request arrived");
         std::thread::sleep(Duration::from_millis(1));
     }
@@ -1210,29 +1266,16 @@ fn request_payloads_wait_for_server_buffers_when_the_pool_is_empty() {
         std::thread::sleep(Duration::from_millis(300));
         drop(held);
     });
-    let r = sconn.replier();
     let mut seen = Vec::new();
     for _ in 0..2 {
-        let inc = sconn.recv().unwrap().expect("a request");
-        let i = inc.header[0] as usize;
-        let got: Vec<u8> = inc.payload.iter().flat_map(|b| b.iter().copied()).collect();
-        assert!(got == data[i], "request {i}: payload differs");
-        seen.push(i);
-        drop(inc.payload);
-        r.reply(inc.id, b"ok", &[]).unwrap();
+        let inc = tb.take(&data);
+        seen.push(inc.header[0]);
+        tb.answer(inc);
     }
     seen.sort_unstable();
     assert_eq!(seen, [0, 1]);
     freer.join().unwrap();
-    for p in pending {
-        assert_eq!(p.wait().unwrap().header, b"ok");
-    }
-    drop(conn);
-    assert!(matches!(sconn.recv(), Ok(None)));
-    drop(sconn);
-    listener.shutdown();
-    wait_pool_empty(&spool, "server buffers held");
-    assert_eq!(cpool.stats().slots_in_use(), 0, "client buffers");
+    tb.finish(pending);
 }
 
 #[test]
@@ -1243,67 +1286,18 @@ fn a_request_waiting_for_buffers_does_not_hold_up_finished_ones() {
     // Two server buffers, three requests: two take them, the third waits for one. Only
     // the application can free them, and only once it has both of the others: `recv` must
     // hand out the second while the third waits, whichever queue pair each is on.
-    let cfg = base_config();
-    let spool = Pool::new(&zcio::pool::PoolConfig {
-        classes: vec![zcio::pool::ClassConfig {
-            size: 65536,
-            count: 2,
-            reserve: 0,
-            arena_slots: 2,
-        }],
-        wait_timeout: Duration::from_secs(20),
-        stripes: 1,
-    })
-    .unwrap();
-    let listener = t.listen(&cfg, &spool).unwrap();
-    let mut ccfg = cfg.clone();
-    ccfg.client.connect = listener.local_addr();
-    let cpool = Pool::new(&cfg.pool).unwrap();
-    let conn = t.connect(&ccfg, &cpool).unwrap();
-    let mut sconn = listener.accept().unwrap().unwrap();
+    let mut tb = TwoBuffers::start(&t);
     let data: Vec<Vec<u8>> = (0..3).map(|i| pattern(50 + i, 65536)).collect();
-    let pending: Vec<_> = data
-        .iter()
-        .enumerate()
-        .map(|(i, d)| {
-            let mut b = cpool.get(65536).unwrap();
-            b.copy_from_slice(d);
-            conn.start(Request {
-                header: vec![i as u8],
-                send: vec![SendSeg::Pool(b.freeze())],
-                recv: Vec::new(),
-            })
-            .unwrap()
-        })
-        .collect();
-    let r = sconn.replier();
-    let mut take = || {
-        let inc = sconn.recv().unwrap().expect("a request");
-        let i = inc.header[0] as usize;
-        let got: Vec<u8> = inc.payload.iter().flat_map(|b| b.iter().copied()).collect();
-        assert!(got == data[i], "request {i}: payload differs");
-        inc
-    };
+    let pending = tb.send(&data);
     // Which two get the buffers depends on how the queue pairs' threads interleave.
-    let first = take();
-    let second = take();
+    let first = tb.take(&data);
+    let second = tb.take(&data);
     assert_ne!(first.header, second.header);
     let last = 3 - first.header[0] - second.header[0];
-    for inc in [first, second] {
-        drop(inc.payload);
-        r.reply(inc.id, b"ok", &[]).unwrap();
-    }
-    let third = take();
+    tb.answer(first);
+    tb.answer(second);
+    let third = tb.take(&data);
     assert_eq!(third.header, [last]);
-    drop(third.payload);
-    r.reply(third.id, b"ok", &[]).unwrap();
-    for p in pending {
-        assert_eq!(p.wait().unwrap().header, b"ok");
-    }
-    drop(conn);
-    assert!(matches!(sconn.recv(), Ok(None)));
-    drop(sconn);
-    listener.shutdown();
-    wait_pool_empty(&spool, "server buffers held");
-    assert_eq!(cpool.stats().slots_in_use(), 0, "client buffers");
+    tb.answer(third);
+    tb.finish(pending);
 }
