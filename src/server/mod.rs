@@ -3,9 +3,11 @@
 //! One thread accepts connections; each connection has a thread that receives requests
 //! (with their payload already in pool buffers) and hands them to a shared pool of worker
 //! threads, which do the file I/O with `preadv`/`pwritev` straight into and out of pool
-//! buffers and send the reply from those same buffers. A per-connection limit on requests
-//! in flight stops the receiving thread (and so, through the transport, the client) when a
-//! connection asks for more than its share. A request that is alone (nothing else of its
+//! buffers and send the reply from those same buffers. Workers take requests from the
+//! connections in turn, and as many workers as are idle work on one connection's queue at
+//! once (`ServerStats::mean_depth` shows how deep the queues run). A per-connection limit
+//! on requests in flight stops the receiving thread (and so, through the transport, the
+//! client) when a connection asks for more than its share. A request that is alone (nothing else of its
 //! connection in flight, and nothing waiting behind it in the transport:
 //! `ServerConn::backlog`) is served on the receiving thread itself, one thread hand-off less
 //! for a synchronous client. Only regular files are opened: a FIFO or device node in the
