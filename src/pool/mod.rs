@@ -953,30 +953,35 @@ impl Pool {
     /// buffers taken go back.
     pub fn get_span_within(&self, len: usize, timeout: Duration) -> Result<Iobref> {
         let deadline = Instant::now() + timeout;
-        let max = self.max_buffer_size();
-        let mut r = Iobref::with_capacity(len.div_ceil(max.max(1)).max(1));
-        let mut left = len;
-        while left > 0 {
-            let n = left.min(max);
+        let span = self.span(len, |n| {
             let wait = deadline.saturating_duration_since(Instant::now());
-            r.push(self.get_with(n, Priority::Data, wait)?);
-            left -= n;
-        }
-        Ok(r)
+            self.get_with(n, Priority::Data, wait).map(Some)
+        })?;
+        // `get_with` waits or fails: it never gives nothing.
+        span.ok_or_else(|| Error::InvalidArgument("internal: a pool get gave no buffer".into()))
     }
 
     /// Like [`Pool::get_span`], but only if the buffers are free right now: `None` (with
     /// nothing taken) otherwise. For a thread that must not block, such as one that drains
     /// a completion queue.
     pub fn try_get_span(&self, len: usize) -> Result<Option<Iobref>> {
+        self.span(len, |n| self.try_get(n, Priority::Data))
+    }
+
+    /// Buffers covering `len` bytes, each of at most the largest class's size, from `take`;
+    /// `None` as soon as `take` has none (dropping what was taken puts it back).
+    fn span(
+        &self,
+        len: usize,
+        mut take: impl FnMut(usize) -> Result<Option<IobufMut>>,
+    ) -> Result<Option<Iobref>> {
         let max = self.max_buffer_size();
         let mut r = Iobref::with_capacity(len.div_ceil(max.max(1)).max(1));
         let mut left = len;
         while left > 0 {
             let n = left.min(max);
-            match self.try_get(n, Priority::Data)? {
+            match take(n)? {
                 Some(b) => r.push(b),
-                // Dropping `r` puts back what was taken.
                 None => return Ok(None),
             }
             left -= n;

@@ -7,12 +7,12 @@
 //! connections in turn, and as many workers as are idle work on one connection's queue at
 //! once (`ServerStats::mean_depth` shows how deep the queues run). A per-connection limit
 //! on requests in flight stops the receiving thread (and so, through the transport, the
-//! client) when a connection asks for more than its share. A request that is alone (nothing else of its
-//! connection in flight, and nothing waiting behind it in the transport:
-//! `ServerConn::backlog`) is served on the receiving thread itself, one thread hand-off less
-//! for a synchronous client. Only regular files are opened: a FIFO or device node in the
-//! export is refused without blocking. A connection's open files are closed when it goes
-//! away, however it goes.
+//! client) when a connection asks for more than its share. A request that is alone
+//! (nothing else of its connection in flight, and nothing waiting behind it in the
+//! transport: `ServerConn::backlog`) is served on the receiving thread itself, one thread
+//! hand-off less for a synchronous client. Only regular files are opened: a FIFO or device
+//! node in the export is refused without blocking. A connection's open files are closed
+//! when it goes away, however it goes.
 
 mod export;
 
@@ -126,7 +126,9 @@ impl<C: Queued> Scheduler<C> {
             lock(&self.ready).ready.push_back(conn.clone());
         }
         // Every request may take an idle worker, also when its connection is already in
-        // line: else one connection's queue would be worked by one worker at a time.
+        // line: else one connection's queue would be worked by one worker at a time. (A
+        // worker only waits when no connection is in line, so a request queued while all
+        // were busy is taken by the next one to finish, without a wake-up.)
         self.cond.notify_one();
     }
 
@@ -144,9 +146,6 @@ impl<C: Queued> Scheduler<C> {
                 };
                 if more {
                     st.ready.push_back(conn.clone());
-                    // Requests queued while every worker was busy woke nobody: pass the
-                    // rest on to an idle worker, if there is one.
-                    self.cond.notify_one();
                 }
                 match inc {
                     Some(inc) => return Some((conn, inc)),
@@ -467,8 +466,11 @@ fn serve_conn(shared: &Arc<Shared>, mut sc: Box<dyn ServerConn>, jobs: &Schedule
         conn.permits.acquire();
         match sc.recv() {
             Ok(Some(inc)) => {
-                let depth =
-                    (shared.cfg.server.max_in_flight).saturating_sub(conn.permits.available());
+                let depth = shared
+                    .cfg
+                    .server
+                    .max_in_flight
+                    .saturating_sub(conn.permits.available());
                 let stats = &shared.stats;
                 stats.received.fetch_add(1, Ordering::Relaxed);
                 stats.depth_sum.fetch_add(depth as u64, Ordering::Relaxed);

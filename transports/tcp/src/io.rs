@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-use nix::sys::socket::{sendmsg, MsgFlags, SockaddrStorage};
+use nix::sys::socket::{recv, sendmsg, MsgFlags, SockaddrStorage};
 
 /// Most iovecs handed to one system call (Linux's `UIO_MAXIOV`).
 const MAX_IOV: usize = 1024;
@@ -84,6 +84,13 @@ pub(crate) fn peer_hung_up(sock: &TcpStream) -> bool {
         Ok(n) => n > 0,
         _ => false,
     }
+}
+
+/// Whether bytes wait unread in the socket. Never blocks.
+pub(crate) fn has_unread(sock: &TcpStream) -> bool {
+    let mut b = [0u8; 1];
+    let flags = MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT;
+    matches!(recv(sock.as_raw_fd(), &mut b, flags), Ok(n) if n > 0)
 }
 
 /// Moves the front of `parts` on by `n` bytes.

@@ -47,8 +47,8 @@ use zcio::transport::{Incoming, Limits, Replier, ServerConn};
 use zcio::{Error, Iobuf, IobufMut, Pool, Result};
 
 use crate::io::{
-    give_up, peer_hung_up, read_exact_vectored, shutdown, tick_for, write_all_vectored, ReadError,
-    Ticker,
+    give_up, has_unread, peer_hung_up, read_exact_vectored, shutdown, tick_for, write_all_vectored,
+    ReadError, Ticker,
 };
 use crate::wire::{decode_prefix, Hello, Kind, Prefix, WireError, HELLO_LEN, PREFIX_LEN};
 use crate::{lock, transport_err, wire_err};
@@ -393,13 +393,7 @@ impl ServerConn for TcpServerConn {
 
     /// Whether the socket already holds bytes of a next request.
     fn backlog(&mut self) -> bool {
-        use std::os::fd::AsRawFd;
-        let flags = nix::sys::socket::MsgFlags::MSG_PEEK | nix::sys::socket::MsgFlags::MSG_DONTWAIT;
-        let mut b = [0u8; 1];
-        matches!(
-            nix::sys::socket::recv(self.shared.sock.as_raw_fd(), &mut b, flags),
-            Ok(n) if n > 0
-        )
+        has_unread(&self.shared.sock)
     }
 
     fn recv(&mut self) -> Result<Option<Incoming>> {

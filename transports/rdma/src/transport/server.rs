@@ -1130,11 +1130,10 @@ impl SCore {
 
     /// Works through this queue pair's events until a request is ready to hand out (its
     /// payload in pool buffers) or there are none; starts the RDMA READs of requests with
-    /// payload on the way. Never blocks, except for pool buffers.
-    /// Takes this queue pair's next event for `recv`. A new request whose payload needs
-    /// pool buffers that are not free gives way to a request whose READs are done (its
-    /// buffers come back once it is served: waiting for the pool while it sits behind could
-    /// wait for nothing). Failing that, without `wait` it stays first in line and the
+    /// payload on the way. Never blocks, except for pool buffers: a new request whose
+    /// payload needs buffers that are not free gives way to a request whose READs are done
+    /// (its buffers come back once it is served: waiting for the pool while it sits behind
+    /// could wait for nothing). Failing that, without `wait` it stays first in line and the
     /// answer is `Blocked`; with `wait = (slice, last)` the pool is waited on for up to
     /// `slice`, after which it is `Blocked` again, or, if `last`, the connection fails for
     /// want of buffers.
@@ -1617,9 +1616,7 @@ impl RdmaServerConn {
             std::hint::spin_loop();
         }
     }
-}
 
-impl RdmaServerConn {
     /// A request from queue pair `i`, its id marked with the queue pair for the reply.
     fn hand_out(&mut self, i: usize, mut inc: Incoming) -> Incoming {
         self.next = (i + 1) % self.lanes.cores.len();
