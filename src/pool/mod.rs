@@ -884,7 +884,11 @@ impl Pool {
 
     /// The largest buffer the pool can hand out.
     pub fn max_buffer_size(&self) -> usize {
-        self.class_sizes().last().copied().unwrap_or(0)
+        // Classes are sorted by size; no allocation (this is on every span's way).
+        match self.inner.classes.len() {
+            0 => 0,
+            n => self.class(n - 1).size,
+        }
     }
 
     /// Bytes the pool may map in all.
@@ -952,41 +956,83 @@ impl Pool {
     /// [`Pool::get_span`], waiting at most `timeout` in all. All or nothing: on failure the
     /// buffers taken go back.
     pub fn get_span_within(&self, len: usize, timeout: Duration) -> Result<Iobref> {
-        let deadline = Instant::now() + timeout;
-        let span = self.span(len, |n| {
-            let wait = deadline.saturating_duration_since(Instant::now());
-            self.get_with(n, Priority::Data, wait).map(Some)
-        })?;
-        // `get_with` waits or fails: it never gives nothing.
-        span.ok_or_else(|| Error::InvalidArgument("internal: a pool get gave no buffer".into()))
+        let mut v = self.span_vec(len);
+        self.get_span_within_into(len, timeout, &mut v)?;
+        Ok(Iobref::from(v))
     }
 
     /// Like [`Pool::get_span`], but only if the buffers are free right now: `None` (with
     /// nothing taken) otherwise. For a thread that must not block, such as one that drains
     /// a completion queue.
     pub fn try_get_span(&self, len: usize) -> Result<Option<Iobref>> {
-        self.span(len, |n| self.try_get(n, Priority::Data))
+        let mut v = self.span_vec(len);
+        Ok(self
+            .try_get_span_into(len, &mut v)?
+            .then(|| Iobref::from(v)))
     }
 
-    /// Buffers covering `len` bytes, each of at most the largest class's size, from `take`;
-    /// `None` as soon as `take` has none (dropping what was taken puts it back).
-    fn span(
+    /// A vector with room for the buffers of a `len`-byte span.
+    fn span_vec(&self, len: usize) -> Vec<IobufMut> {
+        Vec::with_capacity(len.div_ceil(self.max_buffer_size().max(1)).max(1))
+    }
+
+    /// [`Pool::try_get_span`] into `out`, for a caller that reuses its vector rather than
+    /// allocate one per call: `out` is emptied first, and is left empty (nothing taken)
+    /// with `Ok(false)` when the buffers are not all free right now.
+    pub fn try_get_span_into(&self, len: usize, out: &mut Vec<IobufMut>) -> Result<bool> {
+        self.span_into(len, out, |n| self.try_get(n, Priority::Data))
+    }
+
+    /// [`Pool::get_span_within`] into `out`, as [`Pool::try_get_span_into`] does: `out` is
+    /// emptied first and left empty on failure.
+    pub fn get_span_within_into(
         &self,
         len: usize,
+        timeout: Duration,
+        out: &mut Vec<IobufMut>,
+    ) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        let got = self.span_into(len, out, |n| {
+            let wait = deadline.saturating_duration_since(Instant::now());
+            self.get_with(n, Priority::Data, wait).map(Some)
+        })?;
+        if got {
+            Ok(())
+        } else {
+            // `get_with` waits or fails: it never gives nothing.
+            Err(Error::InvalidArgument(
+                "internal: a pool get gave no buffer".into(),
+            ))
+        }
+    }
+
+    /// The chunking behind every span: fills `out` (emptied first) from `take`; `false`,
+    /// with `out` emptied again (the buffers taken go back), as soon as `take` has none.
+    fn span_into(
+        &self,
+        len: usize,
+        out: &mut Vec<IobufMut>,
         mut take: impl FnMut(usize) -> Result<Option<IobufMut>>,
-    ) -> Result<Option<Iobref>> {
+    ) -> Result<bool> {
+        out.clear();
         let max = self.max_buffer_size();
-        let mut r = Iobref::with_capacity(len.div_ceil(max.max(1)).max(1));
         let mut left = len;
         while left > 0 {
             let n = left.min(max);
-            match take(n)? {
-                Some(b) => r.push(b),
-                None => return Ok(None),
+            match take(n) {
+                Ok(Some(b)) => out.push(b),
+                Ok(None) => {
+                    out.clear();
+                    return Ok(false);
+                }
+                Err(e) => {
+                    out.clear();
+                    return Err(e);
+                }
             }
             left -= n;
         }
-        Ok(Some(r))
+        Ok(true)
     }
 
     /// Installs a registrar: it is called now for every existing arena, and later for each

@@ -507,7 +507,7 @@ fn serve_conn(shared: &Arc<Shared>, mut sc: Box<dyn ServerConn>, jobs: &Schedule
 }
 
 fn handle(job: Job) {
-    let Job { conn, inc } = job;
+    let Job { conn, mut inc } = job;
     let shared = conn.shared.clone();
     let (header, payload) = match Req::decode(&inc.header) {
         Ok(req) => match execute(&conn, &req, &inc) {
@@ -526,13 +526,14 @@ fn handle(job: Job) {
         }
     };
     // Free the request's payload buffers before replying.
-    drop(inc.payload);
+    inc.payload.clear();
     shared.stats.requests.fetch_add(1, Ordering::Relaxed);
     if let Err(e) = conn.replier.reply(inc.id, &header, &payload) {
         tracing::debug!("reply to {} failed: {e}", conn.peer);
         conn.replier.close();
     }
     drop(payload);
+    conn.replier.recycle(inc);
     conn.permits.release();
 }
 

@@ -61,21 +61,81 @@ pub fn pair_with_progress<T>(progress: Arc<dyn Progress>) -> (Completer<T>, Pend
     pair_inner(Some(progress))
 }
 
-fn pair_inner<T>(progress: Option<Arc<dyn Progress>>) -> (Completer<T>, Pending<T>) {
-    let shared = Arc::new(Shared {
+fn new_shared<T>() -> Arc<Shared<T>> {
+    Arc::new(Shared {
         state: Mutex::new(State {
             value: None,
             done: false,
             waker: None,
         }),
         cond: Condvar::new(),
-    });
+    })
+}
+
+fn pair_inner<T>(progress: Option<Arc<dyn Progress>>) -> (Completer<T>, Pending<T>) {
+    pair_on(new_shared(), progress)
+}
+
+fn pair_on<T>(
+    shared: Arc<Shared<T>>,
+    progress: Option<Arc<dyn Progress>>,
+) -> (Completer<T>, Pending<T>) {
     (
         Completer {
             shared: Some(shared.clone()),
         },
         Pending { shared, progress },
     )
+}
+
+/// The memory of one completion, kept by a transport (say, one per request slot) and
+/// reused from request to request, so that starting a request allocates nothing.
+///
+/// [`CompletionCell::pair`] reuses the cell when neither half of its previous pair is
+/// still alive, which is the steady state of a caller that waits for (or drops) each
+/// [`Pending`] before the slot is reused. Otherwise, say when a finished request's
+/// [`Pending`] has not been waited on yet, it leaves that one alone and starts a new cell:
+/// correct either way, allocation-free in the common case.
+pub struct CompletionCell<T> {
+    shared: Arc<Shared<T>>,
+}
+
+impl<T> Default for CompletionCell<T> {
+    fn default() -> Self {
+        CompletionCell::new()
+    }
+}
+
+impl<T> CompletionCell<T> {
+    /// A fresh cell.
+    pub fn new() -> CompletionCell<T> {
+        CompletionCell {
+            shared: new_shared(),
+        }
+    }
+
+    /// A connected pair on this cell, as [`pair`] (or [`pair_with_progress`] when
+    /// `progress` is given) makes one.
+    pub fn pair(&mut self, progress: Option<Arc<dyn Progress>>) -> (Completer<T>, Pending<T>) {
+        match Arc::get_mut(&mut self.shared) {
+            Some(s) => {
+                let st = match s.state.get_mut() {
+                    Ok(st) => st,
+                    Err(p) => p.into_inner(),
+                };
+                st.value = None;
+                st.done = false;
+                st.waker = None;
+            }
+            None => self.shared = new_shared(),
+        }
+        pair_on(self.shared.clone(), progress)
+    }
+
+    /// Whether the next [`CompletionCell::pair`] reuses this cell (nothing else holds it).
+    pub fn is_free(&mut self) -> bool {
+        Arc::get_mut(&mut self.shared).is_some()
+    }
 }
 
 impl<T> Completer<T> {
@@ -268,6 +328,33 @@ mod tests {
         assert_eq!(p.wait().unwrap(), 3);
         assert_eq!(d.calls.load(Ordering::SeqCst), 1);
         assert_eq!(*d.waiter.lock().unwrap(), Some(std::thread::current().id()));
+    }
+
+    #[test]
+    fn a_cell_is_reused_once_its_pair_is_gone_and_replaced_while_a_waiter_holds_it() {
+        let mut cell = CompletionCell::<u32>::new();
+        let first = Arc::as_ptr(&cell.shared);
+        let (c, p) = cell.pair(None);
+        assert!(!cell.is_free());
+        c.complete(Ok(1));
+        assert_eq!(p.wait().unwrap(), 1);
+        assert!(cell.is_free());
+        // Reused: same memory, and the old result is gone.
+        let (c, p) = cell.pair(None);
+        assert_eq!(Arc::as_ptr(&cell.shared), first);
+        assert!(!p.is_done());
+        c.complete(Ok(2));
+        // The waiter has not taken its result yet: a new pair must not disturb it.
+        let (c2, p2) = cell.pair(None);
+        assert_ne!(Arc::as_ptr(&cell.shared), first);
+        c2.complete(Ok(3));
+        assert_eq!(p.wait().unwrap(), 2);
+        assert_eq!(p2.wait().unwrap(), 3);
+        // A pair dropped without completing frees the cell too (the waiter got an error).
+        let (c, p) = cell.pair(None);
+        drop(c);
+        assert!(matches!(p.wait(), Err(Error::ConnectionClosed(_))));
+        assert!(cell.is_free());
     }
 
     #[test]

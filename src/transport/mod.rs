@@ -33,7 +33,9 @@ use crate::error::{Error, Result};
 use crate::pool::{Iobuf, Pool};
 
 pub use crate::pool::seg::{recv_len, scatter_into, send_len, RawSeg, RecvSeg, SegKeys, SendSeg};
-pub use completion::{block_on, pair, pair_with_progress, Completer, Pending, Progress};
+pub use completion::{
+    block_on, pair, pair_with_progress, Completer, CompletionCell, Pending, Progress,
+};
 
 /// Largest request or reply header any transport must carry.
 pub const MAX_HEADER: usize = 4096;
@@ -126,6 +128,13 @@ pub trait Replier: Send + Sync {
     /// Replies to request `id` with `header` and payload `payload` (in order; at most the
     /// request's reply capacity in total).
     fn reply(&self, id: u64, header: &[u8], payload: &[Iobuf]) -> Result<()>;
+    /// Gives a served request back, so that the transport can reuse its header and payload
+    /// vectors for a later request instead of allocating new ones. Optional: dropping an
+    /// [`Incoming`] is always correct, and the default does just that. Its payload buffers
+    /// go back to the pool either way.
+    fn recycle(&self, incoming: Incoming) {
+        drop(incoming);
+    }
     /// Closes the connection (both directions).
     fn close(&self);
 }

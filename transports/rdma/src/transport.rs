@@ -148,11 +148,17 @@
 //! are never lost to the race between two threads; and shutting the socket down wakes the
 //! thread at once when the connection is closed locally.
 //!
-//! Per-request state lives in a preallocated slot table indexed by slot, per-slot
-//! descriptor lists are reused, and work requests and scatter/gather lists are built on
-//! the stack, so in steady state the transport allocates only what the contract's types
-//! require (the reply or request header `Vec`, the completion handle, the payload
-//! `Vec<Iobuf>`). `ServerConn::recv` takes requests from a queue the connection thread
+//! **No heap allocation per I/O.** Per-request state lives in a preallocated slot table
+//! indexed by slot; descriptor lists, completion cells (`CompletionCell`, twice as many as
+//! credits, not tied to slots) and the vectors a request's header and payload travel in
+//! are made when the queue pair is set up and reused; work requests and scatter/gather
+//! lists are built on the stack. The contract's own vectors are reused too: a client's
+//! `Request` header, send and receive vectors come back in its `Reply` (the reply header
+//! is copied into the request's header buffer), and a server that hands each served
+//! `Incoming` to `Replier::recycle` gives its header and payload vectors back to the
+//! queue pair. `tests/allocations.rs` counts every allocation of the process (client,
+//! server and completion threads) over 64 KiB reads and writes at iodepth 1 and 8, with
+//! and without spinning waiters, and requires none. `ServerConn::recv` takes requests from a queue the connection thread
 //! fills; `Replier::reply` posts from any thread. On the client, posting happens under the
 //! queue pair's lock. On the server it happens under a separate send-side lock, not the
 //! state lock: on Soft-RoCE a post does the queue pair's protocol work in the posting thread

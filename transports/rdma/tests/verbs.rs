@@ -7,8 +7,7 @@
 //! small on purpose: under qemu's TCG everything is 10-50x slower.
 #![cfg(feature = "rdma")]
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::cell::Cell;
+use std::alloc::Layout;
 use std::error::Error as _;
 use std::time::{Duration, Instant};
 
@@ -19,63 +18,12 @@ use zcio_rdma::verbs::{
 };
 use zcio_rdma::RdmaError;
 
-// ---------------------------------------------------------------------------------------------
-// Allocation counting: a global allocator that counts allocations made by the current thread
-// while tracking is on, to prove the post/poll/wait path allocates nothing.
+mod counting;
+use counting::{thread_allocations_in as allocations_in, CountingAlloc};
 
-struct CountingAlloc;
-
-thread_local! {
-    static TRACKING: Cell<bool> = const { Cell::new(false) };
-    static ALLOCATIONS: Cell<u64> = const { Cell::new(0) };
-}
-
-fn note_allocation() {
-    let _ = TRACKING.try_with(|on| {
-        if on.get() {
-            let _ = ALLOCATIONS.try_with(|n| n.set(n.get() + 1));
-        }
-    });
-}
-
-// SAFETY: every method forwards to the system allocator with the caller's arguments
-// unchanged; the counting touches only const-initialized thread-locals, which never allocate.
-unsafe impl GlobalAlloc for CountingAlloc {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        note_allocation();
-        // SAFETY: forwarded with the caller's guarantees for `GlobalAlloc::alloc`.
-        unsafe { System.alloc(layout) }
-    }
-
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        note_allocation();
-        // SAFETY: forwarded with the caller's guarantees for `GlobalAlloc::alloc_zeroed`.
-        unsafe { System.alloc_zeroed(layout) }
-    }
-
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        note_allocation();
-        // SAFETY: forwarded with the caller's guarantees for `GlobalAlloc::realloc`.
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: forwarded with the caller's guarantees for `GlobalAlloc::dealloc`.
-        unsafe { System.dealloc(ptr, layout) }
-    }
-}
-
+/// Counts allocations, to prove the post/poll/wait path makes none.
 #[global_allocator]
 static GLOBAL: CountingAlloc = CountingAlloc;
-
-/// Runs `f` and returns how many heap allocations this thread made meanwhile.
-fn allocations_in<R>(f: impl FnOnce() -> R) -> (R, u64) {
-    ALLOCATIONS.with(|n| n.set(0));
-    TRACKING.with(|on| on.set(true));
-    let result = f();
-    TRACKING.with(|on| on.set(false));
-    (result, ALLOCATIONS.with(|n| n.get()))
-}
 
 // ---------------------------------------------------------------------------------------------
 // Device selection and skipping.

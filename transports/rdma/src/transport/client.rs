@@ -34,8 +34,8 @@ use std::time::{Duration, Instant};
 use zcio::config::{Config, RdmaConfig};
 use zcio::pool::RegistrarId;
 use zcio::transport::{
-    check_request, pair, pair_with_progress, recv_len, send_len, ClientConn, Completer, Limits,
-    Pending, Progress, RecvSeg, Reply, Request, SendSeg, MAX_HEADER,
+    check_request, recv_len, send_len, ClientConn, Completer, CompletionCell, Limits, Pending,
+    Progress, RecvSeg, Reply, Request, SendSeg, MAX_HEADER,
 };
 use zcio::{Error, IobufMut, Pool, Result};
 
@@ -66,7 +66,8 @@ struct RecvBounce {
     seg_off: usize,
 }
 
-/// Per-slot working storage, reused from request to request.
+/// Per-slot working storage, reused from request to request: nothing on a request's way
+/// allocates once the slot has carried a request of its shape.
 #[derive(Default)]
 struct Scratch {
     send_descs: Vec<Desc>,
@@ -101,6 +102,8 @@ impl Scratch {
 struct InFlight {
     id: u64,
     completer: Completer<Reply>,
+    /// The request's header buffer: the reply header is copied into it.
+    header: Vec<u8>,
     send: Vec<SendSeg>,
     recv: Vec<RecvSeg>,
     recv_cap: usize,
@@ -135,6 +138,32 @@ struct State {
     unsignaled: usize,
     /// Threads in `start` waiting for send-queue room.
     room_waiters: usize,
+    /// Where requests complete, reused (see [`State::completion`]).
+    cells: Vec<CompletionCell<Reply>>,
+    next_cell: usize,
+}
+
+impl State {
+    /// A completion pair for a new request, on the next cell that nothing holds any more.
+    /// Cells are not tied to slots: a slot is free again as soon as its reply is in, which
+    /// may be before the caller has waited on (and let go of) that request's [`Pending`].
+    /// Twice as many cells as credits cover a caller with up to a credit's worth of
+    /// requests in hand; one with more gets new cells as needed.
+    fn completion(
+        &mut self,
+        progress: Option<Arc<dyn Progress>>,
+    ) -> (Completer<Reply>, Pending<Reply>) {
+        if self.cells.is_empty() {
+            self.cells.push(CompletionCell::new());
+        }
+        let n = self.cells.len();
+        let k = (0..n)
+            .map(|j| (self.next_cell + j) % n)
+            .find(|&k| self.cells[k].is_free())
+            .unwrap_or(self.next_cell % n);
+        self.next_cell = (k + 1) % n;
+        self.cells[k].pair(progress)
+    }
 }
 
 /// The client's send-queue depth for `credits` requests in flight. Most request SENDs are
@@ -342,6 +371,8 @@ pub(crate) fn connect(faults: Faults, cfg: &Config, pool: &Pool) -> Result<RdmaC
                 sq: SendQueue::new(sq_depth(credits), 0),
                 unsignaled: 0,
                 room_waiters: 0,
+                cells: (0..2 * credits).map(|_| CompletionCell::new()).collect(),
+                next_cell: 0,
             }),
             cond: Condvar::new(),
             room_cv: Condvar::new(),
@@ -915,11 +946,6 @@ impl Core {
                     return Err(e);
                 }
             };
-        let (completer, pending) = if self.poller.spins() {
-            pair_with_progress(self.clone())
-        } else {
-            pair()
-        };
         let mut st = self.lock();
         // Room in the send queue: only short of it while the connection thread has yet to
         // see a signaled SEND's completion, which is already on its way (`signal_send`).
@@ -937,6 +963,12 @@ impl Core {
             self.release(i, scratch, msg);
             return Err(e);
         }
+        let progress: Option<Arc<dyn Progress>> = if self.poller.spins() {
+            Some(self.clone())
+        } else {
+            None
+        };
+        let (completer, pending) = st.completion(progress);
         let inline = msg_len <= self.max_inline_send;
         let sge = buf_sge(&msg, msg_len, self.ctl_reg);
         let st = &mut *st;
@@ -957,6 +989,7 @@ impl Core {
         slot.req = Some(InFlight {
             id,
             completer,
+            header,
             send,
             recv,
             recv_cap,
@@ -1015,27 +1048,19 @@ impl Core {
             }
         };
         let len = byte_len.min(buf.len());
-        let (id, header, payload_len, inline_len, mut inline_bytes) = {
-            let view = match decode_reply(&buf[..len], &self.msg_limits) {
-                Ok(v) => v,
-                Err(e) => {
-                    self.fail(self.violation(format!("malformed reply: {e}")), None);
-                    return;
-                }
-            };
-            let mut tmp = [0u8; MAX_INLINE];
-            let inline_len = view.inline.map(|b| {
-                tmp[..b.len()].copy_from_slice(b);
-                b.len()
-            });
-            (
-                view.id,
-                view.header.to_vec(),
-                view.payload_len,
-                inline_len,
-                tmp,
-            )
+        let view = match decode_reply(&buf[..len], &self.msg_limits) {
+            Ok(v) => v,
+            Err(e) => {
+                self.fail(self.violation(format!("malformed reply: {e}")), None);
+                return;
+            }
         };
+        let (id, payload_len) = (view.id, view.payload_len);
+        let mut inline_bytes = [0u8; MAX_INLINE];
+        let inline_len = view.inline.map(|b| {
+            inline_bytes[..b.len()].copy_from_slice(b);
+            b.len()
+        });
         let slot = (id & 0xffff) as usize;
         let taken = {
             let mut st = self.lock();
@@ -1056,6 +1081,13 @@ impl Core {
                 drop(buf);
                 Err(done)
             } else {
+                let mut f = st.slots[slot].req.take();
+                if let Some(f) = f.as_mut() {
+                    // Into the request's header buffer: no allocation for a reply header
+                    // no longer than the request's.
+                    f.header.clear();
+                    f.header.extend_from_slice(view.header);
+                }
                 // Repost first: the server may send the next reply as soon as the client
                 // knows this one arrived.
                 let posted = match &st.qp {
@@ -1063,7 +1095,6 @@ impl Core {
                     None => Ok(()),
                 };
                 st.recv[ri] = Some(buf);
-                let f = st.slots[slot].req.take();
                 match posted {
                     Ok(()) => Ok(f),
                     Err(e) => {
@@ -1117,6 +1148,7 @@ impl Core {
         }
         let InFlight {
             completer,
+            header,
             send,
             recv,
             mut scratch,

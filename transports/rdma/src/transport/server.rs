@@ -396,7 +396,7 @@ fn lane_core(
         .map(|_| SSlot {
             stage: Stage::Free,
             id: 0,
-            header: Vec::new(),
+            header: Vec::with_capacity(HEADER_ROOM),
             send: Vec::with_capacity(limits.max_segments),
             recv: Vec::with_capacity(limits.max_segments),
             inline: Vec::with_capacity(limits.inline_threshold),
@@ -415,8 +415,11 @@ fn lane_core(
             free: (0..credits).rev().collect(),
             ids: HashMap::with_capacity(2 * credits),
             events: VecDeque::with_capacity(2 * credits),
-            spare_descs: Vec::with_capacity(credits),
-            spare_local: Vec::with_capacity(credits),
+            spare_descs: spares(LENT, credits, limits.max_segments),
+            spare_local: spares(LENT, credits, limits.max_segments),
+            spare_headers: spares(credits, credits, HEADER_ROOM),
+            spare_payloads: spares(credits, credits, PAYLOAD_ROOM),
+            spare_bufs: spares(credits, credits, PAYLOAD_ROOM),
         }),
         post: Mutex::new(PostSide {
             sq: SendQueue::new(sq_depth, 4 * credits),
@@ -516,6 +519,39 @@ struct SState {
     /// back here, kept for their capacity.
     spare_descs: Vec<Vec<Desc>>,
     spare_local: Vec<Vec<Local>>,
+    /// Vectors kept for their capacity, so that a request's way through allocates nothing:
+    /// header and payload vectors of served requests given back by [`Replier::recycle`],
+    /// and the vectors a request's payload buffers are taken from the pool into.
+    spare_headers: Vec<Vec<u8>>,
+    spare_payloads: Vec<Vec<Iobuf>>,
+    spare_bufs: Vec<Vec<IobufMut>>,
+}
+
+/// Room in the vectors made when a queue pair is set up: a request header's bytes, and a
+/// request payload's buffers (one per largest pool buffer). A larger request grows the
+/// vector it gets once, and the vector keeps that room.
+const HEADER_ROOM: usize = 128;
+const PAYLOAD_ROOM: usize = 4;
+
+/// Descriptor lists made up front for lending to posts: one per post in progress on a
+/// queue pair (a worker's reply, a completion thread's READs), more made when needed.
+const LENT: usize = 8;
+
+/// A stack of `n` empty vectors with `room` each, and room itself for `n + 2 * credits`
+/// (a request in every slot and as many served ones not yet given back).
+fn spares<T>(n: usize, credits: usize, room: usize) -> Vec<Vec<T>> {
+    let mut v = Vec::with_capacity(n + 2 * credits);
+    v.extend((0..n).map(|_| Vec::with_capacity(room)));
+    v
+}
+
+/// Keeps an empty vector for its capacity, if it has any and `spares` has room (its
+/// capacity, fixed when the queue pair is set up, bounds what is kept).
+fn keep_spare<T>(spares: &mut Vec<Vec<T>>, mut v: Vec<T>) {
+    v.clear();
+    if v.capacity() > 0 && spares.len() < spares.capacity() {
+        spares.push(v);
+    }
 }
 
 /// The send side of a queue pair: what posting needs, under its own lock. On Soft-RoCE a
@@ -865,7 +901,13 @@ impl SCore {
         // connection queuing for the thread behind `recv`; and the READs start without a
         // hand-off. Otherwise `recv` takes the buffers (it may wait) and posts them.
         let direct = if view.send_total > 0 && !st.slots[s].send.is_empty() {
-            self.pool.try_get_span(view.send_total).ok().flatten()
+            let mut v = st.spare_bufs.pop().unwrap_or_default();
+            if let Ok(true) = self.pool.try_get_span_into(view.send_total, &mut v) {
+                Some(v)
+            } else {
+                keep_spare(&mut st.spare_bufs, v);
+                None
+            }
         } else {
             None
         };
@@ -894,14 +936,14 @@ impl SCore {
             self.shared.notify();
             return;
         };
-        let (mut guard, r) = self.post_reads(guard, s, bufs.into_vec(), false);
+        let (mut guard, r) = self.post_reads(guard, s, bufs, false);
         match r {
             Ok(ReadStart::Posted) => {}
             Ok(ReadStart::NoRoom(bufs)) => {
                 // The send queue is full: `recv` posts them once there is room.
                 guard.events.push_back(Ev::New(s));
+                keep_spare(&mut guard.spare_bufs, bufs);
                 drop(guard);
-                drop(bufs);
                 self.shared.notify();
             }
             Err(_) => {
@@ -946,17 +988,40 @@ impl SCore {
         }
     }
 
-    /// Hands request `s` out with its payload.
-    fn deliver(&self, st: &mut SState, s: usize, bufs: Vec<IobufMut>) -> Incoming {
+    /// Hands request `s` out with its payload, in vectors kept from earlier requests when
+    /// there are some.
+    fn deliver(&self, st: &mut SState, s: usize, mut bufs: Vec<IobufMut>) -> Incoming {
         self.shared.queued.fetch_sub(1, Ordering::Relaxed);
+        let mut payload = if bufs.is_empty() {
+            Vec::new()
+        } else {
+            st.spare_payloads.pop().unwrap_or_default()
+        };
+        payload.extend(bufs.drain(..).map(IobufMut::freeze));
+        keep_spare(&mut st.spare_bufs, bufs);
+        // The slot keeps a vector to decode its next request's header into.
+        let next_header = st.spare_headers.pop().unwrap_or_default();
         let slot = &mut st.slots[s];
         slot.stage = Stage::Delivered;
         Incoming {
             id: slot.id,
-            header: std::mem::take(&mut slot.header),
-            payload: bufs.into_iter().map(IobufMut::freeze).collect(),
+            header: std::mem::replace(&mut slot.header, next_header),
+            payload,
             reply_capacity: slot.recv_cap,
         }
+    }
+
+    /// Keeps a served request's vectors for later requests ([`Replier::recycle`]).
+    fn recycle(&self, mut header: Vec<u8>, mut payload: Vec<Iobuf>) {
+        // The payload buffers go back to the pool outside the lock.
+        header.clear();
+        payload.clear();
+        if header.capacity() == 0 && payload.capacity() == 0 {
+            return;
+        }
+        let mut st = self.lock();
+        keep_spare(&mut st.spare_headers, header);
+        keep_spare(&mut st.spare_payloads, payload);
     }
 
     /// Waits for `n` free send-queue entries; `Err` once the connection is dead.
@@ -1017,7 +1082,7 @@ impl SCore {
                     lkey: k.lkey,
                 }),
                 None => {
-                    st.spare_local.push(local);
+                    keep_spare(&mut st.spare_local, local);
                     let r = "internal: a pool buffer without rdma registration".to_string();
                     self.fail_locked(st, r.clone(), End::Failed);
                     return (guard, Err(Error::ConnectionClosed(r)));
@@ -1041,8 +1106,7 @@ impl SCore {
             r
         };
         let st = &mut *guard;
-        local.clear();
-        st.spare_local.push(local);
+        keep_spare(&mut st.spare_local, local);
         let mut remote = remote;
         if matches!(posted, Ok(false)) && st.dead.is_none() {
             // Nothing was posted: the slot gets its descriptors and stage back.
@@ -1050,12 +1114,10 @@ impl SCore {
             std::mem::swap(&mut slot.send, &mut remote);
             slot.stage = Stage::Queued;
             let bufs = std::mem::take(&mut slot.bufs);
-            remote.clear();
-            st.spare_descs.push(remote);
+            keep_spare(&mut st.spare_descs, remote);
             return (guard, Ok(ReadStart::NoRoom(bufs)));
         }
-        remote.clear();
-        st.spare_descs.push(remote);
+        keep_spare(&mut st.spare_descs, remote);
         match posted {
             Ok(true) => (guard, Ok(ReadStart::Posted)),
             // The connection died meanwhile: its failure took the buffers back.
@@ -1157,30 +1219,34 @@ impl SCore {
             if total == 0 {
                 return Ok(Step::Got(self.deliver(&mut st, s, Vec::new())));
             }
-            let bufs = match self.pool.try_get_span(total) {
-                Ok(Some(b)) => b.into_vec(),
+            let mut bufs = st.spare_bufs.pop().unwrap_or_default();
+            let bufs = match self.pool.try_get_span_into(total, &mut bufs) {
+                Ok(true) => bufs,
                 _ => {
                     let done = st.events.iter().position(|e| matches!(e, Ev::ReadsDone(_)));
                     if let Some(Ev::ReadsDone(d)) = done.and_then(|k| st.events.remove(k)) {
                         st.events.push_front(Ev::New(s));
-                        let bufs = std::mem::take(&mut st.slots[d].bufs);
-                        return Ok(Step::Got(self.deliver(&mut st, d, bufs)));
+                        keep_spare(&mut st.spare_bufs, bufs);
+                        let done_bufs = std::mem::take(&mut st.slots[d].bufs);
+                        return Ok(Step::Got(self.deliver(&mut st, d, done_bufs)));
                     }
                     let Some((slice, last)) = wait else {
                         st.events.push_front(Ev::New(s));
+                        keep_spare(&mut st.spare_bufs, bufs);
                         return Ok(Step::Blocked);
                     };
                     // Not under the lock.
                     drop(st);
-                    let b = self.pool.get_span_within(total, slice);
+                    let b = self.pool.get_span_within_into(total, slice, &mut bufs);
                     st = self.lock();
                     if st.dead.is_some() {
                         return Ok(Step::Dead);
                     }
                     match b {
-                        Ok(b) => b.into_vec(),
+                        Ok(()) => bufs,
                         Err(_) if !last => {
                             st.events.push_front(Ev::New(s));
+                            keep_spare(&mut st.spare_bufs, bufs);
                             return Ok(Step::Blocked);
                         }
                         Err(e) => {
@@ -1333,9 +1399,7 @@ impl SCore {
         let posted = self.post_reply(&remote, payload, total, inline, msg);
         {
             let mut st = self.lock();
-            let mut remote = remote;
-            remote.clear();
-            st.spare_descs.push(remote);
+            keep_spare(&mut st.spare_descs, remote);
         }
         if let Err(r) = posted {
             if self.dead.load(Ordering::SeqCst) {
@@ -1588,6 +1652,12 @@ impl Replier for Lanes {
             None => Err(Error::InvalidArgument(format!(
                 "reply to request id {id}, which this connection never handed out"
             ))),
+        }
+    }
+
+    fn recycle(&self, incoming: Incoming) {
+        if let Some(c) = self.cores.get((incoming.id >> LANE_SHIFT) as usize) {
+            c.recycle(incoming.header, incoming.payload);
         }
     }
 
