@@ -59,6 +59,7 @@ pub(crate) fn tcp_stream(bs: usize, runtime: Duration, label: &str) -> AnyResult
         ops,
         secs,
         lat,
+        allocs_per_op: None,
     })
 }
 
@@ -95,5 +96,6 @@ pub(crate) fn tcp_pingpong(bs: usize, runtime: Duration, label: &str) -> AnyResu
         ops,
         secs,
         lat,
+        allocs_per_op: None,
     })
 }

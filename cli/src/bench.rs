@@ -25,7 +25,7 @@ use clap::{Args, ValueEnum};
 use rand::Rng;
 use zcio::{Client, Completion, Config, File, Iobref, OpenFlags, Server};
 
-use crate::baseline;
+use crate::{allocs, baseline};
 use crate::{registry, toml_str, AnyResult, Common};
 
 /// Read or write, sequential or random.
@@ -126,6 +126,11 @@ pub(crate) struct BenchArgs {
     /// Print the results as JSON on stdout.
     #[arg(long)]
     json: bool,
+    /// Count heap allocations per operation, in the whole process (client jobs, the
+    /// embedded server, transport threads), once every job is connected. Costs an atomic
+    /// increment per allocation, so measure speed without it.
+    #[arg(long)]
+    count_allocs: bool,
     /// Raw-socket baselines to run alongside, comma separated.
     #[arg(long, value_enum, value_delimiter = ',')]
     baseline: Vec<Baseline>,
@@ -175,6 +180,8 @@ pub(crate) struct Run {
     pub(crate) secs: f64,
     /// Operation latencies in nanoseconds, sorted.
     pub(crate) lat: Vec<u64>,
+    /// Heap allocations per operation (`--count-allocs`).
+    pub(crate) allocs_per_op: Option<f64>,
 }
 
 impl Run {
@@ -192,8 +199,11 @@ impl Run {
         self.lat[i] as f64 / 1000.0
     }
     fn line(&self) -> String {
+        let allocs = self
+            .allocs_per_op
+            .map_or_else(String::new, |a| format!("  allocations/op {a:.2}"));
         format!(
-            "{:<28} {:>9.1} MB/s {:>9.0} IOPS  lat us p50 {:>8.1} p99 {:>8.1} p99.9 {:>8.1}",
+            "{:<28} {:>9.1} MB/s {:>9.0} IOPS  lat us p50 {:>8.1} p99 {:>8.1} p99.9 {:>8.1}{allocs}",
             self.label,
             self.mbps(),
             self.iops(),
@@ -695,6 +705,9 @@ fn check_iovecs(v: &[Vec<u8>], n: usize, file: u32, off: u64) -> AnyResult<()> {
     Ok(())
 }
 
+/// What one job did: bytes, operations, latencies in nanoseconds.
+type JobTotals = (u64, u64, Vec<u64>);
+
 fn measure(
     a: &BenchArgs,
     cfg: &Config,
@@ -704,6 +717,11 @@ fn measure(
 ) -> AnyResult<Run> {
     let stop = Arc::new(AtomicBool::new(false));
     let progress = Arc::new(AtomicU64::new(0));
+    // Jobs connected and ready, and operations done: the allocation count covers the
+    // operations from the moment every job is ready.
+    let ready = Arc::new(AtomicU64::new(0));
+    let ops_done = Arc::new(AtomicU64::new(0));
+    allocs::exclude_this_thread();
     let bar = indicatif::ProgressBar::new(a.runtime.as_millis() as u64);
     bar.set_style(
         indicatif::ProgressStyle::with_template("{prefix:>20} [{bar:30}] {msg}")
@@ -712,79 +730,99 @@ fn measure(
     );
     bar.set_prefix(label.to_string());
     let t0 = Instant::now();
-    let results: Vec<AnyResult<(u64, u64, Vec<u64>)>> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..a.jobs)
-            .map(|j| {
-                let stop = stop.clone();
-                let progress = progress.clone();
-                s.spawn(move || -> AnyResult<(u64, u64, Vec<u64>)> {
-                    let client = connect(cfg).map_err(|e| e.to_string())?;
-                    let flags = if a.rw.is_read() {
-                        OpenFlags::READ
-                    } else {
-                        OpenFlags::rw()
-                    };
-                    // Job j starts at file j so jobs spread over the files.
-                    let file_ids: Vec<u32> = (0..a.files).map(|k| (k + j) % a.files).collect();
-                    let files = file_ids
-                        .iter()
-                        .map(|&i| client.open(&file_name(i), flags))
-                        .collect::<Result<Vec<_>, _>>()
-                        .map_err(|e| e.to_string())?;
-                    let mut job = Job {
-                        a,
-                        mode,
-                        files,
-                        file_ids,
-                        client,
-                        seg: a.bs / a.segments as usize,
-                        spare: Vec::new(),
-                        cursor: 0,
-                        rng: rand::thread_rng(),
-                        lat: Vec::with_capacity(1 << 16),
-                        bytes: 0,
-                        ops: 0,
-                    };
-                    let mut q = VecDeque::with_capacity(a.iodepth as usize);
-                    let r = (|| -> AnyResult<()> {
-                        while !stop.load(Ordering::Relaxed) {
-                            while q.len() < a.iodepth as usize {
-                                q.push_back(job.submit()?);
+    let (results, allocs_per_op): (Vec<AnyResult<JobTotals>>, Option<f64>) =
+        std::thread::scope(|s| {
+            let handles: Vec<_> = (0..a.jobs)
+                .map(|j| {
+                    let stop = stop.clone();
+                    let progress = progress.clone();
+                    let ready = ready.clone();
+                    let ops_done = ops_done.clone();
+                    s.spawn(move || -> AnyResult<JobTotals> {
+                        let client = connect(cfg).map_err(|e| e.to_string())?;
+                        let flags = if a.rw.is_read() {
+                            OpenFlags::READ
+                        } else {
+                            OpenFlags::rw()
+                        };
+                        // Job j starts at file j so jobs spread over the files.
+                        let file_ids: Vec<u32> = (0..a.files).map(|k| (k + j) % a.files).collect();
+                        let files = file_ids
+                            .iter()
+                            .map(|&i| client.open(&file_name(i), flags))
+                            .collect::<Result<Vec<_>, _>>()
+                            .map_err(|e| e.to_string())?;
+                        let mut job = Job {
+                            a,
+                            mode,
+                            files,
+                            file_ids,
+                            client,
+                            seg: a.bs / a.segments as usize,
+                            spare: Vec::new(),
+                            cursor: 0,
+                            rng: rand::thread_rng(),
+                            lat: Vec::with_capacity(1 << 16),
+                            bytes: 0,
+                            ops: 0,
+                        };
+                        let mut q = VecDeque::with_capacity(a.iodepth as usize);
+                        ready.fetch_add(1, Ordering::SeqCst);
+                        let r = (|| -> AnyResult<()> {
+                            while !stop.load(Ordering::Relaxed) {
+                                while q.len() < a.iodepth as usize {
+                                    q.push_back(job.submit()?);
+                                }
+                                if let Some(f) = q.pop_front() {
+                                    let n = job.complete(f)?;
+                                    progress.fetch_add(n as u64, Ordering::Relaxed);
+                                    ops_done.fetch_add(1, Ordering::Relaxed);
+                                }
                             }
-                            if let Some(f) = q.pop_front() {
-                                let n = job.complete(f)?;
-                                progress.fetch_add(n as u64, Ordering::Relaxed);
-                            }
+                            Ok(())
+                        })();
+                        // Drain what is in flight (not counted: the clock has stopped).
+                        for f in q {
+                            let _ = job.complete(f);
                         }
-                        Ok(())
-                    })();
-                    // Drain what is in flight (not counted: the clock has stopped).
-                    for f in q {
-                        let _ = job.complete(f);
-                    }
-                    r.map_err(|e| e.to_string())?;
-                    Ok((job.bytes, job.ops, job.lat))
+                        r.map_err(|e| e.to_string())?;
+                        Ok((job.bytes, job.ops, job.lat))
+                    })
                 })
-            })
-            .collect();
-        while t0.elapsed() < a.runtime {
-            std::thread::sleep(Duration::from_millis(100));
-            let el = t0.elapsed();
-            bar.set_position(el.as_millis() as u64);
-            bar.set_message(format!(
-                "{:.0} MB/s",
-                progress.load(Ordering::Relaxed) as f64 / el.as_secs_f64() / 1e6
-            ));
-        }
-        stop.store(true, Ordering::Relaxed);
-        handles
-            .into_iter()
-            .map(|h| {
-                h.join()
-                    .unwrap_or_else(|_| Err("job thread panicked".into()))
-            })
-            .collect()
-    });
+                .collect();
+            // (allocations counted, operations done) since counting started.
+            let mut counting: Option<u64> = None;
+            while t0.elapsed() < a.runtime {
+                if a.count_allocs
+                    && counting.is_none()
+                    && ready.load(Ordering::SeqCst) == u64::from(a.jobs)
+                {
+                    counting = Some(ops_done.load(Ordering::SeqCst));
+                    allocs::start();
+                }
+                std::thread::sleep(Duration::from_millis(100));
+                let el = t0.elapsed();
+                bar.set_position(el.as_millis() as u64);
+                bar.set_message(format!(
+                    "{:.0} MB/s",
+                    progress.load(Ordering::Relaxed) as f64 / el.as_secs_f64() / 1e6
+                ));
+            }
+            let counted = counting.map(|ops0| {
+                let n = allocs::stop();
+                let ops = ops_done.load(Ordering::SeqCst).saturating_sub(ops0);
+                n as f64 / ops.max(1) as f64
+            });
+            stop.store(true, Ordering::Relaxed);
+            let results: Vec<_> = handles
+                .into_iter()
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| Err("job thread panicked".into()))
+                })
+                .collect();
+            (results, counted)
+        });
     bar.finish_and_clear();
     let secs = a.runtime.as_secs_f64().min(t0.elapsed().as_secs_f64());
     let mut run = Run {
@@ -793,6 +831,7 @@ fn measure(
         ops: 0,
         secs,
         lat: Vec::new(),
+        allocs_per_op,
     };
     for r in results {
         let (b, o, l) = r?;
@@ -802,6 +841,12 @@ fn measure(
     }
     run.lat.sort_unstable();
     Ok(run)
+}
+
+/// The median allocations per operation of runs that counted them.
+fn allocs_median(r: &[Run]) -> Option<f64> {
+    let v: Vec<f64> = r.iter().filter_map(|x| x.allocs_per_op).collect();
+    (!v.is_empty()).then(|| median(&v))
 }
 
 fn median(v: &[f64]) -> f64 {
@@ -873,6 +918,7 @@ fn report(
                     "lat_us": {"p50": p50, "p99": p99, "p99_9": p999},
                     "ratio_to_first": ratio,
                     "runs_mb_per_s": r.iter().map(Run::mbps).collect::<Vec<_>>(),
+                    "allocs_per_op": allocs_median(r),
                 })
             })
             .collect();
@@ -908,6 +954,11 @@ fn report(
         println!(
             "{name:<18} {mb:>10.1} {io:>10.0} {p50:>10.1} {p99:>10.1} {p999:>10.1} {ratio:>8.3}"
         );
+    }
+    for (name, r) in runs {
+        if let Some(n) = allocs_median(r) {
+            println!("{name}: {n:.2} heap allocations per operation (whole process, median)");
+        }
     }
     if let Some(q) = queueing {
         println!(

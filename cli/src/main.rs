@@ -4,6 +4,7 @@
 //! export, so `cargo run --release -p zcio-cli -- bench` measures the whole stack on this
 //! machine with nothing else installed.
 
+mod allocs;
 mod baseline;
 mod bench;
 mod hostile;
@@ -15,6 +16,10 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 use zcio::transport::Registry;
 use zcio::{Client, Config, OpenFlags, Server};
+
+/// Counts heap allocations for `zcio bench --count-allocs`.
+#[global_allocator]
+static GLOBAL: allocs::CountingAlloc = allocs::CountingAlloc;
 
 /// Zero-copy file I/O over TCP and RDMA verbs.
 #[derive(Parser, Debug)]
