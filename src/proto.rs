@@ -405,7 +405,15 @@ pub enum Resp {
 
 /// Encodes a success reply for request op `op`.
 pub fn encode_ok(resp: &Resp) -> Vec<u8> {
-    let mut w = Writer(Vec::with_capacity(48));
+    let mut out = Vec::with_capacity(48);
+    encode_ok_into(resp, &mut out);
+    out
+}
+
+/// [`encode_ok`] into `out` (emptied first), for a caller that reuses its buffer.
+pub fn encode_ok_into(resp: &Resp, out: &mut Vec<u8>) {
+    let mut w = Writer(std::mem::take(out));
+    w.0.clear();
     w.u32(0);
     match resp {
         Resp::Hello(h) => {
@@ -443,7 +451,7 @@ pub fn encode_ok(resp: &Resp) -> Vec<u8> {
         }
         Resp::Ok => {}
     }
-    w.0
+    *out = w.0;
 }
 
 /// Encodes an error reply.

@@ -16,6 +16,7 @@
 
 mod export;
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{IoSlice, IoSliceMut};
@@ -29,7 +30,7 @@ use self::export::{Export, OpError};
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::lock;
-use crate::pool::{Iobuf, Pool};
+use crate::pool::{Iobuf, IobufMut, Pool};
 use crate::proto::{self, HelloReply, Req, Resp, Status, NONCE_LEN};
 use crate::transport::{Incoming, Listener, Registry, Replier, ServerConn, Transport};
 
@@ -506,12 +507,38 @@ fn serve_conn(shared: &Arc<Shared>, mut sc: Box<dyn ServerConn>, jobs: &Schedule
     tracing::debug!("connection from {} closed", conn.peer);
 }
 
+/// What serving a request needs and reuses from request to request on one thread, so that
+/// reads and writes allocate nothing here: the reply header, and the vectors of a read's
+/// pool buffers.
+#[derive(Default)]
+struct Scratch {
+    header: Vec<u8>,
+    span: Vec<IobufMut>,
+    payload: Vec<Iobuf>,
+}
+
+thread_local! {
+    static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
+}
+
 fn handle(job: Job) {
+    SCRATCH.with(|s| match s.try_borrow_mut() {
+        Ok(mut s) => handle_with(job, &mut s),
+        // Not reached (serving never nests); correct anyway.
+        Err(_) => handle_with(job, &mut Scratch::default()),
+    });
+}
+
+fn handle_with(job: Job, scratch: &mut Scratch) {
     let Job { conn, mut inc } = job;
     let shared = conn.shared.clone();
     let (header, payload) = match Req::decode(&inc.header) {
-        Ok(req) => match execute(&conn, &req, &inc) {
-            Ok((resp, payload)) => (proto::encode_ok(&resp), payload),
+        Ok(req) => match execute(&conn, &req, &inc, scratch) {
+            Ok((resp, payload)) => {
+                let mut h = std::mem::take(&mut scratch.header);
+                proto::encode_ok_into(&resp, &mut h);
+                (h, payload)
+            }
             Err(e) => {
                 shared.stats.errors.fetch_add(1, Ordering::Relaxed);
                 (proto::encode_err(e.code, &e.message), Vec::new())
@@ -532,7 +559,15 @@ fn handle(job: Job) {
         tracing::debug!("reply to {} failed: {e}", conn.peer);
         conn.replier.close();
     }
-    drop(payload);
+    // Keep the vectors for the next request: the buffers go back to the pool now.
+    let mut payload = payload;
+    payload.clear();
+    if payload.capacity() > scratch.payload.capacity() {
+        scratch.payload = payload;
+    }
+    if header.capacity() > scratch.header.capacity() {
+        scratch.header = header;
+    }
     conn.replier.recycle(inc);
     conn.permits.release();
 }
@@ -550,7 +585,12 @@ fn errno_of(e: nix::errno::Errno, what: &str) -> OpError {
     OpError::new(e as i32 as u32, format!("{what}: {}", e.desc()))
 }
 
-fn execute(conn: &Conn, req: &Req, inc: &Incoming) -> Result<(Resp, Vec<Iobuf>), OpError> {
+fn execute(
+    conn: &Conn,
+    req: &Req,
+    inc: &Incoming,
+    scratch: &mut Scratch,
+) -> Result<(Resp, Vec<Iobuf>), OpError> {
     let shared = &conn.shared;
     let cfg = &shared.cfg;
     match req {
@@ -651,7 +691,7 @@ fn execute(conn: &Conn, req: &Req, inc: &Incoming) -> Result<(Resp, Vec<Iobuf>),
             let want = (*len as usize)
                 .min(inc.reply_capacity)
                 .min(cfg.limits.max_payload);
-            read_into_pool(&shared.pool, &f.file, *offset, want)
+            read_into_pool(&shared.pool, &f.file, *offset, want, scratch)
         }
         Req::Write { fh, offset } => {
             let f = file(conn, *fh)?;
@@ -753,50 +793,37 @@ fn execute(conn: &Conn, req: &Req, inc: &Incoming) -> Result<(Resp, Vec<Iobuf>),
 }
 
 /// Reads up to `want` bytes at `offset` with `preadv` straight into pool buffers.
+/// Iovecs on the stack up to this many buffers; a vector beyond.
+const STACK_IOV: usize = 8;
+
+/// Reads up to `want` bytes at `offset` into pool buffers (the thread's scratch vectors)
+/// and returns the reply with the buffers, trimmed to what was read.
 fn read_into_pool(
     pool: &Pool,
     f: &File,
     offset: u64,
     want: usize,
+    scratch: &mut Scratch,
 ) -> Result<(Resp, Vec<Iobuf>), OpError> {
     if want == 0 {
         return Ok((Resp::Read { len: 0, eof: false }, Vec::new()));
     }
-    let mut bufs = pool
-        .get_span(want)
-        .map_err(|e| OpError::new(Status::Busy as u32, e.to_string()))?
-        .into_vec();
-    let mut done = 0usize;
-    let mut eof = false;
-    while done < want {
-        // Skip the buffers already filled.
-        let mut skip = done;
-        let mut iov: Vec<IoSliceMut<'_>> = Vec::with_capacity(bufs.len());
-        for b in bufs.iter_mut() {
-            if skip >= b.len() {
-                skip -= b.len();
-                continue;
-            }
-            iov.push(IoSliceMut::new(&mut b[skip..]));
-            skip = 0;
+    let bufs = &mut scratch.span;
+    pool.get_span_within_into(want, pool.wait_timeout(), bufs)
+        .map_err(|e| OpError::new(Status::Busy as u32, e.to_string()))?;
+    let (done, eof) = match fill_from_file(f, offset, want, bufs) {
+        Ok(v) => v,
+        Err(e) => {
+            // The buffers go back to the pool, not to sit in this thread's scratch.
+            bufs.clear();
+            return Err(e);
         }
-        let off = offset.saturating_add(done as u64);
-        let off =
-            i64::try_from(off).map_err(|_| errno_of(nix::errno::Errno::EINVAL, "read offset"))?;
-        match preadv(f, &mut iov, off) {
-            Ok(0) => {
-                eof = true;
-                break;
-            }
-            Ok(n) => done += n,
-            Err(nix::errno::Errno::EINTR) => {}
-            Err(e) => return Err(errno_of(e, "read")),
-        }
-    }
-    // Trim the buffers to what was read; drop the unused ones.
+    };
+    // Trim the buffers to what was read; the unused ones go back to the pool.
     let mut left = done;
-    let mut out = Vec::with_capacity(bufs.len());
-    for mut b in bufs {
+    let mut out = std::mem::take(&mut scratch.payload);
+    out.clear();
+    for mut b in bufs.drain(..) {
         if left == 0 {
             break;
         }
@@ -814,24 +841,83 @@ fn read_into_pool(
     ))
 }
 
+/// Reads up to `want` bytes at `offset` into `bufs` with `preadv`, straight into the pool
+/// buffers; returns the bytes read and whether the end of the file came first.
+fn fill_from_file(
+    f: &File,
+    offset: u64,
+    want: usize,
+    bufs: &mut [IobufMut],
+) -> Result<(usize, bool), OpError> {
+    let mut done = 0usize;
+    while done < want {
+        let off = i64::try_from(offset.saturating_add(done as u64))
+            .map_err(|_| errno_of(nix::errno::Errno::EINVAL, "read offset"))?;
+        let (first, skip) = resume_at(bufs.iter().map(|b| b.len()), done);
+        let rest = &mut bufs[first..];
+        let count = rest.len();
+        let slices = rest
+            .iter_mut()
+            .enumerate()
+            .map(|(k, b)| IoSliceMut::new(if k == 0 { &mut b[skip..] } else { &mut b[..] }));
+        let r = if count <= STACK_IOV {
+            let mut stack: [IoSliceMut<'_>; STACK_IOV] =
+                std::array::from_fn(|_| IoSliceMut::new(&mut []));
+            for (d, s) in stack.iter_mut().zip(slices) {
+                *d = s;
+            }
+            preadv(f, &mut stack[..count], off)
+        } else {
+            preadv(f, &mut slices.collect::<Vec<_>>(), off)
+        };
+        match r {
+            Ok(0) => return Ok((done, true)),
+            Ok(n) => done += n,
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => return Err(errno_of(e, "read")),
+        }
+    }
+    Ok((done, false))
+}
+
+/// Where a vectored transfer over buffers of lengths `lens` resumes after `done` bytes: the
+/// first buffer not yet complete, and the bytes of it already done.
+fn resume_at(lens: impl Iterator<Item = usize>, done: usize) -> (usize, usize) {
+    let mut skip = done;
+    let mut first = 0;
+    for len in lens {
+        if skip < len {
+            break;
+        }
+        skip -= len;
+        first += 1;
+    }
+    (first, skip)
+}
+
 /// Writes the payload at `offset` with `pwritev` straight from the pool buffers.
 fn write_from_pool(f: &File, offset: u64, payload: &[Iobuf]) -> Result<usize, OpError> {
     let total: usize = payload.iter().map(|b| b.len()).sum();
     let mut done = 0usize;
     while done < total {
-        let mut skip = done;
-        let mut iov: Vec<IoSlice<'_>> = Vec::with_capacity(payload.len());
-        for b in payload {
-            if skip >= b.len() {
-                skip -= b.len();
-                continue;
-            }
-            iov.push(IoSlice::new(&b[skip..]));
-            skip = 0;
-        }
         let off = i64::try_from(offset.saturating_add(done as u64))
             .map_err(|_| errno_of(nix::errno::Errno::EINVAL, "write offset"))?;
-        match pwritev(f, &iov, off) {
+        let (first, skip) = resume_at(payload.iter().map(|b| b.len()), done);
+        let rest = &payload[first..];
+        let slices = rest
+            .iter()
+            .enumerate()
+            .map(|(k, b)| IoSlice::new(if k == 0 { &b[skip..] } else { &b[..] }));
+        let r = if rest.len() <= STACK_IOV {
+            let mut stack = [IoSlice::new(&[]); STACK_IOV];
+            for (d, s) in stack.iter_mut().zip(slices) {
+                *d = s;
+            }
+            pwritev(f, &stack[..rest.len()], off)
+        } else {
+            pwritev(f, &slices.collect::<Vec<_>>(), off)
+        };
+        match r {
             Ok(0) => return Err(errno_of(nix::errno::Errno::EIO, "write made no progress")),
             Ok(n) => done += n,
             Err(nix::errno::Errno::EINTR) => {}
@@ -846,6 +932,75 @@ mod tests {
     use super::*;
     use std::sync::mpsc::channel;
     use std::time::Duration;
+
+    /// A pool of 4 KiB buffers only, so a read spans many of them.
+    fn small_pool() -> Pool {
+        Pool::new(&crate::pool::PoolConfig {
+            classes: vec![crate::pool::ClassConfig {
+                size: 4096,
+                count: 64,
+                reserve: 0,
+                arena_slots: 64,
+            }],
+            wait_timeout: Duration::from_secs(5),
+            stripes: 1,
+        })
+        .unwrap()
+    }
+
+    fn file_with(data: &[u8]) -> (tempfile::TempDir, File) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        std::fs::write(&path, data).unwrap();
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        (dir, f)
+    }
+
+    #[test]
+    fn reads_and_writes_span_many_buffers_on_the_stack_and_beyond() {
+        let data: Vec<u8> = (0..50_000u32).map(|i| (i * 7 + i / 251) as u8).collect();
+        let (_dir, f) = file_with(&data);
+        let pool = small_pool();
+        let mut scratch = Scratch::default();
+        // 3 buffers (iovecs on the stack) from offset 1000, then 16 (a vector) past the end.
+        for (offset, want) in [(1000u64, 12_000usize), (0, 16 * 4096)] {
+            let (resp, bufs) = read_into_pool(&pool, &f, offset, want, &mut scratch).unwrap();
+            let got: Vec<u8> = bufs.iter().flat_map(|b| b.iter().copied()).collect();
+            let end = (offset as usize + want).min(data.len());
+            assert_eq!(got, data[offset as usize..end], "read at {offset}");
+            let eof = offset as usize + want > data.len();
+            assert!(
+                matches!(resp, Resp::Read { len, eof: e } if len as usize == got.len() && e == eof)
+            );
+            // The scratch keeps no buffer: only what the reply holds is out of the pool.
+            assert!(scratch.span.is_empty());
+            assert_eq!(pool.stats().slots_in_use(), bufs.len());
+        }
+        assert_eq!(pool.stats().slots_in_use(), 0);
+        // Writes from 2 and from 12 buffers, at an offset.
+        for n in [2usize, 12] {
+            let bufs: Vec<Iobuf> = (0..n)
+                .map(|i| {
+                    let mut b = pool.get(4096).unwrap();
+                    b.fill(i as u8 + 1);
+                    b.freeze()
+                })
+                .collect();
+            assert_eq!(write_from_pool(&f, 100, &bufs).unwrap(), n * 4096);
+            let mut back = vec![0u8; n * 4096];
+            nix::sys::uio::pread(&f, &mut back, 100).unwrap();
+            for (i, chunk) in back.chunks(4096).enumerate() {
+                assert!(
+                    chunk.iter().all(|&x| x == i as u8 + 1),
+                    "write {n}: buffer {i}"
+                );
+            }
+        }
+    }
 
     struct Fake(Mutex<ConnQueue>);
 
