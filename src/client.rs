@@ -854,6 +854,11 @@ fn group_buffers(
     max_segments: usize,
     max_payload: usize,
 ) -> Result<Vec<Vec<IobufMut>>> {
+    let total: usize = bufs.iter().map(|b| b.len()).sum();
+    if !bufs.is_empty() && bufs.len() <= max_segments && total <= max_payload {
+        // One request carries them all, the common case: nothing to split.
+        return Ok(vec![bufs]);
+    }
     let lens: Vec<usize> = bufs.iter().map(|b| b.len()).collect();
     let mut it = bufs.into_iter();
     Ok(group_lens(&lens, max_segments, max_payload)?
