@@ -581,7 +581,22 @@ impl File {
     /// much); completes with them, trimmed to what was read.
     pub fn read_into_async(&self, bufs: Iobref, offset: u64) -> Result<Completion<Iobref>> {
         let l = self.limits();
-        let groups = group_buffers(bufs.into_vec(), l.max_segments, l.max_payload)?;
+        let bufs = bufs.into_vec();
+        if let Some(want) = one_request(&bufs, &l) {
+            let req = Req::Read {
+                fh: self.fh,
+                offset,
+                len: want as u32,
+            };
+            let recv = bufs.into_iter().map(RecvSeg::Pool).collect();
+            let p = self.client.start(&req, Vec::new(), recv)?;
+            return Ok(Completion::one(p, req, want, |req, want, r| {
+                let mut out = Iobref::new();
+                take_read(&mut out, &mut false, want, &req, r)?;
+                Ok(out)
+            }));
+        }
+        let groups = group_buffers(bufs, l.max_segments, l.max_payload)?;
         let mut parts = Vec::with_capacity(groups.len());
         let mut wants = Vec::with_capacity(groups.len());
         let mut pos = offset;
@@ -605,25 +620,8 @@ impl File {
             let mut short = false;
             let mut first_err = None;
             for ((want, req), r) in wants.into_iter().zip(replies) {
-                match r.and_then(|r| read_len(&req, &r).map(|n| (n, r))) {
-                    Ok((n, reply)) => {
-                        // After a short piece (end of file) later pieces add nothing.
-                        let mut left = if short { 0 } else { n };
-                        for seg in reply.recv {
-                            if let RecvSeg::Pool(mut b) = seg {
-                                let k = b.len().min(left);
-                                left -= k;
-                                if k > 0 {
-                                    b.set_len(k);
-                                    out.push(b);
-                                }
-                            }
-                        }
-                        short |= n < want;
-                    }
-                    Err(e) => {
-                        first_err.get_or_insert(e);
-                    }
+                if let Err(e) = take_read(&mut out, &mut short, want, &req, r) {
+                    first_err.get_or_insert(e);
                 }
             }
             match first_err {
@@ -724,7 +722,21 @@ impl File {
         offset: u64,
     ) -> Result<Completion<(usize, Iobref)>> {
         let l = self.limits();
-        let groups = group_buffers(bufs.into_vec(), l.max_segments, l.max_payload)?;
+        let bufs = bufs.into_vec();
+        if let Some(want) = one_request(&bufs, &l) {
+            let req = Req::Write {
+                fh: self.fh,
+                offset,
+            };
+            let send = bufs.into_iter().map(SendSeg::PoolMut).collect();
+            let p = self.client.start(&req, send, Vec::new())?;
+            return Ok(Completion::one(p, req, want, |req, _, r| {
+                let (mut total, mut back) = (0, Iobref::new());
+                take_write(&mut total, &mut back, &req, r)?;
+                Ok((total, back))
+            }));
+        }
+        let groups = group_buffers(bufs, l.max_segments, l.max_payload)?;
         let mut parts = Vec::with_capacity(groups.len());
         let mut reqs = Vec::with_capacity(groups.len());
         let mut pos = offset;
@@ -747,23 +759,8 @@ impl File {
             let mut back = Iobref::new();
             let mut first_err = None;
             for (req, r) in reqs.into_iter().zip(replies) {
-                match r {
-                    Ok(reply) => {
-                        match write_len(&req, &reply) {
-                            Ok(n) => total += n,
-                            Err(e) => {
-                                first_err.get_or_insert(e);
-                            }
-                        }
-                        for s in reply.send {
-                            if let SendSeg::PoolMut(b) = s {
-                                back.push(b);
-                            }
-                        }
-                    }
-                    Err(e) => {
-                        first_err.get_or_insert(e);
-                    }
+                if let Err(e) = take_write(&mut total, &mut back, &req, r) {
+                    first_err.get_or_insert(e);
                 }
             }
             match first_err {
@@ -820,6 +817,53 @@ impl Drop for File {
 
 /// Groups whole buffers of the given lengths into requests within the limits: returns
 /// `(buffers, bytes)` per request.
+/// The payload of `bufs` if one request can carry them all (the common case, which then
+/// allocates nothing for grouping or for the completion).
+fn one_request(bufs: &[IobufMut], l: &Limits) -> Option<usize> {
+    let total: usize = bufs.iter().map(|b| b.len()).sum();
+    (!bufs.is_empty() && bufs.len() <= l.max_segments && total <= l.max_payload).then_some(total)
+}
+
+/// Takes one read request's reply: its filled buffers, trimmed to what was read, go to
+/// `out`. After a short piece (`short`: end of file) later pieces add nothing.
+fn take_read(
+    out: &mut Iobref,
+    short: &mut bool,
+    want: usize,
+    req: &Req,
+    r: Result<Reply>,
+) -> Result<()> {
+    let reply = r?;
+    let n = read_len(req, &reply)?;
+    let mut left = if *short { 0 } else { n };
+    for seg in reply.recv {
+        if let RecvSeg::Pool(mut b) = seg {
+            let k = b.len().min(left);
+            left -= k;
+            if k > 0 {
+                b.set_len(k);
+                out.push(b);
+            }
+        }
+    }
+    *short |= n < want;
+    Ok(())
+}
+
+/// Takes one write request's reply: the bytes written add to `total`, and the buffers
+/// come back into `back` whatever the reply says.
+fn take_write(total: &mut usize, back: &mut Iobref, req: &Req, r: Result<Reply>) -> Result<()> {
+    let reply = r?;
+    let n = write_len(req, &reply);
+    for s in reply.send {
+        if let SendSeg::PoolMut(b) = s {
+            back.push(b);
+        }
+    }
+    *total += n?;
+    Ok(())
+}
+
 fn group_lens(
     lens: &[usize],
     max_segments: usize,
@@ -869,20 +913,45 @@ fn group_buffers(
 
 type Finish<T> = Box<dyn FnOnce(Vec<Result<Reply>>) -> Result<T> + Send>;
 
+/// How a one-request operation's result is made from its reply, given the request and its
+/// payload length: a plain function, so that such an operation allocates no completion
+/// state.
+type FinishOne<T> = fn(Req, usize, Result<Reply>) -> Result<T>;
+
+enum Parts<T> {
+    /// One request (the common case).
+    One {
+        pending: Option<Pending<Reply>>,
+        finish: Option<(FinishOne<T>, Req, usize)>,
+    },
+    /// Several requests: their replies are collected in order, then finished together.
+    Many {
+        parts: std::collections::VecDeque<Pending<Reply>>,
+        done: Vec<Result<Reply>>,
+        finish: Option<Finish<T>>,
+    },
+}
+
 /// An asynchronous operation in flight: [`Completion::wait`] blocks for it; as a
 /// [`Future`] it can be awaited on any executor.
 pub struct Completion<T> {
-    parts: std::collections::VecDeque<Pending<Reply>>,
-    done: Vec<Result<Reply>>,
-    finish: Option<Finish<T>>,
+    parts: Parts<T>,
 }
 
 impl<T> std::fmt::Debug for Completion<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let pending = match &self.parts {
+            Parts::One { pending, .. } => usize::from(pending.is_some()),
+            Parts::Many { parts, .. } => parts.len(),
+        };
         f.debug_struct("Completion")
-            .field("pending", &self.parts.len())
+            .field("pending", &pending)
             .finish()
     }
+}
+
+fn finished_err() -> Error {
+    Error::InvalidArgument("completion polled after it finished".into())
 }
 
 impl<T> Completion<T> {
@@ -891,18 +960,43 @@ impl<T> Completion<T> {
         finish: impl FnOnce(Vec<Result<Reply>>) -> Result<T> + Send + 'static,
     ) -> Self {
         Completion {
-            done: Vec::with_capacity(parts.len()),
-            parts: parts.into(),
-            finish: Some(Box::new(finish)),
+            parts: Parts::Many {
+                done: Vec::with_capacity(parts.len()),
+                parts: parts.into(),
+                finish: Some(Box::new(finish)),
+            },
+        }
+    }
+
+    /// One request's operation, finished by `finish` (a function, not a closure: nothing
+    /// to allocate).
+    fn one(pending: Pending<Reply>, req: Req, want: usize, finish: FinishOne<T>) -> Self {
+        Completion {
+            parts: Parts::One {
+                pending: Some(pending),
+                finish: Some((finish, req, want)),
+            },
         }
     }
 
     /// Blocks until the operation is complete.
     pub fn wait(mut self) -> Result<T> {
-        while let Some(p) = self.parts.pop_front() {
-            self.done.push(p.wait());
+        match &mut self.parts {
+            Parts::One { pending, finish } => {
+                let r = pending.take().ok_or_else(finished_err)?.wait();
+                conclude_one(finish, r)
+            }
+            Parts::Many {
+                parts,
+                done,
+                finish,
+            } => {
+                while let Some(p) = parts.pop_front() {
+                    done.push(p.wait());
+                }
+                conclude_many(finish, done)
+            }
         }
-        self.conclude()
     }
 
     /// A completion whose result is passed through `f`.
@@ -910,46 +1004,84 @@ impl<T> Completion<T> {
     where
         T: 'static,
     {
-        let Completion {
-            parts,
-            done,
-            finish,
-        } = self;
-        Completion {
-            parts,
-            done,
-            finish: finish.map(|g| -> Finish<U> { Box::new(move |r| g(r).map(f)) }),
+        match self.parts {
+            Parts::One { pending, finish } => Completion {
+                parts: Parts::Many {
+                    parts: pending.into_iter().collect(),
+                    done: Vec::with_capacity(1),
+                    finish: finish.map(|(g, req, want)| -> Finish<U> {
+                        Box::new(move |mut r| {
+                            g(req, want, r.pop().unwrap_or_else(|| Err(finished_err()))).map(f)
+                        })
+                    }),
+                },
+            },
+            Parts::Many {
+                parts,
+                done,
+                finish,
+            } => Completion {
+                parts: Parts::Many {
+                    parts,
+                    done,
+                    finish: finish.map(|g| -> Finish<U> { Box::new(move |r| g(r).map(f)) }),
+                },
+            },
         }
     }
 
     /// True when every part has completed (waiting would not block).
     pub fn is_done(&self) -> bool {
-        self.parts.iter().all(Pending::is_done)
+        match &self.parts {
+            Parts::One { pending, .. } => pending.as_ref().is_none_or(Pending::is_done),
+            Parts::Many { parts, .. } => parts.iter().all(Pending::is_done),
+        }
     }
+}
 
-    fn conclude(&mut self) -> Result<T> {
-        let f = self
-            .finish
-            .take()
-            .ok_or_else(|| Error::InvalidArgument("completion polled after it finished".into()))?;
-        f(std::mem::take(&mut self.done))
-    }
+fn conclude_one<T>(finish: &mut Option<(FinishOne<T>, Req, usize)>, r: Result<Reply>) -> Result<T> {
+    let (f, req, want) = finish.take().ok_or_else(finished_err)?;
+    f(req, want, r)
+}
+
+fn conclude_many<T>(finish: &mut Option<Finish<T>>, done: &mut Vec<Result<Reply>>) -> Result<T> {
+    let f = finish.take().ok_or_else(finished_err)?;
+    f(std::mem::take(done))
 }
 
 impl<T> Future for Completion<T> {
     type Output = Result<T>;
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = &mut *self;
-        while let Some(p) = this.parts.front_mut() {
-            match Pin::new(p).poll(cx) {
-                Poll::Ready(r) => {
-                    this.parts.pop_front();
-                    this.done.push(r);
+        match &mut self.parts {
+            Parts::One { pending, finish } => {
+                let Some(p) = pending.as_mut() else {
+                    return Poll::Ready(Err(finished_err()));
+                };
+                match Pin::new(p).poll(cx) {
+                    Poll::Ready(r) => {
+                        *pending = None;
+                        Poll::Ready(conclude_one(finish, r))
+                    }
+                    Poll::Pending => Poll::Pending,
                 }
-                Poll::Pending => return Poll::Pending,
+            }
+            Parts::Many {
+                parts,
+                done,
+                finish,
+            } => {
+                while let Some(p) = parts.front_mut() {
+                    match Pin::new(p).poll(cx) {
+                        Poll::Ready(r) => {
+                            parts.pop_front();
+                            done.push(r);
+                        }
+                        Poll::Pending => return Poll::Pending,
+                    }
+                }
+                Poll::Ready(conclude_many(finish, done))
             }
         }
-        Poll::Ready(this.conclude())
     }
 }
 

@@ -128,3 +128,35 @@ fn buffers_are_grouped_into_as_few_requests_as_the_limits_allow() {
         Err(Error::LimitExceeded { .. })
     ));
 }
+
+#[test]
+fn one_request_and_many_request_completions_wait_poll_and_map_alike() {
+    let (_dir, _srv, l, cfg) = setup("");
+    let c = client(&l, &cfg).unwrap();
+    let f = c
+        .open("c.bin", OpenFlags::rw() | OpenFlags::CREATE)
+        .unwrap();
+    let data: Vec<u8> = (0..1_300_000u32).map(|i| (i % 251) as u8).collect();
+    f.pwrite(&data, 0).unwrap();
+    let limits = c.limits();
+    // 64 KiB fits one request; more than a request's payload takes several.
+    for len in [65_536usize, limits.max_payload + 4096] {
+        assert!(len < data.len());
+        let one = f.zero_readv_async(len, 0).unwrap();
+        assert_eq!(one.wait().unwrap().to_vec(), &data[..len], "wait, {len}");
+        let polled = f.zero_readv_async(len, 0).unwrap();
+        let got = crate::transport::block_on(polled).unwrap();
+        assert_eq!(got.to_vec(), &data[..len], "poll, {len}");
+        let mapped = f.zero_readv_async(len, 0).unwrap().map(|b| b.total_len());
+        assert_eq!(mapped.wait().unwrap(), len, "map, {len}");
+        // Reading past the end: short, in both shapes.
+        let tail = f.zero_readv_async(len, (data.len() - 1000) as u64).unwrap();
+        assert_eq!(tail.wait().unwrap().to_vec(), &data[data.len() - 1000..]);
+        // A write, and its buffers back.
+        let bufs = c.get_buffers(4096, len.div_ceil(4096).min(8)).unwrap();
+        let n = bufs.total_len();
+        let (written, back) = f.zero_writev_async(bufs, 0).unwrap().wait().unwrap();
+        assert_eq!((written, back.total_len()), (n, n));
+        f.pwrite(&data, 0).unwrap();
+    }
+}
