@@ -815,8 +815,6 @@ impl Drop for File {
     }
 }
 
-/// Groups whole buffers of the given lengths into requests within the limits: returns
-/// `(buffers, bytes)` per request.
 /// The payload of `bufs` if one request can carry them all (the common case, which then
 /// allocates nothing for grouping or for the completion).
 fn one_request(bufs: &[IobufMut], l: &Limits) -> Option<usize> {
@@ -864,6 +862,8 @@ fn take_write(total: &mut usize, back: &mut Iobref, req: &Req, r: Result<Reply>)
     Ok(())
 }
 
+/// Groups whole buffers of the given lengths into requests within the limits: returns
+/// `(buffers, bytes)` per request.
 fn group_lens(
     lens: &[usize],
     max_segments: usize,
@@ -898,11 +898,6 @@ fn group_buffers(
     max_segments: usize,
     max_payload: usize,
 ) -> Result<Vec<Vec<IobufMut>>> {
-    let total: usize = bufs.iter().map(|b| b.len()).sum();
-    if !bufs.is_empty() && bufs.len() <= max_segments && total <= max_payload {
-        // One request carries them all, the common case: nothing to split.
-        return Ok(vec![bufs]);
-    }
     let lens: Vec<usize> = bufs.iter().map(|b| b.len()).collect();
     let mut it = bufs.into_iter();
     Ok(group_lens(&lens, max_segments, max_payload)?

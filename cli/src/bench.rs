@@ -790,7 +790,7 @@ fn measure(
                     })
                 })
                 .collect();
-            // (allocations counted, operations done) since counting started.
+            // Once counting has started: the operations done by then.
             let mut counting: Option<u64> = None;
             while t0.elapsed() < a.runtime {
                 if a.count_allocs

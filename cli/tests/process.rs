@@ -332,44 +332,27 @@ fn bench_counts_heap_allocations_per_operation() {
     // transport threads, and only once the job is connected, so it is per operation and
     // neither zero (the file API and TCP allocate) nor the setup's thousands.
     let dir = tempfile::tempdir().unwrap();
-    let out = zcio()
-        .args(["bench", "--rw", "read", "--bs", "64K", "--iodepth", "4"])
-        .args(["--size", "4M", "--files", "1", "--runtime", "1s"])
-        .args(["--count-allocs", "--json", "--export"])
-        .arg(dir.path())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let n = v["results"][0]["allocs_per_op"]
+    let allocs_per_op = |extra: &[&str]| -> serde_json::Value {
+        let out = zcio()
+            .args(["bench", "--rw", "read", "--bs", "64K", "--iodepth", "4"])
+            .args(["--size", "4M", "--files", "1", "--runtime", "1s", "--json"])
+            .args(extra)
+            .arg("--export")
+            .arg(dir.path())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        v["results"][0]["allocs_per_op"].clone()
+    };
+    let n = allocs_per_op(&["--count-allocs"])
         .as_f64()
         .expect("allocs_per_op in the JSON");
     assert!(n > 0.0 && n < 500.0, "allocations per operation: {n}");
     // Without the flag nothing is counted.
-    let out = zcio()
-        .args(["bench", "--rw", "read", "--bs", "64K", "--iodepth", "4"])
-        .args([
-            "--size",
-            "4M",
-            "--files",
-            "1",
-            "--runtime",
-            "1s",
-            "--json",
-            "--export",
-        ])
-        .arg(dir.path())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert!(v["results"][0]["allocs_per_op"].is_null());
+    assert!(allocs_per_op(&[]).is_null());
 }

@@ -792,7 +792,6 @@ fn execute(
     }
 }
 
-/// Reads up to `want` bytes at `offset` with `preadv` straight into pool buffers.
 /// Iovecs on the stack up to this many buffers; a vector beyond.
 const STACK_IOV: usize = 8;
 

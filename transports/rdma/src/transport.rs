@@ -158,8 +158,9 @@
 //! `Incoming` to `Replier::recycle` gives its header and payload vectors back to the
 //! queue pair. `tests/allocations.rs` counts every allocation of the process (client,
 //! server and completion threads) over 64 KiB reads and writes at iodepth 1 and 8, with
-//! and without spinning waiters, and requires none. `ServerConn::recv` takes requests from a queue the connection thread
-//! fills; `Replier::reply` posts from any thread. On the client, posting happens under the
+//! and without spinning waiters, and requires none.
+//!
+//! `ServerConn::recv` takes requests from a queue the connection thread fills; `Replier::reply` posts from any thread. On the client, posting happens under the
 //! queue pair's lock. On the server it happens under a separate send-side lock, not the
 //! state lock: on Soft-RoCE a post does the queue pair's protocol work in the posting thread
 //! (for a 64 KiB RDMA WRITE about a millisecond under emulation), and meanwhile the queue
