@@ -31,11 +31,18 @@ impl<T> Shared<T> {
 
 /// Work a transport can do on the thread that is about to block on one of its
 /// completions, so that the completion can arrive without a thread hand-off: say, poll its
-/// completion queue for a short while first (RDMA's `rdma.spin_us`).
+/// completion queue, or wait on its completion channel itself (RDMA).
 pub trait Progress: Send + Sync {
-    /// Works towards completions until `done()` is true or the transport's budget for one
-    /// wait is spent; then returns (the caller blocks as usual if it is not done).
-    fn progress(&self, done: &dyn Fn() -> bool);
+    /// Works towards completions until `done()` is true, `deadline` has passed or the
+    /// transport stops (its budget for one wait is spent, the connection ended); then
+    /// returns, and the caller blocks as usual if it is not done. Whatever it leaves
+    /// undone, the transport must then complete without further calls.
+    fn progress(&self, done: &dyn Fn() -> bool, deadline: Option<Instant>);
+
+    /// The completion is being awaited as a future: its waker will be called, and nobody
+    /// calls [`Progress::progress`] for it, so the transport must complete it on its own
+    /// threads. The default does nothing.
+    fn will_await(&self) {}
 }
 
 /// The waiting half.
@@ -56,7 +63,8 @@ pub fn pair<T>() -> (Completer<T>, Pending<T>) {
 }
 
 /// A connected pair whose blocking waits ([`Pending::wait`], [`Pending::wait_timeout`])
-/// first let `progress` work on the waiting thread. Awaiting it as a future does not.
+/// first let `progress` work on the waiting thread. Awaiting it as a future does not (it
+/// calls [`Progress::will_await`] instead).
 pub fn pair_with_progress<T>(progress: Arc<dyn Progress>) -> (Completer<T>, Pending<T>) {
     pair_inner(Some(progress))
 }
@@ -181,7 +189,10 @@ impl<T> Pending<T> {
     /// until `deadline`.
     fn progress(&self, deadline: Option<Instant>) {
         if let Some(p) = &self.progress {
-            p.progress(&|| self.is_done() || deadline.is_some_and(|d| Instant::now() >= d));
+            p.progress(
+                &|| self.is_done() || deadline.is_some_and(|d| Instant::now() >= d),
+                deadline,
+            );
         }
     }
 
@@ -243,6 +254,10 @@ impl<T> Future for Pending<T> {
         match &st.waker {
             Some(w) if w.will_wake(cx.waker()) => {}
             _ => st.waker = Some(cx.waker().clone()),
+        }
+        drop(st);
+        if let Some(p) = &self.progress {
+            p.will_await();
         }
         Poll::Pending
     }
@@ -307,7 +322,7 @@ mod tests {
             waiter: Mutex<Option<std::thread::ThreadId>>,
         }
         impl Progress for Deliver {
-            fn progress(&self, done: &dyn Fn() -> bool) {
+            fn progress(&self, done: &dyn Fn() -> bool, _deadline: Option<Instant>) {
                 self.calls.fetch_add(1, Ordering::SeqCst);
                 *self.waiter.lock().unwrap() = Some(std::thread::current().id());
                 assert!(!done());

@@ -924,6 +924,84 @@ fn spinning_waiters_share_the_completion_queue() {
 }
 
 #[test]
+fn waiters_take_their_own_replies_and_nothing_is_stranded() {
+    let Some(t) = rdma("waiters_take_their_own_replies_and_nothing_is_stranded") else {
+        return;
+    };
+    // Event-driven (no spinning), one queue pair: every waiter shares one completion channel.
+    // Threads waiting for their replies take turns leading (waiting on the channel) and
+    // following; futures, requests nobody waits for and a full set of credits must all be
+    // completed too, by whichever thread is there to do it.
+    let h = start(t, |c| {
+        c.rdma.queue_pairs = 1;
+        c.rdma.credits = 4;
+    });
+    let data = pattern(67, 64 * 4096);
+    std::fs::write(h.path("w"), &data).unwrap();
+    let c = h.client();
+    let check = |got: &[u8], at: usize, what: &str| {
+        assert!(got == &data[at..at + got.len()], "{what} at {at}");
+    };
+    // Four threads block on their own replies at once (one leads, the others follow).
+    std::thread::scope(|scope| {
+        for t in 0..4usize {
+            let (c, data, check) = (&c, &data, &check);
+            scope.spawn(move || {
+                let f = c.open("w", OpenFlags::rw()).unwrap();
+                let mut back = vec![0u8; 4096];
+                for i in 0..24usize {
+                    let at = ((t * 16 + i) % 64) * 4096;
+                    assert_eq!(f.pread(&mut back, at as u64).unwrap(), 4096);
+                    check(&back, at, "a blocking read");
+                    assert_eq!(f.pwrite(&data[at..at + 4096], at as u64).unwrap(), 4096);
+                }
+            });
+        }
+    });
+    let f = c.open("w", OpenFlags::rw()).unwrap();
+    // Awaited as futures: nobody waits on the channel for them but the connection thread.
+    for round in 0..3usize {
+        let reads: Vec<_> = (0..4usize)
+            .map(|i| {
+                f.zero_readv_async(4096, ((round * 4 + i) * 4096) as u64)
+                    .unwrap()
+            })
+            .collect();
+        for (i, r) in reads.into_iter().enumerate() {
+            let got = zcio::transport::block_on(r).unwrap().to_vec();
+            check(&got, (round * 4 + i) * 4096, "an awaited read");
+        }
+    }
+    // Every credit taken by requests nobody waits for (dropped): the next request must
+    // still get a credit, and then its reply.
+    let dropped: Vec<_> = (0..4usize)
+        .map(|i| f.zero_readv_async(4096, (i * 4096) as u64).unwrap())
+        .collect();
+    drop(dropped);
+    let mut back = vec![0u8; 4096];
+    assert_eq!(f.pread(&mut back, 8 * 4096).unwrap(), 4096);
+    check(&back, 8 * 4096, "a read after dropped requests");
+    // A blocking wait and a future on the same queue pair, in both orders.
+    for k in 0..4usize {
+        let a = f.zero_readv_async(4096, (k * 4096) as u64).unwrap();
+        let b = f.zero_readv_async(4096, ((k + 1) * 4096) as u64).unwrap();
+        let (ra, rb) = if k % 2 == 0 {
+            let ra = a.wait().unwrap();
+            (ra, zcio::transport::block_on(b).unwrap())
+        } else {
+            let rb = zcio::transport::block_on(b).unwrap();
+            (a.wait().unwrap(), rb)
+        };
+        check(&ra.to_vec(), k * 4096, "a mixed read (blocking)");
+        check(&rb.to_vec(), (k + 1) * 4096, "a mixed read (future)");
+    }
+    f.close().unwrap();
+    assert!(std::fs::read(h.path("w")).unwrap() == data);
+    drop(c);
+    h.assert_server_clean();
+}
+
+#[test]
 fn idle_connection_is_closed_by_the_server() {
     let Some(t) = rdma("idle_connection_is_closed_by_the_server") else {
         return;

@@ -391,7 +391,10 @@ pub(crate) fn connect(faults: Faults, cfg: &Config, pool: &Pool) -> Result<RdmaC
             timeout,
             peer: peer.clone(),
             faults,
-            poller: Arc::new(Poller::new(cq, r.spin)),
+            poller: Arc::new(
+                Poller::new(cq, r.spin, false)
+                    .map_err(|e| Error::io("creating the completion poller's eventfds", e))?,
+            ),
             _ctl: ctl,
         }));
     }
@@ -598,7 +601,24 @@ impl Core {
                     after: self.timeout,
                 });
             }
-            st = match self.cond.wait_timeout(st, deadline - now) {
+            // Take replies (which free slots) off the completion channel on this thread,
+            // as a waiter for its own reply would; then block as usual if that stopped
+            // short (the connection thread is then watching the channel).
+            drop(st);
+            self.poller.wait(
+                self,
+                &|| self.free_slots() > 0 || self.dead.load(Ordering::SeqCst),
+                Some(deadline),
+            );
+            st = self.lock();
+            if !st.free.is_empty() || st.dead.is_some() {
+                continue;
+            }
+            let now = Instant::now();
+            st = match self
+                .cond
+                .wait_timeout(st, deadline.saturating_duration_since(now))
+            {
                 Ok((g, _)) => g,
                 Err(p) => p.into_inner().0,
             };
@@ -915,6 +935,8 @@ impl Core {
 
     fn finish_fail(&self, done: Vec<Done>) {
         let _ = self.sock.shutdown(std::net::Shutdown::Both);
+        // Threads waiting on the completion channel stop: nothing more comes.
+        self.poller.end();
         self.cond.notify_all();
         self.room_cv.notify_all();
         for (c, r) in done {
@@ -950,6 +972,9 @@ impl Core {
         // Room in the send queue: only short of it while the connection thread has yet to
         // see a signaled SEND's completion, which is already on its way (`signal_send`).
         while st.sq.room() == 0 && st.dead.is_none() {
+            // The completion that frees room may sit in the queue with nobody waiting on
+            // the channel: let the connection thread take it.
+            self.poller.background(false);
             st.room_waiters += 1;
             st = match self.room_cv.wait_timeout(st, self.timeout) {
                 Ok((g, _)) => g,
@@ -963,12 +988,8 @@ impl Core {
             self.release(i, scratch, msg);
             return Err(e);
         }
-        let progress: Option<Arc<dyn Progress>> = if self.poller.spins() {
-            Some(self.clone())
-        } else {
-            None
-        };
-        let (completer, pending) = st.completion(progress);
+        let progress: Arc<dyn Progress> = self.clone();
+        let (completer, pending) = st.completion(Some(progress));
         let inline = msg_len <= self.max_inline_send;
         let sge = buf_sge(&msg, msg_len, self.ctl_reg);
         let st = &mut *st;
@@ -1200,8 +1221,14 @@ fn copy_out(recv: &mut [RecvSeg], bounces: &[RecvBounce], payload_len: usize) {
 }
 
 impl Progress for Core {
-    fn progress(&self, done: &dyn Fn() -> bool) {
-        self.poller.spin(self, done);
+    /// A thread waiting for its reply takes it off the completion channel itself (see
+    /// [`Poller`]).
+    fn progress(&self, done: &dyn Fn() -> bool, deadline: Option<Instant>) {
+        self.poller.wait(self, done, deadline);
+    }
+
+    fn will_await(&self) {
+        self.poller.background(true);
     }
 }
 

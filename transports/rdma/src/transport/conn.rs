@@ -6,11 +6,13 @@ use std::collections::VecDeque;
 use std::io::{self, Read};
 use std::net::TcpStream;
 use std::os::fd::{AsFd, AsRawFd};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
+use nix::sys::eventfd::{EfdFlags, EventFd};
 use nix::sys::socket::{send, MsgFlags};
 use zcio::config::RdmaConfig;
 use zcio::pool::{ClassConfig, PoolConfig, RegistrarId};
@@ -387,26 +389,75 @@ pub(crate) trait ConnCore: Send + Sync + 'static {
     fn on_cq_error(&self, why: String);
 }
 
-/// A connection's completion queue, polled by its connection thread and, for up to
-/// `rdma.spin_us`, by a thread about to block on its own completion (a client waiting for a
-/// reply, the server's `recv` waiting for a request): when the completion comes within that
-/// time, that thread handles it itself, without waking the connection thread and then being
-/// woken by it (two context switches, each tens of microseconds under emulation). Polling
-/// and handling happen under one lock, so completions are handled in the order the queue
-/// gives them, whichever thread takes them (the send-queue ledger relies on it).
+/// A connection's completion queue, polled by its connection thread and by threads that
+/// wait for their own completions.
+///
+/// A thread about to block on its own completion (a client waiting for a reply) *leads*:
+/// it waits on the completion channel itself and handles what comes, so that its reply
+/// reaches it without a hand-off from the connection thread (two context switches fewer
+/// per request; under emulation each is about 100 microseconds). Other threads waiting
+/// meanwhile *follow*: they sleep until the leader has handled completions (maybe theirs)
+/// or has left, and then one of them leads. First each spins on the queue for up to
+/// `rdma.spin_us`.
+///
+/// The connection thread watches the channel only in the *background* mode: while
+/// somebody waits without leading (a future being awaited, whose waker must be called by
+/// somebody) or a leader gave up before its completion came. Otherwise it watches only the
+/// bootstrap socket and its tick, at which it takes whatever the queue holds, so that
+/// nothing is stranded. The server's `recv` leads all of a connection's queues at once
+/// while no request is being served ([`lead_all`]).
+///
+/// Polling and handling happen under one lock, so completions are handled in the order the
+/// queue gives them, whichever thread takes them (the send-queue ledger relies on it).
 pub(crate) struct Poller {
     cq: CompletionQueue,
     lock: Mutex<()>,
     spin: Duration,
+    lead: Mutex<Lead>,
+    /// Followers sleep on it: notified when the leader handled completions or left.
+    follow_cv: Condvar,
+    /// Whether the connection thread watches the completion channel.
+    background: AtomicBool,
+    /// Once a future was awaited on this queue, the background mode stays on.
+    sticky: AtomicBool,
+    /// Written to make the connection thread look at `background` again.
+    kick: EventFd,
+    /// Written to wake the leader: another thread took completions (maybe the one it waits
+    /// for) or the connection ended.
+    wake: EventFd,
+}
+
+thread_local! {
+    /// Whether this thread leads (see [`Poller`]): its own drains need not wake it.
+    static LEADING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+#[derive(Default)]
+struct Lead {
+    leader: bool,
+    followers: usize,
+    ended: bool,
 }
 
 impl Poller {
-    pub(crate) fn new(cq: CompletionQueue, spin: Duration) -> Poller {
-        Poller {
+    /// A poller whose connection thread starts in the background mode or not (see
+    /// [`Poller`]).
+    pub(crate) fn new(cq: CompletionQueue, spin: Duration, background: bool) -> io::Result<Poller> {
+        let efd = || {
+            EventFd::from_value_and_flags(0, EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC)
+                .map_err(io::Error::from)
+        };
+        Ok(Poller {
             cq,
             lock: Mutex::new(()),
             spin,
-        }
+            lead: Mutex::new(Lead::default()),
+            follow_cv: Condvar::new(),
+            background: AtomicBool::new(background),
+            sticky: AtomicBool::new(false),
+            kick: efd()?,
+            wake: efd()?,
+        })
     }
 
     /// How long a waiting thread spins (`rdma.spin_us`).
@@ -429,6 +480,10 @@ impl Poller {
         for c in &out[..n] {
             core.on_completion(c);
         }
+        drop(_g);
+        if n > 0 {
+            self.after_drain();
+        }
         Ok(n)
     }
 
@@ -445,6 +500,268 @@ impl Poller {
                 return;
             }
             std::hint::spin_loop();
+        }
+    }
+
+    fn lead_state(&self) -> MutexGuard<'_, Lead> {
+        self.lead.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Switches the connection thread to the background mode (it then watches the
+    /// channel), waking it if it was not in it. `sticky`: for good.
+    pub(crate) fn background(&self, sticky: bool) {
+        if sticky {
+            self.sticky.store(true, Ordering::SeqCst);
+        }
+        if !self.background.swap(true, Ordering::SeqCst) {
+            let _ = self.kick.write(1);
+        }
+    }
+
+    /// Wakes every leader and follower for good: the connection has ended.
+    pub(crate) fn end(&self) {
+        self.lead_state().ended = true;
+        self.follow_cv.notify_all();
+        let _ = self.wake.write(1);
+    }
+
+    /// Works on this thread towards `done()`: spins first (`rdma.spin_us`), then leads or
+    /// follows (see [`Poller`]) until `done()`, the connection's end, or `deadline`. When
+    /// it returns without `done()`, the connection thread is in the background mode, so
+    /// the caller can block on its own wake-up. In [`crate::verbs::CqMode::BusyPoll`] the
+    /// connection thread spins on the queue anyway: then this only spins.
+    pub(crate) fn wait<C: ConnCore + ?Sized>(
+        &self,
+        core: &C,
+        done: &dyn Fn() -> bool,
+        deadline: Option<Instant>,
+    ) {
+        self.spin(core, done);
+        if self.cq.event_fd().is_none() {
+            return;
+        }
+        let over = || deadline.is_some_and(|d| Instant::now() >= d);
+        let mut st = self.lead_state();
+        loop {
+            // (`done()` may be true because the deadline passed: that is `over()`.)
+            if done() && !over() {
+                return;
+            }
+            if st.ended || core.is_dead() || over() {
+                drop(st);
+                self.background(false);
+                return;
+            }
+            if !st.leader {
+                st.leader = true;
+                drop(st);
+                // The connection thread notices at its next wake-up; until then a completion
+                // may wake both of us once, and if it takes ours, it wakes us (`wake`).
+                self.leave_channel();
+                LEADING.with(|l| l.set(true));
+                let led = lead_loop(1, |_| (self, core), done, deadline);
+                LEADING.with(|l| l.set(false));
+                st = self.lead_state();
+                st.leader = false;
+                if st.followers > 0 {
+                    self.follow_cv.notify_all();
+                }
+                drop(st);
+                if !matches!(led, Led::Stop) || over() {
+                    // Not done: whoever completes it now must do so on their own.
+                    self.background(false);
+                }
+                return;
+            }
+            st.followers += 1;
+            st = match deadline {
+                None => self.follow_cv.wait(st).unwrap_or_else(|p| p.into_inner()),
+                Some(d) => {
+                    let left = d.saturating_duration_since(Instant::now());
+                    match self.follow_cv.wait_timeout(st, left) {
+                        Ok((g, _)) => g,
+                        Err(p) => p.into_inner().0,
+                    }
+                }
+            };
+            st.followers -= 1;
+        }
+    }
+
+    /// Leaves the channel to a leading thread: the connection thread stops watching it
+    /// (at its next wake-up), unless a future keeps it in the background mode.
+    fn leave_channel(&self) {
+        if !self.sticky.load(Ordering::SeqCst) {
+            self.background.store(false, Ordering::SeqCst);
+        }
+    }
+
+    /// After completions were handled: followers look whether theirs came, and a leader
+    /// on another thread is woken (it may have missed the event this thread took).
+    fn after_drain(&self) {
+        let st = self.lead_state();
+        if st.followers > 0 {
+            self.follow_cv.notify_all();
+        }
+        if st.leader && !LEADING.with(|l| l.get()) {
+            let _ = self.wake.write(1);
+        }
+    }
+
+    /// Whether the connection thread watches the channel now (see [`Poller`]).
+    fn watching(&self) -> bool {
+        self.background.load(Ordering::SeqCst)
+    }
+
+    /// Resets the kick (after it woke the connection thread).
+    fn take_kick(&self) {
+        let _ = self.kick.read();
+    }
+}
+
+/// How long a leader sleeps at most before it looks again (milliseconds). Every way its
+/// wait can end wakes it (an event, another thread's drain, the connection's end): this
+/// only bounds what an unforeseen miss could cost, at one wake-up a second while waiting.
+const RECHECK_MS: i32 = 1000;
+
+/// Most queues [`lead_all`] waits on at once.
+pub(crate) const LEAD_MAX: usize = 8;
+
+/// Waits on the completion channels of all `lanes` at once on this thread, handling what
+/// comes, until `stop()` (checked after every batch and whenever another thread took
+/// completions), the end of one of them (true: the caller finds out why), or an error
+/// (false). A connection's server `recv` does this while no request is being served, so
+/// that a request reaches it without a hand-off from a connection thread. Returns false at
+/// once (the caller then waits as usual) for queues that busy-poll or more than
+/// [`LEAD_MAX`].
+pub(crate) fn lead_all<C: ConnCore>(
+    lanes: &[Arc<C>],
+    poller: impl Fn(&C) -> &Poller,
+    stop: &dyn Fn() -> bool,
+) -> bool {
+    if lanes.is_empty()
+        || lanes.len() > LEAD_MAX
+        || lanes.iter().any(|c| poller(c).cq.event_fd().is_none())
+    {
+        return false;
+    }
+    for c in lanes {
+        let p = poller(c);
+        p.leave_channel();
+        p.lead_state().leader = true;
+    }
+    LEADING.with(|l| l.set(true));
+    let led = lead_loop(lanes.len(), |k| (poller(&lanes[k]), &*lanes[k]), stop, None);
+    LEADING.with(|l| l.set(false));
+    for c in lanes {
+        poller(c).lead_state().leader = false;
+    }
+    !matches!(led, Led::Failed)
+}
+
+/// How a leader's wait ended.
+enum Led {
+    /// `stop()` was true.
+    Stop,
+    /// A queue's connection ended.
+    Ended,
+    /// An error, or the deadline passed.
+    Failed,
+}
+
+/// A leader's loop over `n` queues (`lane(k)`: a queue and what handles its completions):
+/// takes what they hold, arms them, and sleeps on their channels and wake-ups, until
+/// `stop()`, a connection's end, an error or `deadline`.
+fn lead_loop<'p, C: ConnCore + ?Sized + 'p>(
+    n: usize,
+    lane: impl Fn(usize) -> (&'p Poller, &'p C),
+    stop: &dyn Fn() -> bool,
+    deadline: Option<Instant>,
+) -> Led {
+    let drain_all = || -> Option<usize> {
+        let mut took = 0;
+        for k in 0..n {
+            let (p, c) = lane(k);
+            took += p.drain(c).ok()?;
+        }
+        Some(took)
+    };
+    let off = libc::pollfd {
+        fd: -1,
+        events: 0,
+        revents: 0,
+    };
+    loop {
+        if stop() {
+            return Led::Stop;
+        }
+        if (0..n).any(|k| lane(k).1.is_dead()) {
+            return Led::Ended;
+        }
+        match drain_all() {
+            None => return Led::Failed,
+            Some(0) => {}
+            Some(_) => continue,
+        }
+        if (0..n).any(|k| lane(k).0.cq.request_notify().is_err()) {
+            return Led::Failed;
+        }
+        // Completions that raced the arming raise no event: look once more.
+        match drain_all() {
+            None => return Led::Failed,
+            Some(0) => {}
+            Some(_) => continue,
+        }
+        if stop() {
+            return Led::Stop;
+        }
+        let ms = match deadline {
+            None => RECHECK_MS,
+            Some(d) => {
+                let now = Instant::now();
+                if now >= d {
+                    return Led::Failed;
+                }
+                let left = d - now;
+                let ms = left.as_millis() + u128::from(left.subsec_nanos() % 1_000_000 != 0);
+                ms.min(RECHECK_MS as u128) as i32
+            }
+        };
+        let mut pfds = [off; 2 * LEAD_MAX];
+        for k in 0..n.min(LEAD_MAX) {
+            let p = lane(k).0;
+            pfds[2 * k] = libc::pollfd {
+                fd: p.cq.event_fd().unwrap_or(-1),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            pfds[2 * k + 1] = libc::pollfd {
+                fd: p.wake.as_fd().as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+        }
+        let count = 2 * n.min(LEAD_MAX);
+        // SAFETY: `pfds` holds `count` <= 2 * LEAD_MAX valid, writable pollfds; the
+        // descriptors are the pollers' channels and eventfds, open while `lane` borrows them.
+        let ret = unsafe { libc::poll(pfds.as_mut_ptr(), count as libc::nfds_t, ms) };
+        if ret < 0 {
+            if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Led::Failed;
+        }
+        for k in 0..n.min(LEAD_MAX) {
+            let p = lane(k).0;
+            if pfds[2 * k + 1].revents != 0 {
+                let _ = p.wake.read();
+                if p.lead_state().ended {
+                    return Led::Ended;
+                }
+            }
+            if pfds[2 * k].revents != 0 && p.cq.ack_event().is_err() {
+                return Led::Failed;
+            }
         }
     }
 }
@@ -492,11 +809,18 @@ fn conn_loop<C: ConnCore>(core: &C, poller: &Poller, sock: &TcpStream, tick: Dur
         if core.is_dead() {
             return;
         }
-        let waited = poller
-            .cq
-            .wait_or_readable_with(sock.as_fd(), Some(tick), || poller.drain(core));
+        let watch = poller.watching();
+        let waited = poller.cq.wait_fds_with(
+            watch,
+            [sock.as_fd(), poller.kick.as_fd()],
+            Some(tick),
+            || poller.drain(core),
+        );
         match waited {
-            Ok((_, readable)) => {
+            Ok((taken, [readable, kicked])) => {
+                if kicked {
+                    poller.take_kick();
+                }
                 if readable {
                     if let Some(end) = socket_end(sock) {
                         // A reply (or request) the peer sent right before closing is
@@ -507,6 +831,14 @@ fn conn_loop<C: ConnCore>(core: &C, poller: &Poller, sock: &TcpStream, tick: Dur
                             }
                         }
                         core.on_socket_end(end);
+                        return;
+                    }
+                }
+                if !watch && taken == 0 && !kicked && !readable {
+                    // The tick, while the channel is left to waiting threads: take what
+                    // nobody has (a request whose caller has not waited yet).
+                    if let Err(e) = poller.drain(core) {
+                        core.on_cq_error(format!("polling completions failed: {}", chain(&e)));
                         return;
                     }
                 }

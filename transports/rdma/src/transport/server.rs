@@ -51,9 +51,9 @@ use zcio::{Error, Iobuf, IobufMut, Pool, Result};
 use super::bootstrap::{BootstrapError, Hello, Role, HELLO_LEN, MAX_CREDITS, MAX_QUEUE_PAIRS};
 use super::conn::{
     buf_sge, chain, connection_limits, control_bytes, control_pool, create_qp, describe_failure,
-    exchange_ready, msg_limits, post_recv_buf, recv_exact, round_page, send_all, spawn_conn_thread,
-    tick_for, wr_id, wr_parts, ConnCore, Held, Poller, QpSizes, SendQueue, KIND_READ, KIND_RECV,
-    KIND_SEND, KIND_WRITE, MAX_SGE,
+    exchange_ready, lead_all, msg_limits, post_recv_buf, recv_exact, round_page, send_all,
+    spawn_conn_thread, tick_for, wr_id, wr_parts, ConnCore, Held, Poller, QpSizes, SendQueue,
+    KIND_READ, KIND_RECV, KIND_SEND, KIND_WRITE, MAX_SGE,
 };
 use super::device::{device, registrar_id, Device, Side};
 use super::msg::{decode_request, encode_reply, max_request_len, reply_len, Desc, MsgLimits};
@@ -445,7 +445,7 @@ fn lane_core(
         sq_depth,
         idle: ctx.idle,
         peer: peer.to_string(),
-        poller: Arc::new(Poller::new(cq, ctx.rdma.spin)),
+        poller: Arc::new(Poller::new(cq, ctx.rdma.spin, true)?),
     }))
 }
 
@@ -804,6 +804,7 @@ impl SCore {
     fn after_fail(&self) {
         // The other queue pairs' threads see the bootstrap socket end and follow.
         let _ = self.sock.shutdown(std::net::Shutdown::Both);
+        self.poller.end();
         self.shared.notify();
         self.room_cv.notify_all();
     }
@@ -1037,6 +1038,8 @@ impl SCore {
             if g.sq.room() >= n {
                 return Ok(g);
             }
+            // The completions that free room: `recv` may not be there to take them.
+            self.poller.background(false);
             g.room_waiters += 1;
             g = match self.room_cv.wait(g) {
                 Ok(g) => g,
@@ -1530,6 +1533,8 @@ impl SCore {
     /// "server full" is sent right before the connection is closed), until `deadline`.
     fn drain(&self, deadline: Instant) {
         self.lock().closing = true;
+        // The completions this waits for: `recv` may not be there to take them.
+        self.poller.background(false);
         let mut p = self.post_lock();
         while !self.dead.load(Ordering::SeqCst)
             && (!p.sq.idle() || self.posting.load(Ordering::SeqCst) > 0)
@@ -1667,6 +1672,13 @@ impl Replier for Lanes {
 }
 
 impl RdmaServerConn {
+    /// Lets the connection threads take completions (see `lead_all`).
+    fn background(&self) {
+        for c in &self.lanes.cores {
+            c.poller.background(false);
+        }
+    }
+
     /// Polls every queue pair's completion queue on this thread until something is ready
     /// for `recv` (the generation moves past `gen`) or `rdma.spin_us` has passed.
     fn spin(&self, gen: u64) {
@@ -1688,7 +1700,12 @@ impl RdmaServerConn {
     }
 
     /// A request from queue pair `i`, its id marked with the queue pair for the reply.
+    /// Once more than this one is being served, the connection threads take the
+    /// completions (of their replies) while `recv` is not called (see `lead_all`).
     fn hand_out(&mut self, i: usize, mut inc: Incoming) -> Incoming {
+        if self.shared.in_flight.load(Ordering::SeqCst) > 1 {
+            self.background();
+        }
         self.next = (i + 1) % self.lanes.cores.len();
         inc.id |= (i as u64) << LANE_SHIFT;
         inc
@@ -1745,6 +1762,17 @@ impl ServerConn for RdmaServerConn {
                 self.spin(gen);
                 continue;
             }
+            // While no request is being served, wait on the completion channels here: the
+            // next request then needs no hand-off from a connection thread. Else those
+            // threads take completions (replies' among them) and wake this one.
+            if self.shared.in_flight.load(Ordering::SeqCst) == 0
+                && lead_all(&self.lanes.cores, |c| &c.poller, &|| {
+                    *lock(&self.shared.gen) != gen
+                })
+            {
+                continue;
+            }
+            self.background();
             let mut g = lock(&self.shared.gen);
             while *g == gen {
                 g = match self.shared.events_cv.wait(g) {

@@ -458,66 +458,88 @@ impl CompletionQueue {
         &self,
         fd: BorrowedFd<'_>,
         timeout: Option<Duration>,
-        mut drain: impl FnMut() -> Result<usize, RdmaError>,
+        drain: impl FnMut() -> Result<usize, RdmaError>,
     ) -> Result<(usize, bool), RdmaError> {
+        let (n, ready) = self.wait_fds_with(true, [fd, fd], timeout, drain)?;
+        Ok((n, ready[0]))
+    }
+
+    /// Waits for completions (when `watch` is true; else only for the descriptors) or for
+    /// either of `fds` to become readable, up to `timeout`. Completions are taken by
+    /// `drain`, as in [`wait_or_readable_with`](Self::wait_or_readable_with). Returns how
+    /// many were taken and which of `fds` are ready. In [`CqMode::BusyPoll`] it spins and
+    /// checks the descriptors every 256 empty polls (watching or not). Allocates nothing.
+    pub fn wait_fds_with(
+        &self,
+        watch: bool,
+        fds: [BorrowedFd<'_>; 2],
+        timeout: Option<Duration>,
+        mut drain: impl FnMut() -> Result<usize, RdmaError>,
+    ) -> Result<(usize, [bool; 2]), RdmaError> {
         let deadline = timeout.map(|t| Instant::now() + t);
         let Some(channel_fd) = self.event_fd() else {
             let mut spins = 0u32;
             loop {
                 let n = drain()?;
                 if n > 0 {
-                    return Ok((n, false));
+                    return Ok((n, [false; 2]));
                 }
                 spins = spins.wrapping_add(1);
                 if spins % 256 == 0 {
-                    if fd_ready(fd.as_raw_fd(), 0)? {
-                        return Ok((drain()?, true));
+                    let ready = [
+                        fd_ready(fds[0].as_raw_fd(), 0)?,
+                        fd_ready(fds[1].as_raw_fd(), 0)?,
+                    ];
+                    if ready[0] || ready[1] {
+                        return Ok((drain()?, ready));
                     }
                     if deadline.is_some_and(|d| Instant::now() >= d) {
-                        return Ok((0, false));
+                        return Ok((0, [false; 2]));
                     }
                 }
                 std::hint::spin_loop();
             }
         };
         loop {
-            let n = drain()?;
-            if n > 0 {
-                return Ok((n, false));
-            }
-            self.request_notify()?;
-            // As in `wait_event`: a completion that raced the arming raises no event.
-            let n = drain()?;
-            if n > 0 {
-                return Ok((n, false));
+            if watch {
+                let n = drain()?;
+                if n > 0 {
+                    return Ok((n, [false; 2]));
+                }
+                self.request_notify()?;
+                // As in `wait_event`: a completion that raced the arming raises no event.
+                let n = drain()?;
+                if n > 0 {
+                    return Ok((n, [false; 2]));
+                }
             }
             let timeout_ms = match deadline {
                 None => -1,
                 Some(d) => {
                     let now = Instant::now();
                     if now >= d {
-                        return Ok((0, false));
+                        return Ok((0, [false; 2]));
                     }
                     let left = d - now;
                     let ms = left.as_millis() + u128::from(left.subsec_nanos() % 1_000_000 != 0);
                     ms.min(i32::MAX as u128) as i32
                 }
             };
+            let pollfd = |fd| libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            };
             let mut pfds = [
-                libc::pollfd {
-                    fd: channel_fd,
-                    events: libc::POLLIN,
-                    revents: 0,
-                },
-                libc::pollfd {
-                    fd: fd.as_raw_fd(),
-                    events: libc::POLLIN,
-                    revents: 0,
-                },
+                pollfd(fds[0].as_raw_fd()),
+                pollfd(fds[1].as_raw_fd()),
+                pollfd(channel_fd),
             ];
-            // SAFETY: `pfds` is an array of two valid, writable pollfds; the channel's
-            // descriptor is open while `self.channel` lives and `fd` is borrowed for the call.
-            let ret = unsafe { libc::poll(pfds.as_mut_ptr(), 2, timeout_ms) };
+            let n = if watch { 3 } else { 2 };
+            // SAFETY: `pfds` is an array of three valid, writable pollfds and `n` <= 3; the
+            // channel's descriptor is open while `self.channel` lives and `fds` are borrowed
+            // for the call.
+            let ret = unsafe { libc::poll(pfds.as_mut_ptr(), n, timeout_ms) };
             if ret < 0 {
                 let err = io::Error::last_os_error();
                 if err.kind() == io::ErrorKind::Interrupted {
@@ -525,11 +547,13 @@ impl CompletionQueue {
                 }
                 return Err(RdmaError::GetCqEvent { source: err });
             }
-            if pfds[0].revents != 0 {
+            if watch && pfds[2].revents != 0 {
                 self.ack_event()?;
             }
-            if pfds[1].revents != 0 {
-                return Ok((drain()?, true));
+            let ready = [pfds[0].revents != 0, pfds[1].revents != 0];
+            if ready[0] || ready[1] {
+                let n = if watch { drain()? } else { 0 };
+                return Ok((n, ready));
             }
         }
     }
