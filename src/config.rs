@@ -47,9 +47,10 @@
 //! busy_poll = false              # spin on the completion queue instead of sleeping
 //! spin_us = 0                    # a thread about to block on its own request (a client
 //!                                # waiting for a reply, the server waiting for the next
-//!                                # request) first polls the completion queue itself for up
-//!                                # to this long: no thread hand-off when the completion
-//!                                # comes within it (0 = off; up to 1000000)
+//!                                # request) first polls the completion queue for up to
+//!                                # this long before it sleeps on the completion channel
+//!                                # (it takes its completion itself either way: no thread
+//!                                # hand-off; 0 = no polling; up to 1000000)
 //! credits = 32                   # receive buffers posted per connection (flow control),
 //!                                # shared out among its queue pairs; each RDMA connection
 //!                                # pins its own ring of these (about 1 MiB per server

@@ -403,6 +403,57 @@ fn unsignaled_requests_complete_with_the_next_signaled_one() {
     assert_eq!(p.a.cq.poll(&mut out).unwrap(), 0);
 }
 
+/// Whether `cq`'s completion channel has an event within `ms` milliseconds.
+fn channel_ready(cq: &CompletionQueue, ms: i32) -> bool {
+    let fd = cq.event_fd().expect("an event-driven CQ");
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid, writable pollfd; the channel stays open while `cq` lives.
+    let n = unsafe { libc::poll(&mut pfd, 1, ms) };
+    assert!(n >= 0, "poll: {}", std::io::Error::last_os_error());
+    n > 0
+}
+
+#[test]
+fn solicited_arming_wakes_for_messages_not_for_send_completions() {
+    let Some(ctx) = device("solicited_arming_wakes_for_messages_not_for_send_completions") else {
+        return;
+    };
+    let p = connected_pair(&ctx, CqMode::Event);
+    // Both CQs armed for solicited completions only.
+    p.a.cq.request_notify_solicited().unwrap();
+    p.b.cq.request_notify_solicited().unwrap();
+    p.b.qp.post_recv(41, p.b.sge(16 * 1024, 4096)).unwrap();
+    p.a.qp.post_send(42, &[p.a.sge(0, 512)]).unwrap();
+    // The receiver is woken: every SEND carries the solicited flag.
+    assert!(
+        channel_ready(&p.b.cq, 5000),
+        "no event for a solicited message"
+    );
+    assert!(p.b.cq.ack_event().unwrap());
+    p.b.expect_ok(41, WcOpcode::Recv);
+    // The sender's own (signaled) send completion raises no event (it is taken below).
+    assert!(
+        !channel_ready(&p.a.cq, 300),
+        "a send completion woke a CQ armed for solicited completions"
+    );
+    p.a.expect_ok(42, WcOpcode::Send);
+    // Armed for any completion, the same send completion does raise one.
+    p.a.cq.request_notify().unwrap();
+    p.b.qp.post_recv(43, p.b.sge(16 * 1024, 4096)).unwrap();
+    p.a.qp.post_send(44, &[p.a.sge(0, 512)]).unwrap();
+    assert!(
+        channel_ready(&p.a.cq, 5000),
+        "no event for a send completion"
+    );
+    assert!(p.a.cq.ack_event().unwrap());
+    p.a.expect_ok(44, WcOpcode::Send);
+    p.b.expect_ok(43, WcOpcode::Recv);
+}
+
 #[test]
 fn send_recv_4k_into_a_preposted_receive() {
     let Some(ctx) = device("send_recv_4k_into_a_preposted_receive") else {

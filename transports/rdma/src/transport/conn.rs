@@ -703,7 +703,9 @@ fn lead_loop<'p, C: ConnCore + ?Sized + 'p>(
             Some(0) => {}
             Some(_) => continue,
         }
-        if (0..n).any(|k| lane(k).0.cq.request_notify().is_err()) {
+        // A leader waits for messages (its reply, the next request): its own send-queue
+        // completions, taken at its next drain anyway, need not wake it.
+        if (0..n).any(|k| lane(k).0.cq.request_notify_solicited().is_err()) {
             return Led::Failed;
         }
         // Completions that raced the arming raise no event: look once more.

@@ -561,9 +561,21 @@ impl CompletionQueue {
     /// Arms the CQ: the next completion added to it raises one event on the completion
     /// channel. ([`wait`](Self::wait) does this itself.)
     pub fn request_notify(&self) -> Result<(), RdmaError> {
-        // SAFETY: the CQ pointer is live (owned by `self.inner`); 0 = any completion, not only
-        // solicited ones.
-        let ret = unsafe { ibv_req_notify_cq(self.raw().as_ptr(), 0) };
+        self.notify(false)
+    }
+
+    /// Arms the CQ for *solicited* completions only: the next receive completion of a
+    /// message sent with the solicited flag (every SEND of [`QueuePair`](crate::verbs::QueuePair)
+    /// has it), or the next failed completion, raises an event; successful send-queue
+    /// completions do not. (On rxe a CQ already armed for any completion stays so.)
+    pub fn request_notify_solicited(&self) -> Result<(), RdmaError> {
+        self.notify(true)
+    }
+
+    fn notify(&self, solicited_only: bool) -> Result<(), RdmaError> {
+        // SAFETY: the CQ pointer is live (owned by `self.inner`); the flag says whether only
+        // solicited completions raise the event.
+        let ret = unsafe { ibv_req_notify_cq(self.raw().as_ptr(), i32::from(solicited_only)) };
         if ret != 0 {
             return Err(RdmaError::RequestNotify {
                 source: io::Error::from_raw_os_error(ret.abs()),

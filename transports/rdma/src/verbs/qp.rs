@@ -562,6 +562,11 @@ impl QueuePair {
         if how.inline {
             flags |= ibv_send_flags::IBV_SEND_INLINE.0;
         }
+        if matches!(op, SendOp::Send) {
+            // A peer waiting only for messages (its CQ armed for solicited completions) is
+            // woken by this one, and not by its own send-queue completions.
+            flags |= ibv_send_flags::IBV_SEND_SOLICITED.0;
+        }
         let mut wr = ibv_send_wr {
             wr_id,
             next: ptr::null_mut(),
