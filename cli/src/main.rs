@@ -152,6 +152,22 @@ pub(crate) fn registry() -> Registry {
     r
 }
 
+/// Raises this process's soft limit on open files to its hard limit, as servers commonly
+/// do: every connection holds descriptors (its socket; over RDMA, per queue pair, a
+/// completion channel and two eventfds), and the usual soft limit of 1024 runs out at a few
+/// dozen RDMA connections on each side of an embedded bench or soak. Failing to raise it is
+/// not an error: connections then fail with "Too many open files" in their error.
+fn raise_open_files_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if soft < hard {
+            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                tracing::debug!("could not raise the open files limit from {soft} to {hard}: {e}");
+            }
+        }
+    }
+}
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -161,6 +177,7 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    raise_open_files_limit();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -206,7 +206,18 @@ pub(crate) fn run(a: SoakArgs) -> AnyResult<()> {
     let elapsed = t0.elapsed().as_secs_f64();
     let failed: Vec<String> = results
         .into_iter()
-        .filter_map(|r| r.err().map(|e| e.to_string()))
+        .filter_map(|r| {
+            r.err().map(|e| {
+                // With its causes: "... failed" alone does not say why.
+                let mut text = e.to_string();
+                let mut src = e.source();
+                while let Some(s) = src {
+                    text += &format!(": {s}");
+                    src = s.source();
+                }
+                text
+            })
+        })
         .collect();
     // Leak checks: everything returns once the connections are gone.
     let deadline = Instant::now() + Duration::from_secs(20);
