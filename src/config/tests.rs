@@ -184,9 +184,9 @@ fn every_bad_value_rejected_naming_key_and_value() {
         ("[rdma]\nport = 0", "rdma.port", "0"),
         ("[rdma]\ngid_index = -2", "rdma.gid_index", "-2"),
         (
-            "[rdma]\ninline_threshold = 4096",
+            "[rdma]\ninline_threshold = 4097",
             "rdma.inline_threshold",
-            "4096",
+            "4097",
         ),
         ("[rdma]\ncredits = 1", "rdma.credits", "1"),
         ("[rdma]\nspin_us = 1000001", "rdma.spin_us", "1000001"),

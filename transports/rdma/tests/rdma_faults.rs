@@ -1002,6 +1002,38 @@ fn waiters_take_their_own_replies_and_nothing_is_stranded() {
 }
 
 #[test]
+fn inline_payloads_up_to_the_largest_threshold() {
+    let Some(t) = rdma("inline_payloads_up_to_the_largest_threshold") else {
+        return;
+    };
+    // rdma.inline_threshold at its largest: reads and writes of up to 4 KiB travel in the
+    // messages (the queue pairs still take inline SENDs: their inline size does not follow
+    // the threshold past what rxe allows), larger ones by RDMA READ and WRITE.
+    let h = start(t, |c| c.rdma.inline_threshold = 4096);
+    let c = h.client();
+    assert_eq!(c.limits().inline_threshold, 4096);
+    let data = pattern(71, 64 * 1024);
+    let f = c.open("inl", OpenFlags::rw() | OpenFlags::CREATE).unwrap();
+    let mut at = 0usize;
+    for len in [1usize, 100, 4095, 4096, 4097, 8192, 1000] {
+        assert_eq!(f.pwrite(&data[at..at + len], at as u64).unwrap(), len);
+        let mut back = vec![0u8; len];
+        assert_eq!(f.pread(&mut back, at as u64).unwrap(), len);
+        assert!(back == data[at..at + len], "{len} bytes at {at}");
+        let z = f.zero_readv(len, at as u64).unwrap();
+        assert!(
+            z.to_vec() == data[at..at + len],
+            "{len} bytes into pool buffers"
+        );
+        at += len;
+    }
+    f.close().unwrap();
+    assert!(std::fs::read(h.path("inl")).unwrap() == data[..at]);
+    drop(c);
+    h.assert_server_clean();
+}
+
+#[test]
 fn idle_connection_is_closed_by_the_server() {
     let Some(t) = rdma("idle_connection_is_closed_by_the_server") else {
         return;

@@ -42,8 +42,9 @@ use zcio::{Error, IobufMut, Pool, Result};
 use super::bootstrap::{Hello, Role, HELLO_LEN, MAX_CREDITS, MAX_QUEUE_PAIRS};
 use super::conn::{
     buf_sge, chain, connection_limits, control_bytes, control_pool, create_qp, describe_failure,
-    exchange_ready, msg_limits, post_recv_buf, recv_exact, round_page, send_all, spawn_conn_thread,
-    tick_for, wr_id, wr_parts, ConnCore, Poller, QpSizes, SendQueue, KIND_RECV, KIND_SEND,
+    exchange_ready, msg_limits, post_recv_buf, qp_inline, recv_exact, round_page, send_all,
+    spawn_conn_thread, tick_for, wr_id, wr_parts, ConnCore, Poller, QpSizes, SendQueue, KIND_RECV,
+    KIND_SEND,
 };
 use super::device::{device, register_err, registrar_id, Device, Side};
 use super::msg::{
@@ -488,7 +489,7 @@ fn open_lane(
         &QpSizes {
             send_wr: sq_depth(p.credits),
             recv_wr: p.credits,
-            inline: p.inline + 256,
+            inline: qp_inline(p.inline),
             remote_access: true,
         },
     )?;

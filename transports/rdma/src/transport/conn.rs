@@ -206,6 +206,14 @@ pub(crate) struct QpSizes {
     pub(crate) remote_access: bool,
 }
 
+/// The inline data size to ask a queue pair for (`IBV_SEND_INLINE` messages): a message's
+/// fixed part and a short header with up to 128 bytes of payload, whatever the payload
+/// threshold. rxe takes at most 400 bytes, and a queue pair that asks for more gets none
+/// (see [`create_qp`]); bigger messages go from registered control buffers instead.
+pub(crate) fn qp_inline(threshold: usize) -> usize {
+    threshold.min(128) + 256
+}
+
 /// Creates the connection's completion queue and queue pair (in INIT). If the device
 /// refuses the inline size, retries without inline SENDs.
 pub(crate) fn create_qp(

@@ -51,9 +51,9 @@ use zcio::{Error, Iobuf, IobufMut, Pool, Result};
 use super::bootstrap::{BootstrapError, Hello, Role, HELLO_LEN, MAX_CREDITS, MAX_QUEUE_PAIRS};
 use super::conn::{
     buf_sge, chain, connection_limits, control_bytes, control_pool, create_qp, describe_failure,
-    exchange_ready, lead_all, msg_limits, post_recv_buf, recv_exact, round_page, send_all,
-    spawn_conn_thread, tick_for, wr_id, wr_parts, ConnCore, Held, Poller, QpSizes, SendQueue,
-    KIND_READ, KIND_RECV, KIND_SEND, KIND_WRITE, MAX_SGE,
+    exchange_ready, lead_all, msg_limits, post_recv_buf, qp_inline, recv_exact, round_page,
+    send_all, spawn_conn_thread, tick_for, wr_id, wr_parts, ConnCore, Held, Poller, QpSizes,
+    SendQueue, KIND_READ, KIND_RECV, KIND_SEND, KIND_WRITE, MAX_SGE,
 };
 use super::device::{device, registrar_id, Device, Side};
 use super::msg::{decode_request, encode_reply, max_request_len, reply_len, Desc, MsgLimits};
@@ -313,7 +313,7 @@ fn accept_lane(
         &QpSizes {
             send_wr: sq_depth,
             recv_wr: credits,
-            inline: inline + 256,
+            inline: qp_inline(inline),
             remote_access: false,
         },
     )?;
