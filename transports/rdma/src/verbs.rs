@@ -38,6 +38,8 @@ pub use types::{Mtu, QpState};
 #[cfg(feature = "rdma")]
 pub use context::{Context, DeviceCaps, MemoryRegion, MrAccess, ProtectionDomain};
 #[cfg(feature = "rdma")]
+pub(crate) use cq::poll_timeout_ms;
+#[cfg(feature = "rdma")]
 pub use cq::{Completion, CompletionQueue, CqMode, WcOpcode, WcStatus};
 #[cfg(feature = "rdma")]
 pub use qp::{QpCaps, QpConfig, QueuePair, Remote, Sge};

@@ -23,7 +23,9 @@ use super::bootstrap::READY;
 use super::device::Device;
 use super::msg::MsgLimits;
 use super::rdma_err;
-use crate::verbs::{Completion, CompletionQueue, CqMode, QpConfig, QueuePair, Sge, WcStatus};
+use crate::verbs::{
+    poll_timeout_ms, Completion, CompletionQueue, CqMode, QpConfig, QueuePair, Sge, WcStatus,
+};
 use crate::RdmaError;
 
 /// Work request kinds, in the top byte of a `wr_id`.
@@ -725,17 +727,10 @@ fn lead_loop<'p, C: ConnCore + ?Sized + 'p>(
         if stop() {
             return Led::Stop;
         }
-        let ms = match deadline {
-            None => RECHECK_MS,
-            Some(d) => {
-                let now = Instant::now();
-                if now >= d {
-                    return Led::Failed;
-                }
-                let left = d - now;
-                let ms = left.as_millis() + u128::from(left.subsec_nanos() % 1_000_000 != 0);
-                ms.min(RECHECK_MS as u128) as i32
-            }
+        let ms = match poll_timeout_ms(deadline) {
+            None => return Led::Failed,
+            Some(-1) => RECHECK_MS,
+            Some(ms) => ms.min(RECHECK_MS),
         };
         let mut pfds = [off; 2 * LEAD_MAX];
         for k in 0..n.min(LEAD_MAX) {

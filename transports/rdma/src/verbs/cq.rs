@@ -398,18 +398,8 @@ impl CompletionQueue {
             if n > 0 {
                 return Ok(n);
             }
-            let timeout_ms = match deadline {
-                None => -1,
-                Some(d) => {
-                    let now = Instant::now();
-                    if now >= d {
-                        return Ok(0);
-                    }
-                    let left = d - now;
-                    // Round up so a sub-millisecond rest does not turn into a busy loop.
-                    let ms = left.as_millis() + u128::from(left.subsec_nanos() % 1_000_000 != 0);
-                    ms.min(i32::MAX as u128) as i32
-                }
+            let Some(timeout_ms) = poll_timeout_ms(deadline) else {
+                return Ok(0);
             };
             let mut pfd = libc::pollfd {
                 fd,
@@ -513,17 +503,8 @@ impl CompletionQueue {
                     return Ok((n, [false; 2]));
                 }
             }
-            let timeout_ms = match deadline {
-                None => -1,
-                Some(d) => {
-                    let now = Instant::now();
-                    if now >= d {
-                        return Ok((0, [false; 2]));
-                    }
-                    let left = d - now;
-                    let ms = left.as_millis() + u128::from(left.subsec_nanos() % 1_000_000 != 0);
-                    ms.min(i32::MAX as u128) as i32
-                }
+            let Some(timeout_ms) = poll_timeout_ms(deadline) else {
+                return Ok((0, [false; 2]));
             };
             let pollfd = |fd| libc::pollfd {
                 fd,
@@ -613,6 +594,22 @@ impl CompletionQueue {
         unsafe { ibv_ack_cq_events(self.raw().as_ptr(), 1) };
         Ok(true)
     }
+}
+
+/// `poll`'s timeout for waiting until `deadline`: -1 (no limit) without one, `None` once it
+/// has passed, else the milliseconds left, rounded up so that a sub-millisecond rest does
+/// not turn into a busy loop.
+pub(crate) fn poll_timeout_ms(deadline: Option<Instant>) -> Option<i32> {
+    let Some(d) = deadline else {
+        return Some(-1);
+    };
+    let now = Instant::now();
+    if now >= d {
+        return None;
+    }
+    let left = d - now;
+    let ms = left.as_millis() + u128::from(left.subsec_nanos() % 1_000_000 != 0);
+    Some(ms.min(i32::MAX as u128) as i32)
 }
 
 /// Whether `fd` is readable (or at end of stream / in error) within `timeout_ms`.
