@@ -6,7 +6,8 @@
 //! goes to `Config::parse`; with one, the text before the first NUL is the TOML and each
 //! NUL-separated piece after it an override for `Config::parse_with`. A configuration that
 //! parses is also rendered with `to_toml` and has the overrides applied again through
-//! `with_override`. Property: no panic.
+//! `with_override`. Properties: no panic; what `to_toml` renders parses back to the same
+//! configuration; applying the last override again changes nothing.
 //!
 //! Note: `server.listen` / `client.connect` values that are not numeric addresses are
 //! resolved (`ToSocketAddrs`), so this target may issue DNS lookups.
@@ -29,9 +30,19 @@ fuzz_target!(|data: &[u8]| {
     };
     match parsed {
         Ok(c) => {
-            let _ = c.to_toml();
+            let text = c.to_toml();
+            match Config::parse(&text) {
+                Ok(again) => assert_eq!(again, c, "to_toml does not round-trip:\n{text}"),
+                Err(e) => panic!("to_toml renders what parse refuses: {e}\n{text}"),
+            }
             for o in &overrides {
                 let _ = c.with_override(o);
+            }
+            if let Some(last) = overrides.last() {
+                match c.with_override(last) {
+                    Ok(again) => assert_eq!(again, c, "the override {last:?} again changed it"),
+                    Err(e) => panic!("the override {last:?} again was refused: {e}"),
+                }
             }
         }
         Err(e) => {

@@ -2,7 +2,8 @@
 //! side reads the peer's half: `zcio_rdma::verbs::Endpoint::decode` (the queue-pair
 //! endpoint record) and `zcio_rdma::transport::bootstrap::Hello::decode` (the 64-byte
 //! hello that carries it), expecting either role. Both compile without the `rdma` cargo
-//! feature, so the target needs no cmake, libclang or sideway. Property: no panic.
+//! feature, so the target needs no cmake, libclang or sideway. Properties: no panic; what
+//! decodes encodes to something that decodes to the same value.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -13,7 +14,7 @@ fuzz_target!(|data: &[u8]| {
     match Endpoint::decode(data) {
         Ok(ep) => {
             let _ = ep.to_string();
-            let _ = ep.encode();
+            assert_eq!(Endpoint::decode(&ep.encode()).ok(), Some(ep), "{ep}");
         }
         Err(e) => {
             let _ = e.to_string();
@@ -21,9 +22,7 @@ fuzz_target!(|data: &[u8]| {
     }
     for role in [Role::Client, Role::Server] {
         match Hello::decode(data, role) {
-            Ok(h) => {
-                let _ = h.encode();
-            }
+            Ok(h) => assert_eq!(Hello::decode(&h.encode(), role), Ok(h)),
             Err(e) => {
                 let _ = e.to_string();
             }

@@ -125,7 +125,19 @@ fn handshake_negotiates_the_minimum() {
     assert_eq!((l.inline_threshold, l.rdma_payload), (0, false));
     assert_eq!(server.next_accept(), Ok(l));
     assert_eq!(TcpTransport.name(), "tcp");
-    assert!(TcpTransport.check_available(&ccfg).is_ok());
+    // TCP has nothing to check (`check_available` is Ok by construction); what can fail is
+    // the registry handing out the transport by its configured name.
+    let mut registry = zcio::transport::Registry::new();
+    zcio_tcp::register(&mut registry);
+    assert_eq!(registry.names(), ["tcp"]);
+    assert_eq!(
+        registry.get("tcp", &ccfg).map(|t| t.name()).ok(),
+        Some("tcp")
+    );
+    assert!(matches!(
+        registry.get("rdma", &ccfg),
+        Err(zcio::Error::UnknownTransport { .. })
+    ));
     assert!(c.peer().contains(&server.addr), "{}", c.peer());
 }
 
