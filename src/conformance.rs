@@ -276,6 +276,11 @@ pub fn zero_copy_family(t: Arc<dyn Transport>) {
     let size = f.stat().unwrap().size;
     let tail = f.zero_readv(1 << 20, size - 100).unwrap();
     assert_eq!(tail.total_len(), 100);
+    let disk = std::fs::read(h.path("z")).unwrap();
+    assert!(
+        tail.to_vec() == disk[disk.len() - 100..],
+        "the short read at the end returned other bytes"
+    );
     assert_eq!(f.zero_readv(4096, size + 1).unwrap().total_len(), 0);
     let client_pool = c.pool().clone();
     drop(tail);

@@ -40,9 +40,14 @@ pub(crate) struct SoakArgs {
     /// Blocks per connection's file.
     #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=1 << 20))]
     blocks: u32,
-    /// How long to run.
+    /// How long to run (with --ops: the longest the run may take).
     #[arg(long, default_value = "30s", value_parser = crate::bench::duration_arg)]
     runtime: Duration,
+    /// Stop as soon as N reads have been verified and N writes made, over all connections;
+    /// not getting there within --runtime fails the soak. An amount of work instead of an
+    /// amount of time, for runs that must prove as much on a slow machine as on a fast one.
+    #[arg(long, value_name = "N")]
+    ops: Option<u64>,
     /// Print the result as JSON on stdout.
     #[arg(long)]
     json: bool,
@@ -185,8 +190,14 @@ pub(crate) fn run(a: SoakArgs) -> AnyResult<()> {
         // Memory once every connection is set up and has run a while (buffers mapped,
         // queues built) is the reference; it must stay flat from there.
         let mut all_ready_at = None;
-        while t0.elapsed() < a.runtime {
-            std::thread::sleep(Duration::from_millis(100));
+        let done = || {
+            a.ops.is_some_and(|n| {
+                tally.reads.load(Ordering::Relaxed) >= n
+                    && tally.writes.load(Ordering::Relaxed) >= n
+            })
+        };
+        while t0.elapsed() < a.runtime && !done() {
+            std::thread::sleep(Duration::from_millis(10));
             if all_ready_at.is_none() && ready.load(Ordering::Relaxed) >= u64::from(a.connections) {
                 all_ready_at = Some(Instant::now());
             }
@@ -295,6 +306,13 @@ pub(crate) fn run(a: SoakArgs) -> AnyResult<()> {
         return Err(format!(
             "soak failed: {corruptions} corruptions, {errors} errors, {} leaks",
             leaks.len()
+        )
+        .into());
+    }
+    if let Some(n) = a.ops.filter(|&n| reads < n || writes < n) {
+        return Err(format!(
+            "soak failed: {reads} reads verified and {writes} writes within {:?}, not {n} of each",
+            a.runtime
         )
         .into());
     }

@@ -98,6 +98,10 @@ fn client_process_killed_mid_write_leaves_server_clean() {
     )
     .unwrap();
     assert_eq!(c.stat("zcio-bench.0").unwrap().size, 8 << 20);
+    // Served byte for byte as the file now is on disk (no write is in flight any more).
+    let f = c.open("zcio-bench.0", OpenFlags::READ).unwrap();
+    let on_disk = std::fs::read(dir.path().join("zcio-bench.0")).unwrap();
+    assert!(f.zero_readv(8 << 20, 0).unwrap().to_vec() == on_disk);
 }
 
 fn free_port() -> u16 {
@@ -130,8 +134,8 @@ fn spawn_server(export: &std::path::Path, port: u16) -> Child {
 #[test]
 fn server_process_killed_mid_run_fails_requests_promptly_and_clients_reconnect() {
     let dir = tempfile::tempdir().unwrap();
-    let data: Vec<u8> = (0..(8u32 << 20)).map(|i| (i % 251) as u8).collect();
-    std::fs::write(dir.path().join("f"), &data).unwrap();
+    let data: Arc<Vec<u8>> = Arc::new((0..(8u32 << 20)).map(|i| (i % 251) as u8).collect());
+    std::fs::write(dir.path().join("f"), &*data).unwrap();
     let port = free_port();
     let server = spawn_server(dir.path(), port);
     let mut cfg = Config::default();
@@ -140,28 +144,36 @@ fn server_process_killed_mid_run_fails_requests_promptly_and_clients_reconnect()
     let c = Client::connect_transport(&cfg, &zcio_tcp::TcpTransport, Pool::new(&cfg.pool).unwrap())
         .unwrap();
     let f = Arc::new(c.open("f", OpenFlags::READ).unwrap());
-    // A reader keeps 8 requests in flight until it sees an error.
+    // A reader keeps 8 requests in flight until it sees an error, checking every byte, and
+    // says when its first batch is in (so the kill comes mid-run, not before it).
+    let (started, first_batch) = std::sync::mpsc::channel();
     let reader = {
-        let f = f.clone();
+        let (f, data) = (f.clone(), data.clone());
         std::thread::spawn(move || -> (u64, Error, Instant) {
             let mut ok = 0u64;
             loop {
-                let p: Vec<_> = (0..8u64)
-                    .map(|i| f.zero_readv_async(1 << 20, i << 20))
+                let p: Vec<_> = (0..8usize)
+                    .map(|i| (i, f.zero_readv_async(1 << 20, (i as u64) << 20)))
                     .collect();
-                for p in p {
+                for (i, p) in p {
                     match p.and_then(|p| p.wait()) {
                         Ok(b) => {
-                            assert_eq!(b.total_len(), 1 << 20);
+                            assert!(
+                                b.to_vec() == data[i << 20..(i + 1) << 20],
+                                "read {i} differs"
+                            );
                             ok += 1;
                         }
                         Err(e) => return (ok, e, Instant::now()),
                     }
                 }
+                let _ = started.send(());
             }
         })
     };
-    std::thread::sleep(Duration::from_millis(500));
+    first_batch
+        .recv_timeout(Duration::from_secs(120))
+        .expect("the reader's first 8 reads did not complete");
     let killed_at = Instant::now();
     kill(server);
     let (ok, err, failed_at) = reader.join().unwrap();
@@ -185,7 +197,7 @@ fn server_process_killed_mid_run_fails_requests_promptly_and_clients_reconnect()
         Client::connect_transport(&cfg, &zcio_tcp::TcpTransport, Pool::new(&cfg.pool).unwrap())
             .unwrap();
     let f2 = c2.open("f", OpenFlags::READ).unwrap();
-    assert!(f2.zero_readv(8 << 20, 0).unwrap().to_vec() == data);
+    assert!(f2.zero_readv(8 << 20, 0).unwrap().to_vec() == *data);
     kill(server);
 }
 
@@ -232,7 +244,7 @@ fn cli_errors_are_clear() {
 }
 
 #[test]
-fn get_and_put_copy_files_and_check_lengths() {
+fn get_and_put_copy_files_byte_for_byte() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = server_cfg(dir.path());
     let srv = Server::bind_transport(&cfg, &zcio_tcp::TcpTransport, Pool::new(&cfg.pool).unwrap())

@@ -152,11 +152,20 @@ fn one_request_and_many_request_completions_wait_poll_and_map_alike() {
         // Reading past the end: short, in both shapes.
         let tail = f.zero_readv_async(len, (data.len() - 1000) as u64).unwrap();
         assert_eq!(tail.wait().unwrap().to_vec(), &data[data.len() - 1000..]);
-        // A write, and its buffers back.
-        let bufs = c.get_buffers(4096, len.div_ceil(4096).min(8)).unwrap();
+        // A write, and its buffers back: the bytes land in the file, and the buffers come
+        // back as they went.
+        let mut bufs = c.get_buffers(4096, len.div_ceil(4096).min(8)).unwrap();
         let n = bufs.total_len();
+        let fresh: Vec<u8> = (0..n).map(|i| (i % 241) as u8 ^ 0x5a).collect();
+        for (j, b) in bufs.buffers_mut().iter_mut().enumerate() {
+            b.copy_from_slice(&fresh[j * 4096..(j + 1) * 4096]);
+        }
         let (written, back) = f.zero_writev_async(bufs, 0).unwrap().wait().unwrap();
         assert_eq!((written, back.total_len()), (n, n));
+        assert_eq!(back.to_vec(), fresh, "the buffers came back changed");
+        let mut on_file = vec![0u8; n];
+        assert_eq!(f.pread(&mut on_file, 0).unwrap(), n);
+        assert_eq!(on_file, fresh, "zero_writev_async wrote other bytes");
         f.pwrite(&data, 0).unwrap();
     }
 }

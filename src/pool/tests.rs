@@ -195,8 +195,15 @@ fn a_waiter_is_woken_by_a_put_from_another_thread() {
     let p = Pool::new(&cfg).unwrap();
     let a = p.get(1).unwrap();
     let b = p.get(1).unwrap();
+    // The put comes once the pool has counted the get's wait (it counts before it blocks),
+    // so the get below cannot have found a free slot without waiting.
+    let p2 = p.clone();
     let h = thread::spawn(move || {
-        thread::sleep(Duration::from_millis(50));
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while p2.stats().classes[0].waits == 0 {
+            assert!(Instant::now() < deadline, "the get never waited");
+            thread::yield_now();
+        }
         drop(a);
     });
     let c = p.get(1).expect("woken by the put");
