@@ -1082,3 +1082,5 @@ impl<T> Future for Completion<T> {
 
 #[cfg(test)]
 mod tests;
+
+mod raw;
