@@ -1082,3 +1082,6 @@ impl<T> Future for Completion<T> {
 
 #[cfg(test)]
 mod tests;
+
+/// Calls for the operations a mounted file system needs.
+mod fsops;
