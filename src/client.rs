@@ -1084,3 +1084,6 @@ impl<T> Future for Completion<T> {
 mod tests;
 
 mod raw;
+
+/// Calls for the operations a mounted file system needs.
+mod fsops;

@@ -33,6 +33,8 @@ pub use server::{Server, ServerHandle};
 
 #[cfg(feature = "testkit")]
 pub mod conformance;
+#[cfg(feature = "testkit")]
+pub mod conformance_fs;
 
 /// Locks `m`; a poisoned lock (a thread panicked while holding it) is taken over rather
 /// than turned into another panic.

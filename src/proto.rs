@@ -58,8 +58,10 @@ impl OpenFlags {
     pub const DIRECT: OpenFlags = OpenFlags(16);
     /// Fail if it exists (with CREATE).
     pub const EXCL: OpenFlags = OpenFlags(32);
+    /// O_APPEND: every write goes to the end of the file.
+    pub const APPEND: OpenFlags = OpenFlags(64);
     /// All defined bits.
-    pub const ALL: u32 = 63;
+    pub const ALL: u32 = 127;
 
     /// True if every bit of `o` is set.
     pub fn contains(self, o: OpenFlags) -> bool {
@@ -166,6 +168,168 @@ pub enum Req {
         /// Permission bits.
         mode: u32,
     },
+    /// Complete attributes of a path ([`Attr`]); a symlink itself unless `follow`.
+    Getattr {
+        /// Path.
+        path: String,
+        /// Follow a symlink in the last component (staying inside the export).
+        follow: bool,
+    },
+    /// Complete attributes of an open file.
+    Fgetattr {
+        /// File handle.
+        fh: u64,
+    },
+    /// Change attributes; answered with the new [`Attr`].
+    Setattr(SetattrReq),
+    /// Rename `from` to `to` ([`RENAME_NOREPLACE`], [`RENAME_EXCHANGE`]).
+    Rename {
+        /// Old path.
+        from: String,
+        /// New path.
+        to: String,
+        /// Rename flags.
+        flags: u32,
+    },
+    /// Remove an empty directory.
+    Rmdir {
+        /// Path.
+        path: String,
+    },
+    /// Create a symlink at `path` whose target is `target`, stored as written.
+    Symlink {
+        /// The link's content (at most [`MAX_TARGET`] bytes).
+        target: String,
+        /// Where the link goes.
+        path: String,
+    },
+    /// A symlink's target, as written.
+    Readlink {
+        /// Path of the link.
+        path: String,
+    },
+    /// Create a hard link `to` for the file at `from`.
+    Link {
+        /// Existing file.
+        from: String,
+        /// New name.
+        to: String,
+    },
+    /// File system statistics of the export.
+    Statfs,
+    /// Preallocate or punch (`fallocate(2)` mode bits) in an open file.
+    Fallocate {
+        /// File handle.
+        fh: u64,
+        /// `fallocate(2)` mode: 0, or FALLOC_FL_KEEP_SIZE / PUNCH_HOLE / ZERO_RANGE.
+        mode: u32,
+        /// Start.
+        offset: u64,
+        /// Length.
+        len: u64,
+    },
+    /// Set an extended attribute (user namespace only); the value is the request payload.
+    Setxattr {
+        /// Path.
+        path: String,
+        /// Name, `user.` prefix included.
+        name: String,
+        /// 0, XATTR_CREATE (1) or XATTR_REPLACE (2).
+        flags: u32,
+    },
+    /// Read an extended attribute; the value comes back as reply payload ([`Resp::Xattr`]).
+    Getxattr {
+        /// Path.
+        path: String,
+        /// Name.
+        name: String,
+    },
+    /// List extended attribute names (NUL-terminated, in the reply payload).
+    Listxattr {
+        /// Path.
+        path: String,
+    },
+    /// Remove an extended attribute.
+    Removexattr {
+        /// Path.
+        path: String,
+        /// Name.
+        name: String,
+    },
+    /// Open a directory stream; answered with [`Resp::Open`] (its handle; size 0).
+    Opendir {
+        /// Directory path.
+        path: String,
+    },
+    /// Next entries of a directory stream ([`Resp::List`]; entries as [`decode_dir_entries`]
+    /// payload). A cookie equal to the stream's position continues it, so a whole
+    /// directory costs O(entries); any other cookie restarts the stream and skips.
+    Readdir {
+        /// Directory handle from [`Req::Opendir`].
+        dh: u64,
+        /// Entries already seen (0 to start).
+        cookie: u64,
+    },
+    /// Close a directory stream.
+    Releasedir {
+        /// Directory handle.
+        dh: u64,
+    },
+}
+
+/// Longest symlink target accepted (it travels in a header).
+pub const MAX_TARGET: usize = 3072;
+/// Longest extended attribute name.
+pub const MAX_XATTR_NAME: usize = 255;
+/// Largest extended attribute value (and name list), the kernel's `XATTR_SIZE_MAX`.
+pub const MAX_XATTR_VALUE: usize = 65536;
+/// [`Req::Rename`] flag: fail if the target exists.
+pub const RENAME_NOREPLACE: u32 = 1;
+/// [`Req::Rename`] flag: swap the two names atomically.
+pub const RENAME_EXCHANGE: u32 = 2;
+
+/// What [`Req::Setattr`] changes: the `SET_*` bits of `valid` say which fields count.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SetattrReq {
+    /// Path (used when `fh` is 0).
+    pub path: String,
+    /// An open file to act on instead of the path (0 for none).
+    pub fh: u64,
+    /// Which fields to apply.
+    pub valid: u32,
+    /// Permission bits.
+    pub mode: u32,
+    /// Owner.
+    pub uid: u32,
+    /// Group.
+    pub gid: u32,
+    /// New length.
+    pub size: u64,
+    /// Access time, ns since the epoch.
+    pub atime_ns: i64,
+    /// Modification time, ns since the epoch.
+    pub mtime_ns: i64,
+}
+
+impl SetattrReq {
+    /// Apply `mode`.
+    pub const SET_MODE: u32 = 1;
+    /// Apply `uid`.
+    pub const SET_UID: u32 = 2;
+    /// Apply `gid`.
+    pub const SET_GID: u32 = 4;
+    /// Apply `size` (truncate).
+    pub const SET_SIZE: u32 = 8;
+    /// Apply `atime_ns`.
+    pub const SET_ATIME: u32 = 16;
+    /// Set the access time to now.
+    pub const SET_ATIME_NOW: u32 = 32;
+    /// Apply `mtime_ns`.
+    pub const SET_MTIME: u32 = 64;
+    /// Set the modification time to now.
+    pub const SET_MTIME_NOW: u32 = 128;
+    /// All defined bits.
+    pub const ALL: u32 = 255;
 }
 
 impl Req {
@@ -184,6 +348,23 @@ impl Req {
             Req::Unlink { .. } => 11,
             Req::List { .. } => 12,
             Req::Mkdir { .. } => 13,
+            Req::Getattr { .. } => 20,
+            Req::Fgetattr { .. } => 21,
+            Req::Setattr(_) => 22,
+            Req::Rename { .. } => 23,
+            Req::Rmdir { .. } => 24,
+            Req::Symlink { .. } => 25,
+            Req::Readlink { .. } => 26,
+            Req::Link { .. } => 27,
+            Req::Statfs => 28,
+            Req::Fallocate { .. } => 29,
+            Req::Setxattr { .. } => 30,
+            Req::Getxattr { .. } => 31,
+            Req::Listxattr { .. } => 32,
+            Req::Removexattr { .. } => 33,
+            Req::Opendir { .. } => 34,
+            Req::Readdir { .. } => 35,
+            Req::Releasedir { .. } => 36,
         }
     }
 
@@ -203,6 +384,23 @@ impl Req {
             Req::Unlink { .. } => "unlink",
             Req::List { .. } => "list",
             Req::Mkdir { .. } => "mkdir",
+            Req::Getattr { .. } => "getattr",
+            Req::Fgetattr { .. } => "fgetattr",
+            Req::Setattr(_) => "setattr",
+            Req::Rename { .. } => "rename",
+            Req::Rmdir { .. } => "rmdir",
+            Req::Symlink { .. } => "symlink",
+            Req::Readlink { .. } => "readlink",
+            Req::Link { .. } => "link",
+            Req::Statfs => "statfs",
+            Req::Fallocate { .. } => "fallocate",
+            Req::Setxattr { .. } => "setxattr",
+            Req::Getxattr { .. } => "getxattr",
+            Req::Listxattr { .. } => "listxattr",
+            Req::Removexattr { .. } => "removexattr",
+            Req::Opendir { .. } => "opendir",
+            Req::Readdir { .. } => "readdir",
+            Req::Releasedir { .. } => "releasedir",
         }
     }
 
@@ -251,6 +449,64 @@ impl Req {
             Req::Mkdir { path, mode } => {
                 w.str(path);
                 w.u32(*mode);
+            }
+            Req::Getattr { path, follow } => {
+                w.str(path);
+                w.u8(u8::from(*follow));
+            }
+            Req::Fgetattr { fh } | Req::Releasedir { dh: fh } => w.u64(*fh),
+            Req::Setattr(a) => {
+                w.str(&a.path);
+                w.u64(a.fh);
+                w.u32(a.valid);
+                w.u32(a.mode);
+                w.u32(a.uid);
+                w.u32(a.gid);
+                w.u64(a.size);
+                w.u64(a.atime_ns as u64);
+                w.u64(a.mtime_ns as u64);
+            }
+            Req::Rename { from, to, flags } => {
+                w.str(from);
+                w.str(to);
+                w.u32(*flags);
+            }
+            Req::Rmdir { path }
+            | Req::Readlink { path }
+            | Req::Listxattr { path }
+            | Req::Opendir { path } => w.str(path),
+            Req::Symlink { target, path } => {
+                w.str(target);
+                w.str(path);
+            }
+            Req::Link { from, to } => {
+                w.str(from);
+                w.str(to);
+            }
+            Req::Statfs => {}
+            Req::Fallocate {
+                fh,
+                mode,
+                offset,
+                len,
+            } => {
+                w.u64(*fh);
+                w.u32(*mode);
+                w.u64(*offset);
+                w.u64(*len);
+            }
+            Req::Setxattr { path, name, flags } => {
+                w.str(path);
+                w.str(name);
+                w.u32(*flags);
+            }
+            Req::Getxattr { path, name } | Req::Removexattr { path, name } => {
+                w.str(path);
+                w.str(name);
+            }
+            Req::Readdir { dh, cookie } => {
+                w.u64(*dh);
+                w.u64(*cookie);
             }
         }
         w.0
@@ -311,6 +567,94 @@ impl Req {
                 path: r.path()?,
                 mode: r.u32()? & 0o7777,
             },
+            20 => Req::Getattr {
+                path: r.path()?,
+                follow: r.bool()?,
+            },
+            21 => Req::Fgetattr { fh: r.u64()? },
+            22 => {
+                let a = SetattrReq {
+                    path: r.path()?,
+                    fh: r.u64()?,
+                    valid: r.u32()?,
+                    mode: r.u32()? & 0o7777,
+                    uid: r.u32()?,
+                    gid: r.u32()?,
+                    size: r.u64()?,
+                    atime_ns: r.u64()? as i64,
+                    mtime_ns: r.u64()? as i64,
+                };
+                if a.valid & !SetattrReq::ALL != 0 {
+                    return Err(Error::decode(
+                        "request header",
+                        format!("unknown setattr bits {:#x}", a.valid),
+                    ));
+                }
+                Req::Setattr(a)
+            }
+            23 => {
+                let (from, to, flags) = (r.path()?, r.path()?, r.u32()?);
+                if flags & !(RENAME_NOREPLACE | RENAME_EXCHANGE) != 0
+                    || flags == RENAME_NOREPLACE | RENAME_EXCHANGE
+                {
+                    return Err(Error::decode(
+                        "request header",
+                        format!("bad rename flags {flags:#x}"),
+                    ));
+                }
+                Req::Rename { from, to, flags }
+            }
+            24 => Req::Rmdir { path: r.path()? },
+            25 => {
+                let target = r.string(MAX_TARGET)?;
+                if target.is_empty() || target.contains('\0') {
+                    return Err(Error::decode("request header", "bad symlink target"));
+                }
+                Req::Symlink {
+                    target,
+                    path: r.path()?,
+                }
+            }
+            26 => Req::Readlink { path: r.path()? },
+            27 => Req::Link {
+                from: r.path()?,
+                to: r.path()?,
+            },
+            28 => Req::Statfs,
+            29 => Req::Fallocate {
+                fh: r.u64()?,
+                mode: r.u32()?,
+                offset: r.u64()?,
+                len: r.u64()?,
+            },
+            30 => Req::Setxattr {
+                path: r.path()?,
+                name: r.xattr_name()?,
+                flags: match r.u32()? {
+                    f @ 0..=2 => f,
+                    f => {
+                        return Err(Error::decode(
+                            "request header",
+                            format!("bad setxattr flags {f:#x}"),
+                        ))
+                    }
+                },
+            },
+            31 => Req::Getxattr {
+                path: r.path()?,
+                name: r.xattr_name()?,
+            },
+            32 => Req::Listxattr { path: r.path()? },
+            33 => Req::Removexattr {
+                path: r.path()?,
+                name: r.xattr_name()?,
+            },
+            34 => Req::Opendir { path: r.path()? },
+            35 => Req::Readdir {
+                dh: r.u64()?,
+                cookie: r.u64()?,
+            },
+            36 => Req::Releasedir { dh: r.u64()? },
             op => return Err(Error::decode("request header", format!("unknown op {op}"))),
         };
         r.finish()?;
@@ -401,6 +745,81 @@ pub enum Resp {
     },
     /// Done, nothing to report.
     Ok,
+    /// Complete attributes (getattr, fgetattr, setattr).
+    Attr(Attr),
+    /// A symlink's target.
+    Target(String),
+    /// File system statistics.
+    Statfs(StatfsReply),
+    /// An extended attribute's value or name list: `len` bytes in the payload, or, when
+    /// the receive buffer was too small, `len` is the size needed and `fits` is false.
+    Xattr {
+        /// Bytes of the value (in the payload if `fits`).
+        len: u32,
+        /// The value is in the payload.
+        fits: bool,
+    },
+}
+
+/// Complete file attributes, as `lstat(2)` (or `stat(2)`) gives them on the server.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Attr {
+    /// Inode number on the server (stable while the file exists).
+    pub ino: u64,
+    /// Mode bits (type and permissions).
+    pub mode: u32,
+    /// Hard links.
+    pub nlink: u32,
+    /// Owner.
+    pub uid: u32,
+    /// Group.
+    pub gid: u32,
+    /// Device number (device nodes).
+    pub rdev: u32,
+    /// Preferred I/O size.
+    pub blksize: u32,
+    /// Size in bytes.
+    pub size: u64,
+    /// 512-byte blocks allocated.
+    pub blocks: u64,
+    /// Access time, ns since the epoch.
+    pub atime_ns: i64,
+    /// Modification time, ns since the epoch.
+    pub mtime_ns: i64,
+    /// Status change time, ns since the epoch.
+    pub ctime_ns: i64,
+}
+
+impl Attr {
+    /// True for a directory.
+    pub fn is_dir(&self) -> bool {
+        self.mode & 0o170000 == 0o040000
+    }
+    /// True for a symlink.
+    pub fn is_symlink(&self) -> bool {
+        self.mode & 0o170000 == 0o120000
+    }
+}
+
+/// File system statistics (`statvfs(2)` of the export).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StatfsReply {
+    /// Total blocks (of `frsize`).
+    pub blocks: u64,
+    /// Free blocks.
+    pub bfree: u64,
+    /// Free blocks for unprivileged users.
+    pub bavail: u64,
+    /// Total inodes.
+    pub files: u64,
+    /// Free inodes.
+    pub ffree: u64,
+    /// Block size.
+    pub bsize: u32,
+    /// Longest name.
+    pub namelen: u32,
+    /// Fragment size.
+    pub frsize: u32,
 }
 
 /// Encodes a success reply for request op `op`.
@@ -450,6 +869,35 @@ pub fn encode_ok_into(resp: &Resp, out: &mut Vec<u8>) {
             w.u8(u8::from(*done));
         }
         Resp::Ok => {}
+        Resp::Attr(a) => {
+            w.u64(a.ino);
+            w.u32(a.mode);
+            w.u32(a.nlink);
+            w.u32(a.uid);
+            w.u32(a.gid);
+            w.u32(a.rdev);
+            w.u32(a.blksize);
+            w.u64(a.size);
+            w.u64(a.blocks);
+            w.u64(a.atime_ns as u64);
+            w.u64(a.mtime_ns as u64);
+            w.u64(a.ctime_ns as u64);
+        }
+        Resp::Target(t) => w.str(t),
+        Resp::Statfs(f) => {
+            w.u64(f.blocks);
+            w.u64(f.bfree);
+            w.u64(f.bavail);
+            w.u64(f.files);
+            w.u64(f.ffree);
+            w.u32(f.bsize);
+            w.u32(f.namelen);
+            w.u32(f.frsize);
+        }
+        Resp::Xattr { len, fits } => {
+            w.u32(*len);
+            w.u8(u8::from(*fits));
+        }
     }
     *out = w.0;
 }
@@ -509,11 +957,51 @@ pub fn decode_reply(req: &Req, b: &[u8]) -> Result<Resp> {
             mode: r.u32()?,
             mtime_ns: r.u64()? as i64,
         }),
-        Req::List { .. } => Resp::List {
+        Req::List { .. } | Req::Readdir { .. } => Resp::List {
             count: r.u32()?,
             next_cookie: r.u64()?,
             done: r.bool()?,
         },
+        Req::Opendir { .. } => Resp::Open {
+            fh: r.u64()?,
+            size: r.u64()?,
+        },
+        Req::Getattr { .. } | Req::Fgetattr { .. } | Req::Setattr(_) => Resp::Attr(Attr {
+            ino: r.u64()?,
+            mode: r.u32()?,
+            nlink: r.u32()?,
+            uid: r.u32()?,
+            gid: r.u32()?,
+            rdev: r.u32()?,
+            blksize: r.u32()?,
+            size: r.u64()?,
+            blocks: r.u64()?,
+            atime_ns: r.i64()?,
+            mtime_ns: r.i64()?,
+            ctime_ns: r.i64()?,
+        }),
+        Req::Readlink { .. } => Resp::Target(r.string(MAX_TARGET)?),
+        Req::Statfs => Resp::Statfs(StatfsReply {
+            blocks: r.u64()?,
+            bfree: r.u64()?,
+            bavail: r.u64()?,
+            files: r.u64()?,
+            ffree: r.u64()?,
+            bsize: r.u32()?,
+            namelen: r.u32()?,
+            frsize: r.u32()?,
+        }),
+        Req::Getxattr { .. } | Req::Listxattr { .. } => {
+            let len = r.u32()?;
+            let fits = r.bool()?;
+            if len as usize > MAX_XATTR_VALUE {
+                return Err(Error::decode(
+                    "reply header",
+                    format!("extended attribute of {len} bytes, limit {MAX_XATTR_VALUE}"),
+                ));
+            }
+            Resp::Xattr { len, fits }
+        }
         _ => Resp::Ok,
     };
     r.finish()?;
@@ -568,6 +1056,71 @@ pub fn decode_dirents(b: &[u8], count: u32) -> Result<Vec<DirEntry>> {
             ));
         }
         v.push(DirEntry { name, size, is_dir });
+    }
+    r.finish()?;
+    Ok(v)
+}
+
+/// One entry of a directory stream ([`Req::Readdir`]): no attributes, so a listing
+/// costs one `getdents` and no `stat` per entry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DirStreamEntry {
+    /// Inode number on the server.
+    pub ino: u64,
+    /// File type: the `S_IFMT` bits of the mode shifted right by 12 (`DT_*` values), 0 if
+    /// unknown.
+    pub kind: u8,
+    /// File name (no slash, never `.` or `..`).
+    pub name: String,
+}
+
+/// Appends one entry to a directory stream payload: `ino u64, kind u8, name (u16 + bytes)`.
+pub fn encode_dir_entry(out: &mut Vec<u8>, e: &DirStreamEntry) {
+    let mut w = Writer(std::mem::take(out));
+    w.u64(e.ino);
+    w.u8(e.kind);
+    w.str(&e.name);
+    *out = w.0;
+}
+
+/// Encoded length of a directory stream entry.
+pub fn dir_entry_len(e: &DirStreamEntry) -> usize {
+    8 + 1 + 2 + e.name.len()
+}
+
+/// Decodes `count` entries from a directory stream payload.
+pub fn decode_dir_entries(b: &[u8], count: u32) -> Result<Vec<DirStreamEntry>> {
+    let mut r = Reader::new(b, "directory stream");
+    // Each entry takes at least 12 bytes (a name has one byte or more).
+    if (count as usize).saturating_mul(12) > b.len() {
+        return Err(Error::decode(
+            "directory stream",
+            format!("{count} entries cannot fit in {} bytes", b.len()),
+        ));
+    }
+    let mut v = Vec::with_capacity(count as usize);
+    for _ in 0..count {
+        let ino = r.u64()?;
+        let kind = r.u8()?;
+        let name = r.string(255)?;
+        if name.is_empty()
+            || name.contains('/')
+            || name.contains('\0')
+            || name == "."
+            || name == ".."
+        {
+            return Err(Error::decode(
+                "directory stream",
+                format!("bad name {name:?}"),
+            ));
+        }
+        if kind > 15 {
+            return Err(Error::decode(
+                "directory stream",
+                format!("bad type {kind}"),
+            ));
+        }
+        v.push(DirStreamEntry { ino, kind, name });
     }
     r.finish()?;
     Ok(v)
@@ -673,6 +1226,16 @@ impl<'a> Reader<'a> {
         }
         Ok(p)
     }
+    fn xattr_name(&mut self) -> Result<String> {
+        let n = self.string(MAX_XATTR_NAME)?;
+        if n.is_empty() || n.contains('\0') {
+            return Err(Error::decode(self.what, "bad extended attribute name"));
+        }
+        Ok(n)
+    }
+    pub(crate) fn i64(&mut self) -> Result<i64> {
+        Ok(self.u64()? as i64)
+    }
     pub(crate) fn finish(self) -> Result<()> {
         if self.b.is_empty() {
             Ok(())
@@ -754,6 +1317,256 @@ mod tests {
                 mode: 0o755,
             },
         ]
+    }
+
+    /// One request of each op added for the mount (issue 13).
+    fn fs_reqs() -> Vec<Req> {
+        vec![
+            Req::Getattr {
+                path: "a".into(),
+                follow: true,
+            },
+            Req::Fgetattr { fh: 4 },
+            Req::Setattr(SetattrReq {
+                path: "a".into(),
+                fh: 2,
+                valid: SetattrReq::ALL,
+                mode: 0o640,
+                uid: 1,
+                gid: 2,
+                size: 3,
+                atime_ns: -4,
+                mtime_ns: 5,
+            }),
+            Req::Rename {
+                from: "a".into(),
+                to: "b".into(),
+                flags: RENAME_EXCHANGE,
+            },
+            Req::Rmdir { path: "d".into() },
+            Req::Symlink {
+                target: "../x".into(),
+                path: "l".into(),
+            },
+            Req::Readlink { path: "l".into() },
+            Req::Link {
+                from: "a".into(),
+                to: "c".into(),
+            },
+            Req::Statfs,
+            Req::Fallocate {
+                fh: 1,
+                mode: 3,
+                offset: 4,
+                len: 5,
+            },
+            Req::Setxattr {
+                path: "a".into(),
+                name: "user.x".into(),
+                flags: 1,
+            },
+            Req::Getxattr {
+                path: "a".into(),
+                name: "user.x".into(),
+            },
+            Req::Listxattr { path: "a".into() },
+            Req::Removexattr {
+                path: "a".into(),
+                name: "user.x".into(),
+            },
+            Req::Opendir { path: "d".into() },
+            Req::Readdir { dh: 9, cookie: 7 },
+            Req::Releasedir { dh: 9 },
+        ]
+    }
+
+    #[test]
+    fn fs_requests_round_trip_and_refuse_truncation() {
+        for r in fs_reqs() {
+            let b = r.encode();
+            assert_eq!(Req::decode(&b).unwrap(), r);
+            for n in 0..b.len() {
+                assert!(Req::decode(&b[..n]).is_err(), "{r:?} truncated to {n}");
+            }
+            let mut long = b.clone();
+            long.push(0);
+            assert!(Req::decode(&long).is_err(), "{r:?} with a trailing byte");
+        }
+    }
+
+    #[test]
+    fn hostile_fs_requests() {
+        let bad = |r: Req, patch: &dyn Fn(&mut Vec<u8>)| {
+            let mut b = r.encode();
+            patch(&mut b);
+            assert!(Req::decode(&b).is_err(), "{r:?} patched");
+        };
+        // Both rename flags at once, and unknown ones.
+        for f in [3u32, 4, u32::MAX] {
+            bad(
+                Req::Rename {
+                    from: "a".into(),
+                    to: "b".into(),
+                    flags: 0,
+                },
+                &|b| {
+                    let at = b.len() - 4;
+                    b[at..].copy_from_slice(&f.to_le_bytes());
+                },
+            );
+        }
+        // Unknown setattr bits.
+        bad(
+            Req::Setattr(SetattrReq {
+                path: "a".into(),
+                ..Default::default()
+            }),
+            &|b| {
+                let at = 4 + 2 + 1 + 8;
+                b[at..at + 4].copy_from_slice(&0x100u32.to_le_bytes());
+            },
+        );
+        // Bad setxattr flags; an empty or over-long xattr name; an empty symlink target.
+        bad(
+            Req::Setxattr {
+                path: "a".into(),
+                name: "user.x".into(),
+                flags: 0,
+            },
+            &|b| {
+                let at = b.len() - 4;
+                b[at..].copy_from_slice(&3u32.to_le_bytes());
+            },
+        );
+        let mut w = Writer(vec![31, 0, 0, 0]);
+        w.str("a");
+        w.str("");
+        assert!(Req::decode(&w.0).is_err());
+        let mut w = Writer(vec![31, 0, 0, 0]);
+        w.str("a");
+        w.str(&"n".repeat(MAX_XATTR_NAME + 1));
+        assert!(Req::decode(&w.0).is_err());
+        let mut w = Writer(vec![25, 0, 0, 0]);
+        w.str("");
+        w.str("l");
+        assert!(Req::decode(&w.0).is_err());
+        let mut w = Writer(vec![25, 0, 0, 0]);
+        w.str(&"t".repeat(MAX_TARGET + 1));
+        w.str("l");
+        assert!(Req::decode(&w.0).is_err());
+    }
+
+    #[test]
+    fn fs_replies_round_trip() {
+        let cases = [
+            (
+                Req::Getattr {
+                    path: "a".into(),
+                    follow: false,
+                },
+                Resp::Attr(Attr {
+                    ino: 1,
+                    mode: 0o100644,
+                    nlink: 2,
+                    uid: 3,
+                    gid: 4,
+                    rdev: 5,
+                    blksize: 4096,
+                    size: 6,
+                    blocks: 8,
+                    atime_ns: -1,
+                    mtime_ns: 2,
+                    ctime_ns: 3,
+                }),
+            ),
+            (
+                Req::Readlink { path: "l".into() },
+                Resp::Target("../t".into()),
+            ),
+            (
+                Req::Statfs,
+                Resp::Statfs(StatfsReply {
+                    blocks: 1,
+                    bfree: 2,
+                    bavail: 3,
+                    files: 4,
+                    ffree: 5,
+                    bsize: 4096,
+                    namelen: 255,
+                    frsize: 4096,
+                }),
+            ),
+            (
+                Req::Getxattr {
+                    path: "a".into(),
+                    name: "user.x".into(),
+                },
+                Resp::Xattr { len: 9, fits: true },
+            ),
+            (
+                Req::Opendir { path: "d".into() },
+                Resp::Open { fh: 3, size: 0 },
+            ),
+            (
+                Req::Readdir { dh: 3, cookie: 0 },
+                Resp::List {
+                    count: 2,
+                    next_cookie: 2,
+                    done: true,
+                },
+            ),
+            (Req::Rmdir { path: "d".into() }, Resp::Ok),
+        ];
+        for (req, resp) in cases {
+            let b = encode_ok(&resp);
+            assert_eq!(decode_reply(&req, &b).unwrap(), resp);
+            for n in 0..b.len() {
+                assert!(decode_reply(&req, &b[..n]).is_err());
+            }
+        }
+        // An xattr length beyond the limit is refused.
+        let b = encode_ok(&Resp::Xattr {
+            len: MAX_XATTR_VALUE as u32 + 1,
+            fits: false,
+        });
+        assert!(decode_reply(&Req::Listxattr { path: "a".into() }, &b).is_err());
+    }
+
+    #[test]
+    fn dir_stream_entries() {
+        let es = vec![
+            DirStreamEntry {
+                ino: 5,
+                kind: 8,
+                name: "f".into(),
+            },
+            DirStreamEntry {
+                ino: 6,
+                kind: 4,
+                name: "sub".into(),
+            },
+        ];
+        let mut b = Vec::new();
+        for e in &es {
+            encode_dir_entry(&mut b, e);
+        }
+        assert_eq!(b.len(), es.iter().map(dir_entry_len).sum::<usize>());
+        assert_eq!(decode_dir_entries(&b, 2).unwrap(), es);
+        assert!(decode_dir_entries(&b, 3).is_err());
+        assert!(decode_dir_entries(&b, 1).is_err());
+        assert!(decode_dir_entries(&b, u32::MAX).is_err());
+        for (kind, name) in [(8u8, ".."), (8, "a/b"), (16, "x"), (8, "")] {
+            let mut bad = Vec::new();
+            encode_dir_entry(
+                &mut bad,
+                &DirStreamEntry {
+                    ino: 1,
+                    kind,
+                    name: name.into(),
+                },
+            );
+            assert!(decode_dir_entries(&bad, 1).is_err(), "{kind} {name:?}");
+        }
     }
 
     #[test]

@@ -3,3 +3,4 @@
 #![cfg(feature = "testkit")]
 
 zcio::conformance_tests!(Some(zcio::transport::mem::MemTransport::new()));
+zcio::fs_conformance_tests!(Some(zcio::transport::mem::MemTransport::new()));

@@ -13,8 +13,8 @@ use std::net::Ipv6Addr;
 use std::path::Path;
 
 use zcio::proto::{
-    encode_dirent, encode_err, encode_ok, DirEntry, HelloReply, OpenFlags, Req, Resp, Stat,
-    MAC_LEN, NONCE_LEN, VERSION,
+    encode_dir_entry, encode_dirent, encode_err, encode_ok, Attr, DirEntry, DirStreamEntry,
+    HelloReply, OpenFlags, Req, Resp, SetattrReq, Stat, StatfsReply, MAC_LEN, NONCE_LEN, VERSION,
 };
 use zcio::transport::Limits;
 use zcio_rdma::transport::bootstrap::{Hello as BootHello, Role};
@@ -108,6 +108,135 @@ fn replies() -> Vec<Resp> {
     ]
 }
 
+/// The mount's ops, in `proto_reply`'s selector order from 13, with a success reply each.
+fn fs_ops() -> Vec<(Req, Resp)> {
+    let attr = Resp::Attr(Attr {
+        ino: 77,
+        mode: 0o100644,
+        nlink: 1,
+        uid: 1000,
+        gid: 1000,
+        rdev: 0,
+        blksize: 4096,
+        size: 4096,
+        blocks: 8,
+        atime_ns: 1_700_000_000_000_000_001,
+        mtime_ns: 1_700_000_000_000_000_002,
+        ctime_ns: 1_700_000_000_000_000_003,
+    });
+    let path = |p: &str| p.to_string();
+    vec![
+        (
+            Req::Getattr {
+                path: path("f"),
+                follow: false,
+            },
+            attr.clone(),
+        ),
+        (Req::Fgetattr { fh: 1 }, attr.clone()),
+        (
+            Req::Setattr(SetattrReq {
+                path: path("f"),
+                valid: SetattrReq::SET_MODE | SetattrReq::SET_MTIME_NOW,
+                mode: 0o600,
+                ..Default::default()
+            }),
+            attr,
+        ),
+        (
+            Req::Rename {
+                from: path("a"),
+                to: path("b"),
+                flags: 1,
+            },
+            Resp::Ok,
+        ),
+        (Req::Rmdir { path: path("d") }, Resp::Ok),
+        (
+            Req::Symlink {
+                target: path("../t"),
+                path: path("l"),
+            },
+            Resp::Ok,
+        ),
+        (
+            Req::Readlink { path: path("l") },
+            Resp::Target(path("../t")),
+        ),
+        (
+            Req::Link {
+                from: path("a"),
+                to: path("b"),
+            },
+            Resp::Ok,
+        ),
+        (
+            Req::Statfs,
+            Resp::Statfs(StatfsReply {
+                blocks: 1 << 20,
+                bfree: 1 << 19,
+                bavail: 1 << 19,
+                files: 1 << 16,
+                ffree: 1 << 15,
+                bsize: 4096,
+                namelen: 255,
+                frsize: 4096,
+            }),
+        ),
+        (
+            Req::Fallocate {
+                fh: 1,
+                mode: 0,
+                offset: 0,
+                len: 4096,
+            },
+            Resp::Ok,
+        ),
+        (
+            Req::Setxattr {
+                path: path("f"),
+                name: path("user.a"),
+                flags: 0,
+            },
+            Resp::Ok,
+        ),
+        (
+            Req::Getxattr {
+                path: path("f"),
+                name: path("user.a"),
+            },
+            Resp::Xattr { len: 5, fits: true },
+        ),
+        (
+            Req::Listxattr { path: path("f") },
+            Resp::Xattr {
+                len: 70_000,
+                fits: false,
+            },
+        ),
+        (
+            Req::Removexattr {
+                path: path("f"),
+                name: path("user.a"),
+            },
+            Resp::Ok,
+        ),
+        (
+            Req::Opendir { path: path("d") },
+            Resp::Open { fh: 2, size: 0 },
+        ),
+        (
+            Req::Readdir { dh: 2, cookie: 0 },
+            Resp::List {
+                count: 2,
+                next_cookie: 2,
+                done: true,
+            },
+        ),
+        (Req::Releasedir { dh: 2 }, Resp::Ok),
+    ]
+}
+
 fn main() {
     let reqs = requests();
     for r in &reqs {
@@ -140,6 +269,28 @@ fn main() {
         );
     }
     write("proto_reply", "dirents", &b);
+
+    // The mount's ops (selectors 13.. in proto_reply), requests and success replies.
+    for (i, (req, resp)) in fs_ops().into_iter().enumerate() {
+        write("proto_request", req.name(), &req.encode());
+        let mut b = vec![13 + i as u8];
+        b.extend(encode_ok(&resp));
+        write("proto_reply", &format!("{}-ok", req.name()), &b);
+    }
+    // A directory stream payload: selector (readdir), count, entries.
+    let mut b = vec![28u8];
+    b.extend(2u32.to_le_bytes());
+    for (ino, kind, name) in [(12u64, 8u8, "a.txt"), (13, 4, "sub")] {
+        encode_dir_entry(
+            &mut b,
+            &DirStreamEntry {
+                ino,
+                kind,
+                name: name.into(),
+            },
+        );
+    }
+    write("proto_reply", "dir-entries", &b);
 
     // tcp_frame: selector (bit 0: 0 = request, 1 = reply; bits 1..=2: limits preset), then
     // a handshake and/or frames.

@@ -1,8 +1,10 @@
 //! Reply decoding as a client does it: `zcio::proto::decode_reply` (whose shape depends on
-//! the request it answers) and `zcio::proto::decode_dirents` (a listing payload).
+//! the request it answers), `zcio::proto::decode_dirents` (a listing payload) and
+//! `zcio::proto::decode_dir_entries` (a directory stream payload).
 //!
 //! Input layout: `op selector u8 | rest`. The selector picks one representative request
-//! per op (`selector % 13`); `rest` is the reply header. For the listing decoder, `rest`
+//! per op (`selector % 30`: the 13 first ops, then the mount's 17); `rest` is the reply
+//! header. For the listing decoders, `rest`
 //! is read as `count u32 LE | entries`, so a huge count against a short payload is tried
 //! too (it must be refused before anything is allocated for it; run with
 //! `-malloc_limit_mb` so an unbounded allocation is a finding).
@@ -10,11 +12,15 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use zcio::proto::{decode_dirents, decode_reply, OpenFlags, Req, MAC_LEN, NONCE_LEN};
+use zcio::proto::{
+    decode_dir_entries, decode_dirents, decode_reply, OpenFlags, Req, SetattrReq, MAC_LEN,
+    NONCE_LEN,
+};
 
-/// One request of each op, in op order (1 = hello ... 13 = mkdir).
+/// One request of each op, in op order (1 = hello ... 13 = mkdir, 20 = getattr ... 36 =
+/// releasedir).
 fn request(selector: u8) -> Req {
-    match selector % 13 {
+    match selector % 30 {
         0 => Req::Hello {
             version: zcio::proto::VERSION,
             client_nonce: [7; NONCE_LEN],
@@ -44,10 +50,60 @@ fn request(selector: u8) -> Req {
             path: "dir".into(),
             cookie: 0,
         },
-        _ => Req::Mkdir {
+        12 => Req::Mkdir {
             path: "new".into(),
             mode: 0o755,
         },
+        13 => Req::Getattr {
+            path: "f".into(),
+            follow: false,
+        },
+        14 => Req::Fgetattr { fh: 1 },
+        15 => Req::Setattr(SetattrReq {
+            path: "f".into(),
+            valid: SetattrReq::SET_MODE,
+            mode: 0o600,
+            ..Default::default()
+        }),
+        16 => Req::Rename {
+            from: "a".into(),
+            to: "b".into(),
+            flags: 0,
+        },
+        17 => Req::Rmdir { path: "d".into() },
+        18 => Req::Symlink {
+            target: "t".into(),
+            path: "l".into(),
+        },
+        19 => Req::Readlink { path: "l".into() },
+        20 => Req::Link {
+            from: "a".into(),
+            to: "b".into(),
+        },
+        21 => Req::Statfs,
+        22 => Req::Fallocate {
+            fh: 1,
+            mode: 0,
+            offset: 0,
+            len: 4096,
+        },
+        23 => Req::Setxattr {
+            path: "f".into(),
+            name: "user.a".into(),
+            flags: 0,
+        },
+        24 => Req::Getxattr {
+            path: "f".into(),
+            name: "user.a".into(),
+        },
+        25 => Req::Listxattr { path: "f".into() },
+        26 => Req::Removexattr {
+            path: "f".into(),
+            name: "user.a".into(),
+        },
+        27 => Req::Opendir { path: "d".into() },
+        28 => Req::Readdir { dh: 1, cookie: 0 },
+        _ => Req::Releasedir { dh: 1 },
     }
 }
 
@@ -62,5 +118,6 @@ fuzz_target!(|data: &[u8]| {
     if rest.len() >= 4 {
         let count = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]);
         let _ = decode_dirents(&rest[4..], count);
+        let _ = decode_dir_entries(&rest[4..], count);
     }
 });

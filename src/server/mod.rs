@@ -15,6 +15,7 @@
 //! when it goes away, however it goes.
 
 mod export;
+mod fsops;
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -61,6 +62,16 @@ pub struct ServerStats {
     /// Requests served on their connection's receiving thread (alone in the server when
     /// they arrived) rather than handed to the workers.
     pub served_inline: AtomicU64,
+    /// Read requests answered (successfully), and their payload bytes: with `writes` and
+    /// `write_bytes`, they show how big the requests that reached the server were (a
+    /// mount's 1 MiB read arrives as one request).
+    pub reads: AtomicU64,
+    /// Bytes of payload in the replies to `reads`.
+    pub read_bytes: AtomicU64,
+    /// Write requests answered (successfully).
+    pub writes: AtomicU64,
+    /// Bytes written by `writes`.
+    pub write_bytes: AtomicU64,
 }
 
 impl ServerStats {
@@ -214,6 +225,8 @@ struct Conn {
     permits: Permits,
     queue: Mutex<ConnQueue>,
     shared: Arc<Shared>,
+    /// Open directory streams (`Req::Opendir`), numbered from `next_fh` too.
+    dirs: Mutex<HashMap<u64, Arc<Mutex<export::DirStream>>>>,
 }
 
 impl Drop for Conn {
@@ -456,6 +469,7 @@ fn serve_conn(shared: &Arc<Shared>, mut sc: Box<dyn ServerConn>, jobs: &Schedule
         },
         queue: Mutex::new(ConnQueue::default()),
         shared: shared.clone(),
+        dirs: Mutex::new(HashMap::new()),
     });
     {
         let mut conns = lock(&shared.conns);
@@ -691,7 +705,15 @@ fn execute(
             let want = (*len as usize)
                 .min(inc.reply_capacity)
                 .min(cfg.limits.max_payload);
-            read_into_pool(&shared.pool, &f.file, *offset, want, scratch)
+            let r = read_into_pool(&shared.pool, &f.file, *offset, want, scratch)?;
+            if let Resp::Read { len, .. } = r.0 {
+                shared.stats.reads.fetch_add(1, Ordering::Relaxed);
+                shared
+                    .stats
+                    .read_bytes
+                    .fetch_add(u64::from(len), Ordering::Relaxed);
+            }
+            Ok(r)
         }
         Req::Write { fh, offset } => {
             let f = file(conn, *fh)?;
@@ -702,6 +724,11 @@ fn execute(
                 ));
             }
             let written = write_from_pool(&f.file, *offset, &inc.payload)?;
+            shared.stats.writes.fetch_add(1, Ordering::Relaxed);
+            shared
+                .stats
+                .write_bytes
+                .fetch_add(written as u64, Ordering::Relaxed);
             Ok((
                 Resp::Write {
                     written: written as u32,
@@ -789,6 +816,8 @@ fn execute(
         Req::Hello { .. } | Req::Auth { .. } => {
             Err(OpError::new(Status::BadRequest as u32, "unreachable"))
         }
+        // The operations a mounted file system needs: `fsops.rs`.
+        other => fsops::execute(conn, other, inc),
     }
 }
 

@@ -2,3 +2,4 @@
 //! client and server, on 127.0.0.1, through this transport.
 
 zcio::conformance_tests!(Some(std::sync::Arc::new(zcio_tcp::TcpTransport)));
+zcio::fs_conformance_tests!(Some(std::sync::Arc::new(zcio_tcp::TcpTransport)));

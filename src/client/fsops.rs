@@ -1,0 +1,330 @@
+//! Client calls for the operations a mounted file system needs (issue 13): complete
+//! attributes, setattr, rename, rmdir, symlinks, hard links, statfs, fallocate, fdatasync,
+//! user extended attributes and directory streams. Each is one request.
+
+use std::ptr::NonNull;
+
+use super::{check_path, Client, File};
+use crate::error::{Error, Result};
+use crate::proto::{
+    self, Attr, DirStreamEntry, Req, Resp, SetattrReq, StatfsReply, MAX_TARGET, MAX_XATTR_VALUE,
+};
+use crate::transport::{RawSeg, RecvSeg, SendSeg};
+
+fn unexpected<T>(what: &'static str, r: Resp) -> Result<T> {
+    Err(Error::decode(what, format!("{r:?}")))
+}
+
+impl Client {
+    fn call_ok(&self, req: &Req) -> Result<()> {
+        self.call_simple(req).map(drop)
+    }
+
+    /// Complete attributes of `path` (a symlink itself unless `follow`).
+    pub fn getattr(&self, path: &str, follow: bool) -> Result<Attr> {
+        check_path(path)?;
+        match self.call_simple(&Req::Getattr {
+            path: path.into(),
+            follow,
+        })? {
+            Resp::Attr(a) => Ok(a),
+            r => unexpected("getattr reply", r),
+        }
+    }
+
+    /// Changes attributes (the `SET_*` bits of `a.valid` say which); returns the new ones.
+    pub fn setattr(&self, a: &SetattrReq) -> Result<Attr> {
+        check_path(&a.path)?;
+        match self.call_simple(&Req::Setattr(a.clone()))? {
+            Resp::Attr(a) => Ok(a),
+            r => unexpected("setattr reply", r),
+        }
+    }
+
+    /// Creates a directory with the given permission bits.
+    pub fn mkdir_mode(&self, path: &str, mode: u32) -> Result<()> {
+        check_path(path)?;
+        self.call_ok(&Req::Mkdir {
+            path: path.into(),
+            mode: mode & 0o7777,
+        })
+    }
+
+    /// Renames `from` to `to`; `flags` is 0, [`proto::RENAME_NOREPLACE`] or
+    /// [`proto::RENAME_EXCHANGE`].
+    pub fn rename(&self, from: &str, to: &str, flags: u32) -> Result<()> {
+        check_two(from, to)?;
+        self.call_ok(&Req::Rename {
+            from: from.into(),
+            to: to.into(),
+            flags,
+        })
+    }
+
+    /// Removes an empty directory.
+    pub fn rmdir(&self, path: &str) -> Result<()> {
+        check_path(path)?;
+        self.call_ok(&Req::Rmdir { path: path.into() })
+    }
+
+    /// Creates a symlink at `path` with content `target` (stored as written).
+    pub fn symlink(&self, target: &str, path: &str) -> Result<()> {
+        if target.is_empty() || target.len() > MAX_TARGET || target.contains('\0') {
+            return Err(Error::InvalidArgument(format!(
+                "a symlink target must be 1 to {MAX_TARGET} bytes without NUL"
+            )));
+        }
+        check_two(target, path)?;
+        self.call_ok(&Req::Symlink {
+            target: target.into(),
+            path: path.into(),
+        })
+    }
+
+    /// A symlink's target, as written.
+    pub fn readlink(&self, path: &str) -> Result<String> {
+        check_path(path)?;
+        match self.call_simple(&Req::Readlink { path: path.into() })? {
+            Resp::Target(t) => Ok(t),
+            r => unexpected("readlink reply", r),
+        }
+    }
+
+    /// Creates the hard link `to` for `from`.
+    pub fn link(&self, from: &str, to: &str) -> Result<()> {
+        check_two(from, to)?;
+        self.call_ok(&Req::Link {
+            from: from.into(),
+            to: to.into(),
+        })
+    }
+
+    /// File system statistics of the export.
+    pub fn statfs(&self) -> Result<StatfsReply> {
+        match self.call_simple(&Req::Statfs)? {
+            Resp::Statfs(s) => Ok(s),
+            r => unexpected("statfs reply", r),
+        }
+    }
+
+    /// Sets a `user.*` extended attribute (`flags`: 0, 1 = create only, 2 = replace only).
+    pub fn setxattr(&self, path: &str, name: &str, value: &[u8], flags: u32) -> Result<()> {
+        check_path(path)?;
+        check_xattr_name(name)?;
+        if value.len() > MAX_XATTR_VALUE {
+            return Err(Error::InvalidArgument(format!(
+                "extended attribute values are at most {MAX_XATTR_VALUE} bytes"
+            )));
+        }
+        let req = Req::Setxattr {
+            path: path.into(),
+            name: name.into(),
+            flags,
+        };
+        let send = match NonNull::new(value.as_ptr().cast_mut()) {
+            Some(p) if !value.is_empty() => {
+                // SAFETY: `value` is borrowed for this whole call, which waits for the
+                // reply; the transport only reads send segments.
+                vec![SendSeg::Raw(unsafe { RawSeg::new(p, value.len()) })]
+            }
+            _ => Vec::new(),
+        };
+        let reply = self.start(&req, send, Vec::new())?.wait()?;
+        proto::decode_reply(&req, &reply.header).map(drop)
+    }
+
+    fn xattr_call(&self, req: Req, cap: usize) -> Result<std::result::Result<Vec<u8>, usize>> {
+        let recv = if cap > 0 {
+            vec![RecvSeg::Pool(
+                self.inner.pool.get(cap.min(MAX_XATTR_VALUE))?,
+            )]
+        } else {
+            Vec::new()
+        };
+        let reply = self.start(&req, Vec::new(), recv)?.wait()?;
+        match proto::decode_reply(&req, &reply.header)? {
+            Resp::Xattr { len, fits: false } => Ok(Err(len as usize)),
+            Resp::Xattr { len, fits: true } => {
+                if len == 0 {
+                    return Ok(Ok(Vec::new()));
+                }
+                let Some(RecvSeg::Pool(b)) = reply.recv.into_iter().next() else {
+                    return Err(Error::decode("xattr reply", "receive buffer not returned"));
+                };
+                let n = len as usize;
+                if n != reply.payload_len || n > b.len() {
+                    return Err(Error::decode(
+                        "xattr reply",
+                        format!("header says {n} bytes, payload has {}", reply.payload_len),
+                    ));
+                }
+                Ok(Ok(b[..n].to_vec()))
+            }
+            r => unexpected("xattr reply", r),
+        }
+    }
+
+    /// A `user.*` extended attribute's value, if it fits in `cap` bytes; otherwise
+    /// `Err(size needed)` (`cap` 0 asks for the size only).
+    pub fn getxattr(
+        &self,
+        path: &str,
+        name: &str,
+        cap: usize,
+    ) -> Result<std::result::Result<Vec<u8>, usize>> {
+        check_path(path)?;
+        check_xattr_name(name)?;
+        self.xattr_call(
+            Req::Getxattr {
+                path: path.into(),
+                name: name.into(),
+            },
+            cap,
+        )
+    }
+
+    /// The `user.*` attribute names of `path`, each NUL-terminated, if they fit in `cap`
+    /// bytes; otherwise `Err(size needed)`.
+    pub fn listxattr(&self, path: &str, cap: usize) -> Result<std::result::Result<Vec<u8>, usize>> {
+        check_path(path)?;
+        self.xattr_call(Req::Listxattr { path: path.into() }, cap)
+    }
+
+    /// Removes a `user.*` extended attribute.
+    pub fn removexattr(&self, path: &str, name: &str) -> Result<()> {
+        check_path(path)?;
+        check_xattr_name(name)?;
+        self.call_ok(&Req::Removexattr {
+            path: path.into(),
+            name: name.into(),
+        })
+    }
+
+    /// Opens a directory stream; read it with [`Client::readdir`], close it with
+    /// [`Client::releasedir`].
+    pub fn opendir(&self, path: &str) -> Result<u64> {
+        check_path(path)?;
+        match self.call_simple(&Req::Opendir { path: path.into() })? {
+            Resp::Open { fh, .. } => Ok(fh),
+            r => unexpected("opendir reply", r),
+        }
+    }
+
+    /// The next entries of a directory stream from `cookie` (entries seen so far), in one
+    /// reply of up to `max_bytes`: the entries, the next cookie, and whether it is done.
+    pub fn readdir(
+        &self,
+        dh: u64,
+        cookie: u64,
+        max_bytes: usize,
+    ) -> Result<(Vec<DirStreamEntry>, u64, bool)> {
+        let size = max_bytes.clamp(4096, self.inner.limits.max_payload);
+        let buf = self.inner.pool.get(size)?;
+        let req = Req::Readdir { dh, cookie };
+        let reply = self
+            .start(&req, Vec::new(), vec![RecvSeg::Pool(buf)])?
+            .wait()?;
+        let (count, next, done) = match proto::decode_reply(&req, &reply.header)? {
+            Resp::List {
+                count,
+                next_cookie,
+                done,
+            } => (count, next_cookie, done),
+            r => return unexpected("readdir reply", r),
+        };
+        let Some(RecvSeg::Pool(b)) = reply.recv.into_iter().next() else {
+            return Err(Error::decode(
+                "readdir reply",
+                "receive buffer not returned",
+            ));
+        };
+        let n = reply.payload_len.min(b.len());
+        Ok((proto::decode_dir_entries(&b[..n], count)?, next, done))
+    }
+
+    /// Closes a directory stream.
+    pub fn releasedir(&self, dh: u64) -> Result<()> {
+        self.call_ok(&Req::Releasedir { dh })
+    }
+
+    /// Every entry of a directory, through one stream (O(entries) on the server).
+    pub fn read_dir(&self, path: &str) -> Result<Vec<DirStreamEntry>> {
+        let dh = self.opendir(path)?;
+        let mut out = Vec::new();
+        let mut cookie = 0;
+        let r = loop {
+            match self.readdir(dh, cookie, 256 << 10) {
+                Ok((es, next, done)) => {
+                    out.extend(es);
+                    if done || next <= cookie {
+                        break Ok(());
+                    }
+                    cookie = next;
+                }
+                Err(e) => break Err(e),
+            }
+        };
+        let closed = self.releasedir(dh);
+        r.and(closed).map(|()| out)
+    }
+}
+
+impl File {
+    /// Complete attributes of the open file.
+    pub fn getattr(&self) -> Result<Attr> {
+        match self.client.call_simple(&Req::Fgetattr { fh: self.fh })? {
+            Resp::Attr(a) => Ok(a),
+            r => unexpected("fgetattr reply", r),
+        }
+    }
+
+    /// Changes attributes through this handle (`a.path` is ignored; truncation needs the
+    /// file open for writing).
+    pub fn setattr(&self, a: &SetattrReq) -> Result<Attr> {
+        let mut a = a.clone();
+        a.fh = self.fh;
+        self.client.setattr(&a)
+    }
+
+    /// Flushes the file's data (and only the metadata needed to read it back).
+    pub fn fdatasync(&self) -> Result<()> {
+        self.client.call_ok(&Req::Fsync {
+            fh: self.fh,
+            datasync: true,
+        })
+    }
+
+    /// `fallocate(2)` on the file (mode 0 allocates; FALLOC_FL_* bits as the server's
+    /// file system allows).
+    pub fn fallocate(&self, mode: u32, offset: u64, len: u64) -> Result<()> {
+        self.client.call_ok(&Req::Fallocate {
+            fh: self.fh,
+            mode,
+            offset,
+            len,
+        })
+    }
+}
+
+fn check_two(a: &str, b: &str) -> Result<()> {
+    check_path(a)?;
+    check_path(b)?;
+    // Both travel in one header.
+    if a.len() + b.len() > crate::transport::MAX_HEADER - 64 {
+        return Err(Error::InvalidArgument(format!(
+            "the two paths together must be under {} bytes",
+            crate::transport::MAX_HEADER - 64
+        )));
+    }
+    Ok(())
+}
+
+fn check_xattr_name(name: &str) -> Result<()> {
+    if name.is_empty() || name.len() > proto::MAX_XATTR_NAME || name.contains('\0') {
+        return Err(Error::InvalidArgument(format!(
+            "extended attribute names are 1 to {} bytes without NUL",
+            proto::MAX_XATTR_NAME
+        )));
+    }
+    Ok(())
+}
