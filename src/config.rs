@@ -38,6 +38,7 @@
 //!
 //! [tcp]
 //! nodelay = true                 # TCP_NODELAY on every socket
+//! sendfile = true                # server: read replies straight from the page cache
 //!
 //! [rdma]
 //! device = ""                    # device name, e.g. "rxe0"; empty = first with an active port
@@ -122,6 +123,9 @@ pub struct ClientConfig {
 pub struct TcpConfig {
     /// Set TCP_NODELAY.
     pub nodelay: bool,
+    /// Server: send read replies of buffered files with `sendfile(2)` from the page cache
+    /// (no user-space copy); `false` reads them into pool buffers first.
+    pub sendfile: bool,
 }
 
 /// RDMA transport settings.
@@ -199,7 +203,10 @@ impl Default for Config {
                 rdma_payload: false,
             },
             pool: PoolConfig::default(),
-            tcp: TcpConfig { nodelay: true },
+            tcp: TcpConfig {
+                nodelay: true,
+                sendfile: true,
+            },
             rdma: RdmaConfig {
                 device: None,
                 port: 1,
@@ -287,6 +294,7 @@ struct RawClass {
 #[serde(deny_unknown_fields)]
 struct RawTcp {
     nodelay: Option<bool>,
+    sendfile: Option<bool>,
 }
 
 #[derive(Deserialize, Default)]
@@ -516,6 +524,9 @@ impl Config {
             if let Some(v) = t.nodelay {
                 c.tcp.nodelay = v;
             }
+            if let Some(v) = t.sendfile {
+                c.tcp.sendfile = v;
+            }
         }
         if let Some(r) = raw.rdma {
             if let Some(v) = r.device {
@@ -616,7 +627,10 @@ impl Config {
                 c.size, c.count, c.reserve, c.arena_slots
             );
         }
-        s += &format!("\n[tcp]\nnodelay = {}\n\n[rdma]\n", self.tcp.nodelay);
+        s += &format!(
+            "\n[tcp]\nnodelay = {}\nsendfile = {}\n\n[rdma]\n",
+            self.tcp.nodelay, self.tcp.sendfile
+        );
         s += &format!(
             "device = {}\n",
             q(self.rdma.device.as_deref().unwrap_or(""))

@@ -439,6 +439,99 @@ pub fn o_direct(t: Arc<dyn Transport>) {
     h.assert_server_clean();
 }
 
+/// Both kinds of read reply payload: a file range (what a transport that takes them, like
+/// TCP, sends from the page cache) for a buffered file, pool buffers for an `O_DIRECT`
+/// file (and for every file over a transport that takes no ranges). Same bytes either way,
+/// for every API, at and past the end of a file that grows and shrinks between reads.
+pub fn read_payload_kinds(t: Arc<dyn Transport>) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let h = Harness::start(t, |_| {});
+    let stats = h.server.stats();
+    let kinds = || {
+        (
+            stats.file_range_replies.load(Relaxed),
+            stats.pool_read_replies.load(Relaxed),
+        )
+    };
+    let data = pattern(31, (2 << 20) + 4097);
+    write_file(&h, "b", &data);
+    write_file(&h, "d", &data[..2 << 20]);
+    let c = h.client();
+    let check = |f: &crate::File, len: usize, data: &[u8], what: &str| {
+        let mut reads = 0u64;
+        for (off, n) in [(0usize, 1 << 20), (4096, 32 * 4096), (8192, 4096)] {
+            let want = n.min(len - off);
+            let mut b = vec![0xAA; n];
+            assert_eq!(f.pread(&mut b, off as u64).unwrap(), want, "{what}: pread");
+            assert!(b[..want] == data[off..off + want], "{what}: pread data");
+            let z = f.zero_readv(n, off as u64).unwrap();
+            assert!(z.to_vec() == data[off..off + want], "{what}: zero_readv");
+            let mut segs: Vec<Vec<u8>> = vec![vec![0; 4096]; n / 4096];
+            let mut iov: Vec<IoSliceMut<'_>> =
+                segs.iter_mut().map(|s| IoSliceMut::new(s)).collect();
+            assert_eq!(f.preadv(&mut iov, off as u64).unwrap(), want);
+            assert!(
+                segs.concat()[..want] == data[off..off + want],
+                "{what}: preadv"
+            );
+            reads += 3;
+        }
+        reads
+    };
+    let fb = c.open("b", OpenFlags::READ).unwrap();
+    let before = kinds();
+    let n = check(&fb, data.len(), &data, "buffered");
+    // The end of the file: a short read, and nothing past it.
+    let mut b = vec![0u8; 8192];
+    assert_eq!(fb.pread(&mut b, data.len() as u64 - 10).unwrap(), 10);
+    assert!(b[..10] == data[data.len() - 10..]);
+    assert_eq!(fb.pread(&mut b, data.len() as u64 + 1).unwrap(), 0);
+    let after = kinds();
+    assert_eq!(
+        (after.0 - before.0) + (after.1 - before.1),
+        n + 1,
+        "every buffered read that returns data is one reply of one kind"
+    );
+    assert!(
+        after.0 == before.0 || after.1 == before.1,
+        "a buffered file's reads mix payload kinds: {before:?} -> {after:?}"
+    );
+    // The file grows, then shrinks, behind the open handle: each read sees its size now.
+    let mut grown = data.clone();
+    grown.extend_from_slice(&pattern(32, 5000));
+    write_file(&h, "b", &grown);
+    let mut b = vec![0u8; 8192];
+    assert_eq!(fb.pread(&mut b, data.len() as u64).unwrap(), 5000);
+    assert!(b[..5000] == grown[data.len()..]);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(h.path("b"))
+        .unwrap()
+        .set_len(100)
+        .unwrap();
+    assert_eq!(fb.pread(&mut b, 0).unwrap(), 100);
+    assert!(b[..100] == data[..100]);
+    assert_eq!(fb.pread(&mut b, 4096).unwrap(), 0);
+    // O_DIRECT: always pool buffers, aligned reads.
+    let fd = c.open("d", OpenFlags::READ | OpenFlags::DIRECT).unwrap();
+    let before = kinds();
+    let n = check(&fd, 2 << 20, &data, "O_DIRECT");
+    let after = kinds();
+    assert_eq!(
+        after.0, before.0,
+        "an O_DIRECT file's read sent as a file range"
+    );
+    assert_eq!(after.1 - before.1, n);
+    // Write-only: a read fails cleanly (EBADF) whatever the payload kind.
+    let fw = c.open("b", OpenFlags::WRITE).unwrap();
+    match fw.pread(&mut b, 0) {
+        Err(Error::Remote { code, .. }) => assert_eq!(code, libc::EBADF as u32),
+        other => panic!("read of a write-only file: {other:?}"),
+    }
+    drop((fb, fd, fw, c));
+    h.assert_server_clean();
+}
+
 /// `..`, absolute paths and symlinks that lead out are refused; inside links work.
 pub fn escapes_refused(t: Arc<dyn Transport>) {
     let h = Harness::start(t, |_| {});
@@ -811,7 +904,7 @@ macro_rules! conformance_tests {
     ($factory:expr $(, #[$attr:meta])* $(,)?) => {
         $crate::conformance_tests!(@cases $factory; [$(#[$attr])*];
             preadv_shapes, pwritev_shapes, zero_copy_family, async_in_flight,
-            several_clients, o_direct, escapes_refused, special_files_refused, wrong_token_refused,
+            several_clients, o_direct, read_payload_kinds, escapes_refused, special_files_refused, wrong_token_refused,
             malformed_requests, client_vanishes_mid_transfer, metadata_ops,
             read_only_export, max_connections, open_file_limit);
     };

@@ -4,14 +4,20 @@
 //!   another reads them into one buffer: the most a byte stream can carry here.
 //! - `tcp_pingpong`: a 32-byte request answered by a `bs`-byte reply, one at a time: the
 //!   least a request/response round trip can cost here.
+//! - `tcp_rpc`: the same requests and replies with `iodepth` of them in flight on one
+//!   socket (no file, no protocol): what small I/O could reach here.
+//!
+//! Each reports the process's CPU time (user + system, both ends: they run in this
+//! process) for CPU seconds per GiB, as the bench's own runs do.
 
+use std::collections::VecDeque;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::bench::Run;
+use crate::bench::{cpu_seconds, Run};
 use crate::AnyResult;
 
 fn pair() -> AnyResult<(TcpStream, TcpStream)> {
@@ -40,6 +46,7 @@ pub(crate) fn tcp_stream(bs: usize, runtime: Duration, label: &str) -> AnyResult
     let mut bytes = 0u64;
     let mut ops = 0u64;
     let mut lat = Vec::new();
+    let cpu0 = cpu_seconds();
     let t0 = Instant::now();
     while t0.elapsed() < runtime {
         let t = Instant::now();
@@ -49,6 +56,7 @@ pub(crate) fn tcp_stream(bs: usize, runtime: Duration, label: &str) -> AnyResult
         ops += 1;
     }
     let secs = t0.elapsed().as_secs_f64();
+    let cpu = cpu_seconds() - cpu0;
     stop.store(true, Ordering::Relaxed);
     drop(rx);
     let _ = writer.join();
@@ -60,6 +68,7 @@ pub(crate) fn tcp_stream(bs: usize, runtime: Duration, label: &str) -> AnyResult
         secs,
         lat,
         allocs_per_op: None,
+        cpu_s: Some(cpu),
     })
 }
 
@@ -78,6 +87,7 @@ pub(crate) fn tcp_pingpong(bs: usize, runtime: Duration, label: &str) -> AnyResu
     let req = [1u8; 32];
     let mut buf = vec![0u8; bs];
     let mut lat = Vec::new();
+    let cpu0 = cpu_seconds();
     let t0 = Instant::now();
     while t0.elapsed() < runtime {
         let t = Instant::now();
@@ -86,6 +96,7 @@ pub(crate) fn tcp_pingpong(bs: usize, runtime: Duration, label: &str) -> AnyResu
         lat.push(t.elapsed().as_nanos() as u64);
     }
     let secs = t0.elapsed().as_secs_f64();
+    let cpu = cpu_seconds() - cpu0;
     drop(c);
     let _ = server.join();
     lat.sort_unstable();
@@ -97,5 +108,68 @@ pub(crate) fn tcp_pingpong(bs: usize, runtime: Duration, label: &str) -> AnyResu
         secs,
         lat,
         allocs_per_op: None,
+        cpu_s: Some(cpu),
+    })
+}
+
+/// Bytes of a `tcp_rpc` request.
+const RPC_REQ: usize = 32;
+
+/// `iodepth` requests of [`RPC_REQ`] bytes in flight on one socket, each answered with `bs`
+/// bytes from memory. The server reads whatever requests have arrived with one `read` and
+/// answers each with one `write`; the client sends a new request as each reply completes.
+pub(crate) fn tcp_rpc(bs: usize, iodepth: u32, runtime: Duration, label: &str) -> AnyResult<Run> {
+    let (mut c, mut s) = pair()?;
+    let server = std::thread::spawn(move || {
+        let reply = vec![9u8; bs];
+        let mut reqs = vec![0u8; RPC_REQ * 64];
+        let mut have = 0;
+        loop {
+            match s.read(&mut reqs[have..]) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => have += n,
+            }
+            let whole = have / RPC_REQ;
+            for _ in 0..whole {
+                if s.write_all(&reply).is_err() {
+                    return;
+                }
+            }
+            reqs.copy_within(whole * RPC_REQ..have, 0);
+            have -= whole * RPC_REQ;
+        }
+    });
+    let req = [1u8; RPC_REQ];
+    let mut buf = vec![0u8; bs];
+    let mut sent = VecDeque::with_capacity(iodepth as usize);
+    let mut lat = Vec::with_capacity(1 << 16);
+    let cpu0 = cpu_seconds();
+    let t0 = Instant::now();
+    for _ in 0..iodepth {
+        sent.push_back(Instant::now());
+        c.write_all(&req)?;
+    }
+    while t0.elapsed() < runtime {
+        c.read_exact(&mut buf)?;
+        if let Some(t) = sent.pop_front() {
+            lat.push(t.elapsed().as_nanos() as u64);
+        }
+        sent.push_back(Instant::now());
+        c.write_all(&req)?;
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    let cpu = cpu_seconds() - cpu0;
+    drop(c);
+    let _ = server.join();
+    lat.sort_unstable();
+    let ops = lat.len() as u64;
+    Ok(Run {
+        label: label.into(),
+        bytes: ops * bs as u64,
+        ops,
+        secs,
+        lat,
+        allocs_per_op: None,
+        cpu_s: Some(cpu),
     })
 }

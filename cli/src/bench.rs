@@ -13,7 +13,16 @@
 //!
 //! Several modes (comma separated) and `--repeat N` interleave runs in one process, so
 //! figures are compared side by side; the summary gives medians and ratios to the first
-//! mode. `--baseline tcp-stream,tcp-pingpong` adds raw-socket baselines to the same run.
+//! mode. `--baseline tcp-stream,tcp-pingpong,tcp-rpc` adds raw-socket baselines to the same
+//! run.
+//!
+//! Every run also reports the CPU seconds the process spent per GiB moved (user + system,
+//! from `getrusage`): with the embedded server that is client and server together, against a
+//! remote server the client alone. The baselines run in this process too, both ends.
+//!
+//! `--sweep iodepth=1,2,4` (or `bs=4k,64k`) runs the whole comparison once per value, and
+//! `--plot FILE.svg` draws throughput and p99 latency against the swept value, one line per
+//! mode and baseline.
 
 use std::collections::VecDeque;
 use std::path::PathBuf;
@@ -78,9 +87,76 @@ impl Mode {
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Baseline {
     /// A raw TCP stream on loopback: one side writes `bs` chunks, the other reads them.
-    TcpStream,
+    #[value(name = "tcp-stream")]
+    Stream,
     /// A raw TCP ping-pong: a 32-byte request, a `bs` reply, one at a time.
-    TcpPingpong,
+    #[value(name = "tcp-pingpong")]
+    Pingpong,
+    /// Raw TCP request/response: `iodepth` 32-byte requests in flight on one socket, each
+    /// answered with `bs` bytes from memory.
+    #[value(name = "tcp-rpc")]
+    Rpc,
+}
+
+/// What `--sweep` varies.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Axis {
+    /// `--iodepth`.
+    Iodepth,
+    /// `--bs`.
+    Bs,
+}
+
+/// `--sweep AXIS=V1,V2,...`.
+#[derive(Clone, Debug)]
+pub(crate) struct Sweep {
+    axis: Axis,
+    values: Vec<usize>,
+}
+
+impl Sweep {
+    fn name(&self) -> &'static str {
+        match self.axis {
+            Axis::Iodepth => "iodepth",
+            Axis::Bs => "bs",
+        }
+    }
+
+    fn show(&self, v: usize) -> String {
+        match self.axis {
+            Axis::Iodepth => v.to_string(),
+            Axis::Bs => zcio::pool::human_size(v),
+        }
+    }
+}
+
+pub(crate) fn sweep_arg(s: &str) -> Result<Sweep, String> {
+    let (axis, list) = s
+        .split_once('=')
+        .ok_or_else(|| format!("`{s}`: expected iodepth=1,2,4 or bs=4k,64k"))?;
+    let axis = match axis.trim() {
+        "iodepth" => Axis::Iodepth,
+        "bs" => Axis::Bs,
+        other => return Err(format!("`{other}`: --sweep varies iodepth or bs")),
+    };
+    let values = list
+        .split(',')
+        .map(|v| match axis {
+            Axis::Iodepth => match v.trim().parse::<usize>() {
+                Ok(n) if (1..=4096).contains(&n) => Ok(n),
+                _ => Err(format!("`{v}`: an iodepth is 1 to 4096")),
+            },
+            Axis::Bs => match size_arg(v.trim()) {
+                Ok(n) if n > 0 => Ok(n),
+                Ok(_) => Err(format!("`{v}`: a bs is not 0")),
+                Err(e) => Err(e),
+            },
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    if values.len() > 64 {
+        return Err(format!("{} values: a sweep takes at most 64", values.len()));
+    }
+    Ok(Sweep { axis, values })
 }
 
 /// `zcio bench` options.
@@ -134,6 +210,13 @@ pub(crate) struct BenchArgs {
     /// Raw-socket baselines to run alongside, comma separated.
     #[arg(long, value_enum, value_delimiter = ',')]
     baseline: Vec<Baseline>,
+    /// Runs everything once per value: `iodepth=1,2,4,8` or `bs=4k,64k,1m`.
+    #[arg(long, value_name = "AXIS=V1,V2,..", value_parser = sweep_arg)]
+    sweep: Option<Sweep>,
+    /// With --sweep: draws throughput and p99 latency against the swept value into this
+    /// SVG file, one line per mode and baseline.
+    #[arg(long, value_name = "FILE.svg", requires = "sweep")]
+    plot: Option<PathBuf>,
     /// Hostile TCP peers (garbage, truncated and oversized frames, duplicate ids, floods,
     /// slowloris) attacking the server: each mode is then measured without and with the
     /// attack, side by side.
@@ -144,6 +227,26 @@ pub(crate) struct BenchArgs {
     export: Option<PathBuf>,
     #[command(flatten)]
     common: Common,
+}
+
+impl BenchArgs {
+    /// The workload in a few words, leaving out the swept `axis`.
+    pub(crate) fn describe(&self, axis: &str) -> String {
+        let mut d = format!("{:?}", self.rw).to_lowercase();
+        if axis != "bs" {
+            d += &format!(" bs={}", zcio::pool::human_size(self.bs));
+        }
+        if axis != "iodepth" {
+            d += &format!(" iodepth={}", self.iodepth);
+        }
+        if self.segments > 1 {
+            d += &format!(" segments={}", self.segments);
+        }
+        if self.jobs > 1 {
+            d += &format!(" jobs={}", self.jobs);
+        }
+        d
+    }
 }
 
 pub(crate) fn size_arg(s: &str) -> Result<usize, String> {
@@ -171,6 +274,12 @@ pub(crate) fn duration_arg(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(v * mult))
 }
 
+/// Each mode's and baseline's name and runs, in order.
+pub(crate) type Results = Vec<(String, Vec<Run>)>;
+
+/// A swept value and its results.
+pub(crate) type Point = (usize, Results);
+
 /// One measurement.
 #[derive(Clone, Debug)]
 pub(crate) struct Run {
@@ -182,6 +291,20 @@ pub(crate) struct Run {
     pub(crate) lat: Vec<u64>,
     /// Heap allocations per operation (`--count-allocs`).
     pub(crate) allocs_per_op: Option<f64>,
+    /// CPU seconds (user + system) the process spent during the run.
+    pub(crate) cpu_s: Option<f64>,
+}
+
+/// The process's CPU time so far, user plus system, in seconds.
+pub(crate) fn cpu_seconds() -> f64 {
+    use nix::sys::resource::{getrusage, UsageWho};
+    match getrusage(UsageWho::RUSAGE_SELF) {
+        Ok(u) => {
+            let t = |v: nix::sys::time::TimeVal| v.tv_sec() as f64 + v.tv_usec() as f64 / 1e6;
+            t(u.user_time()) + t(u.system_time())
+        }
+        Err(_) => 0.0,
+    }
 }
 
 impl Run {
@@ -190,6 +313,11 @@ impl Run {
     }
     pub(crate) fn iops(&self) -> f64 {
         self.ops as f64 / self.secs
+    }
+    /// CPU seconds per GiB moved.
+    pub(crate) fn cpu_per_gib(&self) -> Option<f64> {
+        let gib = self.bytes as f64 / (1u64 << 30) as f64;
+        self.cpu_s.filter(|_| gib > 0.0).map(|c| c / gib)
     }
     pub(crate) fn pct(&self, p: f64) -> f64 {
         if self.lat.is_empty() {
@@ -202,8 +330,11 @@ impl Run {
         let allocs = self
             .allocs_per_op
             .map_or_else(String::new, |a| format!("  allocations/op {a:.2}"));
+        let cpu = self
+            .cpu_per_gib()
+            .map_or_else(String::new, |c| format!("  CPU s/GiB {c:.3}"));
         format!(
-            "{:<28} {:>9.1} MB/s {:>9.0} IOPS  lat us p50 {:>8.1} p99 {:>8.1} p99.9 {:>8.1}{allocs}",
+            "{:<28} {:>9.1} MB/s {:>9.0} IOPS  lat us p50 {:>8.1} p99 {:>8.1} p99.9 {:>8.1}{cpu}{allocs}",
             self.label,
             self.mbps(),
             self.iops(),
@@ -239,17 +370,26 @@ fn file_name(i: u32) -> String {
     format!("zcio-bench.{i}")
 }
 
-pub(crate) fn run(a: BenchArgs) -> AnyResult<()> {
-    if a.bs == 0 || a.bs % a.segments as usize != 0 {
-        return Err(format!(
-            "--bs {} must be a non-zero multiple of --segments {}",
-            a.bs, a.segments
-        )
-        .into());
+pub(crate) fn run(mut a: BenchArgs) -> AnyResult<()> {
+    // Every bs and iodepth the run will use (a sweep's values, or the one of each).
+    let (all_bs, all_depths) = match &a.sweep {
+        Some(sw) if sw.axis == Axis::Bs => (sw.values.clone(), vec![a.iodepth as usize]),
+        Some(sw) => (vec![a.bs], sw.values.clone()),
+        None => (vec![a.bs], vec![a.iodepth as usize]),
+    };
+    for &bs in &all_bs {
+        if bs == 0 || bs % a.segments as usize != 0 {
+            return Err(format!(
+                "bs {bs} must be a non-zero multiple of --segments {}",
+                a.segments
+            )
+            .into());
+        }
+        if a.size < bs {
+            return Err(format!("--size {} is smaller than bs {bs}", a.size).into());
+        }
     }
-    if a.size < a.bs {
-        return Err(format!("--size {} is smaller than --bs {}", a.size, a.bs).into());
-    }
+    let max_depth = all_depths.iter().copied().max().unwrap_or(1) as u32;
     let mut cfg = a.common.load()?;
     let reg = registry();
     // The embedded server, unless one was named.
@@ -270,7 +410,7 @@ pub(crate) fn run(a: BenchArgs) -> AnyResult<()> {
             cfg.server.export = export;
             cfg.server.listen = "127.0.0.1:0".into();
             // Enough in flight for every job's iodepth (x segments in per-segment mode).
-            let need = (a.iodepth * a.segments.max(1)) as usize + 8;
+            let need = (max_depth * a.segments.max(1)) as usize + 8;
             cfg.server.max_in_flight = cfg.server.max_in_flight.max(need);
             let server = Server::bind(&cfg, &reg)?.spawn()?;
             cfg.client.connect = server.local_addr().to_string();
@@ -280,7 +420,7 @@ pub(crate) fn run(a: BenchArgs) -> AnyResult<()> {
     cfg.limits.max_in_flight = cfg
         .limits
         .max_in_flight
-        .max((a.iodepth * a.segments) as usize + 8);
+        .max((max_depth * a.segments) as usize + 8);
     let t = reg.get(&cfg.transport, &cfg)?;
     // One client pool shared by every job, as an application would.
     let client_pool = zcio::Pool::new(&cfg.pool)?;
@@ -328,52 +468,25 @@ pub(crate) fn run(a: BenchArgs) -> AnyResult<()> {
             under.into_iter().map(move |h| (*m, h))
         })
         .collect();
-    let mut runs: Vec<(String, Vec<Run>)> = variants
-        .iter()
-        .map(|(m, h)| {
-            (
-                format!("{}{}", m.name(), if *h { "+attack" } else { "" }),
-                Vec::new(),
-            )
-        })
-        .chain(
-            a.baseline
-                .iter()
-                .map(|b| (baseline_name(*b).to_string(), Vec::new())),
-        )
-        .collect();
     let attack_stats = Arc::new(crate::hostile::AttackStats::default());
-    for r in 0..a.repeat {
-        for (k, (m, hostile)) in variants.iter().enumerate() {
-            let label = format!("{} #{}", runs[k].0, r + 1);
-            let stop = Arc::new(AtomicBool::new(false));
-            let attackers = if *hostile {
-                crate::hostile::start(
-                    cfg.client.connect.clone(),
-                    a.hostile as usize,
-                    stop.clone(),
-                    attack_stats.clone(),
-                )
-            } else {
-                Vec::new()
-            };
-            let run = measure(&a, &cfg, &connect, *m, &label);
-            stop.store(true, Ordering::Relaxed);
-            for t in attackers {
-                let _ = t.join();
+    let points: Vec<Option<usize>> = match &a.sweep {
+        Some(sw) => sw.values.iter().map(|&v| Some(v)).collect(),
+        None => vec![None],
+    };
+    let mut runs = Vec::new();
+    let mut swept: Vec<Point> = Vec::new();
+    for point in points {
+        if let (Some(v), Some(sw)) = (point, &a.sweep) {
+            match sw.axis {
+                Axis::Iodepth => a.iodepth = v as u32,
+                Axis::Bs => a.bs = v,
             }
-            let run = run?;
-            eprintln!("{}", run.line());
-            runs[k].1.push(run);
+            eprintln!("sweep: {}={}", sw.name(), sw.show(v));
         }
-        for (k, b) in a.baseline.iter().enumerate() {
-            let label = format!("{} #{}", baseline_name(*b), r + 1);
-            let run = match b {
-                Baseline::TcpStream => baseline::tcp_stream(a.bs, a.runtime, &label)?,
-                Baseline::TcpPingpong => baseline::tcp_pingpong(a.bs, a.runtime, &label)?,
-            };
-            eprintln!("{}", run.line());
-            runs[variants.len() + k].1.push(run);
+        let r = run_point(&a, &cfg, &connect, &variants, &attack_stats)?;
+        match point {
+            Some(v) => swept.push((v, r)),
+            None => runs = r,
         }
     }
     if a.verify && !a.rw.is_read() {
@@ -383,7 +496,16 @@ pub(crate) fn run(a: BenchArgs) -> AnyResult<()> {
     let client_stats = client_pool.stats();
     let server_stats = _embedded.as_ref().map(|s| s.pool().stats());
     let queueing = _embedded.as_ref().map(|s| Queueing::of(s.stats()));
-    report(&a, &runs, &client_stats, server_stats.as_ref(), queueing);
+    match &a.sweep {
+        Some(sw) => {
+            report_sweep(&a, sw, &swept, &client_stats, server_stats.as_ref());
+            if let Some(path) = &a.plot {
+                crate::plot::draw(path, sw.name(), &a, &swept, |v| sw.show(v))?;
+                eprintln!("plot: {}", path.display());
+            }
+        }
+        None => report(&a, &runs, &client_stats, server_stats.as_ref(), queueing),
+    }
     if a.hostile > 0 {
         println!("attacks (class: tried / contained by close, error reply or back-pressure):");
         for (i, name) in crate::hostile::CLASSES.iter().enumerate() {
@@ -407,10 +529,71 @@ pub(crate) fn run(a: BenchArgs) -> AnyResult<()> {
     Ok(())
 }
 
+/// One comparison at the current bs and iodepth: every mode (and its attacked twin), then
+/// every baseline, `--repeat` times interleaved.
+fn run_point(
+    a: &BenchArgs,
+    cfg: &Config,
+    connect: &(dyn Fn(&Config) -> AnyResult<Client> + Sync),
+    variants: &[(Mode, bool)],
+    attack_stats: &Arc<crate::hostile::AttackStats>,
+) -> AnyResult<Vec<(String, Vec<Run>)>> {
+    let mut runs: Vec<(String, Vec<Run>)> = variants
+        .iter()
+        .map(|(m, h)| {
+            (
+                format!("{}{}", m.name(), if *h { "+attack" } else { "" }),
+                Vec::new(),
+            )
+        })
+        .chain(
+            a.baseline
+                .iter()
+                .map(|b| (baseline_name(*b).to_string(), Vec::new())),
+        )
+        .collect();
+    for r in 0..a.repeat {
+        for (k, (m, hostile)) in variants.iter().enumerate() {
+            let label = format!("{} #{}", runs[k].0, r + 1);
+            let stop = Arc::new(AtomicBool::new(false));
+            let attackers = if *hostile {
+                crate::hostile::start(
+                    cfg.client.connect.clone(),
+                    a.hostile as usize,
+                    stop.clone(),
+                    attack_stats.clone(),
+                )
+            } else {
+                Vec::new()
+            };
+            let run = measure(a, cfg, connect, *m, &label);
+            stop.store(true, Ordering::Relaxed);
+            for t in attackers {
+                let _ = t.join();
+            }
+            let run = run?;
+            eprintln!("{}", run.line());
+            runs[k].1.push(run);
+        }
+        for (k, b) in a.baseline.iter().enumerate() {
+            let label = format!("{} #{}", baseline_name(*b), r + 1);
+            let run = match b {
+                Baseline::Stream => baseline::tcp_stream(a.bs, a.runtime, &label)?,
+                Baseline::Pingpong => baseline::tcp_pingpong(a.bs, a.runtime, &label)?,
+                Baseline::Rpc => baseline::tcp_rpc(a.bs, a.iodepth, a.runtime, &label)?,
+            };
+            eprintln!("{}", run.line());
+            runs[variants.len() + k].1.push(run);
+        }
+    }
+    Ok(runs)
+}
+
 fn baseline_name(b: Baseline) -> &'static str {
     match b {
-        Baseline::TcpStream => "raw-tcp-stream",
-        Baseline::TcpPingpong => "raw-tcp-pingpong",
+        Baseline::Stream => "raw-tcp-stream",
+        Baseline::Pingpong => "raw-tcp-pingpong",
+        Baseline::Rpc => "raw-tcp-rpc",
     }
 }
 
@@ -729,6 +912,7 @@ fn measure(
             .progress_chars("=> "),
     );
     bar.set_prefix(label.to_string());
+    let cpu0 = cpu_seconds();
     let t0 = Instant::now();
     let (results, allocs_per_op): (Vec<AnyResult<JobTotals>>, Option<f64>) =
         std::thread::scope(|s| {
@@ -824,6 +1008,7 @@ fn measure(
             (results, counted)
         });
     bar.finish_and_clear();
+    let cpu = cpu_seconds() - cpu0;
     let secs = a.runtime.as_secs_f64().min(t0.elapsed().as_secs_f64());
     let mut run = Run {
         label: label.to_string(),
@@ -832,6 +1017,9 @@ fn measure(
         secs,
         lat: Vec::new(),
         allocs_per_op,
+        // Over the whole run, job set-up and drain included; those are small next to
+        // seconds of transfer. Scaled to the timed part of the bytes, that is an upper bound.
+        cpu_s: Some(cpu),
     };
     for r in results {
         let (b, o, l) = r?;
@@ -885,6 +1073,97 @@ impl Queueing {
     }
 }
 
+/// The medians of one mode's (or baseline's) runs.
+pub(crate) struct Row {
+    pub(crate) name: String,
+    pub(crate) mbps: f64,
+    iops: f64,
+    p50: f64,
+    pub(crate) p99: f64,
+    p999: f64,
+    ratio: f64,
+    cpu_per_gib: Option<f64>,
+    allocs: Option<f64>,
+    runs_mbps: Vec<f64>,
+}
+
+pub(crate) fn rows(runs: &[(String, Vec<Run>)]) -> Vec<Row> {
+    let reference = runs
+        .first()
+        .map(|(_, r)| median(&r.iter().map(Run::mbps).collect::<Vec<_>>()))
+        .unwrap_or(0.0);
+    runs.iter()
+        .map(|(name, r)| {
+            let med = |f: &dyn Fn(&Run) -> f64| median(&r.iter().map(f).collect::<Vec<_>>());
+            let mbps = med(&Run::mbps);
+            let cpu: Vec<f64> = r.iter().filter_map(Run::cpu_per_gib).collect();
+            Row {
+                name: name.clone(),
+                mbps,
+                iops: med(&Run::iops),
+                p50: med(&|x| x.pct(50.0)),
+                p99: med(&|x| x.pct(99.0)),
+                p999: med(&|x| x.pct(99.9)),
+                ratio: if reference > 0.0 {
+                    mbps / reference
+                } else {
+                    0.0
+                },
+                cpu_per_gib: (!cpu.is_empty()).then(|| median(&cpu)),
+                allocs: allocs_median(r),
+                runs_mbps: r.iter().map(Run::mbps).collect(),
+            }
+        })
+        .collect()
+}
+
+fn rows_json(rows: &[Row]) -> Vec<serde_json::Value> {
+    rows.iter()
+        .map(|r| {
+            serde_json::json!({
+                "mode": r.name, "mb_per_s": r.mbps, "iops": r.iops,
+                "lat_us": {"p50": r.p50, "p99": r.p99, "p99_9": r.p999},
+                "ratio_to_first": r.ratio,
+                "runs_mb_per_s": r.runs_mbps,
+                "cpu_s_per_gib": r.cpu_per_gib,
+                "allocs_per_op": r.allocs,
+            })
+        })
+        .collect()
+}
+
+fn print_rows(rows: &[Row]) {
+    println!(
+        "{:<18} {:>10} {:>10} {:>10} {:>10} {:>10} {:>8} {:>10}",
+        "mode", "MB/s", "IOPS", "p50 us", "p99 us", "p99.9 us", "ratio", "CPU s/GiB"
+    );
+    for r in rows {
+        let cpu = r
+            .cpu_per_gib
+            .map_or_else(|| "-".to_string(), |c| format!("{c:.3}"));
+        println!(
+            "{:<18} {:>10.1} {:>10.0} {:>10.1} {:>10.1} {:>10.1} {:>8.3} {cpu:>10}",
+            r.name, r.mbps, r.iops, r.p50, r.p99, r.p999, r.ratio
+        );
+    }
+    for r in rows {
+        if let Some(n) = r.allocs {
+            println!(
+                "{}: {n:.2} heap allocations per operation (whole process, median)",
+                r.name
+            );
+        }
+    }
+}
+
+fn cpu_note(a: &BenchArgs) -> &'static str {
+    if a.server.is_some() {
+        "CPU s/GiB: this process (the client) only, user + system, per GiB moved"
+    } else {
+        "CPU s/GiB: client and embedded server together (one process), user + system, per GiB moved"
+    }
+}
+
 fn report(
     a: &BenchArgs,
     runs: &[(String, Vec<Run>)],
@@ -892,41 +1171,14 @@ fn report(
     server: Option<&zcio::pool::PoolStats>,
     queueing: Option<Queueing>,
 ) {
-    let reference = runs
-        .first()
-        .map(|(_, r)| median(&r.iter().map(Run::mbps).collect::<Vec<_>>()))
-        .unwrap_or(0.0);
-    let rows: Vec<(String, f64, f64, f64, f64, f64, f64)> = runs
-        .iter()
-        .map(|(name, r)| {
-            let mb = median(&r.iter().map(Run::mbps).collect::<Vec<_>>());
-            let io = median(&r.iter().map(Run::iops).collect::<Vec<_>>());
-            let p50 = median(&r.iter().map(|x| x.pct(50.0)).collect::<Vec<_>>());
-            let p99 = median(&r.iter().map(|x| x.pct(99.0)).collect::<Vec<_>>());
-            let p999 = median(&r.iter().map(|x| x.pct(99.9)).collect::<Vec<_>>());
-            let ratio = if reference > 0.0 { mb / reference } else { 0.0 };
-            (name.clone(), mb, io, p50, p99, p999, ratio)
-        })
-        .collect();
+    let rows = rows(runs);
     if a.json {
-        let modes: Vec<serde_json::Value> = rows
-            .iter()
-            .zip(runs)
-            .map(|((name, mb, io, p50, p99, p999, ratio), (_, r))| {
-                serde_json::json!({
-                    "mode": name, "mb_per_s": mb, "iops": io,
-                    "lat_us": {"p50": p50, "p99": p99, "p99_9": p999},
-                    "ratio_to_first": ratio,
-                    "runs_mb_per_s": r.iter().map(Run::mbps).collect::<Vec<_>>(),
-                    "allocs_per_op": allocs_median(r),
-                })
-            })
-            .collect();
         let v = serde_json::json!({
             "rw": format!("{:?}", a.rw).to_lowercase(), "bs": a.bs, "segments": a.segments,
             "iodepth": a.iodepth, "jobs": a.jobs, "files": a.files, "size": a.size,
             "runtime_s": a.runtime.as_secs_f64(), "repeat": a.repeat, "verified": a.verify,
-            "results": modes,
+            "cpu_includes_server": a.server.is_none(),
+            "results": rows_json(&rows),
             "client_pool": pool_json(client),
             "server_pool": server.map(pool_json),
             "server_queueing": queueing.map(|q| serde_json::json!({
@@ -946,20 +1198,8 @@ fn report(
         a.jobs,
         a.repeat
     );
-    println!(
-        "{:<18} {:>10} {:>10} {:>10} {:>10} {:>10} {:>8}",
-        "mode", "MB/s", "IOPS", "p50 us", "p99 us", "p99.9 us", "ratio"
-    );
-    for (name, mb, io, p50, p99, p999, ratio) in rows {
-        println!(
-            "{name:<18} {mb:>10.1} {io:>10.0} {p50:>10.1} {p99:>10.1} {p999:>10.1} {ratio:>8.3}"
-        );
-    }
-    for (name, r) in runs {
-        if let Some(n) = allocs_median(r) {
-            println!("{name}: {n:.2} heap allocations per operation (whole process, median)");
-        }
-    }
+    print_rows(&rows);
+    println!("{}", cpu_note(a));
     if let Some(q) = queueing {
         println!(
             "server: {} requests, {:.1} of their connection's requests in the server when one arrived (mean), {:.0}% served on the receiving thread",
@@ -972,6 +1212,47 @@ fn report(
     if let Some(s) = server {
         println!("server pool:\n{s}");
     }
+}
+
+fn report_sweep(
+    a: &BenchArgs,
+    sw: &Sweep,
+    swept: &[Point],
+    client: &zcio::pool::PoolStats,
+    server: Option<&zcio::pool::PoolStats>,
+) {
+    if a.json {
+        let points: Vec<serde_json::Value> = swept
+            .iter()
+            .map(|(v, runs)| serde_json::json!({"value": v, "results": rows_json(&rows(runs))}))
+            .collect();
+        let v = serde_json::json!({
+            "rw": format!("{:?}", a.rw).to_lowercase(), "segments": a.segments,
+            "bs": (sw.axis != Axis::Bs).then_some(a.bs),
+            "iodepth": (sw.axis != Axis::Iodepth).then_some(a.iodepth),
+            "jobs": a.jobs, "files": a.files, "size": a.size,
+            "runtime_s": a.runtime.as_secs_f64(), "repeat": a.repeat, "verified": a.verify,
+            "cpu_includes_server": a.server.is_none(),
+            "sweep": sw.name(), "points": points,
+            "client_pool": pool_json(client),
+            "server_pool": server.map(pool_json),
+        });
+        println!("{v:#}");
+        return;
+    }
+    for (v, runs) in swept {
+        println!(
+            "\nsummary: {:?} {}={} segments={} jobs={} (medians of {})",
+            a.rw,
+            sw.name(),
+            sw.show(*v),
+            a.segments,
+            a.jobs,
+            a.repeat
+        );
+        print_rows(&rows(runs));
+    }
+    println!("{}", cpu_note(a));
 }
 
 fn pool_json(s: &zcio::pool::PoolStats) -> serde_json::Value {

@@ -8,6 +8,7 @@ mod allocs;
 mod baseline;
 mod bench;
 mod hostile;
+mod plot;
 mod soak;
 
 use std::path::PathBuf;

@@ -368,3 +368,75 @@ fn bench_counts_heap_allocations_per_operation() {
     // Without the flag nothing is counted.
     assert!(allocs_per_op(&[]).is_null());
 }
+
+#[test]
+fn bench_sweeps_reports_cpu_per_gib_and_plots() {
+    let dir = tempfile::tempdir().unwrap();
+    let svg = dir.path().join("sweep.svg");
+    let out = zcio()
+        .args([
+            "bench",
+            "--rw",
+            "randread",
+            "--bs",
+            "4K",
+            "--sweep",
+            "iodepth=1,2",
+        ])
+        .args(["--baseline", "tcp-rpc", "--size", "1M", "--files", "1"])
+        .args(["--runtime", "200ms", "--json", "--plot"])
+        .arg(&svg)
+        .arg("--export")
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["sweep"], "iodepth");
+    let points = v["points"].as_array().expect("points");
+    assert_eq!(points.len(), 2);
+    for (p, depth) in points.iter().zip([1, 2]) {
+        assert_eq!(p["value"], depth);
+        let names: Vec<&str> = p["results"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["mode"].as_str().unwrap())
+            .collect();
+        assert_eq!(names, ["zero-copy", "raw-tcp-rpc"]);
+        for r in p["results"].as_array().unwrap() {
+            assert!(r["mb_per_s"].as_f64().unwrap() > 0.0, "{r}");
+            let cpu = r["cpu_s_per_gib"].as_f64().expect("cpu_s_per_gib");
+            assert!(cpu > 0.0 && cpu.is_finite(), "{r}");
+        }
+    }
+    let plot = std::fs::read_to_string(&svg).expect("the plot was written");
+    assert!(plot.starts_with("<svg"));
+    for name in ["zero-copy", "raw-tcp-rpc", "throughput", "p99"] {
+        assert!(plot.contains(name), "{name} missing from the plot");
+    }
+    // Bad sweeps are clear errors.
+    for (bad, says) in [
+        ("depth=1,2", "iodepth or bs"),
+        ("iodepth=0", "1 to 4096"),
+        ("bs=4k,12Q", "12Q"),
+    ] {
+        let out = zcio()
+            .args(["bench", "--sweep", bad, "--runtime", "1s"])
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(says), "--sweep {bad}: {err}");
+    }
+    // --plot needs --sweep.
+    let out = zcio()
+        .args(["bench", "--plot", "x.svg", "--runtime", "1s"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+}

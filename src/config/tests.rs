@@ -39,6 +39,7 @@ count = 4
 
 [tcp]
 nodelay = false
+sendfile = false
 
 [rdma]
 device = "rxe0"
@@ -92,6 +93,7 @@ fn every_key_parsed() {
         ]
     );
     assert!(!c.tcp.nodelay);
+    assert!(!c.tcp.sendfile);
     assert_eq!(c.rdma.device.as_deref(), Some("rxe0"));
     assert_eq!(c.rdma.port, 2);
     assert_eq!(c.rdma.gid_index, Some(1));

@@ -13,6 +13,11 @@
 //! hand-off less for a synchronous client. Only regular files are opened: a FIFO or device
 //! node in the export is refused without blocking. A connection's open files are closed
 //! when it goes away, however it goes.
+//!
+//! A read of a file opened without `O_DIRECT` is answered with a file range
+//! ([`crate::transport::FileRange`]) when the transport takes them (TCP sends it from the
+//! page cache with `sendfile`: no user-space copy on the server); otherwise, and for
+//! `O_DIRECT` files, the data is read into pool buffers first (RDMA writes from them).
 
 mod export;
 mod fsops;
@@ -33,7 +38,7 @@ use crate::error::{Error, Result};
 use crate::lock;
 use crate::pool::{Iobuf, IobufMut, Pool};
 use crate::proto::{self, HelloReply, Req, Resp, Status, NONCE_LEN};
-use crate::transport::{Incoming, Listener, Registry, Replier, ServerConn, Transport};
+use crate::transport::{FileRange, Incoming, Listener, Registry, Replier, ServerConn, Transport};
 
 /// Counters of a running server.
 #[derive(Debug, Default)]
@@ -72,6 +77,12 @@ pub struct ServerStats {
     pub writes: AtomicU64,
     /// Bytes written by `writes`.
     pub write_bytes: AtomicU64,
+    /// Read replies with data whose payload the transport sent as a file range (from the
+    /// page cache, no copy into pool buffers).
+    pub file_range_replies: AtomicU64,
+    /// Read replies with data whose payload was read into pool buffers first (a transport
+    /// that takes no file ranges, or an `O_DIRECT` file).
+    pub pool_read_replies: AtomicU64,
 }
 
 impl ServerStats {
@@ -210,6 +221,8 @@ impl Permits {
 struct OpenFile {
     file: File,
     writable: bool,
+    /// Reads may be answered with a file range: opened for reading, without `O_DIRECT`.
+    rangeable: bool,
 }
 
 /// One connection's state. Dropped (closing its files) when its receive thread has ended
@@ -529,6 +542,9 @@ struct Scratch {
     header: Vec<u8>,
     span: Vec<IobufMut>,
     payload: Vec<Iobuf>,
+    /// A read reply's payload as a file range (file, offset, length), set by
+    /// [`file_range`] instead of `payload`.
+    range: Option<(Arc<OpenFile>, u64, usize)>,
 }
 
 thread_local! {
@@ -569,7 +585,22 @@ fn handle_with(job: Job, scratch: &mut Scratch) {
     // Free the request's payload buffers before replying.
     inc.payload.clear();
     shared.stats.requests.fetch_add(1, Ordering::Relaxed);
-    if let Err(e) = conn.replier.reply(inc.id, &header, &payload) {
+    let sent = match scratch.range.take() {
+        Some((f, offset, len)) => {
+            shared
+                .stats
+                .file_range_replies
+                .fetch_add(1, Ordering::Relaxed);
+            let range = FileRange {
+                file: &f.file,
+                offset,
+                len,
+            };
+            conn.replier.reply_file(inc.id, &header, range)
+        }
+        None => conn.replier.reply(inc.id, &header, &payload),
+    };
+    if let Err(e) = sent {
         tracing::debug!("reply to {} failed: {e}", conn.peer);
         conn.replier.close();
     }
@@ -692,11 +723,20 @@ fn execute(
                     ),
                 ));
             }
-            let (f, _direct) = shared.export.open(path, *flags, *mode)?;
+            let (f, direct) = shared.export.open(path, *flags, *mode)?;
             let size = Export::fstat(&f)?.size;
             let writable = flags.contains(proto::OpenFlags::WRITE);
+            // Without READ the file is opened write-only; EBADF comes from `preadv` then.
+            let rangeable = !direct && flags.contains(proto::OpenFlags::READ);
             let fh = conn.next_fh.fetch_add(1, Ordering::Relaxed);
-            lock(&conn.files).insert(fh, Arc::new(OpenFile { file: f, writable }));
+            lock(&conn.files).insert(
+                fh,
+                Arc::new(OpenFile {
+                    file: f,
+                    writable,
+                    rangeable,
+                }),
+            );
             shared.stats.open_files.fetch_add(1, Ordering::Relaxed);
             Ok((Resp::Open { fh, size }, Vec::new()))
         }
@@ -705,7 +745,16 @@ fn execute(
             let want = (*len as usize)
                 .min(inc.reply_capacity)
                 .min(cfg.limits.max_payload);
-            let r = read_into_pool(&shared.pool, &f.file, *offset, want, scratch)?;
+            let r = if f.rangeable && want > 0 && conn.replier.takes_file_ranges() {
+                file_range(f, *offset, want, scratch)?
+            } else {
+                let r = read_into_pool(&shared.pool, &f.file, *offset, want, scratch)?;
+                if !r.1.is_empty() {
+                    let kind = &shared.stats.pool_read_replies;
+                    kind.fetch_add(1, Ordering::Relaxed);
+                }
+                r
+            };
             if let Resp::Read { len, .. } = r.0 {
                 shared.stats.reads.fetch_add(1, Ordering::Relaxed);
                 shared
@@ -819,6 +868,35 @@ fn execute(
         // The operations a mounted file system needs: `fsops.rs`.
         other => fsops::execute(conn, other, inc),
     }
+}
+
+/// A read answered with a file range: the bytes of `want` at `offset` that the file holds
+/// now (`fstat`), left in the scratch for [`handle_with`] to pass to
+/// [`Replier::reply_file`].
+fn file_range(
+    f: Arc<OpenFile>,
+    offset: u64,
+    want: usize,
+    scratch: &mut Scratch,
+) -> Result<(Resp, Vec<Iobuf>), OpError> {
+    let size = nix::sys::stat::fstat(&f.file)
+        .map_err(|e| errno_of(e, "fstat"))?
+        .st_size;
+    let size = u64::try_from(size).unwrap_or(0);
+    let len = size.saturating_sub(offset).min(want as u64) as usize;
+    i64::try_from(offset.saturating_add(len as u64))
+        .map_err(|_| errno_of(nix::errno::Errno::EINVAL, "read offset"))?;
+    let eof = len < want;
+    if len > 0 {
+        scratch.range = Some((f, offset, len));
+    }
+    Ok((
+        Resp::Read {
+            len: len as u32,
+            eof,
+        },
+        std::mem::take(&mut scratch.payload),
+    ))
 }
 
 /// Iovecs on the stack up to this many buffers; a vector beyond.

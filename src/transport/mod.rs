@@ -18,6 +18,14 @@
 //! [`Incoming`] request whose payload is already in pool buffers, and a [`Replier`] (usable
 //! from any thread) answers it with a header and payload buffers.
 //!
+//! A read reply's payload may instead be a range of an open file ([`FileRange`]): a
+//! transport whose [`Replier::takes_file_ranges`] says so sends it from the page cache
+//! without a user-space copy (TCP: `sendfile(2)`), and the server hands it such ranges
+//! through [`Replier::reply_file`]. Every other transport (RDMA, which must RDMA-WRITE from
+//! registered memory) keeps the default, and the server reads file data into pool buffers
+//! for it and calls [`Replier::reply`]. The server never gives a file range of a file
+//! opened with `O_DIRECT` (it bypasses the page cache, so there is nothing to send from).
+//!
 //! The [`Registry`] maps the transport name in the configuration to a [`Transport`] the
 //! binary was built with. [`mem`] is an in-memory test double.
 
@@ -26,6 +34,7 @@ pub mod completion;
 pub mod mem;
 
 use std::fmt;
+use std::fs::File;
 use std::sync::Arc;
 
 use crate::config::Config;
@@ -123,11 +132,45 @@ pub struct Incoming {
     pub reply_capacity: usize,
 }
 
+/// A reply payload that is a range of an open file: `len` bytes from `offset`.
+///
+/// The server has checked that the file holds them (`fstat`) just before; the transport
+/// reads them while sending. The file is borrowed for the call only: a transport sends the
+/// range before [`Replier::reply_file`] returns, or fails the connection.
+#[derive(Clone, Copy, Debug)]
+pub struct FileRange<'a> {
+    /// The file (opened for reading, without `O_DIRECT`).
+    pub file: &'a File,
+    /// Where the range starts.
+    pub offset: u64,
+    /// How many bytes; at most the request's reply capacity.
+    pub len: usize,
+}
+
 /// Sends replies on one server connection, from any thread.
 pub trait Replier: Send + Sync {
     /// Replies to request `id` with `header` and payload `payload` (in order; at most the
     /// request's reply capacity in total).
     fn reply(&self, id: u64, header: &[u8], payload: &[Iobuf]) -> Result<()>;
+    /// Whether this transport takes a reply payload as a [`FileRange`] through
+    /// [`Replier::reply_file`]. The default, `false`, means "file data comes in pool
+    /// buffers": the server reads it into them and calls [`Replier::reply`]. A hint the
+    /// server asks per reply; it should not change over a connection's life.
+    fn takes_file_ranges(&self) -> bool {
+        false
+    }
+    /// Replies to request `id` with `header` and the bytes of `range` as payload, straight
+    /// from the file (no user-space copy where the transport can help it). Called only when
+    /// [`Replier::takes_file_ranges`] is true; the default refuses. If the file turns out
+    /// shorter than the range while it is sent (truncated meanwhile), the payload cannot be
+    /// completed as its header announced: the transport fails this connection (never pads
+    /// or sends other bytes) and returns the error.
+    fn reply_file(&self, id: u64, header: &[u8], range: FileRange<'_>) -> Result<()> {
+        let _ = (id, header, range);
+        Err(Error::InvalidArgument(
+            "this transport takes reply payload in pool buffers, not as file ranges".into(),
+        ))
+    }
     /// Gives a served request back, so that the transport can reuse its header and payload
     /// vectors for a later request instead of allocating new ones. Optional: dropping an
     /// [`Incoming`] is always correct, and the default does just that. Its payload buffers

@@ -43,12 +43,12 @@ use std::time::{Duration, Instant};
 
 use zcio::config::Config;
 use zcio::transport::accept::HandshakeListener;
-use zcio::transport::{Incoming, Limits, Replier, ServerConn};
+use zcio::transport::{FileRange, Incoming, Limits, Replier, ServerConn};
 use zcio::{Error, Iobuf, IobufMut, Pool, Result};
 
 use crate::io::{
-    give_up, has_unread, peer_hung_up, read_exact_vectored, shutdown, tick_for, write_all_vectored,
-    ReadError, Ticker,
+    give_up, has_unread, peer_hung_up, read_exact_vectored, send_file, shutdown, tick_for,
+    write_all_vectored, write_all_vectored_more, ReadError, Ticker,
 };
 use crate::wire::{decode_prefix, Hello, Kind, Prefix, WireError, HELLO_LEN, PREFIX_LEN};
 use crate::{lock, transport_err, wire_err};
@@ -67,6 +67,7 @@ struct ConnConfig {
     limits: Limits,
     max_in_flight: usize,
     nodelay: bool,
+    sendfile: bool,
     idle: Option<Duration>,
 }
 
@@ -80,6 +81,7 @@ pub(crate) fn listen(cfg: &Config, pool: &Pool) -> Result<HandshakeListener> {
         limits: cfg.limits,
         max_in_flight: cfg.server.max_in_flight,
         nodelay: cfg.tcp.nodelay,
+        sendfile: cfg.tcp.sendfile,
         idle: cfg.server.idle_timeout,
     };
     let pool = pool.clone();
@@ -151,6 +153,7 @@ fn handshake(
                 closed: None,
             }),
             limits,
+            sendfile: cfg.sendfile,
             idle: cfg.idle,
             peer: peer.to_string(),
         }),
@@ -175,6 +178,8 @@ struct ConnShared {
     write_lock: Mutex<()>,
     state: Mutex<ConnState>,
     limits: Limits,
+    /// `tcp.sendfile`: whether read replies may be file ranges.
+    sendfile: bool,
     /// `server.idle_timeout`: also the longest a reply may make no progress.
     idle: Option<Duration>,
     peer: String,
@@ -208,8 +213,10 @@ impl ConnShared {
     }
 }
 
-impl Replier for ConnShared {
-    fn reply(&self, id: u64, header: &[u8], payload: &[Iobuf]) -> Result<()> {
+impl ConnShared {
+    /// Checks a reply of `segments` payload segments and `total` bytes against the limits
+    /// and the request `id`'s reply capacity, and takes `id` out of the in-flight set.
+    fn admit_reply(&self, id: u64, header: &[u8], segments: usize, total: usize) -> Result<()> {
         let l = &self.limits;
         let over = |what, value: usize, limit: usize| Error::LimitExceeded {
             what,
@@ -219,55 +226,37 @@ impl Replier for ConnShared {
         if header.len() > l.max_header {
             return Err(over("reply header length", header.len(), l.max_header));
         }
-        if payload.len() > l.max_segments {
-            return Err(over(
-                "reply payload segments",
-                payload.len(),
-                l.max_segments,
-            ));
+        if segments > l.max_segments {
+            return Err(over("reply payload segments", segments, l.max_segments));
         }
-        let total: usize = payload.iter().map(|b| b.len()).sum();
         if total > l.max_payload {
             return Err(over("reply payload", total, l.max_payload));
         }
-        {
-            let mut st = lock(&self.state);
-            if let Some(r) = &st.closed {
-                return Err(Error::ConnectionClosed(r.clone()));
-            }
-            let Some(&cap) = st.in_flight.get(&id) else {
-                return Err(Error::InvalidArgument(format!(
-                    "reply to request id {id}, which is not in flight on the connection from {}",
-                    self.peer
-                )));
-            };
-            if total > cap {
-                return Err(over(
-                    "reply payload (the request's reply capacity)",
-                    total,
-                    cap,
-                ));
-            }
-            // Before the write: once the client has the reply it may reuse the slot, and
-            // its next request must not count this one.
-            st.in_flight.remove(&id);
+        let mut st = lock(&self.state);
+        if let Some(r) = &st.closed {
+            return Err(Error::ConnectionClosed(r.clone()));
         }
-        let prefix = Prefix {
-            kind: Kind::Reply,
-            header_len: header.len(),
-            id,
-            payload_len: total,
-            recv_cap: 0,
-        }
-        .encode();
-        let mut parts: Vec<&[u8]> = Vec::with_capacity(2 + payload.len());
-        parts.push(&prefix);
-        parts.push(header);
-        parts.extend(payload.iter().map(|b| &b[..]));
-        let res = {
-            let _w = lock(&self.write_lock);
-            write_all_vectored(&self.sock, &mut parts, &mut |t| self.reply_stalled(t))
+        let Some(&cap) = st.in_flight.get(&id) else {
+            return Err(Error::InvalidArgument(format!(
+                "reply to request id {id}, which is not in flight on the connection from {}",
+                self.peer
+            )));
         };
+        if total > cap {
+            return Err(over(
+                "reply payload (the request's reply capacity)",
+                total,
+                cap,
+            ));
+        }
+        // Before the write: once the client has the reply it may reuse the slot, and
+        // its next request must not count this one.
+        st.in_flight.remove(&id);
+        Ok(())
+    }
+
+    /// The outcome of writing reply `id`: a failure closes the connection.
+    fn sent(&self, id: u64, res: io::Result<()>) -> Result<()> {
         match res {
             Ok(()) => {
                 lock(&self.state).last_reply = Instant::now();
@@ -279,6 +268,53 @@ impl Replier for ConnShared {
                 Err(transport_err(what, e))
             }
         }
+    }
+}
+
+fn reply_prefix(id: u64, header: &[u8], total: usize) -> [u8; PREFIX_LEN] {
+    Prefix {
+        kind: Kind::Reply,
+        header_len: header.len(),
+        id,
+        payload_len: total,
+        recv_cap: 0,
+    }
+    .encode()
+}
+
+impl Replier for ConnShared {
+    fn reply(&self, id: u64, header: &[u8], payload: &[Iobuf]) -> Result<()> {
+        let total: usize = payload.iter().map(|b| b.len()).sum();
+        self.admit_reply(id, header, payload.len(), total)?;
+        let prefix = reply_prefix(id, header, total);
+        let mut parts: Vec<&[u8]> = Vec::with_capacity(2 + payload.len());
+        parts.push(&prefix);
+        parts.push(header);
+        parts.extend(payload.iter().map(|b| &b[..]));
+        let res = {
+            let _w = lock(&self.write_lock);
+            write_all_vectored(&self.sock, &mut parts, &mut |t| self.reply_stalled(t))
+        };
+        self.sent(id, res)
+    }
+
+    fn takes_file_ranges(&self) -> bool {
+        self.sendfile
+    }
+
+    /// Prefix and header with one `sendmsg(MSG_MORE)`, then the range with `sendfile(2)`
+    /// from the page cache: the socket takes references to the file's pages, no
+    /// user-space copy.
+    fn reply_file(&self, id: u64, header: &[u8], range: FileRange<'_>) -> Result<()> {
+        self.admit_reply(id, header, 1, range.len)?;
+        let prefix = reply_prefix(id, header, range.len);
+        let res = {
+            let _w = lock(&self.write_lock);
+            let stalled = &mut |t| self.reply_stalled(t);
+            write_all_vectored_more(&self.sock, &mut [&prefix[..], header], stalled)
+                .and_then(|()| send_file(&self.sock, range.file, range.offset, range.len, stalled))
+        };
+        self.sent(id, res)
     }
 
     fn close(&self) {
