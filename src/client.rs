@@ -2,7 +2,11 @@
 //!
 //! - [`Client::connect`] picks the transport named in the configuration, says hello,
 //!   authenticates (challenge-response; the token never crosses the wire) and negotiates
-//!   limits.
+//!   limits. Authentication is mutual: the client proves it knows the token with
+//!   HMAC-SHA256 over both nonces, then the server does the same with another label, and a
+//!   client with a token refuses a server that does not (including one that says no
+//!   authentication is needed). The client proves first so that only a peer posing as a
+//!   server, never any client that connects, can collect a MAC to guess the token from.
 //! - [`File::preadv`] / [`File::pwritev`]: classic vectored I/O on the caller's own
 //!   iovecs; the transport fills or drains them directly (TCP `readv`/`writev`, RDMA).
 //! - The zero-copy family GlusterFS proposed: [`Client::get_buffers`],
@@ -152,6 +156,17 @@ impl Client {
             });
         }
         let token = cfg.client.token.as_bytes();
+        if !token.is_empty() && !hello.auth_required {
+            // Authentication is mutual: a client that has a token talks only to a server
+            // that proves it knows it (its MAC over both nonces, below). One that says no
+            // authentication is needed cannot, and may be an impostor: refused, before
+            // anything else is sent to it.
+            return Err(Error::Auth(
+                "the server does not ask for a token, so it cannot prove it knows client.token; \
+                 refusing it (clear client.token to talk to a server without authentication)"
+                    .into(),
+            ));
+        }
         if hello.auth_required {
             if token.is_empty() {
                 return Err(Error::Auth(

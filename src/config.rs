@@ -16,10 +16,22 @@
 //! max_open_files = 1024          # open file handles per connection
 //! idle_timeout_ms = 300000       # close connections idle this long (0 = never)
 //! direct_io = false              # force O_DIRECT on every open
+//! token_file = ""                # read the token from this file (first line) instead;
+//!                                # the environment variable ZCIO_TOKEN also works (CLI)
+//! auth_timeout_ms = 10000        # a connection must finish hello (and, with a token,
+//!                                # authentication) this long after it is accepted
+//! max_handshakes_per_addr = 32   # transport handshakes in progress from one IP address
+//! max_payload_in_flight = "16M"  # request payload bytes one connection may hold in the
+//!                                # pool at once; more waits (back-pressure)
+//! max_open_files_total = 16384   # open file handles, all connections together
+//! umask = 0o022                  # cleared from the mode of every file and directory
+//!                                # created (modes are masked to 0o777 first)
 //!
 //! [client]
 //! connect = "127.0.0.1:7700"     # server address
-//! token = ""                     # must match the server's
+//! token = ""                     # must match the server's; with a token the client
+//!                                # also makes the server prove it knows it
+//! token_file = ""                # read the token from this file (first line) instead
 //! timeout_ms = 30000             # a request (or connect) taking longer fails the connection
 //!
 //! [limits]
@@ -105,6 +117,17 @@ pub struct ServerConfig {
     pub idle_timeout: Option<Duration>,
     /// Open every file with O_DIRECT.
     pub direct_io: bool,
+    /// Longest time from accepting a connection to the end of its hello (and, with a
+    /// token, its authentication); `None`: no limit.
+    pub auth_timeout: Option<Duration>,
+    /// Most transport handshakes in progress from one IP address at once.
+    pub max_handshakes_per_addr: usize,
+    /// Most request payload bytes one connection holds in the pool at once.
+    pub max_payload_in_flight: usize,
+    /// Most open file handles, all connections together.
+    pub max_open_files_total: usize,
+    /// Bits cleared from the mode of every created file and directory.
+    pub umask: u32,
 }
 
 /// Client settings.
@@ -188,6 +211,11 @@ impl Default for Config {
                 max_open_files: 1024,
                 idle_timeout: Some(Duration::from_secs(300)),
                 direct_io: false,
+                auth_timeout: Some(Duration::from_secs(10)),
+                max_handshakes_per_addr: 32,
+                max_payload_in_flight: 16 << 20,
+                max_open_files_total: 16384,
+                umask: 0o022,
             },
             client: ClientConfig {
                 connect: "127.0.0.1:7700".into(),
@@ -255,6 +283,12 @@ struct RawServer {
     max_open_files: Option<i64>,
     idle_timeout_ms: Option<i64>,
     direct_io: Option<bool>,
+    token_file: Option<String>,
+    auth_timeout_ms: Option<i64>,
+    max_handshakes_per_addr: Option<i64>,
+    max_payload_in_flight: Option<Size>,
+    max_open_files_total: Option<i64>,
+    umask: Option<i64>,
 }
 
 #[derive(Deserialize, Default)]
@@ -263,6 +297,7 @@ struct RawClient {
     connect: Option<String>,
     token: Option<String>,
     timeout_ms: Option<i64>,
+    token_file: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -365,6 +400,21 @@ fn addr(key: &str, v: &str) -> Result<String> {
     Ok(v.to_string())
 }
 
+/// A token from a file: its first line, without the line end; empty is an error.
+fn read_token_file(key: &str, path: &Path) -> Result<String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| Error::io(format!("{key}: reading {}", path.display()), e))?;
+    let token = text.lines().next().unwrap_or("").trim_end_matches('\r');
+    if token.is_empty() {
+        return Err(Error::config(
+            key,
+            path.display(),
+            "the file's first line (the token) is empty",
+        ));
+    }
+    Ok(token.to_string())
+}
+
 fn ms(v: i64) -> Option<Duration> {
     (v > 0).then(|| Duration::from_millis(v as u64))
 }
@@ -455,6 +505,34 @@ impl Config {
             if let Some(v) = s.direct_io {
                 c.server.direct_io = v;
             }
+            if let Some(v) = s.token_file.filter(|v| !v.is_empty()) {
+                c.server.token = read_token_file("server.token_file", Path::new(&v))?;
+            }
+            if let Some(v) = s.auth_timeout_ms {
+                int("server.auth_timeout_ms", v, 0, i64::MAX)?;
+                c.server.auth_timeout = ms(v);
+            }
+            if let Some(v) = s.max_handshakes_per_addr {
+                c.server.max_handshakes_per_addr =
+                    int("server.max_handshakes_per_addr", v, 1, 1 << 20)?;
+            }
+            if let Some(v) = &s.max_payload_in_flight {
+                let n = size("server.max_payload_in_flight", v)?;
+                if n < 4096 {
+                    return Err(Error::config(
+                        "server.max_payload_in_flight",
+                        n,
+                        "must be at least 4K",
+                    ));
+                }
+                c.server.max_payload_in_flight = n;
+            }
+            if let Some(v) = s.max_open_files_total {
+                c.server.max_open_files_total = int("server.max_open_files_total", v, 1, 1 << 24)?;
+            }
+            if let Some(v) = s.umask {
+                c.server.umask = int("server.umask", v, 0, 0o777)? as u32;
+            }
         }
         if let Some(s) = raw.client {
             if let Some(v) = s.connect {
@@ -466,6 +544,9 @@ impl Config {
             if let Some(v) = s.timeout_ms {
                 int("client.timeout_ms", v, 1, 86_400_000)?;
                 c.client.timeout = Duration::from_millis(v as u64);
+            }
+            if let Some(v) = s.token_file.filter(|v| !v.is_empty()) {
+                c.client.token = read_token_file("client.token_file", Path::new(&v))?;
             }
         }
         if let Some(l) = raw.limits {
@@ -592,7 +673,20 @@ impl Config {
         Config::parse_with(&text, "<overrides>", &[kv.to_string()])
     }
 
-    /// The configuration as TOML (every key).
+    /// The configuration as TOML (every key), with the tokens replaced by `"<redacted>"`
+    /// (an empty token stays empty): what `zcio config` prints.
+    pub fn to_toml_redacted(&self) -> String {
+        let mut c = self.clone();
+        for t in [&mut c.server.token, &mut c.client.token] {
+            if !t.is_empty() {
+                *t = "<redacted>".into();
+            }
+        }
+        c.to_toml()
+    }
+
+    /// The configuration as TOML (every key, secrets included: see
+    /// [`Config::to_toml_redacted`]).
     pub fn to_toml(&self) -> String {
         let mut s = String::new();
         let q = |v: &str| toml::Value::String(v.to_string()).to_string();
@@ -609,7 +703,24 @@ impl Config {
             "idle_timeout_ms = {}\n",
             self.server.idle_timeout.map_or(0, |d| d.as_millis())
         );
-        s += &format!("direct_io = {}\n\n[client]\n", self.server.direct_io);
+        s += &format!("direct_io = {}\n", self.server.direct_io);
+        s += &format!(
+            "auth_timeout_ms = {}\n",
+            self.server.auth_timeout.map_or(0, |d| d.as_millis())
+        );
+        s += &format!(
+            "max_handshakes_per_addr = {}\n",
+            self.server.max_handshakes_per_addr
+        );
+        s += &format!(
+            "max_payload_in_flight = {}\n",
+            self.server.max_payload_in_flight
+        );
+        s += &format!(
+            "max_open_files_total = {}\n",
+            self.server.max_open_files_total
+        );
+        s += &format!("umask = 0o{:03o}\n\n[client]\n", self.server.umask);
         s += &format!("connect = {}\n", q(&self.client.connect));
         s += &format!("token = {}\n", q(&self.client.token));
         s += &format!(

@@ -200,6 +200,10 @@ pub enum Error {
         after: Duration,
     },
 
+    /// A thread of the server ended abnormally (a panic), or a like bug.
+    #[error("internal error: {0}")]
+    Internal(String),
+
     /// A caller passed an argument the API cannot honour.
     #[error("invalid argument: {0}")]
     InvalidArgument(String),

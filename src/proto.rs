@@ -101,7 +101,8 @@ pub enum Req {
         path: String,
         /// Flags.
         flags: OpenFlags,
-        /// Permission bits for a created file.
+        /// Permission bits for a created file (masked to 0o777 when decoded: no setuid,
+        /// setgid or sticky bit; the server also clears its umask).
         mode: u32,
     },
     /// Read `len` bytes at `offset`; the data comes back as reply payload.
@@ -535,7 +536,7 @@ impl Req {
                 Req::Open {
                     path,
                     flags: OpenFlags(flags),
-                    mode: r.u32()? & 0o7777,
+                    mode: r.u32()? & 0o777,
                 }
             }
             4 => Req::Read {
@@ -565,7 +566,7 @@ impl Req {
             },
             13 => Req::Mkdir {
                 path: r.path()?,
-                mode: r.u32()? & 0o7777,
+                mode: r.u32()? & 0o777,
             },
             20 => Req::Getattr {
                 path: r.path()?,

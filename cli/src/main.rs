@@ -42,6 +42,11 @@ pub(crate) struct Common {
     /// Shared authentication token (overrides server.token and client.token).
     #[arg(long, value_name = "TOKEN", env = "ZCIO_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// Read the shared token from the first line of FILE (overrides server.token_file and
+    /// client.token_file; wins over --token and ZCIO_TOKEN): unlike --token, the secret
+    /// does not show in `ps`.
+    #[arg(long, value_name = "FILE")]
+    token_file: Option<PathBuf>,
     /// Any configuration key, e.g. `--set rdma.device=rxe0` (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     set: Vec<String>,
@@ -56,6 +61,11 @@ impl Common {
         if let Some(t) = &self.token {
             overrides.push(format!("server.token={}", toml_str(t)));
             overrides.push(format!("client.token={}", toml_str(t)));
+        }
+        if let Some(f) = &self.token_file {
+            let f = toml_str(&f.to_string_lossy());
+            overrides.push(format!("server.token_file={f}"));
+            overrides.push(format!("client.token_file={f}"));
         }
         match &self.config {
             Some(p) => Config::from_file_with(p, &overrides),
@@ -274,7 +284,7 @@ fn run(cli: Cli) -> AnyResult<()> {
             Ok(())
         }
         Cmd::Config { common } => {
-            print!("{}", common.load()?.to_toml());
+            print!("{}", common.load()?.to_toml_redacted());
             Ok(())
         }
     }

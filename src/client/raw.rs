@@ -177,15 +177,3 @@ fn finish_planned(
         )
     })
 }
-
-impl super::Client {
-    /// Creates a directory with the given mode (permission bits).
-    pub fn mkdir_mode(&self, path: &str, mode: u32) -> Result<()> {
-        super::check_path(path)?;
-        self.call_simple(&Req::Mkdir {
-            path: path.into(),
-            mode,
-        })
-        .map(drop)
-    }
-}

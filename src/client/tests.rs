@@ -169,3 +169,16 @@ fn one_request_and_many_request_completions_wait_poll_and_map_alike() {
         f.pwrite(&data, 0).unwrap();
     }
 }
+
+#[test]
+fn a_client_with_a_token_refuses_a_server_that_cannot_prove_it_knows_it() {
+    // The server has no token: it says none is needed, and so proves nothing.
+    let (_d, _srv, l, mut cfg) = setup("");
+    cfg.client.token = "secret".into();
+    match client(&l, &cfg) {
+        Err(Error::Auth(m)) => assert!(m.contains("cannot prove"), "{m}"),
+        other => panic!("an unproven server was accepted: {:?}", other.err()),
+    }
+    cfg.client.token = String::new();
+    assert!(client(&l, &cfg).is_ok());
+}

@@ -277,3 +277,58 @@ fn missing_file_is_a_clear_error() {
     assert!(matches!(e, Error::ReadConfig { .. }));
     assert!(e.to_string().contains("/nonexistent/zcio.toml"));
 }
+
+#[test]
+fn tokens_come_from_files_and_config_prints_them_redacted() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("tok");
+    std::fs::write(&f, "fr0m-file\nignored second line\n").unwrap();
+    let text = format!(
+        "[server]\ntoken_file = {0:?}\n[client]\ntoken_file = {0:?}\n",
+        f.display().to_string()
+    );
+    let c = Config::parse(&text).unwrap();
+    assert_eq!(c.server.token, "fr0m-file");
+    assert_eq!(c.client.token, "fr0m-file");
+    let shown = c.to_toml_redacted();
+    assert!(!shown.contains("fr0m-file"), "{shown}");
+    assert!(shown.contains("token = \"<redacted>\""), "{shown}");
+    // The unredacted form still round-trips (overrides rebuild from it).
+    assert_eq!(
+        Config::parse(&c.to_toml()).unwrap().server.token,
+        "fr0m-file"
+    );
+    // A missing or empty file is a clear error naming the key.
+    std::fs::write(&f, "\n").unwrap();
+    let e = Config::parse(&text).unwrap_err().to_string();
+    assert!(e.contains("server.token_file"), "{e}");
+    let e = Config::parse("[client]\ntoken_file = \"/nonexistent/zcio-token\"\n")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("client.token_file"), "{e}");
+}
+
+#[test]
+fn hardening_keys_parse_and_round_trip() {
+    let c = Config::parse(
+        "[server]\nauth_timeout_ms = 1500\nmax_handshakes_per_addr = 4\n\
+         max_payload_in_flight = \"2M\"\nmax_open_files_total = 99\numask = 0o077\n",
+    )
+    .unwrap();
+    assert_eq!(
+        c.server.auth_timeout,
+        Some(std::time::Duration::from_millis(1500))
+    );
+    assert_eq!(c.server.max_handshakes_per_addr, 4);
+    assert_eq!(c.server.max_payload_in_flight, 2 << 20);
+    assert_eq!(c.server.max_open_files_total, 99);
+    assert_eq!(c.server.umask, 0o077);
+    assert_eq!(Config::parse(&c.to_toml()).unwrap(), c);
+    for bad in [
+        "[server]\numask = 0o1000\n",
+        "[server]\nmax_payload_in_flight = 100\n",
+        "[server]\nmax_handshakes_per_addr = 0\n",
+    ] {
+        assert!(Config::parse(bad).is_err(), "{bad}");
+    }
+}

@@ -9,11 +9,11 @@
 //! directory that way and then act on the last component with `*at` calls.
 
 use std::fs::File;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::Path;
 
 use nix::errno::Errno;
-use nix::fcntl::{fcntl, openat2, FcntlArg, OFlag, OpenHow, ResolveFlag};
+use nix::fcntl::{openat2, OFlag, OpenHow, ResolveFlag};
 use nix::sys::stat::{fstat, fstatat, mkdirat, FileStat, Mode};
 use nix::unistd::{unlinkat, UnlinkatFlags};
 
@@ -50,6 +50,15 @@ pub(crate) struct Export {
     root: OwnedFd,
     read_only: bool,
     force_direct: bool,
+    /// Cleared from the mode of everything created (`server.umask`).
+    umask: u32,
+}
+
+/// Modes a client may ask for on creation: permission bits only (no setuid, setgid or
+/// sticky bit), less the server's umask.
+fn create_mode(requested: u32, default: u32, umask: u32) -> u32 {
+    let m = if requested == 0 { default } else { requested };
+    m & 0o777 & !umask
 }
 
 fn how(flags: OFlag, mode: u32) -> OpenHow {
@@ -104,7 +113,14 @@ impl Export {
             root: OwnedFd::from(f),
             read_only,
             force_direct,
+            umask: 0o022,
         })
+    }
+
+    /// Sets the bits cleared from created files' and directories' modes.
+    pub(crate) fn with_umask(mut self, umask: u32) -> Export {
+        self.umask = umask & 0o777;
+        self
     }
 
     pub(crate) fn read_only(&self) -> bool {
@@ -145,14 +161,8 @@ impl Export {
             (false, true) => OFlag::O_WRONLY,
             (true, true) => OFlag::O_RDWR,
         };
-        if fl.contains(OpenFlags::CREATE) {
-            o |= OFlag::O_CREAT;
-        }
         if fl.contains(OpenFlags::TRUNCATE) {
             o |= OFlag::O_TRUNC;
-        }
-        if fl.contains(OpenFlags::EXCL) {
-            o |= OFlag::O_EXCL;
         }
         if fl.contains(OpenFlags::APPEND) {
             o |= OFlag::O_APPEND;
@@ -161,28 +171,54 @@ impl Export {
         if direct {
             o |= OFlag::O_DIRECT;
         }
+        let create = fl.contains(OpenFlags::CREATE);
+        let excl = fl.contains(OpenFlags::EXCL);
         // A created file's mode defaults to 0644 when the client sends 0.
-        let mode = if mode == 0 { 0o644 } else { mode };
-        // Non-blocking, so that a FIFO (or a device) in the export cannot hold a server
-        // thread in open(2) until a writer comes; refused below, and the flag is cleared
-        // on a regular file (where it has no effect anyway).
-        let fd = self.resolve(path, o | OFlag::O_NONBLOCK, mode, "open")?;
-        let st = fstat(&fd).map_err(|e| OpError::errno(e, "stat", path))?;
-        match st.st_mode & libc::S_IFMT {
-            libc::S_IFREG => {}
-            libc::S_IFDIR => return Err(OpError::errno(Errno::EISDIR, "open", path)),
-            _ => {
-                return Err(OpError::errno(
-                    Errno::EINVAL,
-                    "open (not a regular file)",
-                    path,
-                ))
+        let mode = create_mode(mode, 0o644, self.umask);
+        // What exists is first opened O_PATH (no open(2) side effect: a device node's
+        // driver, a FIFO's wait for a writer) and checked to be a regular file; only then
+        // is that same inode opened for I/O, through its /proc/self/fd link. What does not
+        // exist is created with O_CREAT | O_EXCL, which makes a new regular file or fails:
+        // it never opens something that appeared meanwhile. A race (created or removed
+        // between the two steps) is retried a few times.
+        for _ in 0..4 {
+            match self.resolve(path, OFlag::O_PATH, 0, "open") {
+                Ok(pfd) => {
+                    if create && excl {
+                        return Err(OpError::errno(Errno::EEXIST, "open", path));
+                    }
+                    let st = fstat(&pfd).map_err(|e| OpError::errno(e, "stat", path))?;
+                    match st.st_mode & libc::S_IFMT {
+                        libc::S_IFREG => {}
+                        libc::S_IFDIR => return Err(OpError::errno(Errno::EISDIR, "open", path)),
+                        _ => {
+                            return Err(OpError::errno(
+                                Errno::EINVAL,
+                                "open (not a regular file)",
+                                path,
+                            ))
+                        }
+                    }
+                    let link = format!("/proc/self/fd/{}", pfd.as_raw_fd());
+                    let fd = nix::fcntl::open(link.as_str(), o | OFlag::O_CLOEXEC, Mode::empty())
+                        .map_err(|e| OpError::errno(e, "open", path))?;
+                    return Ok((File::from(fd), direct));
+                }
+                Err(e) if create && e.code == Errno::ENOENT as i32 as u32 => {
+                    match self.resolve(path, o | OFlag::O_CREAT | OFlag::O_EXCL, mode, "open") {
+                        Ok(fd) => return Ok((File::from(fd), direct)),
+                        Err(e) if !excl && e.code == Errno::EEXIST as i32 as u32 => continue,
+                        Err(e) => return Err(e),
+                    }
+                }
+                Err(e) => return Err(e),
             }
         }
-        let fl = fcntl(&fd, FcntlArg::F_GETFL).map_err(|e| OpError::errno(e, "open", path))?;
-        let fl = OFlag::from_bits_truncate(fl) - OFlag::O_NONBLOCK;
-        fcntl(&fd, FcntlArg::F_SETFL(fl)).map_err(|e| OpError::errno(e, "open", path))?;
-        Ok((File::from(fd), direct))
+        Err(OpError::errno(
+            Errno::EAGAIN,
+            "open (the file kept changing)",
+            path,
+        ))
     }
 
     pub(crate) fn stat(&self, path: &str) -> Result<Stat, OpError> {
@@ -223,7 +259,7 @@ impl Export {
     pub(crate) fn mkdir(&self, path: &str, mode: u32) -> Result<(), OpError> {
         self.refuse_if_read_only("mkdir")?;
         let (dir, name) = self.parent(path, "mkdir")?;
-        let mode = if mode == 0 { 0o755 } else { mode };
+        let mode = create_mode(mode, 0o755, self.umask);
         mkdirat(&dir, name.as_str(), Mode::from_bits_truncate(mode))
             .map_err(|e| OpError::errno(e, "mkdir", path))
     }
@@ -303,8 +339,6 @@ impl Export {
 // (chmod, extended attributes), it goes through `/proc/self/fd/N`, which names exactly the
 // object already opened and is refused for symlinks (whose modes and user xattrs Linux
 // does not support anyway).
-
-use std::os::fd::AsRawFd;
 
 use nix::sys::stat::{utimensat, UtimensatFlags};
 use nix::sys::time::TimeSpec;

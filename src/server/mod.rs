@@ -29,6 +29,7 @@ use std::io::{IoSlice, IoSliceMut};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use nix::sys::uio::{preadv, pwritev};
 
@@ -38,7 +39,9 @@ use crate::error::{Error, Result};
 use crate::lock;
 use crate::pool::{Iobuf, IobufMut, Pool};
 use crate::proto::{self, HelloReply, Req, Resp, Status, NONCE_LEN};
-use crate::transport::{FileRange, Incoming, Listener, Registry, Replier, ServerConn, Transport};
+use crate::transport::{
+    Admission, FileRange, Incoming, Listener, Registry, Replier, ServerConn, Transport,
+};
 
 /// Counters of a running server.
 #[derive(Debug, Default)]
@@ -83,6 +86,13 @@ pub struct ServerStats {
     /// Read replies with data whose payload was read into pool buffers first (a transport
     /// that takes no file ranges, or an `O_DIRECT` file).
     pub pool_read_replies: AtomicU64,
+    /// Connections closed for not finishing hello and authentication within
+    /// `server.auth_timeout_ms`.
+    pub auth_timeouts: AtomicU64,
+    /// Authentications refused: a wrong token, or an attempt during a failure's back-off.
+    pub auth_failures: AtomicU64,
+    /// Requests whose serving panicked (each answered with an error).
+    pub panics: AtomicU64,
 }
 
 impl ServerStats {
@@ -235,6 +245,16 @@ struct Conn {
     /// `(client nonce, server nonce)` from hello.
     hello: Mutex<Option<([u8; NONCE_LEN], [u8; NONCE_LEN])>>,
     authed: AtomicBool,
+    /// What the transport may take in for this connection (see [`Admission`]).
+    admission: Arc<Admission>,
+    /// When the connection was accepted: its hello and authentication are due by
+    /// `server.auth_timeout` after this.
+    accepted: Instant,
+    /// Closed by the watchdog for not authenticating in time.
+    expired: AtomicBool,
+    /// Files open or being opened: the per-connection limit is checked and taken in one
+    /// step, before the open.
+    open_count: AtomicUsize,
     permits: Permits,
     queue: Mutex<ConnQueue>,
     shared: Arc<Shared>,
@@ -242,10 +262,72 @@ struct Conn {
     dirs: Mutex<HashMap<u64, Arc<Mutex<export::DirStream>>>>,
 }
 
+impl Conn {
+    fn authenticate(&self) {
+        self.authed.store(true, Ordering::SeqCst);
+        self.admission.authenticate();
+    }
+}
+
 impl Drop for Conn {
     fn drop(&mut self) {
         let n = lock(&self.files).len();
         self.shared.stats.open_files.fetch_sub(n, Ordering::Relaxed);
+    }
+}
+
+/// The first back-off after a failed authentication from an address; it doubles with each
+/// further failure, up to [`AUTH_BACKOFF_MAX`].
+const AUTH_BACKOFF_FIRST: Duration = Duration::from_millis(250);
+/// The longest back-off after failed authentications.
+const AUTH_BACKOFF_MAX: Duration = Duration::from_secs(10);
+/// Addresses remembered for their failed authentications, at most.
+const AUTH_FAIL_ENTRIES: usize = 4096;
+
+/// The address part of a peer description (`ip:port` -> `ip`), for per-address state.
+fn peer_key(peer: &str) -> String {
+    peer.parse::<std::net::SocketAddr>()
+        .map(|a| a.ip().to_string())
+        .unwrap_or_else(|_| peer.to_string())
+}
+
+/// Failed authentications per address: how many in a row, and until when the next
+/// attempt is refused unchecked. So a wrong guess costs its address an exponentially
+/// growing wait, without holding a thread.
+#[derive(Default)]
+struct AuthFailures {
+    by_addr: HashMap<String, (u32, Instant)>,
+}
+
+impl AuthFailures {
+    /// How long attempts from `key` are still refused, if they are.
+    fn backoff(&self, key: &str, now: Instant) -> Option<Duration> {
+        let (_, until) = self.by_addr.get(key)?;
+        (*until > now).then(|| *until - now)
+    }
+
+    /// Records a failure; returns the failures in a row and the back-off now in force.
+    fn failed(&mut self, key: &str, now: Instant) -> (u32, Duration) {
+        if self.by_addr.len() >= AUTH_FAIL_ENTRIES && !self.by_addr.contains_key(key) {
+            self.by_addr.retain(|_, (_, until)| *until > now);
+            if self.by_addr.len() >= AUTH_FAIL_ENTRIES {
+                // Full of live entries: forget one rather than grow without bound.
+                if let Some(k) = self.by_addr.keys().next().cloned() {
+                    self.by_addr.remove(&k);
+                }
+            }
+        }
+        let e = self.by_addr.entry(key.to_string()).or_insert((0, now));
+        e.0 = e.0.saturating_add(1);
+        let wait = AUTH_BACKOFF_FIRST
+            .saturating_mul(1u32 << (e.0 - 1).min(16))
+            .min(AUTH_BACKOFF_MAX);
+        e.1 = now + wait;
+        (e.0, wait)
+    }
+
+    fn succeeded(&mut self, key: &str) {
+        self.by_addr.remove(key);
     }
 }
 
@@ -256,7 +338,23 @@ struct Shared {
     stats: ServerStats,
     conns: Mutex<Vec<Weak<Conn>>>,
     stopping: AtomicBool,
+    auth_failures: Mutex<AuthFailures>,
+    /// The authentication watchdog sleeps on this (guarding "the accept loop has ended").
+    watch: Mutex<bool>,
+    watch_cv: Condvar,
+    /// Over-limit connections being told so, each with the time by which the watchdog
+    /// closes it if the refusal is not done.
+    refusals: Mutex<Vec<(Instant, Weak<dyn Replier>)>>,
+    /// Threads refusing over-limit connections now (at most [`MAX_REFUSERS`]).
+    refusing: AtomicUsize,
 }
+
+/// Over-limit connections told so at once, at most: each takes a thread for at most
+/// [`REFUSE_WITHIN`]. Beyond that, the accept loop closes them without a word.
+const MAX_REFUSERS: usize = 4;
+/// How long an over-limit connection has to send its first request (which is answered
+/// with the refusal) before it is closed.
+const REFUSE_WITHIN: Duration = Duration::from_secs(2);
 
 /// A server bound to its listener, not yet serving.
 pub struct Server {
@@ -268,7 +366,7 @@ pub struct Server {
 pub struct ServerHandle {
     shared: Arc<Shared>,
     listener: Arc<dyn Listener>,
-    accept: Option<JoinHandle<()>>,
+    accept: Option<JoinHandle<Result<()>>>,
     addr: String,
 }
 
@@ -294,6 +392,7 @@ impl Server {
             cfg.server.direct_io,
         )
         .map_err(|e| Error::io(format!("open export {}", cfg.server.export.display()), e))?;
+        let export = export.with_umask(cfg.server.umask);
         Ok(Server {
             shared: Arc::new(Shared {
                 cfg: cfg.clone(),
@@ -302,6 +401,11 @@ impl Server {
                 stats: ServerStats::default(),
                 conns: Mutex::new(Vec::new()),
                 stopping: AtomicBool::new(false),
+                auth_failures: Mutex::new(AuthFailures::default()),
+                watch: Mutex::new(false),
+                watch_cv: Condvar::new(),
+                refusals: Mutex::new(Vec::new()),
+                refusing: AtomicUsize::new(0),
             }),
             listener,
         })
@@ -331,12 +435,34 @@ impl Server {
                 })
                 .map_err(|e| Error::io("spawn worker thread", e))?;
         }
+        {
+            let shared = self.shared.clone();
+            let limit = shared.cfg.server.auth_timeout;
+            std::thread::Builder::new()
+                .name("zcio-watchdog".into())
+                .spawn(move || watchdog(&shared, limit))
+                .map_err(|e| Error::io("spawn the server's watchdog thread", e))?;
+        }
         let addr = self.listener.local_addr();
         let shared = self.shared.clone();
         let listener = self.listener.clone();
         let accept = std::thread::Builder::new()
             .name("zcio-accept".into())
-            .spawn(move || accept_loop(shared, listener, sched))
+            .spawn(move || {
+                let sh = shared.clone();
+                // Whatever way the loop ends, panics included: workers finish what is
+                // queued and exit, and the watchdog ends.
+                struct Ended(Arc<Shared>, Arc<Scheduler>);
+                impl Drop for Ended {
+                    fn drop(&mut self) {
+                        self.1.close();
+                        *lock(&self.0.watch) = true;
+                        self.0.watch_cv.notify_all();
+                    }
+                }
+                let _ended = Ended(sh, sched.clone());
+                accept_loop(shared, listener, sched)
+            })
             .map_err(|e| Error::io("spawn accept thread", e))?;
         Ok(ServerHandle {
             shared: self.shared,
@@ -346,13 +472,18 @@ impl Server {
         })
     }
 
-    /// Serves until the listener fails or is shut down.
+    /// Serves until the listener fails or is shut down. Returns the error that ended the
+    /// accept loop (a listener failure, or a panic in it); `Ok` after a shutdown.
     pub fn serve(self) -> Result<()> {
         let mut h = self.spawn()?;
-        if let Some(t) = h.accept.take() {
-            let _ = t.join();
+        match h.accept.take().map(JoinHandle::join) {
+            None | Some(Ok(Ok(()))) => Ok(()),
+            Some(Ok(Err(e))) => Err(e),
+            Some(Err(p)) => Err(Error::Internal(format!(
+                "the accept loop panicked: {}",
+                panic_message(&*p)
+            ))),
         }
-        Ok(())
     }
 }
 
@@ -405,7 +536,81 @@ impl Drop for ServerHandle {
     }
 }
 
-fn accept_loop(shared: Arc<Shared>, listener: Arc<dyn Listener>, jobs: Arc<Scheduler>) {
+/// What a panic payload says, if it is a string.
+fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".into())
+}
+
+/// Closes every connection that has not finished hello (and, with a token,
+/// authentication) `limit` after it was accepted, whatever it sends meanwhile: frames
+/// before authentication do not extend a connection's life. Also closes over-limit
+/// connections whose refusal is overdue. Sleeps until the next one is due; ends with the
+/// accept loop or at shutdown.
+fn watchdog(shared: &Shared, limit: Option<Duration>) {
+    let mut ended = lock(&shared.watch);
+    loop {
+        if *ended || shared.stopping.load(Ordering::SeqCst) {
+            return;
+        }
+        let now = Instant::now();
+        let mut next: Option<Instant> = None;
+        let mut soonest = |at: Instant| {
+            if at > now {
+                next = Some(next.map_or(at, |n: Instant| n.min(at)));
+            }
+            at <= now
+        };
+        lock(&shared.refusals).retain(|(at, r)| match r.upgrade() {
+            None => false,
+            Some(_) if !soonest(*at) => true,
+            Some(r) => {
+                r.close();
+                false
+            }
+        });
+        let due: Vec<Arc<Conn>> = match limit {
+            None => Vec::new(),
+            Some(limit) => lock(&shared.conns)
+                .iter()
+                .filter_map(Weak::upgrade)
+                .filter(|c| !c.authed.load(Ordering::SeqCst) && !c.expired.load(Ordering::SeqCst))
+                .filter(|c| soonest(c.accepted + limit))
+                .collect(),
+        };
+        let limit = limit.unwrap_or_default();
+        for c in due {
+            c.expired.store(true, Ordering::SeqCst);
+            shared.stats.auth_timeouts.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(
+                "connection from {} closed: no hello and authentication within {limit:?} (server.auth_timeout_ms)",
+                c.peer
+            );
+            c.replier.close();
+        }
+        ended = match next {
+            Some(at) => {
+                shared
+                    .watch_cv
+                    .wait_timeout(ended, at.saturating_duration_since(Instant::now()))
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0
+            }
+            None => shared
+                .watch_cv
+                .wait(ended)
+                .unwrap_or_else(|p| p.into_inner()),
+        };
+    }
+}
+
+fn accept_loop(
+    shared: Arc<Shared>,
+    listener: Arc<dyn Listener>,
+    jobs: Arc<Scheduler>,
+) -> Result<()> {
     loop {
         let conn = match listener.accept() {
             Ok(Ok(c)) => c,
@@ -419,31 +624,43 @@ fn accept_loop(shared: Arc<Shared>, listener: Arc<dyn Listener>, jobs: Arc<Sched
                 continue;
             }
             Err(e) => {
-                if !shared.stopping.load(Ordering::SeqCst) {
-                    tracing::error!("accept failed, server stops: {e}");
+                // Workers finish what is queued, then exit (see `spawn`).
+                if shared.stopping.load(Ordering::SeqCst) {
+                    return Ok(());
                 }
-                // Workers finish what is queued, then exit.
-                jobs.close();
-                return;
+                tracing::error!("accept failed, server stops: {e}");
+                return Err(e);
             }
         };
         if shared.stopping.load(Ordering::SeqCst) {
             conn.replier().close();
-            jobs.close();
-            return;
+            return Ok(());
+        }
+        if shared.stats.active.load(Ordering::SeqCst) >= shared.cfg.server.max_connections {
+            refuse_full(&shared, conn);
+            continue;
         }
         shared.stats.accepted.fetch_add(1, Ordering::Relaxed);
-        let active = shared.stats.active.fetch_add(1, Ordering::SeqCst) + 1;
+        shared.stats.active.fetch_add(1, Ordering::SeqCst);
         let shared2 = shared.clone();
         let jobs = jobs.clone();
-        let full = active > shared.cfg.server.max_connections;
         let r = std::thread::Builder::new()
             .name("zcio-conn".into())
             .spawn(move || {
-                if full {
-                    refuse_full(&shared2, conn);
-                } else {
-                    serve_conn(&shared2, conn, &jobs);
+                // A panic in the transport or here ends this connection only: the slot is
+                // given back either way.
+                let replier = conn.replier();
+                let peer = conn.peer();
+                let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    serve_conn(&shared2, conn, &jobs)
+                }));
+                if let Err(p) = r {
+                    tracing::error!(
+                        "connection from {peer}: its receiving thread panicked: {}",
+                        panic_message(&*p)
+                    );
+                    shared2.stats.panics.fetch_add(1, Ordering::Relaxed);
+                    replier.close();
                 }
                 shared2.stats.active.fetch_sub(1, Ordering::SeqCst);
             });
@@ -454,18 +671,43 @@ fn accept_loop(shared: Arc<Shared>, listener: Arc<dyn Listener>, jobs: Arc<Sched
     }
 }
 
-/// Answers a connection over the limit with one clear error, then closes it.
-fn refuse_full(shared: &Shared, mut conn: Box<dyn ServerConn>) {
+/// Refuses a connection over `server.max_connections`. Up to [`MAX_REFUSERS`] at once are
+/// answered with a clear error (their first request gets `Busy`) by a short-lived thread
+/// that the watchdog cuts off after [`REFUSE_WITHIN`]; any more are closed at once by the
+/// accept loop. A flood of connections therefore costs a few threads for a few seconds,
+/// never a thread each for the idle timeout.
+fn refuse_full(shared: &Arc<Shared>, mut conn: Box<dyn ServerConn>) {
     shared.stats.refused.fetch_add(1, Ordering::Relaxed);
+    let max = shared.cfg.server.max_connections;
     let replier = conn.replier();
-    if let Ok(Some(inc)) = conn.recv() {
-        let msg = format!(
-            "server is at its limit of {} connections; try again later",
-            shared.cfg.server.max_connections
+    if !take_below(&shared.refusing, MAX_REFUSERS) {
+        tracing::debug!(
+            "connection from {} closed: at the limit of {max} connections (server.max_connections)",
+            conn.peer()
         );
-        let _ = replier.reply(inc.id, &proto::encode_err(Status::Busy as u32, &msg), &[]);
+        replier.close();
+        return;
     }
-    replier.close();
+    {
+        let _w = lock(&shared.watch);
+        lock(&shared.refusals).push((Instant::now() + REFUSE_WITHIN, Arc::downgrade(&replier)));
+    }
+    shared.watch_cv.notify_all();
+    let sh = shared.clone();
+    let r = std::thread::Builder::new()
+        .name("zcio-refuse".into())
+        .spawn(move || {
+            if let Ok(Some(inc)) = conn.recv() {
+                let msg = format!("server is at its limit of {max} connections; try again later");
+                let _ = replier.reply(inc.id, &proto::encode_err(Status::Busy as u32, &msg), &[]);
+            }
+            replier.close();
+            sh.refusing.fetch_sub(1, Ordering::SeqCst);
+        });
+    if let Err(e) = r {
+        tracing::error!("cannot start a thread to refuse a connection: {e}");
+        shared.refusing.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 fn serve_conn(shared: &Arc<Shared>, mut sc: Box<dyn ServerConn>, jobs: &Scheduler) {
@@ -476,6 +718,10 @@ fn serve_conn(shared: &Arc<Shared>, mut sc: Box<dyn ServerConn>, jobs: &Schedule
         next_fh: AtomicU64::new(1),
         hello: Mutex::new(None),
         authed: AtomicBool::new(false),
+        admission: Arc::new(Admission::new(shared.cfg.server.max_payload_in_flight)),
+        accepted: Instant::now(),
+        expired: AtomicBool::new(false),
+        open_count: AtomicUsize::new(0),
         permits: Permits {
             free: Mutex::new(shared.cfg.server.max_in_flight),
             cond: Condvar::new(),
@@ -484,15 +730,32 @@ fn serve_conn(shared: &Arc<Shared>, mut sc: Box<dyn ServerConn>, jobs: &Schedule
         shared: shared.clone(),
         dirs: Mutex::new(HashMap::new()),
     });
+    sc.set_admission(conn.admission.clone());
     {
+        // Lock order: watch, then conns (as the watchdog takes them).
+        let _w = lock(&shared.watch);
         let mut conns = lock(&shared.conns);
         conns.retain(|w| w.strong_count() > 0);
         conns.push(Arc::downgrade(&conn));
     }
+    shared.watch_cv.notify_all();
     tracing::debug!("connection from {}", conn.peer);
     loop {
         conn.permits.acquire();
         match sc.recv() {
+            Ok(Some(inc)) if !inc.payload.is_empty() && !conn.authed.load(Ordering::SeqCst) => {
+                // A transport that admits payload itself refuses this before taking
+                // buffers; for any other, the connection ends here.
+                tracing::info!(
+                    "connection {} dropped: request payload before authentication",
+                    conn.peer
+                );
+                shared
+                    .stats
+                    .failed_connections
+                    .fetch_add(1, Ordering::Relaxed);
+                break;
+            }
             Ok(Some(inc)) => {
                 let depth = shared
                     .cfg
@@ -563,7 +826,7 @@ fn handle_with(job: Job, scratch: &mut Scratch) {
     let Job { conn, mut inc } = job;
     let shared = conn.shared.clone();
     let (header, payload) = match Req::decode(&inc.header) {
-        Ok(req) => match execute(&conn, &req, &inc, scratch) {
+        Ok(req) => match execute_guarded(&conn, &req, &inc, scratch) {
             Ok((resp, payload)) => {
                 let mut h = std::mem::take(&mut scratch.header);
                 proto::encode_ok_into(&resp, &mut h);
@@ -584,6 +847,7 @@ fn handle_with(job: Job, scratch: &mut Scratch) {
     };
     // Free the request's payload buffers before replying.
     inc.payload.clear();
+    conn.admission.release(inc.id);
     shared.stats.requests.fetch_add(1, Ordering::Relaxed);
     let sent = match scratch.range.take() {
         Some((f, offset, len)) => {
@@ -617,6 +881,42 @@ fn handle_with(job: Job, scratch: &mut Scratch) {
     conn.permits.release();
 }
 
+/// [`execute`], with a panic turned into that request's error: the worker, the
+/// connection and its slot carry on (locks recover from poisoning, see [`lock`]).
+fn execute_guarded(
+    conn: &Conn,
+    req: &Req,
+    inc: &Incoming,
+    scratch: &mut Scratch,
+) -> Result<(Resp, Vec<Iobuf>), OpError> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        execute(conn, req, inc, scratch)
+    })) {
+        Ok(r) => r,
+        Err(p) => {
+            // Buffers a half-done read left in the scratch go back to the pool.
+            scratch.span.clear();
+            scratch.payload.clear();
+            conn.shared.stats.panics.fetch_add(1, Ordering::Relaxed);
+            let msg = panic_message(&*p);
+            tracing::error!("serving {} from {} panicked: {msg}", req.name(), conn.peer);
+            Err(OpError::new(
+                nix::errno::Errno::EIO as i32 as u32,
+                format!("{}: internal server error (a panic: {msg})", req.name()),
+            ))
+        }
+    }
+}
+
+/// Takes one unit of `counter` if it is below `limit`, in one atomic step.
+fn take_below(counter: &AtomicUsize, limit: usize) -> bool {
+    counter
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+            (n < limit).then_some(n + 1)
+        })
+        .is_ok()
+}
+
 fn file(conn: &Conn, fh: u64) -> Result<Arc<OpenFile>, OpError> {
     lock(&conn.files).get(&fh).cloned().ok_or_else(|| {
         OpError::new(
@@ -638,6 +938,10 @@ fn execute(
 ) -> Result<(Resp, Vec<Iobuf>), OpError> {
     let shared = &conn.shared;
     let cfg = &shared.cfg;
+    #[cfg(test)]
+    if matches!(req, Req::Stat { path } if path == tests::PANIC_PATH) {
+        panic!("a panic while serving, on purpose (test)");
+    }
     match req {
         Req::Hello {
             version,
@@ -657,7 +961,7 @@ fn execute(
             *lock(&conn.hello) = Some((*client_nonce, sn));
             let auth_required = !cfg.server.token.is_empty();
             if !auth_required {
-                conn.authed.store(true, Ordering::SeqCst);
+                conn.authenticate();
             }
             return Ok((
                 Resp::Hello(HelloReply {
@@ -688,12 +992,33 @@ fn execute(
                     Vec::new(),
                 ));
             }
+            let key = peer_key(&conn.peer);
+            let now = Instant::now();
+            if let Some(wait) = lock(&shared.auth_failures).backoff(&key, now) {
+                // Refused unchecked: a guess costs its address the whole back-off.
+                *lock(&conn.hello) = None;
+                shared.stats.auth_failures.fetch_add(1, Ordering::Relaxed);
+                return Err(OpError::new(
+                    Status::AuthRequired as u32,
+                    format!(
+                        "authentication refused: failed attempts from {key}; try again in {} ms",
+                        wait.as_millis().max(1)
+                    ),
+                ));
+            }
             if !proto::mac_eq(mac, &proto::client_mac(token, &cn, &sn)) {
                 // One try per hello: a new hello (new nonce) is needed to try again.
                 *lock(&conn.hello) = None;
+                shared.stats.auth_failures.fetch_add(1, Ordering::Relaxed);
+                let (n, wait) = lock(&shared.auth_failures).failed(&key, now);
+                tracing::warn!(
+                    "authentication from {} failed (wrong token; {n} in a row from {key}): further attempts from {key} refused for {wait:?}",
+                    conn.peer
+                );
                 return Err(OpError::new(Status::AuthRequired as u32, "wrong token"));
             }
-            conn.authed.store(true, Ordering::SeqCst);
+            lock(&shared.auth_failures).succeeded(&key);
+            conn.authenticate();
             return Ok((
                 Resp::Auth {
                     mac: proto::server_mac(token, &cn, &sn),
@@ -714,7 +1039,9 @@ fn execute(
     }
     match req {
         Req::Open { path, flags, mode } => {
-            if lock(&conn.files).len() >= cfg.server.max_open_files {
+            // Both limits are checked and taken in one step each, before the open, so
+            // concurrent opens cannot pass them; given back if the open fails.
+            if !take_below(&conn.open_count, cfg.server.max_open_files) {
                 return Err(OpError::new(
                     Status::Limit as u32,
                     format!(
@@ -723,8 +1050,28 @@ fn execute(
                     ),
                 ));
             }
-            let (f, direct) = shared.export.open(path, *flags, *mode)?;
-            let size = Export::fstat(&f)?.size;
+            if !take_below(&shared.stats.open_files, cfg.server.max_open_files_total) {
+                conn.open_count.fetch_sub(1, Ordering::SeqCst);
+                return Err(OpError::new(
+                    Status::Limit as u32,
+                    format!(
+                        "open {path:?}: the server has {} files open, its limit (server.max_open_files_total)",
+                        cfg.server.max_open_files_total
+                    ),
+                ));
+            }
+            let opened = shared
+                .export
+                .open(path, *flags, *mode)
+                .and_then(|(f, direct)| Ok((Export::fstat(&f)?.size, f, direct)));
+            let (size, f, direct) = match opened {
+                Ok(v) => v,
+                Err(e) => {
+                    conn.open_count.fetch_sub(1, Ordering::SeqCst);
+                    shared.stats.open_files.fetch_sub(1, Ordering::SeqCst);
+                    return Err(e);
+                }
+            };
             let writable = flags.contains(proto::OpenFlags::WRITE);
             // Without READ the file is opened write-only; EBADF comes from `preadv` then.
             let rangeable = !direct && flags.contains(proto::OpenFlags::READ);
@@ -737,7 +1084,6 @@ fn execute(
                     rangeable,
                 }),
             );
-            shared.stats.open_files.fetch_add(1, Ordering::Relaxed);
             Ok((Resp::Open { fh, size }, Vec::new()))
         }
         Req::Read { fh, offset, len } => {
@@ -819,14 +1165,20 @@ fn execute(
             Ok((Resp::Ok, Vec::new()))
         }
         Req::Close { fh } => {
-            let removed = lock(&conn.files).remove(fh);
-            if removed.is_none() {
+            let Some(of) = lock(&conn.files).remove(fh) else {
                 return Err(OpError::new(
                     Status::BadHandle as u32,
                     format!("no open file handle {fh}"),
                 ));
+            };
+            conn.open_count.fetch_sub(1, Ordering::SeqCst);
+            shared.stats.open_files.fetch_sub(1, Ordering::SeqCst);
+            // The last holder closes the descriptor here, and a failed close(2) (a write
+            // error reported late, as NFS does) is the client's error, not lost. A read
+            // still running on the file closes it when it is done instead.
+            if let Ok(of) = Arc::try_unwrap(of) {
+                close_reporting(of.file)?;
             }
-            shared.stats.open_files.fetch_sub(1, Ordering::Relaxed);
             Ok((Resp::Ok, Vec::new()))
         }
         Req::Unlink { path } => {
@@ -897,6 +1249,14 @@ fn file_range(
         },
         std::mem::take(&mut scratch.payload),
     ))
+}
+
+/// Closes `f`, returning close(2)'s error (which `File`'s drop ignores).
+fn close_reporting(f: File) -> Result<(), OpError> {
+    use std::os::fd::IntoRawFd;
+    let fd = f.into_raw_fd();
+    // close(2) releases the descriptor even when it fails: never retried.
+    nix::unistd::close(fd).map_err(|e| errno_of(e, "close"))
 }
 
 /// Iovecs on the stack up to this many buffers; a vector beyond.
@@ -1024,9 +1384,13 @@ fn write_from_pool(f: &File, offset: u64, payload: &[Iobuf]) -> Result<usize, Op
             pwritev(f, &slices.collect::<Vec<_>>(), off)
         };
         match r {
+            // Bytes already written are reported (a short write), not hidden behind the
+            // error; the client sees fewer bytes written than it sent.
+            Ok(0) if done > 0 => return Ok(done),
             Ok(0) => return Err(errno_of(nix::errno::Errno::EIO, "write made no progress")),
             Ok(n) => done += n,
             Err(nix::errno::Errno::EINTR) => {}
+            Err(_) if done > 0 => return Ok(done),
             Err(e) => return Err(errno_of(e, "write")),
         }
     }
@@ -1038,6 +1402,129 @@ mod tests {
     use super::*;
     use std::sync::mpsc::channel;
     use std::time::Duration;
+
+    /// `stat` of this path panics in the server (tests only).
+    pub(super) const PANIC_PATH: &str = "zcio-test-panic";
+
+    fn mem_server(
+        tweak: impl FnOnce(&mut Config),
+    ) -> (
+        tempfile::TempDir,
+        ServerHandle,
+        Arc<crate::transport::mem::MemListener>,
+        Config,
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = Config::default();
+        cfg.server.export = dir.path().to_path_buf();
+        cfg.server.workers = 2;
+        cfg.pool.classes.iter_mut().for_each(|c| {
+            c.count = c.count.min(64);
+            c.reserve = c.reserve.min(8);
+        });
+        tweak(&mut cfg);
+        let pool = Pool::new(&cfg.pool).unwrap();
+        let limits = crate::transport::Limits {
+            max_segments: cfg.limits.max_segments,
+            max_payload: cfg.limits.max_payload,
+            max_header: crate::transport::MAX_HEADER,
+            max_in_flight: 64,
+            inline_threshold: 0,
+            rdma_payload: false,
+        };
+        let l = crate::transport::mem::MemListener::new(pool.clone(), limits);
+        let srv = Server::with_listener(&cfg, l.clone(), pool)
+            .unwrap()
+            .spawn()
+            .unwrap();
+        (dir, srv, l, cfg)
+    }
+
+    fn mem_client(l: &crate::transport::mem::MemListener, cfg: &Config) -> crate::Client {
+        let pool = Pool::new(&cfg.pool).unwrap();
+        crate::Client::from_conn(cfg, l.connect().unwrap(), pool).unwrap()
+    }
+
+    #[test]
+    fn a_panic_fails_its_request_only_never_a_worker_or_a_slot() {
+        let (dir, srv, l, cfg) = mem_server(|c| c.server.max_connections = 2);
+        std::fs::write(dir.path().join("f"), b"still served").unwrap();
+        let c = mem_client(&l, &cfg);
+        // More panics than workers, concurrently (async reads keep workers busy too).
+        let threads: Vec<_> = (0..6)
+            .map(|_| {
+                let c = c.clone();
+                std::thread::spawn(move || c.stat(PANIC_PATH))
+            })
+            .collect();
+        for t in threads {
+            match t.join().unwrap() {
+                Err(Error::Remote { code, message, .. }) => {
+                    assert_eq!(code, nix::errno::Errno::EIO as i32 as u32);
+                    assert!(message.contains("internal server error"), "{message}");
+                }
+                other => panic!("a panicking request answered {other:?}"),
+            }
+        }
+        assert_eq!(srv.stats().panics.load(Ordering::SeqCst), 6);
+        // The same connection, the workers and both slots still serve.
+        let f = c.open("f", proto::OpenFlags::READ).unwrap();
+        let mut b = [0u8; 12];
+        assert_eq!(f.pread(&mut b, 0).unwrap(), 12);
+        assert_eq!(&b, b"still served");
+        let c2 = mem_client(&l, &cfg);
+        assert_eq!(c2.stat("f").unwrap().size, 12);
+    }
+
+    #[test]
+    fn created_modes_are_permission_bits_less_the_umask() {
+        use std::os::unix::fs::PermissionsExt;
+        let (dir, _srv, l, cfg) = mem_server(|c| c.server.umask = 0o027);
+        let c = mem_client(&l, &cfg);
+        let rw = proto::OpenFlags::rw() | proto::OpenFlags::CREATE;
+        c.open_mode("suid", rw, 0o6777).unwrap().close().unwrap();
+        c.open_mode("sticky", rw, 0o1666).unwrap().close().unwrap();
+        c.open_mode("default", rw, 0).unwrap().close().unwrap();
+        let mode = |n: &str| {
+            std::fs::metadata(dir.path().join(n))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o7777
+        };
+        // The process umask (0o022 in most shells) may clear more; never less.
+        assert_eq!(mode("suid") & !0o750, 0, "{:o}", mode("suid"));
+        assert_eq!(mode("sticky") & !0o640, 0, "{:o}", mode("sticky"));
+        assert_eq!(mode("default") & !0o640, 0, "{:o}", mode("default"));
+        assert_eq!(mode("suid") & 0o7000, 0);
+    }
+
+    #[test]
+    fn the_open_file_limits_hold_under_concurrent_opens() {
+        let (dir, srv, l, cfg) = mem_server(|c| {
+            c.server.max_open_files = 5;
+            c.server.max_open_files_total = 7;
+            c.server.workers = 4;
+        });
+        std::fs::write(dir.path().join("f"), b"x").unwrap();
+        let (a, b) = (mem_client(&l, &cfg), mem_client(&l, &cfg));
+        let opened: Vec<_> = [a, b]
+            .into_iter()
+            .flat_map(|c| {
+                (0..8).map(move |_| {
+                    let c = c.clone();
+                    std::thread::spawn(move || c.open("f", proto::OpenFlags::READ).ok())
+                })
+            })
+            .collect::<Vec<_>>()
+            .into_iter()
+            .filter_map(|t| t.join().unwrap())
+            .collect();
+        // 2 x 5 per connection would be 10: the server-wide 7 binds, exactly.
+        assert_eq!(opened.len(), 7);
+        assert_eq!(srv.open_files(), 7);
+        drop(opened);
+    }
 
     /// A pool of 4 KiB buffers only, so a read spans many of them.
     fn small_pool() -> Pool {

@@ -6,10 +6,14 @@
 //!
 //! At most [`MAX_PENDING`] sockets are in handshake or wait for `accept` at once; beyond
 //! that the acceptor stops taking sockets (they wait in the kernel's backlog) until the
-//! server accepts some. [`Listener::shutdown`] wakes every thread blocked in `accept`.
+//! server accepts some. Of those, at most a per-address cap (by default
+//! [`MAX_PENDING_PER_ADDR`]) are in handshake from one IP address: the acceptor closes
+//! any more at once, so one host with slow or silent sockets cannot fill the slots and
+//! lock out the others. [`Listener::shutdown`] wakes every thread blocked in `accept`.
 
+use std::collections::HashMap;
 use std::io;
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
@@ -23,6 +27,10 @@ use crate::lock;
 
 /// Sockets in handshake or waiting for `accept`, at most.
 pub const MAX_PENDING: usize = 64;
+
+/// Sockets in handshake from one IP address, at most, unless the transport says otherwise
+/// ([`HandshakeListener::spawn_with_cap`]).
+pub const MAX_PENDING_PER_ADDR: usize = MAX_PENDING / 2;
 
 /// A transport's handshake: turns an accepted socket into a connection, or says why not.
 pub type Handshake = dyn Fn(TcpStream, SocketAddr) -> Result<Box<dyn ServerConn>> + Send + Sync;
@@ -40,6 +48,9 @@ struct Shared {
     pending_cv: Condvar,
     local: String,
     transport: &'static str,
+    /// Sockets in handshake per peer address, and the cap on them.
+    by_addr: Mutex<HashMap<IpAddr, usize>>,
+    per_addr: usize,
 }
 
 impl Shared {
@@ -47,7 +58,28 @@ impl Shared {
         self.closed.load(Ordering::Acquire)
     }
 
-    fn acceptor(&self, tx: &Sender<Msg>, handshake: &Arc<Handshake>) {
+    /// Counts a handshake from `ip` in, unless `ip` has its cap of them already.
+    fn enter(&self, ip: IpAddr) -> bool {
+        let mut m = lock(&self.by_addr);
+        let n = m.entry(ip).or_insert(0);
+        if *n >= self.per_addr {
+            return false;
+        }
+        *n += 1;
+        true
+    }
+
+    fn leave(&self, ip: IpAddr) {
+        let mut m = lock(&self.by_addr);
+        if let Some(n) = m.get_mut(&ip) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&ip);
+            }
+        }
+    }
+
+    fn acceptor(self: &Arc<Self>, tx: &Sender<Msg>, handshake: &Arc<Handshake>) {
         loop {
             {
                 let mut n = lock(&self.pending);
@@ -63,18 +95,32 @@ impl Shared {
                     if self.closed() {
                         return;
                     }
+                    if !self.enter(peer.ip()) {
+                        tracing::debug!(
+                            %peer,
+                            "{} connection closed: {} handshakes already in progress from {}",
+                            self.transport,
+                            self.per_addr,
+                            peer.ip()
+                        );
+                        drop(sock);
+                        continue;
+                    }
                     *lock(&self.pending) += 1;
                     let (tx2, hs, transport) = (tx.clone(), handshake.clone(), self.transport);
+                    let sh = self.clone();
                     let spawned = std::thread::Builder::new()
                         .name(format!("zcio-{transport}-hs"))
                         .spawn(move || {
                             let r = hs(sock, peer);
+                            sh.leave(peer.ip());
                             if let Err(e) = &r {
                                 tracing::debug!(%peer, error = %e, "{transport} handshake failed");
                             }
                             let _ = tx2.send(Msg::Conn(r));
                         });
                     if let Err(e) = spawned {
+                        self.leave(peer.ip());
                         let _ = tx.send(Msg::Conn(Err(Error::io(
                             format!("spawning a handshake thread for {peer}"),
                             e,
@@ -116,11 +162,23 @@ pub struct HandshakeListener {
 
 impl HandshakeListener {
     /// Starts accepting on `listener`, running `handshake` on each socket in its own thread.
-    /// `transport` names the transport in thread names and messages.
+    /// `transport` names the transport in thread names and messages. At most
+    /// [`MAX_PENDING_PER_ADDR`] handshakes at once from one address.
     pub fn spawn(
         listener: TcpListener,
         transport: &'static str,
         handshake: Arc<Handshake>,
+    ) -> Result<HandshakeListener> {
+        HandshakeListener::spawn_with_cap(listener, transport, handshake, MAX_PENDING_PER_ADDR)
+    }
+
+    /// As [`HandshakeListener::spawn`], with at most `per_addr` handshakes at once from one
+    /// IP address (at least 1).
+    pub fn spawn_with_cap(
+        listener: TcpListener,
+        transport: &'static str,
+        handshake: Arc<Handshake>,
+        per_addr: usize,
     ) -> Result<HandshakeListener> {
         let local = listener
             .local_addr()
@@ -133,6 +191,8 @@ impl HandshakeListener {
             pending_cv: Condvar::new(),
             local,
             transport,
+            by_addr: Mutex::new(HashMap::new()),
+            per_addr: per_addr.max(1),
         });
         let (tx, rx) = channel();
         let (sh, tx2) = (shared.clone(), tx.clone());

@@ -35,7 +35,9 @@ pub mod mem;
 
 use std::fmt;
 use std::fs::File;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
 
 use crate::config::Config;
 use crate::error::{Error, Result};
@@ -200,6 +202,103 @@ pub trait ServerConn: Send {
     fn replier(&self) -> Arc<dyn Replier>;
     /// Human-readable description of the peer.
     fn peer(&self) -> String;
+    /// The server hands the connection its [`Admission`] once, before the first `recv`.
+    /// A transport that takes request payload into pool buffers before `recv` returns
+    /// should then refuse payload before authentication and hold at most the budget's
+    /// bytes (waiting, not failing, when over it or when the pool is short). The default
+    /// ignores it: the server still refuses payload before authentication, after the
+    /// fact.
+    fn set_admission(&mut self, admission: Arc<Admission>) {
+        let _ = admission;
+    }
+}
+
+/// What a server lets one connection's transport take in: request payload only once the
+/// peer has authenticated, and at most `budget` payload bytes in pool buffers at once.
+///
+/// The transport [`Admission::reserve`]s a request's payload bytes before it takes pool
+/// buffers for them; the server [`Admission::release`]s them when it has freed the
+/// request's payload (a release of an id never reserved does nothing). Shared by the
+/// receiving thread, the workers and the transport.
+#[derive(Debug)]
+pub struct Admission {
+    authenticated: AtomicBool,
+    budget: usize,
+    held: Mutex<AdmissionState>,
+    freed: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct AdmissionState {
+    bytes: usize,
+    by_id: std::collections::HashMap<u64, usize>,
+}
+
+impl Admission {
+    /// Nothing admitted yet, not authenticated, `budget` payload bytes at most.
+    pub fn new(budget: usize) -> Admission {
+        Admission {
+            authenticated: AtomicBool::new(false),
+            budget,
+            held: Mutex::new(AdmissionState::default()),
+            freed: Condvar::new(),
+        }
+    }
+
+    /// Marks the peer authenticated: payload is admitted from now on.
+    pub fn authenticate(&self) {
+        self.authenticated.store(true, Ordering::Release);
+    }
+
+    /// Whether the peer has authenticated.
+    pub fn authenticated(&self) -> bool {
+        self.authenticated.load(Ordering::Acquire)
+    }
+
+    /// The most payload bytes held at once.
+    pub fn budget(&self) -> usize {
+        self.budget
+    }
+
+    /// Payload bytes reserved now.
+    pub fn held(&self) -> usize {
+        crate::lock(&self.held).bytes
+    }
+
+    /// Reserves `len` payload bytes for request `id`, waiting while the connection holds
+    /// so much that `len` more would pass the budget (a request bigger than the whole
+    /// budget goes through alone). Every `tick`, `keep_waiting` may end the wait with its
+    /// error (the connection closed, an idle timeout).
+    pub fn reserve<E>(
+        &self,
+        id: u64,
+        len: usize,
+        tick: Duration,
+        mut keep_waiting: impl FnMut() -> std::result::Result<(), E>,
+    ) -> std::result::Result<(), E> {
+        let mut st = crate::lock(&self.held);
+        while st.bytes > 0 && st.bytes.saturating_add(len) > self.budget {
+            keep_waiting()?;
+            st = self
+                .freed
+                .wait_timeout(st, tick)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        st.bytes += len;
+        *st.by_id.entry(id).or_insert(0) += len;
+        Ok(())
+    }
+
+    /// Gives back what request `id` reserved (nothing if it reserved nothing).
+    pub fn release(&self, id: u64) {
+        let mut st = crate::lock(&self.held);
+        if let Some(n) = st.by_id.remove(&id) {
+            st.bytes -= n;
+            drop(st);
+            self.freed.notify_all();
+        }
+    }
 }
 
 /// Accepts connections.

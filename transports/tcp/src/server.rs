@@ -3,8 +3,9 @@
 //!
 //! # Accepting
 //! A background acceptor thread takes sockets from the kernel and hands each to a short
-//! handshake thread (read timeout [`HANDSHAKE_TIMEOUT`], or `server.idle_timeout` when
-//! shorter); [`Listener::accept`] returns what the handshakes produce, in the order they
+//! handshake thread (a total deadline of [`HANDSHAKE_TIMEOUT`], or `server.idle_timeout`
+//! when shorter, however slowly the bytes come; at most `server.max_handshakes_per_addr`
+//! at once from one IP address, more are closed at once); [`Listener::accept`] returns what the handshakes produce, in the order they
 //! finish: a ready connection, or `Ok(Err(..))` for a bad handshake. So a client that
 //! connects and says nothing costs a thread for a few seconds but never stalls the accept
 //! loop, and `limits()` is known as soon as `accept` returns a connection. At most
@@ -14,8 +15,12 @@
 //! # Receiving
 //! [`ServerConn::recv`] reads a frame prefix, checks it against the negotiated limits and
 //! the in-flight rules (ids unique, at most `max_in_flight` unanswered) before allocating
-//! anything, reads the header, takes pool buffers for the payload ([`Pool::get_span`],
-//! which waits up to the pool's timeout) and `readv`s the payload straight into them.
+//! anything, reads the header, takes pool buffers for the payload and `readv`s the
+//! payload straight into them. Payload is admitted as the server's [`Admission`] says:
+//! a frame with payload before authentication ends the connection before any buffer is
+//! taken, and a connection over its budget of payload bytes in the pool (or a pool that
+//! is short) stops being read until buffers come back: back-pressure on that connection,
+//! not a failure.
 //! Any error is final for the connection: the socket is shut down and later calls fail.
 //!
 //! # Idle timeout
@@ -43,7 +48,7 @@ use std::time::{Duration, Instant};
 
 use zcio::config::Config;
 use zcio::transport::accept::HandshakeListener;
-use zcio::transport::{FileRange, Incoming, Limits, Replier, ServerConn};
+use zcio::transport::{Admission, FileRange, Incoming, Limits, Replier, ServerConn};
 use zcio::{Error, Iobuf, IobufMut, Pool, Result};
 
 use crate::io::{
@@ -53,8 +58,13 @@ use crate::io::{
 use crate::wire::{decode_prefix, Hello, Kind, Prefix, WireError, HELLO_LEN, PREFIX_LEN};
 use crate::{lock, transport_err, wire_err};
 
-/// The longest a connecting client may take to send its handshake.
+/// The longest a connecting client may take to send its handshake: a total deadline for
+/// the whole handshake, however the bytes trickle in.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How often a receive waiting for pool buffers (or for the connection's payload budget)
+/// checks whether its connection is still open.
+const PAYLOAD_WAIT_TICK: Duration = Duration::from_millis(250);
 
 pub use zcio::transport::accept::MAX_PENDING;
 
@@ -69,6 +79,7 @@ struct ConnConfig {
     nodelay: bool,
     sendfile: bool,
     idle: Option<Duration>,
+    handshakes_per_addr: usize,
 }
 
 /// Binds `cfg.server.listen` and starts accepting: a [`HandshakeListener`] running this
@@ -83,12 +94,15 @@ pub(crate) fn listen(cfg: &Config, pool: &Pool) -> Result<HandshakeListener> {
         nodelay: cfg.tcp.nodelay,
         sendfile: cfg.tcp.sendfile,
         idle: cfg.server.idle_timeout,
+        handshakes_per_addr: cfg.server.max_handshakes_per_addr,
     };
     let pool = pool.clone();
-    HandshakeListener::spawn(
+    let per_addr = ccfg.handshakes_per_addr;
+    HandshakeListener::spawn_with_cap(
         listener,
         "tcp",
         Arc::new(move |sock, peer| handshake(sock, peer, &ccfg, pool.clone())),
+        per_addr,
     )
 }
 
@@ -105,6 +119,29 @@ fn handshake_err(peer: SocketAddr, after: Duration, e: io::Error) -> Error {
     }
 }
 
+/// Fills `buf` from `sock` by `deadline`, however the bytes trickle in (each `read` gets
+/// only the time left, so a peer sending a byte at a time cannot stretch it).
+fn read_by(sock: &TcpStream, buf: &mut [u8], deadline: Instant) -> io::Result<()> {
+    let mut got = 0;
+    while got < buf.len() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("{got} of {} handshake bytes by the deadline", buf.len()),
+            ));
+        }
+        sock.set_read_timeout(Some(left))?;
+        match (&*sock).read(&mut buf[got..]) {
+            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 /// The server half of the handshake, on a fresh socket.
 fn handshake(
     sock: TcpStream,
@@ -119,10 +156,13 @@ fn handshake(
     sock.set_nodelay(cfg.nodelay).map_err(setup)?;
     sock.set_read_timeout(Some(after)).map_err(setup)?;
     sock.set_write_timeout(Some(after)).map_err(setup)?;
+    let deadline = Instant::now() + after;
     let mut buf = [0u8; HELLO_LEN];
-    (&sock)
-        .read_exact(&mut buf)
-        .map_err(|e| handshake_err(peer, after, e))?;
+    read_by(&sock, &mut buf, deadline).map_err(|e| handshake_err(peer, after, e))?;
+    let left = deadline
+        .saturating_duration_since(Instant::now())
+        .max(Duration::from_millis(1));
+    sock.set_write_timeout(Some(left)).map_err(setup)?;
     let ours = Hello::from_limits(&cfg.limits, cfg.max_in_flight);
     let theirs = match Hello::decode(&buf) {
         Ok(h) => h,
@@ -161,6 +201,7 @@ fn handshake(
         idle: cfg.idle,
         last_in: now,
         broken: None,
+        admission: None,
     }))
 }
 
@@ -186,6 +227,14 @@ struct ConnShared {
 }
 
 impl ConnShared {
+    /// `Err` once the connection is closed (for waits to end).
+    fn still_open(&self) -> Result<()> {
+        match &lock(&self.state).closed {
+            Some(r) => Err(Error::ConnectionClosed(r.clone())),
+            None => Ok(()),
+        }
+    }
+
     fn close_with(&self, reason: String) {
         lock(&self.state).closed.get_or_insert(reason);
         shutdown(&self.sock);
@@ -334,6 +383,8 @@ struct TcpServerConn {
     last_in: Instant,
     /// Set after a failed `recv`: the stream is out of step for good.
     broken: Option<String>,
+    /// From the server: no payload before authentication, and a budget of payload bytes.
+    admission: Option<Arc<Admission>>,
 }
 
 impl TcpServerConn {
@@ -402,14 +453,24 @@ impl TcpServerConn {
         let payload = if p.payload_len == 0 {
             Vec::new()
         } else {
-            let mut bufs = self.pool.get_span(p.payload_len)?;
-            {
-                let mut parts: Vec<&mut [u8]> =
-                    bufs.buffers_mut().iter_mut().map(|b| &mut b[..]).collect();
-                read_exact_vectored(&sh.sock, &mut parts, &mut ticker, &mut tick)
-                    .map_err(|e| self.read_failure(e, "a request payload", p.payload_len))?;
+            if let Some(a) = &self.admission {
+                if !a.authenticated() {
+                    return Err(self.violation(format!(
+                        "request {} carries {} payload bytes before authentication",
+                        p.id, p.payload_len
+                    )));
+                }
+                // Back-pressure on this connection only: its receiving stops until its
+                // earlier requests' payload is freed.
+                a.reserve(p.id, p.payload_len, PAYLOAD_WAIT_TICK, || sh.still_open())?;
             }
-            bufs.into_iter().map(IobufMut::freeze).collect()
+            let r = self.take_payload(&p, &mut ticker, &mut tick);
+            if r.is_err() {
+                if let Some(a) = &self.admission {
+                    a.release(p.id);
+                }
+            }
+            r?
         };
         lock(&sh.state).in_flight.insert(p.id, p.recv_cap);
         self.last_in = Instant::now();
@@ -422,7 +483,39 @@ impl TcpServerConn {
     }
 }
 
+impl TcpServerConn {
+    /// Takes pool buffers for a request's payload, waiting while the pool is short (as
+    /// long as the connection is open: back-pressure, not failure), and reads the payload
+    /// into them.
+    fn take_payload(
+        &self,
+        p: &Prefix,
+        ticker: &mut Ticker,
+        tick: &mut dyn FnMut() -> Result<()>,
+    ) -> Result<Vec<Iobuf>> {
+        let sh = &*self.shared;
+        let mut bufs = loop {
+            match self.pool.get_span_within(p.payload_len, PAYLOAD_WAIT_TICK) {
+                Ok(b) => break b,
+                Err(Error::PoolExhausted { .. }) => sh.still_open()?,
+                Err(e) => return Err(e),
+            }
+        };
+        {
+            let mut parts: Vec<&mut [u8]> =
+                bufs.buffers_mut().iter_mut().map(|b| &mut b[..]).collect();
+            read_exact_vectored(&sh.sock, &mut parts, ticker, tick)
+                .map_err(|e| self.read_failure(e, "a request payload", p.payload_len))?;
+        }
+        Ok(bufs.into_iter().map(IobufMut::freeze).collect())
+    }
+}
+
 impl ServerConn for TcpServerConn {
+    fn set_admission(&mut self, admission: Arc<Admission>) {
+        self.admission = Some(admission);
+    }
+
     fn limits(&self) -> Limits {
         self.shared.limits
     }
