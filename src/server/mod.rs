@@ -14,7 +14,10 @@
 //! node in the export is refused without blocking. A connection's open files are closed
 //! when it goes away, however it goes.
 
+mod drain;
 mod export;
+
+pub use drain::DrainReport;
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -230,6 +233,14 @@ struct Shared {
     stats: ServerStats,
     conns: Mutex<Vec<Weak<Conn>>>,
     stopping: AtomicBool,
+    /// Set by [`ServerHandle::drain`]: requests received from now on are answered with
+    /// [`Status::ShuttingDown`] instead of being served.
+    draining: AtomicBool,
+    /// Requests whose reply has been sent (or failed to send): a drain waits until this
+    /// catches up with `stats.received`.
+    replied: AtomicU64,
+    /// Requests answered with [`Status::ShuttingDown`].
+    turned_away: AtomicU64,
 }
 
 /// A server bound to its listener, not yet serving.
@@ -276,6 +287,9 @@ impl Server {
                 stats: ServerStats::default(),
                 conns: Mutex::new(Vec::new()),
                 stopping: AtomicBool::new(false),
+                draining: AtomicBool::new(false),
+                replied: AtomicU64::new(0),
+                turned_away: AtomicU64::new(0),
             }),
             listener,
         })
@@ -467,13 +481,20 @@ fn serve_conn(shared: &Arc<Shared>, mut sc: Box<dyn ServerConn>, jobs: &Schedule
         conn.permits.acquire();
         match sc.recv() {
             Ok(Some(inc)) => {
+                // Counted before the look at `draining` (both SeqCst), so that a drain
+                // either sees this request as received and waits for its answer, or the
+                // request sees the drain and is turned away unserved.
+                shared.stats.received.fetch_add(1, Ordering::SeqCst);
+                if shared.draining.load(Ordering::SeqCst) {
+                    drain::turn_away(&conn, inc);
+                    continue;
+                }
                 let depth = shared
                     .cfg
                     .server
                     .max_in_flight
                     .saturating_sub(conn.permits.available());
                 let stats = &shared.stats;
-                stats.received.fetch_add(1, Ordering::Relaxed);
                 stats.depth_sum.fetch_add(depth as u64, Ordering::Relaxed);
                 // A client with one request outstanding (a synchronous caller) is served on
                 // this thread: one thread hand-off less per request. Deeper queues go to
@@ -559,6 +580,7 @@ fn handle_with(job: Job, scratch: &mut Scratch) {
         tracing::debug!("reply to {} failed: {e}", conn.peer);
         conn.replier.close();
     }
+    shared.replied.fetch_add(1, Ordering::SeqCst);
     // Keep the vectors for the next request: the buffers go back to the pool now.
     let mut payload = payload;
     payload.clear();
