@@ -325,7 +325,11 @@ fn copy_get(c: &Client, path: &str, local: &std::path::Path) -> AnyResult<()> {
         )
         .into());
     }
-    eprintln!("zcio: got {path} -> {} ({size} bytes)", local.display());
+    eprintln!(
+        "zcio: got {path} -> {} ({size} bytes) over {}",
+        local.display(),
+        c.transport().unwrap_or("?")
+    );
     Ok(())
 }
 

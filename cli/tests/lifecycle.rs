@@ -159,3 +159,201 @@ fn sigterm_and_sigint_drain_the_server_which_exits_zero_and_keeps_every_acknowle
         }
     }
 }
+
+fn registry() -> zcio::transport::Registry {
+    let mut r = zcio::transport::Registry::new();
+    zcio_tcp::register(&mut r);
+    // Without the `rdma` feature this records that the build lacks RDMA; with it, on a host
+    // without a device, `check_available` says so. Either way RDMA is unavailable here.
+    zcio_rdma::register(&mut r);
+    r
+}
+
+fn client_cfg(addr: &str) -> Config {
+    let mut cfg = Config::default();
+    cfg.client.connect = addr.to_string();
+    cfg.pool = small_pool();
+    cfg
+}
+
+#[test]
+fn a_transport_list_falls_back_to_tcp_and_says_why_while_rdma_alone_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("f"), b"fallback").unwrap();
+    let mut s = serve(dir.path(), "127.0.0.1:0", &[]);
+    let mut cfg = client_cfg(&s.addr);
+    cfg.transport = "rdma".into();
+    cfg.more_transports = vec!["tcp".into()];
+    let c = Client::connect_with(&cfg, &registry()).unwrap();
+    assert_eq!(c.transport(), Some("tcp"));
+    let why = c.fallback_reason().expect("no reason for the fallback");
+    assert!(why.contains("rdma is not available here"), "{why}");
+    let mut buf = [0u8; 8];
+    c.open("f", OpenFlags::READ)
+        .unwrap()
+        .pread(&mut buf, 0)
+        .unwrap();
+    assert_eq!(&buf, b"fallback");
+    // One transport stays strict: today's clear error.
+    cfg.more_transports.clear();
+    let e = Client::connect_with(&cfg, &registry()).unwrap_err();
+    assert!(
+        matches!(e, Error::TransportUnavailable { .. }),
+        "rdma alone: {e:?}"
+    );
+    // The command says which transport it used, and why not the first.
+    let out = zcio()
+        .args(["get", "--transport", "rdma,tcp", &s.addr, "f"])
+        .arg(dir.path().join("copy"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("over tcp"), "{err}");
+    assert!(err.contains("rdma is not available here"), "{err}");
+    let out = zcio()
+        .args(["get", "--transport", "rdma", &s.addr, "f"])
+        .arg(dir.path().join("copy2"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("rdma"));
+    let _ = s.child.kill();
+    let _ = s.child.wait();
+}
+
+#[test]
+fn keepalive_keeps_an_idle_client_past_the_server_s_idle_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("f"), b"still here").unwrap();
+    let mut s = serve(
+        dir.path(),
+        "127.0.0.1:0",
+        &["--set", "server.idle_timeout_ms=400"],
+    );
+    let t = Arc::new(zcio_tcp::TcpTransport);
+    for keepalive in [Some(Duration::from_millis(100)), None] {
+        let mut cfg = client_cfg(&s.addr);
+        // Without reconnect: only the keepalive can keep the file readable.
+        cfg.client.reconnect = false;
+        cfg.client.keepalive = keepalive;
+        let c = Client::connect_shared(&cfg, t.clone(), Pool::new(&cfg.pool).unwrap()).unwrap();
+        let f = c.open("f", OpenFlags::READ).unwrap();
+        // Idle for five times the server's idle timeout: the point of the test, not a wait
+        // for something to happen.
+        std::thread::sleep(Duration::from_millis(2000));
+        let mut buf = [0u8; 10];
+        let r = f.pread(&mut buf, 0);
+        match keepalive {
+            Some(_) => {
+                assert_eq!(r.unwrap(), 10);
+                assert_eq!(&buf, b"still here");
+            }
+            // The control: without keepalive the server closed the idle connection.
+            None => assert!(r.is_err(), "the server's idle timeout did not close it"),
+        }
+    }
+    let _ = s.child.kill();
+    let _ = s.child.wait();
+}
+
+#[test]
+fn clients_reconnect_reopen_and_retry_across_sigkill_and_sigterm_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("gone"), b"x").unwrap();
+    let mut s = serve(dir.path(), "127.0.0.1:0", &[]);
+    let addr = s.addr.clone();
+    let mut cfg = client_cfg(&addr);
+    cfg.client.reconnect_give_up = Duration::from_secs(60);
+    let c = Client::connect_shared(
+        &cfg,
+        Arc::new(zcio_tcp::TcpTransport),
+        Pool::new(&cfg.pool).unwrap(),
+    )
+    .unwrap();
+    // Opened with CREATE and TRUNCATE: the reopen must not empty it.
+    let f = Arc::new(
+        c.open(
+            "f",
+            OpenFlags::rw() | OpenFlags::CREATE | OpenFlags::TRUNCATE,
+        )
+        .unwrap(),
+    );
+    let gone = c.open("gone", OpenFlags::READ).unwrap();
+    // A pool buffer the application holds across the restarts.
+    let mut held = c.get_buffers(4096, 1).unwrap();
+    held.buffers_mut()[0].fill(7);
+    let (acked_tx, acked_rx) = mpsc::channel();
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (f, stop) = (f.clone(), stop.clone());
+        std::thread::spawn(move || -> zcio::Result<u64> {
+            let mut i = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let b = block(i);
+                let iov: Vec<std::io::IoSlice<'_>> =
+                    b.chunks(4096).map(std::io::IoSlice::new).collect();
+                assert_eq!(f.pwritev(&iov, (i % 512) << 16)?, 64 << 10);
+                let mut back = vec![0u8; 64 << 10];
+                assert_eq!(f.pread(&mut back, (i % 512) << 16)?, 64 << 10);
+                assert!(back == b, "block {i} read back wrong");
+                acked_tx.send(i).unwrap();
+                i += 1;
+            }
+            Ok(i)
+        })
+    };
+    let mut acked = Vec::new();
+    for (round, sig) in [
+        Signal::SIGKILL,
+        Signal::SIGKILL,
+        Signal::SIGTERM,
+        Signal::SIGINT,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        for _ in 0..30 {
+            acked.push(acked_rx.recv_timeout(Duration::from_secs(60)).unwrap());
+        }
+        kill(Pid::from_raw(s.child.id() as i32), sig).unwrap();
+        let _ = s.child.wait();
+        if round == 1 {
+            std::fs::remove_file(dir.path().join("gone")).unwrap();
+        }
+        s = serve(dir.path(), &addr, &[]);
+    }
+    for _ in 0..30 {
+        acked.push(acked_rx.recv_timeout(Duration::from_secs(60)).unwrap());
+    }
+    stop.store(true, Ordering::Relaxed);
+    let n = writer
+        .join()
+        .unwrap()
+        .expect("a request failed across the restarts");
+    acked.extend(acked_rx.try_iter());
+    assert_eq!(acked.len() as u64, n);
+    // Every acknowledged block is on disk (the last write of each slot wins).
+    let on_disk = std::fs::read(dir.path().join("f")).unwrap();
+    let mut last = std::collections::HashMap::new();
+    for j in acked {
+        last.insert(j % 512, j);
+    }
+    for (slot, j) in last {
+        let at = (slot << 16) as usize;
+        assert!(
+            on_disk.get(at..at + (64 << 10)) == Some(&block(j)[..]),
+            "acknowledged block {j} is not on disk"
+        );
+    }
+    // The file whose path vanished while the server was down is stale.
+    let e = gone.pread(&mut [0u8; 1], 0).unwrap_err();
+    assert!(
+        matches!(e, Error::Remote { code, .. } if code == zcio::client::reconnect::ESTALE),
+        "{e:?}"
+    );
+    assert!(held.buffers()[0].iter().all(|&b| b == 7));
+    assert_eq!(f.zero_writev(&held, 0).unwrap(), 4096);
+    let _ = s.child.kill();
+    let _ = s.child.wait();
+}
