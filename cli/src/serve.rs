@@ -25,7 +25,7 @@ pub(crate) fn run(cfg: &Config) -> AnyResult<()> {
     eprintln!(
         "zcio: serving {} over {} on {}{}",
         cfg.server.export.display(),
-        cfg.transport,
+        cfg.transport_list().join(", "),
         server.local_addr(),
         if cfg.server.read_only {
             " (read-only)"

@@ -357,3 +357,81 @@ fn clients_reconnect_reopen_and_retry_across_sigkill_and_sigterm_restarts() {
     let _ = s.child.kill();
     let _ = s.child.wait();
 }
+
+#[test]
+fn one_server_serves_several_listeners_with_server_wide_limits_and_rdma_fails_clearly() {
+    use zcio::transport::multi::MultiListener;
+    use zcio::transport::Transport;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("f"), b"shared").unwrap();
+    let mut cfg = Config::default();
+    cfg.server.export = dir.path().to_path_buf();
+    cfg.server.listen = "127.0.0.1:0".into();
+    cfg.server.max_connections = 2;
+    cfg.pool = small_pool();
+    let pool = Pool::new(&cfg.pool).unwrap();
+    // Two listeners (TCP twice: the only transport this host has) behind one server.
+    let parts: Vec<(&'static str, Arc<dyn zcio::transport::Listener>)> = (0..2)
+        .map(|_| {
+            let l = zcio_tcp::TcpTransport.listen(&cfg, &pool).unwrap();
+            ("tcp", Arc::from(l))
+        })
+        .collect();
+    let addrs: Vec<String> = parts.iter().map(|(_, l)| l.local_addr()).collect();
+    let multi = MultiListener::new(parts).unwrap();
+    assert_eq!(
+        zcio::transport::Listener::local_addr(&multi),
+        format!("tcp={} tcp={}", addrs[0], addrs[1])
+    );
+    let srv = zcio::Server::with_listener(&cfg, Arc::new(multi), pool)
+        .unwrap()
+        .spawn()
+        .unwrap();
+    let clients: Vec<Client> = addrs.iter().map(|a| client(a, false)).collect();
+    for c in &clients {
+        let mut buf = [0u8; 6];
+        c.open("f", OpenFlags::READ)
+            .unwrap()
+            .pread(&mut buf, 0)
+            .unwrap();
+        assert_eq!(&buf, b"shared");
+    }
+    // The connection limit is the server's, across listeners.
+    let mut cfg3 = client_cfg(&addrs[0]);
+    cfg3.client.reconnect = false;
+    let e = Client::connect_transport(
+        &cfg3,
+        &zcio_tcp::TcpTransport,
+        Pool::new(&cfg3.pool).unwrap(),
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("limit of 2 connections"), "{e}");
+    assert_eq!(srv.connections(), 2);
+    drop(clients);
+    srv.shutdown();
+    // `zcio serve --transport tcp,rdma` on a host without RDMA: a clear error.
+    let out = zcio()
+        .args([
+            "serve",
+            "--transport",
+            "tcp,rdma",
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .arg("--export")
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("rdma"), "{err}");
+}
+
+#[test]
+fn the_kth_transport_listens_on_the_next_port() {
+    use zcio::transport::multi::nth_addr;
+    assert_eq!(nth_addr("127.0.0.1:7700", 0).unwrap(), "127.0.0.1:7700");
+    assert_eq!(nth_addr("127.0.0.1:7700", 1).unwrap(), "127.0.0.1:7701");
+    assert_eq!(nth_addr("[::1]:0", 1).unwrap(), "[::1]:0");
+    assert!(nth_addr("127.0.0.1:65535", 1).is_err());
+}

@@ -300,11 +300,7 @@ pub(crate) type Dialed = (Box<dyn ClientConn>, Arc<dyn Transport>, Option<String
 
 /// The transport connection for `cfg`'s transport list, with fallback (see the module
 /// docs): the connection, the transport, and why earlier ones were skipped.
-pub(crate) fn dial_list(
-    cfg: &Config,
-    registry: &Registry,
-    pool: &Pool,
-) -> Result<Dialed> {
+pub(crate) fn dial_list(cfg: &Config, registry: &Registry, pool: &Pool) -> Result<Dialed> {
     let names = cfg.transport_list();
     if names.len() == 1 {
         let t = registry.get(names[0], cfg)?;

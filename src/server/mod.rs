@@ -259,8 +259,14 @@ pub struct ServerHandle {
 
 impl Server {
     /// Binds the transport named in `cfg` (looked up in `registry`), with a new pool.
+    /// With a transport list, one server listens on every transport
+    /// ([`crate::transport::multi`]).
     pub fn bind(cfg: &Config, registry: &Registry) -> Result<Server> {
         let pool = Pool::new(&cfg.pool)?;
+        if !cfg.more_transports.is_empty() {
+            let l = crate::transport::multi::listen_all(cfg, registry, &pool)?;
+            return Server::with_listener(cfg, Arc::new(l), pool);
+        }
         let t = registry.get(&cfg.transport, cfg)?;
         Server::bind_transport(cfg, t.as_ref(), pool)
     }

@@ -24,6 +24,7 @@
 pub mod accept;
 pub mod completion;
 pub mod mem;
+pub mod multi;
 
 use std::fmt;
 use std::sync::Arc;
