@@ -36,6 +36,10 @@ use crate::transport::{
     ClientConn, Limits, Pending, RawSeg, RecvSeg, Registry, Reply, Request, SendSeg, Transport,
 };
 
+pub mod reconnect;
+
+use reconnect::{FileState, Link, Redial};
+
 /// The registry [`Client::connect`] uses; transports add themselves with
 /// [`register_transport`].
 fn global() -> &'static RwLock<Registry> {
@@ -56,8 +60,8 @@ pub fn global_registry() -> Registry {
     global().read().unwrap_or_else(|p| p.into_inner()).clone()
 }
 
-struct Inner {
-    conn: Box<dyn ClientConn>,
+pub(crate) struct Inner {
+    link: Link,
     pool: Pool,
     limits: Limits,
     read_only: bool,
@@ -72,7 +76,7 @@ pub struct Client {
 impl std::fmt::Debug for Client {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Client")
-            .field("peer", &self.inner.conn.peer())
+            .field("peer", &self.inner.link.peer())
             .field("limits", &self.inner.limits)
             .finish()
     }
@@ -115,36 +119,138 @@ impl Client {
         Client::connect_with(cfg, &global_registry())
     }
 
-    /// Connects with a transport from `registry`.
+    /// Connects with a transport from `registry`: the first of `cfg`'s transport list that
+    /// is available here and connects (see [`reconnect`] for the fallback rules).
     pub fn connect_with(cfg: &Config, registry: &Registry) -> Result<Client> {
-        let t = registry.get(&cfg.transport, cfg)?;
-        let pool = Pool::new(&cfg.pool)?;
-        Client::connect_transport(cfg, t.as_ref(), pool)
+        Client::connect_pool(cfg, registry, Pool::new(&cfg.pool)?)
+    }
+
+    /// [`Client::connect_with`] with a given pool.
+    pub fn connect_pool(cfg: &Config, registry: &Registry, pool: Pool) -> Result<Client> {
+        let (conn, t, fallback) = reconnect::dial_list(cfg, registry, &pool)?;
+        Client::finish(cfg, conn, pool, Some(t), fallback)
     }
 
     /// Connects with a given transport and pool (share one pool between clients and a
-    /// server in the same process if you like).
+    /// server in the same process if you like). Such a client cannot reconnect (it does
+    /// not own the transport): use [`Client::connect_shared`] for that.
     pub fn connect_transport(cfg: &Config, t: &dyn Transport, pool: Pool) -> Result<Client> {
         let conn = t.connect(cfg, &pool)?;
         Client::from_conn(cfg, conn, pool)
     }
 
-    /// Says hello (and authenticates) over an established transport connection.
+    /// Connects with a given transport and pool; the client reconnects on its own when
+    /// `client.reconnect` is on.
+    pub fn connect_shared(cfg: &Config, t: Arc<dyn Transport>, pool: Pool) -> Result<Client> {
+        let conn = t.connect(cfg, &pool)?;
+        Client::finish(cfg, conn, pool, Some(t), None)
+    }
+
+    /// Says hello (and authenticates) over an established transport connection. Such a
+    /// client cannot reconnect.
     pub fn from_conn(cfg: &Config, conn: Box<dyn ClientConn>, pool: Pool) -> Result<Client> {
-        let mut c = Client {
+        Client::finish(cfg, conn, pool, None, None)
+    }
+
+    fn finish(
+        cfg: &Config,
+        conn: Box<dyn ClientConn>,
+        pool: Pool,
+        t: Option<Arc<dyn Transport>>,
+        fallback: Option<String>,
+    ) -> Result<Client> {
+        let (limits, read_only) = handshake(cfg, conn.as_ref())?;
+        let name = t.as_ref().map(|t| t.name());
+        let how = t.map(|transport| Redial {
+            cfg: cfg.clone(),
+            transport,
+            pool: pool.clone(),
+        });
+        let c = Client {
             inner: Arc::new(Inner {
-                limits: conn.limits(),
-                conn,
+                link: Link::new(conn, how, name, fallback),
                 pool,
-                read_only: false,
+                limits,
+                read_only,
             }),
         };
+        if let Some(every) = cfg.client.keepalive {
+            reconnect::spawn_keepalive(Arc::downgrade(&c.inner), every);
+        }
+        Ok(c)
+    }
+
+    /// The transport in use (`tcp`, `rdma`), when the client connected through a
+    /// [`Transport`] (not [`Client::from_conn`]).
+    pub fn transport(&self) -> Option<&'static str> {
+        self.inner.link.name()
+    }
+
+    /// Why the transports listed before the one in use were not used (`None` when the
+    /// first was).
+    pub fn fallback_reason(&self) -> Option<&str> {
+        self.inner.link.fallback()
+    }
+
+    /// Sends a ping (a stat of the export root) and waits for its answer; retried after a
+    /// reconnect like any read.
+    pub fn ping(&self) -> Result<()> {
+        self.retrying("ping", true, || self.stat_once("")).map(drop)
+    }
+
+    /// Runs `op`, and when it fails because the connection is gone, reconnects and runs it
+    /// again if `idempotent` (or if the server said it did not execute it). Otherwise the
+    /// error says the operation may or may not have happened; the client has reconnected
+    /// for the next one.
+    pub(crate) fn retrying<T>(
+        &self,
+        what: &str,
+        idempotent: bool,
+        mut op: impl FnMut() -> Result<T>,
+    ) -> Result<T> {
+        loop {
+            let gen = self.inner.link.gen();
+            match op() {
+                Err(e) if reconnect::is_lost(&e) && self.inner.link.can_redial() => {
+                    self.inner.link.redial(gen, &e)?;
+                    if !idempotent && !reconnect::not_executed(&e) {
+                        return Err(Error::ConnectionClosed(format!(
+                            "the connection failed during {what}, which may or may not have taken effect (not retried; the client has reconnected): {e}"
+                        )));
+                    }
+                }
+                r => return r,
+            }
+        }
+    }
+}
+
+/// Calls `req` on a bare connection and decodes the reply.
+fn call_on(conn: &dyn ClientConn, req: &Req) -> Result<Resp> {
+    let reply = conn
+        .start(Request {
+            header: req.encode(),
+            send: Vec::new(),
+            recv: Vec::new(),
+        })?
+        .wait()?;
+    proto::decode_reply(req, &reply.header)
+}
+
+/// Hello and authentication on a new connection: the negotiated limits and whether the
+/// export is read-only.
+fn handshake(cfg: &Config, conn: &dyn ClientConn) -> Result<(Limits, bool)> {
+    {
+        let transport_limits = conn.limits();
         let mut cn = [0u8; NONCE_LEN];
         rand::Rng::fill(&mut rand::thread_rng(), &mut cn[..]);
-        let hello = match c.call_simple(&Req::Hello {
-            version: proto::VERSION,
-            client_nonce: cn,
-        }) {
+        let hello = match call_on(
+            conn,
+            &Req::Hello {
+                version: proto::VERSION,
+                client_nonce: cn,
+            },
+        ) {
             Ok(Resp::Hello(h)) => h,
             Ok(other) => return Err(Error::decode("hello reply", format!("{other:?}"))),
             Err(e) => return Err(e),
@@ -174,7 +280,7 @@ impl Client {
                 ));
             }
             let mac = proto::client_mac(token, &cn, &hello.server_nonce);
-            match c.call_simple(&Req::Auth { mac }) {
+            match call_on(conn, &Req::Auth { mac }) {
                 Ok(Resp::Auth { mac: smac }) => {
                     if !proto::mac_eq(&smac, &proto::server_mac(token, &cn, &hello.server_nonce)) {
                         return Err(Error::Auth(
@@ -190,29 +296,25 @@ impl Client {
         let server = Limits {
             max_segments: hello.max_segments as usize,
             max_payload: hello.max_payload as usize,
-            max_header: c.inner.limits.max_header,
+            max_header: transport_limits.max_header,
             max_in_flight: hello.max_in_flight as usize,
-            inline_threshold: c.inner.limits.inline_threshold,
-            rdma_payload: c.inner.limits.rdma_payload,
+            inline_threshold: transport_limits.inline_threshold,
+            rdma_payload: transport_limits.rdma_payload,
         };
-        let limits = c
-            .inner
-            .limits
+        let limits = transport_limits
             .min(&server)
-            .min(&cfg.limits_with_transport(&c.inner.limits));
+            .min(&cfg.limits_with_transport(&transport_limits));
         if limits.max_segments == 0 || limits.max_payload == 0 {
             return Err(Error::decode(
                 "hello reply",
                 "server offers zero segments or payload",
             ));
         }
-        let inner = Arc::get_mut(&mut c.inner)
-            .ok_or_else(|| Error::InvalidArgument("client shared during hello".into()))?;
-        inner.limits = limits;
-        inner.read_only = hello.read_only;
-        Ok(c)
+        Ok((limits, hello.read_only))
     }
+}
 
+impl Client {
     /// Negotiated limits.
     pub fn limits(&self) -> Limits {
         self.inner.limits
@@ -235,7 +337,7 @@ impl Client {
     }
 
     fn start(&self, req: &Req, send: Vec<SendSeg>, recv: Vec<RecvSeg>) -> Result<Pending<Reply>> {
-        self.inner.conn.start(Request {
+        self.inner.link.start(Request {
             header: req.encode(),
             send,
             recv,
@@ -255,24 +357,35 @@ impl Client {
     /// Opens a file, giving the mode of a created file.
     pub fn open_mode(&self, path: &str, flags: OpenFlags, mode: u32) -> Result<File> {
         check_path(path)?;
-        match self.call_simple(&Req::Open {
-            path: path.into(),
-            flags,
-            mode,
-        })? {
-            Resp::Open { fh, size } => Ok(File {
-                client: self.clone(),
-                fh,
-                size_at_open: size,
-                closed: false,
-            }),
-            r => Err(Error::decode("open reply", format!("{r:?}"))),
-        }
+        // Opening again is harmless unless it creates or truncates.
+        let idempotent = !flags.contains(OpenFlags::CREATE) && !flags.contains(OpenFlags::TRUNCATE);
+        let (fh, size) = self.retrying("open", idempotent, || {
+            match self.call_simple(&Req::Open {
+                path: path.into(),
+                flags,
+                mode,
+            })? {
+                Resp::Open { fh, size } => Ok((fh, size)),
+                r => Err(Error::decode("open reply", format!("{r:?}"))),
+            }
+        })?;
+        let state = Arc::new(FileState::new(path, flags, mode, fh));
+        self.inner.link.track(&state);
+        Ok(File {
+            client: self.clone(),
+            state,
+            size_at_open: size,
+            closed: false,
+        })
     }
 
     /// Attributes of a path ("" is the export itself).
     pub fn stat(&self, path: &str) -> Result<Stat> {
         check_path(path)?;
+        self.retrying("stat", true, || self.stat_once(path))
+    }
+
+    fn stat_once(&self, path: &str) -> Result<Stat> {
         match self.call_simple(&Req::Stat { path: path.into() })? {
             Resp::Stat(s) => Ok(s),
             r => Err(Error::decode("stat reply", format!("{r:?}"))),
@@ -282,16 +395,20 @@ impl Client {
     /// Removes a file.
     pub fn unlink(&self, path: &str) -> Result<()> {
         check_path(path)?;
-        self.call_simple(&Req::Unlink { path: path.into() })
-            .map(drop)
+        self.retrying("unlink", false, || {
+            self.call_simple(&Req::Unlink { path: path.into() })
+        })
+        .map(drop)
     }
 
     /// Creates a directory.
     pub fn mkdir(&self, path: &str) -> Result<()> {
         check_path(path)?;
-        self.call_simple(&Req::Mkdir {
-            path: path.into(),
-            mode: 0o755,
+        self.retrying("mkdir", false, || {
+            self.call_simple(&Req::Mkdir {
+                path: path.into(),
+                mode: 0o755,
+            })
         })
         .map(drop)
     }
@@ -299,6 +416,10 @@ impl Client {
     /// Lists a directory, sorted by name.
     pub fn list(&self, path: &str) -> Result<Vec<DirEntry>> {
         check_path(path)?;
+        self.retrying("list", true, || self.list_once(path))
+    }
+
+    fn list_once(&self, path: &str) -> Result<Vec<DirEntry>> {
         let mut out = Vec::new();
         let mut cookie = 0u64;
         let size = (64 << 10).min(self.inner.limits.max_payload);
@@ -333,7 +454,7 @@ impl Client {
 
     /// Closes the connection; requests in flight fail.
     pub fn close(&self) {
-        self.inner.conn.close();
+        self.inner.link.close();
     }
 }
 
@@ -362,14 +483,14 @@ fn check_path(path: &str) -> Result<()> {
 /// An open file. Dropping it closes the handle on the server (without waiting).
 pub struct File {
     client: Client,
-    fh: u64,
+    state: Arc<FileState>,
     size_at_open: u64,
     closed: bool,
 }
 
 impl std::fmt::Debug for File {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("File").field("fh", &self.fh).finish()
+        f.debug_struct("File").field("state", &self.state).finish()
     }
 }
 
@@ -423,7 +544,7 @@ fn contiguous(results: Vec<(usize, Result<usize>)>) -> Result<usize> {
 impl File {
     /// The server's file handle.
     pub fn handle(&self) -> u64 {
-        self.fh
+        self.state.raw_fh()
     }
 
     /// The size the file had when it was opened.
@@ -480,7 +601,12 @@ impl File {
     pub fn preadv(&self, iov: &mut [IoSliceMut<'_>], offset: u64) -> Result<usize> {
         let lens: Vec<usize> = iov.iter().map(|s| s.len()).collect();
         let bases: Vec<*mut u8> = iov.iter_mut().map(|s| s.as_mut_ptr()).collect();
-        let fh = self.fh;
+        self.client
+            .retrying("read", true, || self.preadv_once(&lens, &bases, offset))
+    }
+
+    fn preadv_once(&self, lens: &[usize], bases: &[*mut u8], offset: u64) -> Result<usize> {
+        let fh = self.state.fh()?;
         let make = |pos, pieces: &[Piece]| {
             let recv = pieces
                 .iter()
@@ -504,7 +630,7 @@ impl File {
                 recv,
             )
         };
-        self.run_planned(&lens, offset, make, read_len)
+        self.run_planned(lens, offset, make, read_len)
     }
 
     /// Reads into one buffer.
@@ -515,8 +641,13 @@ impl File {
     /// Writes the caller's iovecs at `offset`; the transport sends straight from them.
     /// Returns the bytes written.
     pub fn pwritev(&self, iov: &[IoSlice<'_>], offset: u64) -> Result<usize> {
+        self.client
+            .retrying("write", true, || self.pwritev_once(iov, offset))
+    }
+
+    fn pwritev_once(&self, iov: &[IoSlice<'_>], offset: u64) -> Result<usize> {
         let lens: Vec<usize> = iov.iter().map(|s| s.len()).collect();
-        let fh = self.fh;
+        let fh = self.state.fh()?;
         let make = |pos, pieces: &[Piece]| {
             let send = pieces
                 .iter()
@@ -542,13 +673,19 @@ impl File {
     /// Reads `len` bytes at `offset` into pool buffers the transport fills directly, and
     /// returns them (trimmed to what was read). Dropping the result frees the buffers.
     pub fn zero_readv(&self, len: usize, offset: u64) -> Result<Iobref> {
-        self.zero_readv_async(len, offset)?.wait()
+        self.client
+            .retrying("read", true, || self.zero_readv_async(len, offset)?.wait())
     }
 
     /// Writes pool buffers (from [`Client::get_buffers`]) at `offset` without copying.
     pub fn zero_writev(&self, bufs: &Iobref, offset: u64) -> Result<usize> {
+        self.client
+            .retrying("write", true, || self.zero_writev_once(bufs, offset))
+    }
+
+    fn zero_writev_once(&self, bufs: &Iobref, offset: u64) -> Result<usize> {
         let lens: Vec<usize> = bufs.buffers().iter().map(|b| b.len()).collect();
-        let fh = self.fh;
+        let fh = self.state.fh()?;
         let make = |pos, pieces: &[Piece]| {
             let send = pieces
                 .iter()
@@ -599,7 +736,7 @@ impl File {
         let bufs = bufs.into_vec();
         if let Some(want) = one_request(&bufs, &l) {
             let req = Req::Read {
-                fh: self.fh,
+                fh: self.state.fh()?,
                 offset,
                 len: want as u32,
             };
@@ -618,7 +755,7 @@ impl File {
         for g in groups {
             let want: usize = g.iter().map(|b| b.len()).sum();
             let req = Req::Read {
-                fh: self.fh,
+                fh: self.state.fh()?,
                 offset: pos,
                 len: want as u32,
             };
@@ -685,13 +822,13 @@ impl File {
             let segs = it.by_ref().take(count);
             let (req, send, recv) = if write {
                 let req = Req::Write {
-                    fh: self.fh,
+                    fh: self.state.fh()?,
                     offset: pos,
                 };
                 (req, segs.map(SendSeg::Owned).collect(), Vec::new())
             } else {
                 let req = Req::Read {
-                    fh: self.fh,
+                    fh: self.state.fh()?,
                     offset: pos,
                     len: want as u32,
                 };
@@ -740,7 +877,7 @@ impl File {
         let bufs = bufs.into_vec();
         if let Some(want) = one_request(&bufs, &l) {
             let req = Req::Write {
-                fh: self.fh,
+                fh: self.state.fh()?,
                 offset,
             };
             let send = bufs.into_iter().map(SendSeg::PoolMut).collect();
@@ -758,7 +895,7 @@ impl File {
         for g in groups {
             let want: usize = g.iter().map(|b| b.len()).sum();
             let req = Req::Write {
-                fh: self.fh,
+                fh: self.state.fh()?,
                 offset: pos,
             };
             parts.push(self.client.start(
@@ -787,45 +924,60 @@ impl File {
 
     /// Flushes the file to stable storage.
     pub fn fsync(&self) -> Result<()> {
-        self.client
-            .call_simple(&Req::Fsync {
-                fh: self.fh,
+        self.client.retrying("fsync", true, || {
+            self.client.call_simple(&Req::Fsync {
+                fh: self.state.fh()?,
                 datasync: false,
             })
-            .map(drop)
+        })?;
+        Ok(())
     }
 
     /// Current attributes.
     pub fn stat(&self) -> Result<Stat> {
-        match self.client.call_simple(&Req::Fstat { fh: self.fh })? {
-            Resp::Stat(s) => Ok(s),
-            r => Err(Error::decode("fstat reply", format!("{r:?}"))),
-        }
+        self.client.retrying("fstat", true, || {
+            match self.client.call_simple(&Req::Fstat {
+                fh: self.state.fh()?,
+            })? {
+                Resp::Stat(s) => Ok(s),
+                r => Err(Error::decode("fstat reply", format!("{r:?}"))),
+            }
+        })
     }
 
     /// Sets the file's length.
     pub fn truncate(&self, len: u64) -> Result<()> {
-        self.client
-            .call_simple(&Req::Truncate { fh: self.fh, len })
-            .map(drop)
+        self.client.retrying("truncate", true, || {
+            self.client.call_simple(&Req::Truncate {
+                fh: self.state.fh()?,
+                len,
+            })
+        })?;
+        Ok(())
     }
 
     /// Closes the handle and waits for the server to confirm.
+    /// A handle whose connection is gone is closed already (the server closes a
+    /// connection's files with it): that is success.
     pub fn close(mut self) -> Result<()> {
         self.closed = true;
-        self.client
-            .call_simple(&Req::Close { fh: self.fh })
-            .map(drop)
+        match self.client.call_simple(&Req::Close {
+            fh: self.state.fh()?,
+        }) {
+            Err(e) if reconnect::is_lost(&e) => Ok(()),
+            r => r.map(drop),
+        }
     }
 }
 
 impl Drop for File {
     fn drop(&mut self) {
-        if !self.closed {
+        if !self.closed && !self.state.is_stale() {
             // Fire and forget: the server also closes everything when the connection goes.
+            let fh = self.state.raw_fh();
             let _ = self
                 .client
-                .start(&Req::Close { fh: self.fh }, Vec::new(), Vec::new());
+                .start(&Req::Close { fh }, Vec::new(), Vec::new());
         }
     }
 }

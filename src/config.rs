@@ -3,7 +3,13 @@
 //! Every key, with its default:
 //!
 //! ```toml
-//! transport = "tcp"              # "tcp" or "rdma": which transport carries requests
+//! transport = "tcp"              # "tcp" or "rdma": which transport carries requests; or a
+//!                                # list such as ["rdma", "tcp"]: a client tries them in
+//!                                # order (falling back, with a warning, when one is not
+//!                                # available here or not offered by the server; never after
+//!                                # data moved), a server listens on every one (the first on
+//!                                # server.listen, the k-th on its port + k unless
+//!                                # <name>.listen says where). `transports` is a synonym
 //!
 //! [server]
 //! listen = "127.0.0.1:7700"      # address to listen on (loopback unless told otherwise)
@@ -26,6 +32,8 @@
 //! max_open_files_total = 16384   # open file handles, all connections together
 //! umask = 0o022                  # cleared from the mode of every file and directory
 //!                                # created (modes are masked to 0o777 first)
+//! drain_timeout_ms = 10000       # SIGTERM/SIGINT: how long requests already received may
+//!                                # take to finish before connections close anyway
 //!
 //! [client]
 //! connect = "127.0.0.1:7700"     # server address
@@ -33,6 +41,13 @@
 //!                                # also makes the server prove it knows it
 //! token_file = ""                # read the token from this file (first line) instead
 //! timeout_ms = 30000             # a request (or connect) taking longer fails the connection
+//! keepalive_ms = 60000           # an idle connection pings this often (keep it below the
+//!                                # server's idle_timeout_ms; 0 = never); a dead server is
+//!                                # noticed within keepalive_ms + timeout_ms
+//! reconnect = true               # reconnect when the connection dies, reopen files, retry
+//!                                # what is safe to retry
+//! reconnect_max_delay_ms = 1000  # backoff between attempts doubles from 10 ms up to this
+//! reconnect_give_up_ms = 60000   # stop trying (and fail requests) after this long
 //!
 //! [limits]
 //! max_segments = 256             # payload segments per request
@@ -128,6 +143,8 @@ pub struct ServerConfig {
     pub max_open_files_total: usize,
     /// Bits cleared from the mode of every created file and directory.
     pub umask: u32,
+    /// Graceful shutdown: how long requests already received may take.
+    pub drain_timeout: Duration,
 }
 
 /// Client settings.
@@ -139,6 +156,14 @@ pub struct ClientConfig {
     pub token: String,
     /// Request and connect timeout.
     pub timeout: Duration,
+    /// An idle connection sends a ping this often (`None`: never).
+    pub keepalive: Option<Duration>,
+    /// Reconnect automatically when the connection dies.
+    pub reconnect: bool,
+    /// Longest wait between two reconnect attempts.
+    pub reconnect_max_delay: Duration,
+    /// Reconnecting gives up after this long.
+    pub reconnect_give_up: Duration,
 }
 
 /// TCP transport settings.
@@ -180,8 +205,11 @@ pub struct RdmaConfig {
 /// The whole configuration.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Config {
-    /// Transport name.
+    /// Transport name (the first of the list).
     pub transport: String,
+    /// The transports after `transport` in a list such as `["rdma", "tcp"]`: a client falls
+    /// back to them in order, a server listens on them as well. Usually empty.
+    pub more_transports: Vec<String>,
     /// Server settings.
     pub server: ServerConfig,
     /// Client settings.
@@ -200,6 +228,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             transport: "tcp".into(),
+            more_transports: Vec::new(),
             server: ServerConfig {
                 listen: "127.0.0.1:7700".into(),
                 export: PathBuf::from("/srv/zcio"),
@@ -216,11 +245,16 @@ impl Default for Config {
                 max_payload_in_flight: 16 << 20,
                 max_open_files_total: 16384,
                 umask: 0o022,
+                drain_timeout: Duration::from_secs(10),
             },
             client: ClientConfig {
                 connect: "127.0.0.1:7700".into(),
                 token: String::new(),
                 timeout: Duration::from_secs(30),
+                keepalive: Some(Duration::from_secs(60)),
+                reconnect: true,
+                reconnect_max_delay: Duration::from_secs(1),
+                reconnect_give_up: Duration::from_secs(60),
             },
             limits: Limits {
                 max_segments: 256,
@@ -250,6 +284,14 @@ impl Default for Config {
     }
 }
 
+/// `transport`: one name or a list of names.
+#[derive(Deserialize, Clone, Debug)]
+#[serde(untagged)]
+enum RawTransports {
+    One(String),
+    List(Vec<String>),
+}
+
 /// A size: an integer of bytes or a string such as `"64K"`, `"1M"`, `"2GiB"`.
 #[derive(Deserialize, Clone, Debug)]
 #[serde(untagged)]
@@ -261,7 +303,8 @@ enum Size {
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct RawConfig {
-    transport: Option<String>,
+    transport: Option<RawTransports>,
+    transports: Option<RawTransports>,
     server: Option<RawServer>,
     client: Option<RawClient>,
     limits: Option<RawLimits>,
@@ -289,6 +332,7 @@ struct RawServer {
     max_payload_in_flight: Option<Size>,
     max_open_files_total: Option<i64>,
     umask: Option<i64>,
+    drain_timeout_ms: Option<i64>,
 }
 
 #[derive(Deserialize, Default)]
@@ -298,6 +342,10 @@ struct RawClient {
     token: Option<String>,
     timeout_ms: Option<i64>,
     token_file: Option<String>,
+    keepalive_ms: Option<i64>,
+    reconnect: Option<bool>,
+    reconnect_max_delay_ms: Option<i64>,
+    reconnect_give_up_ms: Option<i64>,
 }
 
 #[derive(Deserialize, Default)]
@@ -460,15 +508,42 @@ impl Config {
 
     fn from_raw(raw: RawConfig) -> Result<Config> {
         let mut c = Config::default();
-        if let Some(t) = raw.transport {
-            if t.is_empty() || !t.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
+        let t = match (raw.transport, raw.transports) {
+            (Some(_), Some(_)) => {
+                return Err(Error::config(
+                    "transports",
+                    "",
+                    "give either transport or transports, not both",
+                ))
+            }
+            (t, None) | (None, t) => t,
+        };
+        if let Some(t) = t {
+            let names = match t {
+                RawTransports::One(n) => vec![n],
+                RawTransports::List(l) => l,
+            };
+            if names.is_empty() || names.len() > 8 {
                 return Err(Error::config(
                     "transport",
-                    &t,
-                    "expected a name like tcp or rdma",
+                    format!("{names:?}"),
+                    "expected 1 to 8 names",
                 ));
             }
-            c.transport = t;
+            for (i, t) in names.iter().enumerate() {
+                if t.is_empty() || !t.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
+                    return Err(Error::config(
+                        "transport",
+                        t,
+                        "expected a name like tcp or rdma",
+                    ));
+                }
+                if names[..i].contains(t) {
+                    return Err(Error::config("transport", t, "named twice in the list"));
+                }
+            }
+            c.transport = names[0].clone();
+            c.more_transports = names[1..].to_vec();
         }
         if let Some(s) = raw.server {
             if let Some(v) = s.listen {
@@ -533,6 +608,10 @@ impl Config {
             if let Some(v) = s.umask {
                 c.server.umask = int("server.umask", v, 0, 0o777)? as u32;
             }
+            if let Some(v) = s.drain_timeout_ms {
+                int("server.drain_timeout_ms", v, 0, 86_400_000)?;
+                c.server.drain_timeout = Duration::from_millis(v as u64);
+            }
         }
         if let Some(s) = raw.client {
             if let Some(v) = s.connect {
@@ -547,6 +626,21 @@ impl Config {
             }
             if let Some(v) = s.token_file.filter(|v| !v.is_empty()) {
                 c.client.token = read_token_file("client.token_file", Path::new(&v))?;
+            }
+            if let Some(v) = s.keepalive_ms {
+                int("client.keepalive_ms", v, 0, 86_400_000)?;
+                c.client.keepalive = ms(v);
+            }
+            if let Some(v) = s.reconnect {
+                c.client.reconnect = v;
+            }
+            if let Some(v) = s.reconnect_max_delay_ms {
+                int("client.reconnect_max_delay_ms", v, 1, 3_600_000)?;
+                c.client.reconnect_max_delay = Duration::from_millis(v as u64);
+            }
+            if let Some(v) = s.reconnect_give_up_ms {
+                int("client.reconnect_give_up_ms", v, 0, 86_400_000)?;
+                c.client.reconnect_give_up = Duration::from_millis(v as u64);
             }
         }
         if let Some(l) = raw.limits {
@@ -685,12 +779,24 @@ impl Config {
         c.to_toml()
     }
 
+    /// Every transport named, in order: `transport`, then `more_transports`.
+    pub fn transport_list(&self) -> Vec<&str> {
+        std::iter::once(self.transport.as_str())
+            .chain(self.more_transports.iter().map(String::as_str))
+            .collect()
+    }
+
     /// The configuration as TOML (every key, secrets included: see
     /// [`Config::to_toml_redacted`]).
     pub fn to_toml(&self) -> String {
         let mut s = String::new();
         let q = |v: &str| toml::Value::String(v.to_string()).to_string();
-        s += &format!("transport = {}\n\n[server]\n", q(&self.transport));
+        if self.more_transports.is_empty() {
+            s += &format!("transport = {}\n\n[server]\n", q(&self.transport));
+        } else {
+            let names: Vec<String> = self.transport_list().iter().map(|n| q(n)).collect();
+            s += &format!("transport = [{}]\n\n[server]\n", names.join(", "));
+        }
         s += &format!("listen = {}\n", q(&self.server.listen));
         s += &format!("export = {}\n", q(&self.server.export.to_string_lossy()));
         s += &format!("read_only = {}\n", self.server.read_only);
@@ -720,12 +826,26 @@ impl Config {
             "max_open_files_total = {}\n",
             self.server.max_open_files_total
         );
-        s += &format!("umask = 0o{:03o}\n\n[client]\n", self.server.umask);
+        s += &format!("umask = 0o{:03o}\n", self.server.umask);
+        s += &format!(
+            "drain_timeout_ms = {}\n\n[client]\n",
+            self.server.drain_timeout.as_millis()
+        );
         s += &format!("connect = {}\n", q(&self.client.connect));
         s += &format!("token = {}\n", q(&self.client.token));
+        s += &format!("timeout_ms = {}\n", self.client.timeout.as_millis());
         s += &format!(
-            "timeout_ms = {}\n\n[limits]\n",
-            self.client.timeout.as_millis()
+            "keepalive_ms = {}\n",
+            self.client.keepalive.map_or(0, |d| d.as_millis())
+        );
+        s += &format!("reconnect = {}\n", self.client.reconnect);
+        s += &format!(
+            "reconnect_max_delay_ms = {}\n",
+            self.client.reconnect_max_delay.as_millis()
+        );
+        s += &format!(
+            "reconnect_give_up_ms = {}\n\n[limits]\n",
+            self.client.reconnect_give_up.as_millis()
         );
         s += &format!("max_segments = {}\n", self.limits.max_segments);
         s += &format!("max_payload = {}\n", self.limits.max_payload);

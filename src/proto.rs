@@ -39,6 +39,9 @@ pub enum Status {
     Limit = 10_006,
     /// The server is out of buffers or other resources.
     Busy = 10_007,
+    /// The server is shutting down and did not execute the request: reconnect (to it once
+    /// it is back, or to another) and send it again. Safe to retry whatever the request.
+    ShuttingDown = 10_008,
 }
 
 /// Open flags.

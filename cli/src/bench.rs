@@ -421,17 +421,16 @@ pub(crate) fn run(mut a: BenchArgs) -> AnyResult<()> {
         .limits
         .max_in_flight
         .max((max_depth * a.segments) as usize + 8);
-    let t = reg.get(&cfg.transport, &cfg)?;
-    // One client pool shared by every job, as an application would.
+    // One client pool shared by every job, as an application would. A transport list
+    // falls back in order; every job uses the transport the first connection chose.
     let client_pool = zcio::Pool::new(&cfg.pool)?;
+    let setup = Client::connect_pool(&cfg, &reg, client_pool.clone())?;
+    let chosen = setup.transport().unwrap_or("?").to_string();
+    cfg = cfg.with_override(&format!("transport={}", toml_str(&chosen)))?;
+    eprintln!("zcio bench: transport in use: {chosen}");
     let connect = |cfg: &Config| -> AnyResult<Client> {
-        Ok(Client::connect_transport(
-            cfg,
-            t.as_ref(),
-            client_pool.clone(),
-        )?)
+        Ok(Client::connect_pool(cfg, &reg, client_pool.clone())?)
     };
-    let setup = connect(&cfg)?;
     eprintln!(
         "zcio bench: {} over {} to {}{}: {:?} bs={} x{} segments iodepth={} jobs={} files={}x{}",
         if a.verify { "verified " } else { "" },

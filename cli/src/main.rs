@@ -9,6 +9,7 @@ mod baseline;
 mod bench;
 mod hostile;
 mod plot;
+mod serve;
 mod soak;
 
 use std::path::PathBuf;
@@ -16,7 +17,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 use zcio::transport::Registry;
-use zcio::{Client, Config, OpenFlags, Server};
+use zcio::{Client, Config, OpenFlags};
 
 /// Counts heap allocations for `zcio bench --count-allocs`.
 #[global_allocator]
@@ -36,7 +37,8 @@ pub(crate) struct Common {
     /// TOML configuration file (every key is documented in the README).
     #[arg(long, short = 'c', value_name = "FILE")]
     config: Option<PathBuf>,
-    /// Transport: tcp or rdma (overrides `transport` in the file).
+    /// Transport: tcp or rdma, or a list tried in order such as `rdma,tcp` (overrides
+    /// `transport` in the file).
     #[arg(long, short = 't', value_name = "NAME")]
     transport: Option<String>,
     /// Shared authentication token (overrides server.token and client.token).
@@ -56,7 +58,8 @@ impl Common {
     fn load(&self) -> Result<Config, zcio::Error> {
         let mut overrides = self.set.clone();
         if let Some(t) = &self.transport {
-            overrides.push(format!("transport={}", toml_str(t)));
+            let names: Vec<String> = t.split(',').map(|n| toml_str(n.trim())).collect();
+            overrides.push(format!("transport=[{}]", names.join(", ")));
         }
         if let Some(t) = &self.token {
             overrides.push(format!("server.token={}", toml_str(t)));
@@ -221,20 +224,7 @@ fn run(cli: Cli) -> AnyResult<()> {
                 cfg = cfg.with_override(&format!("server.listen={}", toml_str(&l)))?;
             }
             cfg.server.read_only |= read_only;
-            let server = Server::bind(&cfg, &registry())?;
-            eprintln!(
-                "zcio: serving {} over {} on {}{}",
-                cfg.server.export.display(),
-                cfg.transport,
-                server.local_addr(),
-                if cfg.server.read_only {
-                    " (read-only)"
-                } else {
-                    ""
-                }
-            );
-            server.serve()?;
-            Ok(())
+            serve::run(&cfg)
         }
         Cmd::Bench(args) => bench::run(*args),
         Cmd::Soak(args) => soak::run(*args),
@@ -346,7 +336,11 @@ fn copy_get(c: &Client, path: &str, local: &std::path::Path) -> AnyResult<()> {
         )
         .into());
     }
-    eprintln!("zcio: got {path} -> {} ({size} bytes)", local.display());
+    eprintln!(
+        "zcio: got {path} -> {} ({size} bytes) over {}",
+        local.display(),
+        c.transport().unwrap_or("?")
+    );
     Ok(())
 }
 

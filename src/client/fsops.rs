@@ -272,7 +272,9 @@ impl Client {
 impl File {
     /// Complete attributes of the open file.
     pub fn getattr(&self) -> Result<Attr> {
-        match self.client.call_simple(&Req::Fgetattr { fh: self.fh })? {
+        match self.client.call_simple(&Req::Fgetattr {
+            fh: self.state.fh()?,
+        })? {
             Resp::Attr(a) => Ok(a),
             r => unexpected("fgetattr reply", r),
         }
@@ -282,14 +284,14 @@ impl File {
     /// file open for writing).
     pub fn setattr(&self, a: &SetattrReq) -> Result<Attr> {
         let mut a = a.clone();
-        a.fh = self.fh;
+        a.fh = self.state.fh()?;
         self.client.setattr(&a)
     }
 
     /// Flushes the file's data (and only the metadata needed to read it back).
     pub fn fdatasync(&self) -> Result<()> {
         self.client.call_ok(&Req::Fsync {
-            fh: self.fh,
+            fh: self.state.fh()?,
             datasync: true,
         })
     }
@@ -298,7 +300,7 @@ impl File {
     /// file system allows).
     pub fn fallocate(&self, mode: u32, offset: u64, len: u64) -> Result<()> {
         self.client.call_ok(&Req::Fallocate {
-            fh: self.fh,
+            fh: self.state.fh()?,
             mode,
             offset,
             len,

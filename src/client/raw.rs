@@ -24,7 +24,7 @@ impl File {
         iov: &[(NonNull<u8>, usize)],
         offset: u64,
     ) -> Result<Completion<usize>> {
-        let fh = self.fh;
+        let fh = self.state.fh()?;
         // SAFETY: the caller's contract is ours.
         unsafe {
             self.raw_async(iov, offset, read_len, |pos, len, segs| {
@@ -52,7 +52,7 @@ impl File {
         iov: &[(NonNull<u8>, usize)],
         offset: u64,
     ) -> Result<Completion<usize>> {
-        let fh = self.fh;
+        let fh = self.state.fh()?;
         // SAFETY: the caller's contract is ours.
         unsafe {
             self.raw_async(iov, offset, write_len, |pos, _, segs| {
@@ -77,7 +77,7 @@ impl File {
         bufs: &Iobref,
         offset: u64,
     ) -> Result<Completion<usize>> {
-        let fh = self.fh;
+        let fh = self.state.fh()?;
         let lens: Vec<usize> = bufs.buffers().iter().map(|b| b.len()).collect();
         let l = self.limits();
         let plan = plan_requests(&lens, l.max_segments, l.max_payload);

@@ -19,8 +19,11 @@
 //! page cache with `sendfile`: no user-space copy on the server); otherwise, and for
 //! `O_DIRECT` files, the data is read into pool buffers first (RDMA writes from them).
 
+mod drain;
 mod export;
 mod fsops;
+
+pub use drain::DrainReport;
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -347,6 +350,14 @@ struct Shared {
     refusals: Mutex<Vec<(Instant, Weak<dyn Replier>)>>,
     /// Threads refusing over-limit connections now (at most [`MAX_REFUSERS`]).
     refusing: AtomicUsize,
+    /// Set by [`ServerHandle::drain`]: requests received from now on are answered with
+    /// [`Status::ShuttingDown`] instead of being served.
+    draining: AtomicBool,
+    /// Requests whose reply has been sent (or failed to send): a drain waits until this
+    /// catches up with `stats.received`.
+    replied: AtomicU64,
+    /// Requests answered with [`Status::ShuttingDown`].
+    turned_away: AtomicU64,
 }
 
 /// Over-limit connections told so at once, at most: each takes a thread for at most
@@ -372,8 +383,14 @@ pub struct ServerHandle {
 
 impl Server {
     /// Binds the transport named in `cfg` (looked up in `registry`), with a new pool.
+    /// With a transport list, one server listens on every transport
+    /// ([`crate::transport::multi`]).
     pub fn bind(cfg: &Config, registry: &Registry) -> Result<Server> {
         let pool = Pool::new(&cfg.pool)?;
+        if !cfg.more_transports.is_empty() {
+            let l = crate::transport::multi::listen_all(cfg, registry, &pool)?;
+            return Server::with_listener(cfg, Arc::new(l), pool);
+        }
         let t = registry.get(&cfg.transport, cfg)?;
         Server::bind_transport(cfg, t.as_ref(), pool)
     }
@@ -406,6 +423,9 @@ impl Server {
                 watch_cv: Condvar::new(),
                 refusals: Mutex::new(Vec::new()),
                 refusing: AtomicUsize::new(0),
+                draining: AtomicBool::new(false),
+                replied: AtomicU64::new(0),
+                turned_away: AtomicU64::new(0),
             }),
             listener,
         })
@@ -757,13 +777,20 @@ fn serve_conn(shared: &Arc<Shared>, mut sc: Box<dyn ServerConn>, jobs: &Schedule
                 break;
             }
             Ok(Some(inc)) => {
+                // Counted before the look at `draining` (both SeqCst), so that a drain
+                // either sees this request as received and waits for its answer, or the
+                // request sees the drain and is turned away unserved.
+                shared.stats.received.fetch_add(1, Ordering::SeqCst);
+                if shared.draining.load(Ordering::SeqCst) {
+                    drain::turn_away(&conn, inc);
+                    continue;
+                }
                 let depth = shared
                     .cfg
                     .server
                     .max_in_flight
                     .saturating_sub(conn.permits.available());
                 let stats = &shared.stats;
-                stats.received.fetch_add(1, Ordering::Relaxed);
                 stats.depth_sum.fetch_add(depth as u64, Ordering::Relaxed);
                 // A client with one request outstanding (a synchronous caller) is served on
                 // this thread: one thread hand-off less per request. Deeper queues go to
@@ -868,6 +895,7 @@ fn handle_with(job: Job, scratch: &mut Scratch) {
         tracing::debug!("reply to {} failed: {e}", conn.peer);
         conn.replier.close();
     }
+    shared.replied.fetch_add(1, Ordering::SeqCst);
     // Keep the vectors for the next request: the buffers go back to the pool now.
     let mut payload = payload;
     payload.clear();

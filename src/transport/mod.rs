@@ -32,6 +32,7 @@
 pub mod accept;
 pub mod completion;
 pub mod mem;
+pub mod multi;
 
 use std::fmt;
 use std::fs::File;
