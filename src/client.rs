@@ -227,7 +227,9 @@ impl Client {
         })
     }
 
-    fn call_simple(&self, req: &Req) -> Result<Resp> {
+    /// Sends `req` with no payload and decodes its reply (also for the conformance suite's
+    /// raw requests).
+    pub(crate) fn call_simple(&self, req: &Req) -> Result<Resp> {
         let reply = self.start(req, Vec::new(), Vec::new())?.wait()?;
         proto::decode_reply(req, &reply.header)
     }
