@@ -220,6 +220,10 @@ impl Client {
     }
 
     fn start(&self, req: &Req, send: Vec<SendSeg>, recv: Vec<RecvSeg>) -> Result<Pending<Reply>> {
+        // The transport logs the request's id inside this span (at debug: no cost otherwise).
+        let _span =
+            tracing::debug_span!("request", op = req.name(), peer = %self.inner.conn.peer())
+                .entered();
         self.inner.conn.start(Request {
             header: req.encode(),
             send,

@@ -205,3 +205,91 @@ fn devices_lists_rdma_devices_or_says_why_not() {
         assert!(stdout.is_empty(), "{stdout}");
     }
 }
+
+/// The `id=N` value that follows `marker` on the first line containing both.
+fn id_after(log: &str, line_has: &str, marker: &str) -> Option<String> {
+    log.lines().filter(|l| l.contains(line_has)).find_map(|l| {
+        let at = l.find(marker)? + marker.len();
+        Some(l[at..].chars().take_while(char::is_ascii_digit).collect())
+    })
+}
+
+#[test]
+fn rust_log_shows_one_request_from_client_to_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let data: Vec<u8> = (0..100_000u32).map(|i| (i % 253) as u8).collect();
+    std::fs::write(dir.path().join("f"), &data).unwrap();
+    let logs = tempfile::tempdir().unwrap();
+    let server_log = logs.path().join("server.log");
+    let port = free_port();
+    let server = Killed(
+        zcio()
+            .env_remove("ZCIO_LOG")
+            .env("RUST_LOG", "debug")
+            .args(["serve", "--listen"])
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("--export")
+            .arg(dir.path())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&server_log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "zcio serve did not listen");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // ZCIO_LOG is the alias, and wins over RUST_LOG.
+    let out = logs.path().join("out");
+    let get = zcio()
+        .env("RUST_LOG", "off")
+        .env("ZCIO_LOG", "debug")
+        .args(["get", &format!("127.0.0.1:{port}"), "f"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(get.status.success(), "{get:?}");
+    assert!(std::fs::read(&out).unwrap() == data);
+    let client = String::from_utf8_lossy(&get.stderr).into_owned();
+    // The client's request span names the operation; the transport logs its id in it.
+    let id = id_after(&client, "request{op=\"read\"", "tcp request id=")
+        .unwrap_or_else(|| panic!("no read request with an id in the client's log:\n{client}"));
+    assert!(!id.is_empty(), "{client}");
+    assert!(
+        client.contains(&format!("tcp reply id={id} ok=true")),
+        "the client's log does not show reply {id}:\n{client}"
+    );
+    // The server's span for the same id names the same operation, and it was replied. The
+    // server logs "replied" just after the client may have seen the reply: wait for it.
+    let followed = |server: &str| {
+        server.contains(&format!("tcp request received id={id}"))
+            && server
+                .lines()
+                .any(|l| l.contains(&format!(" id={id} op=\"read\"}}")) && l.contains("replied"))
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let server = std::fs::read_to_string(&server_log).unwrap();
+        if followed(&server) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "request {id} is not followed through the server's log:\n{server}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(server);
+
+    // A filter that does not parse is reported, not silently ignored.
+    let bad = zcio()
+        .env("RUST_LOG", "zcio=loud")
+        .env_remove("ZCIO_LOG")
+        .args(["config"])
+        .output()
+        .unwrap();
+    assert!(bad.status.success());
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(err.contains("ignoring RUST_LOG=\"zcio=loud\""), "{err}");
+}

@@ -462,6 +462,7 @@ fn serve_conn(shared: &Arc<Shared>, mut sc: Box<dyn ServerConn>, jobs: &Schedule
         conns.retain(|w| w.strong_count() > 0);
         conns.push(Arc::downgrade(&conn));
     }
+    let _span = tracing::debug_span!("conn", peer = %conn.peer).entered();
     tracing::debug!("connection from {}", conn.peer);
     loop {
         conn.permits.acquire();
@@ -532,7 +533,18 @@ fn handle(job: Job) {
 fn handle_with(job: Job, scratch: &mut Scratch) {
     let Job { conn, mut inc } = job;
     let shared = conn.shared.clone();
-    let (header, payload) = match Req::decode(&inc.header) {
+    let req_span = tracing::debug_span!(
+        "request",
+        peer = %conn.peer,
+        id = inc.id,
+        op = tracing::field::Empty
+    )
+    .entered();
+    let decoded = Req::decode(&inc.header);
+    if let Ok(req) = &decoded {
+        req_span.record("op", req.name());
+    }
+    let (header, payload) = match decoded {
         Ok(req) => match execute(&conn, &req, &inc, scratch) {
             Ok((resp, payload)) => {
                 let mut h = std::mem::take(&mut scratch.header);
@@ -541,6 +553,7 @@ fn handle_with(job: Job, scratch: &mut Scratch) {
             }
             Err(e) => {
                 shared.stats.errors.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(code = e.code, message = %e.message, "request failed");
                 (proto::encode_err(e.code, &e.message), Vec::new())
             }
         },
@@ -555,9 +568,15 @@ fn handle_with(job: Job, scratch: &mut Scratch) {
     // Free the request's payload buffers before replying.
     inc.payload.clear();
     shared.stats.requests.fetch_add(1, Ordering::Relaxed);
-    if let Err(e) = conn.replier.reply(inc.id, &header, &payload) {
-        tracing::debug!("reply to {} failed: {e}", conn.peer);
-        conn.replier.close();
+    match conn.replier.reply(inc.id, &header, &payload) {
+        Ok(()) => tracing::debug!(
+            payload_len = payload.iter().map(|b| b.len()).sum::<usize>(),
+            "replied"
+        ),
+        Err(e) => {
+            tracing::debug!("reply to {} failed: {e}", conn.peer);
+            conn.replier.close();
+        }
     }
     // Keep the vectors for the next request: the buffers go back to the pool now.
     let mut payload = payload;

@@ -113,6 +113,11 @@ fn take_if_done(st: &mut State, id: u64) -> Option<Done> {
         return None;
     }
     let e = st.pending.remove(&id)?;
+    tracing::debug!(
+        id,
+        ok = e.outcome.as_ref().is_some_and(Result::is_ok),
+        "tcp reply"
+    );
     let result = match (e.outcome, e.send, e.recv) {
         (Some(Ok((header, payload_len))), Some(send), Some(recv)) => Ok(Reply {
             header,
@@ -401,6 +406,7 @@ pub(crate) fn connect(cfg: &Config) -> Result<TcpClientConn> {
     let reader = std::thread::Builder::new()
         .name("zcio-tcp-client".into())
         .spawn(move || {
+            let _span = tracing::debug_span!("conn", peer = %sh.peer).entered();
             let f = sh.read_replies();
             tracing::debug!(peer = %sh.peer, reason = %f.reason, "tcp client connection ended");
             sh.fail(f);
@@ -451,6 +457,7 @@ impl ClientConn for TcpClientConn {
             }
             let id = st.next_id;
             st.next_id = st.next_id.wrapping_add(1);
+            tracing::debug!(id, payload_len, recv_cap, "tcp request");
             st.pending.insert(
                 id,
                 Entry {
