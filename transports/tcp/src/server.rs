@@ -43,7 +43,7 @@ use std::time::{Duration, Instant};
 
 use zcio::config::Config;
 use zcio::transport::accept::HandshakeListener;
-use zcio::transport::{Incoming, Limits, Replier, ServerConn};
+use zcio::transport::{check_reply, Incoming, Limits, Replier, ServerConn};
 use zcio::{Error, Iobuf, IobufMut, Pool, Result};
 
 use crate::io::{
@@ -210,26 +210,8 @@ impl ConnShared {
 
 impl Replier for ConnShared {
     fn reply(&self, id: u64, header: &[u8], payload: &[Iobuf]) -> Result<()> {
-        let l = &self.limits;
-        let over = |what, value: usize, limit: usize| Error::LimitExceeded {
-            what,
-            value: value as u64,
-            limit: limit as u64,
-        };
-        if header.len() > l.max_header {
-            return Err(over("reply header length", header.len(), l.max_header));
-        }
-        if payload.len() > l.max_segments {
-            return Err(over(
-                "reply payload segments",
-                payload.len(),
-                l.max_segments,
-            ));
-        }
+        check_reply(header, payload, &self.limits)?;
         let total: usize = payload.iter().map(|b| b.len()).sum();
-        if total > l.max_payload {
-            return Err(over("reply payload", total, l.max_payload));
-        }
         {
             let mut st = lock(&self.state);
             if let Some(r) = &st.closed {
@@ -242,11 +224,11 @@ impl Replier for ConnShared {
                 )));
             };
             if total > cap {
-                return Err(over(
-                    "reply payload (the request's reply capacity)",
-                    total,
-                    cap,
-                ));
+                return Err(Error::LimitExceeded {
+                    what: "reply payload (the request's reply capacity)",
+                    value: total as u64,
+                    limit: cap as u64,
+                });
             }
             // Before the write: once the client has the reply it may reuse the slot, and
             // its next request must not count this one.
