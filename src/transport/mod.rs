@@ -23,6 +23,7 @@
 
 pub mod accept;
 pub mod completion;
+pub mod deadline;
 pub mod mem;
 
 use std::fmt;
@@ -36,6 +37,7 @@ pub use crate::pool::seg::{recv_len, scatter_into, send_len, RawSeg, RecvSeg, Se
 pub use completion::{
     block_on, pair, pair_with_progress, Completer, CompletionCell, Pending, Progress,
 };
+pub use deadline::Deadline;
 
 /// Largest request or reply header any transport must carry.
 pub const MAX_HEADER: usize = 4096;

@@ -38,8 +38,8 @@ use std::time::{Duration, Instant};
 
 use zcio::config::Config;
 use zcio::transport::{
-    check_request, pair, recv_len, send_len, ClientConn, Completer, Limits, Pending, RecvSeg,
-    Reply, Request, SendSeg,
+    check_request, pair, recv_len, send_len, ClientConn, Completer, Deadline, Limits, Pending,
+    RecvSeg, Reply, Request, SendSeg,
 };
 use zcio::{Error, Result};
 
@@ -432,7 +432,7 @@ impl ClientConn for TcpClientConn {
         let (completer, pending) = pair();
         let id = {
             let mut st = lock(&sh.state);
-            let deadline = Instant::now() + sh.timeout;
+            let deadline = Deadline::after(sh.timeout);
             loop {
                 if let Some(r) = &st.dead {
                     return Err(Error::ConnectionClosed(r.clone()));
@@ -440,20 +440,13 @@ impl ClientConn for TcpClientConn {
                 if st.pending.len() < sh.limits.max_in_flight {
                     break;
                 }
-                let now = Instant::now();
-                if now >= deadline {
-                    return Err(Error::Timeout {
-                        what: format!(
-                            "a free request slot on the tcp connection to {} ({} in flight)",
-                            sh.peer, sh.limits.max_in_flight
-                        ),
-                        after: sh.timeout,
-                    });
-                }
-                st = match sh.slot_freed.wait_timeout(st, deadline - now) {
-                    Ok((g, _)) => g,
-                    Err(p) => p.into_inner().0,
-                };
+                deadline.left(|| {
+                    format!(
+                        "a free request slot on the tcp connection to {} ({} in flight)",
+                        sh.peer, sh.limits.max_in_flight
+                    )
+                })?;
+                st = deadline.wait(&sh.slot_freed, st);
             }
             let id = st.next_id;
             st.next_id = st.next_id.wrapping_add(1);
