@@ -122,6 +122,16 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// Waits (60 s at most: this is a slow machine's margin, not a speed check) until a
+/// `zcio serve` takes connections on `port`.
+fn wait_listening(port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "zcio serve did not listen");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 fn client(port: u16, token: &str) -> Result<Client, Error> {
     let mut cfg = Config::default();
     cfg.client.connect = format!("127.0.0.1:{port}");
@@ -145,11 +155,7 @@ fn serve_read_only_with_a_token_from_the_command_line() {
             .spawn()
             .unwrap(),
     );
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "zcio serve did not listen");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_listening(port);
     // The token is required.
     for wrong in ["", "open barley"] {
         match client(port, wrong) {
@@ -235,11 +241,7 @@ fn rust_log_shows_one_request_from_client_to_server() {
             .spawn()
             .unwrap(),
     );
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "zcio serve did not listen");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_listening(port);
     // ZCIO_LOG is the alias, and wins over RUST_LOG.
     let out = logs.path().join("out");
     let get = zcio()
