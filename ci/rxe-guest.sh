@@ -11,7 +11,7 @@
 #   bench.log, bench/   bench mode: all perftest output; bench/results = "name client server"
 #   guest-done          written last; if it is missing the guest died (panic, timeout)
 #
-# Setup follows shared/RXE.md: rdma_rxe on the loopback device gives rxe0 with GID index 1
+# Setup follows docs/RXE.md: rdma_rxe on the loopback device gives rxe0 with GID index 1
 # = ::ffff:127.0.0.1 (RoCE v2), so servers and clients here all use 127.0.0.1. The guest's
 # memlock limit defaults to 8 MiB, too little to register a buffer pool, hence ulimit -l.
 set -uo pipefail

@@ -1,7 +1,7 @@
 # shellcheck shell=bash
 # Host-side helpers shared by ci/rxe-test and ci/rxe-bench (sourced, not executed).
 #
-# Why a VM at all (shared/RXE.md): the host kernel has no RDMA, so the rxe device only
+# Why a VM at all (docs/RXE.md): the host kernel has no RDMA, so the rxe device only
 # exists inside a qemu guest booting Debian's own kernel (/boot/vmlinuz-6.1.0-*-amd64,
 # which has rdma_rxe) over the host's root filesystem, via virtme-ng (`vng`). /dev/kvm
 # cannot run that kernel, so the guest runs under TCG (--disable-kvm): everything in it

@@ -337,6 +337,10 @@ impl Client {
     }
 
     fn start(&self, req: &Req, send: Vec<SendSeg>, recv: Vec<RecvSeg>) -> Result<Pending<Reply>> {
+        // The transport logs the request's id inside this span (at debug: no cost otherwise).
+        let _span =
+            tracing::debug_span!("request", op = req.name(), peer = %self.inner.link.peer())
+                .entered();
         self.inner.link.start(Request {
             header: req.encode(),
             send,
@@ -344,7 +348,9 @@ impl Client {
         })
     }
 
-    fn call_simple(&self, req: &Req) -> Result<Resp> {
+    /// Sends `req` with no payload and decodes its reply (also for the conformance suite's
+    /// raw requests).
+    pub(crate) fn call_simple(&self, req: &Req) -> Result<Resp> {
         let reply = self.start(req, Vec::new(), Vec::new())?.wait()?;
         proto::decode_reply(req, &reply.header)
     }

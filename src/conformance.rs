@@ -26,6 +26,12 @@ use crate::proto::{OpenFlags, Status};
 use crate::transport::{Request, Transport};
 use crate::{Client, Server, ServerHandle};
 
+mod behaviour;
+pub use behaviour::{
+    direct_io_forced_by_the_server, file_handles_are_per_connection, long_listing_spans_replies,
+    open_mode_and_truncate, shutdown_with_live_connections,
+};
+
 /// A server on a temporary export, and a way to make clients for it.
 pub struct Harness {
     /// The transport under test.
@@ -906,7 +912,9 @@ macro_rules! conformance_tests {
             preadv_shapes, pwritev_shapes, zero_copy_family, async_in_flight,
             several_clients, o_direct, read_payload_kinds, escapes_refused, special_files_refused, wrong_token_refused,
             malformed_requests, client_vanishes_mid_transfer, metadata_ops,
-            read_only_export, max_connections, open_file_limit);
+            read_only_export, max_connections, open_file_limit,
+            file_handles_are_per_connection, long_listing_spans_replies, open_mode_and_truncate,
+            direct_io_forced_by_the_server, shutdown_with_live_connections);
     };
     (@cases $factory:expr; $attrs:tt; $($case:ident),* $(,)?) => {
         $( $crate::conformance_tests!(@case $factory; $attrs; $case); )*

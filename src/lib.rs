@@ -37,7 +37,8 @@ pub mod conformance;
 pub mod conformance_fs;
 
 /// Locks `m`; a poisoned lock (a thread panicked while holding it) is taken over rather
-/// than turned into another panic.
-pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+/// than turned into another panic. For state whose critical sections leave it consistent
+/// even when they panic (bookkeeping, no half-done updates); the transports use it too.
+pub fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }

@@ -8,6 +8,7 @@ mod allocs;
 mod baseline;
 mod bench;
 mod hostile;
+mod logging;
 mod plot;
 mod serve;
 mod soak;
@@ -183,13 +184,7 @@ fn raise_open_files_limit() {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("ZCIO_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    logging::init();
     let cli = Cli::parse();
     raise_open_files_limit();
     match run(cli) {

@@ -237,7 +237,8 @@ impl PoolConfig {
     }
 }
 
-fn round_page(n: usize) -> usize {
+/// `n` rounded up to a whole number of pages (4 KiB, the pool's alignment); 0 stays 0.
+pub fn round_page(n: usize) -> usize {
     n.div_ceil(PAGE).saturating_mul(PAGE)
 }
 

@@ -759,6 +759,7 @@ fn serve_conn(shared: &Arc<Shared>, mut sc: Box<dyn ServerConn>, jobs: &Schedule
         conns.push(Arc::downgrade(&conn));
     }
     shared.watch_cv.notify_all();
+    let _span = tracing::debug_span!("conn", peer = %conn.peer).entered();
     tracing::debug!("connection from {}", conn.peer);
     loop {
         conn.permits.acquire();
@@ -852,7 +853,18 @@ fn handle(job: Job) {
 fn handle_with(job: Job, scratch: &mut Scratch) {
     let Job { conn, mut inc } = job;
     let shared = conn.shared.clone();
-    let (header, payload) = match Req::decode(&inc.header) {
+    let req_span = tracing::debug_span!(
+        "request",
+        peer = %conn.peer,
+        id = inc.id,
+        op = tracing::field::Empty
+    )
+    .entered();
+    let decoded = Req::decode(&inc.header);
+    if let Ok(req) = &decoded {
+        req_span.record("op", req.name());
+    }
+    let (header, payload) = match decoded {
         Ok(req) => match execute_guarded(&conn, &req, &inc, scratch) {
             Ok((resp, payload)) => {
                 let mut h = std::mem::take(&mut scratch.header);
@@ -861,6 +873,7 @@ fn handle_with(job: Job, scratch: &mut Scratch) {
             }
             Err(e) => {
                 shared.stats.errors.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(code = e.code, message = %e.message, "request failed");
                 (proto::encode_err(e.code, &e.message), Vec::new())
             }
         },

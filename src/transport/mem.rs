@@ -353,4 +353,43 @@ mod tests {
         assert_eq!(p1.wait().unwrap().header, b"a");
         assert_eq!(p2.wait().unwrap().header, b"b");
     }
+
+    #[test]
+    fn check_reply_names_the_limit_a_reply_exceeds() {
+        let pool = Pool::new(&PoolConfig::default()).unwrap();
+        let l = Limits {
+            max_segments: 2,
+            max_payload: 8192,
+            max_header: 16,
+            max_in_flight: 8,
+            inline_threshold: 0,
+            rdma_payload: false,
+        };
+        let buf = |n: usize| {
+            let mut b = pool.get(n).unwrap();
+            b.set_len(n);
+            b.freeze()
+        };
+        let what = |r: Result<()>| match r {
+            Err(Error::LimitExceeded { what, value, limit }) => (what, value, limit),
+            other => panic!("{other:?}"),
+        };
+        assert!(super::super::check_reply(&[0; 16], &[buf(4096), buf(4096)], &l).is_ok());
+        assert_eq!(
+            what(super::super::check_reply(&[0; 17], &[], &l)),
+            ("reply header length", 17, 16)
+        );
+        assert_eq!(
+            what(super::super::check_reply(
+                &[],
+                &[buf(1), buf(1), buf(1)],
+                &l
+            )),
+            ("reply payload segments", 3, 2)
+        );
+        assert_eq!(
+            what(super::super::check_reply(&[], &[buf(4096), buf(4097)], &l)),
+            ("reply payload", 8193, 8192)
+        );
+    }
 }

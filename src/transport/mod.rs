@@ -31,6 +31,7 @@
 
 pub mod accept;
 pub mod completion;
+pub mod deadline;
 pub mod mem;
 pub mod multi;
 
@@ -48,6 +49,7 @@ pub use crate::pool::seg::{recv_len, scatter_into, send_len, RawSeg, RecvSeg, Se
 pub use completion::{
     block_on, pair, pair_with_progress, Completer, CompletionCell, Pending, Progress,
 };
+pub use deadline::Deadline;
 
 /// Largest request or reply header any transport must carry.
 pub const MAX_HEADER: usize = 4096;
@@ -435,6 +437,32 @@ pub fn check_request(req: &Request, l: &Limits) -> Result<()> {
                 limit: l.max_payload as u64,
             });
         }
+    }
+    Ok(())
+}
+
+/// Checks a server's reply against the connection's limits before anything is sent: its
+/// header length, payload segments and payload bytes (the request's own reply capacity,
+/// which may be lower, is the transport's to check).
+pub fn check_reply(header: &[u8], payload: &[Iobuf], l: &Limits) -> Result<()> {
+    let over = |what, value: usize, limit: usize| Error::LimitExceeded {
+        what,
+        value: value as u64,
+        limit: limit as u64,
+    };
+    if header.len() > l.max_header {
+        return Err(over("reply header length", header.len(), l.max_header));
+    }
+    if payload.len() > l.max_segments {
+        return Err(over(
+            "reply payload segments",
+            payload.len(),
+            l.max_segments,
+        ));
+    }
+    let total: usize = payload.iter().map(|b| b.len()).sum();
+    if total > l.max_payload {
+        return Err(over("reply payload", total, l.max_payload));
     }
     Ok(())
 }

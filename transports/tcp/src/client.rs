@@ -38,8 +38,8 @@ use std::time::{Duration, Instant};
 
 use zcio::config::Config;
 use zcio::transport::{
-    check_request, pair, recv_len, send_len, ClientConn, Completer, Limits, Pending, RecvSeg,
-    Reply, Request, SendSeg,
+    check_request, pair, recv_len, send_len, ClientConn, Completer, Deadline, Limits, Pending,
+    RecvSeg, Reply, Request, SendSeg,
 };
 use zcio::{Error, Result};
 
@@ -113,6 +113,11 @@ fn take_if_done(st: &mut State, id: u64) -> Option<Done> {
         return None;
     }
     let e = st.pending.remove(&id)?;
+    tracing::debug!(
+        id,
+        ok = e.outcome.as_ref().is_some_and(Result::is_ok),
+        "tcp reply"
+    );
     let result = match (e.outcome, e.send, e.recv) {
         (Some(Ok((header, payload_len))), Some(send), Some(recv)) => Ok(Reply {
             header,
@@ -401,6 +406,7 @@ pub(crate) fn connect(cfg: &Config) -> Result<TcpClientConn> {
     let reader = std::thread::Builder::new()
         .name("zcio-tcp-client".into())
         .spawn(move || {
+            let _span = tracing::debug_span!("conn", peer = %sh.peer).entered();
             let f = sh.read_replies();
             tracing::debug!(peer = %sh.peer, reason = %f.reason, "tcp client connection ended");
             sh.fail(f);
@@ -426,7 +432,7 @@ impl ClientConn for TcpClientConn {
         let (completer, pending) = pair();
         let id = {
             let mut st = lock(&sh.state);
-            let deadline = Instant::now() + sh.timeout;
+            let deadline = Deadline::after(sh.timeout);
             loop {
                 if let Some(r) = &st.dead {
                     return Err(Error::ConnectionClosed(r.clone()));
@@ -434,23 +440,17 @@ impl ClientConn for TcpClientConn {
                 if st.pending.len() < sh.limits.max_in_flight {
                     break;
                 }
-                let now = Instant::now();
-                if now >= deadline {
-                    return Err(Error::Timeout {
-                        what: format!(
-                            "a free request slot on the tcp connection to {} ({} in flight)",
-                            sh.peer, sh.limits.max_in_flight
-                        ),
-                        after: sh.timeout,
-                    });
-                }
-                st = match sh.slot_freed.wait_timeout(st, deadline - now) {
-                    Ok((g, _)) => g,
-                    Err(p) => p.into_inner().0,
-                };
+                deadline.left(|| {
+                    format!(
+                        "a free request slot on the tcp connection to {} ({} in flight)",
+                        sh.peer, sh.limits.max_in_flight
+                    )
+                })?;
+                st = deadline.wait(&sh.slot_freed, st);
             }
             let id = st.next_id;
             st.next_id = st.next_id.wrapping_add(1);
+            tracing::debug!(id, payload_len, recv_cap, "tcp request");
             st.pending.insert(
                 id,
                 Entry {

@@ -111,7 +111,7 @@ mod io;
 mod server;
 pub mod wire;
 
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 
 use zcio::config::Config;
 use zcio::transport::{ClientConn, Listener, Registry, Transport};
@@ -146,11 +146,8 @@ pub fn register(registry: &mut Registry) {
     registry.register(Arc::new(TcpTransport));
 }
 
-/// Locks a mutex, ignoring poisoning (the protected state stays consistent: every
-/// critical section here is panic-free bookkeeping).
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
+// Poisoning is ignored: every critical section here is panic-free bookkeeping.
+use zcio::lock;
 
 /// A connection-fatal I/O error.
 fn transport_err(what: String, e: std::io::Error) -> Error {

@@ -474,6 +474,11 @@ impl TcpServerConn {
         };
         lock(&sh.state).in_flight.insert(p.id, p.recv_cap);
         self.last_in = Instant::now();
+        tracing::debug!(
+            id = p.id,
+            payload_len = p.payload_len,
+            "tcp request received"
+        );
         Ok(Some(Incoming {
             id: p.id,
             header,

@@ -332,9 +332,7 @@ fn total(p: &[Iobuf]) -> usize {
     p.iter().map(|b| b.len()).sum()
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
+use zcio::lock;
 
 /// A raw connection that has done a valid handshake with default limits.
 pub fn raw_handshaken(addr: &str) -> TcpStream {
