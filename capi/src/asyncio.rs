@@ -250,18 +250,8 @@ pub unsafe extern "C" fn zcio_preadv_async(
     cbk: zcio_io_cbk,
     data: *mut c_void,
 ) -> c_int {
-    guard(-1, || {
-        crate::no_flags(flags)?;
-        // SAFETY: the caller's contract.
-        let segs = raw_segs(unsafe { iovecs(iov, iovcnt) }?);
-        let off = offset_of(offset)?;
-        submit(fd, cbk, data, |f| {
-            // SAFETY: the ranges stay valid until completion, and the op keeps the
-            // completion until it has finished.
-            let c = unsafe { f.file.preadv_raw_async(&segs, off) }?;
-            Ok(Box::pin(async move { Ok(c.await?) }))
-        })
-    })
+    // SAFETY: the caller's contract.
+    unsafe { vectored_async(fd, iov, iovcnt, offset, flags, cbk, data, false) }
 }
 
 /// Starts a write of the caller's iovecs (as `zcio_pwritev`); as `zcio_preadv_async`.
@@ -278,14 +268,34 @@ pub unsafe extern "C" fn zcio_pwritev_async(
     cbk: zcio_io_cbk,
     data: *mut c_void,
 ) -> c_int {
+    // SAFETY: the caller's contract.
+    unsafe { vectored_async(fd, iov, iovcnt, offset, flags, cbk, data, true) }
+}
+
+/// `zcio_preadv_async` / `zcio_pwritev_async`.
+///
+/// # Safety
+/// As those.
+#[allow(clippy::too_many_arguments)]
+unsafe fn vectored_async(
+    fd: *mut zcio_fd_t,
+    iov: *const iovec,
+    iovcnt: c_int,
+    offset: off_t,
+    flags: c_int,
+    cbk: zcio_io_cbk,
+    data: *mut c_void,
+    write: bool,
+) -> c_int {
     guard(-1, || {
         crate::no_flags(flags)?;
         // SAFETY: the caller's contract.
         let segs = raw_segs(unsafe { iovecs(iov, iovcnt) }?);
         let off = offset_of(offset)?;
         submit(fd, cbk, data, |f| {
-            // SAFETY: as in zcio_preadv_async.
-            let c = unsafe { f.file.pwritev_raw_async(&segs, off) }?;
+            // SAFETY: the ranges stay valid until completion, and the op keeps the
+            // completion until it has finished.
+            let c = unsafe { crate::start_vectored(f, &segs, off, write) }?;
             Ok(Box::pin(async move { Ok(c.await?) }))
         })
     })

@@ -166,23 +166,9 @@ fn config_of(z: &zcio_t, addr: Option<&str>) -> Result<Config, Failure> {
     let s = lock(&z.setup);
     let mut o = s.overrides.clone();
     if let Some(a) = addr {
-        o.push(format!("client.connect={}", toml_string(a)));
+        o.push(format!("client.connect={}", toml::Value::String(a.into())));
     }
     Ok(Config::parse_with(&s.text, &s.origin, &o)?)
-}
-
-fn toml_string(s: &str) -> String {
-    let mut out = String::from("\"");
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            c if c.is_control() => out.push_str(&format!("\\u{:04x}", c as u32)),
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
 }
 
 /// A C string argument as UTF-8.
@@ -625,16 +611,8 @@ pub unsafe extern "C" fn zcio_preadv(
     offset: off_t,
     flags: c_int,
 ) -> ssize_t {
-    guard(-1, || {
-        let f = file(fd)?;
-        no_flags(flags)?;
-        // SAFETY: the caller's contract.
-        let segs = raw_segs(unsafe { iovecs(iov, iovcnt) }?);
-        let off = offset_of(offset)?;
-        // SAFETY: the ranges are writable and this call waits for the completion.
-        let n = unsafe { f.file.preadv_raw_async(&segs, off) }?.wait()?;
-        Ok(len_ret(n))
-    })
+    // SAFETY: the caller's contract.
+    unsafe { vectored(fd, iov, iovcnt, offset, flags, false) }
 }
 
 /// Writes the caller's iovecs at `offset`; the transport sends straight from them.
@@ -650,15 +628,52 @@ pub unsafe extern "C" fn zcio_pwritev(
     offset: off_t,
     flags: c_int,
 ) -> ssize_t {
+    // SAFETY: the caller's contract.
+    unsafe { vectored(fd, iov, iovcnt, offset, flags, true) }
+}
+
+/// Starts a read into or a write from the caller's memory.
+///
+/// # Safety
+/// As [`File::preadv_raw_async`] (reads) or [`File::pwritev_raw_async`] (writes).
+unsafe fn start_vectored(
+    f: &zcio_fd_t,
+    segs: &[(NonNull<u8>, usize)],
+    off: u64,
+    write: bool,
+) -> zcio_core::Result<zcio_core::Completion<usize>> {
+    // SAFETY: the caller's contract.
+    unsafe {
+        if write {
+            f.file.pwritev_raw_async(segs, off)
+        } else {
+            f.file.preadv_raw_async(segs, off)
+        }
+    }
+}
+
+/// `zcio_preadv` / `zcio_pwritev`: the asynchronous path, waited for.
+///
+/// # Safety
+/// As `zcio_preadv` (reads) or `zcio_pwritev` (writes).
+unsafe fn vectored(
+    fd: *mut zcio_fd_t,
+    iov: *const iovec,
+    iovcnt: c_int,
+    offset: off_t,
+    flags: c_int,
+    write: bool,
+) -> ssize_t {
     guard(-1, || {
         let f = file(fd)?;
         no_flags(flags)?;
         // SAFETY: the caller's contract.
         let segs = raw_segs(unsafe { iovecs(iov, iovcnt) }?);
         let off = offset_of(offset)?;
-        // SAFETY: the ranges are readable and this call waits for the completion.
-        let n = unsafe { f.file.pwritev_raw_async(&segs, off) }?.wait()?;
-        Ok(len_ret(n))
+        // SAFETY: the ranges are valid as the direction needs, and this call waits for
+        // the completion.
+        let c = unsafe { start_vectored(&f, &segs, off, write) }?;
+        Ok(len_ret(c.wait()?))
     })
 }
 

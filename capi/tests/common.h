@@ -38,10 +38,15 @@ static inline int matches(const unsigned char *p, size_t n, unsigned seed) {
     return 1;
 }
 
+/* Transport from ZCIO_TEST_TRANSPORT (default: the configuration's, tcp), RDMA device
+ * from ZCIO_RDMA_DEVICE (set in the rxe guest). */
 static inline zcio_t *connect_or_die(const char *addr) {
     zcio_t *z = zcio_new(NULL);
     CHECK(z != NULL);
-    CHECK(zcio_set(z, "client.timeout_ms", "30000") == 0);
+    CHECK(zcio_set(z, "client.timeout_ms", "60000") == 0);
+    const char *t = getenv("ZCIO_TEST_TRANSPORT"), *dev = getenv("ZCIO_RDMA_DEVICE");
+    if (t && *t) CHECK(zcio_set(z, "transport", t) == 0);
+    if (dev && *dev) CHECK(zcio_set(z, "rdma.device", dev) == 0);
     CHECK(zcio_connect(z, addr) == 0);
     return z;
 }

@@ -1,10 +1,11 @@
 //! Asynchronous vectored I/O on memory the caller describes by address (the C library's
-//! `zcio_preadv_async` / `zcio_pwritev_async`): the transport fills or drains that memory
-//! directly, as [`File::preadv`] does, but the call returns at once with a [`Completion`].
+//! `zcio_preadv_async` / `zcio_pwritev_async` / `zcio_zero_writev_async`): the transport
+//! fills or drains that memory directly, as [`File::preadv`] does, but the call returns at
+//! once with a [`Completion`].
 
 use std::ptr::NonNull;
 
-use super::{contiguous, plan_requests, read_len, write_len, Completion, File, Piece};
+use super::{contiguous, plan_requests, read_len, write_len, Completion, File};
 use crate::error::Result;
 use crate::pool::Iobref;
 use crate::proto::Req;
@@ -17,28 +18,18 @@ impl File {
     ///
     /// # Safety
     /// Every range of `iov` must be valid for writes and untouched by anyone else until
-    /// the returned completion has finished (waited, polled to completion or dropped after
-    /// [`Completion::is_done`]); do not drop it before then.
+    /// the returned completion has finished (waited, or polled to completion); do not drop
+    /// it before then.
     pub unsafe fn preadv_raw_async(
         &self,
         iov: &[(NonNull<u8>, usize)],
         offset: u64,
     ) -> Result<Completion<usize>> {
-        let fh = self.state.fh()?;
-        // SAFETY: the caller's contract is ours.
-        unsafe {
-            self.raw_async(iov, offset, read_len, |pos, len, segs| {
-                (
-                    Req::Read {
-                        fh,
-                        offset: pos,
-                        len: len as u32,
-                    },
-                    Vec::new(),
-                    segs.map(RecvSeg::Raw).collect(),
-                )
-            })
-        }
+        let lens: Vec<usize> = iov.iter().map(|s| s.1).collect();
+        // SAFETY: the caller's contract covers every range of `iov`.
+        let seg = |i: usize, off, n| unsafe { raw_piece(iov[i].0, off, n) };
+        // SAFETY: as above.
+        unsafe { self.raw_async(&lens, offset, false, seg) }
     }
 
     /// Starts a write at `offset` from the caller's memory `iov`; completes with the bytes
@@ -52,22 +43,16 @@ impl File {
         iov: &[(NonNull<u8>, usize)],
         offset: u64,
     ) -> Result<Completion<usize>> {
-        let fh = self.state.fh()?;
-        // SAFETY: the caller's contract is ours.
-        unsafe {
-            self.raw_async(iov, offset, write_len, |pos, _, segs| {
-                (
-                    Req::Write { fh, offset: pos },
-                    segs.map(SendSeg::Raw).collect(),
-                    Vec::new(),
-                )
-            })
-        }
+        let lens: Vec<usize> = iov.iter().map(|s| s.1).collect();
+        // SAFETY: the caller's contract covers every range of `iov`.
+        let seg = |i: usize, off, n| unsafe { raw_piece(iov[i].0, off, n) };
+        // SAFETY: as above.
+        unsafe { self.raw_async(&lens, offset, true, seg) }
     }
 
     /// Starts a write of pool buffers the caller keeps (they are not moved into the
     /// request, so they stay the caller's whatever the outcome); completes with the bytes
-    /// written. Pool buffers carry their registration keys, so RDMA reads them in place.
+    /// written. Whole buffers carry their registration keys, so RDMA reads them in place.
     ///
     /// # Safety
     /// `bufs` must stay alive and unwritten until the returned completion has finished; do
@@ -77,74 +62,58 @@ impl File {
         bufs: &Iobref,
         offset: u64,
     ) -> Result<Completion<usize>> {
-        let fh = self.state.fh()?;
-        let lens: Vec<usize> = bufs.buffers().iter().map(|b| b.len()).collect();
-        let l = self.limits();
-        let plan = plan_requests(&lens, l.max_segments, l.max_payload);
-        let mut parts: Vec<Pending<Reply>> = Vec::with_capacity(plan.len());
-        let mut wants = Vec::with_capacity(plan.len());
-        let mut pos = offset;
-        for pieces in &plan {
-            let want: usize = pieces.iter().map(|p| p.2).sum();
-            let send = pieces
-                .iter()
-                .map(|&(i, off, n)| {
-                    let b = &bufs.buffers()[i];
-                    if off == 0 && n == b.len() {
-                        // SAFETY: the caller keeps `bufs` alive and unwritten until the
-                        // completion finishes.
-                        SendSeg::Raw(unsafe { RawSeg::from_pool(b) })
-                    } else {
-                        // SAFETY: as above, for a sub-range inside the buffer.
-                        let p = unsafe { NonNull::new_unchecked(b.as_ptr().cast_mut().add(off)) };
-                        // SAFETY: as above.
-                        SendSeg::Raw(unsafe { RawSeg::new(p, n) })
-                    }
-                })
-                .collect();
-            let req = Req::Write { fh, offset: pos };
-            match self.client.start(&req, send, Vec::new()) {
-                Ok(p) => parts.push(p),
-                Err(e) => {
-                    for p in parts {
-                        let _ = p.wait();
-                    }
-                    return Err(e);
-                }
+        let b = bufs.buffers();
+        let lens: Vec<usize> = b.iter().map(|b| b.len()).collect();
+        let seg = |i: usize, off, n| {
+            if off == 0 && n == b[i].len() {
+                // SAFETY: the caller keeps `bufs` alive and unwritten until the completion
+                // finishes.
+                unsafe { RawSeg::from_pool(&b[i]) }
+            } else {
+                let p = NonNull::new(b[i].as_ptr().cast_mut()).unwrap_or(NonNull::dangling());
+                // SAFETY: as above, for a sub-range inside the buffer.
+                unsafe { raw_piece(p, off, n) }
             }
-            wants.push((want, req));
-            pos += want as u64;
-        }
-        Ok(finish_planned(parts, wants, write_len))
+        };
+        // SAFETY: as above.
+        unsafe { self.raw_async(&lens, offset, true, seg) }
     }
 
-    /// One request per group of [`plan_requests`]; if starting one fails, the requests
-    /// already started are waited for (they may be touching the memory) before the error
-    /// is returned.
+    /// One request per group of [`plan_requests`] over segments of `lens` bytes, whose
+    /// pieces `seg(index, offset in it, length)` describes; if starting one fails, the
+    /// requests already started are waited for (they may be touching the memory) before
+    /// the error is returned.
     ///
     /// # Safety
-    /// As [`File::preadv_raw_async`].
+    /// The memory `seg` describes follows [`File::preadv_raw_async`]'s contract (reads) or
+    /// [`File::pwritev_raw_async`]'s (writes).
     unsafe fn raw_async(
         &self,
-        iov: &[(NonNull<u8>, usize)],
+        lens: &[usize],
         offset: u64,
-        done_len: fn(&Req, &Reply) -> Result<usize>,
-        make: impl Fn(u64, usize, &mut dyn Iterator<Item = RawSeg>) -> (Req, Vec<SendSeg>, Vec<RecvSeg>),
+        write: bool,
+        seg: impl Fn(usize, usize, usize) -> RawSeg,
     ) -> Result<Completion<usize>> {
+        let fh = self.state.fh()?;
         let l = self.limits();
-        let lens: Vec<usize> = iov.iter().map(|s| s.1).collect();
-        let plan = plan_requests(&lens, l.max_segments, l.max_payload);
+        let plan = plan_requests(lens, l.max_segments, l.max_payload);
         let mut parts: Vec<Pending<Reply>> = Vec::with_capacity(plan.len());
         let mut wants = Vec::with_capacity(plan.len());
         let mut pos = offset;
         for pieces in &plan {
             let want: usize = pieces.iter().map(|p| p.2).sum();
-            let mut segs = pieces.iter().map(|&(i, off, n): &Piece| {
-                // SAFETY: `off < iov[i].1`, so the address stays inside the caller's
-                // range; the caller keeps it valid until the completion finishes.
-                unsafe { RawSeg::new(NonNull::new_unchecked(iov[i].0.as_ptr().add(off)), n) }
-            });
-            let (req, send, recv) = make(pos, want, &mut segs);
+            let segs = pieces.iter().map(|&(i, off, n)| seg(i, off, n));
+            let (req, send, recv) = if write {
+                let req = Req::Write { fh, offset: pos };
+                (req, segs.map(SendSeg::Raw).collect(), Vec::new())
+            } else {
+                let req = Req::Read {
+                    fh,
+                    offset: pos,
+                    len: want as u32,
+                };
+                (req, Vec::new(), segs.map(RecvSeg::Raw).collect())
+            };
             match self.client.start(&req, send, recv) {
                 Ok(p) => parts.push(p),
                 Err(e) => {
@@ -157,23 +126,26 @@ impl File {
             wants.push((want, req));
             pos += want as u64;
         }
-        Ok(finish_planned(parts, wants, done_len))
+        let done_len = if write { write_len } else { read_len };
+        Ok(Completion::new(parts, move |replies| {
+            contiguous(
+                wants
+                    .into_iter()
+                    .zip(replies)
+                    .map(|((want, req), r)| (want, r.and_then(|r| done_len(&req, &r))))
+                    .collect(),
+            )
+        }))
     }
 }
 
-/// The completion of a planned transfer: the bytes done up to the first short piece.
-fn finish_planned(
-    parts: Vec<Pending<Reply>>,
-    wants: Vec<(usize, Req)>,
-    done_len: fn(&Req, &Reply) -> Result<usize>,
-) -> Completion<usize> {
-    Completion::new(parts, move |replies| {
-        contiguous(
-            wants
-                .into_iter()
-                .zip(replies)
-                .map(|((want, req), r)| (want, r.and_then(|r| done_len(&req, &r))))
-                .collect(),
-        )
-    })
+/// `n` bytes at `off` into the segment starting at `base`.
+///
+/// # Safety
+/// `off + n` is within the segment, which follows the calling function's contract.
+unsafe fn raw_piece(base: NonNull<u8>, off: usize, n: usize) -> RawSeg {
+    // SAFETY: `off` is inside the segment (the caller's contract), so the address is too.
+    let p = unsafe { NonNull::new_unchecked(base.as_ptr().add(off)) };
+    // SAFETY: the segment's validity is the caller's contract.
+    unsafe { RawSeg::new(p, n) }
 }
