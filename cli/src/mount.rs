@@ -359,6 +359,15 @@ fn time_ns(t: SystemTime) -> i64 {
     }
 }
 
+/// The setattr bits and time for one of atime/mtime: `set` with the time, `now`, or none.
+fn time_bits(t: Option<TimeOrNow>, set: u32, now: u32) -> (u32, i64) {
+    match t {
+        Some(TimeOrNow::Now) => (now, 0),
+        Some(TimeOrNow::SpecificTime(t)) => (set, time_ns(t)),
+        None => (0, 0),
+    }
+}
+
 fn kind_of_mode(mode: u32) -> FileType {
     match mode & 0o170000 {
         0o040000 => FileType::Directory,
@@ -482,6 +491,12 @@ impl ZcioFs {
 
     fn file(&self, fh: FileHandle) -> Result<Arc<zcio::File>, Errno> {
         lock(&self.files).get(&fh.0).cloned().ok_or(Errno::EBADF)
+    }
+
+    /// The path of `name` in `parent`, for an operation that changes the tree.
+    fn new_name(&self, parent: INodeNo, name: &OsStr) -> Result<String, Errno> {
+        self.refuse_if_read_only()?;
+        join(&self.path_of(parent)?, name)
     }
 
     fn refuse_if_read_only(&self) -> Result<(), Errno> {
@@ -645,22 +660,12 @@ impl Filesystem for ZcioFs {
             a.valid |= SetattrReq::SET_SIZE;
             a.size = s;
         }
-        match atime {
-            Some(TimeOrNow::Now) => a.valid |= SetattrReq::SET_ATIME_NOW,
-            Some(TimeOrNow::SpecificTime(t)) => {
-                a.valid |= SetattrReq::SET_ATIME;
-                a.atime_ns = time_ns(t);
-            }
-            None => {}
-        }
-        match mtime {
-            Some(TimeOrNow::Now) => a.valid |= SetattrReq::SET_MTIME_NOW,
-            Some(TimeOrNow::SpecificTime(t)) => {
-                a.valid |= SetattrReq::SET_MTIME;
-                a.mtime_ns = time_ns(t);
-            }
-            None => {}
-        }
+        let (v, ns) = time_bits(atime, SetattrReq::SET_ATIME, SetattrReq::SET_ATIME_NOW);
+        a.valid |= v;
+        a.atime_ns = ns;
+        let (v, ns) = time_bits(mtime, SetattrReq::SET_MTIME, SetattrReq::SET_MTIME_NOW);
+        a.valid |= v;
+        a.mtime_ns = ns;
         // Truncation through an open handle when there is one (the server checks it was
         // opened for writing); everything else by path.
         let r = match fh.map(|fh| self.file(fh)) {
@@ -690,11 +695,7 @@ impl Filesystem for ZcioFs {
         umask: u32,
         reply: ReplyEntry,
     ) {
-        let p = match self
-            .refuse_if_read_only()
-            .and_then(|()| self.path_of(parent))
-            .and_then(|d| join(&d, name))
-        {
+        let p = match self.new_name(parent, name) {
             Ok(p) => p,
             Err(e) => return reply.error(e),
         };
@@ -705,31 +706,17 @@ impl Filesystem for ZcioFs {
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        match self
-            .refuse_if_read_only()
-            .and_then(|()| self.path_of(parent))
-            .and_then(|d| join(&d, name))
-        {
-            Ok(p) => match self.client.unlink(&p) {
-                Ok(()) => reply.ok(),
-                Err(e) => reply.error(errno(&e)),
-            },
-            Err(e) => reply.error(e),
-        }
+        reply_empty(
+            self.new_name(parent, name).map(|p| self.client.unlink(&p)),
+            reply,
+        );
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        match self
-            .refuse_if_read_only()
-            .and_then(|()| self.path_of(parent))
-            .and_then(|d| join(&d, name))
-        {
-            Ok(p) => match self.client.rmdir(&p) {
-                Ok(()) => reply.ok(),
-                Err(e) => reply.error(errno(&e)),
-            },
-            Err(e) => reply.error(e),
-        }
+        reply_empty(
+            self.new_name(parent, name).map(|p| self.client.rmdir(&p)),
+            reply,
+        );
     }
 
     fn symlink(
@@ -740,11 +727,7 @@ impl Filesystem for ZcioFs {
         target: &Path,
         reply: ReplyEntry,
     ) {
-        let p = match self
-            .refuse_if_read_only()
-            .and_then(|()| self.path_of(parent))
-            .and_then(|d| join(&d, link_name))
-        {
+        let p = match self.new_name(parent, link_name) {
             Ok(p) => p,
             Err(e) => return reply.error(e),
         };
@@ -850,11 +833,7 @@ impl Filesystem for ZcioFs {
         flags: i32,
         reply: ReplyCreate,
     ) {
-        let p = match self
-            .refuse_if_read_only()
-            .and_then(|()| self.path_of(parent))
-            .and_then(|d| join(&d, name))
-        {
+        let p = match self.new_name(parent, name) {
             Ok(p) => p,
             Err(e) => return reply.error(e),
         };
@@ -984,11 +963,7 @@ impl Filesystem for ZcioFs {
         let r = self
             .file(fh)
             .map(|f| if datasync { f.fdatasync() } else { f.fsync() });
-        match r {
-            Ok(Ok(())) => reply.ok(),
-            Ok(Err(e)) => reply.error(errno(&e)),
-            Err(e) => reply.error(e),
-        }
+        reply_empty(r, reply);
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: fuser::OpenFlags, reply: ReplyOpen) {
@@ -1107,11 +1082,7 @@ impl Filesystem for ZcioFs {
             .refuse_if_read_only()
             .and_then(|()| self.path_of(ino))
             .map(|p| self.client.setxattr(&p, n, value, fl));
-        match r {
-            Ok(Ok(())) => reply.ok(),
-            Ok(Err(e)) => reply.error(errno(&e)),
-            Err(e) => reply.error(e),
-        }
+        reply_empty(r, reply);
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
@@ -1139,11 +1110,7 @@ impl Filesystem for ZcioFs {
             .refuse_if_read_only()
             .and_then(|()| self.path_of(ino))
             .map(|p| self.client.removexattr(&p, n));
-        match r {
-            Ok(Ok(())) => reply.ok(),
-            Ok(Err(e)) => reply.error(errno(&e)),
-            Err(e) => reply.error(e),
-        }
+        reply_empty(r, reply);
     }
 
     fn fallocate(
@@ -1159,11 +1126,16 @@ impl Filesystem for ZcioFs {
         let r = self
             .file(fh)
             .map(|f| f.fallocate(mode as u32, offset, length));
-        match r {
-            Ok(Ok(())) => reply.ok(),
-            Ok(Err(e)) => reply.error(errno(&e)),
-            Err(e) => reply.error(e),
-        }
+        reply_empty(r, reply);
+    }
+}
+
+/// Replies to an operation with nothing to return: a local refusal, a zcio error, or OK.
+fn reply_empty(r: Result<zcio::Result<()>, Errno>, reply: ReplyEmpty) {
+    match r {
+        Ok(Ok(())) => reply.ok(),
+        Ok(Err(e)) => reply.error(errno(&e)),
+        Err(e) => reply.error(e),
     }
 }
 
