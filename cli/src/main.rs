@@ -1,4 +1,5 @@
-//! The `zcio` command: serve an export, benchmark a server, copy files, list RDMA devices.
+//! The `zcio` command: serve an export, benchmark a server, copy files, mount an export
+//! (FUSE), list RDMA devices.
 //!
 //! `zcio bench` with no `--server` starts an embedded server on 127.0.0.1 over a temporary
 //! export, so `cargo run --release -p zcio-cli -- bench` measures the whole stack on this
@@ -9,8 +10,10 @@ mod baseline;
 mod bench;
 mod hostile;
 mod logging;
+mod mount;
 mod plot;
 mod serve;
+mod sgbench;
 mod soak;
 
 use std::path::PathBuf;
@@ -150,6 +153,16 @@ enum Cmd {
         #[command(flatten)]
         common: Common,
     },
+    /// Mount an export as a file system (FUSE) for unmodified programs.
+    Mount(Box<mount::MountArgs>),
+    /// Scatter-gather test on a local path (a mount, or a local file to compare with):
+    /// preadv/pwritev of N segments per call, or one pread/pwrite per segment.
+    Sgbench(Box<sgbench::SgArgs>),
+    /// Unmount a `zcio mount`.
+    Umount {
+        /// The mount point.
+        mountpoint: PathBuf,
+    },
     /// Print the effective configuration (defaults, file and flags merged) as TOML.
     Config {
         #[command(flatten)]
@@ -268,6 +281,9 @@ fn run(cli: Cli) -> AnyResult<()> {
             }
             Ok(())
         }
+        Cmd::Mount(args) => mount::run(*args),
+        Cmd::Sgbench(args) => sgbench::run(*args),
+        Cmd::Umount { mountpoint } => mount::umount(&mountpoint),
         Cmd::Config { common } => {
             print!("{}", common.load()?.to_toml_redacted());
             Ok(())
