@@ -19,6 +19,50 @@ use nix::sys::socket::{recv, sendmsg, MsgFlags, SockaddrStorage};
 /// Most iovecs handed to one system call (Linux's `UIO_MAXIOV`).
 const MAX_IOV: usize = 1024;
 
+/// Up to this many slices (or iovecs) are gathered on the stack; a vector beyond. So the
+/// frames of the data path (a prefix, a header and a few payload segments) allocate
+/// nothing.
+pub(crate) const STACK_PARTS: usize = 16;
+
+/// Calls `f` with the `n` slices of `items` gathered in a slice of slices: on the stack
+/// when `n <= STACK_PARTS`, else in a vector.
+pub(crate) fn gather<'a, R>(
+    n: usize,
+    items: impl Iterator<Item = &'a [u8]>,
+    f: impl FnOnce(&mut [&'a [u8]]) -> R,
+) -> R {
+    if n <= STACK_PARTS {
+        let mut a: [&[u8]; STACK_PARTS] = [&[]; STACK_PARTS];
+        let mut k = 0;
+        for (d, s) in a.iter_mut().zip(items) {
+            *d = s;
+            k += 1;
+        }
+        f(&mut a[..k])
+    } else {
+        f(&mut items.collect::<Vec<_>>())
+    }
+}
+
+/// [`gather`] for mutable slices.
+pub(crate) fn scatter<'a, R>(
+    n: usize,
+    items: impl Iterator<Item = &'a mut [u8]>,
+    f: impl FnOnce(&mut [&'a mut [u8]]) -> R,
+) -> R {
+    if n <= STACK_PARTS {
+        let mut a: [&mut [u8]; STACK_PARTS] = Default::default();
+        let mut k = 0;
+        for (d, s) in a.iter_mut().zip(items) {
+            *d = s;
+            k += 1;
+        }
+        f(&mut a[..k])
+    } else {
+        f(&mut items.collect::<Vec<_>>())
+    }
+}
+
 /// Writes every byte of `parts`, in order. The slices are advanced in place, so on error
 /// `parts` shows what was not sent.
 ///
@@ -91,7 +135,8 @@ fn write_with(
     let fd = sock.as_raw_fd();
     let mut first = 0;
     let mut progress = Instant::now();
-    let mut iov: Vec<IoSlice<'_>> = Vec::with_capacity(parts.len().min(MAX_IOV));
+    let mut stack = [IoSlice::new(&[]); STACK_PARTS];
+    let mut heap: Vec<IoSlice<'_>> = Vec::new();
     loop {
         while first < parts.len() && parts[first].is_empty() {
             first += 1;
@@ -99,15 +144,20 @@ fn write_with(
         if first == parts.len() {
             return Ok(());
         }
-        iov.clear();
-        iov.extend(
-            parts[first..]
-                .iter()
-                .filter(|p| !p.is_empty())
-                .take(MAX_IOV)
-                .map(|p| IoSlice::new(p)),
-        );
-        let n = match sendmsg::<SockaddrStorage>(fd, &iov, &[], flags, None) {
+        let live = parts[first..].iter().filter(|p| !p.is_empty());
+        let iov: &[IoSlice<'_>] = if parts.len() - first <= STACK_PARTS {
+            let mut k = 0;
+            for (d, p) in stack.iter_mut().zip(live) {
+                *d = IoSlice::new(p);
+                k += 1;
+            }
+            &stack[..k]
+        } else {
+            heap.clear();
+            heap.extend(live.take(MAX_IOV).map(|p| IoSlice::new(p)));
+            &heap
+        };
+        let n = match sendmsg::<SockaddrStorage>(fd, iov, &[], flags, None) {
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
             Ok(n) => n,
             Err(Errno::EINTR) => continue,
@@ -229,13 +279,22 @@ pub(crate) fn read_exact_vectored<E>(
             return Ok(());
         }
         let res = {
-            let mut iov: Vec<IoSliceMut<'_>> = parts[first..]
-                .iter_mut()
-                .filter(|p| !p.is_empty())
-                .take(MAX_IOV)
-                .map(|p| IoSliceMut::new(p))
-                .collect();
-            sock.read_vectored(&mut iov)
+            let small = parts.len() - first <= STACK_PARTS;
+            let live = parts[first..].iter_mut().filter(|p| !p.is_empty());
+            if small {
+                let mut stack: [IoSliceMut<'_>; STACK_PARTS] =
+                    std::array::from_fn(|_| IoSliceMut::new(&mut []));
+                let mut k = 0;
+                for (d, p) in stack.iter_mut().zip(live) {
+                    *d = IoSliceMut::new(p);
+                    k += 1;
+                }
+                sock.read_vectored(&mut stack[..k])
+            } else {
+                let mut iov: Vec<IoSliceMut<'_>> =
+                    live.take(MAX_IOV).map(|p| IoSliceMut::new(p)).collect();
+                sock.read_vectored(&mut iov)
+            }
         };
         let timed_out = match res {
             Ok(0) => return Err(ReadError::Eof { got }),

@@ -47,8 +47,8 @@ use zcio::transport::{FileRange, Incoming, Limits, Replier, ServerConn};
 use zcio::{Error, Iobuf, IobufMut, Pool, Result};
 
 use crate::io::{
-    give_up, has_unread, peer_hung_up, read_exact_vectored, send_file, shutdown, tick_for,
-    write_all_vectored, write_all_vectored_more, ReadError, Ticker,
+    gather, give_up, has_unread, peer_hung_up, read_exact_vectored, scatter, send_file, shutdown,
+    tick_for, write_all_vectored, write_all_vectored_more, ReadError, Ticker,
 };
 use crate::wire::{decode_prefix, Hello, Kind, Prefix, WireError, HELLO_LEN, PREFIX_LEN};
 use crate::{lock, transport_err, wire_err};
@@ -57,6 +57,9 @@ use crate::{lock, transport_err, wire_err};
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub use zcio::transport::accept::MAX_PENDING;
+
+/// Request vectors and in-flight entries made when a connection opens, at most.
+const PREMADE: usize = 256;
 
 /// How often a blocked reply checks on its client when `server.idle_timeout` is off.
 const NO_IDLE_TICK: Duration = Duration::from_secs(1);
@@ -147,8 +150,15 @@ fn handshake(
         shared: Arc::new(ConnShared {
             sock,
             write_lock: Mutex::new(()),
+            // Made now so that the data path never has to (up to a bound; past it they are
+            // made as needed, and kept).
+            spares: Mutex::new(
+                std::iter::repeat_with(|| (Vec::with_capacity(64), Vec::with_capacity(4)))
+                    .take(limits.max_in_flight.min(PREMADE))
+                    .collect(),
+            ),
             state: Mutex::new(ConnState {
-                in_flight: HashMap::new(),
+                in_flight: HashMap::with_capacity(limits.max_in_flight.min(PREMADE)),
                 last_reply: now,
                 closed: None,
             }),
@@ -158,6 +168,7 @@ fn handshake(
             peer: peer.to_string(),
         }),
         pool,
+        span: Vec::new(),
         idle: cfg.idle,
         last_in: now,
         broken: None,
@@ -177,6 +188,9 @@ struct ConnShared {
     sock: TcpStream,
     write_lock: Mutex<()>,
     state: Mutex<ConnState>,
+    /// Header and payload vectors of served requests ([`Replier::recycle`]), for the next
+    /// ones: at most `max_in_flight`.
+    spares: Mutex<Vec<(Vec<u8>, Vec<Iobuf>)>>,
     limits: Limits,
     /// `tcp.sendfile`: whether read replies may be file ranges.
     sendfile: bool,
@@ -287,15 +301,24 @@ impl Replier for ConnShared {
         let total: usize = payload.iter().map(|b| b.len()).sum();
         self.admit_reply(id, header, payload.len(), total)?;
         let prefix = reply_prefix(id, header, total);
-        let mut parts: Vec<&[u8]> = Vec::with_capacity(2 + payload.len());
-        parts.push(&prefix);
-        parts.push(header);
-        parts.extend(payload.iter().map(|b| &b[..]));
-        let res = {
+        let parts = [&prefix[..], header]
+            .into_iter()
+            .chain(payload.iter().map(|b| &b[..]));
+        let res = gather(2 + payload.len(), parts, |parts| {
             let _w = lock(&self.write_lock);
-            write_all_vectored(&self.sock, &mut parts, &mut |t| self.reply_stalled(t))
-        };
+            write_all_vectored(&self.sock, parts, &mut |t| self.reply_stalled(t))
+        });
         self.sent(id, res)
+    }
+
+    /// Keeps the request's header and payload vectors (emptied) for a later request.
+    fn recycle(&self, mut incoming: Incoming) {
+        incoming.payload.clear();
+        incoming.header.clear();
+        let mut spares = lock(&self.spares);
+        if spares.len() < self.limits.max_in_flight {
+            spares.push((incoming.header, incoming.payload));
+        }
     }
 
     fn takes_file_ranges(&self) -> bool {
@@ -329,6 +352,8 @@ impl Replier for ConnShared {
 struct TcpServerConn {
     shared: Arc<ConnShared>,
     pool: Pool,
+    /// The pool buffers a request's payload is read into, reused from request to request.
+    span: Vec<IobufMut>,
     idle: Option<Duration>,
     /// When the last complete request frame arrived (or the connection was accepted).
     last_in: Instant,
@@ -396,21 +421,26 @@ impl TcpServerConn {
                 )));
             }
         }
-        let mut header = vec![0u8; p.header_len];
+        // The vectors of a served request when there is one (no allocation).
+        let (mut header, mut payload) = lock(&sh.spares).pop().unwrap_or_default();
+        header.resize(p.header_len, 0);
         read_exact_vectored(&sh.sock, &mut [&mut header[..]], &mut ticker, &mut tick)
             .map_err(|e| self.read_failure(e, "a request header", p.header_len))?;
-        let payload = if p.payload_len == 0 {
-            Vec::new()
-        } else {
-            let mut bufs = self.pool.get_span(p.payload_len)?;
-            {
-                let mut parts: Vec<&mut [u8]> =
-                    bufs.buffers_mut().iter_mut().map(|b| &mut b[..]).collect();
-                read_exact_vectored(&sh.sock, &mut parts, &mut ticker, &mut tick)
-                    .map_err(|e| self.read_failure(e, "a request payload", p.payload_len))?;
+        if p.payload_len > 0 {
+            let span = &mut self.span;
+            self.pool
+                .get_span_within_into(p.payload_len, self.pool.wait_timeout(), span)?;
+            let n = span.len();
+            let parts = span.iter_mut().map(|b| &mut b[..]);
+            let read = scatter(n, parts, |parts| {
+                read_exact_vectored(&sh.sock, parts, &mut ticker, &mut tick)
+            });
+            if let Err(e) = read {
+                span.clear();
+                return Err(self.read_failure(e, "a request payload", p.payload_len));
             }
-            bufs.into_iter().map(IobufMut::freeze).collect()
-        };
+            payload.extend(span.drain(..).map(IobufMut::freeze));
+        }
         lock(&sh.state).in_flight.insert(p.id, p.recv_cap);
         self.last_in = Instant::now();
         Ok(Some(Incoming {
