@@ -5,7 +5,6 @@
 //! reads through `readv(2)` (`Read::read_vectored`). Both advance through the caller's
 //! slices in place after a partial transfer.
 
-use std::fs::File;
 use std::io::{self, IoSlice, IoSliceMut, Read};
 use std::net::{Shutdown, TcpStream};
 use std::os::fd::{AsFd, AsRawFd};
@@ -13,7 +12,6 @@ use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-use nix::sys::sendfile::sendfile64;
 use nix::sys::socket::{recv, sendmsg, MsgFlags, SockaddrStorage};
 
 /// Most iovecs handed to one system call (Linux's `UIO_MAXIOV`).
@@ -75,55 +73,6 @@ pub(crate) fn write_all_vectored(
     stalled: &mut dyn FnMut(Duration) -> io::Result<()>,
 ) -> io::Result<()> {
     write_with(sock, parts, MsgFlags::MSG_NOSIGNAL, stalled)
-}
-
-/// [`write_all_vectored`] with `MSG_MORE`: more of the frame follows at once (a
-/// [`send_file`]), so the kernel may hold a partial segment back for it.
-pub(crate) fn write_all_vectored_more(
-    sock: &TcpStream,
-    parts: &mut [&[u8]],
-    stalled: &mut dyn FnMut(Duration) -> io::Result<()>,
-) -> io::Result<()> {
-    // nix names no MSG_MORE (Linux only); the bit comes from libc.
-    let more = MsgFlags::from_bits_retain(libc::MSG_MORE);
-    write_with(sock, parts, MsgFlags::MSG_NOSIGNAL | more, stalled)
-}
-
-/// Sends `len` bytes of `file` from `offset` with `sendfile(2)`: the socket takes the page
-/// cache's pages, nothing is copied through user space. Stalls are handled as in
-/// [`write_all_vectored`]. The file ending before `len` bytes is an error
-/// ([`io::ErrorKind::UnexpectedEof`]): the frame announced them, so the stream is broken.
-pub(crate) fn send_file(
-    sock: &TcpStream,
-    file: &File,
-    offset: u64,
-    len: usize,
-    stalled: &mut dyn FnMut(Duration) -> io::Result<()>,
-) -> io::Result<()> {
-    let mut off = i64::try_from(offset)
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "file offset too large"))?;
-    let mut left = len;
-    let mut progress = Instant::now();
-    while left > 0 {
-        match sendfile64(sock, file, Some(&mut off), left) {
-            Ok(0) => {
-                return Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    format!(
-                        "the file ended {left} bytes short of the reply's announced payload (truncated while being sent)"
-                    ),
-                ))
-            }
-            Ok(n) => {
-                left -= n.min(left);
-                progress = Instant::now();
-            }
-            Err(Errno::EINTR) => {}
-            Err(Errno::EAGAIN) => stalled(progress.elapsed())?,
-            Err(e) => return Err(e.into()),
-        }
-    }
-    Ok(())
 }
 
 fn write_with(
@@ -233,14 +182,26 @@ pub(crate) enum ReadError<E> {
 pub(crate) struct Ticker {
     every: Duration,
     last: Instant,
+    /// A non-blocking socket: wait for data with `poll`, up to a tick at a time.
+    poll: bool,
 }
 
 impl Ticker {
-    /// A ticker that fires every `every`.
+    /// A ticker that fires every `every`, for a blocking socket with a receive timeout.
     pub(crate) fn new(every: Duration) -> Ticker {
         Ticker {
             every,
             last: Instant::now(),
+            poll: false,
+        }
+    }
+
+    /// A ticker that fires every `every`, for a non-blocking socket: a read that finds no
+    /// data waits for some with `poll`, up to `every`.
+    pub(crate) fn polling(every: Duration) -> Ticker {
+        Ticker {
+            poll: true,
+            ..Ticker::new(every)
         }
     }
 
@@ -304,6 +265,11 @@ pub(crate) fn read_exact_vectored<E>(
                 false
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => false,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock && ticker.poll => {
+                let t = PollTimeout::try_from(ticker.every).unwrap_or(PollTimeout::MAX);
+                let mut fds = [PollFd::new(sock.as_fd(), PollFlags::POLLIN)];
+                !matches!(poll(&mut fds, t), Ok(n) if n > 0)
+            }
             Err(e)
                 if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::TimedOut =>
             {

@@ -25,15 +25,15 @@
 //! trickling a partial frame (slowloris). A reply that makes no progress for the idle
 //! timeout fails too (a client that stops reading); `idle_timeout = 0` disables both.
 //!
-//! # Blocked replies
-//! A reply blocked on a full socket checks its client every send-timeout tick (the same
-//! tick, or 1 s without an idle timeout). Once the client has ended its side of the
-//! stream the reply fails and the connection closes: the client reads no more replies,
-//! and a socket it closed may never reopen its window (Linux sends no window update after
-//! `shutdown(SHUT_RD)`), which would otherwise hold the replying thread until the kernel
-//! gives up on the orphaned peer, a minute or more later. This matters most for the
-//! server's receiving thread, which serves lone requests inline and so is not reading the
-//! end of stream that would otherwise close the connection.
+//! # Replies
+//! A reply never holds the thread that makes it (see `outq`): it is written at once when
+//! the socket takes it (read replies of buffered files with `sendfile`, from the page
+//! cache), else queued for the connection's writer thread, which sends queued replies
+//! several per `sendmsg`. While more than [`QUEUE_CAP`] bytes (or twice the largest
+//! payload) are queued, `recv` reads no further request of that connection. A queued reply
+//! that the socket takes no byte of for `server.idle_timeout` ([`REPLY_DEADLINE`] when it
+//! is off), or whose client has ended its side of the stream, fails that connection only.
+//! The socket is non-blocking after the handshake: reads wait in `poll`, a tick at a time.
 
 use std::collections::HashMap;
 use std::io::{self, Read};
@@ -47,9 +47,10 @@ use zcio::transport::{FileRange, Incoming, Limits, Replier, ServerConn};
 use zcio::{Error, Iobuf, IobufMut, Pool, Result};
 
 use crate::io::{
-    gather, give_up, has_unread, peer_hung_up, read_exact_vectored, scatter, send_file, shutdown,
-    tick_for, write_all_vectored, write_all_vectored_more, ReadError, Ticker,
+    give_up, has_unread, read_exact_vectored, scatter, shutdown, tick_for, write_all_vectored,
+    ReadError, Ticker,
 };
+use crate::outq::{self, OutQueue};
 use crate::wire::{decode_prefix, Hello, Kind, Prefix, WireError, HELLO_LEN, PREFIX_LEN};
 use crate::{lock, transport_err, wire_err};
 
@@ -60,6 +61,14 @@ pub use zcio::transport::accept::MAX_PENDING;
 
 /// Request vectors and in-flight entries made when a connection opens, at most.
 const PREMADE: usize = 256;
+
+/// Reply bytes queued for one connection before it reads no further request (at least; or
+/// twice the largest payload).
+pub const QUEUE_CAP: usize = 4 << 20;
+
+/// The longest a queued reply may wait for the client to take a byte when
+/// `server.idle_timeout` is off (else that is the deadline).
+pub const REPLY_DEADLINE: Duration = Duration::from_secs(30);
 
 /// How often a blocked reply checks on its client when `server.idle_timeout` is off.
 const NO_IDLE_TICK: Duration = Duration::from_secs(1);
@@ -139,34 +148,54 @@ fn handshake(
     write_all_vectored(&sock, &mut [&ours.encode()[..]], &mut give_up)
         .map_err(|e| handshake_err(peer, after, e))?;
     let limits = ours.negotiate(&theirs);
-    sock.set_read_timeout(cfg.idle.map(tick_for))
-        .map_err(setup)?;
-    // Replies stall-check every tick (see `ConnShared::reply_stalled`).
-    sock.set_write_timeout(Some(cfg.idle.map_or(NO_IDLE_TICK, tick_for)))
-        .map_err(setup)?;
+    // Non-blocking from here: reads wait in `poll` (a tick at a time), replies never wait
+    // (see `outq`).
+    sock.set_nonblocking(true).map_err(setup)?;
     tracing::debug!(%peer, ?limits, "tcp connection accepted");
     let now = Instant::now();
-    Ok(Box::new(TcpServerConn {
-        shared: Arc::new(ConnShared {
-            sock,
-            write_lock: Mutex::new(()),
-            // Made now so that the data path never has to (up to a bound; past it they are
-            // made as needed, and kept).
-            spares: Mutex::new(
-                std::iter::repeat_with(|| (Vec::with_capacity(64), Vec::with_capacity(4)))
-                    .take(limits.max_in_flight.min(PREMADE))
-                    .collect(),
-            ),
-            state: Mutex::new(ConnState {
-                in_flight: HashMap::with_capacity(limits.max_in_flight.min(PREMADE)),
-                last_reply: now,
-                closed: None,
-            }),
-            limits,
-            sendfile: cfg.sendfile,
-            idle: cfg.idle,
-            peer: peer.to_string(),
+    let tick = cfg.idle.map_or(NO_IDLE_TICK, tick_for);
+    let out = Arc::new(OutQueue::new(
+        limits.max_payload.saturating_mul(2).max(QUEUE_CAP),
+        cfg.idle.unwrap_or(REPLY_DEADLINE),
+        tick,
+        limits.max_in_flight,
+    ));
+    let shared = Arc::new(ConnShared {
+        sock: Arc::new(sock),
+        out: out.clone(),
+        // Made now so that the data path never has to (up to a bound; past it they are
+        // made as needed, and kept).
+        spares: Mutex::new(
+            std::iter::repeat_with(|| (Vec::with_capacity(64), Vec::with_capacity(4)))
+                .take(limits.max_in_flight.min(PREMADE))
+                .collect(),
+        ),
+        state: Mutex::new(ConnState {
+            in_flight: HashMap::with_capacity(limits.max_in_flight.min(PREMADE)),
+            last_reply: now,
+            closed: None,
         }),
+        limits,
+        sendfile: cfg.sendfile,
+        peer: peer.to_string(),
+    });
+    let weak = Arc::downgrade(&shared);
+    std::thread::Builder::new()
+        .name("zcio-tcp-writer".into())
+        .spawn(move || {
+            let sock = || weak.upgrade().map(|c| c.sock.clone());
+            let fail = |why: String| {
+                if let Some(c) = weak.upgrade() {
+                    let reason = format!("the connection from {} failed: {why}", c.peer);
+                    tracing::debug!(%reason, "tcp server connection ends");
+                    c.close_with(reason);
+                }
+            };
+            out.run_writer(&sock, &fail);
+        })
+        .map_err(|e| Error::io("spawning a tcp writer thread", e))?;
+    Ok(Box::new(TcpServerConn {
+        shared,
         pool,
         span: Vec::new(),
         idle: cfg.idle,
@@ -185,8 +214,9 @@ struct ConnState {
 
 /// What the receiving side and the repliers share; also the [`Replier`].
 struct ConnShared {
-    sock: TcpStream,
-    write_lock: Mutex<()>,
+    sock: Arc<TcpStream>,
+    /// Replies the socket could not take at once, and the writer thread that sends them.
+    out: Arc<OutQueue>,
     state: Mutex<ConnState>,
     /// Header and payload vectors of served requests ([`Replier::recycle`]), for the next
     /// ones: at most `max_in_flight`.
@@ -194,36 +224,21 @@ struct ConnShared {
     limits: Limits,
     /// `tcp.sendfile`: whether read replies may be file ranges.
     sendfile: bool,
-    /// `server.idle_timeout`: also the longest a reply may make no progress.
-    idle: Option<Duration>,
     peer: String,
+}
+
+impl Drop for ConnShared {
+    fn drop(&mut self) {
+        // Ends the writer thread; queued buffers go back to the pool.
+        self.out.close();
+    }
 }
 
 impl ConnShared {
     fn close_with(&self, reason: String) {
         lock(&self.state).closed.get_or_insert(reason);
         shutdown(&self.sock);
-    }
-
-    /// Called every send-timeout tick while a reply makes no progress. The reply fails
-    /// when the client has ended its side of the stream (it will read no more: its
-    /// connection is over, and a closed socket may not even reopen its window, which
-    /// would hold this thread until the kernel gives up on the peer), or when nothing moved
-    /// for the idle timeout (a client that stopped reading).
-    fn reply_stalled(&self, stalled: Duration) -> io::Result<()> {
-        if peer_hung_up(&self.sock) {
-            return Err(io::Error::new(
-                io::ErrorKind::ConnectionAborted,
-                "the client ended the connection while a reply to it was blocked",
-            ));
-        }
-        match self.idle {
-            Some(idle) if stalled >= idle => Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                format!("no reply bytes accepted for {idle:?}: the client is not reading (server.idle_timeout)"),
-            )),
-            _ => Ok(()),
-        }
+        self.out.close();
     }
 }
 
@@ -301,14 +316,13 @@ impl Replier for ConnShared {
         let total: usize = payload.iter().map(|b| b.len()).sum();
         self.admit_reply(id, header, payload.len(), total)?;
         let prefix = reply_prefix(id, header, total);
-        let parts = [&prefix[..], header]
-            .into_iter()
-            .chain(payload.iter().map(|b| &b[..]));
-        let res = gather(2 + payload.len(), parts, |parts| {
-            let _w = lock(&self.write_lock);
-            write_all_vectored(&self.sock, parts, &mut |t| self.reply_stalled(t))
-        });
-        self.sent(id, res)
+        let r = outq::Reply {
+            prefix: &prefix,
+            header,
+            payload,
+            file: None,
+        };
+        self.sent(id, self.out.reply(&self.sock, &r))
     }
 
     /// Keeps the request's header and payload vectors (emptied) for a later request.
@@ -327,17 +341,18 @@ impl Replier for ConnShared {
 
     /// Prefix and header with one `sendmsg(MSG_MORE)`, then the range with `sendfile(2)`
     /// from the page cache: the socket takes references to the file's pages, no
-    /// user-space copy.
+    /// user-space copy. What the socket does not take at once is queued (the file's
+    /// descriptor duplicated) for the writer thread.
     fn reply_file(&self, id: u64, header: &[u8], range: FileRange<'_>) -> Result<()> {
         self.admit_reply(id, header, 1, range.len)?;
         let prefix = reply_prefix(id, header, range.len);
-        let res = {
-            let _w = lock(&self.write_lock);
-            let stalled = &mut |t| self.reply_stalled(t);
-            write_all_vectored_more(&self.sock, &mut [&prefix[..], header], stalled)
-                .and_then(|()| send_file(&self.sock, range.file, range.offset, range.len, stalled))
+        let r = outq::Reply {
+            prefix: &prefix,
+            header,
+            payload: &[],
+            file: Some((range.file, range.offset, range.len)),
         };
-        self.sent(id, res)
+        self.sent(id, self.out.reply(&self.sock, &r))
     }
 
     fn close(&self) {
@@ -385,7 +400,14 @@ impl TcpServerConn {
     fn recv_frame(&mut self) -> Result<Option<Incoming>> {
         let sh = &*self.shared;
         let (idle, last_in) = (self.idle, self.last_in);
-        let mut ticker = Ticker::new(idle.map_or(Duration::from_secs(1), tick_for));
+        let mut ticker = Ticker::polling(idle.map_or(Duration::from_secs(1), tick_for));
+        // Back-pressure: no new request while too many reply bytes wait for this client.
+        if !sh.out.wait_room() {
+            return Err(Error::ConnectionClosed(format!(
+                "the connection from {} is closed",
+                sh.peer
+            )));
+        }
         let mut tick = || -> Result<()> {
             let Some(idle) = idle else { return Ok(()) };
             let st = lock(&sh.state);
