@@ -11,7 +11,7 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
-use zcio::conformance::{pattern, test_pool, Harness};
+use zcio::conformance::{pattern, raw_call, test_pool, Harness};
 use zcio::proto::{self, OpenFlags, Req, Resp, NONCE_LEN};
 use zcio::transport::{ClientConn, Pending, RecvSeg, Reply, Request, SendSeg, Transport};
 use zcio::{IobufMut, Pool};
@@ -158,15 +158,7 @@ fn run(
 
 /// A plain request/reply (set-up only: allocates).
 fn call(conn: &dyn ClientConn, req: &Req) -> Resp {
-    let reply = conn
-        .start(Request {
-            header: req.encode(),
-            ..Request::default()
-        })
-        .unwrap()
-        .wait()
-        .unwrap();
-    proto::decode_reply(req, &reply.header).expect("reply")
+    raw_call(conn, req).expect("reply")
 }
 
 #[test]
