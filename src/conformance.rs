@@ -145,6 +145,21 @@ impl Harness {
     }
 }
 
+/// Sends `req` on a transport connection (no file API) and decodes its reply; no payload
+/// either way.
+pub fn raw_call(
+    conn: &dyn crate::transport::ClientConn,
+    req: &crate::proto::Req,
+) -> crate::Result<crate::proto::Resp> {
+    let reply = conn
+        .start(Request {
+            header: req.encode(),
+            ..Request::default()
+        })?
+        .wait()?;
+    crate::proto::decode_reply(req, &reply.header)
+}
+
 /// Deterministic test data.
 pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
     let mut r = StdRng::seed_from_u64(seed);
@@ -680,15 +695,7 @@ pub fn wrong_token_refused(t: Arc<dyn Transport>) {
         flags: OpenFlags::READ,
         mode: 0,
     };
-    let r = conn
-        .start(Request {
-            header: req.encode(),
-            ..Request::default()
-        })
-        .unwrap()
-        .wait()
-        .unwrap();
-    match crate::proto::decode_reply(&req, &r.header) {
+    match raw_call(&*conn, &req) {
         Err(Error::Remote { code, .. }) => assert_eq!(code, Status::AuthRequired as u32),
         other => panic!("open before auth: {other:?}"),
     }

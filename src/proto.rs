@@ -410,7 +410,15 @@ impl Req {
 
     /// Encodes the request header.
     pub fn encode(&self) -> Vec<u8> {
-        let mut w = Writer(Vec::with_capacity(32));
+        let mut out = Vec::with_capacity(32);
+        self.encode_into(&mut out);
+        out
+    }
+
+    /// [`Req::encode`] into `out` (emptied first), for a caller that reuses its buffer.
+    pub fn encode_into(&self, out: &mut Vec<u8>) {
+        let mut w = Writer(std::mem::take(out));
+        w.0.clear();
         w.u8(self.op());
         w.bytes(&[0, 0, 0]);
         match self {
@@ -513,7 +521,7 @@ impl Req {
                 w.u64(*cookie);
             }
         }
-        w.0
+        *out = w.0;
     }
 
     /// Decodes a request header.

@@ -12,6 +12,18 @@ use plotters::prelude::*;
 use crate::bench::{rows, BenchArgs, Point};
 use crate::AnyResult;
 
+/// Line colours, distinct on white (no yellow).
+const COLORS: [RGBColor; 8] = [
+    RGBColor(228, 26, 28),
+    RGBColor(55, 126, 184),
+    RGBColor(77, 175, 74),
+    RGBColor(152, 78, 163),
+    RGBColor(255, 127, 0),
+    RGBColor(0, 0, 0),
+    RGBColor(166, 86, 40),
+    RGBColor(247, 129, 191),
+];
+
 /// One series: a name and, per swept value, (MB/s, p99 in microseconds).
 type Series = (String, Vec<(f64, f64)>);
 
@@ -96,8 +108,8 @@ pub(crate) fn draw(
         .draw()
         .map_err(|e| err(&e))?;
     for (i, (name, pts)) in series.iter().enumerate() {
-        let color = Palette99::pick(i).to_rgba();
-        // Baselines dashed-looking: thinner lines with hollow markers.
+        let color = COLORS[i % COLORS.len()].to_rgba();
+        // Baselines in thinner lines.
         let raw = name.starts_with("raw-");
         let style = color.stroke_width(if raw { 1 } else { 2 });
         let xy = |f: fn(&(f64, f64)) -> f64| -> Vec<(f64, f64)> {

@@ -449,6 +449,7 @@ impl Server {
             std::thread::Builder::new()
                 .name(format!("zcio-worker-{i}"))
                 .spawn(move || {
+                    warm_scratch();
                     while let Some((conn, inc)) = sched.pop() {
                         handle(Job { conn, inc });
                     }
@@ -746,7 +747,13 @@ fn serve_conn(shared: &Arc<Shared>, mut sc: Box<dyn ServerConn>, jobs: &Schedule
             free: Mutex::new(shared.cfg.server.max_in_flight),
             cond: Condvar::new(),
         },
-        queue: Mutex::new(ConnQueue::default()),
+        queue: Mutex::new(ConnQueue {
+            // Queued requests never make it grow (up to a bound): no allocation per request.
+            jobs: std::collections::VecDeque::with_capacity(
+                shared.cfg.server.max_in_flight.min(256),
+            ),
+            scheduled: false,
+        }),
         shared: shared.clone(),
         dirs: Mutex::new(HashMap::new()),
     });
@@ -761,6 +768,7 @@ fn serve_conn(shared: &Arc<Shared>, mut sc: Box<dyn ServerConn>, jobs: &Schedule
     shared.watch_cv.notify_all();
     let _span = tracing::debug_span!("conn", peer = %conn.peer).entered();
     tracing::debug!("connection from {}", conn.peer);
+    warm_scratch();
     loop {
         conn.permits.acquire();
         match sc.recv() {
@@ -838,8 +846,27 @@ struct Scratch {
     range: Option<(Arc<OpenFile>, u64, usize)>,
 }
 
+impl Scratch {
+    /// Room for the usual request (a short header, a few buffers), so that even a thread's
+    /// first request allocates nothing here.
+    fn new() -> Scratch {
+        Scratch {
+            header: Vec::with_capacity(64),
+            span: Vec::with_capacity(16),
+            payload: Vec::with_capacity(16),
+            range: None,
+        }
+    }
+}
+
 thread_local! {
-    static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
+    static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::new());
+}
+
+/// Makes this thread's scratch now (a serving thread calls it when it starts), not at its
+/// first request.
+fn warm_scratch() {
+    SCRATCH.with(|_| {});
 }
 
 fn handle(job: Job) {
@@ -851,7 +878,7 @@ fn handle(job: Job) {
 }
 
 fn handle_with(job: Job, scratch: &mut Scratch) {
-    let Job { conn, mut inc } = job;
+    let Job { conn, inc } = job;
     let shared = conn.shared.clone();
     let req_span = tracing::debug_span!(
         "request",
@@ -885,9 +912,12 @@ fn handle_with(job: Job, scratch: &mut Scratch) {
             )
         }
     };
-    // Free the request's payload buffers before replying.
-    inc.payload.clear();
-    conn.admission.release(inc.id);
+    // Give the request back (its payload buffers to the pool, its vectors to the transport)
+    // before replying: once the client has the reply it may send the next request, which
+    // then finds them. Its payload bytes leave the connection's budget with it.
+    let id = inc.id;
+    conn.replier.recycle(inc);
+    conn.admission.release(id);
     shared.stats.requests.fetch_add(1, Ordering::Relaxed);
     let sent = match scratch.range.take() {
         Some((f, offset, len)) => {
@@ -900,9 +930,9 @@ fn handle_with(job: Job, scratch: &mut Scratch) {
                 offset,
                 len,
             };
-            conn.replier.reply_file(inc.id, &header, range)
+            conn.replier.reply_file(id, &header, range)
         }
-        None => conn.replier.reply(inc.id, &header, &payload),
+        None => conn.replier.reply(id, &header, &payload),
     };
     if let Err(e) = sent {
         tracing::debug!("reply to {} failed: {e}", conn.peer);
@@ -918,7 +948,6 @@ fn handle_with(job: Job, scratch: &mut Scratch) {
     if header.capacity() > scratch.header.capacity() {
         scratch.header = header;
     }
-    conn.replier.recycle(inc);
     conn.permits.release();
 }
 

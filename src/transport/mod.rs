@@ -179,7 +179,8 @@ pub trait Replier: Send + Sync {
     /// Gives a served request back, so that the transport can reuse its header and payload
     /// vectors for a later request instead of allocating new ones. Optional: dropping an
     /// [`Incoming`] is always correct, and the default does just that. Its payload buffers
-    /// go back to the pool either way.
+    /// go back to the pool either way. The server gives a request back before it replies,
+    /// so that the client's next request finds the vectors.
     fn recycle(&self, incoming: Incoming) {
         drop(incoming);
     }

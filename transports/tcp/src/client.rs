@@ -29,7 +29,7 @@
 //! connection fails. A connection with nothing pending never times out. Sends use
 //! `client.timeout` as their send timeout (a server that stops reading).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io::{self, Read};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::sync::{Arc, Condvar, Mutex};
@@ -38,25 +38,56 @@ use std::time::{Duration, Instant};
 
 use zcio::config::Config;
 use zcio::transport::{
-    check_request, pair, recv_len, send_len, ClientConn, Completer, Deadline, Limits, Pending,
-    RecvSeg, Reply, Request, SendSeg,
+    check_request, recv_len, send_len, ClientConn, Completer, CompletionCell, Deadline, Limits,
+    Pending, RecvSeg, Reply, Request, SendSeg,
 };
 use zcio::{Error, Result};
 
 use crate::io::{
-    give_up, read_exact_vectored, shutdown, tick_for, write_all_vectored, ReadError, Ticker,
+    gather, give_up, read_exact_vectored, scatter, shutdown, tick_for, write_all_vectored,
+    ReadError, Ticker,
 };
 use crate::wire::{decode_prefix, Hello, Kind, Prefix, HELLO_LEN, PREFIX_LEN};
 use crate::{lock, transport_err, wire_err};
 
 /// A reply header and payload length, or the error the request fails with.
-type Outcome = Result<(Vec<u8>, usize)>;
+type Outcome = Result<(ReplyHeader, usize)>;
+
+/// Completion cells made when a connection opens, at most.
+const PREMADE_CELLS: usize = 1024;
+
+/// Reply headers up to this long are kept inline until the request completes.
+const SHORT_HEADER: usize = 64;
+
+/// A reply header as the reader got it. A short one (every data-path reply) is copied into
+/// the request's own header vector when the request completes, so that a reply allocates
+/// nothing; a long one comes in a vector of its own.
+enum ReplyHeader {
+    Short([u8; SHORT_HEADER], usize),
+    Long(Vec<u8>),
+}
+
+impl ReplyHeader {
+    /// The header in `v` (the request's header vector, emptied), or in its own vector.
+    fn into_vec(self, mut v: Vec<u8>) -> Vec<u8> {
+        match self {
+            ReplyHeader::Short(b, n) => {
+                v.clear();
+                v.extend_from_slice(&b[..n]);
+                v
+            }
+            ReplyHeader::Long(l) => l,
+        }
+    }
+}
 
 /// One request in flight.
 struct Entry {
     completer: Completer<Reply>,
     /// `None` while the writer sends from them.
     send: Option<Vec<SendSeg>>,
+    /// The request's header vector, home with `send`: the reply header goes into it.
+    header: Option<Vec<u8>>,
     /// `None` while the reader fills them.
     recv: Option<Vec<RecvSeg>>,
     started: Instant,
@@ -71,6 +102,8 @@ impl Entry {
 
 struct State {
     pending: HashMap<u64, Entry>,
+    /// Completion cells reused from request to request (at most `max_in_flight` + 1).
+    cells: VecDeque<CompletionCell<Reply>>,
     next_id: u64,
     /// Why the connection is dead, once it is.
     dead: Option<String>,
@@ -108,6 +141,30 @@ impl Failure {
 }
 
 /// Removes the entry `id` if it is finished, for completion outside the lock.
+impl State {
+    /// A completion pair on a free cell: the first free one, looking from the oldest; a new
+    /// cell when none is free and there are fewer than `max_in_flight + 1`.
+    fn pair(&mut self, max_in_flight: usize) -> (Completer<Reply>, Pending<Reply>) {
+        let n = self.cells.len();
+        let free = (0..n).find(|_| {
+            let free = self.cells.front_mut().is_some_and(CompletionCell::is_free);
+            if !free {
+                self.cells.rotate_left(1);
+            }
+            free
+        });
+        let mut cell = match free {
+            Some(_) => self.cells.pop_front().unwrap_or_default(),
+            None => CompletionCell::new(),
+        };
+        let p = cell.pair(None);
+        if self.cells.len() <= max_in_flight {
+            self.cells.push_back(cell);
+        }
+        p
+    }
+}
+
 fn take_if_done(st: &mut State, id: u64) -> Option<Done> {
     if !st.pending.get(&id)?.finished() {
         return None;
@@ -120,7 +177,7 @@ fn take_if_done(st: &mut State, id: u64) -> Option<Done> {
     );
     let result = match (e.outcome, e.send, e.recv) {
         (Some(Ok((header, payload_len))), Some(send), Some(recv)) => Ok(Reply {
-            header,
+            header: header.into_vec(e.header.unwrap_or_default()),
             payload_len,
             recv,
             send,
@@ -132,8 +189,9 @@ fn take_if_done(st: &mut State, id: u64) -> Option<Done> {
 }
 
 impl Shared {
-    fn deliver(&self, done: Vec<Done>) {
-        if !done.is_empty() {
+    fn deliver(&self, done: impl IntoIterator<Item = Done>) {
+        let mut done = done.into_iter().peekable();
+        if done.peek().is_some() {
             self.slot_freed.notify_all();
         }
         for (c, r) in done {
@@ -173,15 +231,19 @@ impl Shared {
     }
 
     /// The writer gives a request's send segments back.
-    fn return_send(&self, id: u64, send: Vec<SendSeg>) {
+    /// Brings a request's send segments and header vector home after its frame is written.
+    fn return_send(&self, id: u64, send: Vec<SendSeg>, header: Vec<u8>) {
         let done = {
             let mut st = lock(&self.state);
+            if let Some(e) = st.pending.get_mut(&id) {
+                e.header = Some(header);
+            }
             if let Some(e) = st.pending.get_mut(&id) {
                 e.send = Some(send);
             }
             take_if_done(&mut st, id)
         };
-        self.deliver(done.into_iter().collect());
+        self.deliver(done);
     }
 
     /// The reader takes the receive segments of request `id` to read a reply payload of
@@ -216,7 +278,7 @@ impl Shared {
     }
 
     /// The reader gives the receive segments back, with the reply if it arrived whole.
-    fn return_recv(&self, id: u64, recv: Vec<RecvSeg>, reply: Option<(Vec<u8>, usize)>) {
+    fn return_recv(&self, id: u64, recv: Vec<RecvSeg>, reply: Option<(ReplyHeader, usize)>) {
         let done = {
             let mut st = lock(&self.state);
             if let Some(e) = st.pending.get_mut(&id) {
@@ -227,7 +289,7 @@ impl Shared {
             }
             take_if_done(&mut st, id)
         };
-        self.deliver(done.into_iter().collect());
+        self.deliver(done);
     }
 
     /// Fails the connection when the oldest unanswered request is older than the timeout.
@@ -291,10 +353,17 @@ impl Shared {
                     ))
                 }
             };
-            let mut header = vec![0u8; p.header_len];
-            if let Err(e) =
-                read_exact_vectored(&self.sock, &mut [&mut header[..]], &mut ticker, &mut tick)
-            {
+            // Short headers on the stack: no allocation.
+            let mut header = if p.header_len <= SHORT_HEADER {
+                ReplyHeader::Short([0; SHORT_HEADER], p.header_len)
+            } else {
+                ReplyHeader::Long(vec![0; p.header_len])
+            };
+            let h = match &mut header {
+                ReplyHeader::Short(b, n) => &mut b[..*n],
+                ReplyHeader::Long(v) => &mut v[..],
+            };
+            if let Err(e) = read_exact_vectored(&self.sock, &mut [h], &mut ticker, &mut tick) {
                 return self.read_failure(e, "a reply header", p.header_len);
             }
             let mut recv = match self.take_recv(p.id, p.payload_len) {
@@ -305,17 +374,19 @@ impl Shared {
                 // Straight into the request's segments, front to back, exactly
                 // `payload_len` bytes (the next frame must stay in the socket).
                 let mut left = p.payload_len;
-                let mut parts: Vec<&mut [u8]> = Vec::with_capacity(recv.len());
-                for s in recv.iter_mut() {
+                let n = recv.len();
+                let parts = recv.iter_mut().map_while(|s| {
                     if left == 0 {
-                        break;
+                        return None;
                     }
                     let d = s.as_mut_slice();
                     let k = d.len().min(left);
-                    parts.push(&mut d[..k]);
                     left -= k;
-                }
-                read_exact_vectored(&self.sock, &mut parts, &mut ticker, &mut tick)
+                    Some(&mut d[..k])
+                });
+                scatter(n, parts, |parts| {
+                    read_exact_vectored(&self.sock, parts, &mut ticker, &mut tick)
+                })
             };
             match res {
                 Ok(()) => self.return_recv(p.id, recv, Some((header, p.payload_len))),
@@ -393,7 +464,13 @@ pub(crate) fn connect(cfg: &Config) -> Result<TcpClientConn> {
         sock,
         write_lock: Mutex::new(()),
         state: Mutex::new(State {
-            pending: HashMap::new(),
+            pending: HashMap::with_capacity(limits.max_in_flight.min(PREMADE_CELLS)),
+            // One per request that can be in flight, and one more for a request whose
+            // completer the reader has not dropped yet: made now, so that the data path never
+            // has to (up to a bound; past it they are made as needed).
+            cells: std::iter::repeat_with(CompletionCell::new)
+                .take(limits.max_in_flight.min(PREMADE_CELLS) + 1)
+                .collect(),
             next_id: 1,
             dead: None,
         }),
@@ -429,7 +506,7 @@ impl ClientConn for TcpClientConn {
         let Request { header, send, recv } = req;
         let payload_len = send_len(&send);
         let recv_cap = recv_len(&recv);
-        let (completer, pending) = pair();
+        let (completer, pending) = lock(&sh.state).pair(sh.limits.max_in_flight);
         let id = {
             let mut st = lock(&sh.state);
             let deadline = Deadline::after(sh.timeout);
@@ -456,6 +533,7 @@ impl ClientConn for TcpClientConn {
                 Entry {
                     completer,
                     send: None,
+                    header: None,
                     recv: Some(recv),
                     started: Instant::now(),
                     outcome: None,
@@ -471,14 +549,13 @@ impl ClientConn for TcpClientConn {
             recv_cap,
         }
         .encode();
-        let res = {
-            let mut parts: Vec<&[u8]> = Vec::with_capacity(2 + send.len());
-            parts.push(&prefix);
-            parts.push(&header);
-            parts.extend(send.iter().map(SendSeg::as_slice));
+        let parts = [&prefix[..], &header[..]]
+            .into_iter()
+            .chain(send.iter().map(SendSeg::as_slice));
+        let res = gather(2 + send.len(), parts, |parts| {
             let _w = lock(&sh.write_lock);
-            write_all_vectored(&sh.sock, &mut parts, &mut give_up)
-        };
+            write_all_vectored(&sh.sock, parts, &mut give_up)
+        });
         if let Err(e) = res {
             // A partial frame leaves the stream out of step: the connection is over.
             sh.fail(Failure::new(format!(
@@ -486,7 +563,7 @@ impl ClientConn for TcpClientConn {
                 sh.peer
             )));
         }
-        sh.return_send(id, send);
+        sh.return_send(id, send, header);
         Ok(pending)
     }
 

@@ -5,7 +5,6 @@
 //! reads through `readv(2)` (`Read::read_vectored`). Both advance through the caller's
 //! slices in place after a partial transfer.
 
-use std::fs::File;
 use std::io::{self, IoSlice, IoSliceMut, Read};
 use std::net::{Shutdown, TcpStream};
 use std::os::fd::{AsFd, AsRawFd};
@@ -13,11 +12,54 @@ use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-use nix::sys::sendfile::sendfile64;
 use nix::sys::socket::{recv, sendmsg, MsgFlags, SockaddrStorage};
 
 /// Most iovecs handed to one system call (Linux's `UIO_MAXIOV`).
 const MAX_IOV: usize = 1024;
+
+/// Up to this many slices (or iovecs) are gathered on the stack; a vector beyond. So the
+/// frames of the data path (a prefix, a header and a few payload segments) allocate
+/// nothing.
+pub(crate) const STACK_PARTS: usize = 16;
+
+/// Calls `f` with the `n` slices of `items` gathered in a slice of slices: on the stack
+/// when `n <= STACK_PARTS`, else in a vector.
+pub(crate) fn gather<'a, R>(
+    n: usize,
+    items: impl Iterator<Item = &'a [u8]>,
+    f: impl FnOnce(&mut [&'a [u8]]) -> R,
+) -> R {
+    if n <= STACK_PARTS {
+        let mut a: [&[u8]; STACK_PARTS] = [&[]; STACK_PARTS];
+        let mut k = 0;
+        for (d, s) in a.iter_mut().zip(items) {
+            *d = s;
+            k += 1;
+        }
+        f(&mut a[..k])
+    } else {
+        f(&mut items.collect::<Vec<_>>())
+    }
+}
+
+/// [`gather`] for mutable slices.
+pub(crate) fn scatter<'a, R>(
+    n: usize,
+    items: impl Iterator<Item = &'a mut [u8]>,
+    f: impl FnOnce(&mut [&'a mut [u8]]) -> R,
+) -> R {
+    if n <= STACK_PARTS {
+        let mut a: [&mut [u8]; STACK_PARTS] = Default::default();
+        let mut k = 0;
+        for (d, s) in a.iter_mut().zip(items) {
+            *d = s;
+            k += 1;
+        }
+        f(&mut a[..k])
+    } else {
+        f(&mut items.collect::<Vec<_>>())
+    }
+}
 
 /// Writes every byte of `parts`, in order. The slices are advanced in place, so on error
 /// `parts` shows what was not sent.
@@ -33,55 +75,6 @@ pub(crate) fn write_all_vectored(
     write_with(sock, parts, MsgFlags::MSG_NOSIGNAL, stalled)
 }
 
-/// [`write_all_vectored`] with `MSG_MORE`: more of the frame follows at once (a
-/// [`send_file`]), so the kernel may hold a partial segment back for it.
-pub(crate) fn write_all_vectored_more(
-    sock: &TcpStream,
-    parts: &mut [&[u8]],
-    stalled: &mut dyn FnMut(Duration) -> io::Result<()>,
-) -> io::Result<()> {
-    // nix names no MSG_MORE (Linux only); the bit comes from libc.
-    let more = MsgFlags::from_bits_retain(libc::MSG_MORE);
-    write_with(sock, parts, MsgFlags::MSG_NOSIGNAL | more, stalled)
-}
-
-/// Sends `len` bytes of `file` from `offset` with `sendfile(2)`: the socket takes the page
-/// cache's pages, nothing is copied through user space. Stalls are handled as in
-/// [`write_all_vectored`]. The file ending before `len` bytes is an error
-/// ([`io::ErrorKind::UnexpectedEof`]): the frame announced them, so the stream is broken.
-pub(crate) fn send_file(
-    sock: &TcpStream,
-    file: &File,
-    offset: u64,
-    len: usize,
-    stalled: &mut dyn FnMut(Duration) -> io::Result<()>,
-) -> io::Result<()> {
-    let mut off = i64::try_from(offset)
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "file offset too large"))?;
-    let mut left = len;
-    let mut progress = Instant::now();
-    while left > 0 {
-        match sendfile64(sock, file, Some(&mut off), left) {
-            Ok(0) => {
-                return Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    format!(
-                        "the file ended {left} bytes short of the reply's announced payload (truncated while being sent)"
-                    ),
-                ))
-            }
-            Ok(n) => {
-                left -= n.min(left);
-                progress = Instant::now();
-            }
-            Err(Errno::EINTR) => {}
-            Err(Errno::EAGAIN) => stalled(progress.elapsed())?,
-            Err(e) => return Err(e.into()),
-        }
-    }
-    Ok(())
-}
-
 fn write_with(
     sock: &TcpStream,
     parts: &mut [&[u8]],
@@ -91,7 +84,8 @@ fn write_with(
     let fd = sock.as_raw_fd();
     let mut first = 0;
     let mut progress = Instant::now();
-    let mut iov: Vec<IoSlice<'_>> = Vec::with_capacity(parts.len().min(MAX_IOV));
+    let mut stack = [IoSlice::new(&[]); STACK_PARTS];
+    let mut heap: Vec<IoSlice<'_>> = Vec::new();
     loop {
         while first < parts.len() && parts[first].is_empty() {
             first += 1;
@@ -99,15 +93,20 @@ fn write_with(
         if first == parts.len() {
             return Ok(());
         }
-        iov.clear();
-        iov.extend(
-            parts[first..]
-                .iter()
-                .filter(|p| !p.is_empty())
-                .take(MAX_IOV)
-                .map(|p| IoSlice::new(p)),
-        );
-        let n = match sendmsg::<SockaddrStorage>(fd, &iov, &[], flags, None) {
+        let live = parts[first..].iter().filter(|p| !p.is_empty());
+        let iov: &[IoSlice<'_>] = if parts.len() - first <= STACK_PARTS {
+            let mut k = 0;
+            for (d, p) in stack.iter_mut().zip(live) {
+                *d = IoSlice::new(p);
+                k += 1;
+            }
+            &stack[..k]
+        } else {
+            heap.clear();
+            heap.extend(live.take(MAX_IOV).map(|p| IoSlice::new(p)));
+            &heap
+        };
+        let n = match sendmsg::<SockaddrStorage>(fd, iov, &[], flags, None) {
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
             Ok(n) => n,
             Err(Errno::EINTR) => continue,
@@ -183,14 +182,26 @@ pub(crate) enum ReadError<E> {
 pub(crate) struct Ticker {
     every: Duration,
     last: Instant,
+    /// A non-blocking socket: wait for data with `poll`, up to a tick at a time.
+    poll: bool,
 }
 
 impl Ticker {
-    /// A ticker that fires every `every`.
+    /// A ticker that fires every `every`, for a blocking socket with a receive timeout.
     pub(crate) fn new(every: Duration) -> Ticker {
         Ticker {
             every,
             last: Instant::now(),
+            poll: false,
+        }
+    }
+
+    /// A ticker that fires every `every`, for a non-blocking socket: a read that finds no
+    /// data waits for some with `poll`, up to `every`.
+    pub(crate) fn polling(every: Duration) -> Ticker {
+        Ticker {
+            poll: true,
+            ..Ticker::new(every)
         }
     }
 
@@ -229,13 +240,22 @@ pub(crate) fn read_exact_vectored<E>(
             return Ok(());
         }
         let res = {
-            let mut iov: Vec<IoSliceMut<'_>> = parts[first..]
-                .iter_mut()
-                .filter(|p| !p.is_empty())
-                .take(MAX_IOV)
-                .map(|p| IoSliceMut::new(p))
-                .collect();
-            sock.read_vectored(&mut iov)
+            let small = parts.len() - first <= STACK_PARTS;
+            let live = parts[first..].iter_mut().filter(|p| !p.is_empty());
+            if small {
+                let mut stack: [IoSliceMut<'_>; STACK_PARTS] =
+                    std::array::from_fn(|_| IoSliceMut::new(&mut []));
+                let mut k = 0;
+                for (d, p) in stack.iter_mut().zip(live) {
+                    *d = IoSliceMut::new(p);
+                    k += 1;
+                }
+                sock.read_vectored(&mut stack[..k])
+            } else {
+                let mut iov: Vec<IoSliceMut<'_>> =
+                    live.take(MAX_IOV).map(|p| IoSliceMut::new(p)).collect();
+                sock.read_vectored(&mut iov)
+            }
         };
         let timed_out = match res {
             Ok(0) => return Err(ReadError::Eof { got }),
@@ -245,6 +265,11 @@ pub(crate) fn read_exact_vectored<E>(
                 false
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => false,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock && ticker.poll => {
+                let t = PollTimeout::try_from(ticker.every).unwrap_or(PollTimeout::MAX);
+                let mut fds = [PollFd::new(sock.as_fd(), PollFlags::POLLIN)];
+                !matches!(poll(&mut fds, t), Ok(n) if n > 0)
+            }
             Err(e)
                 if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::TimedOut =>
             {

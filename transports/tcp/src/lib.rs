@@ -32,8 +32,11 @@
 //!   default), so a thread per connection is cheap; blocking I/O keeps the code short and
 //!   free of `unsafe` (this crate forbids it; `sendmsg` and `shutdown` come from `nix`).
 //!
-//! Writes from several threads queue on the mutex, which is also the order frames take on
-//! the wire; a frame is never interleaved with another. A request is entered in the
+//! On the client, writes from several threads queue on the mutex, which is also the order
+//! frames take on the wire; a frame is never interleaved with another. On the server,
+//! replies go through a per-connection output queue instead: written at once when the
+//! socket takes them, else queued for a writer thread, so that a client that stops reading
+//! holds no worker (see `server`). A request is entered in the
 //! pending map *before* its frame is written, so a fast reply always finds it.
 //!
 //! Timeouts ride on `SO_RCVTIMEO`/`SO_SNDTIMEO`: a blocked reader wakes every tick (an
@@ -108,6 +111,7 @@
 
 mod client;
 mod io;
+mod outq;
 mod server;
 pub mod wire;
 
@@ -117,7 +121,7 @@ use zcio::config::Config;
 use zcio::transport::{ClientConn, Listener, Registry, Transport};
 use zcio::{Error, Pool, Result};
 
-pub use server::{HANDSHAKE_TIMEOUT, MAX_PENDING};
+pub use server::{HANDSHAKE_TIMEOUT, MAX_PENDING, QUEUE_CAP, REPLY_DEADLINE};
 
 /// The TCP transport (`tcp`).
 #[derive(Clone, Copy, Debug, Default)]

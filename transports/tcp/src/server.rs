@@ -30,15 +30,15 @@
 //! trickling a partial frame (slowloris). A reply that makes no progress for the idle
 //! timeout fails too (a client that stops reading); `idle_timeout = 0` disables both.
 //!
-//! # Blocked replies
-//! A reply blocked on a full socket checks its client every send-timeout tick (the same
-//! tick, or 1 s without an idle timeout). Once the client has ended its side of the
-//! stream the reply fails and the connection closes: the client reads no more replies,
-//! and a socket it closed may never reopen its window (Linux sends no window update after
-//! `shutdown(SHUT_RD)`), which would otherwise hold the replying thread until the kernel
-//! gives up on the orphaned peer, a minute or more later. This matters most for the
-//! server's receiving thread, which serves lone requests inline and so is not reading the
-//! end of stream that would otherwise close the connection.
+//! # Replies
+//! A reply never holds the thread that makes it (see `outq`): it is written at once when
+//! the socket takes it (read replies of buffered files with `sendfile`, from the page
+//! cache), else queued for the connection's writer thread, which sends queued replies
+//! several per `sendmsg`. While more than [`QUEUE_CAP`] bytes (or twice the largest
+//! payload) are queued, `recv` reads no further request of that connection. A queued reply
+//! that the socket takes no byte of for `server.idle_timeout` ([`REPLY_DEADLINE`] when it
+//! is off), or whose client has ended its side of the stream, fails that connection only.
+//! The socket is non-blocking after the handshake: reads wait in `poll`, a tick at a time.
 
 use std::collections::HashMap;
 use std::io::{self, Read};
@@ -52,9 +52,10 @@ use zcio::transport::{Admission, FileRange, Incoming, Limits, Replier, ServerCon
 use zcio::{Error, Iobuf, IobufMut, Pool, Result};
 
 use crate::io::{
-    give_up, has_unread, peer_hung_up, read_exact_vectored, send_file, shutdown, tick_for,
-    write_all_vectored, write_all_vectored_more, ReadError, Ticker,
+    give_up, has_unread, read_exact_vectored, scatter, shutdown, tick_for, write_all_vectored,
+    ReadError, Ticker,
 };
+use crate::outq::{self, OutQueue};
 use crate::wire::{decode_prefix, Hello, Kind, Prefix, WireError, HELLO_LEN, PREFIX_LEN};
 use crate::{lock, transport_err, wire_err};
 
@@ -67,6 +68,17 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 const PAYLOAD_WAIT_TICK: Duration = Duration::from_millis(250);
 
 pub use zcio::transport::accept::MAX_PENDING;
+
+/// Request vectors and in-flight entries made when a connection opens, at most.
+const PREMADE: usize = 256;
+
+/// Reply bytes queued for one connection before it reads no further request (at least; or
+/// twice the largest payload).
+pub const QUEUE_CAP: usize = 4 << 20;
+
+/// The longest a queued reply may wait for the client to take a byte when
+/// `server.idle_timeout` is off (else that is the deadline).
+pub const REPLY_DEADLINE: Duration = Duration::from_secs(30);
 
 /// How often a blocked reply checks on its client when `server.idle_timeout` is off.
 const NO_IDLE_TICK: Duration = Duration::from_secs(1);
@@ -176,28 +188,56 @@ fn handshake(
     write_all_vectored(&sock, &mut [&ours.encode()[..]], &mut give_up)
         .map_err(|e| handshake_err(peer, after, e))?;
     let limits = ours.negotiate(&theirs);
-    sock.set_read_timeout(cfg.idle.map(tick_for))
-        .map_err(setup)?;
-    // Replies stall-check every tick (see `ConnShared::reply_stalled`).
-    sock.set_write_timeout(Some(cfg.idle.map_or(NO_IDLE_TICK, tick_for)))
-        .map_err(setup)?;
+    // Non-blocking from here: reads wait in `poll` (a tick at a time), replies never wait
+    // (see `outq`).
+    sock.set_nonblocking(true).map_err(setup)?;
     tracing::debug!(%peer, ?limits, "tcp connection accepted");
     let now = Instant::now();
-    Ok(Box::new(TcpServerConn {
-        shared: Arc::new(ConnShared {
-            sock,
-            write_lock: Mutex::new(()),
-            state: Mutex::new(ConnState {
-                in_flight: HashMap::new(),
-                last_reply: now,
-                closed: None,
-            }),
-            limits,
-            sendfile: cfg.sendfile,
-            idle: cfg.idle,
-            peer: peer.to_string(),
+    let tick = cfg.idle.map_or(NO_IDLE_TICK, tick_for);
+    let out = Arc::new(OutQueue::new(
+        limits.max_payload.saturating_mul(2).max(QUEUE_CAP),
+        cfg.idle.unwrap_or(REPLY_DEADLINE),
+        tick,
+        limits.max_in_flight,
+    ));
+    let shared = Arc::new(ConnShared {
+        sock: Arc::new(sock),
+        out: out.clone(),
+        // Made now so that the data path never has to (up to a bound; past it they are
+        // made as needed, and kept).
+        spares: Mutex::new(
+            std::iter::repeat_with(|| (Vec::with_capacity(64), Vec::with_capacity(4)))
+                .take(limits.max_in_flight.min(PREMADE))
+                .collect(),
+        ),
+        state: Mutex::new(ConnState {
+            in_flight: HashMap::with_capacity(limits.max_in_flight.min(PREMADE)),
+            last_reply: now,
+            closed: None,
         }),
+        limits,
+        sendfile: cfg.sendfile,
+        peer: peer.to_string(),
+    });
+    let weak = Arc::downgrade(&shared);
+    std::thread::Builder::new()
+        .name("zcio-tcp-writer".into())
+        .spawn(move || {
+            let sock = || weak.upgrade().map(|c| c.sock.clone());
+            let fail = |why: String| {
+                if let Some(c) = weak.upgrade() {
+                    let reason = format!("the connection from {} failed: {why}", c.peer);
+                    tracing::debug!(%reason, "tcp server connection ends");
+                    c.close_with(reason);
+                }
+            };
+            out.run_writer(&sock, &fail);
+        })
+        .map_err(|e| Error::io("spawning a tcp writer thread", e))?;
+    Ok(Box::new(TcpServerConn {
+        shared,
         pool,
+        span: Vec::new(),
         idle: cfg.idle,
         last_in: now,
         broken: None,
@@ -215,15 +255,24 @@ struct ConnState {
 
 /// What the receiving side and the repliers share; also the [`Replier`].
 struct ConnShared {
-    sock: TcpStream,
-    write_lock: Mutex<()>,
+    sock: Arc<TcpStream>,
+    /// Replies the socket could not take at once, and the writer thread that sends them.
+    out: Arc<OutQueue>,
     state: Mutex<ConnState>,
+    /// Header and payload vectors of served requests ([`Replier::recycle`]), for the next
+    /// ones: at most `max_in_flight`.
+    spares: Mutex<Vec<(Vec<u8>, Vec<Iobuf>)>>,
     limits: Limits,
     /// `tcp.sendfile`: whether read replies may be file ranges.
     sendfile: bool,
-    /// `server.idle_timeout`: also the longest a reply may make no progress.
-    idle: Option<Duration>,
     peer: String,
+}
+
+impl Drop for ConnShared {
+    fn drop(&mut self) {
+        // Ends the writer thread; queued buffers go back to the pool.
+        self.out.close();
+    }
 }
 
 impl ConnShared {
@@ -238,27 +287,7 @@ impl ConnShared {
     fn close_with(&self, reason: String) {
         lock(&self.state).closed.get_or_insert(reason);
         shutdown(&self.sock);
-    }
-
-    /// Called every send-timeout tick while a reply makes no progress. The reply fails
-    /// when the client has ended its side of the stream (it will read no more: its
-    /// connection is over, and a closed socket may not even reopen its window, which
-    /// would hold this thread until the kernel gives up on the peer), or when nothing moved
-    /// for the idle timeout (a client that stopped reading).
-    fn reply_stalled(&self, stalled: Duration) -> io::Result<()> {
-        if peer_hung_up(&self.sock) {
-            return Err(io::Error::new(
-                io::ErrorKind::ConnectionAborted,
-                "the client ended the connection while a reply to it was blocked",
-            ));
-        }
-        match self.idle {
-            Some(idle) if stalled >= idle => Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                format!("no reply bytes accepted for {idle:?}: the client is not reading (server.idle_timeout)"),
-            )),
-            _ => Ok(()),
-        }
+        self.out.close();
     }
 }
 
@@ -336,15 +365,23 @@ impl Replier for ConnShared {
         let total: usize = payload.iter().map(|b| b.len()).sum();
         self.admit_reply(id, header, payload.len(), total)?;
         let prefix = reply_prefix(id, header, total);
-        let mut parts: Vec<&[u8]> = Vec::with_capacity(2 + payload.len());
-        parts.push(&prefix);
-        parts.push(header);
-        parts.extend(payload.iter().map(|b| &b[..]));
-        let res = {
-            let _w = lock(&self.write_lock);
-            write_all_vectored(&self.sock, &mut parts, &mut |t| self.reply_stalled(t))
+        let r = outq::Reply {
+            prefix: &prefix,
+            header,
+            payload,
+            file: None,
         };
-        self.sent(id, res)
+        self.sent(id, self.out.reply(&self.sock, &r))
+    }
+
+    /// Keeps the request's header and payload vectors (emptied) for a later request.
+    fn recycle(&self, mut incoming: Incoming) {
+        incoming.payload.clear();
+        incoming.header.clear();
+        let mut spares = lock(&self.spares);
+        if spares.len() < self.limits.max_in_flight {
+            spares.push((incoming.header, incoming.payload));
+        }
     }
 
     fn takes_file_ranges(&self) -> bool {
@@ -353,17 +390,18 @@ impl Replier for ConnShared {
 
     /// Prefix and header with one `sendmsg(MSG_MORE)`, then the range with `sendfile(2)`
     /// from the page cache: the socket takes references to the file's pages, no
-    /// user-space copy.
+    /// user-space copy. What the socket does not take at once is queued (the file's
+    /// descriptor duplicated) for the writer thread.
     fn reply_file(&self, id: u64, header: &[u8], range: FileRange<'_>) -> Result<()> {
         self.admit_reply(id, header, 1, range.len)?;
         let prefix = reply_prefix(id, header, range.len);
-        let res = {
-            let _w = lock(&self.write_lock);
-            let stalled = &mut |t| self.reply_stalled(t);
-            write_all_vectored_more(&self.sock, &mut [&prefix[..], header], stalled)
-                .and_then(|()| send_file(&self.sock, range.file, range.offset, range.len, stalled))
+        let r = outq::Reply {
+            prefix: &prefix,
+            header,
+            payload: &[],
+            file: Some((range.file, range.offset, range.len)),
         };
-        self.sent(id, res)
+        self.sent(id, self.out.reply(&self.sock, &r))
     }
 
     fn close(&self) {
@@ -378,6 +416,8 @@ impl Replier for ConnShared {
 struct TcpServerConn {
     shared: Arc<ConnShared>,
     pool: Pool,
+    /// The pool buffers a request's payload is read into, reused from request to request.
+    span: Vec<IobufMut>,
     idle: Option<Duration>,
     /// When the last complete request frame arrived (or the connection was accepted).
     last_in: Instant,
@@ -411,7 +451,14 @@ impl TcpServerConn {
     fn recv_frame(&mut self) -> Result<Option<Incoming>> {
         let sh = &*self.shared;
         let (idle, last_in) = (self.idle, self.last_in);
-        let mut ticker = Ticker::new(idle.map_or(Duration::from_secs(1), tick_for));
+        let mut ticker = Ticker::polling(idle.map_or(Duration::from_secs(1), tick_for));
+        // Back-pressure: no new request while too many reply bytes wait for this client.
+        if !sh.out.wait_room() {
+            return Err(Error::ConnectionClosed(format!(
+                "the connection from {} is closed",
+                sh.peer
+            )));
+        }
         let mut tick = || -> Result<()> {
             let Some(idle) = idle else { return Ok(()) };
             let st = lock(&sh.state);
@@ -447,12 +494,12 @@ impl TcpServerConn {
                 )));
             }
         }
-        let mut header = vec![0u8; p.header_len];
+        // The vectors of a served request when there is one (no allocation).
+        let (mut header, mut payload) = lock(&sh.spares).pop().unwrap_or_default();
+        header.resize(p.header_len, 0);
         read_exact_vectored(&sh.sock, &mut [&mut header[..]], &mut ticker, &mut tick)
             .map_err(|e| self.read_failure(e, "a request header", p.header_len))?;
-        let payload = if p.payload_len == 0 {
-            Vec::new()
-        } else {
+        if p.payload_len > 0 {
             if let Some(a) = &self.admission {
                 if !a.authenticated() {
                     return Err(self.violation(format!(
@@ -464,14 +511,34 @@ impl TcpServerConn {
                 // earlier requests' payload is freed.
                 a.reserve(p.id, p.payload_len, PAYLOAD_WAIT_TICK, || sh.still_open())?;
             }
-            let r = self.take_payload(&p, &mut ticker, &mut tick);
-            if r.is_err() {
+            let taken = match wait_for_span(&self.pool, sh, p.payload_len, &mut self.span) {
+                Err(e) => Err(e),
+                Ok(()) => {
+                    let span = &mut self.span;
+                    let n = span.len();
+                    let parts = span.iter_mut().map(|b| &mut b[..]);
+                    let read = scatter(n, parts, |parts| {
+                        read_exact_vectored(&sh.sock, parts, &mut ticker, &mut tick)
+                    });
+                    match read {
+                        Ok(()) => {
+                            payload.extend(span.drain(..).map(IobufMut::freeze));
+                            Ok(())
+                        }
+                        Err(e) => {
+                            span.clear();
+                            Err(self.read_failure(e, "a request payload", p.payload_len))
+                        }
+                    }
+                }
+            };
+            if let Err(e) = taken {
                 if let Some(a) = &self.admission {
                     a.release(p.id);
                 }
+                return Err(e);
             }
-            r?
-        };
+        }
         lock(&sh.state).in_flight.insert(p.id, p.recv_cap);
         self.last_in = Instant::now();
         tracing::debug!(
@@ -488,31 +555,15 @@ impl TcpServerConn {
     }
 }
 
-impl TcpServerConn {
-    /// Takes pool buffers for a request's payload, waiting while the pool is short (as
-    /// long as the connection is open: back-pressure, not failure), and reads the payload
-    /// into them.
-    fn take_payload(
-        &self,
-        p: &Prefix,
-        ticker: &mut Ticker,
-        tick: &mut dyn FnMut() -> Result<()>,
-    ) -> Result<Vec<Iobuf>> {
-        let sh = &*self.shared;
-        let mut bufs = loop {
-            match self.pool.get_span_within(p.payload_len, PAYLOAD_WAIT_TICK) {
-                Ok(b) => break b,
-                Err(Error::PoolExhausted { .. }) => sh.still_open()?,
-                Err(e) => return Err(e),
-            }
-        };
-        {
-            let mut parts: Vec<&mut [u8]> =
-                bufs.buffers_mut().iter_mut().map(|b| &mut b[..]).collect();
-            read_exact_vectored(&sh.sock, &mut parts, ticker, tick)
-                .map_err(|e| self.read_failure(e, "a request payload", p.payload_len))?;
+/// Takes pool buffers for a request's payload into `span`, waiting while the pool is short
+/// (as long as the connection is open: back-pressure, not failure).
+fn wait_for_span(pool: &Pool, sh: &ConnShared, len: usize, span: &mut Vec<IobufMut>) -> Result<()> {
+    loop {
+        match pool.get_span_within_into(len, PAYLOAD_WAIT_TICK, span) {
+            Ok(()) => return Ok(()),
+            Err(Error::PoolExhausted { .. }) => sh.still_open()?,
+            Err(e) => return Err(e),
         }
-        Ok(bufs.into_iter().map(IobufMut::freeze).collect())
     }
 }
 
