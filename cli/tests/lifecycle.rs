@@ -35,6 +35,7 @@ struct Served {
 
 fn serve(export: &std::path::Path, listen: &str, extra: &[&str]) -> Served {
     let mut child = zcio()
+        .env("ZCIO_LOG", "zcio=debug")
         .args(["serve", "--listen", listen, "--export"])
         .arg(export)
         .args(extra)
@@ -49,9 +50,14 @@ fn serve(export: &std::path::Path, listen: &str, extra: &[&str]) -> Served {
             let _ = tx.send(l);
         }
     });
-    let first = lines
-        .recv_timeout(Duration::from_secs(60))
-        .expect("zcio serve printed nothing");
+    let first = loop {
+        let l = lines
+            .recv_timeout(Duration::from_secs(60))
+            .expect("zcio serve did not say where it listens");
+        if l.starts_with("zcio: serving") {
+            break l;
+        }
+    };
     let addr = first
         .rsplit(" on ")
         .next()
@@ -434,4 +440,91 @@ fn the_kth_transport_listens_on_the_next_port() {
     assert_eq!(nth_addr("127.0.0.1:7700", 1).unwrap(), "127.0.0.1:7701");
     assert_eq!(nth_addr("[::1]:0", 1).unwrap(), "[::1]:0");
     assert!(nth_addr("127.0.0.1:65535", 1).is_err());
+}
+
+/// Waits until the server process logs a new connection (a client reconnected to it);
+/// false after a minute without one.
+fn await_connection(s: &Served) -> bool {
+    let t0 = Instant::now();
+    loop {
+        let left = Duration::from_secs(60).saturating_sub(t0.elapsed());
+        match s.lines.recv_timeout(left) {
+            Ok(l) if l.contains("connection from") => return true,
+            Ok(_) => {}
+            Err(_) => return false,
+        }
+    }
+}
+
+#[test]
+fn zcio_bench_verify_survives_server_restarts_by_sigkill_and_sigterm() {
+    for (sig, rw, mode) in [
+        (Signal::SIGKILL, "randwrite", "zero-copy"),
+        (Signal::SIGKILL, "randread", "direct"),
+        (Signal::SIGTERM, "randwrite", "direct"),
+        (Signal::SIGTERM, "randread", "zero-copy"),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = serve(dir.path(), "127.0.0.1:0", &[]);
+        let addr = s.addr.clone();
+        let bench = zcio()
+            .args([
+                "bench", "--server", &addr, "--verify", "--rw", rw, "--mode", mode,
+            ])
+            .args([
+                "--bs",
+                "64K",
+                "--iodepth",
+                "8",
+                "--size",
+                "4M",
+                "--files",
+                "2",
+            ])
+            .args(["--jobs", "2", "--runtime", "8s"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // The bench's jobs are connected once the server logs three connections (the
+        // setup connection and two jobs).
+        let mut bench = bench;
+        let fail = |bench: &mut Child, what: &str| -> ! {
+            let _ = bench.kill();
+            let mut err = String::new();
+            let _ = std::io::Read::read_to_string(bench.stderr.as_mut().unwrap(), &mut err);
+            panic!("{sig:?} {rw} {mode}: {what}; bench said:\n{err}");
+        };
+        for _ in 0..3 {
+            if !await_connection(&s) {
+                fail(&mut bench, "the bench did not connect");
+            }
+        }
+        for _ in 0..2 {
+            kill(Pid::from_raw(s.child.id() as i32), sig).unwrap();
+            let _ = s.child.wait();
+            s = serve(dir.path(), &addr, &[]);
+            // Both jobs (and the idle setup client, on its next request) come back.
+            for _ in 0..2 {
+                if !await_connection(&s) {
+                    fail(&mut bench, "no client reconnected to the restarted server");
+                }
+            }
+        }
+        let out = bench.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success(),
+            "{sig:?} {rw} {mode}: the bench failed across restarts:\n{err}"
+        );
+        if rw == "randwrite" {
+            assert!(err.contains("verify: every byte"), "{err}");
+        }
+        assert!(
+            err.contains("reconnected"),
+            "{sig:?}: no reconnect logged:\n{err}"
+        );
+        let _ = s.child.kill();
+        let _ = s.child.wait();
+    }
 }

@@ -270,6 +270,18 @@ impl Link {
             match super::call_on(conn.as_ref(), &req) {
                 Ok(Resp::Open { fh, .. }) => f.fh.store(fh, Ordering::Release),
                 Ok(r) => return Err(Error::decode("open reply", format!("{r:?}"))),
+                // A server shutting down or short of resources: try the whole attempt
+                // again later rather than give the file up.
+                Err(e @ Error::Remote { code, .. })
+                    if not_executed(&e)
+                        || code == Status::Busy as u32
+                        || code == Status::Limit as u32 =>
+                {
+                    return Err(Error::ConnectionClosed(format!(
+                        "reopening {:?}: {e}",
+                        f.path
+                    )))
+                }
                 Err(e @ Error::Remote { .. }) => {
                     tracing::warn!("{:?} could not be reopened after reconnecting: {e}", f.path);
                     *lock(&f.stale) = Some(format!(
@@ -336,6 +348,35 @@ pub(crate) fn dial_list(cfg: &Config, registry: &Registry, pool: &Pool) -> Resul
         "no transport of {names:?} could connect: {}",
         skipped.join("; ")
     )))
+}
+
+/// A first connection: `attempt` connects (setting `chosen` once a transport connected)
+/// and says hello. When the connection fails *after* a transport connected (the server
+/// went away during hello), it is tried again like a reconnect: with backoff, keeping to
+/// that transport, within `client.reconnect_give_up_ms` (when `client.reconnect` is on).
+/// A server that cannot be reached at all fails at once.
+pub(crate) fn first_connect(
+    cfg: &Config,
+    mut attempt: impl FnMut(&mut Option<Arc<dyn Transport>>) -> Result<super::Client>,
+) -> Result<super::Client> {
+    let mut chosen = None;
+    let t0 = Instant::now();
+    let mut delay = FIRST_DELAY;
+    loop {
+        match attempt(&mut chosen) {
+            Err(e)
+                if cfg.client.reconnect
+                    && chosen.is_some()
+                    && (is_lost(&e) || matches!(e, Error::Io { .. }))
+                    && t0.elapsed() + delay <= cfg.client.reconnect_give_up =>
+            {
+                tracing::debug!("connecting again after: {e}");
+                std::thread::sleep(delay);
+                delay = (delay * 2).min(cfg.client.reconnect_max_delay);
+            }
+            r => return r,
+        }
+    }
 }
 
 /// Starts the keepalive thread of a client (see the module docs); it ends soon after the
