@@ -433,15 +433,6 @@ fn one_server_serves_several_listeners_with_server_wide_limits_and_rdma_fails_cl
     assert!(err.contains("rdma"), "{err}");
 }
 
-#[test]
-fn the_kth_transport_listens_on_the_next_port() {
-    use zcio::transport::multi::nth_addr;
-    assert_eq!(nth_addr("127.0.0.1:7700", 0).unwrap(), "127.0.0.1:7700");
-    assert_eq!(nth_addr("127.0.0.1:7700", 1).unwrap(), "127.0.0.1:7701");
-    assert_eq!(nth_addr("[::1]:0", 1).unwrap(), "[::1]:0");
-    assert!(nth_addr("127.0.0.1:65535", 1).is_err());
-}
-
 /// Waits until the server process logs a new connection (a client reconnected to it);
 /// false after a minute without one.
 fn await_connection(s: &Served) -> bool {
