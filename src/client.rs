@@ -355,18 +355,31 @@ impl Client {
         check_path(path)?;
         // Opening again is harmless unless it creates or truncates.
         let idempotent = !flags.contains(OpenFlags::CREATE) && !flags.contains(OpenFlags::TRUNCATE);
-        let (fh, size) = self.retrying("open", idempotent, || {
+        let open = |flags| {
+            let gen = self.inner.link.gen();
             match self.call_simple(&Req::Open {
                 path: path.into(),
                 flags,
                 mode,
             })? {
-                Resp::Open { fh, size } => Ok((fh, size)),
+                Resp::Open { fh, size } => Ok((fh, size, gen)),
                 r => Err(Error::decode("open reply", format!("{r:?}"))),
             }
-        })?;
+        };
+        let (fh, size, gen) = self.retrying("open", idempotent, || open(flags))?;
         let state = Arc::new(FileState::new(path, flags, mode, fh));
-        self.inner.link.track(&state);
+        if !self.inner.link.track(&state, gen) {
+            // The connection was replaced between the reply and now: open it again on the
+            // new one, as a reconnect would have.
+            let again = Link::reopen_flags(flags);
+            loop {
+                let (fh, _, gen) = self.retrying("open", true, || open(again))?;
+                state.set_fh(fh);
+                if self.inner.link.track(&state, gen) {
+                    break;
+                }
+            }
+        }
         Ok(File {
             client: self.clone(),
             state,

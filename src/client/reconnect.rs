@@ -92,6 +92,10 @@ impl FileState {
         self.fh.load(Ordering::Acquire)
     }
 
+    pub(crate) fn set_fh(&self, fh: u64) {
+        self.fh.store(fh, Ordering::Release);
+    }
+
     pub(crate) fn is_stale(&self) -> bool {
         lock(&self.stale).is_some()
     }
@@ -191,10 +195,25 @@ impl Link {
     }
 
     /// Remembers an open file, to reopen it after a reconnect.
-    pub(crate) fn track(&self, f: &Arc<FileState>) {
+    /// Remembers an open file opened on connection generation `gen`, to reopen it after a
+    /// reconnect; false (and not remembered) when the connection has been replaced since,
+    /// so that the file's handle belongs to a connection that is gone. A reconnect holds
+    /// the list from its look at it until the new connection is in place, so a file is
+    /// either reopened by it or refused here.
+    pub(crate) fn track(&self, f: &Arc<FileState>, gen: u64) -> bool {
         let mut files = lock(&self.files);
+        if self.gen() != gen {
+            return false;
+        }
         files.retain(|w| w.strong_count() > 0);
         files.push(Arc::downgrade(f));
+        true
+    }
+
+    /// The flags a file is opened with again: never creating, truncating or failing
+    /// because it exists.
+    pub(crate) fn reopen_flags(flags: OpenFlags) -> OpenFlags {
+        OpenFlags(flags.0 & !(OpenFlags::CREATE.0 | OpenFlags::TRUNCATE.0 | OpenFlags::EXCL.0))
     }
 
     /// Replaces the connection of generation `seen` (which failed with `why`) by a new
@@ -218,7 +237,9 @@ impl Link {
         let mut attempts = 0u32;
         loop {
             attempts += 1;
-            match self.dial_and_reopen(how) {
+            // Held until the new connection is in place (see `track`).
+            let files = lock(&self.files);
+            match self.dial_and_reopen(how, &files) {
                 Ok(conn) => {
                     let mut c = self.cur.write().unwrap_or_else(|p| p.into_inner());
                     c.conn = Arc::from(conn);
@@ -244,24 +265,26 @@ impl Link {
                     tracing::debug!("reconnect attempt {attempts} failed: {e}");
                 }
             }
+            drop(files);
             std::thread::sleep(delay);
             delay = (delay * 2).min(how.cfg.client.reconnect_max_delay);
         }
     }
 
     /// One attempt: connect, hello and auth, reopen the open files.
-    fn dial_and_reopen(&self, how: &Redial) -> Result<Box<dyn ClientConn>> {
+    fn dial_and_reopen(
+        &self,
+        how: &Redial,
+        files: &[Weak<FileState>],
+    ) -> Result<Box<dyn ClientConn>> {
         let conn = how.transport.connect(&how.cfg, &how.pool)?;
         super::handshake(&how.cfg, conn.as_ref())?;
-        let files: Vec<Arc<FileState>> =
-            lock(&self.files).iter().filter_map(Weak::upgrade).collect();
+        let files: Vec<Arc<FileState>> = files.iter().filter_map(Weak::upgrade).collect();
         for f in files {
             if f.is_stale() {
                 continue;
             }
-            let flags = OpenFlags(
-                f.flags.0 & !(OpenFlags::CREATE.0 | OpenFlags::TRUNCATE.0 | OpenFlags::EXCL.0),
-            );
+            let flags = Link::reopen_flags(f.flags);
             let req = Req::Open {
                 path: f.path.clone(),
                 flags,
