@@ -519,3 +519,109 @@ fn zcio_bench_verify_survives_server_restarts_by_sigkill_and_sigterm() {
         let _ = s.child.wait();
     }
 }
+
+/// A raw TCP client that opens `path` and asks for `count` reads of 1 MiB without ever
+/// reading the replies: the server's replies back up and its workers block on them, so a
+/// drain cannot finish.
+fn stuck_reader(addr: &str, path: &str, count: u64) -> std::net::TcpStream {
+    use std::io::{Read, Write};
+    use zcio::proto::{self, Req, Resp};
+    use zcio_tcp::wire::{Hello, Kind, Prefix, HELLO_LEN, PREFIX_LEN};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    let limits = Config::default().limits;
+    s.write_all(&Hello::from_limits(&limits, 64).encode())
+        .unwrap();
+    let mut h = [0u8; HELLO_LEN];
+    s.read_exact(&mut h).unwrap();
+    let mut call = |id: u64, req: &Req| -> Resp {
+        let header = req.encode();
+        let p = Prefix {
+            kind: Kind::Request,
+            header_len: header.len(),
+            id,
+            payload_len: 0,
+            recv_cap: 0,
+        };
+        s.write_all(&p.encode()).unwrap();
+        s.write_all(&header).unwrap();
+        let mut pb = [0u8; PREFIX_LEN];
+        s.read_exact(&mut pb).unwrap();
+        let p = zcio_tcp::wire::decode_prefix(&pb, Kind::Reply, &limits).unwrap();
+        let mut rh = vec![0u8; p.header_len];
+        s.read_exact(&mut rh).unwrap();
+        proto::decode_reply(req, &rh).unwrap()
+    };
+    call(
+        1,
+        &Req::Hello {
+            version: proto::VERSION,
+            client_nonce: [0; proto::NONCE_LEN],
+        },
+    );
+    let Resp::Open { fh, .. } = call(
+        2,
+        &Req::Open {
+            path: path.into(),
+            flags: OpenFlags::READ,
+            mode: 0,
+        },
+    ) else {
+        panic!("open failed")
+    };
+    for i in 0..count {
+        let header = Req::Read {
+            fh,
+            offset: i << 20,
+            len: 1 << 20,
+        }
+        .encode();
+        let p = Prefix {
+            kind: Kind::Request,
+            header_len: header.len(),
+            id: 10 + i,
+            payload_len: 0,
+            recv_cap: 1 << 20,
+        };
+        s.write_all(&p.encode()).unwrap();
+        s.write_all(&header).unwrap();
+    }
+    s
+}
+
+#[test]
+fn a_second_signal_stops_a_stuck_drain_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::File::create(dir.path().join("big"))
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
+    let mut s = serve(
+        dir.path(),
+        "127.0.0.1:0",
+        &["--set", "server.drain_timeout_ms=600000"],
+    );
+    let _stuck = stuck_reader(&s.addr, "big", 64);
+    let pid = Pid::from_raw(s.child.id() as i32);
+    kill(pid, Signal::SIGTERM).unwrap();
+    let t0 = Instant::now();
+    loop {
+        let l = s
+            .lines
+            .recv_timeout(Duration::from_secs(60))
+            .expect("no shutdown message");
+        if l.contains("shutting down") {
+            break;
+        }
+    }
+    kill(pid, Signal::SIGINT).unwrap();
+    assert_eq!(exit_code(&mut s.child), Some(1));
+    let said: Vec<String> = s.lines.try_iter().collect();
+    assert!(
+        said.iter()
+            .any(|l| l.contains("second SIGINT: stopping now")),
+        "{said:?}"
+    );
+    assert!(!said.iter().any(|l| l.contains("stopped in")), "{said:?}");
+    // Far inside the 10-minute drain deadline.
+    assert!(t0.elapsed() < Duration::from_secs(120));
+}
