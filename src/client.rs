@@ -13,6 +13,10 @@
 //!   in flight (`glfs_preadv_async`); a completion can be waited on or awaited as a
 //!   [`Future`] on any executor.
 //!
+//! - Life cycle ([`reconnect`]): a transport list falls back in order, a lost connection
+//!   is replaced (files reopened, safe requests sent again, the async ones too), and an
+//!   idle connection is kept alive.
+//!
 //! One request carries every segment of an iovec up to the negotiated limits (segments
 //! and payload bytes); a larger iovec is split into as few requests as those limits allow,
 //! and the pieces travel concurrently. Never one request per segment.
