@@ -625,3 +625,66 @@ fn a_second_signal_stops_a_stuck_drain_at_once() {
     // Far inside the 10-minute drain deadline.
     assert!(t0.elapsed() < Duration::from_secs(120));
 }
+
+/// A transport called `rdma` that is available but finds nothing at the server's address
+/// for it: TCP to a port where nobody listens (what an RDMA client meets at a server that
+/// does not offer RDMA, seen from the fallback's side).
+struct NotOffered(u16);
+
+impl zcio::transport::Transport for NotOffered {
+    fn name(&self) -> &'static str {
+        "rdma"
+    }
+    fn check_available(&self, _: &Config) -> zcio::Result<()> {
+        Ok(())
+    }
+    fn connect(
+        &self,
+        cfg: &Config,
+        pool: &Pool,
+    ) -> zcio::Result<Box<dyn zcio::transport::ClientConn>> {
+        let mut c = cfg.clone();
+        c.client.connect = format!("127.0.0.1:{}", self.0);
+        zcio_tcp::TcpTransport.connect(&c, pool)
+    }
+    fn listen(&self, _: &Config, _: &Pool) -> zcio::Result<Box<dyn zcio::transport::Listener>> {
+        Err(Error::InvalidArgument("not a server transport".into()))
+    }
+}
+
+#[test]
+fn a_transport_the_server_does_not_offer_falls_back_too_but_not_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("f"), b"offered").unwrap();
+    let mut s = serve(dir.path(), "127.0.0.1:0", &[]);
+    // A port with nobody listening.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut reg = zcio::transport::Registry::new();
+    zcio_tcp::register(&mut reg);
+    reg.register(Arc::new(NotOffered(closed)));
+    let mut cfg = client_cfg(&s.addr);
+    cfg.transport = "rdma".into();
+    cfg.more_transports = vec!["tcp".into()];
+    let c = Client::connect_with(&cfg, &reg).unwrap();
+    assert_eq!(c.transport(), Some("tcp"));
+    let why = c.fallback_reason().unwrap();
+    assert!(
+        why.contains("rdma could not connect") && why.contains("may not offer it"),
+        "{why}"
+    );
+    let mut buf = [0u8; 7];
+    c.open("f", OpenFlags::READ)
+        .unwrap()
+        .pread(&mut buf, 0)
+        .unwrap();
+    assert_eq!(&buf, b"offered");
+    // Alone, the same transport is strict: its own error, no fallback.
+    cfg.more_transports.clear();
+    assert!(Client::connect_with(&cfg, &reg).is_err());
+    let _ = s.child.kill();
+    let _ = s.child.wait();
+}
