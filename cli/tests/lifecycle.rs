@@ -688,3 +688,37 @@ fn a_transport_the_server_does_not_offer_falls_back_too_but_not_alone() {
     let _ = s.child.kill();
     let _ = s.child.wait();
 }
+
+#[test]
+fn keepalive_notices_a_silent_server_while_the_client_is_idle() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("f"), b"x").unwrap();
+    let mut s = serve(dir.path(), "127.0.0.1:0", &[]);
+    let mut cfg = client_cfg(&s.addr);
+    cfg.client.reconnect = false;
+    cfg.client.keepalive = Some(Duration::from_millis(100));
+    cfg.client.timeout = Duration::from_millis(500);
+    let c = Client::connect_shared(
+        &cfg,
+        Arc::new(zcio_tcp::TcpTransport),
+        Pool::new(&cfg.pool).unwrap(),
+    )
+    .unwrap();
+    let f = c.open("f", OpenFlags::READ).unwrap();
+    // The server stops answering (alive, connection open: no reset tells the client).
+    let pid = Pid::from_raw(s.child.id() as i32);
+    kill(pid, Signal::SIGSTOP).unwrap();
+    // Idle for longer than keepalive + timeout (the bound): the point of the test.
+    std::thread::sleep(Duration::from_millis(2000));
+    let e = f.pread(&mut [0u8; 1], 0).unwrap_err();
+    kill(pid, Signal::SIGCONT).unwrap();
+    // The keepalive's ping found the server silent and ended the connection, so this
+    // request fails at once as closed; without it, this request would have waited for
+    // its own timeout (Error::Timeout).
+    assert!(
+        matches!(&e, Error::ConnectionClosed(m) if m.contains("no reply within client.timeout")),
+        "{e:?}"
+    );
+    let _ = s.child.kill();
+    let _ = s.child.wait();
+}
