@@ -17,6 +17,10 @@
 //!   in flight (`glfs_preadv_async`); a completion can be waited on or awaited as a
 //!   [`Future`] on any executor.
 //!
+//! - Life cycle ([`reconnect`]): a transport list falls back in order, a lost connection
+//!   is replaced (files reopened, safe requests sent again, the async ones too), and an
+//!   idle connection is kept alive.
+//!
 //! One request carries every segment of an iovec up to the negotiated limits (segments
 //! and payload bytes); a larger iovec is split into as few requests as those limits allow,
 //! and the pieces travel concurrently. Never one request per segment.
@@ -36,6 +40,7 @@ use crate::transport::{
     ClientConn, Limits, Pending, RawSeg, RecvSeg, Registry, Reply, Request, SendSeg, Transport,
 };
 
+mod held;
 pub mod reconnect;
 
 use reconnect::{FileState, Link, Redial};
@@ -127,8 +132,15 @@ impl Client {
 
     /// [`Client::connect_with`] with a given pool.
     pub fn connect_pool(cfg: &Config, registry: &Registry, pool: Pool) -> Result<Client> {
-        let (conn, t, fallback) = reconnect::dial_list(cfg, registry, &pool)?;
-        Client::finish(cfg, conn, pool, Some(t), fallback)
+        reconnect::first_connect(cfg, |chosen| {
+            let (conn, t, fallback) = match chosen {
+                // Once a transport connected, later attempts keep to it.
+                Some(t) => (t.connect(cfg, &pool)?, t.clone(), None),
+                None => reconnect::dial_list(cfg, registry, &pool)?,
+            };
+            *chosen = Some(t.clone());
+            Client::finish(cfg, conn, pool.clone(), Some(t), fallback)
+        })
     }
 
     /// Connects with a given transport and pool (share one pool between clients and a
@@ -142,8 +154,11 @@ impl Client {
     /// Connects with a given transport and pool; the client reconnects on its own when
     /// `client.reconnect` is on.
     pub fn connect_shared(cfg: &Config, t: Arc<dyn Transport>, pool: Pool) -> Result<Client> {
-        let conn = t.connect(cfg, &pool)?;
-        Client::finish(cfg, conn, pool, Some(t), None)
+        reconnect::first_connect(cfg, |chosen| {
+            let conn = t.connect(cfg, &pool)?;
+            *chosen = Some(t.clone());
+            Client::finish(cfg, conn, pool.clone(), Some(t.clone()), None)
+        })
     }
 
     /// Says hello (and authenticates) over an established transport connection. Such a
@@ -365,18 +380,31 @@ impl Client {
         check_path(path)?;
         // Opening again is harmless unless it creates or truncates.
         let idempotent = !flags.contains(OpenFlags::CREATE) && !flags.contains(OpenFlags::TRUNCATE);
-        let (fh, size) = self.retrying("open", idempotent, || {
+        let open = |flags| {
+            let gen = self.inner.link.gen();
             match self.call_simple(&Req::Open {
                 path: path.into(),
                 flags,
                 mode,
             })? {
-                Resp::Open { fh, size } => Ok((fh, size)),
+                Resp::Open { fh, size } => Ok((fh, size, gen)),
                 r => Err(Error::decode("open reply", format!("{r:?}"))),
             }
-        })?;
+        };
+        let (fh, size, gen) = self.retrying("open", idempotent, || open(flags))?;
         let state = Arc::new(FileState::new(path, flags, mode, fh));
-        self.inner.link.track(&state);
+        if !self.inner.link.track(&state, gen) {
+            // The connection was replaced between the reply and now: open it again on the
+            // new one, as a reconnect would have.
+            let again = Link::reopen_flags(flags);
+            loop {
+                let (fh, _, gen) = self.retrying("open", true, || open(again))?;
+                state.set_fh(fh);
+                if self.inner.link.track(&state, gen) {
+                    break;
+                }
+            }
+        }
         Ok(File {
             client: self.clone(),
             state,
@@ -738,6 +766,11 @@ impl File {
     /// Starts a read at `offset` into the given pool buffers (their visible lengths say how
     /// much); completes with them, trimmed to what was read.
     pub fn read_into_async(&self, bufs: Iobref, offset: u64) -> Result<Completion<Iobref>> {
+        if self.client.inner.link.can_redial() {
+            return Ok(self
+                .held_async(bufs, offset, false)?
+                .map(|(n, b)| held::trim(b, n)));
+        }
         let l = self.limits();
         let bufs = bufs.into_vec();
         if let Some(want) = one_request(&bufs, &l) {
@@ -817,6 +850,9 @@ impl File {
         offset: u64,
         write: bool,
     ) -> Result<Completion<(usize, Vec<Vec<u8>>)>> {
+        if self.client.inner.link.can_redial() {
+            return self.held_async(bufs, offset, write);
+        }
         let l = self.limits();
         let lens: Vec<usize> = bufs.iter().map(Vec::len).collect();
         let groups = group_lens(&lens, l.max_segments, l.max_payload)?;
@@ -879,6 +915,9 @@ impl File {
         bufs: Iobref,
         offset: u64,
     ) -> Result<Completion<(usize, Iobref)>> {
+        if self.client.inner.link.can_redial() {
+            return self.held_async(bufs, offset, true);
+        }
         let l = self.limits();
         let bufs = bufs.into_vec();
         if let Some(want) = one_request(&bufs, &l) {
@@ -1168,11 +1207,19 @@ impl<T> Completion<T> {
     }
 
     /// A completion whose result is passed through `f`.
-    pub fn map<U>(self, f: impl FnOnce(T) -> U + Send + 'static) -> Completion<U>
+    pub fn map<U>(mut self, f: impl FnOnce(T) -> U + Send + 'static) -> Completion<U>
     where
         T: 'static,
     {
-        match self.parts {
+        let parts = std::mem::replace(
+            &mut self.parts,
+            Parts::Many {
+                parts: Default::default(),
+                done: Vec::new(),
+                finish: None,
+            },
+        );
+        match parts {
             Parts::One { pending, finish } => Completion {
                 parts: Parts::Many {
                     parts: pending.into_iter().collect(),
@@ -1215,6 +1262,26 @@ fn conclude_one<T>(finish: &mut Option<(FinishOne<T>, Req, usize)>, r: Result<Re
 fn conclude_many<T>(finish: &mut Option<Finish<T>>, done: &mut Vec<Result<Reply>>) -> Result<T> {
     let f = finish.take().ok_or_else(finished_err)?;
     f(std::mem::take(done))
+}
+
+/// A completion dropped before it finished waits for its requests: the transport may still
+/// be reading or writing buffers the completion holds (and the caller gets its buffers
+/// back only through it anyway).
+impl<T> Drop for Completion<T> {
+    fn drop(&mut self) {
+        match &mut self.parts {
+            Parts::One { pending, .. } => {
+                if let Some(p) = pending.take() {
+                    let _ = p.wait();
+                }
+            }
+            Parts::Many { parts, .. } => {
+                while let Some(p) = parts.pop_front() {
+                    let _ = p.wait();
+                }
+            }
+        }
+    }
 }
 
 impl<T> Future for Completion<T> {

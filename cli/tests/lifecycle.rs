@@ -35,6 +35,7 @@ struct Served {
 
 fn serve(export: &std::path::Path, listen: &str, extra: &[&str]) -> Served {
     let mut child = zcio()
+        .env("ZCIO_LOG", "zcio=debug")
         .args(["serve", "--listen", listen, "--export"])
         .arg(export)
         .args(extra)
@@ -49,9 +50,14 @@ fn serve(export: &std::path::Path, listen: &str, extra: &[&str]) -> Served {
             let _ = tx.send(l);
         }
     });
-    let first = lines
-        .recv_timeout(Duration::from_secs(60))
-        .expect("zcio serve printed nothing");
+    let first = loop {
+        let l = lines
+            .recv_timeout(Duration::from_secs(60))
+            .expect("zcio serve did not say where it listens");
+        if l.starts_with("zcio: serving") {
+            break l;
+        }
+    };
     let addr = first
         .rsplit(" on ")
         .next()
@@ -427,11 +433,292 @@ fn one_server_serves_several_listeners_with_server_wide_limits_and_rdma_fails_cl
     assert!(err.contains("rdma"), "{err}");
 }
 
+/// Waits until the server process logs a new connection (a client reconnected to it);
+/// false after a minute without one.
+fn await_connection(s: &Served) -> bool {
+    let t0 = Instant::now();
+    loop {
+        let left = Duration::from_secs(60).saturating_sub(t0.elapsed());
+        match s.lines.recv_timeout(left) {
+            Ok(l) if l.contains("connection from") => return true,
+            Ok(_) => {}
+            Err(_) => return false,
+        }
+    }
+}
+
 #[test]
-fn the_kth_transport_listens_on_the_next_port() {
-    use zcio::transport::multi::nth_addr;
-    assert_eq!(nth_addr("127.0.0.1:7700", 0).unwrap(), "127.0.0.1:7700");
-    assert_eq!(nth_addr("127.0.0.1:7700", 1).unwrap(), "127.0.0.1:7701");
-    assert_eq!(nth_addr("[::1]:0", 1).unwrap(), "[::1]:0");
-    assert!(nth_addr("127.0.0.1:65535", 1).is_err());
+fn zcio_bench_verify_survives_server_restarts_by_sigkill_and_sigterm() {
+    for (sig, rw, mode) in [
+        (Signal::SIGKILL, "randwrite", "zero-copy"),
+        (Signal::SIGKILL, "randread", "direct"),
+        (Signal::SIGTERM, "randwrite", "direct"),
+        (Signal::SIGTERM, "randread", "zero-copy"),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = serve(dir.path(), "127.0.0.1:0", &[]);
+        let addr = s.addr.clone();
+        let bench = zcio()
+            .args([
+                "bench", "--server", &addr, "--verify", "--rw", rw, "--mode", mode,
+            ])
+            .args([
+                "--bs",
+                "64K",
+                "--iodepth",
+                "8",
+                "--size",
+                "4M",
+                "--files",
+                "2",
+            ])
+            .args(["--jobs", "2", "--runtime", "8s"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // The bench's jobs are connected once the server logs three connections (the
+        // setup connection and two jobs).
+        let mut bench = bench;
+        let fail = |bench: &mut Child, what: &str| -> ! {
+            let _ = bench.kill();
+            let mut err = String::new();
+            let _ = std::io::Read::read_to_string(bench.stderr.as_mut().unwrap(), &mut err);
+            panic!("{sig:?} {rw} {mode}: {what}; bench said:\n{err}");
+        };
+        for _ in 0..3 {
+            if !await_connection(&s) {
+                fail(&mut bench, "the bench did not connect");
+            }
+        }
+        for _ in 0..2 {
+            kill(Pid::from_raw(s.child.id() as i32), sig).unwrap();
+            let _ = s.child.wait();
+            s = serve(dir.path(), &addr, &[]);
+            // Both jobs (and the idle setup client, on its next request) come back.
+            for _ in 0..2 {
+                if !await_connection(&s) {
+                    fail(&mut bench, "no client reconnected to the restarted server");
+                }
+            }
+        }
+        let out = bench.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success(),
+            "{sig:?} {rw} {mode}: the bench failed across restarts:\n{err}"
+        );
+        if rw == "randwrite" {
+            assert!(err.contains("verify: every byte"), "{err}");
+        }
+        assert!(
+            err.contains("reconnected"),
+            "{sig:?}: no reconnect logged:\n{err}"
+        );
+        let _ = s.child.kill();
+        let _ = s.child.wait();
+    }
+}
+
+/// A raw TCP client that opens `path` and asks for `count` reads of 1 MiB without ever
+/// reading the replies: the server's replies back up and its workers block on them, so a
+/// drain cannot finish.
+fn stuck_reader(addr: &str, path: &str, count: u64) -> std::net::TcpStream {
+    use std::io::{Read, Write};
+    use zcio::proto::{self, Req, Resp};
+    use zcio_tcp::wire::{Hello, Kind, Prefix, HELLO_LEN, PREFIX_LEN};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    let limits = Config::default().limits;
+    s.write_all(&Hello::from_limits(&limits, 64).encode())
+        .unwrap();
+    let mut h = [0u8; HELLO_LEN];
+    s.read_exact(&mut h).unwrap();
+    let mut call = |id: u64, req: &Req| -> Resp {
+        let header = req.encode();
+        let p = Prefix {
+            kind: Kind::Request,
+            header_len: header.len(),
+            id,
+            payload_len: 0,
+            recv_cap: 0,
+        };
+        s.write_all(&p.encode()).unwrap();
+        s.write_all(&header).unwrap();
+        let mut pb = [0u8; PREFIX_LEN];
+        s.read_exact(&mut pb).unwrap();
+        let p = zcio_tcp::wire::decode_prefix(&pb, Kind::Reply, &limits).unwrap();
+        let mut rh = vec![0u8; p.header_len];
+        s.read_exact(&mut rh).unwrap();
+        proto::decode_reply(req, &rh).unwrap()
+    };
+    call(
+        1,
+        &Req::Hello {
+            version: proto::VERSION,
+            client_nonce: [0; proto::NONCE_LEN],
+        },
+    );
+    let Resp::Open { fh, .. } = call(
+        2,
+        &Req::Open {
+            path: path.into(),
+            flags: OpenFlags::READ,
+            mode: 0,
+        },
+    ) else {
+        panic!("open failed")
+    };
+    for i in 0..count {
+        let header = Req::Read {
+            fh,
+            offset: i << 20,
+            len: 1 << 20,
+        }
+        .encode();
+        let p = Prefix {
+            kind: Kind::Request,
+            header_len: header.len(),
+            id: 10 + i,
+            payload_len: 0,
+            recv_cap: 1 << 20,
+        };
+        s.write_all(&p.encode()).unwrap();
+        s.write_all(&header).unwrap();
+    }
+    s
+}
+
+#[test]
+fn a_second_signal_stops_a_stuck_drain_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::File::create(dir.path().join("big"))
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
+    let mut s = serve(
+        dir.path(),
+        "127.0.0.1:0",
+        &["--set", "server.drain_timeout_ms=600000"],
+    );
+    let _stuck = stuck_reader(&s.addr, "big", 64);
+    let pid = Pid::from_raw(s.child.id() as i32);
+    kill(pid, Signal::SIGTERM).unwrap();
+    let t0 = Instant::now();
+    loop {
+        let l = s
+            .lines
+            .recv_timeout(Duration::from_secs(60))
+            .expect("no shutdown message");
+        if l.contains("shutting down") {
+            break;
+        }
+    }
+    kill(pid, Signal::SIGINT).unwrap();
+    assert_eq!(exit_code(&mut s.child), Some(1));
+    let said: Vec<String> = s.lines.try_iter().collect();
+    assert!(
+        said.iter()
+            .any(|l| l.contains("second SIGINT: stopping now")),
+        "{said:?}"
+    );
+    assert!(!said.iter().any(|l| l.contains("stopped in")), "{said:?}");
+    // Far inside the 10-minute drain deadline.
+    assert!(t0.elapsed() < Duration::from_secs(120));
+}
+
+/// A transport called `rdma` that is available but finds nothing at the server's address
+/// for it: TCP to a port where nobody listens (what an RDMA client meets at a server that
+/// does not offer RDMA, seen from the fallback's side).
+struct NotOffered(u16);
+
+impl zcio::transport::Transport for NotOffered {
+    fn name(&self) -> &'static str {
+        "rdma"
+    }
+    fn check_available(&self, _: &Config) -> zcio::Result<()> {
+        Ok(())
+    }
+    fn connect(
+        &self,
+        cfg: &Config,
+        pool: &Pool,
+    ) -> zcio::Result<Box<dyn zcio::transport::ClientConn>> {
+        let mut c = cfg.clone();
+        c.client.connect = format!("127.0.0.1:{}", self.0);
+        zcio_tcp::TcpTransport.connect(&c, pool)
+    }
+    fn listen(&self, _: &Config, _: &Pool) -> zcio::Result<Box<dyn zcio::transport::Listener>> {
+        Err(Error::InvalidArgument("not a server transport".into()))
+    }
+}
+
+#[test]
+fn a_transport_the_server_does_not_offer_falls_back_too_but_not_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("f"), b"offered").unwrap();
+    let mut s = serve(dir.path(), "127.0.0.1:0", &[]);
+    // A port with nobody listening.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut reg = zcio::transport::Registry::new();
+    zcio_tcp::register(&mut reg);
+    reg.register(Arc::new(NotOffered(closed)));
+    let mut cfg = client_cfg(&s.addr);
+    cfg.transport = "rdma".into();
+    cfg.more_transports = vec!["tcp".into()];
+    let c = Client::connect_with(&cfg, &reg).unwrap();
+    assert_eq!(c.transport(), Some("tcp"));
+    let why = c.fallback_reason().unwrap();
+    assert!(
+        why.contains("rdma could not connect") && why.contains("may not offer it"),
+        "{why}"
+    );
+    let mut buf = [0u8; 7];
+    c.open("f", OpenFlags::READ)
+        .unwrap()
+        .pread(&mut buf, 0)
+        .unwrap();
+    assert_eq!(&buf, b"offered");
+    // Alone, the same transport is strict: its own error, no fallback.
+    cfg.more_transports.clear();
+    assert!(Client::connect_with(&cfg, &reg).is_err());
+    let _ = s.child.kill();
+    let _ = s.child.wait();
+}
+
+#[test]
+fn keepalive_notices_a_silent_server_while_the_client_is_idle() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("f"), b"x").unwrap();
+    let mut s = serve(dir.path(), "127.0.0.1:0", &[]);
+    let mut cfg = client_cfg(&s.addr);
+    cfg.client.reconnect = false;
+    cfg.client.keepalive = Some(Duration::from_millis(100));
+    cfg.client.timeout = Duration::from_millis(500);
+    let c = Client::connect_shared(
+        &cfg,
+        Arc::new(zcio_tcp::TcpTransport),
+        Pool::new(&cfg.pool).unwrap(),
+    )
+    .unwrap();
+    let f = c.open("f", OpenFlags::READ).unwrap();
+    // The server stops answering (alive, connection open: no reset tells the client).
+    let pid = Pid::from_raw(s.child.id() as i32);
+    kill(pid, Signal::SIGSTOP).unwrap();
+    // Idle for longer than keepalive + timeout (the bound): the point of the test.
+    std::thread::sleep(Duration::from_millis(2000));
+    let e = f.pread(&mut [0u8; 1], 0).unwrap_err();
+    kill(pid, Signal::SIGCONT).unwrap();
+    // The keepalive's ping found the server silent and ended the connection, so this
+    // request fails at once as closed; without it, this request would have waited for
+    // its own timeout (Error::Timeout).
+    assert!(
+        matches!(&e, Error::ConnectionClosed(m) if m.contains("no reply within client.timeout")),
+        "{e:?}"
+    );
+    let _ = s.child.kill();
+    let _ = s.child.wait();
 }

@@ -92,6 +92,10 @@ impl FileState {
         self.fh.load(Ordering::Acquire)
     }
 
+    pub(crate) fn set_fh(&self, fh: u64) {
+        self.fh.store(fh, Ordering::Release);
+    }
+
     pub(crate) fn is_stale(&self) -> bool {
         lock(&self.stale).is_some()
     }
@@ -191,10 +195,25 @@ impl Link {
     }
 
     /// Remembers an open file, to reopen it after a reconnect.
-    pub(crate) fn track(&self, f: &Arc<FileState>) {
+    /// Remembers an open file opened on connection generation `gen`, to reopen it after a
+    /// reconnect; false (and not remembered) when the connection has been replaced since,
+    /// so that the file's handle belongs to a connection that is gone. A reconnect holds
+    /// the list from its look at it until the new connection is in place, so a file is
+    /// either reopened by it or refused here.
+    pub(crate) fn track(&self, f: &Arc<FileState>, gen: u64) -> bool {
         let mut files = lock(&self.files);
+        if self.gen() != gen {
+            return false;
+        }
         files.retain(|w| w.strong_count() > 0);
         files.push(Arc::downgrade(f));
+        true
+    }
+
+    /// The flags a file is opened with again: never creating, truncating or failing
+    /// because it exists.
+    pub(crate) fn reopen_flags(flags: OpenFlags) -> OpenFlags {
+        OpenFlags(flags.0 & !(OpenFlags::CREATE.0 | OpenFlags::TRUNCATE.0 | OpenFlags::EXCL.0))
     }
 
     /// Replaces the connection of generation `seen` (which failed with `why`) by a new
@@ -218,7 +237,9 @@ impl Link {
         let mut attempts = 0u32;
         loop {
             attempts += 1;
-            match self.dial_and_reopen(how) {
+            // Held until the new connection is in place (see `track`).
+            let files = lock(&self.files);
+            match self.dial_and_reopen(how, &files) {
                 Ok(conn) => {
                     let mut c = self.cur.write().unwrap_or_else(|p| p.into_inner());
                     c.conn = Arc::from(conn);
@@ -244,24 +265,26 @@ impl Link {
                     tracing::debug!("reconnect attempt {attempts} failed: {e}");
                 }
             }
+            drop(files);
             std::thread::sleep(delay);
             delay = (delay * 2).min(how.cfg.client.reconnect_max_delay);
         }
     }
 
     /// One attempt: connect, hello and auth, reopen the open files.
-    fn dial_and_reopen(&self, how: &Redial) -> Result<Box<dyn ClientConn>> {
+    fn dial_and_reopen(
+        &self,
+        how: &Redial,
+        files: &[Weak<FileState>],
+    ) -> Result<Box<dyn ClientConn>> {
         let conn = how.transport.connect(&how.cfg, &how.pool)?;
         super::handshake(&how.cfg, conn.as_ref())?;
-        let files: Vec<Arc<FileState>> =
-            lock(&self.files).iter().filter_map(Weak::upgrade).collect();
+        let files: Vec<Arc<FileState>> = files.iter().filter_map(Weak::upgrade).collect();
         for f in files {
             if f.is_stale() {
                 continue;
             }
-            let flags = OpenFlags(
-                f.flags.0 & !(OpenFlags::CREATE.0 | OpenFlags::TRUNCATE.0 | OpenFlags::EXCL.0),
-            );
+            let flags = Link::reopen_flags(f.flags);
             let req = Req::Open {
                 path: f.path.clone(),
                 flags,
@@ -270,6 +293,18 @@ impl Link {
             match super::call_on(conn.as_ref(), &req) {
                 Ok(Resp::Open { fh, .. }) => f.fh.store(fh, Ordering::Release),
                 Ok(r) => return Err(Error::decode("open reply", format!("{r:?}"))),
+                // A server shutting down or short of resources: try the whole attempt
+                // again later rather than give the file up.
+                Err(e @ Error::Remote { code, .. })
+                    if not_executed(&e)
+                        || code == Status::Busy as u32
+                        || code == Status::Limit as u32 =>
+                {
+                    return Err(Error::ConnectionClosed(format!(
+                        "reopening {:?}: {e}",
+                        f.path
+                    )))
+                }
                 Err(e @ Error::Remote { .. }) => {
                     tracing::warn!("{:?} could not be reopened after reconnecting: {e}", f.path);
                     *lock(&f.stale) = Some(format!(
@@ -336,6 +371,35 @@ pub(crate) fn dial_list(cfg: &Config, registry: &Registry, pool: &Pool) -> Resul
         "no transport of {names:?} could connect: {}",
         skipped.join("; ")
     )))
+}
+
+/// A first connection: `attempt` connects (setting `chosen` once a transport connected)
+/// and says hello. When the connection fails *after* a transport connected (the server
+/// went away during hello), it is tried again like a reconnect: with backoff, keeping to
+/// that transport, within `client.reconnect_give_up_ms` (when `client.reconnect` is on).
+/// A server that cannot be reached at all fails at once.
+pub(crate) fn first_connect(
+    cfg: &Config,
+    mut attempt: impl FnMut(&mut Option<Arc<dyn Transport>>) -> Result<super::Client>,
+) -> Result<super::Client> {
+    let mut chosen = None;
+    let t0 = Instant::now();
+    let mut delay = FIRST_DELAY;
+    loop {
+        match attempt(&mut chosen) {
+            Err(e)
+                if cfg.client.reconnect
+                    && chosen.is_some()
+                    && (is_lost(&e) || matches!(e, Error::Io { .. }))
+                    && t0.elapsed() + delay <= cfg.client.reconnect_give_up =>
+            {
+                tracing::debug!("connecting again after: {e}");
+                std::thread::sleep(delay);
+                delay = (delay * 2).min(cfg.client.reconnect_max_delay);
+            }
+            r => return r,
+        }
+    }
 }
 
 /// Starts the keepalive thread of a client (see the module docs); it ends soon after the

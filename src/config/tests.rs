@@ -332,3 +332,35 @@ fn hardening_keys_parse_and_round_trip() {
         assert!(Config::parse(bad).is_err(), "{bad}");
     }
 }
+
+#[test]
+fn transport_lists_and_lifecycle_keys() {
+    let c = Config::parse(r#"transport = ["rdma", "tcp"]"#).unwrap();
+    assert_eq!(c.transport_list(), ["rdma", "tcp"]);
+    assert_eq!(Config::parse(&c.to_toml()).unwrap(), c);
+    let c = Config::parse(r#"transports = ["tcp"]"#).unwrap();
+    assert_eq!(c.transport_list(), ["tcp"]);
+    assert!(c.more_transports.is_empty());
+    for bad in [
+        r#"transport = []"#,
+        r#"transport = ["tcp", "tcp"]"#,
+        r#"transport = ["tcp", "no way"]"#,
+        "transport = \"tcp\"\ntransports = [\"rdma\"]",
+        r#"transport = ["a", "b", "c", "d", "e", "f", "g", "h", "i"]"#,
+        "[client]\nkeepalive_ms = -1",
+        "[client]\nreconnect_max_delay_ms = 0",
+        "[server]\ndrain_timeout_ms = -5",
+    ] {
+        assert!(Config::parse(bad).is_err(), "accepted: {bad}");
+    }
+    let c = Config::parse(
+        "[server]\ndrain_timeout_ms = 250\n[client]\nkeepalive_ms = 0\nreconnect = false\nreconnect_max_delay_ms = 50\nreconnect_give_up_ms = 700",
+    )
+    .unwrap();
+    assert_eq!(c.server.drain_timeout, Duration::from_millis(250));
+    assert_eq!(c.client.keepalive, None);
+    assert!(!c.client.reconnect);
+    assert_eq!(c.client.reconnect_max_delay, Duration::from_millis(50));
+    assert_eq!(c.client.reconnect_give_up, Duration::from_millis(700));
+    assert_eq!(Config::parse(&c.to_toml()).unwrap(), c);
+}

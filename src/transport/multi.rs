@@ -110,3 +110,17 @@ impl Listener for MultiListener {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::nth_addr;
+
+    #[test]
+    fn the_kth_transport_listens_on_the_next_port() {
+        assert_eq!(nth_addr("127.0.0.1:7700", 0).unwrap(), "127.0.0.1:7700");
+        assert_eq!(nth_addr("127.0.0.1:7700", 1).unwrap(), "127.0.0.1:7701");
+        assert_eq!(nth_addr("[::1]:0", 1).unwrap(), "[::1]:0");
+        assert!(nth_addr("127.0.0.1:65535", 1).is_err());
+        assert!(nth_addr("nowhere", 1).is_err());
+    }
+}
