@@ -934,9 +934,12 @@ fn handle_with(job: Job, scratch: &mut Scratch) {
         }
         None => conn.replier.reply(id, &header, &payload),
     };
-    if let Err(e) = sent {
-        tracing::debug!("reply to {} failed: {e}", conn.peer);
-        conn.replier.close();
+    match sent {
+        Ok(()) => tracing::debug!("replied"),
+        Err(e) => {
+            tracing::debug!("reply to {} failed: {e}", conn.peer);
+            conn.replier.close();
+        }
     }
     shared.replied.fetch_add(1, Ordering::SeqCst);
     // Keep the vectors for the next request: the buffers go back to the pool now.
