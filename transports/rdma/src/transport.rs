@@ -189,6 +189,7 @@
 //! pairs.
 
 pub mod bootstrap;
+pub mod lane;
 pub mod msg;
 pub mod plan;
 

@@ -43,10 +43,11 @@ use super::bootstrap::{Hello, Role, HELLO_LEN, MAX_CREDITS, MAX_QUEUE_PAIRS};
 use super::conn::{
     buf_sge, chain, connection_limits, control_bytes, control_pool, create_qp, describe_failure,
     exchange_ready, msg_limits, post_recv_buf, qp_inline, recv_exact, round_page, send_all,
-    spawn_conn_thread, tick_for, wr_id, wr_parts, ConnCore, Poller, QpSizes, SendQueue, KIND_RECV,
-    KIND_SEND,
+    spawn_conn_thread, tick_for, wr_id, wr_parts, LaneEvents, Poller, QpSizes, SendQueue,
+    KIND_RECV, KIND_SEND,
 };
 use super::device::{device, register_err, registrar_id, Device, Side};
+use super::lane::client::{sq_depth, ClientLane};
 use super::msg::{
     decode_reply, encode_request, max_request_len, reply_len, request_len, Desc, MsgLimits,
     RequestHead, DESC_LEN, REQUEST_FIXED,
@@ -54,7 +55,8 @@ use super::msg::{
 use super::plan::push_desc;
 use super::{bootstrap_err, handshake_io_err, lock, memlock_err, rdma_err, Faults, MAX_INLINE};
 use crate::verbs::{
-    check_memlock, Completion, CompletionQueue, MemoryRegion, MrAccess, ProtectionDomain, QueuePair,
+    check_memlock, CompletionQueue, MemoryRegion, MrAccess, ProtectionDomain, QueuePair,
+    WorkCompletion,
 };
 
 /// A run of small receive segments bounced through one pool buffer.
@@ -112,13 +114,11 @@ struct InFlight {
     scratch: Scratch,
 }
 
-/// One credit.
+/// One credit's data; whether it is taken is [`ClientLane`]'s. A slot (and its message
+/// buffer) is free again once the reply is in: the server could only reply after the whole
+/// request message reached it, so the device is done reading the buffer, whether or not the
+/// SEND's completion (usually unsignaled) has been seen.
 struct Slot {
-    /// Taken by a `start` or in use by a request. A slot (and its message buffer) is free
-    /// again once the reply is in: the server could only reply after the whole request
-    /// message reached it, so the device is done reading the buffer, whether or not the
-    /// SEND's completion (usually unsignaled) has been seen.
-    busy: bool,
     /// The private message buffer (lent out while a request is being prepared).
     msg: Option<IobufMut>,
     /// Working storage (lent out while a request is prepared or completed).
@@ -126,25 +126,23 @@ struct Slot {
     req: Option<InFlight>,
 }
 
-struct State {
+struct LaneState {
     dead: Option<String>,
     /// Destroyed (set to `None`) first thing when the connection fails.
     qp: Option<QueuePair>,
     recv: Vec<Option<IobufMut>>,
     slots: Vec<Slot>,
-    free: Vec<usize>,
-    next_seq: u64,
+    /// Which slots are taken, the ids in flight, which SENDs are signaled.
+    requests: ClientLane,
     sq: SendQueue,
-    /// SENDs posted unsignaled since the last signaled one.
-    unsignaled: usize,
     /// Threads in `start` waiting for send-queue room.
     room_waiters: usize,
-    /// Where requests complete, reused (see [`State::completion`]).
+    /// Where requests complete, reused (see [`LaneState::completion`]).
     cells: Vec<CompletionCell<Reply>>,
     next_cell: usize,
 }
 
-impl State {
+impl LaneState {
     /// A completion pair for a new request, on the next cell that nothing holds any more.
     /// Cells are not tied to slots: a slot is free again as soon as its reply is in, which
     /// may be before the caller has waited on (and let go of) that request's [`Pending`].
@@ -167,26 +165,11 @@ impl State {
     }
 }
 
-/// The client's send-queue depth for `credits` requests in flight. Most request SENDs are
-/// posted unsignaled (one completion, one wake-up of the connection thread, less per
-/// request), and an unsignaled SEND keeps its entry until a later signaled one's completion
-/// is seen: twice the credits leaves room for a window of those behind the requests in
-/// flight.
-fn sq_depth(credits: usize) -> usize {
-    2 * credits + 1
-}
-
-/// Whether the next request SEND is signaled: one in every `credits`, and every one once
-/// the send queue is half full, so that a completion that frees room is always on its way.
-fn signal_send(unsignaled: usize, credits: usize, room_after: usize) -> bool {
-    unsignaled + 1 >= credits || room_after <= credits
-}
-
 /// A completion to deliver once the lock is released.
 type Done = (Completer<Reply>, Result<Reply>);
 
-struct Core {
-    state: Mutex<State>,
+struct Lane {
+    state: Mutex<LaneState>,
     /// Signalled when a slot frees up or the connection dies.
     cond: Condvar,
     /// Signalled when send-queue room frees up (and there are waiters) or the connection
@@ -239,8 +222,8 @@ impl Ended {
 }
 
 /// One queue pair of a client connection.
-struct Lane {
-    core: Arc<Core>,
+struct LaneHandle {
+    lane: Arc<Lane>,
     /// The queue pair's thread (completions and liveness); it ends soon after the
     /// connection fails (the socket is shut down, which wakes it).
     thread: Option<JoinHandle<()>>,
@@ -249,7 +232,7 @@ struct Lane {
 /// A client connection (see the module documentation): one or more queue pairs, each with
 /// its own slots, completion queue and thread; a request goes to the least busy one.
 pub(crate) struct RdmaClientConn {
-    lanes: Vec<Lane>,
+    lanes: Vec<LaneHandle>,
     limits: Limits,
     /// Where the search for the least busy queue pair starts (round robin among equals).
     next: AtomicUsize,
@@ -338,9 +321,9 @@ pub(crate) fn connect(faults: Faults, cfg: &Config, pool: &Pool) -> Result<RdmaC
 
     let limits = connection_limits(first_limits, lanes[1..].iter().map(|l| l.limits));
     let ended = Arc::new(Ended::default());
-    let mut cores = Vec::with_capacity(lanes.len());
+    let mut running = Vec::with_capacity(lanes.len());
     for l in lanes {
-        let ClientLane {
+        let OpenedLane {
             qp,
             cq,
             recv,
@@ -354,23 +337,20 @@ pub(crate) fn connect(faults: Faults, cfg: &Config, pool: &Pool) -> Result<RdmaC
         let mut slots = Vec::with_capacity(credits);
         for _ in 0..credits {
             slots.push(Slot {
-                busy: false,
                 msg: Some(ctl.get_control(req_size)?),
                 scratch: Some(Scratch::with_capacity(limits.max_segments)),
                 req: None,
             });
         }
         let max_inline_send = qp.caps().max_inline_data as usize;
-        cores.push(Arc::new(Core {
-            state: Mutex::new(State {
+        running.push(Arc::new(Lane {
+            state: Mutex::new(LaneState {
                 dead: None,
                 qp: Some(qp),
                 recv,
                 slots,
-                free: (0..credits).rev().collect(),
-                next_seq: 1,
+                requests: ClientLane::new(credits),
                 sq: SendQueue::new(sq_depth(credits), 0),
-                unsignaled: 0,
                 room_waiters: 0,
                 cells: (0..2 * credits).map(|_| CompletionCell::new()).collect(),
                 next_cell: 0,
@@ -400,21 +380,21 @@ pub(crate) fn connect(faults: Faults, cfg: &Config, pool: &Pool) -> Result<RdmaC
         }));
     }
     let mut conn = RdmaClientConn {
-        lanes: Vec::with_capacity(cores.len()),
+        lanes: Vec::with_capacity(running.len()),
         limits,
         next: AtomicUsize::new(0),
         peer: peer.clone(),
     };
-    for (i, core) in cores.into_iter().enumerate() {
+    for (i, lane) in running.into_iter().enumerate() {
         let live_sock = sock.try_clone().map_err(setup)?;
         let thread = spawn_conn_thread(
-            core.clone(),
-            core.poller.clone(),
+            lane.clone(),
+            lane.poller.clone(),
             tick_for(timeout),
             live_sock,
             &format!("zcio-rdma-cli{i}"),
         );
-        conn.lanes.push(Lane { core, thread: None });
+        conn.lanes.push(LaneHandle { lane, thread: None });
         match thread {
             Ok(t) => conn.lanes[i].thread = Some(t),
             // Dropping `conn` closes the queue pairs set up so far.
@@ -452,7 +432,7 @@ impl LaneParams {
 }
 
 /// One queue pair of a connection being set up, connected.
-struct ClientLane {
+struct OpenedLane {
     // Field order is drop order: the queue pair goes before the buffers it may write into.
     qp: QueuePair,
     cq: CompletionQueue,
@@ -476,7 +456,7 @@ fn open_lane(
     n: u8,
     peer: &str,
     hs: &dyn Fn(std::io::Error) -> Error,
-) -> Result<ClientLane> {
+) -> Result<OpenedLane> {
     let ctl = control_pool(&p.classes())?;
     let ctl_reg = registrar_id(dev, &ctl, Side::Control)?;
     let reply_size = p.reply_size();
@@ -535,7 +515,7 @@ fn open_lane(
     qp.connect(&theirs.endpoint)
         .map_err(|e| rdma_err(format!("connecting the queue pair to {peer}"), e))?;
     tracing::debug!(%peer, local = %qp.local_endpoint(), remote = %theirs.endpoint, "rdma queue pair connected");
-    Ok(ClientLane {
+    Ok(OpenedLane {
         qp,
         cq,
         recv,
@@ -559,8 +539,8 @@ fn send_ptr(s: &SendSeg) -> *const u8 {
     s.as_slice().as_ptr()
 }
 
-impl Core {
-    fn lock(&self) -> MutexGuard<'_, State> {
+impl Lane {
+    fn lock(&self) -> MutexGuard<'_, LaneState> {
         lock(&self.state)
     }
 
@@ -570,7 +550,7 @@ impl Core {
             .saturating_sub(self.busy.load(Ordering::Relaxed))
     }
 
-    fn closed_err(&self, st: &State) -> Error {
+    fn closed_err(&self, st: &LaneState) -> Error {
         Error::ConnectionClosed(st.dead.clone().unwrap_or_default())
     }
 
@@ -582,10 +562,9 @@ impl Core {
             if st.dead.is_some() {
                 return Err(self.closed_err(&st));
             }
-            if let Some(i) = st.free.pop() {
+            if let Some(i) = st.requests.acquire() {
                 let slot = &mut st.slots[i];
                 if let (Some(scratch), Some(msg)) = (slot.scratch.take(), slot.msg.take()) {
-                    slot.busy = true;
                     self.busy.fetch_add(1, Ordering::Relaxed);
                     return Ok((i, scratch, msg));
                 }
@@ -612,7 +591,7 @@ impl Core {
                 Some(deadline),
             );
             st = self.lock();
-            if !st.free.is_empty() || st.dead.is_some() {
+            if st.requests.free_slots() > 0 || st.dead.is_some() {
                 continue;
             }
             let now = Instant::now();
@@ -633,11 +612,17 @@ impl Core {
         let slot = &mut st.slots[i];
         slot.scratch = Some(scratch);
         slot.msg = Some(msg);
-        slot.busy = false;
-        st.free.push(i);
+        let refused = st.requests.release(i);
+        let done = match refused {
+            Ok(()) => Vec::new(),
+            Err(e) => self.fail_locked(&mut st, e.to_string(), None),
+        };
         drop(st);
         self.busy.fetch_sub(1, Ordering::Relaxed);
         self.cond.notify_one();
+        if refused.is_err() {
+            self.finish_fail(done);
+        }
     }
 
     fn register(&self, ptr: *mut u8, len: usize, access: MrAccess) -> Result<MemoryRegion> {
@@ -892,7 +877,7 @@ impl Core {
     /// flight out; the caller completes them once the lock is released.
     fn fail_locked(
         &self,
-        st: &mut State,
+        st: &mut LaneState,
         reason: String,
         mut culprit: Option<(u64, Error)>,
     ) -> Vec<Done> {
@@ -909,6 +894,7 @@ impl Core {
             *r = None;
         }
         st.sq.clear();
+        st.requests.fail();
         let mut done = Vec::new();
         for slot in st.slots.iter_mut() {
             if let Some(f) = slot.req.take() {
@@ -953,14 +939,8 @@ impl Core {
             send,
             mut recv,
         } = req;
-        let seq = {
-            let mut st = self.lock();
-            let s = st.next_seq;
-            // Ids stay below 2^56: the server keeps the top byte for itself.
-            st.next_seq = (st.next_seq + 1) & ((1 << 40) - 1);
-            s
-        };
-        let id = (seq << 16) | i as u64;
+        // Ids stay below 2^56: the server keeps the top byte for itself.
+        let id = self.lock().requests.next_id(i);
         let (msg_len, recv_cap) =
             match self.prepare(id, &header, &send, &mut recv, &mut scratch, &mut msg) {
                 Ok(v) => v,
@@ -995,9 +975,7 @@ impl Core {
         let sge = buf_sge(&msg, msg_len, self.ctl_reg);
         let st = &mut *st;
         let sq_seq = st.sq.next_seq();
-        let credits = self.limits.max_in_flight;
-        let signaled = signal_send(st.unsignaled, credits, st.sq.room());
-        st.unsignaled = if signaled { 0 } else { st.unsignaled + 1 };
+        let signaled = st.requests.signal_next(st.sq.room());
         let wr = wr_id(KIND_SEND, i, sq_seq);
         let posted = match (&st.qp, sge) {
             (Some(qp), _) if inline && signaled => qp.post_send_inline(wr, &[&msg[..msg_len]]),
@@ -1018,12 +996,17 @@ impl Core {
             started: Instant::now(),
             scratch,
         });
-        if let Err(e) = posted {
-            let done = self.fail_locked(
-                st,
-                format!("posting a request to {} failed: {}", self.peer, chain(&e)),
-                None,
-            );
+        let failed = match (posted, st.requests.sent(i, id)) {
+            (Err(e), _) => Some(format!(
+                "posting a request to {} failed: {}",
+                self.peer,
+                chain(&e)
+            )),
+            (Ok(()), Err(e)) => Some(e.to_string()),
+            (Ok(()), Ok(())) => None,
+        };
+        if let Some(reason) = failed {
+            let done = self.fail_locked(st, reason, None);
             self.finish_fail(done);
         }
         Ok(pending)
@@ -1083,76 +1066,66 @@ impl Core {
             inline_bytes[..b.len()].copy_from_slice(b);
             b.len()
         });
-        let slot = (id & 0xffff) as usize;
         let taken = {
             let mut st = self.lock();
             if st.dead.is_some() {
                 return;
             }
             let st = &mut *st;
-            let ok = st
-                .slots
-                .get(slot)
-                .and_then(|s| s.req.as_ref())
-                .is_some_and(|f| f.id == id);
-            if !ok {
-                let r = self.violation(format!(
-                    "a reply for request id {id}, which is not in flight"
-                ));
-                let done = self.fail_locked(st, r, None);
-                drop(buf);
-                Err(done)
-            } else {
-                let mut f = st.slots[slot].req.take();
-                if let Some(f) = f.as_mut() {
-                    // Into the request's header buffer: no allocation for a reply header
-                    // no longer than the request's.
-                    f.header.clear();
-                    f.header.extend_from_slice(view.header);
+            match st.requests.reply_arrived(id) {
+                Err(v) => {
+                    let r = self.violation(v.to_string());
+                    let done = self.fail_locked(st, r, None);
+                    drop(buf);
+                    Err(done)
                 }
-                // Repost first: the server may send the next reply as soon as the client
-                // knows this one arrived.
-                let posted = match &st.qp {
-                    Some(qp) => post_recv_buf(qp, ri, &buf, self.ctl_reg),
-                    None => Ok(()),
-                };
-                st.recv[ri] = Some(buf);
-                match posted {
-                    Ok(()) => Ok(f),
-                    Err(e) => {
-                        let mut done =
-                            self.fail_locked(st, format!("reposting a receive: {e}"), None);
-                        if let Some(f) = f {
-                            done.push((f.completer, Err(Error::ConnectionClosed(e))));
+                Ok(slot) => {
+                    let mut f = st.slots[slot].req.take();
+                    if let Some(f) = f.as_mut() {
+                        // Into the request's header buffer: no allocation for a reply header
+                        // no longer than the request's.
+                        f.header.clear();
+                        f.header.extend_from_slice(view.header);
+                    }
+                    // Repost first: the server may send the next reply as soon as the client
+                    // knows this one arrived.
+                    let posted = match &st.qp {
+                        Some(qp) => post_recv_buf(qp, ri, &buf, self.ctl_reg),
+                        None => Ok(()),
+                    };
+                    st.recv[ri] = Some(buf);
+                    match posted {
+                        Ok(()) => Ok((slot, f)),
+                        Err(e) => {
+                            let mut done =
+                                self.fail_locked(st, format!("reposting a receive: {e}"), None);
+                            if let Some(f) = f {
+                                done.push((f.completer, Err(Error::ConnectionClosed(e))));
+                            }
+                            Err(done)
                         }
-                        Err(done)
                     }
                 }
             }
         };
-        let mut f = match taken {
-            Ok(Some(f)) => f,
-            Ok(None) => return,
+        let (slot, mut f) = match taken {
+            Ok((slot, Some(f))) => (slot, f),
+            Ok((_, None)) => return,
             Err(done) => {
                 self.finish_fail(done);
                 return;
             }
         };
         // Check the reply against what the request offered.
-        let bad = if payload_len > f.recv_cap {
-            Some(format!(
-                "reply {id} carries {payload_len} payload bytes, the request has room for {}",
-                f.recv_cap
-            ))
-        } else if inline_len.is_none() && payload_len > 0 && f.scratch.recv_descs.is_empty() {
-            Some(format!(
-                "reply {id} claims {payload_len} bytes written, but the request offered none"
-            ))
-        } else {
-            None
-        };
-        if let Some(why) = bad {
-            let reason = self.violation(why);
+        let checked = ClientLane::check_reply(
+            id,
+            payload_len,
+            inline_len.is_some(),
+            f.recv_cap,
+            !f.scratch.recv_descs.is_empty(),
+        );
+        if let Err(why) = checked {
+            let reason = self.violation(why.to_string());
             let mut done = {
                 let mut st = self.lock();
                 self.fail_locked(&mut st, reason.clone(), None)
@@ -1186,11 +1159,8 @@ impl Core {
         }));
         let mut guard = self.lock();
         let st = &mut *guard;
-        let s = &mut st.slots[slot];
-        s.scratch = Some(scratch);
-        if s.busy && st.dead.is_none() {
-            s.busy = false;
-            st.free.push(slot);
+        st.slots[slot].scratch = Some(scratch);
+        if st.dead.is_none() && st.requests.reply_done(slot) {
             drop(guard);
             self.busy.fetch_sub(1, Ordering::Relaxed);
             self.cond.notify_one();
@@ -1221,7 +1191,7 @@ fn copy_out(recv: &mut [RecvSeg], bounces: &[RecvBounce], payload_len: usize) {
     }
 }
 
-impl Progress for Core {
+impl Progress for Lane {
     /// A thread waiting for its reply takes it off the completion channel itself (see
     /// [`Poller`]).
     fn progress(&self, done: &dyn Fn() -> bool, deadline: Option<Instant>) {
@@ -1233,8 +1203,8 @@ impl Progress for Core {
     }
 }
 
-impl ConnCore for Core {
-    fn on_completion(&self, c: &Completion) {
+impl LaneEvents for Lane {
+    fn on_completion(&self, c: &WorkCompletion) {
         let (kind, slot, seq) = wr_parts(c.wr_id);
         if !c.is_success() {
             if self.dead.load(Ordering::SeqCst) {
@@ -1308,13 +1278,13 @@ impl ConnCore for Core {
 
 impl RdmaClientConn {
     /// The queue pair with the fewest slots taken, looking from the next in turn.
-    fn pick(&self) -> &Arc<Core> {
+    fn pick(&self) -> &Arc<Lane> {
         let n = self.lanes.len();
         let from = self.next.fetch_add(1, Ordering::Relaxed) % n;
-        let mut best = &self.lanes[from].core;
+        let mut best = &self.lanes[from].lane;
         let mut best_free = best.free_slots();
         for k in 1..n {
-            let c = &self.lanes[(from + k) % n].core;
+            let c = &self.lanes[(from + k) % n].lane;
             let f = c.free_slots();
             if f > best_free {
                 best = c;
@@ -1331,19 +1301,19 @@ impl ClientConn for RdmaClientConn {
     }
 
     fn start(&self, req: Request) -> Result<Pending<Reply>> {
-        let core = self.pick();
-        if core.ended.yes.load(Ordering::SeqCst) {
+        let lane = self.pick();
+        if lane.ended.yes.load(Ordering::SeqCst) {
             return Err(Error::ConnectionClosed(
-                core.ended.reason().unwrap_or_default(),
+                lane.ended.reason().unwrap_or_default(),
             ));
         }
-        Core::start(core, req)
+        Lane::start(lane, req)
     }
 
     fn close(&self) {
         let reason = format!("the connection to {} was closed by this client", self.peer);
         for l in &self.lanes {
-            l.core.fail(reason.clone(), None);
+            l.lane.fail(reason.clone(), None);
         }
     }
 

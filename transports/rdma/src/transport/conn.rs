@@ -12,6 +12,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
+use nix::poll::{PollFd, PollFlags};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use nix::sys::socket::{send, MsgFlags};
 use zcio::config::RdmaConfig;
@@ -24,7 +25,8 @@ use super::device::Device;
 use super::msg::MsgLimits;
 use super::rdma_err;
 use crate::verbs::{
-    poll_timeout_ms, Completion, CompletionQueue, CqMode, QpConfig, QueuePair, Sge, WcStatus,
+    is_ready, poll_fds, poll_timeout_ms, CompletionQueue, CqMode, QpConfig, QueuePair, Sge,
+    WcStatus, WorkCompletion,
 };
 use crate::RdmaError;
 
@@ -385,9 +387,9 @@ pub(crate) fn tick_for(d: Duration) -> Duration {
 }
 
 /// What a connection's thread calls back into.
-pub(crate) trait ConnCore: Send + Sync + 'static {
+pub(crate) trait LaneEvents: Send + Sync + 'static {
     /// Handles one work completion.
-    fn on_completion(&self, c: &Completion);
+    fn on_completion(&self, c: &WorkCompletion);
     /// Periodic checks (timeouts); also called after every batch of completions.
     fn on_tick(&self);
     /// True once the connection has failed or closed: the thread ends.
@@ -480,15 +482,15 @@ impl Poller {
         !self.spin.is_zero()
     }
 
-    /// Takes the available completions (a batch) and hands each to `core`, under the lock.
+    /// Takes the available completions (a batch) and hands each to `lane`, under the lock.
     /// Returns how many. Lock order: this lock, then the connection's state lock (which
     /// `on_completion` takes); never the other way round.
-    pub(crate) fn drain<C: ConnCore + ?Sized>(&self, core: &C) -> Result<usize, RdmaError> {
+    pub(crate) fn drain<C: LaneEvents + ?Sized>(&self, lane: &C) -> Result<usize, RdmaError> {
         let _g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
-        let mut out = [Completion::EMPTY; 16];
+        let mut out = [WorkCompletion::EMPTY; 16];
         let n = self.cq.poll(&mut out)?;
         for c in &out[..n] {
-            core.on_completion(c);
+            lane.on_completion(c);
         }
         drop(_g);
         if n > 0 {
@@ -500,13 +502,13 @@ impl Poller {
     /// Polls (and handles) completions on this thread until `done()` or `rdma.spin_us` has
     /// passed; at once if spinning is off. Errors are left to the connection thread, which
     /// sees them too.
-    pub(crate) fn spin<C: ConnCore + ?Sized>(&self, core: &C, done: &dyn Fn() -> bool) {
+    pub(crate) fn spin<C: LaneEvents + ?Sized>(&self, lane: &C, done: &dyn Fn() -> bool) {
         if self.spin.is_zero() {
             return;
         }
         let deadline = Instant::now() + self.spin;
-        while !done() && !core.is_dead() {
-            if self.drain(core).is_err() || Instant::now() >= deadline {
+        while !done() && !lane.is_dead() {
+            if self.drain(lane).is_err() || Instant::now() >= deadline {
                 return;
             }
             std::hint::spin_loop();
@@ -540,13 +542,13 @@ impl Poller {
     /// it returns without `done()`, the connection thread is in the background mode, so
     /// the caller can block on its own wake-up. In [`crate::verbs::CqMode::BusyPoll`] the
     /// connection thread spins on the queue anyway: then this only spins.
-    pub(crate) fn wait<C: ConnCore + ?Sized>(
+    pub(crate) fn wait<C: LaneEvents + ?Sized>(
         &self,
-        core: &C,
+        lane: &C,
         done: &dyn Fn() -> bool,
         deadline: Option<Instant>,
     ) {
-        self.spin(core, done);
+        self.spin(lane, done);
         if self.cq.event_fd().is_none() {
             return;
         }
@@ -557,7 +559,7 @@ impl Poller {
             if done() && !over() {
                 return;
             }
-            if st.ended || core.is_dead() || over() {
+            if st.ended || lane.is_dead() || over() {
                 drop(st);
                 self.background(false);
                 return;
@@ -569,7 +571,7 @@ impl Poller {
                 // may wake both of us once, and if it takes ours, it wakes us (`wake`).
                 self.leave_channel();
                 LEADING.with(|l| l.set(true));
-                let led = lead_loop(1, |_| (self, core), done, deadline);
+                let led = lead_loop(1, |_| (self, lane), done, deadline);
                 LEADING.with(|l| l.set(false));
                 st = self.lead_state();
                 st.leader = false;
@@ -577,7 +579,7 @@ impl Poller {
                     self.follow_cv.notify_all();
                 }
                 drop(st);
-                if !matches!(led, Led::Stop) || over() {
+                if !matches!(led, LeaderExit::Stop) || over() {
                     // Not done: whoever completes it now must do so on their own.
                     self.background(false);
                 }
@@ -644,7 +646,7 @@ pub(crate) const LEAD_MAX: usize = 8;
 /// that a request reaches it without a hand-off from a connection thread. Returns false at
 /// once (the caller then waits as usual) for queues that busy-poll or more than
 /// [`LEAD_MAX`].
-pub(crate) fn lead_all<C: ConnCore>(
+pub(crate) fn lead_all<C: LaneEvents>(
     lanes: &[Arc<C>],
     poller: impl Fn(&C) -> &Poller,
     stop: &dyn Fn() -> bool,
@@ -666,11 +668,11 @@ pub(crate) fn lead_all<C: ConnCore>(
     for c in lanes {
         poller(c).lead_state().leader = false;
     }
-    !matches!(led, Led::Failed)
+    !matches!(led, LeaderExit::Failed)
 }
 
 /// How a leader's wait ended.
-enum Led {
+enum LeaderExit {
     /// `stop()` was true.
     Stop,
     /// A queue's connection ended.
@@ -682,12 +684,12 @@ enum Led {
 /// A leader's loop over `n` queues (`lane(k)`: a queue and what handles its completions):
 /// takes what they hold, arms them, and sleeps on their channels and wake-ups, until
 /// `stop()`, a connection's end, an error or `deadline`.
-fn lead_loop<'p, C: ConnCore + ?Sized + 'p>(
+fn lead_loop<'p, C: LaneEvents + ?Sized + 'p>(
     n: usize,
     lane: impl Fn(usize) -> (&'p Poller, &'p C),
     stop: &dyn Fn() -> bool,
     deadline: Option<Instant>,
-) -> Led {
+) -> LeaderExit {
     let drain_all = || -> Option<usize> {
         let mut took = 0;
         for k in 0..n {
@@ -696,76 +698,63 @@ fn lead_loop<'p, C: ConnCore + ?Sized + 'p>(
         }
         Some(took)
     };
-    let off = libc::pollfd {
-        fd: -1,
-        events: 0,
-        revents: 0,
-    };
     loop {
         if stop() {
-            return Led::Stop;
+            return LeaderExit::Stop;
         }
         if (0..n).any(|k| lane(k).1.is_dead()) {
-            return Led::Ended;
+            return LeaderExit::Ended;
         }
         match drain_all() {
-            None => return Led::Failed,
+            None => return LeaderExit::Failed,
             Some(0) => {}
             Some(_) => continue,
         }
         // A leader waits for messages (its reply, the next request): its own send-queue
         // completions, taken at its next drain anyway, need not wake it.
         if (0..n).any(|k| lane(k).0.cq.request_notify_solicited().is_err()) {
-            return Led::Failed;
+            return LeaderExit::Failed;
         }
         // Completions that raced the arming raise no event: look once more.
         match drain_all() {
-            None => return Led::Failed,
+            None => return LeaderExit::Failed,
             Some(0) => {}
             Some(_) => continue,
         }
         if stop() {
-            return Led::Stop;
+            return LeaderExit::Stop;
         }
         let ms = match poll_timeout_ms(deadline) {
-            None => return Led::Failed,
+            None => return LeaderExit::Failed,
             Some(-1) => RECHECK_MS,
             Some(ms) => ms.min(RECHECK_MS),
         };
-        let mut pfds = [off; 2 * LEAD_MAX];
-        for k in 0..n.min(LEAD_MAX) {
-            let p = lane(k).0;
-            pfds[2 * k] = libc::pollfd {
-                fd: p.cq.event_fd().unwrap_or(-1),
-                events: libc::POLLIN,
-                revents: 0,
-            };
-            pfds[2 * k + 1] = libc::pollfd {
-                fd: p.wake.as_fd().as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            };
-        }
+        // Queue k's channel at 2k and its wake-up at 2k + 1 (lead_all and wait only lead
+        // queues with a channel); past `count` the last queue's again, never looked at.
         let count = 2 * n.min(LEAD_MAX);
-        // SAFETY: `pfds` holds `count` <= 2 * LEAD_MAX valid, writable pollfds; the
-        // descriptors are the pollers' channels and eventfds, open while `lane` borrows them.
-        let ret = unsafe { libc::poll(pfds.as_mut_ptr(), count as libc::nfds_t, ms) };
-        if ret < 0 {
-            if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
-                continue;
+        let mut pfds: [PollFd<'_>; 2 * LEAD_MAX] = std::array::from_fn(|i| {
+            let p = lane(i.min(count - 1) / 2).0;
+            if i % 2 == 0 {
+                PollFd::new(p.cq.event_fd().unwrap_or(p.wake.as_fd()), PollFlags::POLLIN)
+            } else {
+                PollFd::new(p.wake.as_fd(), PollFlags::POLLIN)
             }
-            return Led::Failed;
+        });
+        match poll_fds(&mut pfds[..count], ms) {
+            Ok(_) => {}
+            Err(Errno::EINTR) => continue,
+            Err(_) => return LeaderExit::Failed,
         }
         for k in 0..n.min(LEAD_MAX) {
             let p = lane(k).0;
-            if pfds[2 * k + 1].revents != 0 {
+            if is_ready(&pfds[2 * k + 1]) {
                 let _ = p.wake.read();
                 if p.lead_state().ended {
-                    return Led::Ended;
+                    return LeaderExit::Ended;
                 }
             }
-            if pfds[2 * k].revents != 0 && p.cq.ack_event().is_err() {
-                return Led::Failed;
+            if is_ready(&pfds[2 * k]) && p.cq.ack_event().is_err() {
+                return LeaderExit::Failed;
             }
         }
     }
@@ -773,8 +762,8 @@ fn lead_loop<'p, C: ConnCore + ?Sized + 'p>(
 
 /// Starts a connection's thread: it waits on the completion channel and on the bootstrap
 /// socket at once (liveness), dispatches completions, and runs the periodic checks.
-pub(crate) fn spawn_conn_thread<C: ConnCore>(
-    core: Arc<C>,
+pub(crate) fn spawn_conn_thread<C: LaneEvents>(
+    lane: Arc<C>,
     poller: Arc<Poller>,
     tick: Duration,
     sock: TcpStream,
@@ -782,7 +771,7 @@ pub(crate) fn spawn_conn_thread<C: ConnCore>(
 ) -> Result<JoinHandle<()>> {
     std::thread::Builder::new()
         .name(name.to_string())
-        .spawn(move || conn_loop(&*core, &poller, &sock, tick))
+        .spawn(move || conn_loop(&*lane, &poller, &sock, tick))
         .map_err(|e| Error::io("spawning an rdma connection thread", e))
 }
 
@@ -809,9 +798,9 @@ fn socket_end(sock: &TcpStream) -> Option<Option<String>> {
     }
 }
 
-fn conn_loop<C: ConnCore>(core: &C, poller: &Poller, sock: &TcpStream, tick: Duration) {
+fn conn_loop<C: LaneEvents>(lane: &C, poller: &Poller, sock: &TcpStream, tick: Duration) {
     loop {
-        if core.is_dead() {
+        if lane.is_dead() {
             return;
         }
         let watch = poller.watching();
@@ -819,7 +808,7 @@ fn conn_loop<C: ConnCore>(core: &C, poller: &Poller, sock: &TcpStream, tick: Dur
             watch,
             [sock.as_fd(), poller.kick.as_fd()],
             Some(tick),
-            || poller.drain(core),
+            || poller.drain(lane),
         );
         match waited {
             Ok((taken, [readable, kicked])) => {
@@ -830,30 +819,30 @@ fn conn_loop<C: ConnCore>(core: &C, poller: &Poller, sock: &TcpStream, tick: Dur
                     if let Some(end) = socket_end(sock) {
                         // A reply (or request) the peer sent right before closing is
                         // already in the CQ: handle it before failing the connection.
-                        while let Ok(n) = poller.drain(core) {
+                        while let Ok(n) = poller.drain(lane) {
                             if n == 0 {
                                 break;
                             }
                         }
-                        core.on_socket_end(end);
+                        lane.on_socket_end(end);
                         return;
                     }
                 }
                 if !watch && taken == 0 && !kicked && !readable {
                     // The tick, while the channel is left to waiting threads: take what
                     // nobody has (a request whose caller has not waited yet).
-                    if let Err(e) = poller.drain(core) {
-                        core.on_cq_error(format!("polling completions failed: {}", chain(&e)));
+                    if let Err(e) = poller.drain(lane) {
+                        lane.on_cq_error(format!("polling completions failed: {}", chain(&e)));
                         return;
                     }
                 }
             }
             Err(e) => {
-                core.on_cq_error(format!("waiting for completions failed: {}", chain(&e)));
+                lane.on_cq_error(format!("waiting for completions failed: {}", chain(&e)));
                 return;
             }
         }
-        core.on_tick();
+        lane.on_tick();
     }
 }
 

@@ -36,7 +36,6 @@
 //! pair is destroyed first, then every buffer the connection holds goes back to its pool.
 //! Other connections are not affected.
 
-use std::collections::{HashMap, VecDeque};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, RwLock, RwLockReadGuard, Weak};
@@ -52,15 +51,16 @@ use super::bootstrap::{BootstrapError, Hello, Role, HELLO_LEN, MAX_CREDITS, MAX_
 use super::conn::{
     buf_sge, chain, connection_limits, control_bytes, control_pool, create_qp, describe_failure,
     exchange_ready, lead_all, msg_limits, post_recv_buf, qp_inline, recv_exact, round_page,
-    send_all, spawn_conn_thread, tick_for, wr_id, wr_parts, ConnCore, Held, Poller, QpSizes,
+    send_all, spawn_conn_thread, tick_for, wr_id, wr_parts, Held, LaneEvents, Poller, QpSizes,
     SendQueue, KIND_READ, KIND_RECV, KIND_SEND, KIND_WRITE, MAX_SGE,
 };
 use super::device::{device, registrar_id, Device, Side};
+use super::lane::server::{Ready, ServerLane, WrongStage, LANE_SHIFT};
 use super::msg::{decode_request, encode_reply, max_request_len, reply_len, Desc, MsgLimits};
 use super::plan::{Local, Plan};
 use super::{bootstrap_err, handshake_io_err, lock, memlock_err, rdma_err, MAX_INLINE};
 use crate::verbs::{
-    check_memlock, Completion, CompletionQueue, Endpoint, Mtu, QueuePair, Remote, Sge, WcStatus,
+    check_memlock, CompletionQueue, Endpoint, Mtu, QueuePair, Remote, Sge, WcStatus, WorkCompletion,
 };
 
 /// The longest a connecting client may take for the bootstrap exchange.
@@ -136,7 +136,7 @@ fn hs_error(e: BootstrapError, peer: &str) -> Error {
 }
 
 /// One queue pair of a connection being accepted, set up and connected.
-struct LaneSetup {
+struct OpenedLane {
     // Field order is drop order: the queue pair goes before the buffers it may write into.
     qp: QueuePair,
     cq: CompletionQueue,
@@ -203,7 +203,7 @@ fn handshake(sock: TcpStream, peer: SocketAddr, ctx: &ListenCtx) -> Result<Box<d
         .queue_pairs
         .min(u8::try_from(r.queue_pairs.clamp(1, usize::from(MAX_QUEUE_PAIRS))).unwrap_or(1))
         .max(1);
-    let mut lanes: Vec<LaneSetup> = Vec::with_capacity(usize::from(n));
+    let mut lanes: Vec<OpenedLane> = Vec::with_capacity(usize::from(n));
     let mut theirs = first;
     for i in 0..n {
         if i > 0 {
@@ -226,28 +226,30 @@ fn handshake(sock: TcpStream, peer: SocketAddr, ctx: &ListenCtx) -> Result<Box<d
     sock.set_read_timeout(None).map_err(setup)?;
     let shared = Arc::new(Shared::new());
     let limits = connection_limits(lanes[0].limits, lanes[1..].iter().map(|l| l.limits));
-    let mut cores = Vec::with_capacity(lanes.len());
+    let mut running = Vec::with_capacity(lanes.len());
     for (i, lane) in lanes.into_iter().enumerate() {
-        cores.push(lane_core(i, lane, ctx, &sock, &shared, &peer_s).map_err(setup)?);
+        running.push(make_lane(i, lane, ctx, &sock, &shared, &peer_s).map_err(setup)?);
     }
-    let _ = shared.lanes.set(cores.iter().map(Arc::downgrade).collect());
-    let lanes = Arc::new(Lanes { cores });
-    for (i, core) in lanes.cores.iter().enumerate() {
+    let _ = shared
+        .lanes
+        .set(running.iter().map(Arc::downgrade).collect());
+    let set = Arc::new(LaneSet { lanes: running });
+    for (i, lane) in set.lanes.iter().enumerate() {
         let live_sock = sock.try_clone().map_err(setup)?;
         if let Err(e) = spawn_conn_thread(
-            core.clone(),
-            core.poller.clone(),
+            lane.clone(),
+            lane.poller.clone(),
             tick_for(ctx.idle.unwrap_or(Duration::from_secs(8))),
             live_sock,
             &format!("zcio-rdma-srv{i}"),
         ) {
-            lanes.close();
+            set.close();
             return Err(e);
         }
     }
     tracing::debug!(%peer, ?limits, queue_pairs = n, "rdma connection accepted");
     Ok(Box::new(RdmaServerConn {
-        lanes,
+        set,
         shared,
         limits,
         next: 0,
@@ -264,7 +266,7 @@ fn accept_lane(
     n: u8,
     peer: &str,
     hs: &dyn Fn(std::io::Error) -> Error,
-) -> Result<LaneSetup> {
+) -> Result<OpenedLane> {
     let r = &ctx.rdma;
     let credits = r
         .credits
@@ -351,7 +353,7 @@ fn accept_lane(
     qp.connect(&theirs.endpoint)
         .map_err(|e| rdma_err(format!("connecting the queue pair to {peer}"), e))?;
     tracing::debug!(%peer, local = %qp.local_endpoint(), remote = %theirs.endpoint, "rdma queue pair connected");
-    Ok(LaneSetup {
+    Ok(OpenedLane {
         qp,
         cq,
         recv,
@@ -371,16 +373,16 @@ fn accept_lane(
     })
 }
 
-/// The core of queue pair `lane` of a connection.
-fn lane_core(
+/// The running state of queue pair `lane` of a connection.
+fn make_lane(
     lane: usize,
-    l: LaneSetup,
+    l: OpenedLane,
     ctx: &ListenCtx,
     sock: &TcpStream,
     shared: &Arc<Shared>,
     peer: &str,
-) -> std::io::Result<Arc<SCore>> {
-    let LaneSetup {
+) -> std::io::Result<Arc<Lane>> {
+    let OpenedLane {
         qp,
         cq,
         recv,
@@ -393,9 +395,7 @@ fn lane_core(
     } = l;
     let credits = limits.max_in_flight;
     let slots = (0..credits)
-        .map(|_| SSlot {
-            stage: Stage::Free,
-            id: 0,
+        .map(|_| Slot {
             header: Vec::with_capacity(HEADER_ROOM),
             send: Vec::with_capacity(limits.max_segments),
             recv: Vec::with_capacity(limits.max_segments),
@@ -406,15 +406,13 @@ fn lane_core(
         })
         .collect();
     let max_inline_send = qp.caps().max_inline_data as usize;
-    Ok(Arc::new(SCore {
-        state: Mutex::new(SState {
+    Ok(Arc::new(Lane {
+        state: Mutex::new(LaneState {
             dead: None,
             closing: false,
             recv,
             slots,
-            free: (0..credits).rev().collect(),
-            ids: HashMap::with_capacity(2 * credits),
-            events: VecDeque::with_capacity(2 * credits),
+            requests: ServerLane::new(credits),
             spare_descs: spares(LENT, credits, limits.max_segments),
             spare_local: spares(LENT, credits, limits.max_segments),
             spare_headers: spares(credits, credits, HEADER_ROOM),
@@ -449,23 +447,8 @@ fn lane_core(
     }))
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Stage {
-    Free,
-    /// Decoded, waiting for `recv`.
-    Queued,
-    /// RDMA READs of the payload outstanding (only the last is signaled).
-    Reading,
-    /// Payload in; waiting for `recv` to hand it out.
-    Ready,
-    /// Handed out; waiting for the reply.
-    Delivered,
-}
-
-/// One request's state.
-struct SSlot {
-    stage: Stage,
-    id: u64,
+/// One request's data (its stage and id are in [`ServerLane`]).
+struct Slot {
     header: Vec<u8>,
     send: Vec<Desc>,
     recv: Vec<Desc>,
@@ -476,10 +459,8 @@ struct SSlot {
     bufs: Vec<IobufMut>,
 }
 
-impl SSlot {
+impl Slot {
     fn reset(&mut self) {
-        self.stage = Stage::Free;
-        self.id = 0;
         self.send.clear();
         self.recv.clear();
         self.inline.clear();
@@ -487,11 +468,6 @@ impl SSlot {
         self.recv_cap = 0;
         self.send_total = 0;
     }
-}
-
-enum Ev {
-    New(usize),
-    ReadsDone(usize),
 }
 
 /// How the connection ended.
@@ -505,15 +481,14 @@ enum End {
     Failed,
 }
 
-struct SState {
+struct LaneState {
     dead: Option<String>,
     /// [`Replier::close`] is draining: no new replies.
     closing: bool,
     recv: Vec<Option<IobufMut>>,
-    slots: Vec<SSlot>,
-    free: Vec<usize>,
-    ids: HashMap<u64, usize>,
-    events: VecDeque<Ev>,
+    slots: Vec<Slot>,
+    /// Which slot holds which request, at which stage; what `recv` does next.
+    requests: ServerLane,
     /// Descriptor lists lent to posts in progress: a request's remote descriptors (and the
     /// local pieces of its READs) move out of the state while they are posted, and come
     /// back here, kept for their capacity.
@@ -563,14 +538,10 @@ struct PostSide {
     sq: SendQueue,
     /// Scratch for reply plans.
     local: Vec<Local>,
-    /// Threads waiting in [`SCore::wait_room`] or draining in `close`: a send-queue
+    /// Threads waiting in [`Lane::wait_room`] or draining in `close`: a send-queue
     /// completion wakes them only when there are some.
     room_waiters: usize,
 }
-
-/// Marks the queue pair in the top byte of the request ids handed out by `recv`: a client's
-/// ids stay below it (checked on arrival).
-const LANE_SHIFT: u32 = 56;
 
 /// What the queue pairs of one connection share: the signal `recv` waits on, activity for
 /// the idle timeout, and how the connection ended.
@@ -594,7 +565,7 @@ struct Shared {
     last_activity: AtomicU64,
     base: Instant,
     /// The connection's queue pairs, set once they all exist.
-    lanes: OnceLock<Vec<Weak<SCore>>>,
+    lanes: OnceLock<Vec<Weak<Lane>>>,
 }
 
 impl Shared {
@@ -675,8 +646,8 @@ impl Shared {
 }
 
 /// One queue pair of a connection.
-struct SCore {
-    state: Mutex<SState>,
+struct Lane {
+    state: Mutex<LaneState>,
     /// Lock order: `state`, then `post`, then `qp`.
     post: Mutex<PostSide>,
     /// Read-locked to post, write-locked (after `post`, so no post is in progress) to
@@ -712,7 +683,7 @@ struct SCore {
 
 /// The server's end of one connection: its queue pairs.
 struct RdmaServerConn {
-    lanes: Arc<Lanes>,
+    set: Arc<LaneSet>,
     shared: Arc<Shared>,
     limits: Limits,
     /// The queue pair `recv` looks at first (round robin, for fairness).
@@ -721,8 +692,8 @@ struct RdmaServerConn {
 }
 
 /// A connection's queue pairs, in the order of the handshake; the [`Replier`].
-struct Lanes {
-    cores: Vec<Arc<SCore>>,
+struct LaneSet {
+    lanes: Vec<Arc<Lane>>,
 }
 
 /// A reply's message: on the stack (an inline SEND) or in a control buffer of this length.
@@ -731,7 +702,7 @@ enum ReplyMsg<'a> {
     Buf(IobufMut, usize),
 }
 
-/// How [`SCore::post_reads`] went, when the connection did not fail.
+/// How [`Lane::post_reads`] went, when the connection did not fail.
 enum ReadStart {
     /// The READs are posted; their completion queues the request.
     Posted,
@@ -761,8 +732,8 @@ fn to_sge(l: &Local) -> Sge {
     }
 }
 
-impl SCore {
-    fn lock(&self) -> MutexGuard<'_, SState> {
+impl Lane {
+    fn lock(&self) -> MutexGuard<'_, LaneState> {
         lock(&self.state)
     }
 
@@ -775,7 +746,7 @@ impl SCore {
     }
 
     /// Marks the connection dead and releases everything; the QP goes first.
-    fn fail_locked(&self, st: &mut SState, reason: String, end: End) -> bool {
+    fn fail_locked(&self, st: &mut LaneState, reason: String, end: End) -> bool {
         if st.dead.is_some() {
             return false;
         }
@@ -796,8 +767,7 @@ impl SCore {
         for s in st.slots.iter_mut() {
             s.reset();
         }
-        st.events.clear();
-        st.ids.clear();
+        st.requests.fail();
         true
     }
 
@@ -857,33 +827,18 @@ impl SCore {
         if st.dead.is_some() {
             return;
         }
-        let problem = if view.id >> LANE_SHIFT != 0 {
-            Some(format!(
-                "request id {} is not below 2^{LANE_SHIFT}",
-                view.id
-            ))
-        } else if st.ids.contains_key(&view.id) {
-            Some(format!("request id {} is already in flight", view.id))
-        } else if st.free.is_empty() {
-            Some(format!(
-                "more than the negotiated {} requests in flight",
-                self.limits.max_in_flight
-            ))
-        } else {
-            None
-        };
-        if let Some(p) = problem {
-            let r = self.violation(p);
-            if self.fail_locked(st, r, End::Failed) {
-                drop(guard);
-                self.after_fail();
+        let s = match st.requests.admit(view.id) {
+            Ok(s) => s,
+            Err(v) => {
+                let r = self.violation(v.to_string());
+                if self.fail_locked(st, r, End::Failed) {
+                    drop(guard);
+                    self.after_fail();
+                }
+                return;
             }
-            return;
-        }
-        let Some(s) = st.free.pop() else { return };
+        };
         let slot = &mut st.slots[s];
-        slot.stage = Stage::Queued;
-        slot.id = view.id;
         slot.header.clear();
         slot.header.extend_from_slice(view.header);
         slot.send.clear();
@@ -894,7 +849,6 @@ impl SCore {
         slot.inline.extend_from_slice(view.inline);
         slot.recv_cap = view.recv_cap;
         slot.send_total = view.send_total;
-        st.ids.insert(view.id, s);
         // A payload to READ: start the READs here, on this queue pair's completion thread,
         // if the pool can give the buffers without waiting. On Soft-RoCE the READ's
         // protocol work (the client's responses included) runs in the posting thread, so
@@ -913,7 +867,12 @@ impl SCore {
             None
         };
         if direct.is_none() {
-            st.events.push_back(Ev::New(s));
+            if let Err(e) = st.requests.push_new(s) {
+                self.refused(st, e);
+                drop(guard);
+                self.after_fail();
+                return;
+            }
         }
         self.shared.in_flight.fetch_add(1, Ordering::Relaxed);
         self.shared.queued.fetch_add(1, Ordering::Relaxed);
@@ -941,8 +900,9 @@ impl SCore {
         match r {
             Ok(ReadStart::Posted) => {}
             Ok(ReadStart::NoRoom(bufs)) => {
-                // The send queue is full: `recv` posts them once there is room.
-                guard.events.push_back(Ev::New(s));
+                // The send queue is full: `recv` posts them once there is room. (Refused
+                // only if the queue pair failed meanwhile.)
+                let _ = guard.requests.push_new(s);
                 keep_spare(&mut guard.spare_bufs, bufs);
                 drop(guard);
                 self.shared.notify();
@@ -977,13 +937,7 @@ impl SCore {
         if st.dead.is_some() {
             return;
         }
-        if st
-            .slots
-            .get(slot)
-            .is_some_and(|sl| sl.stage == Stage::Reading)
-        {
-            st.slots[slot].stage = Stage::Ready;
-            st.events.push_back(Ev::ReadsDone(slot));
+        if st.requests.reads_completed(slot) {
             drop(st);
             self.shared.notify();
         }
@@ -991,7 +945,13 @@ impl SCore {
 
     /// Hands request `s` out with its payload, in vectors kept from earlier requests when
     /// there are some.
-    fn deliver(&self, st: &mut SState, s: usize, mut bufs: Vec<IobufMut>) -> Incoming {
+    fn deliver(
+        &self,
+        st: &mut LaneState,
+        s: usize,
+        mut bufs: Vec<IobufMut>,
+    ) -> std::result::Result<Incoming, WrongStage> {
+        let id = st.requests.deliver(s)?;
         self.shared.queued.fetch_sub(1, Ordering::Relaxed);
         let mut payload = if bufs.is_empty() {
             Vec::new()
@@ -1003,13 +963,21 @@ impl SCore {
         // The slot keeps a vector to decode its next request's header into.
         let next_header = st.spare_headers.pop().unwrap_or_default();
         let slot = &mut st.slots[s];
-        slot.stage = Stage::Delivered;
-        Incoming {
-            id: slot.id,
+        Ok(Incoming {
+            id,
             header: std::mem::replace(&mut slot.header, next_header),
             payload,
             reply_capacity: slot.recv_cap,
-        }
+        })
+    }
+
+    /// A transition the request state machine refused: a bug in this driver, never the
+    /// client's doing. Fails the queue pair (the caller wakes everyone once it has let go
+    /// of the lock) and gives the error to return.
+    fn refused(&self, st: &mut LaneState, e: WrongStage) -> Error {
+        let r = e.to_string();
+        self.fail_locked(st, r.clone(), End::Failed);
+        Error::ConnectionClosed(r)
     }
 
     /// Keeps a served request's vectors for later requests ([`Replier::recycle`]).
@@ -1050,7 +1018,7 @@ impl SCore {
     }
 
     /// A descriptor list to lend to a post.
-    fn spare_descs(&self, st: &mut SState) -> Vec<Desc> {
+    fn spare_descs(&self, st: &mut LaneState) -> Vec<Desc> {
         st.spare_descs
             .pop()
             .unwrap_or_else(|| Vec::with_capacity(self.limits.max_segments))
@@ -1065,11 +1033,11 @@ impl SCore {
     /// everyone).
     fn post_reads<'a>(
         &'a self,
-        mut guard: MutexGuard<'a, SState>,
+        mut guard: MutexGuard<'a, LaneState>,
         s: usize,
         bufs: Vec<IobufMut>,
         wait: bool,
-    ) -> (MutexGuard<'a, SState>, Result<ReadStart>) {
+    ) -> (MutexGuard<'a, LaneState>, Result<ReadStart>) {
         let total = guard.slots[s].send_total;
         let st = &mut *guard;
         let mut local = st
@@ -1092,10 +1060,14 @@ impl SCore {
                 }
             }
         }
+        if let Err(e) = st.requests.start_reads(s) {
+            keep_spare(&mut st.spare_local, local);
+            let e = self.refused(st, e);
+            return (guard, Err(e));
+        }
         let spare = self.spare_descs(st);
         let remote = std::mem::replace(&mut st.slots[s].send, spare);
         let n = Plan::new(&remote, &local, total as u64, self.read_sge).count();
-        st.slots[s].stage = Stage::Reading;
         st.slots[s].bufs = bufs;
         let posted = if n > self.sq_depth {
             Err(format!(
@@ -1115,9 +1087,12 @@ impl SCore {
             // Nothing was posted: the slot gets its descriptors and stage back.
             let slot = &mut st.slots[s];
             std::mem::swap(&mut slot.send, &mut remote);
-            slot.stage = Stage::Queued;
             let bufs = std::mem::take(&mut slot.bufs);
             keep_spare(&mut st.spare_descs, remote);
+            if let Err(e) = st.requests.unstart_reads(s) {
+                let e = self.refused(st, e);
+                return (guard, Err(e));
+            }
             return (guard, Ok(ReadStart::NoRoom(bufs)));
         }
         keep_spare(&mut st.spare_descs, remote);
@@ -1203,39 +1178,71 @@ impl SCore {
     /// `slice`, after which it is `Blocked` again, or, if `last`, the connection fails for
     /// want of buffers.
     fn step(&self, wait: Option<(Duration, bool)>) -> Result<Step> {
-        let mut st = self.lock();
+        self.step_locked(self.lock(), wait)
+    }
+
+    /// Hands request `s` out ([`deliver`](Self::deliver)), or fails the queue pair if the
+    /// state machine refuses.
+    fn hand_out(
+        &self,
+        mut st: MutexGuard<'_, LaneState>,
+        s: usize,
+        bufs: Vec<IobufMut>,
+    ) -> Result<Step> {
+        match self.deliver(&mut st, s, bufs) {
+            Ok(inc) => Ok(Step::Got(inc)),
+            Err(e) => self.refused_step(st, e),
+        }
+    }
+
+    /// [`refused`](Self::refused) for `step`: fails the queue pair, wakes everyone.
+    fn refused_step(&self, mut st: MutexGuard<'_, LaneState>, e: WrongStage) -> Result<Step> {
+        let e = self.refused(&mut st, e);
+        drop(st);
+        self.after_fail();
+        Err(e)
+    }
+
+    fn step_locked<'a>(
+        &'a self,
+        mut st: MutexGuard<'a, LaneState>,
+        wait: Option<(Duration, bool)>,
+    ) -> Result<Step> {
         loop {
             if st.dead.is_some() {
                 return Ok(Step::Dead);
             }
-            let Some(ev) = st.events.pop_front() else {
+            let Some(next) = st.requests.next_ready() else {
                 return Ok(Step::Empty);
             };
-            let s = match ev {
-                Ev::ReadsDone(s) => {
+            let s = match next {
+                Ready::ReadsDone(s) => {
                     let bufs = std::mem::take(&mut st.slots[s].bufs);
-                    return Ok(Step::Got(self.deliver(&mut st, s, bufs)));
+                    return self.hand_out(st, s, bufs);
                 }
-                Ev::New(s) => s,
+                Ready::New(s) => s,
             };
             let total = st.slots[s].send_total;
             if total == 0 {
-                return Ok(Step::Got(self.deliver(&mut st, s, Vec::new())));
+                return self.hand_out(st, s, Vec::new());
             }
             let mut bufs = st.spare_bufs.pop().unwrap_or_default();
             let bufs = match self.pool.try_get_span_into(total, &mut bufs) {
                 Ok(true) => bufs,
                 _ => {
-                    let done = st.events.iter().position(|e| matches!(e, Ev::ReadsDone(_)));
-                    if let Some(Ev::ReadsDone(d)) = done.and_then(|k| st.events.remove(k)) {
-                        st.events.push_front(Ev::New(s));
+                    if let Some(d) = st.requests.take_reads_done() {
                         keep_spare(&mut st.spare_bufs, bufs);
+                        if let Err(e) = st.requests.push_new_front(s) {
+                            return self.refused_step(st, e);
+                        }
                         let done_bufs = std::mem::take(&mut st.slots[d].bufs);
-                        return Ok(Step::Got(self.deliver(&mut st, d, done_bufs)));
+                        return self.hand_out(st, d, done_bufs);
                     }
                     let Some((slice, last)) = wait else {
-                        st.events.push_front(Ev::New(s));
                         keep_spare(&mut st.spare_bufs, bufs);
+                        if let Err(e) = st.requests.push_new_front(s) {
+                            return self.refused_step(st, e);
+                        }
                         return Ok(Step::Blocked);
                     };
                     // Not under the lock.
@@ -1248,8 +1255,10 @@ impl SCore {
                     match b {
                         Ok(()) => bufs,
                         Err(_) if !last => {
-                            st.events.push_front(Ev::New(s));
                             keep_spare(&mut st.spare_bufs, bufs);
+                            if let Err(e) = st.requests.push_new_front(s) {
+                                return self.refused_step(st, e);
+                            }
                             return Ok(Step::Blocked);
                         }
                         Err(e) => {
@@ -1276,7 +1285,7 @@ impl SCore {
                     b[..k].copy_from_slice(&src[..k]);
                     src = &src[k..];
                 }
-                return Ok(Step::Got(self.deliver(&mut st, s, bufs)));
+                return self.hand_out(st, s, bufs);
             }
             let (g, r) = self.post_reads(st, s, bufs, true);
             st = g;
@@ -1367,9 +1376,9 @@ impl SCore {
                     self.peer
                 )));
             }
-            let s = match st.ids.get(&id) {
-                Some(&s) if st.slots[s].stage == Stage::Delivered => s,
-                _ => {
+            let s = match st.requests.reply_slot(id) {
+                Some(s) => s,
+                None => {
                     return Err(Error::InvalidArgument(format!(
                     "reply to request id {id}, which is not in flight on the connection from {}",
                     self.peer
@@ -1386,9 +1395,13 @@ impl SCore {
             }
             let spare = self.spare_descs(st);
             let remote = std::mem::replace(&mut st.slots[s].recv, spare);
-            st.ids.remove(&id);
+            if let Err(e) = st.requests.release(s) {
+                let e = self.refused(st, e);
+                drop(guard);
+                self.after_fail();
+                return Err(e);
+            }
             st.slots[s].reset();
-            st.free.push(s);
             // `close` waits for this reply's post too.
             self.posting.fetch_add(1, Ordering::SeqCst);
             remote
@@ -1553,8 +1566,8 @@ impl SCore {
     }
 }
 
-impl ConnCore for SCore {
-    fn on_completion(&self, c: &Completion) {
+impl LaneEvents for Lane {
+    fn on_completion(&self, c: &WorkCompletion) {
         let (kind, slot, seq) = wr_parts(c.wr_id);
         if !c.is_success() {
             if self.dead.load(Ordering::SeqCst) {
@@ -1635,24 +1648,24 @@ impl ConnCore for SCore {
     }
 }
 
-impl Lanes {
+impl LaneSet {
     /// Ends every queue pair of the connection, after letting posted replies drain.
     fn close(&self) {
         let deadline = Instant::now() + CLOSE_DRAIN;
-        for c in &self.cores {
+        for c in &self.lanes {
             c.drain(deadline);
         }
-        for c in &self.cores {
+        for c in &self.lanes {
             let r = format!("the connection from {} was closed by the server", c.peer);
             c.fail(r, End::Clean);
         }
     }
 }
 
-impl Replier for Lanes {
+impl Replier for LaneSet {
     fn reply(&self, id: u64, header: &[u8], payload: &[Iobuf]) -> Result<()> {
         let lane = (id >> LANE_SHIFT) as usize;
-        match self.cores.get(lane) {
+        match self.lanes.get(lane) {
             Some(c) => c.reply(id & ((1 << LANE_SHIFT) - 1), header, payload),
             None => Err(Error::InvalidArgument(format!(
                 "reply to request id {id}, which this connection never handed out"
@@ -1661,20 +1674,20 @@ impl Replier for Lanes {
     }
 
     fn recycle(&self, incoming: Incoming) {
-        if let Some(c) = self.cores.get((incoming.id >> LANE_SHIFT) as usize) {
+        if let Some(c) = self.lanes.get((incoming.id >> LANE_SHIFT) as usize) {
             c.recycle(incoming.header, incoming.payload);
         }
     }
 
     fn close(&self) {
-        Lanes::close(self);
+        LaneSet::close(self);
     }
 }
 
 impl RdmaServerConn {
     /// Lets the connection threads take completions (see `lead_all`).
     fn background(&self) {
-        for c in &self.lanes.cores {
+        for c in &self.set.lanes {
             c.poller.background(false);
         }
     }
@@ -1682,12 +1695,12 @@ impl RdmaServerConn {
     /// Polls every queue pair's completion queue on this thread until something is ready
     /// for `recv` (the generation moves past `gen`) or `rdma.spin_us` has passed.
     fn spin(&self, gen: u64) {
-        let Some(first) = self.lanes.cores.first() else {
+        let Some(first) = self.set.lanes.first() else {
             return;
         };
         let deadline = Instant::now() + first.poller.spin_time();
         loop {
-            for c in &self.lanes.cores {
+            for c in &self.set.lanes {
                 if c.poller.drain(&**c).is_err() {
                     return;
                 }
@@ -1706,7 +1719,7 @@ impl RdmaServerConn {
         if self.shared.in_flight.load(Ordering::SeqCst) > 1 {
             self.background();
         }
-        self.next = (i + 1) % self.lanes.cores.len();
+        self.next = (i + 1) % self.set.lanes.len();
         inc.id |= (i as u64) << LANE_SHIFT;
         inc
     }
@@ -1718,7 +1731,7 @@ impl ServerConn for RdmaServerConn {
     }
 
     fn recv(&mut self) -> Result<Option<Incoming>> {
-        let n = self.lanes.cores.len();
+        let n = self.set.lanes.len();
         let mut spun = false;
         // While a request waits for pool buffers: until when (the pool's own timeout).
         let mut pool_deadline: Option<Instant> = None;
@@ -1727,7 +1740,7 @@ impl ServerConn for RdmaServerConn {
             let mut blocked = None;
             for k in 0..n {
                 let i = (self.next + k) % n;
-                match self.lanes.cores[i].step(None) {
+                match self.set.lanes[i].step(None) {
                     Ok(Step::Got(inc)) => return Ok(Some(self.hand_out(i, inc))),
                     Ok(Step::Empty) => {}
                     Ok(Step::Blocked) => {
@@ -1741,12 +1754,12 @@ impl ServerConn for RdmaServerConn {
                 // Nothing can be handed out without pool buffers: wait for them a slice at a
                 // time, so that a request another queue pair finishes meanwhile (and whose
                 // buffers come back once it is served) is not stuck behind the wait.
-                let core = &self.lanes.cores[i];
+                let lane = &self.set.lanes[i];
                 let deadline =
-                    *pool_deadline.get_or_insert_with(|| Instant::now() + core.pool.wait_timeout());
+                    *pool_deadline.get_or_insert_with(|| Instant::now() + lane.pool.wait_timeout());
                 let left = deadline.saturating_duration_since(Instant::now());
                 let last = left <= POOL_SLICE;
-                match core.step(Some((left.min(POOL_SLICE), last))) {
+                match lane.step(Some((left.min(POOL_SLICE), last))) {
                     Ok(Step::Got(inc)) => return Ok(Some(self.hand_out(i, inc))),
                     Ok(Step::Empty | Step::Blocked) => continue,
                     Ok(Step::Dead) => return self.shared.closed_result(&self.peer),
@@ -1754,7 +1767,7 @@ impl ServerConn for RdmaServerConn {
                 }
             }
             pool_deadline = None;
-            let spins = self.lanes.cores.iter().any(|c| c.poller.spins());
+            let spins = self.set.lanes.iter().any(|c| c.poller.spins());
             if spins && !spun {
                 // Take the next request off the completion queues on this thread, if it
                 // comes soon (see `Poller`), before sleeping.
@@ -1766,7 +1779,7 @@ impl ServerConn for RdmaServerConn {
             // next request then needs no hand-off from a connection thread. Else those
             // threads take completions (replies' among them) and wake this one.
             if self.shared.in_flight.load(Ordering::SeqCst) == 0
-                && lead_all(&self.lanes.cores, |c| &c.poller, &|| {
+                && lead_all(&self.set.lanes, |c| &c.poller, &|| {
                     *lock(&self.shared.gen) != gen
                 })
             {
@@ -1784,7 +1797,7 @@ impl ServerConn for RdmaServerConn {
     }
 
     fn replier(&self) -> Arc<dyn Replier> {
-        self.lanes.clone()
+        self.set.clone()
     }
 
     fn backlog(&mut self) -> bool {
@@ -1800,6 +1813,6 @@ impl Drop for RdmaServerConn {
     /// Nobody can take this connection's requests any more: end it (a no-op when it has
     /// already ended, as after the core server's own `close`).
     fn drop(&mut self) {
-        self.lanes.close();
+        self.set.close();
     }
 }
