@@ -1,8 +1,7 @@
-//! Machinery both ends of a connection share: work request ids, the send-queue ledger,
-//! private control pools, queue pair set-up, the bootstrap socket, and the thread every
-//! connection runs (completions and liveness).
+//! Machinery both ends of a connection share: private control pools, queue pair set-up,
+//! the bootstrap socket, and the thread every connection runs (completions and liveness).
+//! The work request ids and the send-queue ledger are pure, in [`super::lane::send_queue`].
 
-use std::collections::VecDeque;
 use std::io::{self, Read};
 use std::net::TcpStream;
 use std::os::fd::{AsFd, AsRawFd};
@@ -18,130 +17,24 @@ use nix::sys::socket::{send, MsgFlags};
 use zcio::config::RdmaConfig;
 use zcio::pool::{ClassConfig, PoolConfig, RegistrarId};
 use zcio::transport::Limits;
-use zcio::{Error, Iobuf, IobufMut, Pool, Result};
+use zcio::{Error, IobufMut, Pool, Result};
 
 use super::bootstrap::READY;
 use super::device::Device;
 use super::msg::MsgLimits;
 use super::rdma_err;
 use crate::verbs::{
-    is_ready, poll_fds, poll_timeout_ms, CompletionQueue, CqMode, QpConfig, QueuePair, Sge,
-    WcStatus, WorkCompletion,
+    is_ready, poll_fds, poll_timeout_ms, CompletionQueue, CqMode, Endpoint, QpConfig, QueuePair,
+    Sge, WcStatus, WorkCompletion,
 };
 use crate::RdmaError;
 
-/// Work request kinds, in the top byte of a `wr_id`.
-pub(crate) const KIND_RECV: u8 = 1;
-pub(crate) const KIND_SEND: u8 = 2;
-pub(crate) const KIND_WRITE: u8 = 3;
-pub(crate) const KIND_READ: u8 = 4;
-
-const SEQ_BITS: u32 = 40;
-const SEQ_MASK: u64 = (1 << SEQ_BITS) - 1;
+pub(crate) use super::lane::send_queue::{
+    wr_id, wr_parts, Held, SendQueue, KIND_READ, KIND_RECV, KIND_SEND, KIND_WRITE,
+};
 
 /// Largest scatter/gather list this transport builds (on the stack).
 pub(crate) const MAX_SGE: usize = 32;
-
-/// `wr_id` = kind (8 bits) | slot (16 bits) | send-queue sequence number (low 40 bits).
-pub(crate) fn wr_id(kind: u8, slot: usize, seq: u64) -> u64 {
-    (u64::from(kind) << 56) | (((slot as u64) & 0xffff) << SEQ_BITS) | (seq & SEQ_MASK)
-}
-
-/// The parts of a `wr_id`: kind, slot, low 40 bits of the sequence number.
-pub(crate) fn wr_parts(id: u64) -> (u8, usize, u64) {
-    (
-        (id >> 56) as u8,
-        ((id >> SEQ_BITS) & 0xffff) as usize,
-        id & SEQ_MASK,
-    )
-}
-
-/// What a posted send-queue work request needs kept alive until it completes. Never read:
-/// holding it is the point, and dropping it releases the buffer.
-#[derive(Debug)]
-#[allow(dead_code)]
-pub(crate) enum Held {
-    /// A control buffer holding a message.
-    Buf(IobufMut),
-    /// A payload buffer an RDMA WRITE gathers from.
-    View(Iobuf),
-}
-
-/// The send queue's ledger. Send-queue work requests of an RC queue pair complete in posting
-/// order, and only some are signaled (the last of each batch: a reply's SEND after its RDMA
-/// WRITEs, a request's last RDMA READ), so a completion retires every outstanding work
-/// request up to and including its own: the resources held for them are released, and their
-/// entries in the queue's depth are free again. Posting and completing happen under one
-/// lock (the client's state lock, the server's send-side lock), so sequence numbers follow
-/// the posting order.
-pub(crate) struct SendQueue {
-    room: usize,
-    next_post: u64,
-    next_done: u64,
-    held: VecDeque<(u64, Held)>,
-}
-
-impl SendQueue {
-    pub(crate) fn new(depth: usize, held_capacity: usize) -> SendQueue {
-        SendQueue {
-            room: depth,
-            next_post: 0,
-            next_done: 0,
-            held: VecDeque::with_capacity(held_capacity),
-        }
-    }
-
-    /// Free entries of the send queue.
-    pub(crate) fn room(&self) -> usize {
-        self.room
-    }
-
-    /// Takes one entry and gives the posting sequence number of the work request about to
-    /// be posted.
-    pub(crate) fn next_seq(&mut self) -> u64 {
-        self.room = self.room.saturating_sub(1);
-        let s = self.next_post;
-        self.next_post += 1;
-        s
-    }
-
-    /// Keeps `h` until work request `seq` completes.
-    pub(crate) fn hold(&mut self, seq: u64, h: Held) {
-        self.held.push_back((seq, h));
-    }
-
-    /// Retires every outstanding work request up to and including `seq_lo` (the low bits of
-    /// a posting sequence number), which must be outstanding.
-    pub(crate) fn complete(&mut self, seq_lo: u64) -> std::result::Result<(), String> {
-        let outstanding = self.next_post - self.next_done;
-        // How far past the oldest outstanding request `seq_lo` lies (modulo the wrap).
-        let ahead = seq_lo.wrapping_sub(self.next_done) & SEQ_MASK;
-        if ahead >= outstanding {
-            return Err(format!(
-                "a send-queue completion for sequence {seq_lo}, which is not outstanding \
-                 ({outstanding} outstanding from {})",
-                self.next_done & SEQ_MASK
-            ));
-        }
-        let done = self.next_done + ahead;
-        self.next_done = done + 1;
-        self.room += (ahead + 1) as usize;
-        while self.held.front().is_some_and(|(s, _)| *s <= done) {
-            self.held.pop_front();
-        }
-        Ok(())
-    }
-
-    /// True when every posted work request has completed.
-    pub(crate) fn idle(&self) -> bool {
-        self.next_done == self.next_post
-    }
-
-    /// Drops everything held (only once the queue pair is destroyed).
-    pub(crate) fn clear(&mut self) {
-        self.held.clear();
-    }
-}
 
 /// Rounds up to a whole number of 4 KiB pages.
 pub(crate) fn round_page(n: usize) -> usize {
@@ -200,6 +93,38 @@ pub(crate) fn post_recv_buf(
         .ok_or_else(|| "a control buffer without registration keys".to_string())?;
     qp.post_recv(wr_id(KIND_RECV, slot, 0), sge)
         .map_err(|e| format!("posting a receive: {}", chain(&e)))
+}
+
+/// Posts the first receives of a new queue pair: `credits` control buffers of `size` bytes
+/// from `ctl`, kept in `recv`. `recv` is the caller's, declared before the queue pair, so
+/// that on an early return the queue pair (dropped first) is destroyed before the buffers
+/// it may write into go back.
+pub(crate) fn post_initial_receives(
+    qp: &QueuePair,
+    ctl: &Pool,
+    reg: RegistrarId,
+    size: usize,
+    credits: usize,
+    recv: &mut Vec<Option<IobufMut>>,
+) -> Result<()> {
+    for i in 0..credits {
+        let b = ctl.get_control(size)?;
+        post_recv_buf(qp, i, &b, reg).map_err(|e| Error::Transport {
+            transport: "rdma",
+            what: "posting the initial receives".into(),
+            source: e.into(),
+        })?;
+        recv.push(Some(b));
+    }
+    Ok(())
+}
+
+/// Moves a new queue pair to RTR and RTS towards the peer's `remote` endpoint.
+pub(crate) fn connect_qp(qp: &mut QueuePair, remote: &Endpoint, peer: &str) -> Result<()> {
+    qp.connect(remote)
+        .map_err(|e| rdma_err(format!("connecting the queue pair to {peer}"), e))?;
+    tracing::debug!(%peer, local = %qp.local_endpoint(), %remote, "rdma queue pair connected");
+    Ok(())
 }
 
 /// How to size one connection's queue pair.
@@ -843,65 +768,5 @@ fn conn_loop<C: LaneEvents>(lane: &C, poller: &Poller, sock: &TcpStream, tick: D
             }
         }
         lane.on_tick();
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn wr_ids_round_trip() {
-        for (k, s, q) in [
-            (KIND_READ, 4095usize, 1u64 << 39),
-            (KIND_RECV, 0, 0),
-            (KIND_SEND, 65535, SEQ_MASK),
-        ] {
-            assert_eq!(wr_parts(wr_id(k, s, q)), (k, s, q));
-        }
-        assert_eq!(wr_parts(wr_id(KIND_WRITE, 1, SEQ_MASK + 5)).2, 4);
-    }
-
-    #[test]
-    fn send_queue_retires_in_order() {
-        let mut q = SendQueue::new(4, 4);
-        assert!(q.complete(0).is_err());
-        let a = q.next_seq();
-        let b = q.next_seq();
-        let c = q.next_seq();
-        assert_eq!(q.room(), 1);
-        // b is signaled, a was not: b's completion retires both.
-        q.complete(b).unwrap();
-        assert_eq!(q.room(), 3);
-        assert!(!q.idle());
-        assert!(q.complete(a).is_err(), "a is already retired");
-        assert!(q.complete(c + 1).is_err(), "never posted");
-        q.complete(c).unwrap();
-        assert!(q.idle());
-        assert_eq!(q.room(), 4);
-    }
-
-    #[test]
-    fn send_queue_releases_held_through_the_signaled_request() {
-        let pool = control_pool(&[(4096, 4)]).unwrap();
-        let mut q = SendQueue::new(8, 4);
-        // Sequence numbers wrap at 40 bits; start just below.
-        q.next_post = SEQ_MASK - 1;
-        q.next_done = SEQ_MASK - 1;
-        let w1 = q.next_seq();
-        let s1 = q.next_seq();
-        q.hold(s1, Held::Buf(pool.get_control(4096).unwrap()));
-        let w2 = q.next_seq();
-        let s2 = q.next_seq();
-        q.hold(s2, Held::Buf(pool.get_control(4096).unwrap()));
-        assert_eq!(pool.stats().slots_in_use(), 2);
-        assert!(q.complete(w1 & SEQ_MASK).is_ok());
-        assert_eq!(pool.stats().slots_in_use(), 2, "s1 is not done yet");
-        q.complete(s1 & SEQ_MASK).unwrap();
-        assert_eq!(pool.stats().slots_in_use(), 1);
-        q.complete(s2 & SEQ_MASK).unwrap();
-        assert_eq!(pool.stats().slots_in_use(), 0);
-        assert!(q.idle());
-        assert!(q.complete(w2 & SEQ_MASK).is_err());
     }
 }

@@ -16,4 +16,8 @@
 #![forbid(unsafe_code)]
 
 pub mod client;
+pub mod send_queue;
 pub mod server;
+
+#[cfg(test)]
+mod props;
