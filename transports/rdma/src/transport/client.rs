@@ -44,6 +44,7 @@ use super::conn::{
 };
 use super::device::register_err;
 use super::lane::client::ClientLane;
+use super::lane::receives::Receives;
 use super::msg::{decode_reply, encode_request, request_len, Desc, MsgLimits, RequestHead};
 use super::plan::push_desc;
 use super::{lock, Faults, MAX_INLINE};
@@ -100,7 +101,6 @@ struct InFlight {
     send: Vec<SendSeg>,
     recv: Vec<RecvSeg>,
     recv_cap: usize,
-    started: Instant,
     scratch: Scratch,
 }
 
@@ -120,7 +120,7 @@ struct LaneState {
     dead: Option<String>,
     /// Destroyed (set to `None`) first thing when the connection fails.
     qp: Option<QueuePair>,
-    recv: Vec<Option<IobufMut>>,
+    recv: Receives<IobufMut>,
     slots: Vec<Slot>,
     /// Which slots are taken, the ids in flight, which SENDs are signaled.
     requests: ClientLane,
@@ -588,9 +588,7 @@ impl Lane {
         self.dead.store(true, Ordering::SeqCst);
         // First: after this the device touches none of our memory.
         st.qp = None;
-        for r in st.recv.iter_mut() {
-            *r = None;
-        }
+        st.recv.clear();
         st.sq.clear();
         st.requests.fail();
         let mut done = Vec::new();
@@ -691,10 +689,9 @@ impl Lane {
             send,
             recv,
             recv_cap,
-            started: Instant::now(),
             scratch,
         });
-        let failed = match (posted, st.requests.sent(i, id)) {
+        let failed = match (posted, st.requests.sent(i, id, Instant::now())) {
             (Err(e), _) => Some(format!(
                 "posting a request to {} failed: {}",
                 self.peer,
@@ -737,12 +734,10 @@ impl Lane {
             if st.dead.is_some() {
                 return;
             }
-            match st.recv.get_mut(ri).and_then(Option::take) {
-                Some(b) => b,
-                None => {
-                    let r = self.violation(format!(
-                        "a completion for receive {ri}, which is not posted"
-                    ));
+            match st.recv.take(ri) {
+                Ok(b) => b,
+                Err(e) => {
+                    let r = self.violation(e.to_string());
                     let done = self.fail_locked(&mut st, r, None);
                     drop(st);
                     self.finish_fail(done);
@@ -791,7 +786,7 @@ impl Lane {
                         Some(qp) => post_recv_buf(qp, ri, &buf, self.ctl_reg),
                         None => Ok(()),
                     };
-                    st.recv[ri] = Some(buf);
+                    st.recv.repost(ri, buf);
                     match posted {
                         Ok(()) => Ok((slot, f)),
                         Err(e) => {
@@ -927,26 +922,18 @@ impl LaneEvents for Lane {
         if st.dead.is_some() {
             return;
         }
-        let oldest = st
-            .slots
-            .iter()
-            .filter_map(|s| s.req.as_ref())
-            .min_by_key(|f| f.started)
-            .map(|f| (f.id, f.started));
-        if let Some((id, started)) = oldest {
-            if started.elapsed() > self.timeout {
-                let reason = format!(
-                    "request {id} to {} got no reply within client.timeout ({:?})",
-                    self.peer, self.timeout
-                );
-                let culprit = Error::Timeout {
-                    what: format!("request {id} to {} over rdma", self.peer),
-                    after: self.timeout,
-                };
-                let done = self.fail_locked(&mut st, reason, Some((id, culprit)));
-                drop(st);
-                self.finish_fail(done);
-            }
+        if let Some(id) = st.requests.overdue(Instant::now(), self.timeout) {
+            let reason = format!(
+                "request {id} to {} got no reply within client.timeout ({:?})",
+                self.peer, self.timeout
+            );
+            let culprit = Error::Timeout {
+                what: format!("request {id} to {} over rdma", self.peer),
+                after: self.timeout,
+            };
+            let done = self.fail_locked(&mut st, reason, Some((id, culprit)));
+            drop(st);
+            self.finish_fail(done);
         }
     }
 

@@ -127,6 +127,20 @@ pub(crate) fn connect_qp(qp: &mut QueuePair, remote: &Endpoint, peer: &str) -> R
     Ok(())
 }
 
+/// A queue pair set up and connected, with everything it owns: what either side's
+/// set-up hands to the lane it starts.
+pub(crate) struct ConnectedQp {
+    // Field order is drop order: the queue pair goes before the buffers it may write into.
+    pub(crate) qp: QueuePair,
+    pub(crate) cq: CompletionQueue,
+    /// The receive buffers, `recv[i]` posted as receive `i`.
+    pub(crate) recv: Vec<Option<IobufMut>>,
+    pub(crate) ctl: Pool,
+    pub(crate) ctl_reg: RegistrarId,
+    /// This queue pair's negotiated limits (`max_in_flight`: its credits).
+    pub(crate) limits: Limits,
+}
+
 /// How to size one connection's queue pair.
 pub(crate) struct QpSizes {
     pub(crate) send_wr: usize,

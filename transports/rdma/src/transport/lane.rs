@@ -16,6 +16,7 @@
 #![forbid(unsafe_code)]
 
 pub mod client;
+pub mod receives;
 pub mod send_queue;
 pub mod server;
 

@@ -49,6 +49,7 @@ use super::conn::{
     buf_sge, chain, describe_failure, lead_all, post_recv_buf, wr_id, wr_parts, Held, LaneEvents,
     Poller, SendQueue, KIND_READ, KIND_RECV, KIND_SEND, KIND_WRITE, MAX_SGE,
 };
+use super::lane::receives::Receives;
 use super::lane::server::{Ready, ServerLane, WrongStage, LANE_SHIFT};
 use super::msg::{decode_request, encode_reply, reply_len, Desc, MsgLimits};
 use super::plan::{Local, Plan};
@@ -107,7 +108,7 @@ struct LaneState {
     dead: Option<String>,
     /// [`Replier::close`] is draining: no new replies.
     closing: bool,
-    recv: Vec<Option<IobufMut>>,
+    recv: Receives<IobufMut>,
     slots: Vec<Slot>,
     /// Which slot holds which request, at which stage; what `recv` does next.
     requests: ServerLane,
@@ -383,9 +384,7 @@ impl Lane {
             *self.qp.write().unwrap_or_else(|p| p.into_inner()) = None;
             p.sq.clear();
         }
-        for r in st.recv.iter_mut() {
-            *r = None;
-        }
+        st.recv.clear();
         for s in st.slots.iter_mut() {
             s.reset();
         }
@@ -422,10 +421,10 @@ impl Lane {
             if st.dead.is_some() {
                 return;
             }
-            match st.recv.get_mut(ri).and_then(Option::take) {
-                Some(b) => b,
-                None => {
-                    let r = self.violation(format!("a completion for receive {ri}, not posted"));
+            match st.recv.take(ri) {
+                Ok(b) => b,
+                Err(e) => {
+                    let r = self.violation(e.to_string());
                     if self.fail_locked(&mut st, r, End::Failed) {
                         drop(st);
                         self.after_fail();
@@ -505,7 +504,7 @@ impl Lane {
             Some(qp) => post_recv_buf(qp, ri, &buf, self.ctl_reg),
             None => Ok(()),
         };
-        st.recv[ri] = Some(buf);
+        st.recv.repost(ri, buf);
         if let Err(e) = posted {
             if self.fail_locked(st, format!("reposting a receive: {e}"), End::Failed) {
                 drop(guard);

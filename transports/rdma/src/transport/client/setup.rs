@@ -8,7 +8,6 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use zcio::config::{Config, RdmaConfig};
-use zcio::pool::RegistrarId;
 use zcio::transport::{CompletionCell, Limits, MAX_HEADER};
 use zcio::{Error, IobufMut, Pool, Result};
 
@@ -16,14 +15,15 @@ use super::super::bootstrap::{Hello, Role, HELLO_LEN, MAX_CREDITS, MAX_QUEUE_PAI
 use super::super::conn::{
     connect_qp, connection_limits, control_bytes, control_pool, create_qp, exchange_ready,
     msg_limits, post_initial_receives, qp_inline, recv_exact, round_page, send_all,
-    spawn_conn_thread, tick_for, Poller, QpSizes, SendQueue,
+    spawn_conn_thread, tick_for, ConnectedQp, Poller, QpSizes, SendQueue,
 };
 use super::super::device::{device, registrar_id, Device, Side};
 use super::super::lane::client::{sq_depth, ClientLane};
+use super::super::lane::receives::Receives;
 use super::super::msg::{max_request_len, reply_len, DESC_LEN, REQUEST_FIXED};
 use super::super::{bootstrap_err, handshake_io_err, memlock_err, Faults, MAX_INLINE};
 use super::{Ended, Lane, LaneHandle, LaneState, RdmaClientConn, Scratch, Slot};
-use crate::verbs::{check_memlock, CompletionQueue, QueuePair};
+use crate::verbs::check_memlock;
 
 fn tcp_connect(target: &str, timeout: Duration) -> Result<TcpStream> {
     let addrs: Vec<SocketAddr> = target
@@ -86,7 +86,7 @@ pub(crate) fn connect(faults: Faults, cfg: &Config, pool: &Pool) -> Result<RdmaC
             format!("the server {peer} granted {n} queue pairs, {offer} were offered"),
         ));
     }
-    let first_limits = first.limits;
+    let first_limits = first.connected.limits;
     let mut lanes = vec![first];
     for i in 1..n {
         let lane = open_lane(&sock, &dev, r, &p, n, &peer, &hs)?;
@@ -105,17 +105,20 @@ pub(crate) fn connect(faults: Faults, cfg: &Config, pool: &Pool) -> Result<RdmaC
     exchange_ready(&sock, &format!("the server {peer}"), &hs)?;
     sock.set_read_timeout(None).map_err(setup)?;
 
-    let limits = connection_limits(first_limits, lanes[1..].iter().map(|l| l.limits));
+    let limits = connection_limits(first_limits, lanes[1..].iter().map(|l| l.connected.limits));
     let ended = Arc::new(Ended::default());
     let mut running = Vec::with_capacity(lanes.len());
     for l in lanes {
         let OpenedLane {
-            qp,
-            cq,
-            recv,
-            ctl,
-            ctl_reg,
-            limits,
+            connected:
+                ConnectedQp {
+                    qp,
+                    cq,
+                    recv,
+                    ctl,
+                    ctl_reg,
+                    limits,
+                },
             req_size,
             ..
         } = l;
@@ -133,7 +136,7 @@ pub(crate) fn connect(faults: Faults, cfg: &Config, pool: &Pool) -> Result<RdmaC
             state: Mutex::new(LaneState {
                 dead: None,
                 qp: Some(qp),
-                recv,
+                recv: Receives::new(recv),
                 slots,
                 requests: ClientLane::new(credits),
                 sq: SendQueue::new(sq_depth(credits), 0),
@@ -219,14 +222,7 @@ impl LaneParams {
 
 /// One queue pair of a connection being set up, connected.
 struct OpenedLane {
-    // Field order is drop order: the queue pair goes before the buffers it may write into.
-    qp: QueuePair,
-    cq: CompletionQueue,
-    recv: Vec<Option<IobufMut>>,
-    ctl: Pool,
-    ctl_reg: RegistrarId,
-    /// This queue pair's negotiated limits (`max_in_flight`: its credits).
-    limits: Limits,
+    connected: ConnectedQp,
     req_size: usize,
     /// The number of queue pairs the server's hello gives.
     granted: u8,
@@ -292,18 +288,20 @@ fn open_lane(
     }
     connect_qp(&mut qp, &theirs.endpoint, peer)?;
     Ok(OpenedLane {
-        qp,
-        cq,
-        recv,
-        ctl,
-        ctl_reg,
-        limits: Limits {
-            max_segments,
-            max_payload: p.max_payload.min(theirs.max_payload as usize),
-            max_header,
-            max_in_flight: credits,
-            inline_threshold: inline,
-            rdma_payload: true,
+        connected: ConnectedQp {
+            qp,
+            cq,
+            recv,
+            ctl,
+            ctl_reg,
+            limits: Limits {
+                max_segments,
+                max_payload: p.max_payload.min(theirs.max_payload as usize),
+                max_header,
+                max_in_flight: credits,
+                inline_threshold: inline,
+                rdma_payload: true,
+            },
         },
         req_size: p.req_size(),
         granted: theirs.queue_pairs,

@@ -18,6 +18,7 @@
 #![forbid(unsafe_code)]
 
 use std::fmt;
+use std::time::{Duration, Instant};
 
 /// Request ids are `(sequence << SLOT_BITS) | slot`.
 pub const SLOT_BITS: u32 = 16;
@@ -113,6 +114,8 @@ pub struct ClientLane {
     busy: Vec<bool>,
     /// The id of the request in flight in each slot.
     in_flight: Vec<Option<u64>>,
+    /// When each request in flight was sent.
+    started: Vec<Option<Instant>>,
     free: Vec<usize>,
     next_seq: u64,
     /// SENDs posted unsignaled since the last signaled one.
@@ -127,6 +130,7 @@ impl ClientLane {
         ClientLane {
             busy: vec![false; credits],
             in_flight: vec![None; credits],
+            started: vec![None; credits],
             free: (0..credits).rev().collect(),
             next_seq: 1,
             unsignaled: 0,
@@ -190,8 +194,8 @@ impl ClientLane {
         signaled
     }
 
-    /// Request `id` was posted in taken slot `s`: it is in flight.
-    pub fn sent(&mut self, s: usize, id: u64) -> Result<(), WrongState> {
+    /// Request `id` was posted in taken slot `s` at `now`: it is in flight.
+    pub fn sent(&mut self, s: usize, id: u64, now: Instant) -> Result<(), WrongState> {
         if self.failed
             || !self.busy.get(s).copied().unwrap_or(false)
             || self.in_flight[s].is_some()
@@ -203,6 +207,7 @@ impl ClientLane {
             });
         }
         self.in_flight[s] = Some(id);
+        self.started[s] = Some(now);
         Ok(())
     }
 
@@ -218,6 +223,7 @@ impl ClientLane {
         match self.in_flight.get_mut(s) {
             Some(f) if *f == Some(id) => {
                 *f = None;
+                self.started[s] = None;
                 Ok(s)
             }
             _ => Err(Violation::NotInFlight(id)),
@@ -246,6 +252,19 @@ impl ClientLane {
         }
     }
 
+    /// A tick at `now`: the id of the oldest request in flight if it has waited longer than
+    /// `timeout` for its reply (the connection then fails, that request with a timeout).
+    pub fn overdue(&self, now: Instant, timeout: Duration) -> Option<u64> {
+        let (s, started) = self
+            .started
+            .iter()
+            .enumerate()
+            .filter_map(|(s, t)| t.map(|t| (s, t)))
+            .min_by_key(|&(_, t)| t)?;
+        let id = self.in_flight[s]?;
+        (now.saturating_duration_since(started) > timeout).then_some(id)
+    }
+
     /// Slot `s`'s reply has been handed to the caller: the slot is free again (true), unless
     /// the lane failed meanwhile (false).
     pub fn reply_done(&mut self, s: usize) -> bool {
@@ -263,6 +282,7 @@ impl ClientLane {
     pub fn fail(&mut self) {
         self.failed = true;
         self.in_flight.fill(None);
+        self.started.fill(None);
         self.free.clear();
     }
 
@@ -293,6 +313,10 @@ impl ClientLane {
 mod tests {
     use super::*;
 
+    fn t0() -> Instant {
+        Instant::now()
+    }
+
     #[test]
     fn a_request_takes_a_slot_until_its_reply_is_done() {
         let mut l = ClientLane::new(2);
@@ -300,7 +324,7 @@ mod tests {
         assert_eq!((s, l.free_slots()), (0, 1));
         let id = l.next_id(s);
         assert_eq!(id, 1 << 16, "sequence 1, slot 0");
-        l.sent(s, id).unwrap();
+        l.sent(s, id, t0()).unwrap();
         assert_eq!(l.in_flight(s), Some(id));
         l.check();
         assert_eq!(l.reply_arrived(id), Ok(s));
@@ -322,7 +346,7 @@ mod tests {
         l.check();
         assert!(l.release(7).is_err(), "no such slot");
         let id = l.next_id(2);
-        l.sent(2, id).unwrap();
+        l.sent(2, id, t0()).unwrap();
         assert!(
             l.release(2).is_err(),
             "a slot in flight is not given back unsent"
@@ -337,7 +361,7 @@ mod tests {
         assert_ne!(a, b);
         assert_eq!((a & 0xffff, b & 0xffff), (3, 3));
         assert!(a < 1 << 56 && b < 1 << 56);
-        assert!(l.sent(2, a).is_err(), "an id naming another slot");
+        assert!(l.sent(2, a, t0()).is_err(), "an id naming another slot");
     }
 
     #[test]
@@ -360,7 +384,7 @@ mod tests {
             Err(Violation::NotInFlight(id)),
             "not sent yet"
         );
-        l.sent(s, id).unwrap();
+        l.sent(s, id, t0()).unwrap();
         assert_eq!(
             l.reply_arrived(id + (1 << 16)),
             Err(Violation::NotInFlight(id + (1 << 16)))
@@ -442,7 +466,7 @@ mod tests {
             .map(|_| {
                 let s = l.acquire().unwrap();
                 let id = l.next_id(s);
-                l.sent(s, id).unwrap();
+                l.sent(s, id, t0()).unwrap();
                 id
             })
             .collect();
@@ -460,7 +484,7 @@ mod tests {
         let mut l = ClientLane::new(2);
         let s = l.acquire().unwrap();
         let id = l.next_id(s);
-        l.sent(s, id).unwrap();
+        l.sent(s, id, t0()).unwrap();
         let t = l.acquire().unwrap();
         l.fail();
         l.check();
@@ -472,7 +496,7 @@ mod tests {
         // A request being prepared when it failed is given back, and nothing reuses it.
         assert!(l.release(t).is_ok());
         assert_eq!(l.free_slots(), 0);
-        assert!(l.sent(t, (1 << 16) | t as u64).is_err());
+        assert!(l.sent(t, (1 << 16) | t as u64, t0()).is_err());
     }
 
     #[test]
@@ -487,5 +511,33 @@ mod tests {
         assert!(l.signal_next(4), "room at the credits: always signaled");
         assert!(l.signal_next(0));
         assert_eq!(sq_depth(4), 9);
+    }
+
+    #[test]
+    fn a_tick_finds_the_oldest_request_past_its_timeout() {
+        let mut l = ClientLane::new(3);
+        let t = Instant::now();
+        let timeout = Duration::from_secs(5);
+        let send = |l: &mut ClientLane, at: Duration| {
+            let s = l.acquire().unwrap();
+            let id = l.next_id(s);
+            l.sent(s, id, t + at).unwrap();
+            id
+        };
+        let a = send(&mut l, Duration::from_secs(2));
+        let b = send(&mut l, Duration::from_secs(1));
+        assert_eq!(l.overdue(t, timeout), None, "nothing has waited yet");
+        assert_eq!(
+            l.overdue(t + Duration::from_secs(6), timeout),
+            None,
+            "exactly 5 s"
+        );
+        assert_eq!(l.overdue(t + Duration::from_millis(6001), timeout), Some(b));
+        // Answered requests are not overdue; the next oldest is.
+        l.reply_arrived(b).unwrap();
+        assert_eq!(l.overdue(t + Duration::from_secs(7), timeout), None);
+        assert_eq!(l.overdue(t + Duration::from_secs(8), timeout), Some(a));
+        l.fail();
+        assert_eq!(l.overdue(t + Duration::from_secs(60), timeout), None);
     }
 }

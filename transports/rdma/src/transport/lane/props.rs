@@ -7,10 +7,15 @@
 //! every credit is back on both sides and every request sent completed exactly once.
 
 use std::collections::{HashMap, VecDeque};
+use std::time::{Duration, Instant};
 
 use proptest::prelude::*;
 
+use zcio::pool::{ClassConfig, PoolConfig};
+use zcio::Pool;
+
 use super::client::{ClientLane, Violation as ReplyViolation};
+use super::send_queue::{Held, SendQueue};
 use super::server::{Ready, ServerLane, Stage, Violation};
 
 /// One thing that happens; the numbers pick among what is possible at that moment.
@@ -31,9 +36,15 @@ enum Event {
     Reply(usize),
     /// The next reply reaches the client.
     ReplyArrives,
-    /// The connection fails (peer gone, error completion, timeout).
+    /// The connection fails (peer gone, error completion).
     Fail,
+    /// Time passes (milliseconds) and the client's connection thread ticks: a request past
+    /// the timeout fails the connection.
+    Tick(u64),
 }
+
+/// The client's request timeout in the model.
+const TIMEOUT: Duration = Duration::from_secs(5);
 
 fn event() -> impl Strategy<Value = Event> {
     prop_oneof![
@@ -45,6 +56,7 @@ fn event() -> impl Strategy<Value = Event> {
         3 => any::<usize>().prop_map(Event::Reply),
         4 => Just(Event::ReplyArrives),
         1 => Just(Event::Fail),
+        2 => (0u64..3000).prop_map(Event::Tick),
     ]
 }
 
@@ -53,6 +65,7 @@ fn event() -> impl Strategy<Value = Event> {
 enum Outcome {
     Replied,
     Failed,
+    TimedOut,
 }
 
 /// Both lanes, the wire between them, and the drivers' bookkeeping.
@@ -71,6 +84,7 @@ struct Pair {
     /// Every request the client sent, and how it ended (once).
     outcome: HashMap<u64, Option<Outcome>>,
     failed: bool,
+    now: Instant,
 }
 
 impl Pair {
@@ -85,6 +99,7 @@ impl Pair {
             handed_out: Vec::new(),
             outcome: HashMap::new(),
             failed: false,
+            now: Instant::now(),
         }
     }
 
@@ -110,7 +125,7 @@ impl Pair {
                     self.client.release(s).unwrap();
                     return;
                 }
-                self.client.sent(s, id).unwrap();
+                self.client.sent(s, id, self.now).unwrap();
                 assert!(
                     self.outcome.insert(id, None).is_none(),
                     "id {id} reused in flight"
@@ -172,20 +187,34 @@ impl Pair {
                 assert!(self.client.reply_done(s));
                 self.complete(id, Outcome::Replied);
             }
-            Event::Fail => {
-                // The drivers complete every request still in flight with the error; a
-                // reply already on the wire is never seen.
-                let in_flight: Vec<u64> = (0..self.credits)
-                    .filter_map(|s| self.client.in_flight(s))
-                    .collect();
-                self.client.fail();
-                self.server.fail();
-                for id in in_flight {
-                    self.complete(id, Outcome::Failed);
+            Event::Fail => self.fail(None),
+            Event::Tick(ms) => {
+                self.now += Duration::from_millis(ms);
+                if let Some(id) = self.client.overdue(self.now, TIMEOUT) {
+                    self.fail(Some(id));
                 }
-                self.failed = true;
             }
         }
+    }
+
+    /// The connection fails: the drivers complete every request still in flight with the
+    /// error (the overdue one, if a tick found one, with a timeout); a reply already on the
+    /// wire is never seen.
+    fn fail(&mut self, overdue: Option<u64>) {
+        let in_flight: Vec<u64> = (0..self.credits)
+            .filter_map(|s| self.client.in_flight(s))
+            .collect();
+        self.client.fail();
+        self.server.fail();
+        for id in in_flight {
+            let how = if Some(id) == overdue {
+                Outcome::TimedOut
+            } else {
+                Outcome::Failed
+            };
+            self.complete(id, how);
+        }
+        self.failed = true;
     }
 
     fn hand_out(&mut self, s: usize) {
@@ -290,7 +319,7 @@ proptest! {
         let mut sent = Vec::new();
         while let Some(s) = client.acquire() {
             let id = client.next_id(s);
-            client.sent(s, id).unwrap();
+            client.sent(s, id, Instant::now()).unwrap();
             sent.push(id);
         }
         for r in replies {
@@ -304,5 +333,82 @@ proptest! {
             }
             client.check();
         }
+    }
+
+    /// The send-queue ledger against a model of an RC send queue: work requests posted while
+    /// there is room, some signaled, some holding a buffer; completions only for signaled
+    /// ones, in posting order. Room and held buffers always match what is outstanding, and
+    /// a completion for anything not outstanding is refused and changes nothing.
+    #[test]
+    fn the_send_queue_gives_back_every_entry_and_every_held_buffer(
+        depth in 1usize..12,
+        ops in prop::collection::vec((0u8..3, any::<bool>(), any::<bool>(), 0u64..64), 0..300),
+    ) {
+        let pool = Pool::new(&PoolConfig {
+            classes: vec![ClassConfig { size: 4096, count: 16, reserve: 0, arena_slots: 16 }],
+            wait_timeout: std::time::Duration::from_secs(1),
+            stripes: 1,
+        })
+        .unwrap();
+        let mut q = SendQueue::new(depth, 4);
+        // Outstanding work requests: (sequence, signaled, holds a buffer).
+        let mut outstanding: VecDeque<(u64, bool, bool)> = VecDeque::new();
+        let mut posted = 0u64;
+        for (op, signaled, hold, junk) in ops {
+            match op {
+                0 if q.room() > 0 => {
+                    let seq = q.next_seq();
+                    prop_assert_eq!(seq, posted);
+                    posted += 1;
+                    if hold {
+                        q.hold(seq, Held::Buf(pool.get_control(4096).unwrap()));
+                    }
+                    outstanding.push_back((seq, signaled, hold));
+                }
+                1 => {
+                    // The next signaled completion, retiring everything before it.
+                    if let Some(k) = outstanding.iter().position(|w| w.1) {
+                        let seq = outstanding[k].0;
+                        prop_assert!(q.complete(seq).is_ok());
+                        outstanding.drain(..=k);
+                    }
+                }
+                _ => {
+                    // A completion for something not outstanding (already retired, or not
+                    // posted yet): refused.
+                    let next = posted;
+                    let oldest = outstanding.front().map_or(next, |w| w.0);
+                    let seq = if junk % 2 == 0 || oldest <= junk / 2 {
+                        next + junk / 2
+                    } else {
+                        oldest - 1 - junk / 2
+                    };
+                    let before = q.room();
+                    prop_assert!(q.complete(seq).is_err());
+                    prop_assert_eq!(q.room(), before);
+                }
+            }
+            prop_assert_eq!(q.room(), depth - outstanding.len());
+            prop_assert_eq!(q.idle(), outstanding.is_empty());
+            let held = outstanding.iter().filter(|w| w.2).count();
+            prop_assert_eq!(pool.stats().slots_in_use(), held);
+        }
+        // A last signaled work request retires the rest.
+        if q.room() == 0 {
+            let first = outstanding.front().map(|w| w.0);
+            if let Some(k) = outstanding.iter().position(|w| w.1) {
+                q.complete(outstanding[k].0).unwrap();
+                outstanding.drain(..=k);
+            } else if let Some(s) = first {
+                // Every one unsignaled: the driver never lets that happen; retire by hand.
+                q.complete(s + outstanding.len() as u64 - 1).unwrap();
+                outstanding.clear();
+            }
+        }
+        let last = q.next_seq();
+        q.complete(last).unwrap();
+        prop_assert!(q.idle());
+        prop_assert_eq!(q.room(), depth);
+        prop_assert_eq!(pool.stats().slots_in_use(), 0);
     }
 }

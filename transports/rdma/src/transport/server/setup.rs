@@ -18,9 +18,10 @@ use super::super::bootstrap::{
 use super::super::conn::{
     connect_qp, connection_limits, control_bytes, control_pool, create_qp, exchange_ready,
     msg_limits, post_initial_receives, qp_inline, recv_exact, round_page, send_all,
-    spawn_conn_thread, tick_for, Poller, QpSizes, SendQueue, MAX_SGE,
+    spawn_conn_thread, tick_for, ConnectedQp, Poller, QpSizes, SendQueue, MAX_SGE,
 };
 use super::super::device::{device, registrar_id, Device, Side};
+use super::super::lane::receives::Receives;
 use super::super::lane::server::ServerLane;
 use super::super::msg::{max_request_len, reply_len};
 use super::super::{bootstrap_err, handshake_io_err, memlock_err, MAX_INLINE};
@@ -28,7 +29,7 @@ use super::{
     spares, Lane, LaneSet, LaneState, PostSide, RdmaServerConn, Shared, Slot, HANDSHAKE_TIMEOUT,
     HEADER_ROOM, LENT, PAYLOAD_ROOM,
 };
-use crate::verbs::{check_memlock, CompletionQueue, Endpoint, Mtu, QueuePair};
+use crate::verbs::{check_memlock, Endpoint, Mtu};
 
 /// What every connection of a listener shares.
 struct ListenCtx {
@@ -93,14 +94,7 @@ fn hs_error(e: BootstrapError, peer: &str) -> Error {
 
 /// One queue pair of a connection being accepted, set up and connected.
 struct OpenedLane {
-    // Field order is drop order: the queue pair goes before the buffers it may write into.
-    qp: QueuePair,
-    cq: CompletionQueue,
-    recv: Vec<Option<IobufMut>>,
-    ctl: Pool,
-    ctl_reg: RegistrarId,
-    /// Negotiated; `max_in_flight` is this queue pair's credits.
-    limits: Limits,
+    connected: ConnectedQp,
     write_sge: usize,
     read_sge: usize,
     sq_depth: usize,
@@ -181,7 +175,10 @@ fn handshake(sock: TcpStream, peer: SocketAddr, ctx: &ListenCtx) -> Result<Box<d
     exchange_ready(&sock, &format!("the client {peer}"), &hs)?;
     sock.set_read_timeout(None).map_err(setup)?;
     let shared = Arc::new(Shared::new());
-    let limits = connection_limits(lanes[0].limits, lanes[1..].iter().map(|l| l.limits));
+    let limits = connection_limits(
+        lanes[0].connected.limits,
+        lanes[1..].iter().map(|l| l.connected.limits),
+    );
     let mut running = Vec::with_capacity(lanes.len());
     for (i, lane) in lanes.into_iter().enumerate() {
         running.push(make_lane(i, lane, ctx, &sock, &shared, &peer_s).map_err(setup)?);
@@ -300,18 +297,20 @@ fn accept_lane(
     send_all(sock, &ours.encode()).map_err(hs)?;
     connect_qp(&mut qp, &theirs.endpoint, peer)?;
     Ok(OpenedLane {
-        qp,
-        cq,
-        recv,
-        ctl,
-        ctl_reg,
-        limits: Limits {
-            max_segments,
-            max_payload,
-            max_header,
-            max_in_flight: credits,
-            inline_threshold: inline,
-            rdma_payload: true,
+        connected: ConnectedQp {
+            qp,
+            cq,
+            recv,
+            ctl,
+            ctl_reg,
+            limits: Limits {
+                max_segments,
+                max_payload,
+                max_header,
+                max_in_flight: credits,
+                inline_threshold: inline,
+                rdma_payload: true,
+            },
         },
         write_sge,
         read_sge,
@@ -329,12 +328,15 @@ fn make_lane(
     peer: &str,
 ) -> std::io::Result<Arc<Lane>> {
     let OpenedLane {
-        qp,
-        cq,
-        recv,
-        ctl,
-        ctl_reg,
-        limits,
+        connected:
+            ConnectedQp {
+                qp,
+                cq,
+                recv,
+                ctl,
+                ctl_reg,
+                limits,
+            },
         write_sge,
         read_sge,
         sq_depth,
@@ -356,7 +358,7 @@ fn make_lane(
         state: Mutex::new(LaneState {
             dead: None,
             closing: false,
-            recv,
+            recv: Receives::new(recv),
             slots,
             requests: ServerLane::new(credits),
             spare_descs: spares(LENT, credits, limits.max_segments),
