@@ -12,7 +12,7 @@ use std::error::Error as _;
 use std::time::{Duration, Instant};
 
 use nix::poll::{poll, PollFd, PollFlags};
-use zcio_rdma::devices::{list_devices, PortState};
+use zcio_rdma::devices::{list_devices, LinkLayer, PortState};
 use zcio_rdma::verbs::{
     check_memlock, CompletionQueue, Context, CqMode, Endpoint, MemoryRegion, MrAccess,
     ProtectionDomain, QpConfig, QpState, QueuePair, Remote, Sge, WcOpcode, WcStatus,
@@ -250,6 +250,16 @@ fn devices_are_listed_with_ports_and_gids() {
     assert!(port.active_mtu.is_some());
     let gid = port.default_gid().expect("a usable GID");
     println!("default GID of {} port 1: {gid}", dev.name);
+    // A RoCE GID names the network interface it belongs to (rxe0: the one it was added on),
+    // and every name given is an interface that exists.
+    if port.link_layer == LinkLayer::Ethernet {
+        assert!(gid.netdev.is_some(), "{gid:?}");
+    }
+    for g in &port.gids {
+        if let Some(n) = &g.netdev {
+            assert!(nix::net::if_::if_nametoindex(n.as_str()).is_ok(), "{g:?}");
+        }
+    }
     assert_eq!(ctx.port_info(1).unwrap(), *port);
     assert!(ctx.caps().unwrap().max_sge >= 16);
 }

@@ -14,8 +14,18 @@
 //! The completion thread matches a reply to its slot by the id (`sequence << 16 | slot`),
 //! reposts the receive buffer at once (so a credit is never lost), copies inline or bounced
 //! payload into the destination segments, deregisters the request's on-the-fly regions and
-//! completes the [`Pending`]. The slot is free again when the reply is processed and its SEND
-//! has completed (the message buffer is then no longer the device's).
+//! completes the [`Pending`]. The slot is free again once the reply is processed: the server
+//! could only reply after the whole request message reached it, so the device is done with
+//! the message buffer whether or not the SEND's (usually unsignaled) completion was seen.
+//!
+//! # Structure
+//! The request state machine is plain data in [`ClientLane`] (free slots, ids in flight,
+//! which SEND is signaled, the request timeout, the checks on a server's replies), with the
+//! send-queue ledger ([`SendQueue`]) and the posted receives ([`Receives`]); all three are
+//! pure and tested on any host. This module is the driver: it holds them under each queue
+//! pair's lock, feeds them what happened (a reply, a send completion, a tick, the socket's
+//! end) and carries out what they answer (post, complete, fail). Connection set-up is in
+//! `setup`.
 //!
 //! # Failure
 //! An error completion, a malformed or unexpected reply, end of stream on the bootstrap

@@ -6,7 +6,7 @@
 //! server reads request payload from them and writes reply payload into them); the
 //! server's registers them `LOCAL_WRITE` only, so no client can touch server memory: every
 //! RDMA operation is initiated by the server. Registrations last as long as the pool (the
-//! memory region lives in the arena's [`RegionKeys::guard`]); a buffer's keys are
+//! memory region lives in the arena's [`RegionKeys::guard`](zcio::pool::RegionKeys::guard)); a buffer's keys are
 //! `buf.keys(id)`, found in O(1).
 
 use std::collections::HashMap;

@@ -3,9 +3,9 @@
 //! posted from any thread.
 //!
 //! # Accepting
-//! A [`HandshakeListener`] (shared with the TCP transport) hands every new bootstrap socket
+//! A [`HandshakeListener`](zcio::transport::accept::HandshakeListener) (shared with the TCP transport) hands every new bootstrap socket
 //! to a short-lived handshake thread (timeout [`HANDSHAKE_TIMEOUT`], or `server.idle_timeout`
-//! when shorter), so a silent client never stalls [`Listener::accept`]; at most
+//! when shorter), so a silent client never stalls [`Listener::accept`](zcio::transport::Listener::accept); at most
 //! [`MAX_PENDING`] sockets are in handshake or wait for `accept`.
 //!
 //! # Requests
@@ -27,6 +27,15 @@
 //! the reply is seen. The payload buffers and the message stay held until the SEND
 //! completes. Posting waits when the send queue is full (its depth covers at least one
 //! request's worst case; see `SendQueue`).
+//!
+//! # Structure
+//! The request state machine is plain data in [`ServerLane`] (which slot holds which request
+//! at which stage, the checks on a client's ids and credits, what `recv` does next), with the
+//! send-queue ledger ([`SendQueue`]) and the posted receives ([`Receives`]); all three are
+//! pure and tested on any host. This module is the driver: it holds them under each queue
+//! pair's locks, feeds them what happened (a request, a READ completion, `recv`, a reply,
+//! the socket's end) and carries out what they answer (post READs, hand a request out, post
+//! the reply, fail). Connection set-up is in `setup`.
 //!
 //! # Failure
 //! An error completion (a client's bogus memory key shows up as a remote access error of
