@@ -3,9 +3,13 @@
 //! Reliable-connected (RC) queue pairs set up over a TCP bootstrap connection; headers
 //! travel by SEND into pre-posted receive buffers, payload moves by RDMA READ and RDMA
 //! WRITE, all initiated by the server, between registered pool buffers. The wire formats
-//! ([`bootstrap`], [`msg`]) and the work-request planner ([`plan`]) are pure, `unsafe`-free
-//! modules that compile without the `rdma` feature (unit-tested and fuzzable);
-//! [`RdmaTransport`] and everything that touches a device need the feature.
+//! ([`bootstrap`], [`msg`]), the work-request planner ([`plan`]) and each side's request
+//! state machine with the send-queue ledger ([`lane`]) are pure, `unsafe`-free modules that
+//! compile without the `rdma` feature (unit- and property-tested on any host, fuzzable);
+//! [`RdmaTransport`] and everything that touches a device need the feature: the drivers
+//! (`client`, `server`, each with its connection set-up in `setup`) feed the state machines
+//! what happens and carry out what they answer, and `verbs` holds every `unsafe` block but
+//! one.
 //!
 //! ## Memory and registration
 //! One device context and one protection domain per device and process, opened lazily.
@@ -189,6 +193,7 @@
 //! pairs.
 
 pub mod bootstrap;
+pub mod lane;
 pub mod msg;
 pub mod plan;
 

@@ -5,7 +5,7 @@
 //!   memory, registered with [`MrAccess::LocalWrite`] or [`MrAccess::RemoteReadWrite`]).
 //! - [`CompletionQueue`]: a basic CQ (not the extended one, which is broken on rxe with
 //!   rdma-core 44), optionally with a completion channel so waiting blocks instead of
-//!   spinning ([`CqMode`]). Polling fills a caller-provided array of [`Completion`]s.
+//!   spinning ([`CqMode`]). Polling fills a caller-provided array of [`WorkCompletion`]s.
 //! - [`QueuePair`]: an RC queue pair; [`Endpoint`] is what the peer needs to connect to it,
 //!   with a fixed binary encoding for the TCP bootstrap exchange.
 //!
@@ -30,6 +30,8 @@ pub(crate) mod context;
 mod cq;
 #[cfg(feature = "rdma")]
 mod qp;
+#[cfg(feature = "rdma")]
+mod registrar;
 
 pub use endpoint::Endpoint;
 pub use memlock::{check_memlock, has_ipc_lock_capability, memlock_limit};
@@ -38,8 +40,10 @@ pub use types::{Mtu, QpState};
 #[cfg(feature = "rdma")]
 pub use context::{Context, DeviceCaps, MemoryRegion, MrAccess, ProtectionDomain};
 #[cfg(feature = "rdma")]
-pub(crate) use cq::poll_timeout_ms;
+pub(crate) use cq::{is_ready, poll_fds, poll_timeout_ms};
 #[cfg(feature = "rdma")]
-pub use cq::{Completion, CompletionQueue, CqMode, WcOpcode, WcStatus};
+pub use cq::{CompletionQueue, CqMode, WcOpcode, WcStatus, WorkCompletion};
 #[cfg(feature = "rdma")]
 pub use qp::{QpCaps, QpConfig, QueuePair, Remote, Sge};
+#[cfg(feature = "rdma")]
+pub(crate) use registrar::ArenaRegistrar;

@@ -12,10 +12,12 @@ use std::alloc::Layout;
 use std::error::Error as _;
 use std::time::{Duration, Instant};
 
-use zcio_rdma::devices::{list_devices, PortState};
+use nix::poll::{poll, PollFd, PollFlags};
+use zcio_rdma::devices::{list_devices, LinkLayer, PortState};
 use zcio_rdma::verbs::{
-    check_memlock, Completion, CompletionQueue, Context, CqMode, Endpoint, MemoryRegion, MrAccess,
+    check_memlock, CompletionQueue, Context, CqMode, Endpoint, MemoryRegion, MrAccess,
     ProtectionDomain, QpConfig, QpState, QueuePair, Remote, Sge, WcOpcode, WcStatus,
+    WorkCompletion,
 };
 use zcio_rdma::RdmaError;
 
@@ -168,11 +170,11 @@ impl Side {
         }
     }
 
-    fn wait_one(&self) -> Completion {
+    fn wait_one(&self) -> WorkCompletion {
         wait_one(&self.cq)
     }
 
-    fn expect_ok(&self, wr_id: u64, opcode: WcOpcode) -> Completion {
+    fn expect_ok(&self, wr_id: u64, opcode: WcOpcode) -> WorkCompletion {
         let c = self.wait_one();
         assert_eq!(c.status, WcStatus::Success, "{c:?}");
         assert_eq!(c.wr_id, wr_id, "{c:?}");
@@ -183,8 +185,8 @@ impl Side {
 }
 
 /// Waits for exactly one completion.
-fn wait_one(cq: &CompletionQueue) -> Completion {
-    let mut out = [Completion::EMPTY; 1];
+fn wait_one(cq: &CompletionQueue) -> WorkCompletion {
+    let mut out = [WorkCompletion::EMPTY; 1];
     let n = cq
         .wait(&mut out, Some(WAIT))
         .unwrap_or_else(|e| panic!("wait: {}", chain(&e)));
@@ -238,6 +240,16 @@ fn devices_are_listed_with_ports_and_gids() {
     assert!(port.active_mtu.is_some());
     let gid = port.default_gid().expect("a usable GID");
     println!("default GID of {} port 1: {gid}", dev.name);
+    // A RoCE GID names the network interface it belongs to (rxe0: the one it was added on),
+    // and every name given is an interface that exists.
+    if port.link_layer == LinkLayer::Ethernet {
+        assert!(gid.netdev.is_some(), "{gid:?}");
+    }
+    for g in &port.gids {
+        if let Some(n) = &g.netdev {
+            assert!(nix::net::if_::if_nametoindex(n.as_str()).is_ok(), "{g:?}");
+        }
+    }
     assert_eq!(ctx.port_info(1).unwrap(), *port);
     assert!(ctx.caps().unwrap().max_sge >= 16);
 }
@@ -377,7 +389,7 @@ fn unsignaled_requests_complete_with_the_next_signaled_one() {
     assert!(p.b.buf.read(0, 16 * 1024) == src[..16 * 1024], "WRITE data");
     assert!(p.a.buf.read(64 * 1024, 8192) == src[..8192], "READ data");
     // Nothing else was queued on either side.
-    let mut out = [Completion::EMPTY; 4];
+    let mut out = [WorkCompletion::EMPTY; 4];
     assert_eq!(p.a.cq.poll(&mut out).unwrap(), 0);
     assert_eq!(p.b.cq.poll(&mut out).unwrap(), 0);
     // An unsignaled inline SEND produces no completion on the sender either.
@@ -390,16 +402,10 @@ fn unsignaled_requests_complete_with_the_next_signaled_one() {
 }
 
 /// Whether `cq`'s completion channel has an event within `ms` milliseconds.
-fn channel_ready(cq: &CompletionQueue, ms: i32) -> bool {
+fn channel_ready(cq: &CompletionQueue, ms: u16) -> bool {
     let fd = cq.event_fd().expect("an event-driven CQ");
-    let mut pfd = libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: one valid, writable pollfd; the channel stays open while `cq` lives.
-    let n = unsafe { libc::poll(&mut pfd, 1, ms) };
-    assert!(n >= 0, "poll: {}", std::io::Error::last_os_error());
+    let mut pfd = [PollFd::new(fd, PollFlags::POLLIN)];
+    let n = poll(&mut pfd, ms).expect("poll");
     n > 0
 }
 
@@ -548,7 +554,7 @@ fn bogus_rkey_is_a_remote_access_error_and_flushes_the_qp() {
     // rxe on Linux 6.1 accepts it and never completes it: allow both.
     match p.a.qp.post_recv(53, p.a.sge(8192, 64)) {
         Ok(()) => {
-            let mut out = [Completion::EMPTY; 2];
+            let mut out = [WorkCompletion::EMPTY; 2];
             match p.a.cq.wait(&mut out, Some(Duration::from_secs(2))).unwrap() {
                 0 => println!("receive posted in the error state was not flushed (rxe quirk)"),
                 n => {
@@ -559,7 +565,7 @@ fn bogus_rkey_is_a_remote_access_error_and_flushes_the_qp() {
         }
         Err(e) => println!("receive after error refused: {}", chain(&e)),
     }
-    let mut out = [Completion::EMPTY; 4];
+    let mut out = [WorkCompletion::EMPTY; 4];
     assert_eq!(p.a.cq.poll(&mut out).unwrap(), 0, "{out:?}");
 }
 
@@ -572,7 +578,7 @@ fn blocking_wait_sleeps_until_a_completion_arrives() {
     assert!(p.b.cq.event_fd().is_some());
 
     // Nothing outstanding: a wait with a timeout returns 0 after roughly that long.
-    let mut out = [Completion::EMPTY; 4];
+    let mut out = [WorkCompletion::EMPTY; 4];
     let start = Instant::now();
     assert_eq!(
         p.b.cq
@@ -614,7 +620,7 @@ fn post_poll_and_wait_do_not_allocate() {
     p.a.buf.write(0, &pattern(8192, 1));
     let write_sges = [p.a.sge(0, 4096), p.a.sge(4096, 4096)];
     let read_sges = [p.a.sge(64 * 1024, 8192)];
-    let mut out = [Completion::EMPTY; 8];
+    let mut out = [WorkCompletion::EMPTY; 8];
 
     let (completions, allocations) = allocations_in(|| {
         let mut seen = 0;
@@ -635,14 +641,14 @@ fn post_poll_and_wait_do_not_allocate() {
             while on_a < 4 {
                 let n = p.a.cq.wait(&mut out, Some(WAIT)).unwrap();
                 assert!(n > 0, "timed out");
-                assert!(out[..n].iter().all(Completion::is_success));
+                assert!(out[..n].iter().all(WorkCompletion::is_success));
                 on_a += n;
             }
             let mut on_b = 0;
             while on_b < 2 {
                 let n = p.b.cq.busy_wait(&mut out, Some(WAIT)).unwrap();
                 assert!(n > 0, "timed out");
-                assert!(out[..n].iter().all(Completion::is_success));
+                assert!(out[..n].iter().all(WorkCompletion::is_success));
                 on_b += n;
             }
             seen += on_a + on_b;

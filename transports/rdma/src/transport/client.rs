@@ -14,8 +14,18 @@
 //! The completion thread matches a reply to its slot by the id (`sequence << 16 | slot`),
 //! reposts the receive buffer at once (so a credit is never lost), copies inline or bounced
 //! payload into the destination segments, deregisters the request's on-the-fly regions and
-//! completes the [`Pending`]. The slot is free again when the reply is processed and its SEND
-//! has completed (the message buffer is then no longer the device's).
+//! completes the [`Pending`]. The slot is free again once the reply is processed: the server
+//! could only reply after the whole request message reached it, so the device is done with
+//! the message buffer whether or not the SEND's (usually unsignaled) completion was seen.
+//!
+//! # Structure
+//! The request state machine is plain data in [`ClientLane`] (free slots, ids in flight,
+//! which SEND is signaled, the request timeout, the checks on a server's replies), with the
+//! send-queue ledger ([`SendQueue`]) and the posted receives ([`Receives`]); all three are
+//! pure and tested on any host. This module is the driver: it holds them under each queue
+//! pair's lock, feeds them what happened (a reply, a send completion, a tick, the socket's
+//! end) and carries out what they answer (post, complete, fail). Connection set-up is in
+//! `setup`.
 //!
 //! # Failure
 //! An error completion, a malformed or unexpected reply, end of stream on the bootstrap
@@ -25,37 +35,30 @@
 //! then every request in flight is taken out with its segments, regions and bounce buffers,
 //! and completes with an error; receive buffers go back to the connection's control pool.
 
-use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use zcio::config::{Config, RdmaConfig};
 use zcio::pool::RegistrarId;
 use zcio::transport::{
     check_request, recv_len, send_len, ClientConn, Completer, CompletionCell, Limits, Pending,
-    Progress, RecvSeg, Reply, Request, SendSeg, MAX_HEADER,
+    Progress, RecvSeg, Reply, Request, SendSeg,
 };
 use zcio::{Error, IobufMut, Pool, Result};
 
-use super::bootstrap::{Hello, Role, HELLO_LEN, MAX_CREDITS, MAX_QUEUE_PAIRS};
 use super::conn::{
-    buf_sge, chain, connection_limits, control_bytes, control_pool, create_qp, describe_failure,
-    exchange_ready, msg_limits, post_recv_buf, qp_inline, recv_exact, round_page, send_all,
-    spawn_conn_thread, tick_for, wr_id, wr_parts, ConnCore, Poller, QpSizes, SendQueue, KIND_RECV,
-    KIND_SEND,
+    buf_sge, chain, describe_failure, post_recv_buf, wr_id, wr_parts, LaneEvents, Poller,
+    SendQueue, KIND_RECV, KIND_SEND,
 };
-use super::device::{device, register_err, registrar_id, Device, Side};
-use super::msg::{
-    decode_reply, encode_request, max_request_len, reply_len, request_len, Desc, MsgLimits,
-    RequestHead, DESC_LEN, REQUEST_FIXED,
-};
+use super::device::register_err;
+use super::lane::client::ClientLane;
+use super::lane::receives::Receives;
+use super::msg::{decode_reply, encode_request, request_len, Desc, MsgLimits, RequestHead};
 use super::plan::push_desc;
-use super::{bootstrap_err, handshake_io_err, lock, memlock_err, rdma_err, Faults, MAX_INLINE};
-use crate::verbs::{
-    check_memlock, Completion, CompletionQueue, MemoryRegion, MrAccess, ProtectionDomain, QueuePair,
-};
+use super::{lock, Faults, MAX_INLINE};
+use crate::verbs::{MemoryRegion, MrAccess, ProtectionDomain, QueuePair, WorkCompletion};
 
 /// A run of small receive segments bounced through one pool buffer.
 struct RecvBounce {
@@ -108,17 +111,14 @@ struct InFlight {
     send: Vec<SendSeg>,
     recv: Vec<RecvSeg>,
     recv_cap: usize,
-    started: Instant,
     scratch: Scratch,
 }
 
-/// One credit.
+/// One credit's data; whether it is taken is [`ClientLane`]'s. A slot (and its message
+/// buffer) is free again once the reply is in: the server could only reply after the whole
+/// request message reached it, so the device is done reading the buffer, whether or not the
+/// SEND's completion (usually unsignaled) has been seen.
 struct Slot {
-    /// Taken by a `start` or in use by a request. A slot (and its message buffer) is free
-    /// again once the reply is in: the server could only reply after the whole request
-    /// message reached it, so the device is done reading the buffer, whether or not the
-    /// SEND's completion (usually unsignaled) has been seen.
-    busy: bool,
     /// The private message buffer (lent out while a request is being prepared).
     msg: Option<IobufMut>,
     /// Working storage (lent out while a request is prepared or completed).
@@ -126,25 +126,23 @@ struct Slot {
     req: Option<InFlight>,
 }
 
-struct State {
+struct LaneState {
     dead: Option<String>,
     /// Destroyed (set to `None`) first thing when the connection fails.
     qp: Option<QueuePair>,
-    recv: Vec<Option<IobufMut>>,
+    recv: Receives<IobufMut>,
     slots: Vec<Slot>,
-    free: Vec<usize>,
-    next_seq: u64,
+    /// Which slots are taken, the ids in flight, which SENDs are signaled.
+    requests: ClientLane,
     sq: SendQueue,
-    /// SENDs posted unsignaled since the last signaled one.
-    unsignaled: usize,
     /// Threads in `start` waiting for send-queue room.
     room_waiters: usize,
-    /// Where requests complete, reused (see [`State::completion`]).
+    /// Where requests complete, reused (see [`LaneState::completion`]).
     cells: Vec<CompletionCell<Reply>>,
     next_cell: usize,
 }
 
-impl State {
+impl LaneState {
     /// A completion pair for a new request, on the next cell that nothing holds any more.
     /// Cells are not tied to slots: a slot is free again as soon as its reply is in, which
     /// may be before the caller has waited on (and let go of) that request's [`Pending`].
@@ -167,26 +165,11 @@ impl State {
     }
 }
 
-/// The client's send-queue depth for `credits` requests in flight. Most request SENDs are
-/// posted unsignaled (one completion, one wake-up of the connection thread, less per
-/// request), and an unsignaled SEND keeps its entry until a later signaled one's completion
-/// is seen: twice the credits leaves room for a window of those behind the requests in
-/// flight.
-fn sq_depth(credits: usize) -> usize {
-    2 * credits + 1
-}
-
-/// Whether the next request SEND is signaled: one in every `credits`, and every one once
-/// the send queue is half full, so that a completion that frees room is always on its way.
-fn signal_send(unsignaled: usize, credits: usize, room_after: usize) -> bool {
-    unsignaled + 1 >= credits || room_after <= credits
-}
-
 /// A completion to deliver once the lock is released.
 type Done = (Completer<Reply>, Result<Reply>);
 
-struct Core {
-    state: Mutex<State>,
+struct Lane {
+    state: Mutex<LaneState>,
     /// Signalled when a slot frees up or the connection dies.
     cond: Condvar,
     /// Signalled when send-queue room frees up (and there are waiters) or the connection
@@ -239,319 +222,24 @@ impl Ended {
 }
 
 /// One queue pair of a client connection.
-struct Lane {
-    core: Arc<Core>,
+struct LaneHandle {
+    lane: Arc<Lane>,
     /// The queue pair's thread (completions and liveness); it ends soon after the
     /// connection fails (the socket is shut down, which wakes it).
     thread: Option<JoinHandle<()>>,
 }
 
+mod setup;
+pub(crate) use setup::connect;
+
 /// A client connection (see the module documentation): one or more queue pairs, each with
 /// its own slots, completion queue and thread; a request goes to the least busy one.
 pub(crate) struct RdmaClientConn {
-    lanes: Vec<Lane>,
+    lanes: Vec<LaneHandle>,
     limits: Limits,
     /// Where the search for the least busy queue pair starts (round robin among equals).
     next: AtomicUsize,
     peer: String,
-}
-
-fn tcp_connect(target: &str, timeout: Duration) -> Result<TcpStream> {
-    let addrs: Vec<SocketAddr> = target
-        .to_socket_addrs()
-        .map_err(|e| Error::io(format!("resolving {target}"), e))?
-        .collect();
-    let mut last = std::io::Error::new(
-        std::io::ErrorKind::NotFound,
-        "the name resolved to no address",
-    );
-    for a in &addrs {
-        match TcpStream::connect_timeout(a, timeout) {
-            Ok(s) => return Ok(s),
-            Err(e) => last = e,
-        }
-    }
-    Err(Error::io(
-        format!("tcp connect to {target} (rdma bootstrap)"),
-        last,
-    ))
-}
-
-/// Connects to `cfg.client.connect`: bootstrap, queue pairs, threads.
-pub(crate) fn connect(faults: Faults, cfg: &Config, pool: &Pool) -> Result<RdmaClientConn> {
-    let r = &cfg.rdma;
-    let dev = device(r)?;
-    let timeout = cfg.client.timeout;
-    let offer = u8::try_from(r.queue_pairs.clamp(1, usize::from(MAX_QUEUE_PAIRS))).unwrap_or(1);
-    let p = LaneParams {
-        credits: r
-            .credits
-            .div_ceil(usize::from(offer))
-            .clamp(1, MAX_CREDITS as usize),
-        inline: r.inline_threshold.min(MAX_INLINE),
-        max_segments: cfg.limits.max_segments.clamp(1, usize::from(u16::MAX)),
-        max_payload: cfg.limits.max_payload.min(1 << 30),
-    };
-    let classes = p.classes();
-    check_memlock((pool.total_bytes() + usize::from(offer) * control_bytes(&classes)) as u64)
-        .map_err(memlock_err)?;
-    let reg = registrar_id(&dev, pool, Side::Client)?;
-
-    let target = &cfg.client.connect;
-    let sock = tcp_connect(target, timeout)?;
-    let peer = sock
-        .peer_addr()
-        .map_or_else(|_| target.clone(), |a| a.to_string());
-    let setup = |e| Error::io(format!("setting up the bootstrap socket to {peer}"), e);
-    sock.set_nodelay(true).map_err(setup)?;
-    sock.set_read_timeout(Some(timeout)).map_err(setup)?;
-    sock.set_write_timeout(Some(timeout)).map_err(setup)?;
-    let hs = |e| handshake_io_err(&peer, timeout, e);
-
-    // The first hello pair settles how many queue pairs; then one pair per further one.
-    let first = open_lane(&sock, &dev, r, &p, offer, &peer, &hs)?;
-    let n = first.granted;
-    if n == 0 || n > offer {
-        return Err(Error::decode(
-            "rdma handshake",
-            format!("the server {peer} granted {n} queue pairs, {offer} were offered"),
-        ));
-    }
-    let first_limits = first.limits;
-    let mut lanes = vec![first];
-    for i in 1..n {
-        let lane = open_lane(&sock, &dev, r, &p, n, &peer, &hs)?;
-        if lane.granted != n {
-            return Err(Error::decode(
-                "rdma handshake",
-                format!(
-                    "the server {peer} says {} queue pairs in hello {}, {n} were agreed",
-                    lane.granted,
-                    i + 1
-                ),
-            ));
-        }
-        lanes.push(lane);
-    }
-    exchange_ready(&sock, &format!("the server {peer}"), &hs)?;
-    sock.set_read_timeout(None).map_err(setup)?;
-
-    let limits = connection_limits(first_limits, lanes[1..].iter().map(|l| l.limits));
-    let ended = Arc::new(Ended::default());
-    let mut cores = Vec::with_capacity(lanes.len());
-    for l in lanes {
-        let ClientLane {
-            qp,
-            cq,
-            recv,
-            ctl,
-            ctl_reg,
-            limits,
-            req_size,
-            ..
-        } = l;
-        let credits = limits.max_in_flight;
-        let mut slots = Vec::with_capacity(credits);
-        for _ in 0..credits {
-            slots.push(Slot {
-                busy: false,
-                msg: Some(ctl.get_control(req_size)?),
-                scratch: Some(Scratch::with_capacity(limits.max_segments)),
-                req: None,
-            });
-        }
-        let max_inline_send = qp.caps().max_inline_data as usize;
-        cores.push(Arc::new(Core {
-            state: Mutex::new(State {
-                dead: None,
-                qp: Some(qp),
-                recv,
-                slots,
-                free: (0..credits).rev().collect(),
-                next_seq: 1,
-                sq: SendQueue::new(sq_depth(credits), 0),
-                unsignaled: 0,
-                room_waiters: 0,
-                cells: (0..2 * credits).map(|_| CompletionCell::new()).collect(),
-                next_cell: 0,
-            }),
-            cond: Condvar::new(),
-            room_cv: Condvar::new(),
-            dead: AtomicBool::new(false),
-            busy: AtomicUsize::new(0),
-            ended: ended.clone(),
-            sock: sock.try_clone().map_err(setup)?,
-            pool: pool.clone(),
-            reg,
-            ctl_reg,
-            pd: dev.pd.clone(),
-            limits,
-            msg_limits: msg_limits(&limits),
-            register_threshold: r.register_threshold.min(pool.max_buffer_size()).max(1),
-            max_inline_send,
-            timeout,
-            peer: peer.clone(),
-            faults,
-            poller: Arc::new(
-                Poller::new(cq, r.spin, false)
-                    .map_err(|e| Error::io("creating the completion poller's eventfds", e))?,
-            ),
-            _ctl: ctl,
-        }));
-    }
-    let mut conn = RdmaClientConn {
-        lanes: Vec::with_capacity(cores.len()),
-        limits,
-        next: AtomicUsize::new(0),
-        peer: peer.clone(),
-    };
-    for (i, core) in cores.into_iter().enumerate() {
-        let live_sock = sock.try_clone().map_err(setup)?;
-        let thread = spawn_conn_thread(
-            core.clone(),
-            core.poller.clone(),
-            tick_for(timeout),
-            live_sock,
-            &format!("zcio-rdma-cli{i}"),
-        );
-        conn.lanes.push(Lane { core, thread: None });
-        match thread {
-            Ok(t) => conn.lanes[i].thread = Some(t),
-            // Dropping `conn` closes the queue pairs set up so far.
-            Err(e) => return Err(e),
-        }
-    }
-    tracing::debug!(%peer, ?limits, queue_pairs = n, "rdma client connected");
-    Ok(conn)
-}
-
-/// What every queue pair of a client connection asks for.
-struct LaneParams {
-    credits: usize,
-    inline: usize,
-    max_segments: usize,
-    max_payload: usize,
-}
-
-impl LaneParams {
-    fn reply_size(&self) -> usize {
-        round_page(reply_len(MAX_HEADER, self.inline))
-    }
-
-    fn req_size(&self) -> usize {
-        round_page(max_request_len(MAX_HEADER, self.max_segments, self.inline))
-    }
-
-    /// One queue pair's control pool: reply receives, request messages.
-    fn classes(&self) -> [(usize, usize); 2] {
-        [
-            (self.reply_size(), self.credits),
-            (self.req_size(), self.credits),
-        ]
-    }
-}
-
-/// One queue pair of a connection being set up, connected.
-struct ClientLane {
-    // Field order is drop order: the queue pair goes before the buffers it may write into.
-    qp: QueuePair,
-    cq: CompletionQueue,
-    recv: Vec<Option<IobufMut>>,
-    ctl: Pool,
-    ctl_reg: RegistrarId,
-    /// This queue pair's negotiated limits (`max_in_flight`: its credits).
-    limits: Limits,
-    req_size: usize,
-    /// The number of queue pairs the server's hello gives.
-    granted: u8,
-}
-
-/// Sets up one queue pair: creates it, posts its receives, sends this side's hello (saying
-/// `n` queue pairs), reads the server's and connects the queue pair to it.
-fn open_lane(
-    sock: &TcpStream,
-    dev: &Device,
-    r: &RdmaConfig,
-    p: &LaneParams,
-    n: u8,
-    peer: &str,
-    hs: &dyn Fn(std::io::Error) -> Error,
-) -> Result<ClientLane> {
-    let ctl = control_pool(&p.classes())?;
-    let ctl_reg = registrar_id(dev, &ctl, Side::Control)?;
-    let reply_size = p.reply_size();
-    // Declared before the queue pair so that on an early return the queue pair (dropped
-    // first) is destroyed before the buffers it may write into go back.
-    let mut recv: Vec<Option<IobufMut>> = Vec::with_capacity(p.credits);
-    let (cq, mut qp) = create_qp(
-        dev,
-        r,
-        &QpSizes {
-            send_wr: sq_depth(p.credits),
-            recv_wr: p.credits,
-            inline: qp_inline(p.inline),
-            remote_access: true,
-        },
-    )?;
-    for i in 0..p.credits {
-        let b = ctl.get_control(reply_size)?;
-        post_recv_buf(&qp, i, &b, ctl_reg).map_err(|e| Error::Transport {
-            transport: "rdma",
-            what: "posting the initial receives".into(),
-            source: e.into(),
-        })?;
-        recv.push(Some(b));
-    }
-    let ours = Hello {
-        role: Role::Client,
-        queue_pairs: n,
-        endpoint: qp.local_endpoint(),
-        credits: p.credits as u32,
-        max_segments: p.max_segments as u32,
-        max_payload: p.max_payload as u32,
-        max_header: MAX_HEADER as u32,
-        inline_threshold: p.inline as u32,
-        recv_size: reply_size as u32,
-    };
-    send_all(sock, &ours.encode()).map_err(hs)?;
-    let mut b = [0u8; HELLO_LEN];
-    recv_exact(sock, &mut b).map_err(hs)?;
-    let theirs = Hello::decode(&b, Role::Server).map_err(|e| bootstrap_err(e, peer))?;
-    let credits = p.credits.min(theirs.credits as usize);
-    let max_header = MAX_HEADER.min(theirs.max_header as usize);
-    let inline = p.inline.min(theirs.inline_threshold as usize);
-    let fit = (theirs.recv_size as usize).saturating_sub(REQUEST_FIXED + max_header + inline)
-        / (2 * DESC_LEN);
-    let max_segments = p.max_segments.min(theirs.max_segments as usize).min(fit);
-    if max_segments == 0 {
-        return Err(Error::decode(
-            "rdma handshake",
-            format!(
-                "the server {peer} takes messages of {} bytes: too small for a request",
-                theirs.recv_size
-            ),
-        ));
-    }
-    qp.connect(&theirs.endpoint)
-        .map_err(|e| rdma_err(format!("connecting the queue pair to {peer}"), e))?;
-    tracing::debug!(%peer, local = %qp.local_endpoint(), remote = %theirs.endpoint, "rdma queue pair connected");
-    Ok(ClientLane {
-        qp,
-        cq,
-        recv,
-        ctl,
-        ctl_reg,
-        limits: Limits {
-            max_segments,
-            max_payload: p.max_payload.min(theirs.max_payload as usize),
-            max_header,
-            max_in_flight: credits,
-            inline_threshold: inline,
-            rdma_payload: true,
-        },
-        req_size: p.req_size(),
-        granted: theirs.queue_pairs,
-    })
 }
 
 /// Where a send segment's bytes are.
@@ -559,8 +247,8 @@ fn send_ptr(s: &SendSeg) -> *const u8 {
     s.as_slice().as_ptr()
 }
 
-impl Core {
-    fn lock(&self) -> MutexGuard<'_, State> {
+impl Lane {
+    fn lock(&self) -> MutexGuard<'_, LaneState> {
         lock(&self.state)
     }
 
@@ -570,7 +258,7 @@ impl Core {
             .saturating_sub(self.busy.load(Ordering::Relaxed))
     }
 
-    fn closed_err(&self, st: &State) -> Error {
+    fn closed_err(&self, st: &LaneState) -> Error {
         Error::ConnectionClosed(st.dead.clone().unwrap_or_default())
     }
 
@@ -582,10 +270,9 @@ impl Core {
             if st.dead.is_some() {
                 return Err(self.closed_err(&st));
             }
-            if let Some(i) = st.free.pop() {
+            if let Some(i) = st.requests.acquire() {
                 let slot = &mut st.slots[i];
                 if let (Some(scratch), Some(msg)) = (slot.scratch.take(), slot.msg.take()) {
-                    slot.busy = true;
                     self.busy.fetch_add(1, Ordering::Relaxed);
                     return Ok((i, scratch, msg));
                 }
@@ -612,7 +299,7 @@ impl Core {
                 Some(deadline),
             );
             st = self.lock();
-            if !st.free.is_empty() || st.dead.is_some() {
+            if st.requests.free_slots() > 0 || st.dead.is_some() {
                 continue;
             }
             let now = Instant::now();
@@ -633,11 +320,17 @@ impl Core {
         let slot = &mut st.slots[i];
         slot.scratch = Some(scratch);
         slot.msg = Some(msg);
-        slot.busy = false;
-        st.free.push(i);
+        let refused = st.requests.release(i);
+        let done = match refused {
+            Ok(()) => Vec::new(),
+            Err(e) => self.fail_locked(&mut st, e.to_string(), None),
+        };
         drop(st);
         self.busy.fetch_sub(1, Ordering::Relaxed);
         self.cond.notify_one();
+        if refused.is_err() {
+            self.finish_fail(done);
+        }
     }
 
     fn register(&self, ptr: *mut u8, len: usize, access: MrAccess) -> Result<MemoryRegion> {
@@ -892,7 +585,7 @@ impl Core {
     /// flight out; the caller completes them once the lock is released.
     fn fail_locked(
         &self,
-        st: &mut State,
+        st: &mut LaneState,
         reason: String,
         mut culprit: Option<(u64, Error)>,
     ) -> Vec<Done> {
@@ -905,10 +598,9 @@ impl Core {
         self.dead.store(true, Ordering::SeqCst);
         // First: after this the device touches none of our memory.
         st.qp = None;
-        for r in st.recv.iter_mut() {
-            *r = None;
-        }
+        st.recv.clear();
         st.sq.clear();
+        st.requests.fail();
         let mut done = Vec::new();
         for slot in st.slots.iter_mut() {
             if let Some(f) = slot.req.take() {
@@ -953,14 +645,8 @@ impl Core {
             send,
             mut recv,
         } = req;
-        let seq = {
-            let mut st = self.lock();
-            let s = st.next_seq;
-            // Ids stay below 2^56: the server keeps the top byte for itself.
-            st.next_seq = (st.next_seq + 1) & ((1 << 40) - 1);
-            s
-        };
-        let id = (seq << 16) | i as u64;
+        // Ids stay below 2^56: the server keeps the top byte for itself.
+        let id = self.lock().requests.next_id(i);
         let (msg_len, recv_cap) =
             match self.prepare(id, &header, &send, &mut recv, &mut scratch, &mut msg) {
                 Ok(v) => v,
@@ -995,9 +681,7 @@ impl Core {
         let sge = buf_sge(&msg, msg_len, self.ctl_reg);
         let st = &mut *st;
         let sq_seq = st.sq.next_seq();
-        let credits = self.limits.max_in_flight;
-        let signaled = signal_send(st.unsignaled, credits, st.sq.room());
-        st.unsignaled = if signaled { 0 } else { st.unsignaled + 1 };
+        let signaled = st.requests.signal_next(st.sq.room());
         let wr = wr_id(KIND_SEND, i, sq_seq);
         let posted = match (&st.qp, sge) {
             (Some(qp), _) if inline && signaled => qp.post_send_inline(wr, &[&msg[..msg_len]]),
@@ -1015,15 +699,19 @@ impl Core {
             send,
             recv,
             recv_cap,
-            started: Instant::now(),
             scratch,
         });
-        if let Err(e) = posted {
-            let done = self.fail_locked(
-                st,
-                format!("posting a request to {} failed: {}", self.peer, chain(&e)),
-                None,
-            );
+        let failed = match (posted, st.requests.sent(i, id, Instant::now())) {
+            (Err(e), _) => Some(format!(
+                "posting a request to {} failed: {}",
+                self.peer,
+                chain(&e)
+            )),
+            (Ok(()), Err(e)) => Some(e.to_string()),
+            (Ok(()), Ok(())) => None,
+        };
+        if let Some(reason) = failed {
+            let done = self.fail_locked(st, reason, None);
             self.finish_fail(done);
         }
         Ok(pending)
@@ -1056,12 +744,10 @@ impl Core {
             if st.dead.is_some() {
                 return;
             }
-            match st.recv.get_mut(ri).and_then(Option::take) {
-                Some(b) => b,
-                None => {
-                    let r = self.violation(format!(
-                        "a completion for receive {ri}, which is not posted"
-                    ));
+            match st.recv.take(ri) {
+                Ok(b) => b,
+                Err(e) => {
+                    let r = self.violation(e.to_string());
                     let done = self.fail_locked(&mut st, r, None);
                     drop(st);
                     self.finish_fail(done);
@@ -1083,76 +769,66 @@ impl Core {
             inline_bytes[..b.len()].copy_from_slice(b);
             b.len()
         });
-        let slot = (id & 0xffff) as usize;
         let taken = {
             let mut st = self.lock();
             if st.dead.is_some() {
                 return;
             }
             let st = &mut *st;
-            let ok = st
-                .slots
-                .get(slot)
-                .and_then(|s| s.req.as_ref())
-                .is_some_and(|f| f.id == id);
-            if !ok {
-                let r = self.violation(format!(
-                    "a reply for request id {id}, which is not in flight"
-                ));
-                let done = self.fail_locked(st, r, None);
-                drop(buf);
-                Err(done)
-            } else {
-                let mut f = st.slots[slot].req.take();
-                if let Some(f) = f.as_mut() {
-                    // Into the request's header buffer: no allocation for a reply header
-                    // no longer than the request's.
-                    f.header.clear();
-                    f.header.extend_from_slice(view.header);
+            match st.requests.reply_arrived(id) {
+                Err(v) => {
+                    let r = self.violation(v.to_string());
+                    let done = self.fail_locked(st, r, None);
+                    drop(buf);
+                    Err(done)
                 }
-                // Repost first: the server may send the next reply as soon as the client
-                // knows this one arrived.
-                let posted = match &st.qp {
-                    Some(qp) => post_recv_buf(qp, ri, &buf, self.ctl_reg),
-                    None => Ok(()),
-                };
-                st.recv[ri] = Some(buf);
-                match posted {
-                    Ok(()) => Ok(f),
-                    Err(e) => {
-                        let mut done =
-                            self.fail_locked(st, format!("reposting a receive: {e}"), None);
-                        if let Some(f) = f {
-                            done.push((f.completer, Err(Error::ConnectionClosed(e))));
+                Ok(slot) => {
+                    let mut f = st.slots[slot].req.take();
+                    if let Some(f) = f.as_mut() {
+                        // Into the request's header buffer: no allocation for a reply header
+                        // no longer than the request's.
+                        f.header.clear();
+                        f.header.extend_from_slice(view.header);
+                    }
+                    // Repost first: the server may send the next reply as soon as the client
+                    // knows this one arrived.
+                    let posted = match &st.qp {
+                        Some(qp) => post_recv_buf(qp, ri, &buf, self.ctl_reg),
+                        None => Ok(()),
+                    };
+                    st.recv.repost(ri, buf);
+                    match posted {
+                        Ok(()) => Ok((slot, f)),
+                        Err(e) => {
+                            let mut done =
+                                self.fail_locked(st, format!("reposting a receive: {e}"), None);
+                            if let Some(f) = f {
+                                done.push((f.completer, Err(Error::ConnectionClosed(e))));
+                            }
+                            Err(done)
                         }
-                        Err(done)
                     }
                 }
             }
         };
-        let mut f = match taken {
-            Ok(Some(f)) => f,
-            Ok(None) => return,
+        let (slot, mut f) = match taken {
+            Ok((slot, Some(f))) => (slot, f),
+            Ok((_, None)) => return,
             Err(done) => {
                 self.finish_fail(done);
                 return;
             }
         };
         // Check the reply against what the request offered.
-        let bad = if payload_len > f.recv_cap {
-            Some(format!(
-                "reply {id} carries {payload_len} payload bytes, the request has room for {}",
-                f.recv_cap
-            ))
-        } else if inline_len.is_none() && payload_len > 0 && f.scratch.recv_descs.is_empty() {
-            Some(format!(
-                "reply {id} claims {payload_len} bytes written, but the request offered none"
-            ))
-        } else {
-            None
-        };
-        if let Some(why) = bad {
-            let reason = self.violation(why);
+        let checked = ClientLane::check_reply(
+            id,
+            payload_len,
+            inline_len.is_some(),
+            f.recv_cap,
+            !f.scratch.recv_descs.is_empty(),
+        );
+        if let Err(why) = checked {
+            let reason = self.violation(why.to_string());
             let mut done = {
                 let mut st = self.lock();
                 self.fail_locked(&mut st, reason.clone(), None)
@@ -1186,11 +862,8 @@ impl Core {
         }));
         let mut guard = self.lock();
         let st = &mut *guard;
-        let s = &mut st.slots[slot];
-        s.scratch = Some(scratch);
-        if s.busy && st.dead.is_none() {
-            s.busy = false;
-            st.free.push(slot);
+        st.slots[slot].scratch = Some(scratch);
+        if st.dead.is_none() && st.requests.reply_done(slot) {
             drop(guard);
             self.busy.fetch_sub(1, Ordering::Relaxed);
             self.cond.notify_one();
@@ -1221,7 +894,7 @@ fn copy_out(recv: &mut [RecvSeg], bounces: &[RecvBounce], payload_len: usize) {
     }
 }
 
-impl Progress for Core {
+impl Progress for Lane {
     /// A thread waiting for its reply takes it off the completion channel itself (see
     /// [`Poller`]).
     fn progress(&self, done: &dyn Fn() -> bool, deadline: Option<Instant>) {
@@ -1233,8 +906,8 @@ impl Progress for Core {
     }
 }
 
-impl ConnCore for Core {
-    fn on_completion(&self, c: &Completion) {
+impl LaneEvents for Lane {
+    fn on_completion(&self, c: &WorkCompletion) {
         let (kind, slot, seq) = wr_parts(c.wr_id);
         if !c.is_success() {
             if self.dead.load(Ordering::SeqCst) {
@@ -1259,26 +932,18 @@ impl ConnCore for Core {
         if st.dead.is_some() {
             return;
         }
-        let oldest = st
-            .slots
-            .iter()
-            .filter_map(|s| s.req.as_ref())
-            .min_by_key(|f| f.started)
-            .map(|f| (f.id, f.started));
-        if let Some((id, started)) = oldest {
-            if started.elapsed() > self.timeout {
-                let reason = format!(
-                    "request {id} to {} got no reply within client.timeout ({:?})",
-                    self.peer, self.timeout
-                );
-                let culprit = Error::Timeout {
-                    what: format!("request {id} to {} over rdma", self.peer),
-                    after: self.timeout,
-                };
-                let done = self.fail_locked(&mut st, reason, Some((id, culprit)));
-                drop(st);
-                self.finish_fail(done);
-            }
+        if let Some(id) = st.requests.overdue(Instant::now(), self.timeout) {
+            let reason = format!(
+                "request {id} to {} got no reply within client.timeout ({:?})",
+                self.peer, self.timeout
+            );
+            let culprit = Error::Timeout {
+                what: format!("request {id} to {} over rdma", self.peer),
+                after: self.timeout,
+            };
+            let done = self.fail_locked(&mut st, reason, Some((id, culprit)));
+            drop(st);
+            self.finish_fail(done);
         }
     }
 
@@ -1308,13 +973,13 @@ impl ConnCore for Core {
 
 impl RdmaClientConn {
     /// The queue pair with the fewest slots taken, looking from the next in turn.
-    fn pick(&self) -> &Arc<Core> {
+    fn pick(&self) -> &Arc<Lane> {
         let n = self.lanes.len();
         let from = self.next.fetch_add(1, Ordering::Relaxed) % n;
-        let mut best = &self.lanes[from].core;
+        let mut best = &self.lanes[from].lane;
         let mut best_free = best.free_slots();
         for k in 1..n {
-            let c = &self.lanes[(from + k) % n].core;
+            let c = &self.lanes[(from + k) % n].lane;
             let f = c.free_slots();
             if f > best_free {
                 best = c;
@@ -1331,19 +996,19 @@ impl ClientConn for RdmaClientConn {
     }
 
     fn start(&self, req: Request) -> Result<Pending<Reply>> {
-        let core = self.pick();
-        if core.ended.yes.load(Ordering::SeqCst) {
+        let lane = self.pick();
+        if lane.ended.yes.load(Ordering::SeqCst) {
             return Err(Error::ConnectionClosed(
-                core.ended.reason().unwrap_or_default(),
+                lane.ended.reason().unwrap_or_default(),
             ));
         }
-        Core::start(core, req)
+        Lane::start(lane, req)
     }
 
     fn close(&self) {
         let reason = format!("the connection to {} was closed by this client", self.peer);
         for l in &self.lanes {
-            l.core.fail(reason.clone(), None);
+            l.lane.fail(reason.clone(), None);
         }
     }
 

@@ -1,8 +1,7 @@
-//! Machinery both ends of a connection share: work request ids, the send-queue ledger,
-//! private control pools, queue pair set-up, the bootstrap socket, and the thread every
-//! connection runs (completions and liveness).
+//! Machinery both ends of a connection share: private control pools, queue pair set-up,
+//! the bootstrap socket, and the thread every connection runs (completions and liveness).
+//! The work request ids and the send-queue ledger are pure, in [`super::lane::send_queue`].
 
-use std::collections::VecDeque;
 use std::io::{self, Read};
 use std::net::TcpStream;
 use std::os::fd::{AsFd, AsRawFd};
@@ -12,134 +11,30 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
+use nix::poll::{PollFd, PollFlags};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use nix::sys::socket::{send, MsgFlags};
 use zcio::config::RdmaConfig;
 use zcio::pool::{ClassConfig, PoolConfig, RegistrarId};
 use zcio::transport::Limits;
-use zcio::{Error, Iobuf, IobufMut, Pool, Result};
+use zcio::{Error, IobufMut, Pool, Result};
 
 use super::bootstrap::READY;
 use super::device::Device;
 use super::msg::MsgLimits;
 use super::rdma_err;
 use crate::verbs::{
-    poll_timeout_ms, Completion, CompletionQueue, CqMode, QpConfig, QueuePair, Sge, WcStatus,
+    is_ready, poll_fds, poll_timeout_ms, CompletionQueue, CqMode, Endpoint, QpConfig, QueuePair,
+    Sge, WcStatus, WorkCompletion,
 };
 use crate::RdmaError;
 
-/// Work request kinds, in the top byte of a `wr_id`.
-pub(crate) const KIND_RECV: u8 = 1;
-pub(crate) const KIND_SEND: u8 = 2;
-pub(crate) const KIND_WRITE: u8 = 3;
-pub(crate) const KIND_READ: u8 = 4;
-
-const SEQ_BITS: u32 = 40;
-const SEQ_MASK: u64 = (1 << SEQ_BITS) - 1;
+pub(crate) use super::lane::send_queue::{
+    wr_id, wr_parts, Held, SendQueue, KIND_READ, KIND_RECV, KIND_SEND, KIND_WRITE,
+};
 
 /// Largest scatter/gather list this transport builds (on the stack).
 pub(crate) const MAX_SGE: usize = 32;
-
-/// `wr_id` = kind (8 bits) | slot (16 bits) | send-queue sequence number (low 40 bits).
-pub(crate) fn wr_id(kind: u8, slot: usize, seq: u64) -> u64 {
-    (u64::from(kind) << 56) | (((slot as u64) & 0xffff) << SEQ_BITS) | (seq & SEQ_MASK)
-}
-
-/// The parts of a `wr_id`: kind, slot, low 40 bits of the sequence number.
-pub(crate) fn wr_parts(id: u64) -> (u8, usize, u64) {
-    (
-        (id >> 56) as u8,
-        ((id >> SEQ_BITS) & 0xffff) as usize,
-        id & SEQ_MASK,
-    )
-}
-
-/// What a posted send-queue work request needs kept alive until it completes. Never read:
-/// holding it is the point, and dropping it releases the buffer.
-#[derive(Debug)]
-#[allow(dead_code)]
-pub(crate) enum Held {
-    /// A control buffer holding a message.
-    Buf(IobufMut),
-    /// A payload buffer an RDMA WRITE gathers from.
-    View(Iobuf),
-}
-
-/// The send queue's ledger. Send-queue work requests of an RC queue pair complete in posting
-/// order, and only some are signaled (the last of each batch: a reply's SEND after its RDMA
-/// WRITEs, a request's last RDMA READ), so a completion retires every outstanding work
-/// request up to and including its own: the resources held for them are released, and their
-/// entries in the queue's depth are free again. Posting and completing happen under one
-/// lock (the client's state lock, the server's send-side lock), so sequence numbers follow
-/// the posting order.
-pub(crate) struct SendQueue {
-    room: usize,
-    next_post: u64,
-    next_done: u64,
-    held: VecDeque<(u64, Held)>,
-}
-
-impl SendQueue {
-    pub(crate) fn new(depth: usize, held_capacity: usize) -> SendQueue {
-        SendQueue {
-            room: depth,
-            next_post: 0,
-            next_done: 0,
-            held: VecDeque::with_capacity(held_capacity),
-        }
-    }
-
-    /// Free entries of the send queue.
-    pub(crate) fn room(&self) -> usize {
-        self.room
-    }
-
-    /// Takes one entry and gives the posting sequence number of the work request about to
-    /// be posted.
-    pub(crate) fn next_seq(&mut self) -> u64 {
-        self.room = self.room.saturating_sub(1);
-        let s = self.next_post;
-        self.next_post += 1;
-        s
-    }
-
-    /// Keeps `h` until work request `seq` completes.
-    pub(crate) fn hold(&mut self, seq: u64, h: Held) {
-        self.held.push_back((seq, h));
-    }
-
-    /// Retires every outstanding work request up to and including `seq_lo` (the low bits of
-    /// a posting sequence number), which must be outstanding.
-    pub(crate) fn complete(&mut self, seq_lo: u64) -> std::result::Result<(), String> {
-        let outstanding = self.next_post - self.next_done;
-        // How far past the oldest outstanding request `seq_lo` lies (modulo the wrap).
-        let ahead = seq_lo.wrapping_sub(self.next_done) & SEQ_MASK;
-        if ahead >= outstanding {
-            return Err(format!(
-                "a send-queue completion for sequence {seq_lo}, which is not outstanding \
-                 ({outstanding} outstanding from {})",
-                self.next_done & SEQ_MASK
-            ));
-        }
-        let done = self.next_done + ahead;
-        self.next_done = done + 1;
-        self.room += (ahead + 1) as usize;
-        while self.held.front().is_some_and(|(s, _)| *s <= done) {
-            self.held.pop_front();
-        }
-        Ok(())
-    }
-
-    /// True when every posted work request has completed.
-    pub(crate) fn idle(&self) -> bool {
-        self.next_done == self.next_post
-    }
-
-    /// Drops everything held (only once the queue pair is destroyed).
-    pub(crate) fn clear(&mut self) {
-        self.held.clear();
-    }
-}
 
 /// Rounds up to a whole number of 4 KiB pages.
 pub(crate) fn round_page(n: usize) -> usize {
@@ -198,6 +93,52 @@ pub(crate) fn post_recv_buf(
         .ok_or_else(|| "a control buffer without registration keys".to_string())?;
     qp.post_recv(wr_id(KIND_RECV, slot, 0), sge)
         .map_err(|e| format!("posting a receive: {}", chain(&e)))
+}
+
+/// Posts the first receives of a new queue pair: `credits` control buffers of `size` bytes
+/// from `ctl`, kept in `recv`. `recv` is the caller's, declared before the queue pair, so
+/// that on an early return the queue pair (dropped first) is destroyed before the buffers
+/// it may write into go back.
+pub(crate) fn post_initial_receives(
+    qp: &QueuePair,
+    ctl: &Pool,
+    reg: RegistrarId,
+    size: usize,
+    credits: usize,
+    recv: &mut Vec<Option<IobufMut>>,
+) -> Result<()> {
+    for i in 0..credits {
+        let b = ctl.get_control(size)?;
+        post_recv_buf(qp, i, &b, reg).map_err(|e| Error::Transport {
+            transport: "rdma",
+            what: "posting the initial receives".into(),
+            source: e.into(),
+        })?;
+        recv.push(Some(b));
+    }
+    Ok(())
+}
+
+/// Moves a new queue pair to RTR and RTS towards the peer's `remote` endpoint.
+pub(crate) fn connect_qp(qp: &mut QueuePair, remote: &Endpoint, peer: &str) -> Result<()> {
+    qp.connect(remote)
+        .map_err(|e| rdma_err(format!("connecting the queue pair to {peer}"), e))?;
+    tracing::debug!(%peer, local = %qp.local_endpoint(), %remote, "rdma queue pair connected");
+    Ok(())
+}
+
+/// A queue pair set up and connected, with everything it owns: what either side's
+/// set-up hands to the lane it starts.
+pub(crate) struct ConnectedQp {
+    // Field order is drop order: the queue pair goes before the buffers it may write into.
+    pub(crate) qp: QueuePair,
+    pub(crate) cq: CompletionQueue,
+    /// The receive buffers, `recv[i]` posted as receive `i`.
+    pub(crate) recv: Vec<Option<IobufMut>>,
+    pub(crate) ctl: Pool,
+    pub(crate) ctl_reg: RegistrarId,
+    /// This queue pair's negotiated limits (`max_in_flight`: its credits).
+    pub(crate) limits: Limits,
 }
 
 /// How to size one connection's queue pair.
@@ -385,9 +326,9 @@ pub(crate) fn tick_for(d: Duration) -> Duration {
 }
 
 /// What a connection's thread calls back into.
-pub(crate) trait ConnCore: Send + Sync + 'static {
+pub(crate) trait LaneEvents: Send + Sync + 'static {
     /// Handles one work completion.
-    fn on_completion(&self, c: &Completion);
+    fn on_completion(&self, c: &WorkCompletion);
     /// Periodic checks (timeouts); also called after every batch of completions.
     fn on_tick(&self);
     /// True once the connection has failed or closed: the thread ends.
@@ -480,15 +421,15 @@ impl Poller {
         !self.spin.is_zero()
     }
 
-    /// Takes the available completions (a batch) and hands each to `core`, under the lock.
+    /// Takes the available completions (a batch) and hands each to `lane`, under the lock.
     /// Returns how many. Lock order: this lock, then the connection's state lock (which
     /// `on_completion` takes); never the other way round.
-    pub(crate) fn drain<C: ConnCore + ?Sized>(&self, core: &C) -> Result<usize, RdmaError> {
+    pub(crate) fn drain<C: LaneEvents + ?Sized>(&self, lane: &C) -> Result<usize, RdmaError> {
         let _g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
-        let mut out = [Completion::EMPTY; 16];
+        let mut out = [WorkCompletion::EMPTY; 16];
         let n = self.cq.poll(&mut out)?;
         for c in &out[..n] {
-            core.on_completion(c);
+            lane.on_completion(c);
         }
         drop(_g);
         if n > 0 {
@@ -500,13 +441,13 @@ impl Poller {
     /// Polls (and handles) completions on this thread until `done()` or `rdma.spin_us` has
     /// passed; at once if spinning is off. Errors are left to the connection thread, which
     /// sees them too.
-    pub(crate) fn spin<C: ConnCore + ?Sized>(&self, core: &C, done: &dyn Fn() -> bool) {
+    pub(crate) fn spin<C: LaneEvents + ?Sized>(&self, lane: &C, done: &dyn Fn() -> bool) {
         if self.spin.is_zero() {
             return;
         }
         let deadline = Instant::now() + self.spin;
-        while !done() && !core.is_dead() {
-            if self.drain(core).is_err() || Instant::now() >= deadline {
+        while !done() && !lane.is_dead() {
+            if self.drain(lane).is_err() || Instant::now() >= deadline {
                 return;
             }
             std::hint::spin_loop();
@@ -540,13 +481,13 @@ impl Poller {
     /// it returns without `done()`, the connection thread is in the background mode, so
     /// the caller can block on its own wake-up. In [`crate::verbs::CqMode::BusyPoll`] the
     /// connection thread spins on the queue anyway: then this only spins.
-    pub(crate) fn wait<C: ConnCore + ?Sized>(
+    pub(crate) fn wait<C: LaneEvents + ?Sized>(
         &self,
-        core: &C,
+        lane: &C,
         done: &dyn Fn() -> bool,
         deadline: Option<Instant>,
     ) {
-        self.spin(core, done);
+        self.spin(lane, done);
         if self.cq.event_fd().is_none() {
             return;
         }
@@ -557,7 +498,7 @@ impl Poller {
             if done() && !over() {
                 return;
             }
-            if st.ended || core.is_dead() || over() {
+            if st.ended || lane.is_dead() || over() {
                 drop(st);
                 self.background(false);
                 return;
@@ -569,7 +510,7 @@ impl Poller {
                 // may wake both of us once, and if it takes ours, it wakes us (`wake`).
                 self.leave_channel();
                 LEADING.with(|l| l.set(true));
-                let led = lead_loop(1, |_| (self, core), done, deadline);
+                let led = lead_loop(1, |_| (self, lane), done, deadline);
                 LEADING.with(|l| l.set(false));
                 st = self.lead_state();
                 st.leader = false;
@@ -577,7 +518,7 @@ impl Poller {
                     self.follow_cv.notify_all();
                 }
                 drop(st);
-                if !matches!(led, Led::Stop) || over() {
+                if !matches!(led, LeaderExit::Stop) || over() {
                     // Not done: whoever completes it now must do so on their own.
                     self.background(false);
                 }
@@ -644,7 +585,7 @@ pub(crate) const LEAD_MAX: usize = 8;
 /// that a request reaches it without a hand-off from a connection thread. Returns false at
 /// once (the caller then waits as usual) for queues that busy-poll or more than
 /// [`LEAD_MAX`].
-pub(crate) fn lead_all<C: ConnCore>(
+pub(crate) fn lead_all<C: LaneEvents>(
     lanes: &[Arc<C>],
     poller: impl Fn(&C) -> &Poller,
     stop: &dyn Fn() -> bool,
@@ -666,11 +607,11 @@ pub(crate) fn lead_all<C: ConnCore>(
     for c in lanes {
         poller(c).lead_state().leader = false;
     }
-    !matches!(led, Led::Failed)
+    !matches!(led, LeaderExit::Failed)
 }
 
 /// How a leader's wait ended.
-enum Led {
+enum LeaderExit {
     /// `stop()` was true.
     Stop,
     /// A queue's connection ended.
@@ -682,12 +623,12 @@ enum Led {
 /// A leader's loop over `n` queues (`lane(k)`: a queue and what handles its completions):
 /// takes what they hold, arms them, and sleeps on their channels and wake-ups, until
 /// `stop()`, a connection's end, an error or `deadline`.
-fn lead_loop<'p, C: ConnCore + ?Sized + 'p>(
+fn lead_loop<'p, C: LaneEvents + ?Sized + 'p>(
     n: usize,
     lane: impl Fn(usize) -> (&'p Poller, &'p C),
     stop: &dyn Fn() -> bool,
     deadline: Option<Instant>,
-) -> Led {
+) -> LeaderExit {
     let drain_all = || -> Option<usize> {
         let mut took = 0;
         for k in 0..n {
@@ -696,76 +637,63 @@ fn lead_loop<'p, C: ConnCore + ?Sized + 'p>(
         }
         Some(took)
     };
-    let off = libc::pollfd {
-        fd: -1,
-        events: 0,
-        revents: 0,
-    };
     loop {
         if stop() {
-            return Led::Stop;
+            return LeaderExit::Stop;
         }
         if (0..n).any(|k| lane(k).1.is_dead()) {
-            return Led::Ended;
+            return LeaderExit::Ended;
         }
         match drain_all() {
-            None => return Led::Failed,
+            None => return LeaderExit::Failed,
             Some(0) => {}
             Some(_) => continue,
         }
         // A leader waits for messages (its reply, the next request): its own send-queue
         // completions, taken at its next drain anyway, need not wake it.
         if (0..n).any(|k| lane(k).0.cq.request_notify_solicited().is_err()) {
-            return Led::Failed;
+            return LeaderExit::Failed;
         }
         // Completions that raced the arming raise no event: look once more.
         match drain_all() {
-            None => return Led::Failed,
+            None => return LeaderExit::Failed,
             Some(0) => {}
             Some(_) => continue,
         }
         if stop() {
-            return Led::Stop;
+            return LeaderExit::Stop;
         }
         let ms = match poll_timeout_ms(deadline) {
-            None => return Led::Failed,
+            None => return LeaderExit::Failed,
             Some(-1) => RECHECK_MS,
             Some(ms) => ms.min(RECHECK_MS),
         };
-        let mut pfds = [off; 2 * LEAD_MAX];
-        for k in 0..n.min(LEAD_MAX) {
-            let p = lane(k).0;
-            pfds[2 * k] = libc::pollfd {
-                fd: p.cq.event_fd().unwrap_or(-1),
-                events: libc::POLLIN,
-                revents: 0,
-            };
-            pfds[2 * k + 1] = libc::pollfd {
-                fd: p.wake.as_fd().as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            };
-        }
+        // Queue k's channel at 2k and its wake-up at 2k + 1 (lead_all and wait only lead
+        // queues with a channel); past `count` the last queue's again, never looked at.
         let count = 2 * n.min(LEAD_MAX);
-        // SAFETY: `pfds` holds `count` <= 2 * LEAD_MAX valid, writable pollfds; the
-        // descriptors are the pollers' channels and eventfds, open while `lane` borrows them.
-        let ret = unsafe { libc::poll(pfds.as_mut_ptr(), count as libc::nfds_t, ms) };
-        if ret < 0 {
-            if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
-                continue;
+        let mut pfds: [PollFd<'_>; 2 * LEAD_MAX] = std::array::from_fn(|i| {
+            let p = lane(i.min(count - 1) / 2).0;
+            if i % 2 == 0 {
+                PollFd::new(p.cq.event_fd().unwrap_or(p.wake.as_fd()), PollFlags::POLLIN)
+            } else {
+                PollFd::new(p.wake.as_fd(), PollFlags::POLLIN)
             }
-            return Led::Failed;
+        });
+        match poll_fds(&mut pfds[..count], ms) {
+            Ok(_) => {}
+            Err(Errno::EINTR) => continue,
+            Err(_) => return LeaderExit::Failed,
         }
         for k in 0..n.min(LEAD_MAX) {
             let p = lane(k).0;
-            if pfds[2 * k + 1].revents != 0 {
+            if is_ready(&pfds[2 * k + 1]) {
                 let _ = p.wake.read();
                 if p.lead_state().ended {
-                    return Led::Ended;
+                    return LeaderExit::Ended;
                 }
             }
-            if pfds[2 * k].revents != 0 && p.cq.ack_event().is_err() {
-                return Led::Failed;
+            if is_ready(&pfds[2 * k]) && p.cq.ack_event().is_err() {
+                return LeaderExit::Failed;
             }
         }
     }
@@ -773,8 +701,8 @@ fn lead_loop<'p, C: ConnCore + ?Sized + 'p>(
 
 /// Starts a connection's thread: it waits on the completion channel and on the bootstrap
 /// socket at once (liveness), dispatches completions, and runs the periodic checks.
-pub(crate) fn spawn_conn_thread<C: ConnCore>(
-    core: Arc<C>,
+pub(crate) fn spawn_conn_thread<C: LaneEvents>(
+    lane: Arc<C>,
     poller: Arc<Poller>,
     tick: Duration,
     sock: TcpStream,
@@ -782,7 +710,7 @@ pub(crate) fn spawn_conn_thread<C: ConnCore>(
 ) -> Result<JoinHandle<()>> {
     std::thread::Builder::new()
         .name(name.to_string())
-        .spawn(move || conn_loop(&*core, &poller, &sock, tick))
+        .spawn(move || conn_loop(&*lane, &poller, &sock, tick))
         .map_err(|e| Error::io("spawning an rdma connection thread", e))
 }
 
@@ -809,9 +737,9 @@ fn socket_end(sock: &TcpStream) -> Option<Option<String>> {
     }
 }
 
-fn conn_loop<C: ConnCore>(core: &C, poller: &Poller, sock: &TcpStream, tick: Duration) {
+fn conn_loop<C: LaneEvents>(lane: &C, poller: &Poller, sock: &TcpStream, tick: Duration) {
     loop {
-        if core.is_dead() {
+        if lane.is_dead() {
             return;
         }
         let watch = poller.watching();
@@ -819,7 +747,7 @@ fn conn_loop<C: ConnCore>(core: &C, poller: &Poller, sock: &TcpStream, tick: Dur
             watch,
             [sock.as_fd(), poller.kick.as_fd()],
             Some(tick),
-            || poller.drain(core),
+            || poller.drain(lane),
         );
         match waited {
             Ok((taken, [readable, kicked])) => {
@@ -830,89 +758,29 @@ fn conn_loop<C: ConnCore>(core: &C, poller: &Poller, sock: &TcpStream, tick: Dur
                     if let Some(end) = socket_end(sock) {
                         // A reply (or request) the peer sent right before closing is
                         // already in the CQ: handle it before failing the connection.
-                        while let Ok(n) = poller.drain(core) {
+                        while let Ok(n) = poller.drain(lane) {
                             if n == 0 {
                                 break;
                             }
                         }
-                        core.on_socket_end(end);
+                        lane.on_socket_end(end);
                         return;
                     }
                 }
                 if !watch && taken == 0 && !kicked && !readable {
                     // The tick, while the channel is left to waiting threads: take what
                     // nobody has (a request whose caller has not waited yet).
-                    if let Err(e) = poller.drain(core) {
-                        core.on_cq_error(format!("polling completions failed: {}", chain(&e)));
+                    if let Err(e) = poller.drain(lane) {
+                        lane.on_cq_error(format!("polling completions failed: {}", chain(&e)));
                         return;
                     }
                 }
             }
             Err(e) => {
-                core.on_cq_error(format!("waiting for completions failed: {}", chain(&e)));
+                lane.on_cq_error(format!("waiting for completions failed: {}", chain(&e)));
                 return;
             }
         }
-        core.on_tick();
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn wr_ids_round_trip() {
-        for (k, s, q) in [
-            (KIND_READ, 4095usize, 1u64 << 39),
-            (KIND_RECV, 0, 0),
-            (KIND_SEND, 65535, SEQ_MASK),
-        ] {
-            assert_eq!(wr_parts(wr_id(k, s, q)), (k, s, q));
-        }
-        assert_eq!(wr_parts(wr_id(KIND_WRITE, 1, SEQ_MASK + 5)).2, 4);
-    }
-
-    #[test]
-    fn send_queue_retires_in_order() {
-        let mut q = SendQueue::new(4, 4);
-        assert!(q.complete(0).is_err());
-        let a = q.next_seq();
-        let b = q.next_seq();
-        let c = q.next_seq();
-        assert_eq!(q.room(), 1);
-        // b is signaled, a was not: b's completion retires both.
-        q.complete(b).unwrap();
-        assert_eq!(q.room(), 3);
-        assert!(!q.idle());
-        assert!(q.complete(a).is_err(), "a is already retired");
-        assert!(q.complete(c + 1).is_err(), "never posted");
-        q.complete(c).unwrap();
-        assert!(q.idle());
-        assert_eq!(q.room(), 4);
-    }
-
-    #[test]
-    fn send_queue_releases_held_through_the_signaled_request() {
-        let pool = control_pool(&[(4096, 4)]).unwrap();
-        let mut q = SendQueue::new(8, 4);
-        // Sequence numbers wrap at 40 bits; start just below.
-        q.next_post = SEQ_MASK - 1;
-        q.next_done = SEQ_MASK - 1;
-        let w1 = q.next_seq();
-        let s1 = q.next_seq();
-        q.hold(s1, Held::Buf(pool.get_control(4096).unwrap()));
-        let w2 = q.next_seq();
-        let s2 = q.next_seq();
-        q.hold(s2, Held::Buf(pool.get_control(4096).unwrap()));
-        assert_eq!(pool.stats().slots_in_use(), 2);
-        assert!(q.complete(w1 & SEQ_MASK).is_ok());
-        assert_eq!(pool.stats().slots_in_use(), 2, "s1 is not done yet");
-        q.complete(s1 & SEQ_MASK).unwrap();
-        assert_eq!(pool.stats().slots_in_use(), 1);
-        q.complete(s2 & SEQ_MASK).unwrap();
-        assert_eq!(pool.stats().slots_in_use(), 0);
-        assert!(q.idle());
-        assert!(q.complete(w2 & SEQ_MASK).is_err());
+        lane.on_tick();
     }
 }

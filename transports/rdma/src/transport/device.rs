@@ -6,20 +6,19 @@
 //! server reads request payload from them and writes reply payload into them); the
 //! server's registers them `LOCAL_WRITE` only, so no client can touch server memory: every
 //! RDMA operation is initiated by the server. Registrations last as long as the pool (the
-//! memory region lives in the arena's [`RegionKeys::guard`]); a buffer's keys are
+//! memory region lives in the arena's [`RegionKeys::guard`](zcio::pool::RegionKeys::guard)); a buffer's keys are
 //! `buf.keys(id)`, found in O(1).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 use zcio::config::RdmaConfig;
-use zcio::error::BoxError;
-use zcio::pool::{ArenaInfo, MemoryRegistrar, RegionKeys, RegistrarId};
+use zcio::pool::RegistrarId;
 use zcio::{Error, Pool, Result};
 
 use super::{lock, unavailable};
 use crate::devices::{list_devices, PortState};
-use crate::verbs::{Context, DeviceCaps, MrAccess, ProtectionDomain};
+use crate::verbs::{ArenaRegistrar, Context, DeviceCaps, MrAccess, ProtectionDomain};
 use crate::RdmaError;
 
 /// An open device with its protection domain.
@@ -48,7 +47,7 @@ fn devices() -> &'static Mutex<HashMap<String, Arc<Device>>> {
 /// (device name, pool id, side).
 type RegKey = (String, u64, Side);
 /// The registrar's id on its pool, and the registrar (alive as long as the pool is).
-type RegMap = HashMap<RegKey, (RegistrarId, Weak<Registrar>)>;
+type RegMap = HashMap<RegKey, (RegistrarId, Weak<ArenaRegistrar>)>;
 
 fn registrars() -> &'static Mutex<RegMap> {
     static R: OnceLock<Mutex<RegMap>> = OnceLock::new();
@@ -123,39 +122,6 @@ pub(crate) fn device(cfg: &RdmaConfig) -> Result<Arc<Device>> {
     Ok(dev)
 }
 
-/// Registers pool arenas with one protection domain.
-struct Registrar {
-    pd: ProtectionDomain,
-    access: MrAccess,
-    label: String,
-}
-
-impl MemoryRegistrar for Registrar {
-    fn name(&self) -> String {
-        self.label.clone()
-    }
-
-    fn register(&self, arena: &ArenaInfo) -> std::result::Result<RegionKeys, BoxError> {
-        // SAFETY: the pool keeps the arena mapped for as long as the returned `RegionKeys`
-        // (which owns the memory region) lives, so the memory outlives the registration.
-        // The device only touches it through work requests this transport posts for buffers
-        // it owns at that moment (receives into buffers it holds, RDMA on segments of a
-        // request in flight), or, for a client's arenas, through the server's RDMA on
-        // buffers the client advertised for a request in flight; the pool's ownership rules
-        // keep Rust references away from a buffer while that request holds it.
-        let mr = unsafe {
-            self.pd
-                .register(arena.addr.as_ptr(), arena.len, self.access)
-        }
-        .map_err(|e| -> BoxError { Box::new(e) })?;
-        Ok(RegionKeys {
-            lkey: mr.lkey(),
-            rkey: mr.rkey(),
-            guard: Box::new(mr),
-        })
-    }
-}
-
 /// The id of the registrar of (`dev`, `pool`, `side`), installing it on first use.
 pub(crate) fn registrar_id(dev: &Device, pool: &Pool, side: Side) -> Result<RegistrarId> {
     let key = (dev.ctx.name().to_string(), pool.id(), side);
@@ -169,10 +135,10 @@ pub(crate) fn registrar_id(dev: &Device, pool: &Pool, side: Side) -> Result<Regi
         Side::Client => MrAccess::RemoteReadWrite,
         Side::Server | Side::Control => MrAccess::LocalWrite,
     };
-    let r = Arc::new(Registrar {
-        pd: dev.pd.clone(),
+    let r = Arc::new(ArenaRegistrar::new(
+        dev.pd.clone(),
         access,
-        label: format!(
+        format!(
             "rdma:{}:{}",
             dev.ctx.name(),
             match side {
@@ -181,7 +147,7 @@ pub(crate) fn registrar_id(dev: &Device, pool: &Pool, side: Side) -> Result<Regi
                 Side::Control => "control",
             }
         ),
-    });
+    ));
     let weak = Arc::downgrade(&r);
     let id = pool.add_registrar(r)?;
     regs.insert(key, (id, weak));

@@ -3,9 +3,9 @@
 //! posted from any thread.
 //!
 //! # Accepting
-//! A [`HandshakeListener`] (shared with the TCP transport) hands every new bootstrap socket
+//! A [`HandshakeListener`](zcio::transport::accept::HandshakeListener) (shared with the TCP transport) hands every new bootstrap socket
 //! to a short-lived handshake thread (timeout [`HANDSHAKE_TIMEOUT`], or `server.idle_timeout`
-//! when shorter), so a silent client never stalls [`Listener::accept`]; at most
+//! when shorter), so a silent client never stalls [`Listener::accept`](zcio::transport::Listener::accept); at most
 //! [`MAX_PENDING`] sockets are in handshake or wait for `accept`.
 //!
 //! # Requests
@@ -28,6 +28,15 @@
 //! completes. Posting waits when the send queue is full (its depth covers at least one
 //! request's worst case; see `SendQueue`).
 //!
+//! # Structure
+//! The request state machine is plain data in [`ServerLane`] (which slot holds which request
+//! at which stage, the checks on a client's ids and credits, what `recv` does next), with the
+//! send-queue ledger ([`SendQueue`]) and the posted receives ([`Receives`]); all three are
+//! pure and tested on any host. This module is the driver: it holds them under each queue
+//! pair's locks, feeds them what happened (a request, a READ completion, `recv`, a reply,
+//! the socket's end) and carries out what they answer (post READs, hand a request out, post
+//! the reply, fail). Connection set-up is in `setup`.
+//!
 //! # Failure
 //! An error completion (a client's bogus memory key shows up as a remote access error of
 //! a READ or WRITE, and is logged with the peer's address), a malformed message, more
@@ -36,32 +45,25 @@
 //! pair is destroyed first, then every buffer the connection holds goes back to its pool.
 //! Other connections are not affected.
 
-use std::collections::{HashMap, VecDeque};
-use std::net::{SocketAddr, TcpStream};
+use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, RwLock, RwLockReadGuard, Weak};
 use std::time::{Duration, Instant};
 
-use zcio::config::{Config, RdmaConfig};
 use zcio::pool::RegistrarId;
-use zcio::transport::accept::HandshakeListener;
-use zcio::transport::{Incoming, Limits, Replier, ServerConn, MAX_HEADER};
+use zcio::transport::{Incoming, Limits, Replier, ServerConn};
 use zcio::{Error, Iobuf, IobufMut, Pool, Result};
 
-use super::bootstrap::{BootstrapError, Hello, Role, HELLO_LEN, MAX_CREDITS, MAX_QUEUE_PAIRS};
 use super::conn::{
-    buf_sge, chain, connection_limits, control_bytes, control_pool, create_qp, describe_failure,
-    exchange_ready, lead_all, msg_limits, post_recv_buf, qp_inline, recv_exact, round_page,
-    send_all, spawn_conn_thread, tick_for, wr_id, wr_parts, ConnCore, Held, Poller, QpSizes,
-    SendQueue, KIND_READ, KIND_RECV, KIND_SEND, KIND_WRITE, MAX_SGE,
+    buf_sge, chain, describe_failure, lead_all, post_recv_buf, wr_id, wr_parts, Held, LaneEvents,
+    Poller, SendQueue, KIND_READ, KIND_RECV, KIND_SEND, KIND_WRITE, MAX_SGE,
 };
-use super::device::{device, registrar_id, Device, Side};
-use super::msg::{decode_request, encode_reply, max_request_len, reply_len, Desc, MsgLimits};
+use super::lane::receives::Receives;
+use super::lane::server::{Ready, ServerLane, WrongStage, LANE_SHIFT};
+use super::msg::{decode_request, encode_reply, reply_len, Desc, MsgLimits};
 use super::plan::{Local, Plan};
-use super::{bootstrap_err, handshake_io_err, lock, memlock_err, rdma_err, MAX_INLINE};
-use crate::verbs::{
-    check_memlock, Completion, CompletionQueue, Endpoint, Mtu, QueuePair, Remote, Sge, WcStatus,
-};
+use super::{lock, MAX_INLINE};
+use crate::verbs::{QueuePair, Remote, Sge, WcStatus, WorkCompletion};
 
 /// The longest a connecting client may take for the bootstrap exchange.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -74,398 +76,11 @@ const STACK_MSG: usize = MAX_INLINE + 256;
 /// How long [`Replier::close`] lets posted replies drain before destroying the queue pair.
 const CLOSE_DRAIN: Duration = Duration::from_secs(2);
 
-/// What every connection of a listener shares.
-struct ListenCtx {
-    dev: Arc<Device>,
-    pool: Pool,
-    reg: RegistrarId,
-    rdma: RdmaConfig,
-    limits: Limits,
-    idle: Option<Duration>,
-}
+mod setup;
+pub(crate) use setup::listen;
 
-/// Binds `cfg.server.listen`, installs the server's registrar on `pool` and starts
-/// accepting: a [`HandshakeListener`] running this transport's handshake.
-pub(crate) fn listen(cfg: &Config, pool: &Pool) -> Result<HandshakeListener> {
-    let dev = device(&cfg.rdma)?;
-    let credits = cfg.rdma.credits.clamp(1, MAX_CREDITS as usize);
-    let one_conn = control_bytes(&control_classes(
-        credits,
-        cfg.limits.max_segments,
-        cfg.rdma.inline_threshold.min(MAX_INLINE),
-        MAX_HEADER,
-    ));
-    check_memlock((pool.total_bytes() + one_conn) as u64).map_err(memlock_err)?;
-    let reg = registrar_id(&dev, pool, Side::Server)?;
-    let addr = &cfg.server.listen;
-    let listener = std::net::TcpListener::bind(addr)
-        .map_err(|e| Error::io(format!("listen on {addr} (rdma bootstrap)"), e))?;
-    let ctx = Arc::new(ListenCtx {
-        dev,
-        pool: pool.clone(),
-        reg,
-        rdma: cfg.rdma.clone(),
-        limits: cfg.limits,
-        idle: cfg.server.idle_timeout,
-    });
-    HandshakeListener::spawn(
-        listener,
-        "rdma",
-        Arc::new(move |sock, peer| handshake(sock, peer, &ctx)),
-    )
-}
-
-/// The classes of a server connection's control pool: request receives, reply messages.
-fn control_classes(
-    credits: usize,
-    max_segments: usize,
-    inline: usize,
-    max_header: usize,
-) -> [(usize, usize); 2] {
-    [
-        (
-            round_page(max_request_len(max_header, max_segments, inline)),
-            credits,
-        ),
-        (round_page(reply_len(max_header, inline)), 2 * credits),
-    ]
-}
-
-fn hs_error(e: BootstrapError, peer: &str) -> Error {
-    bootstrap_err(e, peer)
-}
-
-/// One queue pair of a connection being accepted, set up and connected.
-struct LaneSetup {
-    // Field order is drop order: the queue pair goes before the buffers it may write into.
-    qp: QueuePair,
-    cq: CompletionQueue,
-    recv: Vec<Option<IobufMut>>,
-    ctl: Pool,
-    ctl_reg: RegistrarId,
-    /// Negotiated; `max_in_flight` is this queue pair's credits.
-    limits: Limits,
-    write_sge: usize,
-    read_sge: usize,
-    sq_depth: usize,
-}
-
-/// Reads the client's next hello.
-fn read_hello(sock: &TcpStream, hs: &dyn Fn(std::io::Error) -> Error) -> Result<[u8; HELLO_LEN]> {
-    let mut b = [0u8; HELLO_LEN];
-    recv_exact(sock, &mut b).map_err(hs)?;
-    Ok(b)
-}
-
-/// The server half of the bootstrap, on a fresh socket: one hello pair per queue pair, then
-/// `READY` both ways.
-fn handshake(sock: TcpStream, peer: SocketAddr, ctx: &ListenCtx) -> Result<Box<dyn ServerConn>> {
-    let peer_s = peer.to_string();
-    let after = ctx
-        .idle
-        .map_or(HANDSHAKE_TIMEOUT, |d| d.min(HANDSHAKE_TIMEOUT));
-    let setup = |e| Error::io(format!("setting up the bootstrap socket from {peer}"), e);
-    sock.set_nodelay(true).map_err(setup)?;
-    sock.set_read_timeout(Some(after)).map_err(setup)?;
-    sock.set_write_timeout(Some(after)).map_err(setup)?;
-    let hs = |e| handshake_io_err(&peer_s, after, e);
-    let b = read_hello(&sock, &hs)?;
-    let r = &ctx.rdma;
-    let first = match Hello::decode(&b, Role::Client) {
-        Ok(h) => h,
-        Err(e @ BootstrapError::Version { .. }) => {
-            // Answer anyway, so that the client can report the mismatch too.
-            let dummy = Hello {
-                role: Role::Server,
-                queue_pairs: 1,
-                endpoint: Endpoint {
-                    qpn: 0,
-                    psn: 0,
-                    lid: 0,
-                    port: 1,
-                    gid_index: 0,
-                    gid: std::net::Ipv6Addr::UNSPECIFIED,
-                    mtu: Mtu::Mtu1024,
-                },
-                credits: r.credits.clamp(1, MAX_CREDITS as usize) as u32,
-                max_segments: 1,
-                max_payload: 1,
-                max_header: 1,
-                inline_threshold: 0,
-                recv_size: 4096,
-            };
-            let _ = send_all(&sock, &dummy.encode());
-            return Err(hs_error(e, &peer_s));
-        }
-        Err(e) => return Err(hs_error(e, &peer_s)),
-    };
-    let n = first
-        .queue_pairs
-        .min(u8::try_from(r.queue_pairs.clamp(1, usize::from(MAX_QUEUE_PAIRS))).unwrap_or(1))
-        .max(1);
-    let mut lanes: Vec<LaneSetup> = Vec::with_capacity(usize::from(n));
-    let mut theirs = first;
-    for i in 0..n {
-        if i > 0 {
-            let b = read_hello(&sock, &hs)?;
-            theirs = Hello::decode(&b, Role::Client).map_err(|e| hs_error(e, &peer_s))?;
-            if theirs.queue_pairs != n {
-                return Err(Error::decode(
-                    "rdma handshake",
-                    format!(
-                        "from {peer}: hello {} says {} queue pairs, {n} were agreed",
-                        i + 1,
-                        theirs.queue_pairs
-                    ),
-                ));
-            }
-        }
-        lanes.push(accept_lane(&sock, ctx, &theirs, n, &peer_s, &hs)?);
-    }
-    exchange_ready(&sock, &format!("the client {peer}"), &hs)?;
-    sock.set_read_timeout(None).map_err(setup)?;
-    let shared = Arc::new(Shared::new());
-    let limits = connection_limits(lanes[0].limits, lanes[1..].iter().map(|l| l.limits));
-    let mut cores = Vec::with_capacity(lanes.len());
-    for (i, lane) in lanes.into_iter().enumerate() {
-        cores.push(lane_core(i, lane, ctx, &sock, &shared, &peer_s).map_err(setup)?);
-    }
-    let _ = shared.lanes.set(cores.iter().map(Arc::downgrade).collect());
-    let lanes = Arc::new(Lanes { cores });
-    for (i, core) in lanes.cores.iter().enumerate() {
-        let live_sock = sock.try_clone().map_err(setup)?;
-        if let Err(e) = spawn_conn_thread(
-            core.clone(),
-            core.poller.clone(),
-            tick_for(ctx.idle.unwrap_or(Duration::from_secs(8))),
-            live_sock,
-            &format!("zcio-rdma-srv{i}"),
-        ) {
-            lanes.close();
-            return Err(e);
-        }
-    }
-    tracing::debug!(%peer, ?limits, queue_pairs = n, "rdma connection accepted");
-    Ok(Box::new(RdmaServerConn {
-        lanes,
-        shared,
-        limits,
-        next: 0,
-        peer: peer_s,
-    }))
-}
-
-/// Sets up one queue pair for the client's hello `theirs`: creates it, posts its receives,
-/// answers with this side's hello and connects it.
-fn accept_lane(
-    sock: &TcpStream,
-    ctx: &ListenCtx,
-    theirs: &Hello,
-    n: u8,
-    peer: &str,
-    hs: &dyn Fn(std::io::Error) -> Error,
-) -> Result<LaneSetup> {
-    let r = &ctx.rdma;
-    let credits = r
-        .credits
-        .div_ceil(usize::from(n))
-        .clamp(1, MAX_CREDITS as usize)
-        .min(theirs.credits as usize);
-    let inline = r.inline_threshold.min(MAX_INLINE);
-    let max_header = MAX_HEADER.min(theirs.max_header as usize);
-    let inline = inline.min(theirs.inline_threshold as usize);
-    let max_segments = ctx
-        .limits
-        .max_segments
-        .min(theirs.max_segments as usize)
-        .clamp(1, usize::from(u16::MAX));
-    let max_payload = ctx
-        .limits
-        .max_payload
-        .min(theirs.max_payload as usize)
-        .min(1 << 30);
-    if (theirs.recv_size as usize) < reply_len(max_header, inline) {
-        return Err(Error::decode(
-            "rdma handshake",
-            format!(
-                "the client {peer} takes messages of {} bytes, a reply needs up to {}",
-                theirs.recv_size,
-                reply_len(max_header, inline)
-            ),
-        ));
-    }
-    let classes = control_classes(credits, max_segments, inline, max_header);
-    let req_size = classes[0].0;
-    let ctl = control_pool(&classes)?;
-    let ctl_reg = registrar_id(&ctx.dev, &ctl, Side::Control)?;
-    let write_sge = (ctx.dev.caps.max_sge as usize).clamp(1, MAX_SGE);
-    let read_sge = write_sge.min((ctx.dev.caps.max_sge_rd as usize).max(1));
-    // Worst case of one request: one work request per remote descriptor, plus one per
-    // `max_sge` local pieces, plus the SEND.
-    let worst = max_segments + max_segments.div_ceil(read_sge.min(write_sge)) + 2;
-    let sq_depth = worst.max(4 * credits);
-
-    // Declared before the queue pair: on an early return the queue pair goes first.
-    let mut recv: Vec<Option<IobufMut>> = Vec::with_capacity(credits);
-    let (cq, mut qp) = create_qp(
-        &ctx.dev,
-        r,
-        &QpSizes {
-            send_wr: sq_depth,
-            recv_wr: credits,
-            inline: qp_inline(inline),
-            remote_access: false,
-        },
-    )?;
-    let sq_depth = qp.caps().max_send_wr as usize;
-    if sq_depth < worst {
-        return Err(Error::TransportUnavailable {
-            name: "rdma".into(),
-            reason: format!(
-                "the device gives a send queue of {sq_depth} entries, a request may need {worst}"
-            ),
-            hint: "lower limits.max_segments".into(),
-        });
-    }
-    for i in 0..credits {
-        let b = ctl.get_control(req_size)?;
-        post_recv_buf(&qp, i, &b, ctl_reg).map_err(|e| Error::Transport {
-            transport: "rdma",
-            what: "posting the initial receives".into(),
-            source: e.into(),
-        })?;
-        recv.push(Some(b));
-    }
-    let ours = Hello {
-        role: Role::Server,
-        queue_pairs: n,
-        endpoint: qp.local_endpoint(),
-        credits: credits as u32,
-        max_segments: max_segments as u32,
-        max_payload: max_payload as u32,
-        max_header: max_header as u32,
-        inline_threshold: inline as u32,
-        recv_size: req_size as u32,
-    };
-    send_all(sock, &ours.encode()).map_err(hs)?;
-    qp.connect(&theirs.endpoint)
-        .map_err(|e| rdma_err(format!("connecting the queue pair to {peer}"), e))?;
-    tracing::debug!(%peer, local = %qp.local_endpoint(), remote = %theirs.endpoint, "rdma queue pair connected");
-    Ok(LaneSetup {
-        qp,
-        cq,
-        recv,
-        ctl,
-        ctl_reg,
-        limits: Limits {
-            max_segments,
-            max_payload,
-            max_header,
-            max_in_flight: credits,
-            inline_threshold: inline,
-            rdma_payload: true,
-        },
-        write_sge,
-        read_sge,
-        sq_depth,
-    })
-}
-
-/// The core of queue pair `lane` of a connection.
-fn lane_core(
-    lane: usize,
-    l: LaneSetup,
-    ctx: &ListenCtx,
-    sock: &TcpStream,
-    shared: &Arc<Shared>,
-    peer: &str,
-) -> std::io::Result<Arc<SCore>> {
-    let LaneSetup {
-        qp,
-        cq,
-        recv,
-        ctl,
-        ctl_reg,
-        limits,
-        write_sge,
-        read_sge,
-        sq_depth,
-    } = l;
-    let credits = limits.max_in_flight;
-    let slots = (0..credits)
-        .map(|_| SSlot {
-            stage: Stage::Free,
-            id: 0,
-            header: Vec::with_capacity(HEADER_ROOM),
-            send: Vec::with_capacity(limits.max_segments),
-            recv: Vec::with_capacity(limits.max_segments),
-            inline: Vec::with_capacity(limits.inline_threshold),
-            recv_cap: 0,
-            send_total: 0,
-            bufs: Vec::new(),
-        })
-        .collect();
-    let max_inline_send = qp.caps().max_inline_data as usize;
-    Ok(Arc::new(SCore {
-        state: Mutex::new(SState {
-            dead: None,
-            closing: false,
-            recv,
-            slots,
-            free: (0..credits).rev().collect(),
-            ids: HashMap::with_capacity(2 * credits),
-            events: VecDeque::with_capacity(2 * credits),
-            spare_descs: spares(LENT, credits, limits.max_segments),
-            spare_local: spares(LENT, credits, limits.max_segments),
-            spare_headers: spares(credits, credits, HEADER_ROOM),
-            spare_payloads: spares(credits, credits, PAYLOAD_ROOM),
-            spare_bufs: spares(credits, credits, PAYLOAD_ROOM),
-        }),
-        post: Mutex::new(PostSide {
-            sq: SendQueue::new(sq_depth, 4 * credits),
-            local: Vec::with_capacity(limits.max_segments.max(64)),
-            room_waiters: 0,
-        }),
-        qp: RwLock::new(Some(qp)),
-        posting: AtomicUsize::new(0),
-        room_cv: Condvar::new(),
-        dead: AtomicBool::new(false),
-        sock: sock.try_clone()?,
-        shared: shared.clone(),
-        lane: lane as u64,
-        pool: ctx.pool.clone(),
-        reg: ctx.reg,
-        ctl,
-        ctl_reg,
-        limits,
-        msg_limits: msg_limits(&limits),
-        max_inline_send,
-        write_sge,
-        read_sge,
-        sq_depth,
-        idle: ctx.idle,
-        peer: peer.to_string(),
-        poller: Arc::new(Poller::new(cq, ctx.rdma.spin, true)?),
-    }))
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Stage {
-    Free,
-    /// Decoded, waiting for `recv`.
-    Queued,
-    /// RDMA READs of the payload outstanding (only the last is signaled).
-    Reading,
-    /// Payload in; waiting for `recv` to hand it out.
-    Ready,
-    /// Handed out; waiting for the reply.
-    Delivered,
-}
-
-/// One request's state.
-struct SSlot {
-    stage: Stage,
-    id: u64,
+/// One request's data (its stage and id are in [`ServerLane`]).
+struct Slot {
     header: Vec<u8>,
     send: Vec<Desc>,
     recv: Vec<Desc>,
@@ -476,10 +91,8 @@ struct SSlot {
     bufs: Vec<IobufMut>,
 }
 
-impl SSlot {
+impl Slot {
     fn reset(&mut self) {
-        self.stage = Stage::Free;
-        self.id = 0;
         self.send.clear();
         self.recv.clear();
         self.inline.clear();
@@ -487,11 +100,6 @@ impl SSlot {
         self.recv_cap = 0;
         self.send_total = 0;
     }
-}
-
-enum Ev {
-    New(usize),
-    ReadsDone(usize),
 }
 
 /// How the connection ended.
@@ -505,15 +113,14 @@ enum End {
     Failed,
 }
 
-struct SState {
+struct LaneState {
     dead: Option<String>,
     /// [`Replier::close`] is draining: no new replies.
     closing: bool,
-    recv: Vec<Option<IobufMut>>,
-    slots: Vec<SSlot>,
-    free: Vec<usize>,
-    ids: HashMap<u64, usize>,
-    events: VecDeque<Ev>,
+    recv: Receives<IobufMut>,
+    slots: Vec<Slot>,
+    /// Which slot holds which request, at which stage; what `recv` does next.
+    requests: ServerLane,
     /// Descriptor lists lent to posts in progress: a request's remote descriptors (and the
     /// local pieces of its READs) move out of the state while they are posted, and come
     /// back here, kept for their capacity.
@@ -563,14 +170,10 @@ struct PostSide {
     sq: SendQueue,
     /// Scratch for reply plans.
     local: Vec<Local>,
-    /// Threads waiting in [`SCore::wait_room`] or draining in `close`: a send-queue
+    /// Threads waiting in [`Lane::wait_room`] or draining in `close`: a send-queue
     /// completion wakes them only when there are some.
     room_waiters: usize,
 }
-
-/// Marks the queue pair in the top byte of the request ids handed out by `recv`: a client's
-/// ids stay below it (checked on arrival).
-const LANE_SHIFT: u32 = 56;
 
 /// What the queue pairs of one connection share: the signal `recv` waits on, activity for
 /// the idle timeout, and how the connection ended.
@@ -594,7 +197,7 @@ struct Shared {
     last_activity: AtomicU64,
     base: Instant,
     /// The connection's queue pairs, set once they all exist.
-    lanes: OnceLock<Vec<Weak<SCore>>>,
+    lanes: OnceLock<Vec<Weak<Lane>>>,
 }
 
 impl Shared {
@@ -675,8 +278,8 @@ impl Shared {
 }
 
 /// One queue pair of a connection.
-struct SCore {
-    state: Mutex<SState>,
+struct Lane {
+    state: Mutex<LaneState>,
     /// Lock order: `state`, then `post`, then `qp`.
     post: Mutex<PostSide>,
     /// Read-locked to post, write-locked (after `post`, so no post is in progress) to
@@ -712,7 +315,7 @@ struct SCore {
 
 /// The server's end of one connection: its queue pairs.
 struct RdmaServerConn {
-    lanes: Arc<Lanes>,
+    set: Arc<LaneSet>,
     shared: Arc<Shared>,
     limits: Limits,
     /// The queue pair `recv` looks at first (round robin, for fairness).
@@ -721,8 +324,8 @@ struct RdmaServerConn {
 }
 
 /// A connection's queue pairs, in the order of the handshake; the [`Replier`].
-struct Lanes {
-    cores: Vec<Arc<SCore>>,
+struct LaneSet {
+    lanes: Vec<Arc<Lane>>,
 }
 
 /// A reply's message: on the stack (an inline SEND) or in a control buffer of this length.
@@ -731,7 +334,7 @@ enum ReplyMsg<'a> {
     Buf(IobufMut, usize),
 }
 
-/// How [`SCore::post_reads`] went, when the connection did not fail.
+/// How [`Lane::post_reads`] went, when the connection did not fail.
 enum ReadStart {
     /// The READs are posted; their completion queues the request.
     Posted,
@@ -761,8 +364,8 @@ fn to_sge(l: &Local) -> Sge {
     }
 }
 
-impl SCore {
-    fn lock(&self) -> MutexGuard<'_, SState> {
+impl Lane {
+    fn lock(&self) -> MutexGuard<'_, LaneState> {
         lock(&self.state)
     }
 
@@ -775,7 +378,7 @@ impl SCore {
     }
 
     /// Marks the connection dead and releases everything; the QP goes first.
-    fn fail_locked(&self, st: &mut SState, reason: String, end: End) -> bool {
+    fn fail_locked(&self, st: &mut LaneState, reason: String, end: End) -> bool {
         if st.dead.is_some() {
             return false;
         }
@@ -790,14 +393,11 @@ impl SCore {
             *self.qp.write().unwrap_or_else(|p| p.into_inner()) = None;
             p.sq.clear();
         }
-        for r in st.recv.iter_mut() {
-            *r = None;
-        }
+        st.recv.clear();
         for s in st.slots.iter_mut() {
             s.reset();
         }
-        st.events.clear();
-        st.ids.clear();
+        st.requests.fail();
         true
     }
 
@@ -830,10 +430,10 @@ impl SCore {
             if st.dead.is_some() {
                 return;
             }
-            match st.recv.get_mut(ri).and_then(Option::take) {
-                Some(b) => b,
-                None => {
-                    let r = self.violation(format!("a completion for receive {ri}, not posted"));
+            match st.recv.take(ri) {
+                Ok(b) => b,
+                Err(e) => {
+                    let r = self.violation(e.to_string());
                     if self.fail_locked(&mut st, r, End::Failed) {
                         drop(st);
                         self.after_fail();
@@ -857,33 +457,18 @@ impl SCore {
         if st.dead.is_some() {
             return;
         }
-        let problem = if view.id >> LANE_SHIFT != 0 {
-            Some(format!(
-                "request id {} is not below 2^{LANE_SHIFT}",
-                view.id
-            ))
-        } else if st.ids.contains_key(&view.id) {
-            Some(format!("request id {} is already in flight", view.id))
-        } else if st.free.is_empty() {
-            Some(format!(
-                "more than the negotiated {} requests in flight",
-                self.limits.max_in_flight
-            ))
-        } else {
-            None
-        };
-        if let Some(p) = problem {
-            let r = self.violation(p);
-            if self.fail_locked(st, r, End::Failed) {
-                drop(guard);
-                self.after_fail();
+        let s = match st.requests.admit(view.id) {
+            Ok(s) => s,
+            Err(v) => {
+                let r = self.violation(v.to_string());
+                if self.fail_locked(st, r, End::Failed) {
+                    drop(guard);
+                    self.after_fail();
+                }
+                return;
             }
-            return;
-        }
-        let Some(s) = st.free.pop() else { return };
+        };
         let slot = &mut st.slots[s];
-        slot.stage = Stage::Queued;
-        slot.id = view.id;
         slot.header.clear();
         slot.header.extend_from_slice(view.header);
         slot.send.clear();
@@ -894,7 +479,6 @@ impl SCore {
         slot.inline.extend_from_slice(view.inline);
         slot.recv_cap = view.recv_cap;
         slot.send_total = view.send_total;
-        st.ids.insert(view.id, s);
         // A payload to READ: start the READs here, on this queue pair's completion thread,
         // if the pool can give the buffers without waiting. On Soft-RoCE the READ's
         // protocol work (the client's responses included) runs in the posting thread, so
@@ -913,7 +497,12 @@ impl SCore {
             None
         };
         if direct.is_none() {
-            st.events.push_back(Ev::New(s));
+            if let Err(e) = st.requests.push_new(s) {
+                self.refused(st, e);
+                drop(guard);
+                self.after_fail();
+                return;
+            }
         }
         self.shared.in_flight.fetch_add(1, Ordering::Relaxed);
         self.shared.queued.fetch_add(1, Ordering::Relaxed);
@@ -924,7 +513,7 @@ impl SCore {
             Some(qp) => post_recv_buf(qp, ri, &buf, self.ctl_reg),
             None => Ok(()),
         };
-        st.recv[ri] = Some(buf);
+        st.recv.repost(ri, buf);
         if let Err(e) = posted {
             if self.fail_locked(st, format!("reposting a receive: {e}"), End::Failed) {
                 drop(guard);
@@ -941,8 +530,9 @@ impl SCore {
         match r {
             Ok(ReadStart::Posted) => {}
             Ok(ReadStart::NoRoom(bufs)) => {
-                // The send queue is full: `recv` posts them once there is room.
-                guard.events.push_back(Ev::New(s));
+                // The send queue is full: `recv` posts them once there is room. (Refused
+                // only if the queue pair failed meanwhile.)
+                let _ = guard.requests.push_new(s);
                 keep_spare(&mut guard.spare_bufs, bufs);
                 drop(guard);
                 self.shared.notify();
@@ -977,13 +567,7 @@ impl SCore {
         if st.dead.is_some() {
             return;
         }
-        if st
-            .slots
-            .get(slot)
-            .is_some_and(|sl| sl.stage == Stage::Reading)
-        {
-            st.slots[slot].stage = Stage::Ready;
-            st.events.push_back(Ev::ReadsDone(slot));
+        if st.requests.reads_completed(slot) {
             drop(st);
             self.shared.notify();
         }
@@ -991,7 +575,13 @@ impl SCore {
 
     /// Hands request `s` out with its payload, in vectors kept from earlier requests when
     /// there are some.
-    fn deliver(&self, st: &mut SState, s: usize, mut bufs: Vec<IobufMut>) -> Incoming {
+    fn deliver(
+        &self,
+        st: &mut LaneState,
+        s: usize,
+        mut bufs: Vec<IobufMut>,
+    ) -> std::result::Result<Incoming, WrongStage> {
+        let id = st.requests.deliver(s)?;
         self.shared.queued.fetch_sub(1, Ordering::Relaxed);
         let mut payload = if bufs.is_empty() {
             Vec::new()
@@ -1003,13 +593,21 @@ impl SCore {
         // The slot keeps a vector to decode its next request's header into.
         let next_header = st.spare_headers.pop().unwrap_or_default();
         let slot = &mut st.slots[s];
-        slot.stage = Stage::Delivered;
-        Incoming {
-            id: slot.id,
+        Ok(Incoming {
+            id,
             header: std::mem::replace(&mut slot.header, next_header),
             payload,
             reply_capacity: slot.recv_cap,
-        }
+        })
+    }
+
+    /// A transition the request state machine refused: a bug in this driver, never the
+    /// client's doing. Fails the queue pair (the caller wakes everyone once it has let go
+    /// of the lock) and gives the error to return.
+    fn refused(&self, st: &mut LaneState, e: WrongStage) -> Error {
+        let r = e.to_string();
+        self.fail_locked(st, r.clone(), End::Failed);
+        Error::ConnectionClosed(r)
     }
 
     /// Keeps a served request's vectors for later requests ([`Replier::recycle`]).
@@ -1050,7 +648,7 @@ impl SCore {
     }
 
     /// A descriptor list to lend to a post.
-    fn spare_descs(&self, st: &mut SState) -> Vec<Desc> {
+    fn spare_descs(&self, st: &mut LaneState) -> Vec<Desc> {
         st.spare_descs
             .pop()
             .unwrap_or_else(|| Vec::with_capacity(self.limits.max_segments))
@@ -1065,11 +663,11 @@ impl SCore {
     /// everyone).
     fn post_reads<'a>(
         &'a self,
-        mut guard: MutexGuard<'a, SState>,
+        mut guard: MutexGuard<'a, LaneState>,
         s: usize,
         bufs: Vec<IobufMut>,
         wait: bool,
-    ) -> (MutexGuard<'a, SState>, Result<ReadStart>) {
+    ) -> (MutexGuard<'a, LaneState>, Result<ReadStart>) {
         let total = guard.slots[s].send_total;
         let st = &mut *guard;
         let mut local = st
@@ -1092,10 +690,14 @@ impl SCore {
                 }
             }
         }
+        if let Err(e) = st.requests.start_reads(s) {
+            keep_spare(&mut st.spare_local, local);
+            let e = self.refused(st, e);
+            return (guard, Err(e));
+        }
         let spare = self.spare_descs(st);
         let remote = std::mem::replace(&mut st.slots[s].send, spare);
         let n = Plan::new(&remote, &local, total as u64, self.read_sge).count();
-        st.slots[s].stage = Stage::Reading;
         st.slots[s].bufs = bufs;
         let posted = if n > self.sq_depth {
             Err(format!(
@@ -1115,9 +717,12 @@ impl SCore {
             // Nothing was posted: the slot gets its descriptors and stage back.
             let slot = &mut st.slots[s];
             std::mem::swap(&mut slot.send, &mut remote);
-            slot.stage = Stage::Queued;
             let bufs = std::mem::take(&mut slot.bufs);
             keep_spare(&mut st.spare_descs, remote);
+            if let Err(e) = st.requests.unstart_reads(s) {
+                let e = self.refused(st, e);
+                return (guard, Err(e));
+            }
             return (guard, Ok(ReadStart::NoRoom(bufs)));
         }
         keep_spare(&mut st.spare_descs, remote);
@@ -1203,39 +808,71 @@ impl SCore {
     /// `slice`, after which it is `Blocked` again, or, if `last`, the connection fails for
     /// want of buffers.
     fn step(&self, wait: Option<(Duration, bool)>) -> Result<Step> {
-        let mut st = self.lock();
+        self.step_locked(self.lock(), wait)
+    }
+
+    /// Hands request `s` out ([`deliver`](Self::deliver)), or fails the queue pair if the
+    /// state machine refuses.
+    fn hand_out(
+        &self,
+        mut st: MutexGuard<'_, LaneState>,
+        s: usize,
+        bufs: Vec<IobufMut>,
+    ) -> Result<Step> {
+        match self.deliver(&mut st, s, bufs) {
+            Ok(inc) => Ok(Step::Got(inc)),
+            Err(e) => self.refused_step(st, e),
+        }
+    }
+
+    /// [`refused`](Self::refused) for `step`: fails the queue pair, wakes everyone.
+    fn refused_step(&self, mut st: MutexGuard<'_, LaneState>, e: WrongStage) -> Result<Step> {
+        let e = self.refused(&mut st, e);
+        drop(st);
+        self.after_fail();
+        Err(e)
+    }
+
+    fn step_locked<'a>(
+        &'a self,
+        mut st: MutexGuard<'a, LaneState>,
+        wait: Option<(Duration, bool)>,
+    ) -> Result<Step> {
         loop {
             if st.dead.is_some() {
                 return Ok(Step::Dead);
             }
-            let Some(ev) = st.events.pop_front() else {
+            let Some(next) = st.requests.next_ready() else {
                 return Ok(Step::Empty);
             };
-            let s = match ev {
-                Ev::ReadsDone(s) => {
+            let s = match next {
+                Ready::ReadsDone(s) => {
                     let bufs = std::mem::take(&mut st.slots[s].bufs);
-                    return Ok(Step::Got(self.deliver(&mut st, s, bufs)));
+                    return self.hand_out(st, s, bufs);
                 }
-                Ev::New(s) => s,
+                Ready::New(s) => s,
             };
             let total = st.slots[s].send_total;
             if total == 0 {
-                return Ok(Step::Got(self.deliver(&mut st, s, Vec::new())));
+                return self.hand_out(st, s, Vec::new());
             }
             let mut bufs = st.spare_bufs.pop().unwrap_or_default();
             let bufs = match self.pool.try_get_span_into(total, &mut bufs) {
                 Ok(true) => bufs,
                 _ => {
-                    let done = st.events.iter().position(|e| matches!(e, Ev::ReadsDone(_)));
-                    if let Some(Ev::ReadsDone(d)) = done.and_then(|k| st.events.remove(k)) {
-                        st.events.push_front(Ev::New(s));
+                    if let Some(d) = st.requests.take_reads_done() {
                         keep_spare(&mut st.spare_bufs, bufs);
+                        if let Err(e) = st.requests.push_new_front(s) {
+                            return self.refused_step(st, e);
+                        }
                         let done_bufs = std::mem::take(&mut st.slots[d].bufs);
-                        return Ok(Step::Got(self.deliver(&mut st, d, done_bufs)));
+                        return self.hand_out(st, d, done_bufs);
                     }
                     let Some((slice, last)) = wait else {
-                        st.events.push_front(Ev::New(s));
                         keep_spare(&mut st.spare_bufs, bufs);
+                        if let Err(e) = st.requests.push_new_front(s) {
+                            return self.refused_step(st, e);
+                        }
                         return Ok(Step::Blocked);
                     };
                     // Not under the lock.
@@ -1248,8 +885,10 @@ impl SCore {
                     match b {
                         Ok(()) => bufs,
                         Err(_) if !last => {
-                            st.events.push_front(Ev::New(s));
                             keep_spare(&mut st.spare_bufs, bufs);
+                            if let Err(e) = st.requests.push_new_front(s) {
+                                return self.refused_step(st, e);
+                            }
                             return Ok(Step::Blocked);
                         }
                         Err(e) => {
@@ -1276,7 +915,7 @@ impl SCore {
                     b[..k].copy_from_slice(&src[..k]);
                     src = &src[k..];
                 }
-                return Ok(Step::Got(self.deliver(&mut st, s, bufs)));
+                return self.hand_out(st, s, bufs);
             }
             let (g, r) = self.post_reads(st, s, bufs, true);
             st = g;
@@ -1367,9 +1006,9 @@ impl SCore {
                     self.peer
                 )));
             }
-            let s = match st.ids.get(&id) {
-                Some(&s) if st.slots[s].stage == Stage::Delivered => s,
-                _ => {
+            let s = match st.requests.reply_slot(id) {
+                Some(s) => s,
+                None => {
                     return Err(Error::InvalidArgument(format!(
                     "reply to request id {id}, which is not in flight on the connection from {}",
                     self.peer
@@ -1386,9 +1025,13 @@ impl SCore {
             }
             let spare = self.spare_descs(st);
             let remote = std::mem::replace(&mut st.slots[s].recv, spare);
-            st.ids.remove(&id);
+            if let Err(e) = st.requests.release(s) {
+                let e = self.refused(st, e);
+                drop(guard);
+                self.after_fail();
+                return Err(e);
+            }
             st.slots[s].reset();
-            st.free.push(s);
             // `close` waits for this reply's post too.
             self.posting.fetch_add(1, Ordering::SeqCst);
             remote
@@ -1553,8 +1196,8 @@ impl SCore {
     }
 }
 
-impl ConnCore for SCore {
-    fn on_completion(&self, c: &Completion) {
+impl LaneEvents for Lane {
+    fn on_completion(&self, c: &WorkCompletion) {
         let (kind, slot, seq) = wr_parts(c.wr_id);
         if !c.is_success() {
             if self.dead.load(Ordering::SeqCst) {
@@ -1635,24 +1278,24 @@ impl ConnCore for SCore {
     }
 }
 
-impl Lanes {
+impl LaneSet {
     /// Ends every queue pair of the connection, after letting posted replies drain.
     fn close(&self) {
         let deadline = Instant::now() + CLOSE_DRAIN;
-        for c in &self.cores {
+        for c in &self.lanes {
             c.drain(deadline);
         }
-        for c in &self.cores {
+        for c in &self.lanes {
             let r = format!("the connection from {} was closed by the server", c.peer);
             c.fail(r, End::Clean);
         }
     }
 }
 
-impl Replier for Lanes {
+impl Replier for LaneSet {
     fn reply(&self, id: u64, header: &[u8], payload: &[Iobuf]) -> Result<()> {
         let lane = (id >> LANE_SHIFT) as usize;
-        match self.cores.get(lane) {
+        match self.lanes.get(lane) {
             Some(c) => c.reply(id & ((1 << LANE_SHIFT) - 1), header, payload),
             None => Err(Error::InvalidArgument(format!(
                 "reply to request id {id}, which this connection never handed out"
@@ -1661,20 +1304,20 @@ impl Replier for Lanes {
     }
 
     fn recycle(&self, incoming: Incoming) {
-        if let Some(c) = self.cores.get((incoming.id >> LANE_SHIFT) as usize) {
+        if let Some(c) = self.lanes.get((incoming.id >> LANE_SHIFT) as usize) {
             c.recycle(incoming.header, incoming.payload);
         }
     }
 
     fn close(&self) {
-        Lanes::close(self);
+        LaneSet::close(self);
     }
 }
 
 impl RdmaServerConn {
     /// Lets the connection threads take completions (see `lead_all`).
     fn background(&self) {
-        for c in &self.lanes.cores {
+        for c in &self.set.lanes {
             c.poller.background(false);
         }
     }
@@ -1682,12 +1325,12 @@ impl RdmaServerConn {
     /// Polls every queue pair's completion queue on this thread until something is ready
     /// for `recv` (the generation moves past `gen`) or `rdma.spin_us` has passed.
     fn spin(&self, gen: u64) {
-        let Some(first) = self.lanes.cores.first() else {
+        let Some(first) = self.set.lanes.first() else {
             return;
         };
         let deadline = Instant::now() + first.poller.spin_time();
         loop {
-            for c in &self.lanes.cores {
+            for c in &self.set.lanes {
                 if c.poller.drain(&**c).is_err() {
                     return;
                 }
@@ -1706,7 +1349,7 @@ impl RdmaServerConn {
         if self.shared.in_flight.load(Ordering::SeqCst) > 1 {
             self.background();
         }
-        self.next = (i + 1) % self.lanes.cores.len();
+        self.next = (i + 1) % self.set.lanes.len();
         inc.id |= (i as u64) << LANE_SHIFT;
         inc
     }
@@ -1718,7 +1361,7 @@ impl ServerConn for RdmaServerConn {
     }
 
     fn recv(&mut self) -> Result<Option<Incoming>> {
-        let n = self.lanes.cores.len();
+        let n = self.set.lanes.len();
         let mut spun = false;
         // While a request waits for pool buffers: until when (the pool's own timeout).
         let mut pool_deadline: Option<Instant> = None;
@@ -1727,7 +1370,7 @@ impl ServerConn for RdmaServerConn {
             let mut blocked = None;
             for k in 0..n {
                 let i = (self.next + k) % n;
-                match self.lanes.cores[i].step(None) {
+                match self.set.lanes[i].step(None) {
                     Ok(Step::Got(inc)) => return Ok(Some(self.hand_out(i, inc))),
                     Ok(Step::Empty) => {}
                     Ok(Step::Blocked) => {
@@ -1741,12 +1384,12 @@ impl ServerConn for RdmaServerConn {
                 // Nothing can be handed out without pool buffers: wait for them a slice at a
                 // time, so that a request another queue pair finishes meanwhile (and whose
                 // buffers come back once it is served) is not stuck behind the wait.
-                let core = &self.lanes.cores[i];
+                let lane = &self.set.lanes[i];
                 let deadline =
-                    *pool_deadline.get_or_insert_with(|| Instant::now() + core.pool.wait_timeout());
+                    *pool_deadline.get_or_insert_with(|| Instant::now() + lane.pool.wait_timeout());
                 let left = deadline.saturating_duration_since(Instant::now());
                 let last = left <= POOL_SLICE;
-                match core.step(Some((left.min(POOL_SLICE), last))) {
+                match lane.step(Some((left.min(POOL_SLICE), last))) {
                     Ok(Step::Got(inc)) => return Ok(Some(self.hand_out(i, inc))),
                     Ok(Step::Empty | Step::Blocked) => continue,
                     Ok(Step::Dead) => return self.shared.closed_result(&self.peer),
@@ -1754,7 +1397,7 @@ impl ServerConn for RdmaServerConn {
                 }
             }
             pool_deadline = None;
-            let spins = self.lanes.cores.iter().any(|c| c.poller.spins());
+            let spins = self.set.lanes.iter().any(|c| c.poller.spins());
             if spins && !spun {
                 // Take the next request off the completion queues on this thread, if it
                 // comes soon (see `Poller`), before sleeping.
@@ -1766,7 +1409,7 @@ impl ServerConn for RdmaServerConn {
             // next request then needs no hand-off from a connection thread. Else those
             // threads take completions (replies' among them) and wake this one.
             if self.shared.in_flight.load(Ordering::SeqCst) == 0
-                && lead_all(&self.lanes.cores, |c| &c.poller, &|| {
+                && lead_all(&self.set.lanes, |c| &c.poller, &|| {
                     *lock(&self.shared.gen) != gen
                 })
             {
@@ -1784,7 +1427,7 @@ impl ServerConn for RdmaServerConn {
     }
 
     fn replier(&self) -> Arc<dyn Replier> {
-        self.lanes.clone()
+        self.set.clone()
     }
 
     fn backlog(&mut self) -> bool {
@@ -1800,6 +1443,6 @@ impl Drop for RdmaServerConn {
     /// Nobody can take this connection's requests any more: end it (a no-op when it has
     /// already ended, as after the core server's own `close`).
     fn drop(&mut self) {
-        self.lanes.close();
+        self.set.close();
     }
 }

@@ -1,6 +1,5 @@
 //! Devices, contexts, protection domains and memory regions.
 
-use std::ffi::CStr;
 use std::fmt;
 use std::io;
 use std::net::Ipv6Addr;
@@ -163,16 +162,9 @@ fn netdev_name(ifindex: u32) -> Option<String> {
     if ifindex == 0 {
         return None;
     }
-    let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
-    // SAFETY: `buf` is IF_NAMESIZE bytes, the size if_indextoname requires; it writes a
-    // NUL-terminated name into it or returns NULL.
-    let ret = unsafe { libc::if_indextoname(ifindex, buf.as_mut_ptr()) };
-    if ret.is_null() {
-        return None;
-    }
-    // SAFETY: on success `buf` holds a NUL-terminated string within its IF_NAMESIZE bytes.
-    let name = unsafe { CStr::from_ptr(buf.as_ptr()) };
-    Some(name.to_string_lossy().into_owned())
+    // nix 0.30 gives an empty name, not an error, for an index with no interface.
+    let name = nix::net::if_::if_indextoname(ifindex).ok()?;
+    (!name.as_bytes().is_empty()).then(|| name.to_string_lossy().into_owned())
 }
 
 /// Reads the GID tables of all ports into `ports`, with `ibv_query_gid_table` (one call) or,
@@ -609,5 +601,18 @@ impl MemoryRegion {
             len,
             lkey: self.lkey(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn network_interfaces_are_named_by_index() {
+        assert_eq!(netdev_name(0), None, "index 0 is no interface");
+        let lo = nix::net::if_::if_nametoindex("lo").expect("a loopback interface");
+        assert_eq!(netdev_name(lo).as_deref(), Some("lo"));
+        assert_eq!(netdev_name(u32::MAX), None);
     }
 }

@@ -4,7 +4,7 @@
 use std::fmt;
 use std::io;
 use std::mem::MaybeUninit;
-use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::ptr::{self, NonNull};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -17,6 +17,9 @@ use sideway::ibverbs::completion::{
     BasicCompletionQueue, CompletionChannel, CompletionQueue as _,
     CreateCompletionChannelErrorKind, CreateCompletionQueueErrorKind,
 };
+
+use nix::errno::Errno;
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 
 use crate::error::RdmaError;
 use crate::verbs::context::Context;
@@ -145,7 +148,7 @@ impl WcOpcode {
 
 /// One work completion, copied out of the CQ.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct Completion {
+pub struct WorkCompletion {
     /// The `wr_id` the work request was posted with.
     pub wr_id: u64,
     /// Success or why not.
@@ -162,9 +165,9 @@ pub struct Completion {
     pub vendor_err: u32,
 }
 
-impl Completion {
+impl WorkCompletion {
     /// A placeholder to initialize arrays with before polling into them.
-    pub const EMPTY: Completion = Completion {
+    pub const EMPTY: WorkCompletion = WorkCompletion {
         wr_id: 0,
         status: WcStatus::Success,
         opcode: WcOpcode::Other(u32::MAX),
@@ -179,7 +182,7 @@ impl Completion {
         self.status == WcStatus::Success
     }
 
-    fn from_wc(wc: &ibv_wc) -> Completion {
+    fn from_wc(wc: &ibv_wc) -> WorkCompletion {
         let imm = if wc.wc_flags & ibv_wc_flags::IBV_WC_WITH_IMM.0 != 0 {
             // SAFETY: both members of this union are plain `u32`s, so every bit pattern is a
             // valid value of either; with IBV_WC_WITH_IMM set it holds immediate data.
@@ -189,7 +192,7 @@ impl Completion {
         } else {
             None
         };
-        Completion {
+        WorkCompletion {
             wr_id: wc.wr_id,
             status: WcStatus::from_code(wc.status),
             opcode: WcOpcode::from_code(wc.opcode),
@@ -201,9 +204,9 @@ impl Completion {
     }
 }
 
-impl Default for Completion {
+impl Default for WorkCompletion {
     fn default() -> Self {
-        Completion::EMPTY
+        WorkCompletion::EMPTY
     }
 }
 
@@ -292,8 +295,12 @@ impl CompletionQueue {
     /// The completion channel's file descriptor ([`CqMode::Event`] only), to wait for it in
     /// an external event loop: call [`request_notify`](Self::request_notify), poll the CQ once
     /// more, wait for the fd to become readable, then [`ack_event`](Self::ack_event).
-    pub fn event_fd(&self) -> Option<RawFd> {
-        self.channel.as_ref().map(|c| c.as_raw_fd())
+    pub fn event_fd(&self) -> Option<BorrowedFd<'_>> {
+        self.channel.as_ref().map(|c| {
+            // SAFETY: the descriptor is the channel's, and `self` keeps the channel (and so
+            // the descriptor) open for as long as the returned borrow of `self` lasts.
+            unsafe { BorrowedFd::borrow_raw(c.as_raw_fd()) }
+        })
     }
 
     pub(crate) fn sideway(&self) -> &Arc<BasicCompletionQueue> {
@@ -308,7 +315,7 @@ impl CompletionQueue {
 
     /// Takes every available completion, up to `out.len()`, without waiting. Returns how many
     /// were written to the front of `out`. Allocates nothing.
-    pub fn poll(&self, out: &mut [Completion]) -> Result<usize, RdmaError> {
+    pub fn poll(&self, out: &mut [WorkCompletion]) -> Result<usize, RdmaError> {
         let cq = self.raw();
         let mut wcs = [MaybeUninit::<ibv_wc>::uninit(); POLL_BATCH];
         let mut filled = 0;
@@ -326,7 +333,7 @@ impl CompletionQueue {
             let got = (ret as usize).min(want);
             for (slot, wc) in out[filled..filled + got].iter_mut().zip(&wcs[..got]) {
                 // SAFETY: ibv_poll_cq initialized the first `got` entries of `wcs`.
-                *slot = Completion::from_wc(unsafe { wc.assume_init_ref() });
+                *slot = WorkCompletion::from_wc(unsafe { wc.assume_init_ref() });
             }
             filled += got;
             if got < want {
@@ -342,7 +349,7 @@ impl CompletionQueue {
     /// [`CqMode::BusyPoll`] it spins. Allocates nothing.
     pub fn wait(
         &self,
-        out: &mut [Completion],
+        out: &mut [WorkCompletion],
         timeout: Option<Duration>,
     ) -> Result<usize, RdmaError> {
         match self.channel {
@@ -355,7 +362,7 @@ impl CompletionQueue {
     /// passed, whatever the mode. Allocates nothing.
     pub fn busy_wait(
         &self,
-        out: &mut [Completion],
+        out: &mut [WorkCompletion],
         timeout: Option<Duration>,
     ) -> Result<usize, RdmaError> {
         if out.is_empty() {
@@ -376,7 +383,7 @@ impl CompletionQueue {
 
     fn wait_event(
         &self,
-        out: &mut [Completion],
+        out: &mut [WorkCompletion],
         timeout: Option<Duration>,
     ) -> Result<usize, RdmaError> {
         if out.is_empty() {
@@ -401,21 +408,12 @@ impl CompletionQueue {
             let Some(timeout_ms) = poll_timeout_ms(deadline) else {
                 return Ok(0);
             };
-            let mut pfd = libc::pollfd {
-                fd,
-                events: libc::POLLIN,
-                revents: 0,
+            let mut pfd = [PollFd::new(fd, PollFlags::POLLIN)];
+            let ret = match poll_fds(&mut pfd, timeout_ms) {
+                Ok(n) => n,
+                Err(Errno::EINTR) => continue,
+                Err(e) => return Err(RdmaError::GetCqEvent { source: e.into() }),
             };
-            // SAFETY: `pfd` is one valid, writable pollfd; `fd` is the channel's descriptor,
-            // open while `self.channel` lives.
-            let ret = unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
-            if ret < 0 {
-                let err = io::Error::last_os_error();
-                if err.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(RdmaError::GetCqEvent { source: err });
-            }
             if ret > 0 {
                 self.ack_event()?;
             }
@@ -429,12 +427,12 @@ impl CompletionQueue {
     /// [`CqMode::BusyPoll`] it spins and checks `fd` every 256 empty polls. Allocates nothing.
     pub fn wait_or_readable(
         &self,
-        out: &mut [Completion],
+        out: &mut [WorkCompletion],
         fd: BorrowedFd<'_>,
         timeout: Option<Duration>,
     ) -> Result<(usize, bool), RdmaError> {
         if out.is_empty() {
-            return Ok((0, fd_ready(fd.as_raw_fd(), 0)?));
+            return Ok((0, fd_ready(fd, 0)?));
         }
         self.wait_or_readable_with(fd, timeout, || self.poll(out))
     }
@@ -476,10 +474,7 @@ impl CompletionQueue {
                 }
                 spins = spins.wrapping_add(1);
                 if spins % 256 == 0 {
-                    let ready = [
-                        fd_ready(fds[0].as_raw_fd(), 0)?,
-                        fd_ready(fds[1].as_raw_fd(), 0)?,
-                    ];
+                    let ready = [fd_ready(fds[0], 0)?, fd_ready(fds[1], 0)?];
                     if ready[0] || ready[1] {
                         return Ok((drain()?, ready));
                     }
@@ -506,32 +501,21 @@ impl CompletionQueue {
             let Some(timeout_ms) = poll_timeout_ms(deadline) else {
                 return Ok((0, [false; 2]));
             };
-            let pollfd = |fd| libc::pollfd {
-                fd,
-                events: libc::POLLIN,
-                revents: 0,
-            };
             let mut pfds = [
-                pollfd(fds[0].as_raw_fd()),
-                pollfd(fds[1].as_raw_fd()),
-                pollfd(channel_fd),
+                PollFd::new(fds[0], PollFlags::POLLIN),
+                PollFd::new(fds[1], PollFlags::POLLIN),
+                PollFd::new(channel_fd, PollFlags::POLLIN),
             ];
             let n = if watch { 3 } else { 2 };
-            // SAFETY: `pfds` is an array of three valid, writable pollfds and `n` <= 3; the
-            // channel's descriptor is open while `self.channel` lives and `fds` are borrowed
-            // for the call.
-            let ret = unsafe { libc::poll(pfds.as_mut_ptr(), n, timeout_ms) };
-            if ret < 0 {
-                let err = io::Error::last_os_error();
-                if err.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(RdmaError::GetCqEvent { source: err });
+            match poll_fds(&mut pfds[..n], timeout_ms) {
+                Ok(_) => {}
+                Err(Errno::EINTR) => continue,
+                Err(e) => return Err(RdmaError::GetCqEvent { source: e.into() }),
             }
-            if watch && pfds[2].revents != 0 {
+            if watch && is_ready(&pfds[2]) {
                 self.ack_event()?;
             }
-            let ready = [pfds[0].revents != 0, pfds[1].revents != 0];
+            let ready = [is_ready(&pfds[0]), is_ready(&pfds[1])];
             if ready[0] || ready[1] {
                 let n = if watch { drain()? } else { 0 };
                 return Ok((n, ready));
@@ -613,22 +597,27 @@ pub(crate) fn poll_timeout_ms(deadline: Option<Instant>) -> Option<i32> {
 }
 
 /// Whether `fd` is readable (or at end of stream / in error) within `timeout_ms`.
-fn fd_ready(fd: RawFd, timeout_ms: i32) -> Result<bool, RdmaError> {
-    let mut pfd = libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
-    };
+fn fd_ready(fd: BorrowedFd<'_>, timeout_ms: i32) -> Result<bool, RdmaError> {
+    let mut pfd = [PollFd::new(fd, PollFlags::POLLIN)];
     loop {
-        // SAFETY: `pfd` is one valid, writable pollfd; the caller keeps `fd` open (it is
-        // borrowed for the call).
-        let ret = unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
-        if ret >= 0 {
-            return Ok(ret > 0 && pfd.revents != 0);
-        }
-        let err = io::Error::last_os_error();
-        if err.kind() != io::ErrorKind::Interrupted {
-            return Err(RdmaError::GetCqEvent { source: err });
+        match poll_fds(&mut pfd, timeout_ms) {
+            Ok(n) => return Ok(n > 0 && is_ready(&pfd[0])),
+            Err(Errno::EINTR) => {}
+            Err(e) => return Err(RdmaError::GetCqEvent { source: e.into() }),
         }
     }
+}
+
+/// `poll(2)` on `fds` for up to `timeout_ms` milliseconds (-1: no limit, as
+/// [`poll_timeout_ms`] gives): how many are ready (0: the time ran out). An interrupted wait
+/// is `Err(EINTR)`, for the caller to recompute its timeout and call again.
+pub(crate) fn poll_fds(fds: &mut [PollFd<'_>], timeout_ms: i32) -> Result<usize, Errno> {
+    let timeout = PollTimeout::try_from(timeout_ms.max(-1)).unwrap_or(PollTimeout::NONE);
+    poll(fds, timeout).map(|n| usize::try_from(n).unwrap_or(0))
+}
+
+/// Whether the last [`poll_fds`] found `fd` ready in any way (readable, end of stream,
+/// error): any returned event, as `revents != 0`.
+pub(crate) fn is_ready(fd: &PollFd<'_>) -> bool {
+    fd.revents().is_none_or(|r| !r.is_empty())
 }

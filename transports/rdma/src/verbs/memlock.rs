@@ -5,6 +5,8 @@
 
 use std::io;
 
+use nix::sys::resource::{getrlimit, Resource};
+
 use crate::error::RdmaError;
 
 /// Bit number of `CAP_IPC_LOCK` in the capability sets of `/proc/self/status`.
@@ -12,21 +14,14 @@ const CAP_IPC_LOCK: u32 = 14;
 
 /// The soft `RLIMIT_MEMLOCK` of this process in bytes; `None` when it is unlimited.
 pub fn memlock_limit() -> Result<Option<u64>, RdmaError> {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: `lim` is a valid, writable `rlimit`; getrlimit only writes into it.
-    let ret = unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut lim) };
-    if ret != 0 {
-        return Err(RdmaError::MemlockQuery {
-            source: io::Error::last_os_error(),
-        });
-    }
-    if lim.rlim_cur == libc::RLIM_INFINITY {
+    let (soft, _hard) =
+        getrlimit(Resource::RLIMIT_MEMLOCK).map_err(|e| RdmaError::MemlockQuery {
+            source: io::Error::from(e),
+        })?;
+    if soft == libc::RLIM_INFINITY {
         Ok(None)
     } else {
-        Ok(Some(lim.rlim_cur))
+        Ok(Some(soft))
     }
 }
 
@@ -83,5 +78,22 @@ mod tests {
             }
             Err(other) => panic!("unexpected error {other}"),
         }
+    }
+
+    #[test]
+    fn the_limit_is_the_one_the_kernel_reports() {
+        let limits = std::fs::read_to_string("/proc/self/limits").unwrap();
+        let soft = limits
+            .lines()
+            .find_map(|l| l.strip_prefix("Max locked memory"))
+            .and_then(|rest| rest.split_whitespace().next())
+            .expect("a 'Max locked memory' line in /proc/self/limits")
+            .to_string();
+        let want = if soft == "unlimited" {
+            None
+        } else {
+            Some(soft.parse::<u64>().unwrap())
+        };
+        assert_eq!(memlock_limit().unwrap(), want);
     }
 }
