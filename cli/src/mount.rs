@@ -171,6 +171,9 @@ pub(crate) fn run(args: MountArgs) -> AnyResult<()> {
             source: e,
         })?;
     keepalive(client_for_keepalive);
+    if !args.direct_io {
+        raise_readahead(&args.mountpoint);
+    }
     // Tell a waiting parent (`spawn_background`) that the mount is up.
     println!(
         "zcio: mounted {} on {}",
@@ -196,6 +199,31 @@ fn keepalive(client: Client) {
                 return;
             }
         });
+}
+
+/// The kernel caps a FUSE mount's readahead at its default (128 KiB) whatever `init`
+/// asks for; as root, raise it to 1 MiB in sysfs so buffered sequential reads become
+/// 1 MiB requests too. The device number comes from `/proc/self/mountinfo` (a `stat` of
+/// the mount point here would wait for this process to answer it).
+fn raise_readahead(mountpoint: &Path) {
+    let Ok(mp) = mountpoint.canonicalize() else {
+        return;
+    };
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return;
+    };
+    let want = mp.to_string_lossy();
+    // Fields: id, parent, major:minor, root, mount point, ... (the last mount wins).
+    let dev = info.lines().rev().find_map(|l| {
+        let f: Vec<&str> = l.split(' ').collect();
+        (f.len() > 4 && f[4] == want).then(|| f[2].to_string())
+    });
+    if let Some(dev) = dev {
+        let p = format!("/sys/class/bdi/{dev}/read_ahead_kb");
+        if let Err(e) = std::fs::write(&p, "1024") {
+            tracing::info!("readahead stays at the kernel's default: {p}: {e}");
+        }
+    }
 }
 
 /// Checks what a mount needs before anything is mounted, with a clear error for each.

@@ -405,6 +405,23 @@ fn big_requests_arrive_as_one() {
             "{segs} x {seg} O_DIRECT preadv: server saw (requests, bytes)"
         );
     }
+    // A buffered 1 MiB read of a 1 MiB file: one read request of 1 MiB (the mount raises
+    // the kernel's 128 KiB readahead to 1 MiB).
+    std::fs::write(export.path().join("one"), &data[..1 << 20]).unwrap();
+    let before = reads();
+    let pool = Pool::new(&zcio::PoolConfig::default()).unwrap();
+    let mut buf = pool.get(1 << 20).unwrap();
+    let f = std::fs::File::open(m.path("one")).unwrap();
+    assert_eq!(nix::sys::uio::pread(&f, &mut buf, 0).unwrap(), 1 << 20);
+    assert_eq!(&buf[..], &data[..1 << 20]);
+    drop(f);
+    let after = reads();
+    assert_eq!(
+        (after.0 - before.0, after.1 - before.1),
+        (1, 1 << 20),
+        "buffered 1 MiB read: server saw (requests, bytes)"
+    );
+
     // A 1 MiB write with O_DIRECT: one write request of 1 MiB.
     let (w0, wb0) = (
         st.writes.load(Ordering::Relaxed),
@@ -427,7 +444,6 @@ fn big_requests_arrive_as_one() {
     let m = Mounted::new(srv.local_addr(), &["--direct-io"]);
     let before = reads();
     // Page-aligned (a pool buffer): an unaligned one spans 257 pages, two requests.
-    let pool = Pool::new(&zcio::PoolConfig::default()).unwrap();
     let mut buf = pool.get(1 << 20).unwrap();
     let f = std::fs::File::open(m.path("big")).unwrap();
     let n = nix::sys::uio::pread(&f, &mut buf, 0).unwrap();
