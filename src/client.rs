@@ -28,16 +28,16 @@
 use std::future::Future;
 use std::io::{IoSlice, IoSliceMut};
 use std::pin::Pin;
-use std::ptr::NonNull;
 use std::sync::{Arc, OnceLock, RwLock};
 use std::task::{Context, Poll};
 
 use crate::config::Config;
 use crate::error::{Error, Result};
+use crate::pool::lend::Lent;
 use crate::pool::{Iobref, IobufMut, Pool};
 use crate::proto::{self, DirEntry, OpenFlags, Req, Resp, Stat, NONCE_LEN};
 use crate::transport::{
-    ClientConn, Limits, Pending, RawSeg, RecvSeg, Registry, Reply, Request, SendSeg, Transport,
+    ClientConn, Limits, Pending, RecvSeg, Registry, Reply, Request, SendSeg, Transport,
 };
 
 mod held;
@@ -590,38 +590,34 @@ impl File {
         self.client.inner.limits
     }
 
-    /// Starts one request per group of [`plan_requests`] over segments of `lens` bytes, at
-    /// consecutive offsets from `offset`; `make(pos, pieces)` builds a group's request and
-    /// segments. Waits for every started request, even after a failure (they may still be
-    /// touching the segments), and returns the bytes done up to the first short or failed
-    /// request.
+    /// Starts one request per group of [`plan_requests`] over the memory `lent`, at
+    /// consecutive offsets from `offset`, each with the header `header(position, length)`.
+    /// Waits for every started request, even after a failure (they may still be touching
+    /// the memory: [`Lent::run`] sees to that), and returns the bytes done up to the first
+    /// short or failed request.
     fn run_planned(
         &self,
-        lens: &[usize],
+        lent: &Lent<'_>,
         offset: u64,
-        mut make: impl FnMut(u64, &[Piece]) -> (Req, Vec<SendSeg>, Vec<RecvSeg>),
+        header: impl Fn(u64, usize) -> Req,
         done_len: fn(&Req, &Reply) -> Result<usize>,
     ) -> Result<usize> {
         let l = self.limits();
-        let plan = plan_requests(lens, l.max_segments, l.max_payload);
-        let mut pend = Vec::with_capacity(plan.len());
+        let plan = plan_requests(&lent.lens(), l.max_segments, l.max_payload);
+        let mut sent = Vec::with_capacity(plan.len());
         let mut pos = offset;
-        let mut err = None;
-        for pieces in &plan {
+        let (replies, err) = lent.run(&plan, |pieces, send, recv| {
             let want: usize = pieces.iter().map(|p| p.2).sum();
-            let (req, send, recv) = make(pos, pieces);
-            match self.client.start(&req, send, recv) {
-                Ok(p) => pend.push((want, req, p)),
-                Err(e) => {
-                    err = Some(e);
-                    break;
-                }
-            }
+            let req = header(pos, want);
+            let p = self.client.start(&req, send, recv)?;
             pos += want as u64;
-        }
-        let results: Vec<(usize, Result<usize>)> = pend
+            sent.push((want, req));
+            Ok(p)
+        });
+        let results: Vec<(usize, Result<usize>)> = sent
             .into_iter()
-            .map(|(want, req, p)| (want, p.wait().and_then(|r| done_len(&req, &r))))
+            .zip(replies)
+            .map(|((want, req), r)| (want, r.and_then(|r| done_len(&req, &r))))
             .collect();
         let total = contiguous(results)?;
         match err {
@@ -633,38 +629,16 @@ impl File {
     /// Reads into the caller's iovecs at `offset`; the transport writes the payload
     /// straight into them. Returns the bytes read (short at end of file).
     pub fn preadv(&self, iov: &mut [IoSliceMut<'_>], offset: u64) -> Result<usize> {
-        let lens: Vec<usize> = iov.iter().map(|s| s.len()).collect();
-        let bases: Vec<*mut u8> = iov.iter_mut().map(|s| s.as_mut_ptr()).collect();
-        self.client
-            .retrying("read", true, || self.preadv_once(&lens, &bases, offset))
-    }
-
-    fn preadv_once(&self, lens: &[usize], bases: &[*mut u8], offset: u64) -> Result<usize> {
-        let fh = self.state.fh()?;
-        let make = |pos, pieces: &[Piece]| {
-            let recv = pieces
-                .iter()
-                .map(|&(i, off, n)| {
-                    // SAFETY: `iov` is borrowed mutably for this whole call, and
-                    // `run_planned` waits for every started request before returning, so
-                    // the memory outlives the request and nothing else touches it meanwhile.
-                    let p = unsafe { NonNull::new_unchecked(bases[i].add(off)) };
-                    // SAFETY: as above.
-                    RecvSeg::Raw(unsafe { RawSeg::new(p, n) })
-                })
-                .collect();
-            let len = pieces.iter().map(|p| p.2).sum::<usize>() as u32;
-            (
-                Req::Read {
-                    fh,
-                    offset: pos,
-                    len,
-                },
-                Vec::new(),
-                recv,
-            )
-        };
-        self.run_planned(lens, offset, make, read_len)
+        let lent = Lent::for_reading(iov);
+        self.client.retrying("read", true, || {
+            let fh = self.state.fh()?;
+            let read = |pos, len: usize| Req::Read {
+                fh,
+                offset: pos,
+                len: len as u32,
+            };
+            self.run_planned(&lent, offset, read, read_len)
+        })
     }
 
     /// Reads into one buffer.
@@ -675,28 +649,12 @@ impl File {
     /// Writes the caller's iovecs at `offset`; the transport sends straight from them.
     /// Returns the bytes written.
     pub fn pwritev(&self, iov: &[IoSlice<'_>], offset: u64) -> Result<usize> {
-        self.client
-            .retrying("write", true, || self.pwritev_once(iov, offset))
-    }
-
-    fn pwritev_once(&self, iov: &[IoSlice<'_>], offset: u64) -> Result<usize> {
-        let lens: Vec<usize> = iov.iter().map(|s| s.len()).collect();
-        let fh = self.state.fh()?;
-        let make = |pos, pieces: &[Piece]| {
-            let send = pieces
-                .iter()
-                .map(|&(i, off, n)| {
-                    let base = iov[i].as_ptr().cast_mut();
-                    // SAFETY: `iov` is borrowed for this whole call and `run_planned` waits
-                    // for every started request; the transport only reads send segments.
-                    let p = unsafe { NonNull::new_unchecked(base.add(off)) };
-                    // SAFETY: as above.
-                    SendSeg::Raw(unsafe { RawSeg::new(p, n) })
-                })
-                .collect();
-            (Req::Write { fh, offset: pos }, send, Vec::new())
-        };
-        self.run_planned(&lens, offset, make, write_len)
+        let lent = Lent::for_writing(iov);
+        self.client.retrying("write", true, || {
+            let fh = self.state.fh()?;
+            let write = |pos, _| Req::Write { fh, offset: pos };
+            self.run_planned(&lent, offset, write, write_len)
+        })
     }
 
     /// Writes one buffer.
@@ -713,33 +671,12 @@ impl File {
 
     /// Writes pool buffers (from [`Client::get_buffers`]) at `offset` without copying.
     pub fn zero_writev(&self, bufs: &Iobref, offset: u64) -> Result<usize> {
-        self.client
-            .retrying("write", true, || self.zero_writev_once(bufs, offset))
-    }
-
-    fn zero_writev_once(&self, bufs: &Iobref, offset: u64) -> Result<usize> {
-        let lens: Vec<usize> = bufs.buffers().iter().map(|b| b.len()).collect();
-        let fh = self.state.fh()?;
-        let make = |pos, pieces: &[Piece]| {
-            let send = pieces
-                .iter()
-                .map(|&(i, off, n)| {
-                    let b = &bufs.buffers()[i];
-                    if off == 0 && n == b.len() {
-                        // SAFETY: `bufs` is borrowed for this whole call and `run_planned`
-                        // waits for every started request; the transport only reads it.
-                        SendSeg::Raw(unsafe { RawSeg::from_pool(b) })
-                    } else {
-                        // SAFETY: as above, for a sub-range of the buffer.
-                        let p = unsafe { NonNull::new_unchecked(b.as_ptr().cast_mut().add(off)) };
-                        // SAFETY: as above.
-                        SendSeg::Raw(unsafe { RawSeg::new(p, n) })
-                    }
-                })
-                .collect();
-            (Req::Write { fh, offset: pos }, send, Vec::new())
-        };
-        self.run_planned(&lens, offset, make, write_len)
+        let lent = Lent::for_writing_pool(bufs);
+        self.client.retrying("write", true, || {
+            let fh = self.state.fh()?;
+            let write = |pos, _| Req::Write { fh, offset: pos };
+            self.run_planned(&lent, offset, write, write_len)
+        })
     }
 
     /// Starts a read of `len` bytes at `offset` into new pool buffers; completes with
