@@ -222,6 +222,11 @@ pub(crate) struct BenchArgs {
     /// attack, side by side.
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=256))]
     hostile: u32,
+    /// With --hostile: only these attack classes, comma separated (garbage, truncated,
+    /// huge, dup-ids, reply, tiny-flood, slowloris, window, slow-handshake, no-auth,
+    /// pool-hog); default all, in turn.
+    #[arg(long, value_delimiter = ',', value_parser = crate::hostile::class_arg)]
+    attack: Vec<usize>,
     /// Export directory of the embedded server (default: a temporary directory in $TMPDIR).
     #[arg(long, value_name = "DIR")]
     export: Option<PathBuf>,
@@ -523,6 +528,13 @@ pub(crate) fn run(mut a: BenchArgs) -> AnyResult<()> {
                 st.requests.load(Ordering::Relaxed),
                 s.pool().stats().slots_in_use()
             );
+            println!(
+                "server: {} closed for no authentication in time, {} refused over max_connections, {} authentications refused, {} panics caught",
+                st.auth_timeouts.load(Ordering::Relaxed),
+                st.refused.load(Ordering::Relaxed),
+                st.auth_failures.load(Ordering::Relaxed),
+                st.panics.load(Ordering::Relaxed)
+            );
         }
     }
     Ok(())
@@ -559,6 +571,7 @@ fn run_point(
                 crate::hostile::start(
                     cfg.client.connect.clone(),
                     a.hostile as usize,
+                    &a.attack,
                     stop.clone(),
                     attack_stats.clone(),
                 )

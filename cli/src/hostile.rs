@@ -1,8 +1,10 @@
 //! Hostile TCP peers, for `zcio bench --hostile N`: attackers that hammer a server while
 //! the benchmark measures what well-behaved clients still get.
 //!
-//! Each attacker thread cycles through the classes below on fresh connections until told
-//! to stop. None of them may crash the server, make it exceed its memory bounds, or stall
+//! Each attacker thread cycles through the classes below (or those `--attack` picks) on
+//! fresh connections until told to stop. Against a server on 127.0.0.1 the attackers
+//! connect from 127.0.0.2, another host as far as per-address limits go, so those limits
+//! do not fall on the benchmark's own clients. None of them may crash the server, make it exceed its memory bounds, or stall
 //! its other clients; each attack must end with an error reply or the server closing
 //! that connection (or, for the slow ones, the attacker giving up).
 
@@ -18,7 +20,7 @@ use zcio::transport::{Limits, MAX_HEADER};
 use zcio_tcp::wire::{Hello, Kind, Prefix};
 
 /// The attack classes, in the order each attacker cycles through them.
-pub(crate) const CLASSES: [&str; 8] = [
+pub(crate) const CLASSES: [&str; 11] = [
     "garbage bytes",
     "truncated frame",
     "huge lengths",
@@ -27,7 +29,33 @@ pub(crate) const CLASSES: [&str; 8] = [
     "thousands of tiny requests",
     "slowloris partial frame",
     "oversized in-flight window",
+    "slow handshake",
+    "never authenticating",
+    "pool hog",
 ];
+
+/// Short names for `--attack`, in the order of [`CLASSES`].
+pub(crate) const CLASS_KEYS: [&str; CLASSES.len()] = [
+    "garbage",
+    "truncated",
+    "huge",
+    "dup-ids",
+    "reply",
+    "tiny-flood",
+    "slowloris",
+    "window",
+    "slow-handshake",
+    "no-auth",
+    "pool-hog",
+];
+
+/// Parses `--attack` values (keys of [`CLASS_KEYS`]) into class indices.
+pub(crate) fn class_arg(s: &str) -> Result<usize, String> {
+    CLASS_KEYS
+        .iter()
+        .position(|k| *k == s)
+        .ok_or_else(|| format!("unknown attack `{s}` (have: {})", CLASS_KEYS.join(", ")))
+}
 
 /// Counts per class of how attacks ended.
 #[derive(Default)]
@@ -96,8 +124,29 @@ fn server_answers_or_closes(s: &mut TcpStream, limit: Duration) -> bool {
     }
 }
 
+/// Connects to `addr`; to a loopback server from 127.0.0.2 (see the module documentation).
 fn connect(addr: &str) -> Option<TcpStream> {
-    let s = TcpStream::connect(addr).ok()?;
+    let dst: std::net::SocketAddr = addr.parse().ok()?;
+    let s = match dst {
+        std::net::SocketAddr::V4(d) if d.ip().is_loopback() => {
+            use nix::sys::socket::{
+                bind, connect, socket, AddressFamily, SockFlag, SockType, SockaddrIn,
+            };
+            use std::os::fd::AsRawFd;
+            let fd = socket(
+                AddressFamily::Inet,
+                SockType::Stream,
+                SockFlag::SOCK_CLOEXEC,
+                None,
+            )
+            .ok()?;
+            let src = std::net::SocketAddrV4::new(std::net::Ipv4Addr::new(127, 0, 0, 2), 0);
+            bind(fd.as_raw_fd(), &SockaddrIn::from(src)).ok()?;
+            connect(fd.as_raw_fd(), &SockaddrIn::from(d)).ok()?;
+            TcpStream::from(fd)
+        }
+        _ => TcpStream::connect(addr).ok()?,
+    };
     let _ = s.set_nodelay(true);
     let _ = s.set_write_timeout(Some(Duration::from_secs(5)));
     Some(s)
@@ -235,6 +284,107 @@ fn attack(addr: &str, k: usize, stop: &AtomicBool) -> bool {
             // Not closed yet is expected: what matters is that the others were served.
             true
         }
+        8 => {
+            // A hello a byte every 200 ms, never finished: the handshake's total deadline
+            // (5 s) must end it, however the bytes trickle.
+            let Some(mut s) = connect(addr) else {
+                return false;
+            };
+            let hello = hello_bytes();
+            for b in &hello[..hello.len() - 1] {
+                if stop.load(Ordering::Relaxed) {
+                    return true;
+                }
+                if s.write_all(&[*b]).is_err() {
+                    return true;
+                }
+                if server_closes(&mut s, Duration::from_millis(200)) {
+                    return true;
+                }
+            }
+            server_closes(&mut s, Duration::from_secs(10))
+        }
+        9 => {
+            // A transport handshake, then a request (answered "hello and authentication
+            // come first") every 200 ms or so, never a hello: the server must close it (its
+            // authentication deadline, or its limit of refused requests) although it
+            // keeps sending frames.
+            let Some(mut s) = handshake(addr) else {
+                return false;
+            };
+            let t0 = Instant::now();
+            let mut id = 1;
+            while t0.elapsed() < Duration::from_secs(30) {
+                if stop.load(Ordering::Relaxed) {
+                    return true;
+                }
+                let r = request(
+                    id,
+                    &Req::Stat {
+                        path: String::new(),
+                    },
+                );
+                if s.write_all(&r).is_err() {
+                    return true;
+                }
+                id += 1;
+                // Reads the answer and paces the loop (about 200 ms a request).
+                if server_closes(&mut s, Duration::from_millis(100)) {
+                    return true;
+                }
+            }
+            false
+        }
+        10 => {
+            // 1 MiB writes (to a made-up handle: cheap to refuse, but the payload is read
+            // into the pool first) pipelined as fast as the server takes them, for 3 s,
+            // replies drained by another thread. Contained: the server pushes back (the
+            // connection's payload budget) instead of giving the pool away or failing.
+            let Some(mut s) = handshake(addr) else {
+                return false;
+            };
+            let hello = request(
+                1,
+                &Req::Hello {
+                    version: zcio::proto::VERSION,
+                    client_nonce: [1; NONCE_LEN],
+                },
+            );
+            if s.write_all(&hello).is_err() {
+                return false;
+            }
+            let Ok(mut r) = s.try_clone() else {
+                return false;
+            };
+            let drain = std::thread::spawn(move || {
+                let mut buf = vec![0u8; 1 << 16];
+                let _ = r.set_read_timeout(Some(Duration::from_secs(10)));
+                while matches!(r.read(&mut buf), Ok(1..)) {}
+            });
+            let header = Req::Write {
+                fh: u64::MAX,
+                offset: 0,
+            }
+            .encode();
+            let payload = vec![0xA5u8; 1 << 20];
+            let t0 = Instant::now();
+            let mut id = 2u64;
+            while t0.elapsed() < Duration::from_secs(3) && !stop.load(Ordering::Relaxed) {
+                let mut v = prefix(Kind::Request, header.len(), id, payload.len(), 0).to_vec();
+                v.extend_from_slice(&header);
+                // A failed write: the server closed the connection (it went past the
+                // negotiated in-flight window, which it need not tolerate).
+                if s.write_all(&v).is_err() || s.write_all(&payload).is_err() {
+                    break;
+                }
+                id += 1;
+            }
+            let _ = s.shutdown(std::net::Shutdown::Both);
+            let _ = drain.join();
+            // Contained either way (pushed back or closed); what it cost the others is
+            // the benchmark's measure.
+            true
+        }
         _ => {
             // More requests in flight than negotiated, before hello: each is refused with
             // an error reply ("hello first"), or the connection is closed.
@@ -262,24 +412,33 @@ fn attack(addr: &str, k: usize, stop: &AtomicBool) -> bool {
     }
 }
 
-/// Starts `n` attacker threads against `addr`; they run until `stop`.
+/// Starts `n` attacker threads against `addr`, cycling through `classes` (indices into
+/// [`CLASSES`]; empty: all); they run until `stop`.
 pub(crate) fn start(
     addr: String,
     n: usize,
+    classes: &[usize],
     stop: Arc<AtomicBool>,
     stats: Arc<AttackStats>,
 ) -> Vec<std::thread::JoinHandle<()>> {
+    let classes: Arc<Vec<usize>> = Arc::new(if classes.is_empty() {
+        (0..CLASSES.len()).collect()
+    } else {
+        classes.to_vec()
+    });
     (0..n)
         .map(|i| {
             let (addr, stop, stats) = (addr.clone(), stop.clone(), stats.clone());
+            let classes = classes.clone();
             std::thread::spawn(move || {
-                let mut k = i % CLASSES.len();
+                let mut j = i % classes.len();
                 while !stop.load(Ordering::Relaxed) {
+                    let k = classes[j];
                     stats.attacks[k].fetch_add(1, Ordering::Relaxed);
                     if attack(&addr, k, &stop) {
                         stats.repelled[k].fetch_add(1, Ordering::Relaxed);
                     }
-                    k = (k + 1) % CLASSES.len();
+                    j = (j + 1) % classes.len();
                 }
             })
         })

@@ -302,20 +302,6 @@ fn main() {
         inline_threshold: 0,
         rdma_payload: false,
     };
-    let frame = |kind: Kind, id: u64, header: &[u8], payload: &[u8], recv_cap: usize| {
-        let mut b = Prefix {
-            kind,
-            header_len: header.len(),
-            id,
-            payload_len: payload.len(),
-            recv_cap,
-        }
-        .encode()
-        .to_vec();
-        b.extend_from_slice(header);
-        b.extend_from_slice(payload);
-        b
-    };
     let hello = Hello::from_limits(&limits, 64).encode();
     write("tcp_frame", "hello", &[&[0u8][..], &hello].concat());
     let read = Req::Read {
@@ -487,6 +473,8 @@ fn main() {
         BootHello::decode(&b, role).unwrap();
     }
 
+    new_targets_seeds();
+
     let dir = corpus.join("config");
     for entry in std::fs::read_dir(&dir).unwrap() {
         let path = entry.unwrap().path();
@@ -498,4 +486,110 @@ fn main() {
             panic!("config seed {} does not parse: {e}", path.display());
         }
     }
+}
+
+/// One TCP frame: prefix, header, payload.
+fn frame(kind: Kind, id: u64, header: &[u8], payload: &[u8], recv_cap: usize) -> Vec<u8> {
+    let mut b = Prefix {
+        kind,
+        header_len: header.len(),
+        id,
+        payload_len: payload.len(),
+        recv_cap,
+    }
+    .encode()
+    .to_vec();
+    b.extend_from_slice(header);
+    b.extend_from_slice(payload);
+    b
+}
+
+/// Seeds of the planner, the TCP reader and reply matcher, and the stateful server target.
+fn new_targets_seeds() {
+    // rdma_plan: max_sge 4, room = max_sge, total 20000, 2 descriptors, 5 pieces.
+    let mut b = vec![4u8, 0];
+    b.extend(20_000u32.to_le_bytes());
+    b.push(2);
+    let piece = |b: &mut Vec<u8>, addr: u64, key: u8, len: u16| {
+        b.extend(addr.to_le_bytes());
+        b.push(key);
+        b.extend(len.to_le_bytes());
+    };
+    piece(&mut b, 0x10_0000, 7, 12_000);
+    piece(&mut b, 0x20_0000, 7, 9_000);
+    for (i, len) in [4096u16, 4096, 3000, 65535, 100].into_iter().enumerate() {
+        piece(&mut b, 0x7f00_0000 + (i as u64) * 0x10000, 1, len);
+    }
+    write("rdma_plan", "two-descs-five-pieces", &b);
+    // Adjacent descriptors (push_desc merges them) and a wrapping address.
+    let mut b = vec![1u8, 1];
+    b.extend(u32::MAX.to_le_bytes());
+    b.push(3);
+    piece(&mut b, 0x1000, 3, 4096);
+    piece(&mut b, 0x2000, 3, 4096);
+    piece(&mut b, u64::MAX - 10, 3, 100);
+    piece(&mut b, 0, 2, 65535);
+    write("rdma_plan", "adjacent-and-wrapping", &b);
+
+    // tcp_server_reader: budget 8 KiB, authenticated; three requests, one with payload.
+    let mut b = vec![8u8];
+    b.extend(frame(
+        Kind::Request,
+        1,
+        &Req::Stat { path: "a".into() }.encode(),
+        b"",
+        64,
+    ));
+    b.extend(frame(
+        Kind::Request,
+        2,
+        &Req::Write { fh: 1, offset: 0 }.encode(),
+        &[0x5a; 10_000],
+        0,
+    ));
+    b.extend(frame(
+        Kind::Request,
+        3,
+        &Req::Close { fh: 1 }.encode(),
+        b"",
+        0,
+    ));
+    write("tcp_server_reader", "three-requests", &b);
+    // Not authenticated: payload must be refused.
+    let mut b = vec![0x88u8];
+    b.extend(frame(Kind::Request, 1, b"x", b"payload", 0));
+    write("tcp_server_reader", "payload-before-auth", &b);
+
+    // tcp_client_replies: 2 requests (caps 100 and 8), replies in reverse order.
+    let mut b = vec![2u8];
+    b.extend(100u16.to_le_bytes());
+    b.extend(8u16.to_le_bytes());
+    b.extend(frame(Kind::Reply, 2, b"ok", b"12345678", 0));
+    b.extend(frame(Kind::Reply, 1, b"ok", &[9; 100], 0));
+    write("tcp_client_replies", "two-reversed", &b);
+    let mut b = vec![1u8];
+    b.extend(4u16.to_le_bytes());
+    b.extend(frame(Kind::Reply, 1, b"ok", b"too long", 0));
+    write("tcp_client_replies", "over-capacity", &b);
+
+    // server_requests: records `op a b c:u16`.
+    let rec = |op: u8, a: u8, b: u8, c: u16| {
+        let mut v = vec![op, a, b];
+        v.extend(c.to_le_bytes());
+        v
+    };
+    let open_rw_create = (OpenFlags::rw() | OpenFlags::CREATE).0 as u8;
+    let mut b = Vec::new();
+    b.extend(rec(0, 1, 0, 0)); // hello
+    b.extend(rec(2, 1, open_rw_create, 0o644)); // open "b" rw create
+    b.extend(rec(0x80 | 4, 0, 3, 5000)); // write 5000 bytes to it, in flight
+    b.extend(rec(0x80 | 3, 0, 0, 2000)); // read 8000, in flight
+    b.extend(rec(7, 0, 0, 0)); // fstat: waits for all
+    b.extend(rec(11, 2, 0, 300)); // list "d"
+    b.extend(rec(3, 0x81, 0, 10)); // read a made-up handle
+    b.extend(rec(9, 0, 0, 0)); // close
+    b.extend(rec(9, 0, 0, 0)); // close again: a bad handle now
+    b.extend(rec(6, 7, 0, 0)); // stat "/etc/passwd": outside
+    b.extend(rec(13, 0, 0, 0)); // an undecodable header
+    write("server_requests", "session", &b);
 }

@@ -1,7 +1,7 @@
 //! `zcio::proto::Req::decode` on arbitrary bytes (a request header as a server reads it
 //! from a client). Property: no panic, and whatever decodes re-encodes to something that
 //! decodes to the same request. (Not byte equality: reserved bytes are ignored and mode
-//! bits above 0o7777 dropped on decode.)
+//! bits above 0o777 dropped on decode.)
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;

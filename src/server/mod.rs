@@ -255,6 +255,11 @@ struct Conn {
     accepted: Instant,
     /// Closed by the watchdog for not authenticating in time.
     expired: AtomicBool,
+    /// Requests refused for want of authentication; at [`MAX_UNAUTHED_REFUSALS`] the
+    /// connection is closed after the reply.
+    unauthed_refusals: AtomicUsize,
+    /// Close the connection once the current reply is sent.
+    close_after_reply: AtomicBool,
     /// Files open or being opened: the per-connection limit is checked and taken in one
     /// step, before the open.
     open_count: AtomicUsize,
@@ -278,6 +283,10 @@ impl Drop for Conn {
         self.shared.stats.open_files.fetch_sub(n, Ordering::Relaxed);
     }
 }
+
+/// Requests refused before authentication that a connection may send before it is closed:
+/// a client that does not authenticate gets a few clear errors, not a free request loop.
+const MAX_UNAUTHED_REFUSALS: usize = 16;
 
 /// The first back-off after a failed authentication from an address; it doubles with each
 /// further failure, up to [`AUTH_BACKOFF_MAX`].
@@ -742,6 +751,8 @@ fn serve_conn(shared: &Arc<Shared>, mut sc: Box<dyn ServerConn>, jobs: &Schedule
         admission: Arc::new(Admission::new(shared.cfg.server.max_payload_in_flight)),
         accepted: Instant::now(),
         expired: AtomicBool::new(false),
+        unauthed_refusals: AtomicUsize::new(0),
+        close_after_reply: AtomicBool::new(false),
         open_count: AtomicUsize::new(0),
         permits: Permits {
             free: Mutex::new(shared.cfg.server.max_in_flight),
@@ -941,6 +952,13 @@ fn handle_with(job: Job, scratch: &mut Scratch) {
             conn.replier.close();
         }
     }
+    if conn.close_after_reply.load(Ordering::SeqCst) {
+        tracing::info!(
+            "connection from {} closed: {MAX_UNAUTHED_REFUSALS} requests before authentication",
+            conn.peer
+        );
+        conn.replier.close();
+    }
     shared.replied.fetch_add(1, Ordering::SeqCst);
     // Keep the vectors for the next request: the buffers go back to the pool now.
     let mut payload = payload;
@@ -1102,6 +1120,9 @@ fn execute(
         _ => {}
     }
     if !conn.authed.load(Ordering::SeqCst) {
+        if conn.unauthed_refusals.fetch_add(1, Ordering::SeqCst) + 1 >= MAX_UNAUTHED_REFUSALS {
+            conn.close_after_reply.store(true, Ordering::SeqCst);
+        }
         return Err(OpError::new(
             Status::AuthRequired as u32,
             format!(
@@ -1547,6 +1568,34 @@ mod tests {
         assert_eq!(&b, b"still served");
         let c2 = mem_client(&l, &cfg);
         assert_eq!(c2.stat("f").unwrap().size, 12);
+    }
+
+    #[test]
+    fn a_connection_that_keeps_skipping_authentication_is_closed() {
+        let (_dir, _srv, l, _cfg) = mem_server(|_| {});
+        let conn = l.connect().unwrap();
+        let stat = Req::Stat { path: "x".into() }.encode();
+        let mut refused = 0;
+        for _ in 0..MAX_UNAUTHED_REFUSALS + 4 {
+            let r = conn
+                .start(crate::transport::Request {
+                    header: stat.clone(),
+                    ..Default::default()
+                })
+                .and_then(|p| p.wait());
+            match r {
+                Ok(reply) => {
+                    let e = proto::decode_reply(&Req::Stat { path: "x".into() }, &reply.header);
+                    assert!(
+                        matches!(e, Err(Error::Remote { code, .. }) if code == Status::AuthRequired as u32),
+                        "{e:?}"
+                    );
+                    refused += 1;
+                }
+                Err(_) => break,
+            }
+        }
+        assert_eq!(refused, MAX_UNAUTHED_REFUSALS);
     }
 
     #[test]
