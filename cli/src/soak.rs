@@ -142,6 +142,11 @@ pub(crate) fn run(a: SoakArgs) -> AnyResult<()> {
             };
             cfg.server.listen = "127.0.0.1:0".into();
             cfg.server.max_connections = cfg.server.max_connections.max(a.connections as usize + 8);
+            // Every connection comes from 127.0.0.1 at once: let all of them handshake.
+            cfg.server.max_handshakes_per_addr = cfg
+                .server
+                .max_handshakes_per_addr
+                .max(a.connections as usize + 8);
             cfg.server.max_in_flight = cfg.server.max_in_flight.max(a.iodepth as usize);
             let s = Server::bind(&cfg, &reg)?.spawn()?;
             cfg.client.connect = s.local_addr().to_string();
