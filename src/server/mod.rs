@@ -288,8 +288,10 @@ impl Drop for Conn {
 /// a client that does not authenticate gets a few clear errors, not a free request loop.
 const MAX_UNAUTHED_REFUSALS: usize = 16;
 
-/// The first back-off after a failed authentication from an address; it doubles with each
-/// further failure, up to [`AUTH_BACKOFF_MAX`].
+/// Failed authentications in a row from one address before any back-off.
+const AUTH_FREE_FAILURES: u32 = 2;
+/// The first back-off, after [`AUTH_FREE_FAILURES`] + 1 failures in a row from an address;
+/// it doubles with each further failure, up to [`AUTH_BACKOFF_MAX`].
 const AUTH_BACKOFF_FIRST: Duration = Duration::from_millis(250);
 /// The longest back-off after failed authentications.
 const AUTH_BACKOFF_MAX: Duration = Duration::from_secs(10);
@@ -331,9 +333,13 @@ impl AuthFailures {
         }
         let e = self.by_addr.entry(key.to_string()).or_insert((0, now));
         e.0 = e.0.saturating_add(1);
-        let wait = AUTH_BACKOFF_FIRST
-            .saturating_mul(1u32 << (e.0 - 1).min(16))
-            .min(AUTH_BACKOFF_MAX);
+        let wait = match e.0.checked_sub(AUTH_FREE_FAILURES + 1) {
+            // A mistyped token or two costs nothing.
+            None => Duration::ZERO,
+            Some(k) => AUTH_BACKOFF_FIRST
+                .saturating_mul(1u32 << k.min(16))
+                .min(AUTH_BACKOFF_MAX),
+        };
         e.1 = now + wait;
         (e.0, wait)
     }

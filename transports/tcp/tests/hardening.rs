@@ -283,12 +283,12 @@ fn never_authenticating_connections_are_cut_off_and_wrong_tokens_slowed() {
             })
         })
         .collect();
-    // Host 127.0.0.3: wrong tokens. The first is refused as wrong; the next attempt, at
-    // once, is refused unchecked (the address's back-off), and so is a payload sent
-    // before authentication, which ends the connection.
+    // Host 127.0.0.3: wrong tokens. The first three are refused as wrong (two are free,
+    // the third starts the address's back-off); the next attempt, at once, is refused
+    // unchecked. A payload sent before authentication ends the connection.
     let mut s = handshake_from("127.0.0.3", &addr);
     let mut guesses = Vec::new();
-    for id in 0..2u64 {
+    for id in 0..4u64 {
         let cn = [id as u8; NONCE_LEN];
         let hr = match call(
             &mut s,
@@ -305,9 +305,11 @@ fn never_authenticating_connections_are_cut_off_and_wrong_tokens_slowed() {
         guesses.push(call(&mut s, 11 + 2 * id, &Req::Auth { mac }));
     }
     match &guesses[..] {
-        [Some(Err(first)), Some(Err(second))] => {
-            assert!(first.contains("wrong token"), "{first}");
-            assert!(second.contains("try again in"), "{second}");
+        [Some(Err(a)), Some(Err(b)), Some(Err(c)), Some(Err(d))] => {
+            for wrong in [a, b, c] {
+                assert!(wrong.contains("wrong token"), "{wrong}");
+            }
+            assert!(d.contains("try again in"), "{d}");
         }
         other => panic!("wrong tokens answered {other:?}"),
     }
@@ -332,7 +334,7 @@ fn never_authenticating_connections_are_cut_off_and_wrong_tokens_slowed() {
         timeouts >= 6,
         "{timeouts} connections closed by the authentication deadline"
     );
-    assert!(st.auth_failures.load(Ordering::SeqCst) >= 2);
+    assert!(st.auth_failures.load(Ordering::SeqCst) >= 4);
     h.assert_server_clean();
 }
 
