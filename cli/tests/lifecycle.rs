@@ -33,6 +33,14 @@ struct Served {
     lines: mpsc::Receiver<String>,
 }
 
+/// A failing test leaves no server behind.
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 fn serve(export: &std::path::Path, listen: &str, extra: &[&str]) -> Served {
     let mut child = zcio()
         .env("ZCIO_LOG", "zcio=debug")
