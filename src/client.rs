@@ -135,7 +135,11 @@ impl Client {
         reconnect::first_connect(cfg, |chosen| {
             let (conn, t, fallback) = match chosen {
                 // Once a transport connected, later attempts keep to it.
-                Some(t) => (t.connect(cfg, &pool)?, t.clone(), None),
+                Some(t) => (
+                    t.connect(&reconnect::for_transport(cfg, t.name())?, &pool)?,
+                    t.clone(),
+                    None,
+                ),
                 None => reconnect::dial_list(cfg, registry, &pool)?,
             };
             *chosen = Some(t.clone());
@@ -155,7 +159,7 @@ impl Client {
     /// `client.reconnect` is on.
     pub fn connect_shared(cfg: &Config, t: Arc<dyn Transport>, pool: Pool) -> Result<Client> {
         reconnect::first_connect(cfg, |chosen| {
-            let conn = t.connect(cfg, &pool)?;
+            let conn = t.connect(&reconnect::for_transport(cfg, t.name())?, &pool)?;
             *chosen = Some(t.clone());
             Client::finish(cfg, conn, pool.clone(), Some(t.clone()), None)
         })
@@ -177,7 +181,8 @@ impl Client {
         let (limits, read_only) = handshake(cfg, conn.as_ref())?;
         let name = t.as_ref().map(|t| t.name());
         let how = t.map(|transport| Redial {
-            cfg: cfg.clone(),
+            // Reconnects dial the transport in use at its own address.
+            cfg: reconnect::for_transport(cfg, transport.name()).unwrap_or_else(|_| cfg.clone()),
             transport,
             pool: pool.clone(),
         });

@@ -36,7 +36,8 @@
 //!                                # take to finish before connections close anyway
 //!
 //! [client]
-//! connect = "127.0.0.1:7700"     # server address
+//! connect = "127.0.0.1:7700"     # server address; or one per transport, as zcio serve
+//!                                # prints them: "tcp=127.0.0.1:7700 rdma=127.0.0.1:7701"
 //! token = ""                     # must match the server's; with a token the client
 //!                                # also makes the server prove it knows it
 //! token_file = ""                # read the token from this file (first line) instead
@@ -463,6 +464,44 @@ fn read_token_file(key: &str, path: &Path) -> Result<String> {
     Ok(token.to_string())
 }
 
+/// `client.connect`: one `HOST:PORT`, or one per transport as `zcio serve` prints them
+/// for several (`tcp=HOST:PORT rdma=HOST:PORT`).
+fn connect_addrs(v: &str) -> Result<String> {
+    if !v.contains('=') {
+        return addr("client.connect", v);
+    }
+    for part in v.split_whitespace() {
+        let (name, a) = part.split_once('=').ok_or_else(|| {
+            Error::config(
+                "client.connect",
+                v,
+                "expected HOST:PORT or NAME=HOST:PORT ...",
+            )
+        })?;
+        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
+            return Err(Error::config("client.connect", v, "bad transport name"));
+        }
+        addr("client.connect", a)?;
+    }
+    Ok(v.to_string())
+}
+
+impl ClientConfig {
+    /// The address to reach the server at over transport `name`: its own entry when
+    /// `connect` names one per transport (`tcp=HOST:PORT rdma=HOST:PORT`), else `connect`;
+    /// `None` when `connect` names addresses per transport but not for this one.
+    pub fn connect_for(&self, name: &str) -> Option<&str> {
+        if !self.connect.contains('=') {
+            return Some(&self.connect);
+        }
+        self.connect
+            .split_whitespace()
+            .filter_map(|p| p.split_once('='))
+            .find(|(n, _)| *n == name)
+            .map(|(_, a)| a)
+    }
+}
+
 fn ms(v: i64) -> Option<Duration> {
     (v > 0).then(|| Duration::from_millis(v as u64))
 }
@@ -615,7 +654,7 @@ impl Config {
         }
         if let Some(s) = raw.client {
             if let Some(v) = s.connect {
-                c.client.connect = addr("client.connect", &v)?;
+                c.client.connect = connect_addrs(&v)?;
             }
             if let Some(v) = s.token {
                 c.client.token = v;

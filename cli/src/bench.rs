@@ -417,7 +417,24 @@ pub(crate) fn run(mut a: BenchArgs) -> AnyResult<()> {
             // Enough in flight for every job's iodepth (x segments in per-segment mode).
             let need = (max_depth * a.segments.max(1)) as usize + 8;
             cfg.server.max_in_flight = cfg.server.max_in_flight.max(need);
-            let server = Server::bind(&cfg, &reg)?.spawn()?;
+            // The embedded server offers the listed transports this host can run (a list
+            // such as rdma,tcp then shows the client's fallback); one transport is strict.
+            let mut scfg = cfg.clone();
+            if !cfg.more_transports.is_empty() {
+                let usable: Vec<String> = cfg
+                    .transport_list()
+                    .into_iter()
+                    .filter(|n| reg.get(n, &cfg).is_ok())
+                    .map(str::to_string)
+                    .collect();
+                if let Some((first, rest)) = usable.split_first() {
+                    scfg.transport = first.clone();
+                    scfg.more_transports = rest.to_vec();
+                }
+            }
+            let server = Server::bind(&scfg, &reg)?.spawn()?;
+            // One address, or one per transport (`tcp=ADDR rdma=ADDR`): both are what
+            // client.connect takes.
             cfg.client.connect = server.local_addr().to_string();
             _embedded = Some(server);
         }

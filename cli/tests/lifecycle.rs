@@ -33,6 +33,14 @@ struct Served {
     lines: mpsc::Receiver<String>,
 }
 
+/// A failing test leaves no server behind.
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 fn serve(export: &std::path::Path, listen: &str, extra: &[&str]) -> Served {
     let mut child = zcio()
         .env("ZCIO_LOG", "zcio=debug")
@@ -626,10 +634,10 @@ fn a_second_signal_stops_a_stuck_drain_at_once() {
     assert!(t0.elapsed() < Duration::from_secs(120));
 }
 
-/// A transport called `rdma` that is available but finds nothing at the server's address
-/// for it: TCP to a port where nobody listens (what an RDMA client meets at a server that
-/// does not offer RDMA, seen from the fallback's side).
-struct NotOffered(u16);
+/// A transport called `rdma` that is available here and connects like TCP: at a port where
+/// nobody listens, it meets what an RDMA client meets at a server that does not offer RDMA,
+/// seen from the fallback's side.
+struct NotOffered;
 
 impl zcio::transport::Transport for NotOffered {
     fn name(&self) -> &'static str {
@@ -643,9 +651,7 @@ impl zcio::transport::Transport for NotOffered {
         cfg: &Config,
         pool: &Pool,
     ) -> zcio::Result<Box<dyn zcio::transport::ClientConn>> {
-        let mut c = cfg.clone();
-        c.client.connect = format!("127.0.0.1:{}", self.0);
-        zcio_tcp::TcpTransport.connect(&c, pool)
+        zcio_tcp::TcpTransport.connect(cfg, pool)
     }
     fn listen(&self, _: &Config, _: &Pool) -> zcio::Result<Box<dyn zcio::transport::Listener>> {
         Err(Error::InvalidArgument("not a server transport".into()))
@@ -665,8 +671,9 @@ fn a_transport_the_server_does_not_offer_falls_back_too_but_not_alone() {
         .port();
     let mut reg = zcio::transport::Registry::new();
     zcio_tcp::register(&mut reg);
-    reg.register(Arc::new(NotOffered(closed)));
-    let mut cfg = client_cfg(&s.addr);
+    reg.register(Arc::new(NotOffered));
+    // One address per transport, as `zcio serve` prints them for several.
+    let mut cfg = client_cfg(&format!("rdma=127.0.0.1:{closed} tcp={}", s.addr));
     cfg.transport = "rdma".into();
     cfg.more_transports = vec!["tcp".into()];
     let c = Client::connect_with(&cfg, &reg).unwrap();
@@ -721,4 +728,33 @@ fn keepalive_notices_a_silent_server_while_the_client_is_idle() {
     );
     let _ = s.child.kill();
     let _ = s.child.wait();
+}
+
+#[test]
+fn zcio_bench_with_a_transport_list_falls_back_on_this_host() {
+    let out = zcio()
+        .args([
+            "bench",
+            "--transport",
+            "rdma,tcp",
+            "--rw",
+            "randread",
+            "--bs",
+            "64K",
+        ])
+        .args([
+            "--size",
+            "1M",
+            "--files",
+            "1",
+            "--runtime",
+            "1s",
+            "--verify",
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("transport in use: tcp"), "{err}");
+    assert!(err.contains("rdma is not available here"), "{err}");
 }

@@ -339,7 +339,8 @@ pub(crate) fn dial_list(cfg: &Config, registry: &Registry, pool: &Pool) -> Resul
     let names = cfg.transport_list();
     if names.len() == 1 {
         let t = registry.get(names[0], cfg)?;
-        return Ok((t.connect(cfg, pool)?, t, None));
+        let cfg = for_transport(cfg, names[0])?;
+        return Ok((t.connect(&cfg, pool)?, t, None));
     }
     let mut skipped: Vec<String> = Vec::new();
     for name in &names {
@@ -351,7 +352,11 @@ pub(crate) fn dial_list(cfg: &Config, registry: &Registry, pool: &Pool) -> Resul
                 continue;
             }
         };
-        match t.connect(cfg, pool) {
+        let Ok(tcfg) = for_transport(cfg, name) else {
+            skipped.push(format!("{name} has no address in client.connect"));
+            continue;
+        };
+        match t.connect(&tcfg, pool) {
             Ok(conn) => {
                 let why = (!skipped.is_empty()).then(|| skipped.join("; "));
                 if let Some(w) = &why {
@@ -362,7 +367,7 @@ pub(crate) fn dial_list(cfg: &Config, registry: &Registry, pool: &Pool) -> Resul
             Err(e) => {
                 skipped.push(format!(
                     "{name} could not connect to {} (the server may not offer it): {e}",
-                    cfg.client.connect
+                    tcfg.client.connect
                 ));
             }
         }
@@ -371,6 +376,21 @@ pub(crate) fn dial_list(cfg: &Config, registry: &Registry, pool: &Pool) -> Resul
         "no transport of {names:?} could connect: {}",
         skipped.join("; ")
     )))
+}
+
+/// `cfg` with `client.connect` narrowed to transport `name`'s address (see
+/// [`crate::config::ClientConfig::connect_for`]).
+pub(crate) fn for_transport(cfg: &Config, name: &str) -> Result<Config> {
+    let a = cfg.client.connect_for(name).ok_or_else(|| {
+        Error::config(
+            "client.connect",
+            &cfg.client.connect,
+            format!("names no address for transport {name}"),
+        )
+    })?;
+    let mut c = cfg.clone();
+    c.client.connect = a.to_string();
+    Ok(c)
 }
 
 /// A first connection: `attempt` connects (setting `chosen` once a transport connected)

@@ -364,3 +364,18 @@ fn transport_lists_and_lifecycle_keys() {
     assert_eq!(c.client.reconnect_give_up, Duration::from_millis(700));
     assert_eq!(Config::parse(&c.to_toml()).unwrap(), c);
 }
+
+#[test]
+fn client_connect_takes_one_address_per_transport() {
+    let c = Config::parse("[client]\nconnect = \"tcp=127.0.0.1:7700 rdma=10.0.0.2:7701\"").unwrap();
+    assert_eq!(c.client.connect_for("tcp"), Some("127.0.0.1:7700"));
+    assert_eq!(c.client.connect_for("rdma"), Some("10.0.0.2:7701"));
+    assert_eq!(c.client.connect_for("other"), None);
+    assert_eq!(Config::parse(&c.to_toml()).unwrap(), c);
+    let one = Config::parse("[client]\nconnect = \"h:1\"").unwrap();
+    assert_eq!(one.client.connect_for("rdma"), Some("h:1"));
+    for bad in ["tcp=", "tcp=h:1 rdma", "=h:1", "tcp=h:x", "t p=h:1"] {
+        let text = format!("[client]\nconnect = \"{bad}\"");
+        assert!(Config::parse(&text).is_err(), "accepted {bad:?}");
+    }
+}
