@@ -754,7 +754,14 @@ fn serve_conn(shared: &Arc<Shared>, mut sc: Box<dyn ServerConn>, jobs: &Schedule
         next_fh: AtomicU64::new(1),
         hello: Mutex::new(None),
         authed: AtomicBool::new(false),
-        admission: Arc::new(Admission::new(shared.cfg.server.max_payload_in_flight)),
+        admission: Arc::new(Admission::new(
+            shared.cfg.server.max_payload_in_flight,
+            shared
+                .cfg
+                .server
+                .max_in_flight
+                .max(shared.cfg.limits.max_in_flight),
+        )),
         accepted: Instant::now(),
         expired: AtomicBool::new(false),
         unauthed_refusals: AtomicUsize::new(0),

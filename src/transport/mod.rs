@@ -239,12 +239,17 @@ struct AdmissionState {
 }
 
 impl Admission {
-    /// Nothing admitted yet, not authenticated, `budget` payload bytes at most.
-    pub fn new(budget: usize) -> Admission {
+    /// Nothing admitted yet, not authenticated, `budget` payload bytes at most, for up to
+    /// `max_in_flight` requests at once (its table is made that big now, so admitting
+    /// requests allocates nothing later).
+    pub fn new(budget: usize, max_in_flight: usize) -> Admission {
         Admission {
             authenticated: AtomicBool::new(false),
             budget,
-            held: Mutex::new(AdmissionState::default()),
+            held: Mutex::new(AdmissionState {
+                bytes: 0,
+                by_id: std::collections::HashMap::with_capacity(max_in_flight),
+            }),
             freed: Condvar::new(),
         }
     }
