@@ -230,6 +230,9 @@ impl OutQueue {
 
     /// The writer thread's loop, until the connection closes. `sock` gives the socket while
     /// the connection exists; `fail` ends the connection with a reason.
+    ///
+    /// `sock` and `fail` are called only without the queue's lock: either may drop the last
+    /// reference to the connection, whose drop closes this queue (taking the lock).
     pub(crate) fn run_writer(
         &self,
         sock: &dyn Fn() -> Option<Arc<TcpStream>>,
@@ -242,14 +245,24 @@ impl OutQueue {
                     .cond
                     .wait_timeout(out, self.tick)
                     .map_or_else(|p| p.into_inner().0, |(g, _)| g);
-                if sock().is_none() {
+                drop(out);
+                let open = sock().is_some();
+                out = lock(&self.out);
+                if !open {
                     return;
                 }
             }
             if out.closed {
                 return;
             }
+            drop(out);
             let Some(s) = sock() else { return };
+            out = lock(&self.out);
+            // Only this thread clears `handed_off`: the queue is still handed off, unless it
+            // was closed meanwhile.
+            if out.closed {
+                return;
+            }
             let mut progress = Instant::now();
             // Drain: write what the socket takes, then wait for room without the lock.
             let why = loop {
@@ -464,4 +477,37 @@ fn wait_writable(sock: &TcpStream, tick: Duration) -> bool {
     let t = PollTimeout::try_from(tick).unwrap_or(PollTimeout::MAX);
     let mut fds = [PollFd::new(sock.as_fd(), PollFlags::POLLOUT)];
     matches!(poll(&mut fds, t), Ok(n) if n > 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The connection's last reference can be dropped by the writer thread itself (in
+    /// `sock`), and that drop closes the queue: the writer must not hold the queue's lock
+    /// then, or it deadlocks with itself and keeps the socket open forever.
+    #[test]
+    fn writer_ends_when_its_socket_lookup_closes_the_queue() {
+        let q = Arc::new(OutQueue::new(
+            1 << 20,
+            Duration::from_secs(30),
+            Duration::from_millis(5),
+            4,
+        ));
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        let w = q.clone();
+        std::thread::spawn(move || {
+            // As the server's lookup does when the connection's last `Arc` drops inside it.
+            let sock = || {
+                w.close();
+                None
+            };
+            w.run_writer(&sock, &|_| {});
+            let _ = done_tx.send(());
+        });
+        assert!(
+            done_rx.recv_timeout(Duration::from_secs(30)).is_ok(),
+            "the writer thread did not end (deadlocked on its queue's lock)"
+        );
+    }
 }
