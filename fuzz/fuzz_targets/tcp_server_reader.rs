@@ -61,7 +61,7 @@ fn server() -> &'static Server {
                 Err(_) => return,
             };
             let limits = conn.limits();
-            let adm = Arc::new(Admission::new(budget));
+            let adm = Arc::new(Admission::new(budget, limits.max_in_flight));
             if authed {
                 adm.authenticate();
             }
