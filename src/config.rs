@@ -8,8 +8,8 @@
 //!                                # order (falling back, with a warning, when one is not
 //!                                # available here or not offered by the server; never after
 //!                                # data moved), a server listens on every one (the first on
-//!                                # server.listen, the k-th on its port + k unless
-//!                                # <name>.listen says where). `transports` is a synonym
+//!                                # server.listen, the k-th on its port + k).
+//!                                # `transports` is a synonym
 //!
 //! [server]
 //! listen = "127.0.0.1:7700"      # address to listen on (loopback unless told otherwise)
@@ -64,42 +64,20 @@
 //! reserve = 64                   # slots kept for control messages
 //! arena_slots = 0                # slots per arena (0 = about 4 MiB arenas)
 //!
+//! # sections owned by the transports, for example (see zcio_tcp::config, zcio_rdma::config,
+//! and `zcio config`, which prints every key of every section with its doc):
 //! [tcp]
-//! nodelay = true                 # TCP_NODELAY on every socket
-//! sendfile = true                # server: read replies straight from the page cache
-//!
+//! nodelay = true
 //! [rdma]
-//! device = ""                    # device name, e.g. "rxe0"; empty = first with an active port
-//! port = 1                       # port number on that device
-//! gid_index = -1                 # -1 = first RoCE v2 GID of the peer address's family
-//! inline_threshold = 128         # payload up to this many bytes (0 ..= 4096) travels in
-//!                                # the message, not by RDMA READ or WRITE: a work request
-//!                                # (and for writes a round trip) less, a copy more on each
-//!                                # side, and bigger receive buffers. At 4096, 4 KiB random
-//!                                # writes at iodepth 8 in the rxe guest went 7.3 -> 8.6
-//!                                # MiB/s, but reads 8.6 -> 7.4 (medians of 4, one boot)
-//! busy_poll = false              # spin on the completion queue instead of sleeping
-//! spin_us = 0                    # a thread about to block on its own request (a client
-//!                                # waiting for a reply, the server waiting for the next
-//!                                # request) first polls the completion queue for up to
-//!                                # this long before it sleeps on the completion channel
-//!                                # (it takes its completion itself either way: no thread
-//!                                # hand-off; 0 = no polling; up to 1000000)
-//! credits = 32                   # receive buffers posted per connection (flow control),
-//!                                # shared out among its queue pairs; each RDMA connection
-//!                                # pins its own ring of these (about 1 MiB per server
-//!                                # connection with the defaults), on top of the pool: size
-//!                                # memlock for max_connections
-//! queue_pairs = 2                # queue pairs per connection (1 ..= 8), each with its own
-//!                                # completion queue and thread; requests go to the least
-//!                                # busy one. The connection offers this many, the server
-//!                                # grants up to its own setting. Soft-RoCE serializes a
-//!                                # queue pair's protocol work, so one is bounded by one core
-//! register_threshold = "256K"    # caller iovecs at least this big are registered on the
-//!                                # fly; smaller ones are bounced through the pool
+//! device = ""
 //! ```
 //!
 //! An unknown key or a bad value is an error that names the key and the value.
+//!
+//! The core parses the sections above; every other section belongs to the crate that uses
+//! it and is registered with [`section::register`] (see [`section`]): the transports own
+//! `[tcp]` and `[rdma]`, their keys, bounds and docs, and [`Config::section`] hands them out
+//! typed. The core knows none of their keys.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -107,8 +85,16 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
+use crate::limits::{Limits, MAX_HEADER};
 use crate::pool::{ClassConfig, PoolConfig};
-use crate::transport::{Limits, MAX_HEADER};
+
+pub mod section;
+
+pub use section::Sections;
+pub use section::{Key, Section};
+
+/// The sections the core parses itself (no registered section may take these names).
+pub(crate) const CORE_SECTIONS: &[&str] = &["server", "client", "limits", "pool"];
 
 /// Server settings.
 #[derive(Clone, Debug, PartialEq)]
@@ -167,42 +153,6 @@ pub struct ClientConfig {
     pub reconnect_give_up: Duration,
 }
 
-/// TCP transport settings.
-#[derive(Clone, Debug, PartialEq)]
-pub struct TcpConfig {
-    /// Set TCP_NODELAY.
-    pub nodelay: bool,
-    /// Server: send read replies of buffered files with `sendfile(2)` from the page cache
-    /// (no user-space copy); `false` reads them into pool buffers first.
-    pub sendfile: bool,
-}
-
-/// RDMA transport settings.
-#[derive(Clone, Debug, PartialEq)]
-pub struct RdmaConfig {
-    /// Device name; `None` picks the first device with an active port.
-    pub device: Option<String>,
-    /// Port number.
-    pub port: u8,
-    /// GID index; `None` picks the first RoCE v2 GID of the peer's address family.
-    pub gid_index: Option<u32>,
-    /// Inline payload threshold in bytes.
-    pub inline_threshold: usize,
-    /// Busy-poll completions instead of sleeping on the completion channel.
-    pub busy_poll: bool,
-    /// How long a thread about to block on its own completion first polls the completion
-    /// queue itself (zero: not at all).
-    pub spin: Duration,
-    /// Receive buffers posted per connection (initial credits), shared out among its queue
-    /// pairs.
-    pub credits: usize,
-    /// Queue pairs per connection (1 ..= 8): requests are spread over them.
-    pub queue_pairs: usize,
-    /// Caller iovec segments at least this long are registered on the fly; shorter ones
-    /// are bounced through pool buffers.
-    pub register_threshold: usize,
-}
-
 /// The whole configuration.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Config {
@@ -219,10 +169,9 @@ pub struct Config {
     pub limits: Limits,
     /// The buffer pool.
     pub pool: PoolConfig,
-    /// TCP settings.
-    pub tcp: TcpConfig,
-    /// RDMA settings.
-    pub rdma: RdmaConfig,
+    /// The registered sections (the transports' `[tcp]`, `[rdma]`, ...): see
+    /// [`Config::section`].
+    pub sections: Sections,
 }
 
 impl Default for Config {
@@ -266,21 +215,7 @@ impl Default for Config {
                 rdma_payload: false,
             },
             pool: PoolConfig::default(),
-            tcp: TcpConfig {
-                nodelay: true,
-                sendfile: true,
-            },
-            rdma: RdmaConfig {
-                device: None,
-                port: 1,
-                gid_index: None,
-                inline_threshold: 128,
-                busy_poll: false,
-                spin: Duration::ZERO,
-                credits: 32,
-                queue_pairs: 2,
-                register_threshold: 256 << 10,
-            },
+            sections: Sections::defaults(),
         }
     }
 }
@@ -310,8 +245,6 @@ struct RawConfig {
     client: Option<RawClient>,
     limits: Option<RawLimits>,
     pool: Option<RawPool>,
-    tcp: Option<RawTcp>,
-    rdma: Option<RawRdma>,
 }
 
 #[derive(Deserialize, Default)]
@@ -374,33 +307,17 @@ struct RawClass {
     arena_slots: Option<i64>,
 }
 
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct RawTcp {
-    nodelay: Option<bool>,
-    sendfile: Option<bool>,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct RawRdma {
-    device: Option<String>,
-    port: Option<i64>,
-    gid_index: Option<i64>,
-    inline_threshold: Option<Size>,
-    busy_poll: Option<bool>,
-    spin_us: Option<i64>,
-    credits: Option<i64>,
-    queue_pairs: Option<i64>,
-    register_threshold: Option<Size>,
-}
-
 /// Parses a size such as `4096`, `"4K"`, `"64KiB"`, `"1M"`, `"1 GiB"`.
 pub fn parse_size(key: &str, s: &str) -> Result<usize> {
+    parse_size_value(s).map_err(|why| Error::config(key, s, why))
+}
+
+/// [`parse_size`] without the key: why it is refused.
+fn parse_size_value(s: &str) -> std::result::Result<usize, String> {
     let t = s.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let bad = |why: &str| Error::config(key, s, why);
+    let bad = |why: &str| why.to_string();
     let n: u64 = num
         .parse()
         .map_err(|_| bad("expected a size like 4096, 64K, 1M or 1GiB"))?;
@@ -538,11 +455,48 @@ impl Config {
         for o in overrides {
             apply_override(&mut doc, o)?;
         }
+        // The registered sections are taken out and applied after the core's own keys.
+        let mut sections = Sections::defaults();
+        let mut given = Vec::new();
+        for name in doc.keys().cloned().collect::<Vec<_>>() {
+            if sections.knows(&name) {
+                given.push((name.clone(), doc.remove(&name).expect("listed")));
+            } else if !CORE_SECTIONS.contains(&name.as_str())
+                && !matches!(name.as_str(), "transport" | "transports")
+            {
+                let mut known: Vec<&str> = CORE_SECTIONS.to_vec();
+                known.extend(section::registered_names());
+                return Err(Error::ParseConfig {
+                    path: origin.into(),
+                    message: format!(
+                        "unknown section or key `{name}` (known sections: {}; a transport's \
+                         section is known once the program registered that transport)",
+                        known.join(", ")
+                    ),
+                });
+            }
+        }
         let raw: RawConfig = RawConfig::deserialize(doc).map_err(|e| Error::ParseConfig {
             path: origin.into(),
             message: e.to_string(),
         })?;
-        Config::from_raw(raw)
+        let mut c = Config::from_raw(raw)?;
+        for (name, table) in &given {
+            sections.apply(name, table)?;
+        }
+        c.sections = sections;
+        Ok(c)
+    }
+
+    /// The registered section `S` (for example the RDMA transport's `[rdma]`): as parsed, or
+    /// its defaults.
+    pub fn section<S: Section>(&self) -> &S {
+        self.sections.get::<S>()
+    }
+
+    /// The registered section `S`, to change it.
+    pub fn section_mut<S: Section>(&mut self) -> &mut S {
+        self.sections.get_mut::<S>()
     }
 
     fn from_raw(raw: RawConfig) -> Result<Config> {
@@ -734,55 +688,6 @@ impl Config {
                 e => e,
             })?;
         }
-        if let Some(t) = raw.tcp {
-            if let Some(v) = t.nodelay {
-                c.tcp.nodelay = v;
-            }
-            if let Some(v) = t.sendfile {
-                c.tcp.sendfile = v;
-            }
-        }
-        if let Some(r) = raw.rdma {
-            if let Some(v) = r.device {
-                c.rdma.device = (!v.is_empty()).then_some(v);
-            }
-            if let Some(v) = r.port {
-                c.rdma.port = int("rdma.port", v, 1, 255)? as u8;
-            }
-            if let Some(v) = r.gid_index {
-                c.rdma.gid_index = if v == -1 {
-                    None
-                } else {
-                    Some(int("rdma.gid_index", v, -1, 65535)? as u32)
-                };
-            }
-            if let Some(v) = &r.inline_threshold {
-                let n = size("rdma.inline_threshold", v)?;
-                if n > 4096 {
-                    return Err(Error::config(
-                        "rdma.inline_threshold",
-                        n,
-                        "must be 0 ..= 4096",
-                    ));
-                }
-                c.rdma.inline_threshold = n;
-            }
-            if let Some(v) = r.busy_poll {
-                c.rdma.busy_poll = v;
-            }
-            if let Some(v) = r.spin_us {
-                c.rdma.spin = Duration::from_micros(int("rdma.spin_us", v, 0, 1_000_000)? as u64);
-            }
-            if let Some(v) = r.credits {
-                c.rdma.credits = int("rdma.credits", v, 2, 4096)?;
-            }
-            if let Some(v) = r.queue_pairs {
-                c.rdma.queue_pairs = int("rdma.queue_pairs", v, 1, 8)?;
-            }
-            if let Some(v) = &r.register_threshold {
-                c.rdma.register_threshold = size("rdma.register_threshold", v)?;
-            }
-        }
         c.check_pool_fits()?;
         Ok(c)
     }
@@ -897,25 +802,7 @@ impl Config {
                 c.size, c.count, c.reserve, c.arena_slots
             );
         }
-        s += &format!(
-            "\n[tcp]\nnodelay = {}\nsendfile = {}\n\n[rdma]\n",
-            self.tcp.nodelay, self.tcp.sendfile
-        );
-        s += &format!(
-            "device = {}\n",
-            q(self.rdma.device.as_deref().unwrap_or(""))
-        );
-        s += &format!("port = {}\n", self.rdma.port);
-        s += &format!(
-            "gid_index = {}\n",
-            self.rdma.gid_index.map_or(-1, i64::from)
-        );
-        s += &format!("inline_threshold = {}\n", self.rdma.inline_threshold);
-        s += &format!("busy_poll = {}\n", self.rdma.busy_poll);
-        s += &format!("spin_us = {}\n", self.rdma.spin.as_micros());
-        s += &format!("credits = {}\n", self.rdma.credits);
-        s += &format!("queue_pairs = {}\n", self.rdma.queue_pairs);
-        s += &format!("register_threshold = {}\n", self.rdma.register_threshold);
+        s += &self.sections.to_toml();
         s
     }
 }

@@ -17,6 +17,7 @@
 
 pub mod client;
 pub mod error;
+pub mod limits;
 pub mod pool;
 pub mod proto;
 pub mod server;

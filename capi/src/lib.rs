@@ -168,7 +168,7 @@ fn config_of(z: &zcio_t, addr: Option<&str>) -> Result<Config, Failure> {
     if let Some(a) = addr {
         o.push(format!("client.connect={}", toml::Value::String(a.into())));
     }
-    Ok(Config::parse_with(&s.text, &s.origin, &o)?)
+    Ok(parse_config(&s.text, &s.origin, &o)?)
 }
 
 /// A C string argument as UTF-8.
@@ -278,7 +278,7 @@ pub unsafe extern "C" fn zcio_new(config_path: *const c_char) -> *mut zcio_t {
             })?;
             (text, p.to_string())
         };
-        Config::parse_with(&text, &origin, &[])?;
+        parse_config(&text, &origin, &[])?;
         let z = zcio_t {
             setup: Mutex::new(Setup {
                 text,
@@ -322,10 +322,18 @@ pub unsafe extern "C" fn zcio_set(
         let mut s = lock(&z.setup);
         let mut o = s.overrides.clone();
         o.push(format!("{k}={v}"));
-        Config::parse_with(&s.text, &s.origin, &o)?;
+        parse_config(&s.text, &s.origin, &o)?;
         s.overrides = o;
         Ok(0)
     })
+}
+
+/// Parses a configuration, with the sections the transports own (`[tcp]`, `[rdma]`)
+/// registered first: every build reads them, with or without RDMA support.
+fn parse_config(text: &str, origin: &str, overrides: &[String]) -> zcio_core::Result<Config> {
+    zcio_tcp::config::register();
+    zcio_rdma::config::register();
+    Config::parse_with(text, origin, overrides)
 }
 
 /// The transports this library was built with: TCP always, RDMA with the `rdma` feature

@@ -60,6 +60,7 @@ pub(crate) struct Common {
 
 impl Common {
     fn load(&self) -> Result<Config, zcio::Error> {
+        register_config_sections();
         let mut overrides = self.set.clone();
         if let Some(t) = &self.transport {
             let names: Vec<String> = t.split(',').map(|n| toml_str(n.trim())).collect();
@@ -168,6 +169,13 @@ enum Cmd {
         #[command(flatten)]
         common: Common,
     },
+}
+
+/// Registers the configuration sections the transports own (`[tcp]`, `[rdma]`): every build
+/// reads and prints them, whether or not it has RDMA support.
+pub(crate) fn register_config_sections() {
+    zcio_tcp::config::register();
+    zcio_rdma::config::register();
 }
 
 /// The transports this binary was built with.

@@ -24,6 +24,9 @@ impl Drop for Killed {
 
 #[test]
 fn config_prints_every_key_and_set_overrides_them() {
+    // The transports own their sections; this process reads them once they are registered.
+    zcio_tcp::config::register();
+    zcio_rdma::config::register();
     let out = zcio().arg("config").output().unwrap();
     assert!(out.status.success(), "{out:?}");
     let text = String::from_utf8(out.stdout).unwrap();
@@ -85,6 +88,19 @@ fn config_prints_every_key_and_set_overrides_them() {
             "`{key}` missing from zcio config:\n{text}"
         );
     }
+    // The transports' keys are printed each after its doc (a comment).
+    let mut doc = false;
+    let mut transport_keys = 0;
+    for line in text.lines() {
+        if line.starts_with("[tcp]") || line.starts_with("[rdma]") {
+            transport_keys += 1;
+        } else if transport_keys > 0 && !line.starts_with('#') && line.contains(" = ") {
+            assert!(doc, "no doc before `{line}`:\n{text}");
+            transport_keys += 1;
+        }
+        doc = line.starts_with("# ");
+    }
+    assert!(transport_keys >= 2 + 11, "{text}");
 
     // --set changes the keys it names, and only those.
     let out = zcio()
@@ -94,6 +110,10 @@ fn config_prints_every_key_and_set_overrides_them() {
             "client.timeout_ms=1234",
             "--set",
             "transport=\"rdma\"",
+            "--set",
+            "rdma.credits=8",
+            "--set",
+            "tcp.nodelay=false",
         ])
         .output()
         .unwrap();
@@ -103,14 +123,29 @@ fn config_prints_every_key_and_set_overrides_them() {
     want.server.workers = 7;
     want.client.timeout = Duration::from_millis(1234);
     want.transport = "rdma".into();
+    want.section_mut::<zcio_rdma::config::RdmaConfig>().credits = 8;
+    want.section_mut::<zcio_tcp::config::TcpConfig>().nodelay = false;
     assert_eq!(set, want);
 
     // An unknown key or section fails, naming it.
-    for bad in ["nope.x=1", "server.nope=1"] {
+    for bad in ["nope.x=1", "server.nope=1", "rdma.nope=1", "tcp.nope=true"] {
         let out = zcio().args(["config", "--set", bad]).output().unwrap();
         assert!(!out.status.success(), "{bad} accepted");
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains("nope"), "{bad}: {err}");
+    }
+    // A bad value of a transport's key fails, naming the key, the value and the bounds.
+    for (bad, needle) in [
+        (
+            "rdma.credits=1",
+            "`rdma.credits` has bad value `1`: must be 2 ..= 4096",
+        ),
+        ("tcp.nodelay=maybe", "`tcp.nodelay` has bad value `maybe`"),
+    ] {
+        let out = zcio().args(["config", "--set", bad]).output().unwrap();
+        assert!(!out.status.success(), "{bad} accepted");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(needle), "{bad}: {err}");
     }
 }
 

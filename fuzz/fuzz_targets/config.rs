@@ -9,6 +9,9 @@
 //! `with_override`. Properties: no panic; what `to_toml` renders parses back to the same
 //! configuration; applying the last override again changes nothing.
 //!
+//! `[tcp]` and `[rdma]` are registered first (their crates own them), so their keys are
+//! parsed, printed and round-tripped too.
+//!
 //! Note: `server.listen` / `client.connect` values that are not numeric addresses are
 //! resolved (`ToSocketAddrs`), so this target may issue DNS lookups.
 #![no_main]
@@ -17,6 +20,9 @@ use libfuzzer_sys::fuzz_target;
 use zcio::Config;
 
 fuzz_target!(|data: &[u8]| {
+    // The transports' own sections, as the zcio binary and libzcio register them.
+    zcio_tcp::config::register();
+    zcio_rdma::config::register();
     let Ok(text) = std::str::from_utf8(data) else {
         return;
     };

@@ -1,5 +1,36 @@
 use super::*;
 
+/// A section owned by "another crate": what a transport registers.
+#[derive(Clone, Debug, Default, PartialEq)]
+struct Example {
+    level: i64,
+    name: String,
+}
+
+impl Section for Example {
+    const NAME: &'static str = "example";
+    const KEYS: &'static [Key<Self>] = &[
+        Key {
+            name: "level",
+            doc: "how much (0 ..= 10)",
+            get: |c| section::Value::Integer(c.level),
+            set: |c, v| {
+                c.level = section::value::int(v, 0, 10)?;
+                Ok(())
+            },
+        },
+        Key {
+            name: "name",
+            doc: "what it is called",
+            get: |c| section::Value::String(c.name.clone()),
+            set: |c, v| {
+                c.name = section::value::string(v)?;
+                Ok(())
+            },
+        },
+    ];
+}
+
 const FULL: &str = r#"
 transport = "rdma"
 
@@ -37,24 +68,14 @@ arena_slots = 5
 size = 2097152
 count = 4
 
-[tcp]
-nodelay = false
-sendfile = false
-
-[rdma]
-device = "rxe0"
-port = 2
-gid_index = 1
-inline_threshold = 64
-busy_poll = true
-spin_us = 250
-credits = 8
-queue_pairs = 3
-register_threshold = "1M"
+[example]
+level = 3
+name = "x"
 "#;
 
 #[test]
 fn every_key_parsed() {
+    section::register::<Example>();
     let c = Config::parse(FULL).unwrap();
     assert_eq!(c.transport, "rdma");
     assert_eq!(c.server.listen, "127.0.0.1:9000");
@@ -92,21 +113,18 @@ fn every_key_parsed() {
             },
         ]
     );
-    assert!(!c.tcp.nodelay);
-    assert!(!c.tcp.sendfile);
-    assert_eq!(c.rdma.device.as_deref(), Some("rxe0"));
-    assert_eq!(c.rdma.port, 2);
-    assert_eq!(c.rdma.gid_index, Some(1));
-    assert_eq!(c.rdma.inline_threshold, 64);
-    assert!(c.rdma.busy_poll);
-    assert_eq!(c.rdma.spin, Duration::from_micros(250));
-    assert_eq!(c.rdma.credits, 8);
-    assert_eq!(c.rdma.queue_pairs, 3);
-    assert_eq!(c.rdma.register_threshold, 1 << 20);
+    assert_eq!(
+        c.section::<Example>(),
+        &Example {
+            level: 3,
+            name: "x".into()
+        }
+    );
 }
 
 #[test]
 fn empty_file_gives_defaults_and_round_trips() {
+    section::register::<Example>();
     let c = Config::parse("").unwrap();
     assert_eq!(c, Config::default());
     let full = Config::parse(FULL).unwrap();
@@ -116,6 +134,7 @@ fn empty_file_gives_defaults_and_round_trips() {
 
 #[test]
 fn every_bad_value_rejected_naming_key_and_value() {
+    section::register::<Example>();
     let cases: &[(&str, &str, &str)] = &[
         ("transport = \"t cp\"", "transport", "t cp"),
         ("[server]\nlisten = \"nohost\"", "server.listen", "nohost"),
@@ -183,23 +202,8 @@ fn every_bad_value_rejected_naming_key_and_value() {
             "pool.class[0].size",
             "0",
         ),
-        ("[rdma]\nport = 0", "rdma.port", "0"),
-        ("[rdma]\ngid_index = -2", "rdma.gid_index", "-2"),
-        (
-            "[rdma]\ninline_threshold = 4097",
-            "rdma.inline_threshold",
-            "4097",
-        ),
-        ("[rdma]\ncredits = 1", "rdma.credits", "1"),
-        ("[rdma]\nspin_us = 1000001", "rdma.spin_us", "1000001"),
-        ("[rdma]\nspin_us = -1", "rdma.spin_us", "-1"),
-        ("[rdma]\nqueue_pairs = 0", "rdma.queue_pairs", "0"),
-        ("[rdma]\nqueue_pairs = 9", "rdma.queue_pairs", "9"),
-        (
-            "[rdma]\nregister_threshold = \"5X\"",
-            "rdma.register_threshold",
-            "5X",
-        ),
+        ("[example]\nlevel = 11", "example.level", "11"),
+        ("[example]\nlevle = 1", "example.levle", "1"),
     ];
     for (text, key, value) in cases {
         let e = Config::parse(text).expect_err(text).to_string();
@@ -210,11 +214,13 @@ fn every_bad_value_rejected_naming_key_and_value() {
 
 #[test]
 fn unknown_keys_and_wrong_types_are_named() {
+    section::register::<Example>();
     for (text, needle) in [
         ("bogus = 1", "bogus"),
         ("[server]\nlisten_addr = \"x\"", "listen_addr"),
         ("[nosuch]\na = 1", "nosuch"),
-        ("[rdma]\nbusy_poll = \"yes\"", "busy_poll"),
+        ("[example]\nname = 5", "example.name"),
+        ("[tcp]\nnodelay = true", "tcp"),
         ("[server]\nworkers = \"four\"", "workers"),
         ("transport = ", "line 1"),
     ] {
@@ -225,18 +231,19 @@ fn unknown_keys_and_wrong_types_are_named() {
 
 #[test]
 fn overrides_apply_and_are_checked() {
+    section::register::<Example>();
     let c = Config::parse_with(
         FULL,
         "t",
         &[
             "transport=tcp".into(),
             "server.workers=2".into(),
-            "rdma.device=rxe1".into(),
+            "example.name=y".into(),
         ],
     )
     .unwrap();
     assert_eq!((c.transport.as_str(), c.server.workers), ("tcp", 2));
-    assert_eq!(c.rdma.device.as_deref(), Some("rxe1"));
+    assert_eq!(c.section::<Example>().name, "y");
     let c2 = c.with_override("limits.max_payload=512K").unwrap();
     assert_eq!(c2.limits.max_payload, 512 << 10);
     for bad in [
@@ -256,6 +263,7 @@ fn overrides_apply_and_are_checked() {
 
 #[test]
 fn sizes() {
+    section::register::<Example>();
     for (s, v) in [
         ("4096", 4096),
         ("4K", 4096),
@@ -273,6 +281,7 @@ fn sizes() {
 
 #[test]
 fn missing_file_is_a_clear_error() {
+    section::register::<Example>();
     let e = Config::from_file(Path::new("/nonexistent/zcio.toml")).unwrap_err();
     assert!(matches!(e, Error::ReadConfig { .. }));
     assert!(e.to_string().contains("/nonexistent/zcio.toml"));
@@ -280,6 +289,7 @@ fn missing_file_is_a_clear_error() {
 
 #[test]
 fn tokens_come_from_files_and_config_prints_them_redacted() {
+    section::register::<Example>();
     let dir = tempfile::tempdir().unwrap();
     let f = dir.path().join("tok");
     std::fs::write(&f, "fr0m-file\nignored second line\n").unwrap();
@@ -310,6 +320,7 @@ fn tokens_come_from_files_and_config_prints_them_redacted() {
 
 #[test]
 fn hardening_keys_parse_and_round_trip() {
+    section::register::<Example>();
     let c = Config::parse(
         "[server]\nauth_timeout_ms = 1500\nmax_handshakes_per_addr = 4\n\
          max_payload_in_flight = \"2M\"\nmax_open_files_total = 99\numask = 0o077\n",
@@ -335,6 +346,7 @@ fn hardening_keys_parse_and_round_trip() {
 
 #[test]
 fn transport_lists_and_lifecycle_keys() {
+    section::register::<Example>();
     let c = Config::parse(r#"transport = ["rdma", "tcp"]"#).unwrap();
     assert_eq!(c.transport_list(), ["rdma", "tcp"]);
     assert_eq!(Config::parse(&c.to_toml()).unwrap(), c);
@@ -367,6 +379,7 @@ fn transport_lists_and_lifecycle_keys() {
 
 #[test]
 fn client_connect_takes_one_address_per_transport() {
+    section::register::<Example>();
     let c = Config::parse("[client]\nconnect = \"tcp=127.0.0.1:7700 rdma=10.0.0.2:7701\"").unwrap();
     assert_eq!(c.client.connect_for("tcp"), Some("127.0.0.1:7700"));
     assert_eq!(c.client.connect_for("rdma"), Some("10.0.0.2:7701"));
@@ -378,4 +391,42 @@ fn client_connect_takes_one_address_per_transport() {
         let text = format!("[client]\nconnect = \"{bad}\"");
         assert!(Config::parse(&text).is_err(), "accepted {bad:?}");
     }
+}
+
+#[test]
+fn registered_sections_print_every_key_with_its_doc() {
+    section::register::<Example>();
+    section::register::<Example>(); // again: nothing happens
+    let text = Config::default().to_toml();
+    assert!(
+        text.contains(
+            "\n[example]\n# how much (0 ..= 10)\nlevel = 0\n# what it is called\nname = \"\"\n"
+        ),
+        "{text}"
+    );
+    // A configuration made before the section was registered equals one at its defaults.
+    let mut c = Config::default();
+    c.section_mut::<Example>().level = 2;
+    assert_ne!(c, Config::default());
+    c.section_mut::<Example>().level = 0;
+    assert_eq!(c, Config::default());
+}
+
+#[test]
+fn a_section_name_is_taken_once() {
+    #[derive(Clone, Debug, Default, PartialEq)]
+    struct Impostor;
+    impl Section for Impostor {
+        const NAME: &'static str = "example";
+        const KEYS: &'static [Key<Self>] = &[];
+    }
+    #[derive(Clone, Debug, Default, PartialEq)]
+    struct Server;
+    impl Section for Server {
+        const NAME: &'static str = "server";
+        const KEYS: &'static [Key<Self>] = &[];
+    }
+    section::register::<Example>();
+    assert!(std::panic::catch_unwind(section::register::<Impostor>).is_err());
+    assert!(std::panic::catch_unwind(section::register::<Server>).is_err());
 }

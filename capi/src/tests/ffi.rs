@@ -480,6 +480,18 @@ fn misuse_is_an_errno_and_breaks_nothing() {
         assert_eq!(errno(), libc::EINVAL);
         assert_eq!(zcio_set(z, ptr::null(), c("1").as_ptr()), -1);
         assert_eq!(errno(), libc::EINVAL);
+        // The transports' own sections: their keys set, their bounds checked.
+        assert_eq!(zcio_set(z, c("rdma.credits").as_ptr(), c("8").as_ptr()), 0);
+        assert_eq!(
+            zcio_set(z, c("tcp.nodelay").as_ptr(), c("false").as_ptr()),
+            0
+        );
+        assert_eq!(zcio_set(z, c("rdma.credits").as_ptr(), c("1").as_ptr()), -1);
+        assert_eq!(errno(), libc::EINVAL);
+        assert!(last_error().contains("rdma.credits"), "{}", last_error());
+        assert_eq!(zcio_set(z, c("tcp.no_delay").as_ptr(), c("1").as_ptr()), -1);
+        assert_eq!(errno(), libc::EINVAL);
+        assert!(last_error().contains("tcp.no_delay"), "{}", last_error());
         assert_eq!(
             zcio_set(ptr::null_mut(), c("transport").as_ptr(), c("tcp").as_ptr()),
             -1

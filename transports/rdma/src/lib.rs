@@ -2,6 +2,7 @@
 //!
 //! - [`verbs`]: a small, safe, allocation-free wrapper over sideway and rdma-mummy-sys
 //!   (devices, protection domains, memory regions, completion queues, RC queue pairs);
+//! - [`config`]: the `[rdma]` configuration section, its keys, bounds and docs;
 //! - [`devices`]: device discovery for `zcio devices`;
 //! - [`transport`]: the `rdma` transport itself ([`transport::RdmaTransport`], with the
 //!   `rdma` feature), and its pure wire codecs, which compile without it.
@@ -9,6 +10,7 @@
 //! Register it with [`register`]. Built without the cargo feature `rdma`, [`register`]
 //! records `rdma` as a transport this binary lacks, with the way to get it.
 
+pub mod config;
 pub mod devices;
 pub mod error;
 pub mod transport;
@@ -19,8 +21,10 @@ pub use error::RdmaError;
 pub use transport::RdmaTransport;
 
 /// Registers the `rdma` transport in `registry` (with the `rdma` feature), or records that
-/// this build lacks it and how to get it.
+/// this build lacks it and how to get it; either way registers the `[rdma]` configuration
+/// section ([`config::register`]).
 pub fn register(registry: &mut zcio::transport::Registry) {
+    config::register();
     #[cfg(feature = "rdma")]
     registry.register(std::sync::Arc::new(transport::RdmaTransport::new()));
     #[cfg(not(feature = "rdma"))]

@@ -228,6 +228,7 @@ mod rdma {
 
     use super::bootstrap::{BootstrapError, VERSION};
     use super::conn::chain;
+    use crate::config::RdmaConfig;
     use crate::RdmaError;
 
     /// Test-only fault injection (not part of the supported API).
@@ -264,7 +265,7 @@ mod rdma {
         }
 
         fn check_available(&self, cfg: &Config) -> Result<()> {
-            super::device::device(&cfg.rdma).map(drop)
+            super::device::device(RdmaConfig::of(cfg)).map(drop)
         }
 
         fn connect(&self, cfg: &Config, pool: &Pool) -> Result<Box<dyn ClientConn>> {

@@ -17,6 +17,7 @@ use zcio::config::Config;
 use zcio::conformance::{pattern, test_pool};
 use zcio::transport::{ClientConn, Pending, RecvSeg, Reply, Request, SendSeg, Transport};
 use zcio::{IobufMut, Pool};
+use zcio_rdma::config::RdmaConfig;
 use zcio_rdma::RdmaTransport;
 
 mod counting;
@@ -39,7 +40,7 @@ fn base_config() -> Config {
         transport: "rdma".into(),
         ..Config::default()
     };
-    cfg.rdma.device = std::env::var("ZCIO_RDMA_DEVICE")
+    RdmaConfig::of_mut(&mut cfg).device = std::env::var("ZCIO_RDMA_DEVICE")
         .ok()
         .filter(|n| !n.is_empty());
     cfg.pool = test_pool();
@@ -143,7 +144,7 @@ fn reads_and_writes_allocate_nothing_per_io() {
     // Event-driven waits (the default) and spinning waiters take different paths.
     for spin in [Duration::ZERO, Duration::from_millis(2)] {
         let mut cfg = base_config();
-        cfg.rdma.spin = spin;
+        RdmaConfig::of_mut(&mut cfg).spin = spin;
         let spool = Pool::new(&cfg.pool).unwrap();
         let listener = t.listen(&cfg, &spool).unwrap();
         let mut ccfg = cfg.clone();

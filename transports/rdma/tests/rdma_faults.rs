@@ -23,6 +23,7 @@ use zcio::conformance::{pattern, test_pool, Harness};
 use zcio::proto::{self, OpenFlags, Req, Resp};
 use zcio::transport::{RawSeg, RecvSeg, Request, SendSeg, Transport};
 use zcio::{Client, Error, Pool};
+use zcio_rdma::config::RdmaConfig;
 use zcio_rdma::transport::Faults;
 use zcio_rdma::verbs::Context;
 use zcio_rdma::RdmaTransport;
@@ -45,7 +46,7 @@ fn base_config() -> Config {
         transport: "rdma".into(),
         ..Config::default()
     };
-    cfg.rdma.device = device_name();
+    RdmaConfig::of_mut(&mut cfg).device = device_name();
     cfg.pool = test_pool();
     cfg.server.listen = "127.0.0.1:0".into();
     cfg
@@ -68,7 +69,7 @@ fn device_present() -> bool {
 
 fn start(t: Arc<dyn Transport>, tweak: impl FnOnce(&mut Config)) -> Harness {
     Harness::start(t, |c| {
-        c.rdma.device = device_name();
+        RdmaConfig::of_mut(c).device = device_name();
         tweak(c);
     })
 }
@@ -506,7 +507,7 @@ fn mixed_segment_kinds_in_one_request() {
 #[ignore = "needs an RDMA device: ci/rxe-test runs it"]
 fn credits_exhausted_and_replenished_at_iodepth_64() {
     let t = rdma("credits_exhausted_and_replenished_at_iodepth_64");
-    let h = start(t, |c| c.rdma.credits = 8);
+    let h = start(t, |c| RdmaConfig::of_mut(c).credits = 8);
     let data = pattern(21, 64 * 4096);
     std::fs::write(h.path("c"), &data).unwrap();
     let c = h.client();
@@ -791,7 +792,7 @@ fn memlock_too_small_is_a_clear_error() {
 #[test]
 fn unknown_device_is_a_clear_error() {
     let mut cfg = base_config();
-    cfg.rdma.device = Some("no-such-rdma-device".into());
+    RdmaConfig::of_mut(&mut cfg).device = Some("no-such-rdma-device".into());
     let e = RdmaTransport::new()
         .check_available(&cfg)
         .expect_err("a device that does not exist");
@@ -810,7 +811,7 @@ fn unknown_device_is_a_clear_error() {
 #[ignore = "needs an RDMA device: ci/rxe-test runs it"]
 fn busy_poll_round_trip() {
     let t = rdma("busy_poll_round_trip");
-    let h = start(t, |c| c.rdma.busy_poll = true);
+    let h = start(t, |c| RdmaConfig::of_mut(c).busy_poll = true);
     let c = h.client();
     let f = c.open("b", OpenFlags::rw() | OpenFlags::CREATE).unwrap();
     let data = pattern(51, 300_000);
@@ -832,8 +833,8 @@ fn spinning_waiters_share_the_completion_queue() {
     // Long enough that waiting threads, not the connection threads, take most completions:
     // several client threads and the server's `recv` poll the same queues at once.
     let h = start(t, |c| {
-        c.rdma.spin = std::time::Duration::from_millis(20);
-        c.rdma.credits = 8;
+        RdmaConfig::of_mut(c).spin = std::time::Duration::from_millis(20);
+        RdmaConfig::of_mut(c).credits = 8;
     });
     let data = pattern(61, 64 * 4096);
     std::fs::write(h.path("s"), &data).unwrap();
@@ -883,8 +884,8 @@ fn waiters_take_their_own_replies_and_nothing_is_stranded() {
     // following; futures, requests nobody waits for and a full set of credits must all be
     // completed too, by whichever thread is there to do it.
     let h = start(t, |c| {
-        c.rdma.queue_pairs = 1;
-        c.rdma.credits = 4;
+        RdmaConfig::of_mut(c).queue_pairs = 1;
+        RdmaConfig::of_mut(c).credits = 4;
     });
     let data = pattern(67, 64 * 4096);
     std::fs::write(h.path("w"), &data).unwrap();
@@ -958,7 +959,7 @@ fn inline_payloads_up_to_the_largest_threshold() {
     // rdma.inline_threshold at its largest: reads and writes of up to 4 KiB travel in the
     // messages (the queue pairs still take inline SENDs: their inline size does not follow
     // the threshold past what rxe allows), larger ones by RDMA READ and WRITE.
-    let h = start(t, |c| c.rdma.inline_threshold = 4096);
+    let h = start(t, |c| RdmaConfig::of_mut(c).inline_threshold = 4096);
     let c = h.client();
     assert_eq!(c.limits().inline_threshold, 4096);
     let data = pattern(71, 64 * 1024);
@@ -1084,13 +1085,13 @@ fn queue_pairs_are_negotiated_share_out_requests_and_route_replies() {
     ] {
         let case = format!("server {server_qps}, client {client_qps}");
         let mut cfg = base_config();
-        cfg.rdma.credits = 8;
-        cfg.rdma.queue_pairs = server_qps;
+        RdmaConfig::of_mut(&mut cfg).credits = 8;
+        RdmaConfig::of_mut(&mut cfg).queue_pairs = server_qps;
         let spool = Pool::new(&cfg.pool).unwrap();
         let listener = t.listen(&cfg, &spool).unwrap();
         let mut ccfg = cfg.clone();
         ccfg.client.connect = listener.local_addr();
-        ccfg.rdma.queue_pairs = client_qps;
+        RdmaConfig::of_mut(&mut ccfg).queue_pairs = client_qps;
         let cpool = Pool::new(&cfg.pool).unwrap();
         let conn = t.connect(&ccfg, &cpool).unwrap();
         let mut sconn = listener.accept().unwrap().unwrap();
@@ -1165,7 +1166,7 @@ fn one_queue_pair_failing_fails_the_whole_connection() {
     let t = rdma("one_queue_pair_failing_fails_the_whole_connection");
     let _ = captured_logs();
     let mut cfg = base_config();
-    cfg.rdma.queue_pairs = 2;
+    RdmaConfig::of_mut(&mut cfg).queue_pairs = 2;
     let spool = Pool::new(&cfg.pool).unwrap();
     let listener = t.listen(&cfg, &spool).unwrap();
     cfg.client.connect = listener.local_addr();

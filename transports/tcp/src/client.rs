@@ -443,7 +443,8 @@ pub(crate) fn connect(cfg: &Config) -> Result<TcpClientConn> {
         .peer_addr()
         .map_or_else(|_| target.clone(), |a| a.to_string());
     let setup = |e| transport_err(format!("setting up the socket to {peer}"), e);
-    sock.set_nodelay(cfg.tcp.nodelay).map_err(setup)?;
+    sock.set_nodelay(crate::config::TcpConfig::of(cfg).nodelay)
+        .map_err(setup)?;
     sock.set_read_timeout(Some(timeout)).map_err(setup)?;
     sock.set_write_timeout(Some(timeout)).map_err(setup)?;
 

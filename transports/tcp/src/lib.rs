@@ -110,6 +110,7 @@
 #![forbid(unsafe_code)]
 
 mod client;
+pub mod config;
 mod io;
 mod outq;
 mod server;
@@ -145,8 +146,10 @@ impl Transport for TcpTransport {
     }
 }
 
-/// Registers [`TcpTransport`] in `registry`.
+/// Registers [`TcpTransport`] in `registry`, and its `[tcp]` configuration section with
+/// the configuration of this process ([`config::register`]).
 pub fn register(registry: &mut Registry) {
+    config::register();
     registry.register(Arc::new(TcpTransport));
 }
 

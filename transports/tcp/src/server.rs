@@ -103,8 +103,8 @@ pub(crate) fn listen(cfg: &Config, pool: &Pool) -> Result<HandshakeListener> {
     let ccfg = ConnConfig {
         limits: cfg.limits,
         max_in_flight: cfg.server.max_in_flight,
-        nodelay: cfg.tcp.nodelay,
-        sendfile: cfg.tcp.sendfile,
+        nodelay: crate::config::TcpConfig::of(cfg).nodelay,
+        sendfile: crate::config::TcpConfig::of(cfg).sendfile,
         idle: cfg.server.idle_timeout,
         handshakes_per_addr: cfg.server.max_handshakes_per_addr,
     };

@@ -166,7 +166,7 @@ fn reads_and_writes_allocate_nothing_per_io() {
     // sendfile (file ranges) and pool-buffer reads, writes in both servers.
     for sendfile in [true, false] {
         let h = Harness::start(Arc::new(TcpTransport), |c| {
-            c.tcp.sendfile = sendfile;
+            zcio_tcp::config::TcpConfig::of_mut(c).sendfile = sendfile;
             c.server.workers = 2;
         });
         std::fs::write(h.path("f"), EXPECTED.with(Clone::clone)).unwrap();

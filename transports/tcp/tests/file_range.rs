@@ -166,7 +166,9 @@ fn the_server_sends_buffered_reads_as_file_ranges_and_direct_reads_from_the_pool
     drop((f, d, back, c));
     h.assert_server_clean();
     // tcp.sendfile = false: every read through pool buffers.
-    let h = Harness::start(Arc::new(TcpTransport), |c| c.tcp.sendfile = false);
+    let h = Harness::start(Arc::new(TcpTransport), |c| {
+        zcio_tcp::config::TcpConfig::of_mut(c).sendfile = false
+    });
     std::fs::write(h.path("f"), &data).unwrap();
     let c = h.client();
     let f = c.open("f", OpenFlags::READ).unwrap();

@@ -58,7 +58,7 @@ fn stalls_nobody(sendfile: bool) {
     let h = Harness::start(Arc::new(TcpTransport), |c| {
         c.server.workers = 2;
         c.server.max_in_flight = 64;
-        c.tcp.sendfile = sendfile;
+        zcio_tcp::config::TcpConfig::of_mut(c).sendfile = sendfile;
     });
     let data = pattern(9, FILE);
     std::fs::write(h.path("big"), &data).unwrap();

@@ -10,11 +10,11 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use crate::config::RdmaConfig;
 use nix::errno::Errno;
 use nix::poll::{PollFd, PollFlags};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use nix::sys::socket::{send, MsgFlags};
-use zcio::config::RdmaConfig;
 use zcio::pool::{ClassConfig, PoolConfig, RegistrarId};
 use zcio::transport::Limits;
 use zcio::{Error, IobufMut, Pool, Result};

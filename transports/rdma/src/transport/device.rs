@@ -12,7 +12,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 
-use zcio::config::RdmaConfig;
+use crate::config::RdmaConfig;
 use zcio::pool::RegistrarId;
 use zcio::{Error, Pool, Result};
 

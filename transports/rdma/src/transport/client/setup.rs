@@ -7,7 +7,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
-use zcio::config::{Config, RdmaConfig};
+use crate::config::RdmaConfig;
+use zcio::config::Config;
 use zcio::transport::{CompletionCell, Limits, MAX_HEADER};
 use zcio::{Error, IobufMut, Pool, Result};
 
@@ -48,7 +49,7 @@ fn tcp_connect(target: &str, timeout: Duration) -> Result<TcpStream> {
 
 /// Connects to `cfg.client.connect`: bootstrap, queue pairs, threads.
 pub(crate) fn connect(faults: Faults, cfg: &Config, pool: &Pool) -> Result<RdmaClientConn> {
-    let r = &cfg.rdma;
+    let r = RdmaConfig::of(cfg);
     let dev = device(r)?;
     let timeout = cfg.client.timeout;
     let offer = u8::try_from(r.queue_pairs.clamp(1, usize::from(MAX_QUEUE_PAIRS))).unwrap_or(1);

@@ -6,7 +6,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::time::Duration;
 
-use zcio::config::{Config, RdmaConfig};
+use crate::config::RdmaConfig;
+use zcio::config::Config;
 use zcio::pool::RegistrarId;
 use zcio::transport::accept::HandshakeListener;
 use zcio::transport::{Limits, ServerConn, MAX_HEADER};
@@ -44,12 +45,12 @@ struct ListenCtx {
 /// Binds `cfg.server.listen`, installs the server's registrar on `pool` and starts
 /// accepting: a [`HandshakeListener`] running this transport's handshake.
 pub(crate) fn listen(cfg: &Config, pool: &Pool) -> Result<HandshakeListener> {
-    let dev = device(&cfg.rdma)?;
-    let credits = cfg.rdma.credits.clamp(1, MAX_CREDITS as usize);
+    let dev = device(RdmaConfig::of(cfg))?;
+    let credits = RdmaConfig::of(cfg).credits.clamp(1, MAX_CREDITS as usize);
     let one_conn = control_bytes(&control_classes(
         credits,
         cfg.limits.max_segments,
-        cfg.rdma.inline_threshold.min(MAX_INLINE),
+        RdmaConfig::of(cfg).inline_threshold.min(MAX_INLINE),
         MAX_HEADER,
     ));
     check_memlock((pool.total_bytes() + one_conn) as u64).map_err(memlock_err)?;
@@ -61,7 +62,7 @@ pub(crate) fn listen(cfg: &Config, pool: &Pool) -> Result<HandshakeListener> {
         dev,
         pool: pool.clone(),
         reg,
-        rdma: cfg.rdma.clone(),
+        rdma: RdmaConfig::of(cfg).clone(),
         limits: cfg.limits,
         idle: cfg.server.idle_timeout,
     });
