@@ -5,7 +5,7 @@
 //! file protocol, the server and the client can be unit-tested without sockets.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 
@@ -19,15 +19,48 @@ use crate::pool::{Iobuf, Pool};
 
 type Waiting = (Completer<Reply>, Vec<RecvSeg>, Vec<SendSeg>);
 
+/// What both sides of a connection share: the requests in flight and whether the
+/// connection is closed, under one lock, so that a request is either in the table before
+/// the connection closes (and is failed by the close) or refused after it (never both
+/// missed: a request that slipped in after the close would wait forever).
 struct Link {
-    pending: Mutex<HashMap<u64, Waiting>>,
-    closed: AtomicBool,
+    state: Mutex<LinkState>,
+}
+
+#[derive(Default)]
+struct LinkState {
+    pending: HashMap<u64, Waiting>,
+    closed: bool,
 }
 
 impl Link {
+    /// Enters a request in flight; refused once the connection is closed.
+    fn enter(&self, id: u64, w: Waiting) -> Result<()> {
+        let mut st = lock(&self.state);
+        if st.closed {
+            return Err(Error::ConnectionClosed("connection closed".into()));
+        }
+        st.pending.insert(id, w);
+        Ok(())
+    }
+
+    /// Takes a request in flight out of the table (to answer it).
+    fn take(&self, id: u64) -> Option<Waiting> {
+        lock(&self.state).pending.remove(&id)
+    }
+
+    fn is_closed(&self) -> bool {
+        lock(&self.state).closed
+    }
+
+    /// Closes the connection and fails every request in flight with `ConnectionClosed`.
     fn fail_all(&self, why: &str) {
-        self.closed.store(true, Ordering::SeqCst);
-        let drained: Vec<Waiting> = lock(&self.pending).drain().map(|(_, w)| w).collect();
+        let drained: Vec<Waiting> = {
+            let mut st = lock(&self.state);
+            st.closed = true;
+            st.pending.drain().map(|(_, w)| w).collect()
+        };
+        // Completed outside the lock: a completion may run the waiter's code.
         for (c, _, _) in drained {
             c.complete(Err(Error::ConnectionClosed(why.into())));
         }
@@ -61,8 +94,7 @@ impl MemListener {
     pub fn connect(&self) -> Result<Box<dyn ClientConn>> {
         let (tx, rx) = channel();
         let link = Arc::new(Link {
-            pending: Mutex::new(HashMap::new()),
-            closed: AtomicBool::new(false),
+            state: Mutex::new(LinkState::default()),
         });
         let server = MemServerConn {
             rx,
@@ -115,7 +147,7 @@ impl ClientConn for MemClientConn {
 
     fn start(&self, req: Request) -> Result<Pending<Reply>> {
         check_request(&req, &self.limits)?;
-        if self.link.closed.load(Ordering::SeqCst) {
+        if self.link.is_closed() {
             return Err(Error::ConnectionClosed("connection closed".into()));
         }
         // The copy a real transport avoids: request payload into the server's buffers.
@@ -132,7 +164,7 @@ impl ClientConn for MemClientConn {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (c, p) = pair();
         let cap = super::recv_len(&req.recv);
-        lock(&self.link.pending).insert(id, (c, req.recv, req.send));
+        self.link.enter(id, (c, req.recv, req.send))?;
         let inc = Incoming {
             id,
             header: req.header,
@@ -162,7 +194,8 @@ impl Drop for MemClientConn {
     }
 }
 
-/// The server side of an in-memory connection.
+/// The server side of an in-memory connection. Dropping it closes the connection: every
+/// request in flight (received or still queued) fails with `ConnectionClosed`.
 pub struct MemServerConn {
     rx: Receiver<Incoming>,
     /// A request taken off the channel by `backlog`, for the next `recv`.
@@ -197,14 +230,21 @@ impl ServerConn for MemServerConn {
     }
 }
 
+impl Drop for MemServerConn {
+    fn drop(&mut self) {
+        self.link.fail_all("closed by server");
+    }
+}
+
 struct MemReplier {
     link: Arc<Link>,
 }
 
 impl Replier for MemReplier {
     fn reply(&self, id: u64, header: &[u8], payload: &[Iobuf]) -> Result<()> {
-        let (c, mut recv, send) = lock(&self.link.pending)
-            .remove(&id)
+        let (c, mut recv, send) = self
+            .link
+            .take(id)
             .ok_or_else(|| Error::decode("reply", format!("no request {id} in flight")))?;
         let total: usize = payload.iter().map(|b| b.len()).sum();
         let cap = super::recv_len(&recv);
@@ -352,6 +392,84 @@ mod tests {
         r.reply(a.id, b"a", &[]).unwrap();
         assert_eq!(p1.wait().unwrap().header, b"a");
         assert_eq!(p2.wait().unwrap().header, b"b");
+    }
+
+    fn test_limits() -> Limits {
+        Limits {
+            max_segments: 4,
+            max_payload: 1 << 20,
+            max_header: super::super::MAX_HEADER,
+            max_in_flight: 64,
+            inline_threshold: 0,
+            rdma_payload: false,
+        }
+    }
+
+    fn header_only(tag: u8) -> Request {
+        Request {
+            header: vec![tag],
+            send: Vec::new(),
+            recv: Vec::new(),
+        }
+    }
+
+    /// A hang guard: generous, so only a request nobody will ever answer reaches it.
+    const NEVER: std::time::Duration = std::time::Duration::from_secs(30);
+
+    fn closed_within_guard(p: Pending<Reply>) -> String {
+        match p.wait_timeout(NEVER) {
+            Ok(Err(Error::ConnectionClosed(why))) => why,
+            Ok(other) => panic!("expected ConnectionClosed, got {other:?}"),
+            Err(_) => panic!("a request in flight was left waiting after the server side went"),
+        }
+    }
+
+    #[test]
+    fn requests_in_flight_fail_when_the_server_side_goes() {
+        let pool = Pool::new(&PoolConfig::default()).unwrap();
+        let l = MemListener::new(pool.clone(), test_limits());
+        let c = l.connect().unwrap();
+        let mut s = l.accept().unwrap().unwrap();
+        // One request the server has received, one still queued toward it, both unanswered.
+        let received = c.start(header_only(1)).unwrap();
+        let queued = c.start(header_only(2)).unwrap();
+        let inc = s.recv().unwrap().unwrap();
+        assert_eq!(inc.header, [1]);
+        drop(inc);
+        drop(s);
+        closed_within_guard(received);
+        closed_within_guard(queued);
+        match c.start(header_only(3)) {
+            Err(Error::ConnectionClosed(_)) => {}
+            other => panic!("a request after the server side went: {:?}", other.err()),
+        }
+        assert_eq!(pool.stats().slots_in_use(), 0, "no buffer left behind");
+    }
+
+    #[test]
+    fn a_request_started_while_the_server_closes_fails_or_is_refused() {
+        let pool = Pool::new(&PoolConfig::default()).unwrap();
+        let l = MemListener::new(pool, test_limits());
+        for _ in 0..200 {
+            let c = l.connect().unwrap();
+            let s = l.accept().unwrap().unwrap();
+            let closer = std::thread::spawn(move || {
+                s.replier().close();
+                drop(s);
+            });
+            let mut started = Vec::new();
+            for i in 0..16 {
+                match c.start(header_only(i)) {
+                    Ok(p) => started.push(p),
+                    Err(Error::ConnectionClosed(_)) => break,
+                    Err(e) => panic!("{e}"),
+                }
+            }
+            closer.join().unwrap();
+            for p in started {
+                closed_within_guard(p);
+            }
+        }
     }
 
     #[test]
