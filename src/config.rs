@@ -18,6 +18,10 @@
 //! token = ""                     # shared secret; empty = no authentication
 //! workers = 4                    # threads doing file I/O, shared by all connections
 //! max_connections = 256          # connections beyond this are refused
+//! max_connections_per_addr = 128 # connections open from one IP address, every transport
+//!                                # together; more are refused like those over
+//!                                # max_connections (at least 1; set it to
+//!                                # max_connections to have no per-address cap)
 //! max_in_flight = 64             # requests in flight per connection (back-pressure)
 //! max_open_files = 1024          # open file handles per connection
 //! idle_timeout_ms = 300000       # close connections idle this long (0 = never)
@@ -111,6 +115,8 @@ pub struct ServerConfig {
     pub workers: usize,
     /// Most connections at once.
     pub max_connections: usize,
+    /// Most connections at once from one IP address (all transports together).
+    pub max_connections_per_addr: usize,
     /// Most requests in flight per connection.
     pub max_in_flight: usize,
     /// Most open file handles per connection.
@@ -186,6 +192,7 @@ impl Default for Config {
                 token: String::new(),
                 workers: 4,
                 max_connections: 256,
+                max_connections_per_addr: 128,
                 max_in_flight: 64,
                 max_open_files: 1024,
                 idle_timeout: Some(Duration::from_secs(300)),
@@ -256,6 +263,7 @@ struct RawServer {
     token: Option<String>,
     workers: Option<i64>,
     max_connections: Option<i64>,
+    max_connections_per_addr: Option<i64>,
     max_in_flight: Option<i64>,
     max_open_files: Option<i64>,
     idle_timeout_ms: Option<i64>,
@@ -560,6 +568,10 @@ impl Config {
             if let Some(v) = s.max_connections {
                 c.server.max_connections = int("server.max_connections", v, 1, 1 << 20)?;
             }
+            if let Some(v) = s.max_connections_per_addr {
+                c.server.max_connections_per_addr =
+                    int("server.max_connections_per_addr", v, 1, 1 << 20)?;
+            }
             if let Some(v) = s.max_in_flight {
                 c.server.max_in_flight = int("server.max_in_flight", v, 1, 65536)?;
             }
@@ -747,6 +759,10 @@ impl Config {
         s += &format!("token = {}\n", q(&self.server.token));
         s += &format!("workers = {}\n", self.server.workers);
         s += &format!("max_connections = {}\n", self.server.max_connections);
+        s += &format!(
+            "max_connections_per_addr = {}\n",
+            self.server.max_connections_per_addr
+        );
         s += &format!("max_in_flight = {}\n", self.server.max_in_flight);
         s += &format!("max_open_files = {}\n", self.server.max_open_files);
         s += &format!(

@@ -546,7 +546,7 @@ pub(crate) fn run(mut a: BenchArgs) -> AnyResult<()> {
                 s.pool().stats().slots_in_use()
             );
             println!(
-                "server: {} closed for no authentication in time, {} refused over max_connections, {} authentications refused, {} panics caught",
+                "server: {} closed for no authentication in time, {} refused over a connection limit (server.max_connections or max_connections_per_addr), {} authentications refused, {} panics caught",
                 st.auth_timeouts.load(Ordering::Relaxed),
                 st.refused.load(Ordering::Relaxed),
                 st.auth_failures.load(Ordering::Relaxed),

@@ -147,6 +147,10 @@ pub(crate) fn run(a: SoakArgs) -> AnyResult<()> {
                 .server
                 .max_handshakes_per_addr
                 .max(a.connections as usize + 8);
+            cfg.server.max_connections_per_addr = cfg
+                .server
+                .max_connections_per_addr
+                .max(a.connections as usize + 8);
             cfg.server.max_in_flight = cfg.server.max_in_flight.max(a.iodepth as usize);
             let s = Server::bind(&cfg, &reg)?.spawn()?;
             cfg.client.connect = s.local_addr().to_string();

@@ -323,7 +323,7 @@ fn hardening_keys_parse_and_round_trip() {
     section::register::<Example>();
     let c = Config::parse(
         "[server]\nauth_timeout_ms = 1500\nmax_handshakes_per_addr = 4\n\
-         max_payload_in_flight = \"2M\"\nmax_open_files_total = 99\numask = 0o077\n",
+         max_connections_per_addr = 3\nmax_payload_in_flight = \"2M\"\nmax_open_files_total = 99\numask = 0o077\n",
     )
     .unwrap();
     assert_eq!(
@@ -331,6 +331,8 @@ fn hardening_keys_parse_and_round_trip() {
         Some(std::time::Duration::from_millis(1500))
     );
     assert_eq!(c.server.max_handshakes_per_addr, 4);
+    assert_eq!(c.server.max_connections_per_addr, 3);
+    assert_eq!(Config::default().server.max_connections_per_addr, 128);
     assert_eq!(c.server.max_payload_in_flight, 2 << 20);
     assert_eq!(c.server.max_open_files_total, 99);
     assert_eq!(c.server.umask, 0o077);
@@ -339,6 +341,8 @@ fn hardening_keys_parse_and_round_trip() {
         "[server]\numask = 0o1000\n",
         "[server]\nmax_payload_in_flight = 100\n",
         "[server]\nmax_handshakes_per_addr = 0\n",
+        "[server]\nmax_connections_per_addr = 0\n",
+        "[server]\nmax_connections_per_addr = -5\n",
     ] {
         assert!(Config::parse(bad).is_err(), "{bad}");
     }

@@ -51,7 +51,8 @@ use crate::transport::{
 pub struct ServerStats {
     /// Connections accepted.
     pub accepted: AtomicU64,
-    /// Connections refused because the server was full.
+    /// Connections refused because the server was full (`server.max_connections`) or their
+    /// address had its share (`server.max_connections_per_addr`).
     pub refused: AtomicU64,
     /// Connections open now.
     pub active: AtomicUsize,
@@ -349,6 +350,32 @@ impl AuthFailures {
     }
 }
 
+impl Shared {
+    /// Counts a connection from `addr` in, unless `addr` has its
+    /// `server.max_connections_per_addr` open already.
+    fn enter_addr(&self, addr: &str) -> bool {
+        let mut m = lock(&self.by_addr);
+        let n = m.entry(addr.to_string()).or_insert(0);
+        if *n >= self.cfg.server.max_connections_per_addr {
+            return false;
+        }
+        *n += 1;
+        true
+    }
+
+    /// Counts a connection from `addr` out (entries go when they reach 0, so the map holds
+    /// only addresses with connections open: at most `server.max_connections` entries).
+    fn leave_addr(&self, addr: &str) {
+        let mut m = lock(&self.by_addr);
+        if let Some(n) = m.get_mut(addr) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(addr);
+            }
+        }
+    }
+}
+
 struct Shared {
     cfg: Config,
     pool: Pool,
@@ -365,6 +392,9 @@ struct Shared {
     refusals: Mutex<Vec<(Instant, Weak<dyn Replier>)>>,
     /// Threads refusing over-limit connections now (at most [`MAX_REFUSERS`]).
     refusing: AtomicUsize,
+    /// Connections open now per peer address ([`peer_key`]), every transport together;
+    /// at most `server.max_connections_per_addr` each.
+    by_addr: Mutex<HashMap<String, usize>>,
     /// Set by [`ServerHandle::drain`]: requests received from now on are answered with
     /// [`Status::ShuttingDown`] instead of being served.
     draining: AtomicBool,
@@ -438,6 +468,7 @@ impl Server {
                 watch_cv: Condvar::new(),
                 refusals: Mutex::new(Vec::new()),
                 refusing: AtomicUsize::new(0),
+                by_addr: Mutex::new(HashMap::new()),
                 draining: AtomicBool::new(false),
                 replied: AtomicU64::new(0),
                 turned_away: AtomicU64::new(0),
@@ -673,12 +704,36 @@ fn accept_loop(
             return Ok(());
         }
         if shared.stats.active.load(Ordering::SeqCst) >= shared.cfg.server.max_connections {
-            refuse_full(&shared, conn);
+            let max = shared.cfg.server.max_connections;
+            tracing::debug!(
+                "connection from {}: at the limit of {max} connections (server.max_connections)",
+                conn.peer()
+            );
+            refuse_busy(
+                &shared,
+                conn,
+                format!("server is at its limit of {max} connections; try again later"),
+            );
+            continue;
+        }
+        let addr = peer_key(&conn.peer());
+        if !shared.enter_addr(&addr) {
+            let max = shared.cfg.server.max_connections_per_addr;
+            tracing::debug!(
+                "connection from {}: {addr} has {max} connections open (server.max_connections_per_addr)",
+                conn.peer()
+            );
+            refuse_busy(
+                &shared,
+                conn,
+                format!("{addr} has its limit of {max} connections open; try again later"),
+            );
             continue;
         }
         shared.stats.accepted.fetch_add(1, Ordering::Relaxed);
         shared.stats.active.fetch_add(1, Ordering::SeqCst);
         let shared2 = shared.clone();
+        let addr2 = addr.clone();
         let jobs = jobs.clone();
         let r = std::thread::Builder::new()
             .name("zcio-conn".into())
@@ -698,29 +753,28 @@ fn accept_loop(
                     shared2.stats.panics.fetch_add(1, Ordering::Relaxed);
                     replier.close();
                 }
+                shared2.leave_addr(&addr2);
                 shared2.stats.active.fetch_sub(1, Ordering::SeqCst);
             });
         if let Err(e) = r {
             tracing::error!("cannot start a connection thread: {e}");
+            shared.leave_addr(&addr);
             shared.stats.active.fetch_sub(1, Ordering::SeqCst);
         }
     }
 }
 
-/// Refuses a connection over `server.max_connections`. Up to [`MAX_REFUSERS`] at once are
-/// answered with a clear error (their first request gets `Busy`) by a short-lived thread
-/// that the watchdog cuts off after [`REFUSE_WITHIN`]; any more are closed at once by the
-/// accept loop. A flood of connections therefore costs a few threads for a few seconds,
-/// never a thread each for the idle timeout.
-fn refuse_full(shared: &Arc<Shared>, mut conn: Box<dyn ServerConn>) {
+/// Refuses a connection over `server.max_connections` or `server.max_connections_per_addr`,
+/// saying `why`. Up to [`MAX_REFUSERS`] at once are answered with a clear error (their first
+/// request gets `Busy` with `why`) by a short-lived thread that the watchdog cuts off after
+/// [`REFUSE_WITHIN`]; any more are closed at once by the accept loop. A flood of connections
+/// therefore costs a few threads for a few seconds, never a thread each for the idle
+/// timeout.
+fn refuse_busy(shared: &Arc<Shared>, mut conn: Box<dyn ServerConn>, why: String) {
     shared.stats.refused.fetch_add(1, Ordering::Relaxed);
-    let max = shared.cfg.server.max_connections;
     let replier = conn.replier();
     if !take_below(&shared.refusing, MAX_REFUSERS) {
-        tracing::debug!(
-            "connection from {} closed: at the limit of {max} connections (server.max_connections)",
-            conn.peer()
-        );
+        tracing::debug!("connection from {} closed at once: {why}", conn.peer());
         replier.close();
         return;
     }
@@ -734,8 +788,7 @@ fn refuse_full(shared: &Arc<Shared>, mut conn: Box<dyn ServerConn>) {
         .name("zcio-refuse".into())
         .spawn(move || {
             if let Ok(Some(inc)) = conn.recv() {
-                let msg = format!("server is at its limit of {max} connections; try again later");
-                let _ = replier.reply(inc.id, &proto::encode_err(Status::Busy as u32, &msg), &[]);
+                let _ = replier.reply(inc.id, &proto::encode_err(Status::Busy as u32, &why), &[]);
             }
             replier.close();
             sh.refusing.fetch_sub(1, Ordering::SeqCst);

@@ -157,7 +157,17 @@ fn frame(id: u64, req: &Req, payload: &[u8]) -> Vec<u8> {
 /// Sends `req` and reads its reply (`None` if the server closed the connection; an error
 /// reply as its message).
 fn call(s: &mut TcpStream, id: u64, req: &Req) -> Option<Result<Resp, String>> {
-    s.write_all(&frame(id, req, &[])).ok()?;
+    call_with(s, id, req, &[]).map(|r| r.map(|(resp, _)| resp))
+}
+
+/// As [`call`], sending `payload` with the request; the reply comes with its payload.
+fn call_with(
+    s: &mut TcpStream,
+    id: u64,
+    req: &Req,
+    payload: &[u8],
+) -> Option<Result<(Resp, Vec<u8>), String>> {
+    s.write_all(&frame(id, req, payload)).ok()?;
     // A slow reply (a loaded machine) is not a closed connection.
     s.set_read_timeout(Some(PATIENCE)).unwrap();
     let mut p = [0u8; PREFIX_LEN];
@@ -166,11 +176,28 @@ fn call(s: &mut TcpStream, id: u64, req: &Req) -> Option<Result<Resp, String>> {
     let payload_len = u32::from_le_bytes(p[16..20].try_into().unwrap()) as usize;
     let mut rest = vec![0u8; header_len + payload_len];
     s.read_exact(&mut rest).ok()?;
-    Some(match proto::decode_reply(req, &rest[..header_len]) {
-        Ok(r) => Ok(r),
+    let payload = rest.split_off(header_len);
+    Some(match proto::decode_reply(req, &rest) {
+        Ok(r) => Ok((r, payload)),
         Err(Error::Remote { message, .. }) => Err(message),
         Err(e) => panic!("undecodable reply: {e}"),
     })
+}
+
+/// A connection from `from` through the transport handshake and the protocol hello (no
+/// token set), or the hello's answer if the server refused it (`Err`), or `None` if it
+/// closed the connection.
+fn hello_from(from: &str, addr: &str) -> Option<Result<TcpStream, String>> {
+    let mut s = handshake_from(from, addr);
+    let hello = Req::Hello {
+        version: proto::VERSION,
+        client_nonce: [3; NONCE_LEN],
+    };
+    match call(&mut s, 1, &hello)? {
+        Ok(Resp::Hello(_)) => Some(Ok(s)),
+        Ok(other) => panic!("hello answered {other:?}"),
+        Err(msg) => Some(Err(msg)),
+    }
 }
 
 /// True if the server has closed `s` (end of stream or a reset) before `within`.
@@ -395,5 +422,88 @@ fn a_pool_hog_gets_back_pressure_and_the_others_keep_writing() {
         let r = hog.join().unwrap();
         assert!(r.is_ok(), "{r:?}");
     }
+    h.assert_server_clean();
+}
+
+#[test]
+fn one_address_gets_its_share_of_connections_and_the_others_still_connect() {
+    const CAP: usize = 4;
+    let h = harness(|c| {
+        c.server.max_connections_per_addr = CAP;
+        c.server.idle_timeout = None;
+    });
+    let addr = h.cfg.client.connect.clone();
+    // Host 127.0.0.2 opens its share, each connection answered...
+    let mut mine: Vec<TcpStream> = (0..CAP)
+        .map(|i| match hello_from("127.0.0.2", &addr) {
+            Some(Ok(s)) => s,
+            other => panic!("connection {i} of 127.0.0.2 within its share: {other:?}"),
+        })
+        .collect();
+    // ...and the next is refused with a clear reason (Busy, as over max_connections),
+    // then closed.
+    match hello_from("127.0.0.2", &addr) {
+        Some(Err(msg)) => assert!(
+            msg.contains(&format!("limit of {CAP} connections")),
+            "refusal says {msg:?}"
+        ),
+        other => panic!(
+            "connection {CAP} of 127.0.0.2: {:?}",
+            other.map(|r| r.err())
+        ),
+    }
+    // Another host still connects and moves bytes, checked.
+    let mut s = match hello_from("127.0.0.3", &addr) {
+        Some(Ok(s)) => s,
+        other => panic!("127.0.0.3 while 127.0.0.2 is at its cap: {other:?}"),
+    };
+    let fh = match call(
+        &mut s,
+        2,
+        &Req::Open {
+            path: "other-host".into(),
+            flags: OpenFlags::rw() | OpenFlags::CREATE,
+            mode: 0o644,
+        },
+    ) {
+        Some(Ok(Resp::Open { fh, .. })) => fh,
+        other => panic!("open from 127.0.0.3: {other:?}"),
+    };
+    let want = data(3, 0, 4000);
+    match call_with(&mut s, 3, &Req::Write { fh, offset: 0 }, &want) {
+        Some(Ok((Resp::Write { written }, _))) => assert_eq!(written as usize, want.len()),
+        other => panic!("write from 127.0.0.3: {:?}", other.map(|r| r.map(|x| x.0))),
+    }
+    let read = Req::Read {
+        fh,
+        offset: 0,
+        len: want.len() as u32,
+    };
+    match call_with(&mut s, 4, &read, &[]) {
+        Some(Ok((Resp::Read { .. }, got))) => assert!(got == want, "read back wrong bytes"),
+        other => panic!("read from 127.0.0.3: {:?}", other.map(|r| r.map(|x| x.0))),
+    }
+    assert_eq!(std::fs::read(h.path("other-host")).unwrap(), want);
+    // So do the good clients from 127.0.0.1.
+    assert_all_good(good_clients(&h, 2, 2, 100_000, |_| {}), 2);
+    // Once one of 127.0.0.2's connections goes, its place is free again (as soon as the
+    // server has seen it go: retried until then).
+    drop(mine.pop());
+    let t0 = Instant::now();
+    loop {
+        match hello_from("127.0.0.2", &addr) {
+            Some(Ok(s)) => {
+                mine.push(s);
+                break;
+            }
+            other => assert!(
+                t0.elapsed() < PATIENCE,
+                "127.0.0.2 still refused after closing one: {other:?}"
+            ),
+        }
+    }
+    assert!(h.server.stats().refused.load(Ordering::SeqCst) >= 1);
+    drop(mine);
+    drop(s);
     h.assert_server_clean();
 }
