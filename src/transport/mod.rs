@@ -418,6 +418,13 @@ pub fn check_request(req: &Request, l: &Limits) -> Result<()> {
 /// header length, payload segments and payload bytes (the request's own reply capacity,
 /// which may be lower, is the transport's to check).
 pub fn check_reply(header: &[u8], payload: &[Iobuf], l: &Limits) -> Result<()> {
+    let total: usize = payload.iter().map(|b| b.len()).sum();
+    check_reply_sizes(header, payload.len(), total, l)
+}
+
+/// [`check_reply`] for a reply whose payload is `segments` pieces of `total` bytes in all,
+/// not (yet) in pool buffers: a file range is one segment of its length.
+pub fn check_reply_sizes(header: &[u8], segments: usize, total: usize, l: &Limits) -> Result<()> {
     let over = |what, value: usize, limit: usize| Error::LimitExceeded {
         what,
         value: value as u64,
@@ -426,14 +433,9 @@ pub fn check_reply(header: &[u8], payload: &[Iobuf], l: &Limits) -> Result<()> {
     if header.len() > l.max_header {
         return Err(over("reply header length", header.len(), l.max_header));
     }
-    if payload.len() > l.max_segments {
-        return Err(over(
-            "reply payload segments",
-            payload.len(),
-            l.max_segments,
-        ));
+    if segments > l.max_segments {
+        return Err(over("reply payload segments", segments, l.max_segments));
     }
-    let total: usize = payload.iter().map(|b| b.len()).sum();
     if total > l.max_payload {
         return Err(over("reply payload", total, l.max_payload));
     }

@@ -92,8 +92,9 @@
 //!
 //!   Why a size threshold: registering and deregistering costs nearly the same from 4 KiB
 //!   to 1 MiB (system calls, page pinning, the device's translation table), while a copy
-//!   grows with the size. The test `register_vs_copy_cost` (in `tests/rdma_faults.rs`)
-//!   measures both per size. On Soft-RoCE in the emulated guest (medians of three runs):
+//!   grows with the size. The example `register_vs_copy` (`examples/register_vs_copy.rs`,
+//!   run in the guest by `ci/rxe-bench`) measures both per size. On Soft-RoCE in the
+//!   emulated guest (medians of three runs):
 //!
 //!   | size    | reg + dereg | bounce copy |
 //!   |--------:|------------:|------------:|

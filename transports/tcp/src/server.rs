@@ -295,21 +295,7 @@ impl ConnShared {
     /// Checks a reply of `segments` payload segments and `total` bytes against the limits
     /// and the request `id`'s reply capacity, and takes `id` out of the in-flight set.
     fn admit_reply(&self, id: u64, header: &[u8], segments: usize, total: usize) -> Result<()> {
-        let l = &self.limits;
-        let over = |what, value: usize, limit: usize| Error::LimitExceeded {
-            what,
-            value: value as u64,
-            limit: limit as u64,
-        };
-        if header.len() > l.max_header {
-            return Err(over("reply header length", header.len(), l.max_header));
-        }
-        if segments > l.max_segments {
-            return Err(over("reply payload segments", segments, l.max_segments));
-        }
-        if total > l.max_payload {
-            return Err(over("reply payload", total, l.max_payload));
-        }
+        zcio::transport::check_reply_sizes(header, segments, total, &self.limits)?;
         let mut st = lock(&self.state);
         if let Some(r) = &st.closed {
             return Err(Error::ConnectionClosed(r.clone()));
@@ -321,11 +307,11 @@ impl ConnShared {
             )));
         };
         if total > cap {
-            return Err(over(
-                "reply payload (the request's reply capacity)",
-                total,
-                cap,
-            ));
+            return Err(Error::LimitExceeded {
+                what: "reply payload (the request's reply capacity)",
+                value: total as u64,
+                limit: cap as u64,
+            });
         }
         // Before the write: once the client has the reply it may reuse the slot, and
         // its next request must not count this one.
