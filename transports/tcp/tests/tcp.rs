@@ -431,6 +431,33 @@ fn client_close_and_drop_fail_pending_requests() {
     common::wait_pool_clean(&cp, "client");
 }
 
+/// Waits until `n` threads of this process named `name` sleep in the kernel in a futex
+/// wait (`/proc/self/task/*/syscall`): the state of the threads, not a guess at how long
+/// they take to get there.
+fn wait_until_asleep_in_futex(name: &str, n: usize) {
+    let futex = nix::libc::SYS_futex.to_string();
+    let t0 = std::time::Instant::now();
+    loop {
+        let asleep = std::fs::read_dir("/proc/self/task")
+            .unwrap()
+            .flatten()
+            .filter(|t| {
+                let read = |f: &str| std::fs::read_to_string(t.path().join(f)).unwrap_or_default();
+                read("comm").trim_end() == name
+                    && read("syscall").split_whitespace().next() == Some(futex.as_str())
+            })
+            .count();
+        if asleep == n {
+            return;
+        }
+        assert!(
+            t0.elapsed() < PATIENCE,
+            "{asleep} of {n} threads named {name} asleep in a futex wait"
+        );
+        std::thread::yield_now();
+    }
+}
+
 /// Sends `bytes` on a handshaken raw connection and returns the server's verdict.
 fn garbage_after_handshake(server: &TestServer, bytes: &[u8], close: bool) -> Result<(), Error> {
     let mut s = raw_handshaken(&server.addr);
@@ -847,10 +874,15 @@ fn listener_shutdown_unblocks_accept() {
     let threads: Vec<_> = (0..2)
         .map(|_| {
             let l = l.clone();
-            std::thread::spawn(move || l.accept().map(|_| ()).unwrap_err())
+            std::thread::Builder::new()
+                .name("accept-waiter".into())
+                .spawn(move || l.accept().map(|_| ()).unwrap_err())
+                .unwrap()
         })
         .collect();
-    std::thread::sleep(Duration::from_millis(50));
+    // Both really blocked (one in the channel, one on its lock) before the shutdown, so
+    // that the shutdown is what wakes them.
+    wait_until_asleep_in_futex("accept-waiter", 2);
     l.shutdown();
     for t in threads {
         assert!(matches!(t.join().unwrap(), Error::ConnectionClosed(_)));
