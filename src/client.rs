@@ -41,6 +41,9 @@ use crate::transport::{
 };
 
 mod held;
+// Its module documentation is written for maintainers and links to the module's private
+// parts (they resolve in `cargo doc --document-private-items`).
+#[allow(rustdoc::private_intra_doc_links)]
 pub mod reconnect;
 
 use reconnect::{FileState, Link, Redial};

@@ -291,7 +291,7 @@ impl Replier for MemReplier {
     }
 }
 
-/// The in-memory test double as a [`Transport`]: `listen` creates a [`MemListener`] under a
+/// The in-memory test double as a [`Transport`](super::Transport): `listen` creates a [`MemListener`] under a
 /// made-up address, `connect` finds it by that address. Not registered by any binary.
 #[derive(Default)]
 pub struct MemTransport {
