@@ -15,6 +15,7 @@ use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::bench::{cpu_seconds, Run};
@@ -72,6 +73,35 @@ pub(crate) fn tcp_stream(bs: usize, runtime: Duration, label: &str) -> AnyResult
     })
 }
 
+/// Ends a request/response run: the client's side closes (the server thread sees the end of
+/// the stream and returns), and the run counts one reply of `bs` bytes per latency in `lat`,
+/// timed from `t0` and `cpu0`.
+fn finish_rpc(
+    c: TcpStream,
+    server: JoinHandle<()>,
+    t0: Instant,
+    cpu0: f64,
+    mut lat: Vec<u64>,
+    bs: usize,
+    label: &str,
+) -> Run {
+    let secs = t0.elapsed().as_secs_f64();
+    let cpu = cpu_seconds() - cpu0;
+    drop(c);
+    let _ = server.join();
+    lat.sort_unstable();
+    let ops = lat.len() as u64;
+    Run {
+        label: label.into(),
+        bytes: ops * bs as u64,
+        ops,
+        secs,
+        lat,
+        allocs_per_op: None,
+        cpu_s: Some(cpu),
+    }
+}
+
 /// Request/response round trips of a 32-byte request and a `bs`-byte reply.
 pub(crate) fn tcp_pingpong(bs: usize, runtime: Duration, label: &str) -> AnyResult<Run> {
     let (mut c, mut s) = pair()?;
@@ -95,21 +125,7 @@ pub(crate) fn tcp_pingpong(bs: usize, runtime: Duration, label: &str) -> AnyResu
         c.read_exact(&mut buf)?;
         lat.push(t.elapsed().as_nanos() as u64);
     }
-    let secs = t0.elapsed().as_secs_f64();
-    let cpu = cpu_seconds() - cpu0;
-    drop(c);
-    let _ = server.join();
-    lat.sort_unstable();
-    let ops = lat.len() as u64;
-    Ok(Run {
-        label: label.into(),
-        bytes: ops * bs as u64,
-        ops,
-        secs,
-        lat,
-        allocs_per_op: None,
-        cpu_s: Some(cpu),
-    })
+    Ok(finish_rpc(c, server, t0, cpu0, lat, bs, label))
 }
 
 /// Bytes of a `tcp_rpc` request.
@@ -157,19 +173,5 @@ pub(crate) fn tcp_rpc(bs: usize, iodepth: u32, runtime: Duration, label: &str) -
         sent.push_back(Instant::now());
         c.write_all(&req)?;
     }
-    let secs = t0.elapsed().as_secs_f64();
-    let cpu = cpu_seconds() - cpu0;
-    drop(c);
-    let _ = server.join();
-    lat.sort_unstable();
-    let ops = lat.len() as u64;
-    Ok(Run {
-        label: label.into(),
-        bytes: ops * bs as u64,
-        ops,
-        secs,
-        lat,
-        allocs_per_op: None,
-        cpu_s: Some(cpu),
-    })
+    Ok(finish_rpc(c, server, t0, cpu0, lat, bs, label))
 }

@@ -16,7 +16,6 @@ use std::time::{Duration, Instant};
 
 use rand::Rng;
 use zcio::proto::{Req, NONCE_LEN};
-use zcio::transport::{Limits, MAX_HEADER};
 use zcio_tcp::wire::{Hello, Kind, Prefix};
 
 /// The attack classes, in the order each attacker cycles through them.
@@ -66,14 +65,8 @@ pub(crate) struct AttackStats {
 }
 
 fn hello_bytes() -> [u8; zcio_tcp::wire::HELLO_LEN] {
-    let l = Limits {
-        max_segments: 256,
-        max_payload: 1 << 20,
-        max_header: MAX_HEADER,
-        max_in_flight: 64,
-        inline_threshold: 0,
-        rdma_payload: false,
-    };
+    // A client's default limits (`[limits]`), 64 requests in flight.
+    let l = zcio::Config::default().limits;
     Hello::from_limits(&l, 64).encode()
 }
 

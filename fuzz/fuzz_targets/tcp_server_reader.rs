@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use libfuzzer_sys::fuzz_target;
-use zcio::transport::{Admission, Limits, Listener, Transport, MAX_HEADER};
+use zcio::transport::{Admission, Listener, Transport};
 use zcio::{Config, Pool};
 use zcio_tcp::wire::{Hello, HELLO_LEN};
 use zcio_tcp::TcpTransport;
@@ -103,14 +103,8 @@ fuzz_target!(|data: &[u8]| {
     let mut sock = TcpStream::connect(&s.addr).expect("connect");
     sock.set_read_timeout(Some(Duration::from_secs(30)))
         .unwrap();
-    let l = Limits {
-        max_segments: 256,
-        max_payload: 1 << 20,
-        max_header: MAX_HEADER,
-        max_in_flight: 64,
-        inline_threshold: 0,
-        rdma_payload: false,
-    };
+    // A client's default limits (`[limits]`), 64 requests in flight.
+    let l = Config::default().limits;
     let _ = sock.write_all(&Hello::from_limits(&l, 64).encode());
     let mut h = [0u8; HELLO_LEN];
     sock.read_exact(&mut h).expect("server hello");

@@ -15,7 +15,6 @@ use std::time::{Duration, Instant};
 
 use zcio::conformance::Harness;
 use zcio::proto::{self, OpenFlags, Req, Resp, NONCE_LEN};
-use zcio::transport::{Limits, MAX_HEADER};
 use zcio::{Client, Config, Error};
 use zcio_tcp::wire::{Hello, Kind, Prefix, HELLO_LEN, PREFIX_LEN};
 use zcio_tcp::TcpTransport;
@@ -117,14 +116,8 @@ fn connect_from(from: &str, addr: &str) -> TcpStream {
 }
 
 fn hello_bytes() -> [u8; HELLO_LEN] {
-    let l = Limits {
-        max_segments: 256,
-        max_payload: 1 << 20,
-        max_header: MAX_HEADER,
-        max_in_flight: 64,
-        inline_threshold: 0,
-        rdma_payload: false,
-    };
+    // A client's default limits (`[limits]`), 64 requests in flight.
+    let l = Config::default().limits;
     Hello::from_limits(&l, 64).encode()
 }
 
