@@ -71,8 +71,16 @@ pub fn global_registry() -> Registry {
 pub(crate) struct Inner {
     link: Link,
     pool: Pool,
-    limits: Limits,
-    read_only: bool,
+    /// The keepalive thread, woken when the client goes so that it ends promptly.
+    keepalive: std::sync::OnceLock<std::thread::Thread>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if let Some(t) = self.keepalive.get() {
+            t.unpark();
+        }
+    }
 }
 
 /// A connection to a zcio server. Cheap to clone; all clones share the connection.
@@ -85,7 +93,7 @@ impl std::fmt::Debug for Client {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Client")
             .field("peer", &self.inner.link.peer())
-            .field("limits", &self.inner.limits)
+            .field("limits", &self.inner.link.limits())
             .finish()
     }
 }
@@ -181,7 +189,7 @@ impl Client {
         t: Option<Arc<dyn Transport>>,
         fallback: Option<String>,
     ) -> Result<Client> {
-        let (limits, read_only) = handshake(cfg, conn.as_ref())?;
+        let negotiated = handshake(cfg, conn.as_ref())?;
         let name = t.as_ref().map(|t| t.name());
         let how = t.map(|transport| Redial {
             // Reconnects dial the transport in use at its own address.
@@ -191,14 +199,15 @@ impl Client {
         });
         let c = Client {
             inner: Arc::new(Inner {
-                link: Link::new(conn, how, name, fallback),
+                link: Link::new(conn, negotiated, how, name, fallback),
                 pool,
-                limits,
-                read_only,
+                keepalive: std::sync::OnceLock::new(),
             }),
         };
         if let Some(every) = cfg.client.keepalive {
-            reconnect::spawn_keepalive(Arc::downgrade(&c.inner), every);
+            if let Some(t) = reconnect::spawn_keepalive(Arc::downgrade(&c.inner), every) {
+                let _ = c.inner.keepalive.set(t);
+            }
         }
         Ok(c)
     }
@@ -338,14 +347,15 @@ fn handshake(cfg: &Config, conn: &dyn ClientConn) -> Result<(Limits, bool)> {
 }
 
 impl Client {
-    /// Negotiated limits.
+    /// The limits negotiated with the server on the current connection (after a
+    /// reconnect, the new server's).
     pub fn limits(&self) -> Limits {
-        self.inner.limits
+        self.inner.link.limits()
     }
 
-    /// True when the server's export is read-only.
+    /// True when the server's export is read-only (as the current connection says).
     pub fn read_only(&self) -> bool {
-        self.inner.read_only
+        self.inner.link.read_only()
     }
 
     /// The client's buffer pool.
@@ -464,7 +474,7 @@ impl Client {
     fn list_once(&self, path: &str) -> Result<Vec<DirEntry>> {
         let mut out = Vec::new();
         let mut cookie = 0u64;
-        let size = (64 << 10).min(self.inner.limits.max_payload);
+        let size = (64 << 10).min(self.inner.link.limits().max_payload);
         loop {
             let buf = self.inner.pool.get(size)?;
             let req = Req::List {
@@ -595,7 +605,7 @@ impl File {
     }
 
     fn limits(&self) -> Limits {
-        self.client.inner.limits
+        self.client.inner.link.limits()
     }
 
     /// Starts one request per group of [`plan_requests`] over the memory `lent`, at

@@ -441,16 +441,43 @@ fn one_server_serves_several_listeners_with_server_wide_limits_and_rdma_fails_cl
     assert!(err.contains("rdma"), "{err}");
 }
 
-/// Waits until the server process logs a new connection (a client reconnected to it);
-/// false after a minute without one.
-fn await_connection(s: &Served) -> bool {
+/// Waits until the server process has logged file data (a read or a write answered) for
+/// `n` connections other than `skip`'s; false after a minute without. (A client that is
+/// still saying hello when the server dies connects again silently, as a first
+/// connection; one that has moved data reconnects, and says so.)
+fn await_io(s: &Served, n: usize, skip: Option<&str>) -> bool {
+    let mut seen: Vec<String> = Vec::new();
+    let t0 = Instant::now();
+    while seen.len() < n {
+        let left = Duration::from_secs(60).saturating_sub(t0.elapsed());
+        let Ok(l) = s.lines.recv_timeout(left) else {
+            return false;
+        };
+        if !(l.contains("op=\"read\"") || l.contains("op=\"write\"")) || !l.contains("replied") {
+            continue;
+        }
+        let peer = l
+            .split("request{peer=")
+            .nth(1)
+            .and_then(|r| r.split_whitespace().next())
+            .unwrap_or_default()
+            .to_string();
+        if !peer.is_empty() && Some(peer.as_str()) != skip && !seen.contains(&peer) {
+            seen.push(peer);
+        }
+    }
+    true
+}
+
+/// Waits for the server process's first "connection from" line and returns the peer
+/// (the bench's set-up client); `None` after a minute without.
+fn first_peer(s: &Served) -> Option<String> {
     let t0 = Instant::now();
     loop {
         let left = Duration::from_secs(60).saturating_sub(t0.elapsed());
-        match s.lines.recv_timeout(left) {
-            Ok(l) if l.contains("connection from") => return true,
-            Ok(_) => {}
-            Err(_) => return false,
+        let l = s.lines.recv_timeout(left).ok()?;
+        if let Some(rest) = l.split("connection from ").nth(1) {
+            return rest.split_whitespace().next().map(str::to_string);
         }
     }
 }
@@ -485,8 +512,10 @@ fn zcio_bench_verify_survives_server_restarts_by_sigkill_and_sigterm() {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        // The bench's jobs are connected once the server logs three connections (the
-        // setup connection and two jobs).
+        // The bench's jobs are moving data once the server has answered reads or writes on
+        // two connections besides the first (the set-up connection, which lays the files
+        // out and then stays idle). Killing the server earlier could catch both jobs in
+        // their hello, which they retry as a first connection, without a reconnect.
         let mut bench = bench;
         let fail = |bench: &mut Child, what: &str| -> ! {
             let _ = bench.kill();
@@ -494,20 +523,23 @@ fn zcio_bench_verify_survives_server_restarts_by_sigkill_and_sigterm() {
             let _ = std::io::Read::read_to_string(bench.stderr.as_mut().unwrap(), &mut err);
             panic!("{sig:?} {rw} {mode}: {what}; bench said:\n{err}");
         };
-        for _ in 0..3 {
-            if !await_connection(&s) {
-                fail(&mut bench, "the bench did not connect");
-            }
+        let Some(setup) = first_peer(&s) else {
+            fail(&mut bench, "the bench did not connect")
+        };
+        if !await_io(&s, 2, Some(&setup)) {
+            fail(&mut bench, "the bench's jobs moved no data");
         }
         for _ in 0..2 {
             kill(Pid::from_raw(s.child.id() as i32), sig).unwrap();
             let _ = s.child.wait();
             s = serve(dir.path(), &addr, &[]);
-            // Both jobs (and the idle setup client, on its next request) come back.
-            for _ in 0..2 {
-                if !await_connection(&s) {
-                    fail(&mut bench, "no client reconnected to the restarted server");
-                }
+            // Both jobs come back and move data again (the idle set-up client only on its
+            // next request).
+            if !await_io(&s, 2, None) {
+                fail(
+                    &mut bench,
+                    "the jobs did not move data on the restarted server",
+                );
             }
         }
         let out = bench.wait_with_output().unwrap();

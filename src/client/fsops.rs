@@ -218,7 +218,7 @@ impl Client {
         cookie: u64,
         max_bytes: usize,
     ) -> Result<(Vec<DirStreamEntry>, u64, bool)> {
-        let size = max_bytes.clamp(4096, self.inner.limits.max_payload);
+        let size = max_bytes.clamp(4096, self.inner.link.limits().max_payload);
         let buf = self.inner.pool.get(size)?;
         let req = Req::Readdir { dh, cookie };
         let reply = self

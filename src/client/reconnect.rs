@@ -34,6 +34,7 @@ use std::time::{Duration, Instant};
 
 use crate::config::Config;
 use crate::error::{Error, Result};
+use crate::limits::Limits;
 use crate::lock;
 use crate::pool::Pool;
 use crate::proto::{OpenFlags, Req, Resp, Status};
@@ -104,6 +105,10 @@ impl FileState {
 struct Current {
     conn: Arc<dyn ClientConn>,
     gen: u64,
+    /// What this connection's handshake negotiated: a reconnect may reach a server with
+    /// other limits or another read-only setting.
+    limits: Limits,
+    read_only: bool,
 }
 
 /// The client's connection, replaceable.
@@ -125,6 +130,7 @@ pub(crate) struct Link {
 impl Link {
     pub(crate) fn new(
         conn: Box<dyn ClientConn>,
+        (limits, read_only): (Limits, bool),
         how: Option<Redial>,
         name: Option<&'static str>,
         fallback: Option<String>,
@@ -133,6 +139,8 @@ impl Link {
             cur: RwLock::new(Current {
                 conn: Arc::from(conn),
                 gen: 0,
+                limits,
+                read_only,
             }),
             how,
             files: Mutex::new(Vec::new()),
@@ -153,6 +161,16 @@ impl Link {
     /// The current connection's generation (it grows by one per reconnect).
     pub(crate) fn gen(&self) -> u64 {
         self.cur.read().unwrap_or_else(|p| p.into_inner()).gen
+    }
+
+    /// The current connection's negotiated limits.
+    pub(crate) fn limits(&self) -> Limits {
+        self.cur.read().unwrap_or_else(|p| p.into_inner()).limits
+    }
+
+    /// True when the current connection's export is read-only.
+    pub(crate) fn read_only(&self) -> bool {
+        self.cur.read().unwrap_or_else(|p| p.into_inner()).read_only
     }
 
     /// Sends a request on the current connection.
@@ -240,10 +258,12 @@ impl Link {
             // Held until the new connection is in place (see `track`).
             let files = lock(&self.files);
             match self.dial_and_reopen(how, &files) {
-                Ok(conn) => {
+                Ok((conn, (limits, read_only))) => {
                     let mut c = self.cur.write().unwrap_or_else(|p| p.into_inner());
                     c.conn = Arc::from(conn);
                     c.gen += 1;
+                    c.limits = limits;
+                    c.read_only = read_only;
                     tracing::warn!(
                         "reconnected to {} over {} after {:?} ({attempts} attempts): the connection had failed: {why}",
                         how.cfg.client.connect,
@@ -271,14 +291,15 @@ impl Link {
         }
     }
 
-    /// One attempt: connect, hello and auth, reopen the open files.
+    /// One attempt: connect, hello and auth, reopen the open files. Returns the connection
+    /// with what its handshake negotiated.
     fn dial_and_reopen(
         &self,
         how: &Redial,
         files: &[Weak<FileState>],
-    ) -> Result<Box<dyn ClientConn>> {
+    ) -> Result<(Box<dyn ClientConn>, (Limits, bool))> {
         let conn = how.transport.connect(&how.cfg, &how.pool)?;
-        super::handshake(&how.cfg, conn.as_ref())?;
+        let negotiated = super::handshake(&how.cfg, conn.as_ref())?;
         let files: Vec<Arc<FileState>> = files.iter().filter_map(Weak::upgrade).collect();
         for f in files {
             if f.is_stale() {
@@ -315,7 +336,7 @@ impl Link {
                 Err(e) => return Err(e),
             }
         }
-        Ok(conn)
+        Ok((conn, negotiated))
     }
 }
 
@@ -422,9 +443,12 @@ pub(crate) fn first_connect(
     }
 }
 
-/// Starts the keepalive thread of a client (see the module docs); it ends soon after the
-/// client is dropped.
-pub(crate) fn spawn_keepalive(inner: Weak<super::Inner>, every: Duration) {
+/// Starts the keepalive thread of a client (see the module docs). Dropping the client
+/// unparks it (see `Inner`'s `Drop`), so it ends at once rather than after up to `every`.
+pub(crate) fn spawn_keepalive(
+    inner: Weak<super::Inner>,
+    every: Duration,
+) -> Option<std::thread::Thread> {
     let r = std::thread::Builder::new()
         .name("zcio-keepalive".into())
         .spawn(move || loop {
@@ -446,9 +470,15 @@ pub(crate) fn spawn_keepalive(inner: Weak<super::Inner>, every: Duration) {
                     }
                 }
             };
+            // An unpark that came before this (a drop since the upgrade above) makes it
+            // return at once: the next upgrade then fails.
             std::thread::park_timeout(wait);
         });
-    if let Err(e) = r {
-        tracing::warn!("no keepalive: cannot start its thread: {e}");
+    match r {
+        Ok(h) => Some(h.thread().clone()),
+        Err(e) => {
+            tracing::warn!("no keepalive: cannot start its thread: {e}");
+            None
+        }
     }
 }

@@ -136,10 +136,20 @@
 //! many requests in flight (a slot per credit; `start` waits up to `client.timeout` for one
 //! and then fails with a timeout), each reply returning one credit implicitly. The server reposts a request's receive buffer as soon as the message
 //! is decoded, before it replies, and the client reposts a reply's receive before it
-//! completes the request, so a receiver-not-ready retry never happens. A client exceeding
-//! its credits is a protocol violation. The server's send queue is sized for at least one
-//! request's worst case (`max_segments + ceil(max_segments / max_sge) + 2` work requests)
-//! and four per credit; posting waits for room, which completions free.
+//! completes the request, so a receiver-not-ready retry never happens from a well-behaved
+//! peer; from one that stops posting receives the retries are finite
+//! (`verbs::RNR_RETRY`) and the SEND, then the connection, fails. A
+//! client exceeding its credits is a protocol violation. The server's send queue is sized
+//! for at least one request's worst case (`max_segments + ceil(max_segments / max_sge) + 2`
+//! work requests) and four per credit; posting waits for room, which completions free, for
+//! at most `ROOM_STALL`: then only that connection fails.
+//!
+//! ## Admission
+//! The server refuses request payload before the client has authenticated (the connection
+//! fails before a pool buffer is taken for it), and reserves each request's payload bytes
+//! in the connection's `server.max_payload_in_flight` budget before it takes buffers. When
+//! the budget is spent or the pool is short, that connection's requests wait in `recv`
+//! (back-pressure, however long) while its finished requests keep being handed out.
 //!
 //! ## Threads
 //! One thread per queue pair. It sleeps in `poll(2)` on both the completion channel and
@@ -210,7 +220,7 @@ mod server;
 #[cfg(feature = "rdma")]
 pub use self::rdma::{Faults, RdmaTransport};
 #[cfg(feature = "rdma")]
-pub use server::{HANDSHAKE_TIMEOUT, MAX_PENDING};
+pub use server::{HANDSHAKE_TIMEOUT, MAX_PENDING, ROOM_STALL};
 
 /// Largest inline payload this transport carries (the configuration's upper bound).
 pub const MAX_INLINE: usize = 4096;
@@ -239,6 +249,14 @@ mod rdma {
         /// The client advertises corrupted memory keys in every request: the server's
         /// RDMA operations on them fail with a remote access error.
         pub corrupt_rkeys: bool,
+        /// When not 0: every this many requests that carry memory keys on a connection,
+        /// one advertises corrupted keys, so the server's RDMA operation fails with a
+        /// remote access error and the queue pairs go to the error state (the connection
+        /// ends; a client with `client.reconnect` dials again).
+        pub qp_error_every: u32,
+        /// The client never reposts a receive buffer once a reply has used it: after its
+        /// first `credits` replies the server's SENDs meet "receiver not ready".
+        pub stop_reposting: bool,
     }
 
     /// The RDMA verbs transport, registered as `rdma` (see the module documentation).

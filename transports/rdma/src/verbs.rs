@@ -44,6 +44,6 @@ pub(crate) use cq::{is_ready, poll_fds, poll_timeout_ms};
 #[cfg(feature = "rdma")]
 pub use cq::{CompletionQueue, CqMode, WcOpcode, WcStatus, WorkCompletion};
 #[cfg(feature = "rdma")]
-pub use qp::{QpCaps, QpConfig, QueuePair, Remote, Sge};
+pub use qp::{QpCaps, QpConfig, QueuePair, Remote, Sge, RNR_RETRY};
 #[cfg(feature = "rdma")]
 pub(crate) use registrar::ArenaRegistrar;

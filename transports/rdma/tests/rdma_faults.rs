@@ -716,6 +716,7 @@ fn bogus_rkey_is_reported_and_the_server_keeps_serving() {
     std::fs::write(h.path("r"), &data).unwrap();
     let bad = RdmaTransport::with_faults(Faults {
         corrupt_rkeys: true,
+        ..Faults::default()
     });
     // A write (the server's RDMA READ fails) and a read (its RDMA WRITE fails), each on
     // its own connection.
@@ -1173,6 +1174,7 @@ fn one_queue_pair_failing_fails_the_whole_connection() {
     let cpool = Pool::new(&cfg.pool).unwrap();
     let bad = RdmaTransport::with_faults(Faults {
         corrupt_rkeys: true,
+        ..Faults::default()
     });
     let conn = bad.connect(&cfg, &cpool).unwrap();
     let mut sconn = listener.accept().unwrap().unwrap();

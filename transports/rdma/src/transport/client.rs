@@ -36,7 +36,7 @@
 //! and completes with an error; receive buffers go back to the connection's control pool.
 
 use std::net::TcpStream;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -194,6 +194,9 @@ struct Lane {
     timeout: Duration,
     peer: String,
     faults: Faults,
+    /// Requests with memory keys prepared so far on the connection's queue pairs (for
+    /// [`Faults::qp_error_every`]).
+    keyed: Arc<AtomicU64>,
     /// The completion queue, shared with the connection thread: a thread waiting for a
     /// reply polls it itself for up to `rdma.spin_us` ([`Progress`]).
     poller: Arc<Poller>,
@@ -547,7 +550,11 @@ impl Lane {
         if recv_cap > inline {
             self.describe_recv(recv, s)?;
         }
-        if self.faults.corrupt_rkeys {
+        let keyed = !s.send_descs.is_empty() || !s.recv_descs.is_empty();
+        let every = u64::from(self.faults.qp_error_every);
+        let nth =
+            every > 0 && keyed && (self.keyed.fetch_add(1, Ordering::Relaxed) + 1) % every == 0;
+        if self.faults.corrupt_rkeys || nth {
             for d in s.send_descs.iter_mut().chain(s.recv_descs.iter_mut()) {
                 d.rkey ^= 0x00ff_ff00;
             }
@@ -793,6 +800,7 @@ impl Lane {
                     // Repost first: the server may send the next reply as soon as the client
                     // knows this one arrived.
                     let posted = match &st.qp {
+                        Some(_) if self.faults.stop_reposting => Ok(()),
                         Some(qp) => post_recv_buf(qp, ri, &buf, self.ctl_reg),
                         None => Ok(()),
                     };

@@ -51,7 +51,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, RwLock, RwLockReadGua
 use std::time::{Duration, Instant};
 
 use zcio::pool::RegistrarId;
-use zcio::transport::{Incoming, Limits, Replier, ServerConn};
+use zcio::transport::{Admission, Incoming, Limits, Replier, ServerConn};
 use zcio::{Error, Iobuf, IobufMut, Pool, Result};
 
 use super::conn::{
@@ -76,6 +76,13 @@ const STACK_MSG: usize = MAX_INLINE + 256;
 /// How long [`Replier::close`] lets posted replies drain before destroying the queue pair.
 const CLOSE_DRAIN: Duration = Duration::from_secs(2);
 
+/// The longest a reply (or a request's RDMA READs) waits for room in a queue pair's send
+/// queue; then that connection fails, and only it. Room comes back as the client takes
+/// what was posted; a client that stops (no receives posted: its SENDs meet "receiver not
+/// ready", which [`RNR_RETRY`](crate::verbs::RNR_RETRY) bounds to under 4 s; or a peer
+/// gone silent, bounded by the transport retries) must not hold a worker longer than this.
+pub const ROOM_STALL: Duration = Duration::from_secs(10);
+
 mod setup;
 pub(crate) use setup::listen;
 
@@ -89,10 +96,17 @@ struct Slot {
     send_total: usize,
     /// Pool buffers the payload is READ into.
     bufs: Vec<IobufMut>,
+    /// The request's id as the server sees it (with the queue pair's index, as
+    /// [`RdmaServerConn::hand_out`] marks it): its payload bytes are reserved in the
+    /// connection's [`Admission`] under this id.
+    id: u64,
+    /// Its payload bytes are reserved in the connection's [`Admission`].
+    admitted: bool,
 }
 
 impl Slot {
     fn reset(&mut self) {
+        self.admitted = false;
         self.send.clear();
         self.recv.clear();
         self.inline.clear();
@@ -198,6 +212,10 @@ struct Shared {
     base: Instant,
     /// The connection's queue pairs, set once they all exist.
     lanes: OnceLock<Vec<Weak<Lane>>>,
+    /// What the server lets this connection take in (see [`ServerConn::set_admission`]):
+    /// no payload before authentication, and at most its budget of payload bytes in pool
+    /// buffers at once.
+    admission: OnceLock<Arc<Admission>>,
 }
 
 impl Shared {
@@ -212,6 +230,7 @@ impl Shared {
             last_activity: AtomicU64::new(0),
             base: Instant::now(),
             lanes: OnceLock::new(),
+            admission: OnceLock::new(),
         }
     }
 
@@ -352,8 +371,8 @@ enum Step {
     Dead,
 }
 
-/// How long `recv` waits for pool buffers at a time before it looks at every queue pair's
-/// events again.
+/// How long `recv` waits for the payload budget or pool buffers at a time before it looks
+/// at every queue pair's events again.
 const POOL_SLICE: Duration = Duration::from_millis(20);
 
 fn to_sge(l: &Local) -> Sge {
@@ -479,13 +498,35 @@ impl Lane {
         slot.inline.extend_from_slice(view.inline);
         slot.recv_cap = view.recv_cap;
         slot.send_total = view.send_total;
+        slot.id = view.id | (self.lane << LANE_SHIFT);
+        slot.admitted = false;
+        if view.send_total > 0 {
+            if let Some(a) = self.shared.admission.get() {
+                if !a.authenticated() {
+                    // Refused before any pool buffer is taken for it.
+                    let r = self.violation(format!(
+                        "request {} carries {} payload bytes before authentication",
+                        view.id, view.send_total
+                    ));
+                    tracing::warn!(peer = %self.peer, "{r}; closing that connection");
+                    if self.fail_locked(st, r, End::Failed) {
+                        drop(guard);
+                        self.after_fail();
+                    }
+                    return;
+                }
+            }
+        }
         // A payload to READ: start the READs here, on this queue pair's completion thread,
         // if the pool can give the buffers without waiting. On Soft-RoCE the READ's
         // protocol work (the client's responses included) runs in the posting thread, so
         // each queue pair then moves its own payload instead of every request of the
         // connection queuing for the thread behind `recv`; and the READs start without a
         // hand-off. Otherwise `recv` takes the buffers (it may wait) and posts them.
-        let direct = if view.send_total > 0 && !st.slots[s].send.is_empty() {
+        let direct = if view.send_total > 0
+            && !st.slots[s].send.is_empty()
+            && self.try_admit(&mut st.slots[s])
+        {
             let mut v = st.spare_bufs.pop().unwrap_or_default();
             if let Ok(true) = self.pool.try_get_span_into(view.send_total, &mut v) {
                 Some(v)
@@ -623,25 +664,52 @@ impl Lane {
         keep_spare(&mut st.spare_payloads, payload);
     }
 
-    /// Waits for `n` free send-queue entries; `Err` once the connection is dead.
+    /// Reserves slot `slot`'s payload bytes in the connection's budget if that needs no
+    /// wait (or there is no budget); true once they are reserved.
+    fn try_admit(&self, slot: &mut Slot) -> bool {
+        if !slot.admitted {
+            slot.admitted = match self.shared.admission.get() {
+                None => true,
+                Some(a) => a
+                    .reserve(slot.id, slot.send_total, Duration::ZERO, || Err(()))
+                    .is_ok(),
+            };
+        }
+        slot.admitted
+    }
+
+    /// Waits for `n` free send-queue entries; `Err` (with why) once the connection is dead
+    /// or after [`ROOM_STALL`] without room (the caller then fails the connection).
+    #[allow(clippy::type_complexity)]
     fn wait_room<'a>(
         &'a self,
         mut g: MutexGuard<'a, PostSide>,
         n: usize,
-    ) -> std::result::Result<MutexGuard<'a, PostSide>, MutexGuard<'a, PostSide>> {
+    ) -> std::result::Result<MutexGuard<'a, PostSide>, (MutexGuard<'a, PostSide>, String)> {
+        let deadline = Instant::now() + ROOM_STALL;
         loop {
             if self.dead.load(Ordering::SeqCst) {
-                return Err(g);
+                return Err((g, "the connection ended".into()));
             }
             if g.sq.room() >= n {
                 return Ok(g);
             }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err((
+                    g,
+                    format!(
+                        "the client {} took nothing from its queue pair for {ROOM_STALL:?} (the send queue stayed full)",
+                        self.peer
+                    ),
+                ));
+            }
             // The completions that free room: `recv` may not be there to take them.
             self.poller.background(false);
             g.room_waiters += 1;
-            g = match self.room_cv.wait(g) {
-                Ok(g) => g,
-                Err(p) => p.into_inner(),
+            g = match self.room_cv.wait_timeout(g, deadline - now) {
+                Ok((g, _)) => g,
+                Err(p) => p.into_inner().0,
             };
             g.room_waiters -= 1;
         }
@@ -758,7 +826,7 @@ impl Lane {
         let mut p = if wait || p.sq.room() >= n {
             match self.wait_room(p, n) {
                 Ok(p) => p,
-                Err(_) => return Err("the connection ended".into()),
+                Err((_, why)) => return Err(why),
             }
         } else {
             return Ok(false);
@@ -800,14 +868,15 @@ impl Lane {
 
     /// Works through this queue pair's events until a request is ready to hand out (its
     /// payload in pool buffers) or there are none; starts the RDMA READs of requests with
-    /// payload on the way. Never blocks, except for pool buffers: a new request whose
-    /// payload needs buffers that are not free gives way to a request whose READs are done
-    /// (its buffers come back once it is served: waiting for the pool while it sits behind
-    /// could wait for nothing). Failing that, without `wait` it stays first in line and the
-    /// answer is `Blocked`; with `wait = (slice, last)` the pool is waited on for up to
-    /// `slice`, after which it is `Blocked` again, or, if `last`, the connection fails for
-    /// want of buffers.
-    fn step(&self, wait: Option<(Duration, bool)>) -> Result<Step> {
+    /// payload on the way. Never blocks, except for the connection's payload budget and
+    /// pool buffers: a new request whose payload does not fit the budget, or needs buffers
+    /// that are not free, gives way to a request whose READs are done (its bytes and
+    /// buffers come back once it is served: waiting while it sits behind could wait for
+    /// nothing). Failing that, without `wait` it stays first in line and the answer is
+    /// `Blocked`; with `wait = Some(slice)` the budget and then the pool are waited on for
+    /// up to `slice` each, after which it is `Blocked` again. Never a failure for want of
+    /// buffers: back-pressure on this connection, for as long as it stays open.
+    fn step(&self, wait: Option<Duration>) -> Result<Step> {
         self.step_locked(self.lock(), wait)
     }
 
@@ -836,7 +905,7 @@ impl Lane {
     fn step_locked<'a>(
         &'a self,
         mut st: MutexGuard<'a, LaneState>,
-        wait: Option<(Duration, bool)>,
+        wait: Option<Duration>,
     ) -> Result<Step> {
         loop {
             if st.dead.is_some() {
@@ -856,6 +925,50 @@ impl Lane {
             if total == 0 {
                 return self.hand_out(st, s, Vec::new());
             }
+            // First the payload's bytes in the connection's budget (back-pressure: this
+            // connection waits while its earlier requests hold it), then pool buffers.
+            if !self.try_admit(&mut st.slots[s]) {
+                if let Some(d) = st.requests.take_reads_done() {
+                    if let Err(e) = st.requests.push_new_front(s) {
+                        return self.refused_step(st, e);
+                    }
+                    let done_bufs = std::mem::take(&mut st.slots[d].bufs);
+                    return self.hand_out(st, d, done_bufs);
+                }
+                let Some(slice) = wait else {
+                    if let Err(e) = st.requests.push_new_front(s) {
+                        return self.refused_step(st, e);
+                    }
+                    return Ok(Step::Blocked);
+                };
+                let id = st.slots[s].id;
+                let admission = self.shared.admission.get().cloned();
+                // Not under the lock.
+                drop(st);
+                let mut waited = false;
+                let reserved = admission.is_none_or(|a| {
+                    a.reserve(id, total, slice, || {
+                        if waited {
+                            Err(())
+                        } else {
+                            waited = true;
+                            Ok(())
+                        }
+                    })
+                    .is_ok()
+                });
+                st = self.lock();
+                if st.dead.is_some() {
+                    return Ok(Step::Dead);
+                }
+                if !reserved {
+                    if let Err(e) = st.requests.push_new_front(s) {
+                        return self.refused_step(st, e);
+                    }
+                    return Ok(Step::Blocked);
+                }
+                st.slots[s].admitted = true;
+            }
             let mut bufs = st.spare_bufs.pop().unwrap_or_default();
             let bufs = match self.pool.try_get_span_into(total, &mut bufs) {
                 Ok(true) => bufs,
@@ -868,7 +981,7 @@ impl Lane {
                         let done_bufs = std::mem::take(&mut st.slots[d].bufs);
                         return self.hand_out(st, d, done_bufs);
                     }
-                    let Some((slice, last)) = wait else {
+                    let Some(slice) = wait else {
                         keep_spare(&mut st.spare_bufs, bufs);
                         if let Err(e) = st.requests.push_new_front(s) {
                             return self.refused_step(st, e);
@@ -884,7 +997,9 @@ impl Lane {
                     }
                     match b {
                         Ok(()) => bufs,
-                        Err(_) if !last => {
+                        // Back-pressure, not failure: the pool stays short only while
+                        // requests hold its buffers, and they give them back once served.
+                        Err(Error::PoolExhausted { .. }) => {
                             keep_spare(&mut st.spare_bufs, bufs);
                             if let Err(e) = st.requests.push_new_front(s) {
                                 return self.refused_step(st, e);
@@ -893,9 +1008,8 @@ impl Lane {
                         }
                         Err(e) => {
                             let r = format!(
-                                "no pool buffers for a {total}-byte request payload from {} within {:?}: {e}",
+                                "no pool buffers for a {total}-byte request payload from {}: {e}",
                                 self.peer,
-                                self.pool.wait_timeout()
                             );
                             if self.fail_locked(&mut st, r, End::Failed) {
                                 drop(st);
@@ -1119,7 +1233,7 @@ impl Lane {
         }
         let mut p = match self.wait_room(p, n_writes + 1) {
             Ok(p) => p,
-            Err(p) => return (p, Err("the connection ended".into())),
+            Err((p, why)) => return (p, Err(why)),
         };
         let qp_guard = self.qp();
         let Some(qp) = qp_guard.as_ref() else {
@@ -1356,6 +1470,12 @@ impl RdmaServerConn {
 }
 
 impl ServerConn for RdmaServerConn {
+    /// Payload is refused before authentication (the connection fails, before any pool
+    /// buffer is taken for it) and held to the budget with back-pressure.
+    fn set_admission(&mut self, admission: Arc<Admission>) {
+        let _ = self.shared.admission.set(admission);
+    }
+
     fn limits(&self) -> Limits {
         self.limits
     }
@@ -1363,8 +1483,6 @@ impl ServerConn for RdmaServerConn {
     fn recv(&mut self) -> Result<Option<Incoming>> {
         let n = self.set.lanes.len();
         let mut spun = false;
-        // While a request waits for pool buffers: until when (the pool's own timeout).
-        let mut pool_deadline: Option<Instant> = None;
         loop {
             let gen = *lock(&self.shared.gen);
             let mut blocked = None;
@@ -1381,22 +1499,17 @@ impl ServerConn for RdmaServerConn {
                 }
             }
             if let Some(i) = blocked {
-                // Nothing can be handed out without pool buffers: wait for them a slice at a
-                // time, so that a request another queue pair finishes meanwhile (and whose
-                // buffers come back once it is served) is not stuck behind the wait.
-                let lane = &self.set.lanes[i];
-                let deadline =
-                    *pool_deadline.get_or_insert_with(|| Instant::now() + lane.pool.wait_timeout());
-                let left = deadline.saturating_duration_since(Instant::now());
-                let last = left <= POOL_SLICE;
-                match lane.step(Some((left.min(POOL_SLICE), last))) {
+                // Nothing can be handed out without budget or pool buffers: wait for them a
+                // slice at a time, so that a request another queue pair finishes meanwhile
+                // (and whose bytes and buffers come back once it is served) is not stuck
+                // behind the wait. However long: back-pressure, not failure.
+                match self.set.lanes[i].step(Some(POOL_SLICE)) {
                     Ok(Step::Got(inc)) => return Ok(Some(self.hand_out(i, inc))),
                     Ok(Step::Empty | Step::Blocked) => continue,
                     Ok(Step::Dead) => return self.shared.closed_result(&self.peer),
                     Err(e) => return Err(e),
                 }
             }
-            pool_deadline = None;
             let spins = self.set.lanes.iter().any(|c| c.poller.spins());
             if spins && !spun {
                 // Take the next request off the completion queues on this thread, if it

@@ -102,6 +102,19 @@ pub struct QpConfig {
     pub min_rnr_timer: u8,
 }
 
+/// Receiver-not-ready retries of every queue pair ([`QpConfig::rnr_retry`]'s default): 6,
+/// finite (7 would retry for ever, so a peer that never posts receives would hold a SEND,
+/// and everything queued behind it, for good).
+///
+/// How long a SEND waits before it fails with `RnrRetryExceededError`: the first try
+/// plus 6 retries, each retry after the RNR NAK timer that the *receiving* side chose with
+/// its own `min_rnr_timer`. With ours (code 12 = 0.64 ms) that is 6 x 0.64 ms = 3.84 ms of
+/// timers; a peer that picked the longest timer (code 0 = 655.36 ms) makes it
+/// 6 x 655.36 ms = 3.93 s, the most any peer can hold a SEND. zcio's receivers repost a
+/// receive buffer before the credit it backs is free again, so a well-behaved peer never
+/// answers "not ready" at all.
+pub const RNR_RETRY: u8 = 6;
+
 impl Default for QpConfig {
     fn default() -> Self {
         QpConfig {
@@ -116,7 +129,7 @@ impl Default for QpConfig {
             max_rd_atomic: 16,
             timeout: 14,
             retry_count: 7,
-            rnr_retry: 7,
+            rnr_retry: RNR_RETRY,
             min_rnr_timer: 12,
         }
     }

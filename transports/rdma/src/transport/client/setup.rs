@@ -3,7 +3,7 @@
 //! each queue pair's running state.
 
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
-use std::sync::atomic::{AtomicBool, AtomicUsize};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
@@ -108,6 +108,7 @@ pub(crate) fn connect(faults: Faults, cfg: &Config, pool: &Pool) -> Result<RdmaC
 
     let limits = connection_limits(first_limits, lanes[1..].iter().map(|l| l.connected.limits));
     let ended = Arc::new(Ended::default());
+    let keyed = Arc::new(AtomicU64::new(0));
     let mut running = Vec::with_capacity(lanes.len());
     for l in lanes {
         let OpenedLane {
@@ -162,6 +163,7 @@ pub(crate) fn connect(faults: Faults, cfg: &Config, pool: &Pool) -> Result<RdmaC
             timeout,
             peer: peer.clone(),
             faults,
+            keyed: keyed.clone(),
             poller: Arc::new(
                 Poller::new(cq, r.spin, false)
                     .map_err(|e| Error::io("creating the completion poller's eventfds", e))?,

@@ -352,6 +352,8 @@ fn make_lane(
             recv_cap: 0,
             send_total: 0,
             bufs: Vec::new(),
+            id: 0,
+            admitted: false,
         })
         .collect();
     let max_inline_send = qp.caps().max_inline_data as usize;
