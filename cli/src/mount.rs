@@ -42,10 +42,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
     KernelConfig, LockOwner, MountOption, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
-    ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr,
-    Request, TimeOrNow, WriteFlags,
+    ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite,
+    ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
-use zcio::proto::{self, Attr, DirStreamEntry, SetattrReq, Status};
+use zcio::proto::{self, Attr, DirPlusEntry, SetattrReq, Status};
 use zcio::{Client, OpenFlags};
 
 use crate::{AnyResult, Common};
@@ -322,11 +322,12 @@ struct Node {
     lookups: u64,
 }
 
+/// An open directory: its path and every entry with its attributes, read in one stream
+/// at opendir (a few zcio requests for thousands of entries; nothing stays open on the
+/// server, so a reconnect does not strand it).
 struct DirHandle {
-    dh: u64,
-    /// Every entry read so far, from the start of the stream.
-    entries: Vec<DirStreamEntry>,
-    done: bool,
+    path: String,
+    entries: Vec<DirPlusEntry>,
 }
 
 /// Counters of a mount, for tests and figures.
@@ -497,14 +498,20 @@ impl ZcioFs {
     /// Records one more kernel reference to the inode at `path` and replies with it.
     fn remember(&self, path: String, a: &Attr) -> FileAttr {
         let fa = self.attr(a);
+        self.count_lookup(path, fa.ino.0);
+        fa
+    }
+
+    /// One more kernel reference (a lookup, or an entry of a readdirplus reply) to `ino`,
+    /// now known at `path`.
+    fn count_lookup(&self, path: String, ino: u64) {
         let mut nodes = lock(&self.nodes);
-        let n = nodes.entry(fa.ino.0).or_insert(Node {
+        let n = nodes.entry(ino).or_insert(Node {
             path: path.clone(),
             lookups: 0,
         });
         n.path = path;
         n.lookups += 1;
-        fa
     }
 
     fn entry(&self, path: String, reply: ReplyEntry) {
@@ -598,6 +605,9 @@ impl Filesystem for ZcioFs {
         for cap in [InitFlags::FUSE_ASYNC_DIO, InitFlags::FUSE_PARALLEL_DIROPS] {
             let _ = config.add_capabilities(cap);
         }
+        // Listings with attributes (always, not the kernel's adaptive choice): `ls -l` of
+        // a big directory is a few zcio requests instead of a lookup per entry.
+        let _ = config.add_capabilities(InitFlags::FUSE_DO_READDIRPLUS);
         Ok(())
     }
 
@@ -999,17 +1009,10 @@ impl Filesystem for ZcioFs {
             Ok(p) => p,
             Err(e) => return reply.error(e),
         };
-        match self.client.opendir(&path) {
-            Ok(dh) => {
+        match self.client.read_dir_plus(&path) {
+            Ok(entries) => {
                 let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-                lock(&self.dirs).insert(
-                    fh,
-                    Arc::new(Mutex::new(DirHandle {
-                        dh,
-                        entries: Vec::new(),
-                        done: false,
-                    })),
-                );
+                lock(&self.dirs).insert(fh, Arc::new(Mutex::new(DirHandle { path, entries })));
                 reply.opened(FileHandle(fh), FopenFlags::empty());
             }
             Err(e) => reply.error(errno(&e)),
@@ -1027,37 +1030,95 @@ impl Filesystem for ZcioFs {
         let Some(d) = lock(&self.dirs).get(&fh.0).cloned() else {
             return reply.error(Errno::EBADF);
         };
-        let mut d = lock(&d);
-        // Offsets: 1 after ".", 2 after "..", 3 + i after entry i of the stream.
+        let d = lock(&d);
+        // Offsets: 1 after ".", 2 after "..", 3 + i after entry i.
         if offset == 0 && reply.add(ino, 1, FileType::Directory, ".") {
             return reply.ok();
         }
         if offset <= 1 && reply.add(INodeNo(1), 2, FileType::Directory, "..") {
             return reply.ok();
         }
-        let mut i = offset.saturating_sub(2) as usize;
-        loop {
-            // The kernel asks a page at a time; the stream is read on in big batches and
-            // kept, so the server sees each entry once.
-            while i >= d.entries.len() && !d.done {
-                let cookie = d.entries.len() as u64;
-                match self.client.readdir(d.dh, cookie, 256 << 10) {
-                    Ok((es, _next, done)) => {
-                        d.done = done || es.is_empty();
-                        d.entries.extend(es);
-                    }
-                    Err(e) => return reply.error(errno(&e)),
-                }
+        let start = offset.saturating_sub(2) as usize;
+        for (i, e) in d.entries.iter().enumerate().skip(start) {
+            let ino = INodeNo(self.ino_out(e.entry.ino));
+            if reply.add(
+                ino,
+                3 + i as u64,
+                kind_of_dtype(e.entry.kind),
+                &e.entry.name,
+            ) {
+                break;
             }
-            let Some(e) = d.entries.get(i) else {
-                return reply.ok();
-            };
-            let ino = INodeNo(self.ino_out(e.ino));
-            if reply.add(ino, 3 + i as u64, kind_of_dtype(e.kind), &e.name) {
-                return reply.ok();
-            }
-            i += 1;
         }
+        reply.ok()
+    }
+
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        let Some(d) = lock(&self.dirs).get(&fh.0).cloned() else {
+            return reply.error(Errno::EBADF);
+        };
+        let d = lock(&d);
+        // "." and "..": the kernel links neither, so they need no attributes.
+        let dot = |ino: INodeNo| FileAttr {
+            ino,
+            size: 0,
+            blocks: 0,
+            atime: UNIX_EPOCH,
+            mtime: UNIX_EPOCH,
+            ctime: UNIX_EPOCH,
+            crtime: UNIX_EPOCH,
+            kind: FileType::Directory,
+            perm: 0o755,
+            nlink: 2,
+            uid: 0,
+            gid: 0,
+            rdev: 0,
+            blksize: 4096,
+            flags: 0,
+        };
+        let ttl = self.ttl();
+        if offset == 0 && reply.add(ino, 1, ".", &ttl, &dot(ino), Generation(0)) {
+            return reply.ok();
+        }
+        if offset <= 1 && reply.add(INodeNo(1), 2, "..", &ttl, &dot(INodeNo(1)), Generation(0)) {
+            return reply.ok();
+        }
+        let start = offset.saturating_sub(2) as usize;
+        for (i, e) in d.entries.iter().enumerate().skip(start) {
+            let Ok(path) = join(&d.path, OsStr::new(&e.entry.name)) else {
+                continue;
+            };
+            // An entry the server could not stat in the listing is looked up alone (and
+            // left out if that fails too: the kernel could not use it).
+            let a = match e.attr {
+                Some(a) => a,
+                None => match self.client.getattr(&path, false) {
+                    Ok(a) => a,
+                    Err(_) => continue,
+                },
+            };
+            let fa = self.attr(&a);
+            if reply.add(
+                fa.ino,
+                3 + i as u64,
+                &e.entry.name,
+                &ttl,
+                &fa,
+                Generation(0),
+            ) {
+                break;
+            }
+            // The kernel takes a reference to every entry it is given (a lookup).
+            self.count_lookup(path, fa.ino.0);
+        }
+        reply.ok()
     }
 
     fn releasedir(
@@ -1068,13 +1129,9 @@ impl Filesystem for ZcioFs {
         _flags: fuser::OpenFlags,
         reply: ReplyEmpty,
     ) {
-        let Some(d) = lock(&self.dirs).remove(&fh.0) else {
-            return reply.error(Errno::EBADF);
-        };
-        let dh = lock(&d).dh;
-        match self.client.releasedir(dh) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno(&e)),
+        match lock(&self.dirs).remove(&fh.0) {
+            Some(_) => reply.ok(),
+            None => reply.error(Errno::EBADF),
         }
     }
 

@@ -455,6 +455,47 @@ fn big_requests_arrive_as_one() {
     srv.shutdown();
 }
 
+/// `ls -ln` of a 3000-entry directory: readdirplus brings every entry's attributes in the
+/// listing, so the server sees a handful of requests (not a lookup per entry), and the
+/// listing is what the server's disk says.
+#[test]
+#[ignore = "needs root, /dev/fuse and the programs ci/setup installs; ci/test runs it"]
+fn ls_of_a_big_directory_is_a_few_requests() {
+    let export = tempfile::tempdir().unwrap();
+    let big = export.path().join("big");
+    std::fs::create_dir(&big).unwrap();
+    for i in 0..3000 {
+        std::fs::write(big.join(format!("entry-{i:05}")), vec![1u8; i % 300]).unwrap();
+    }
+    std::fs::create_dir(big.join("sub")).unwrap();
+    std::os::unix::fs::symlink("entry-00001", big.join("link")).unwrap();
+    let srv = server(export.path());
+    let st = srv.stats();
+    let m = Mounted::new(srv.local_addr(), &[]);
+    let ls = |dir: &Path| sh(&format!("ls -ln --time-style=full-iso {}", dir.display()));
+    let before = st.requests.load(Ordering::Relaxed);
+    let listed = ls(&m.path("big"));
+    let used = st.requests.load(Ordering::Relaxed) - before;
+    assert_eq!(listed.lines().count(), 3003, "total line and 3002 entries");
+    assert_eq!(
+        listed,
+        ls(&big),
+        "the mount's listing differs from the server's"
+    );
+    assert!(used < 30, "ls -ln of 3002 entries took {used} requests");
+    // The entries are usable afterwards (the kernel holds references from the listing).
+    assert_eq!(
+        std::fs::read(m.path("big/entry-00299")).unwrap(),
+        vec![1u8; 299]
+    );
+    assert_eq!(
+        std::fs::read_link(m.path("big/link")).unwrap(),
+        Path::new("entry-00001")
+    );
+    m.umount();
+    srv.shutdown();
+}
+
 /// The server dies while a program reads: the program gets an error, not a hang, and
 /// `zcio umount` works afterwards. Bad addresses and tokens fail clearly, mounting nothing.
 #[test]

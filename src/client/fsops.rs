@@ -7,7 +7,8 @@ use std::ptr::NonNull;
 use super::{check_path, Client, File};
 use crate::error::{Error, Result};
 use crate::proto::{
-    self, Attr, DirStreamEntry, Req, Resp, SetattrReq, StatfsReply, MAX_TARGET, MAX_XATTR_VALUE,
+    self, Attr, DirPlusEntry, DirStreamEntry, Req, Resp, SetattrReq, StatfsReply, MAX_TARGET,
+    MAX_XATTR_VALUE,
 };
 use crate::transport::{RawSeg, RecvSeg, SendSeg};
 
@@ -204,6 +205,10 @@ impl Client {
     /// [`Client::releasedir`].
     pub fn opendir(&self, path: &str) -> Result<u64> {
         check_path(path)?;
+        self.opendir_once(path)
+    }
+
+    fn opendir_once(&self, path: &str) -> Result<u64> {
         match self.call_simple(&Req::Opendir { path: path.into() })? {
             Resp::Open { fh, .. } => Ok(fh),
             r => unexpected("opendir reply", r),
@@ -240,6 +245,91 @@ impl Client {
         };
         let n = reply.payload_len.min(b.len());
         Ok((proto::decode_dir_entries(&b[..n], count)?, next, done))
+    }
+
+    /// [`Client::readdir`] with each entry's attributes ([`Req::Readdirplus`]): a listing
+    /// that needs them costs a few requests instead of one per entry.
+    pub fn readdirplus(
+        &self,
+        dh: u64,
+        cookie: u64,
+        max_bytes: usize,
+    ) -> Result<(Vec<DirPlusEntry>, u64, bool)> {
+        let req = Req::Readdirplus { dh, cookie };
+        let (payload, count, next, done) = self.dir_page(&req, max_bytes)?;
+        Ok((
+            proto::decode_dir_plus_entries(&payload[..], count)?,
+            next,
+            done,
+        ))
+    }
+
+    /// Sends a directory page request and returns its payload, count, next cookie and
+    /// whether the stream is done.
+    fn dir_page(
+        &self,
+        req: &Req,
+        max_bytes: usize,
+    ) -> Result<(crate::pool::Iobuf, u32, u64, bool)> {
+        let size = max_bytes.clamp(4096, self.inner.limits.max_payload);
+        let buf = self.inner.pool.get(size)?;
+        let reply = self
+            .start(req, Vec::new(), vec![RecvSeg::Pool(buf)])?
+            .wait()?;
+        let (count, next, done) = match proto::decode_reply(req, &reply.header)? {
+            Resp::List {
+                count,
+                next_cookie,
+                done,
+            } => (count, next_cookie, done),
+            r => return unexpected("directory page reply", r),
+        };
+        let Some(RecvSeg::Pool(mut b)) = reply.recv.into_iter().next() else {
+            return Err(Error::decode(
+                "directory page reply",
+                "receive buffer not returned",
+            ));
+        };
+        let n = reply.payload_len.min(b.len());
+        b.set_len(n);
+        Ok((b.freeze(), count, next, done))
+    }
+
+    /// Every entry of the directory at `path` with its attributes, through one stream
+    /// (opendir, readdirplus pages of up to 256 KiB, releasedir). Safe to repeat, so it is
+    /// retried as a whole after a reconnect (a directory handle does not survive one).
+    pub fn read_dir_plus(&self, path: &str) -> Result<Vec<DirPlusEntry>> {
+        check_path(path)?;
+        self.retrying("readdirplus", true, || {
+            let gen = self.inner.link.gen();
+            let dh = self.opendir_once(path)?;
+            let mut out = Vec::new();
+            let mut cookie = 0;
+            let r = loop {
+                match self.readdirplus(dh, cookie, 256 << 10) {
+                    Ok((es, next, done)) => {
+                        out.extend(es);
+                        if done || next <= cookie {
+                            break Ok(());
+                        }
+                        cookie = next;
+                    }
+                    Err(e) => break Err(e),
+                }
+            };
+            r?;
+            if self.inner.link.gen() != gen {
+                // Reconnected meanwhile (another caller noticed): `dh` named a stream on
+                // the old connection, so the pages may not be ours. Read it again.
+                return Err(Error::ConnectionClosed(
+                    "reconnected while reading a directory".into(),
+                ));
+            }
+            // A close that fails leaves a stream open on the server until the connection
+            // ends; the listing itself is complete.
+            let _ = self.releasedir(dh);
+            Ok(out)
+        })
     }
 
     /// Closes a directory stream.
