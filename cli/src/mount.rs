@@ -30,6 +30,19 @@
 //! Caching: by default the kernel's page cache and readahead are used (attributes and
 //! entries are cached for one second); `--direct-io` turns both off (every read and write
 //! goes to the server, any size and alignment), as does opening a file `O_DIRECT`.
+//! Writes go through to the server as they are made unless `--writeback-cache` is given:
+//! then the kernel keeps dirty pages and sends them later in big batches, and it trusts
+//! its own idea of each file's size and mtime over the server's. That is only safe when
+//! this mount is the export's only writer, so it is off by default. With it, files opened
+//! write-only are opened read-write on the server (the kernel reads a partly written page
+//! before writing it back) and `O_APPEND` is the kernel's to place.
+//!
+//! Listings use readdirplus: a directory is read at opendir with every entry's attributes
+//! (a few zcio requests however many entries), and each entry the kernel is handed counts
+//! as a lookup, so `ls -l` costs no request per entry.
+//!
+//! A background mount (without `--foreground`) logs to `--log-file`, or nowhere: once it
+//! is ready, its standard output and error no longer lead to the terminal it started from.
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
@@ -110,10 +123,23 @@ pub(crate) struct MountArgs {
     /// Mount read-only (the server may also be read-only).
     #[arg(long)]
     read_only: bool,
+    /// Let the kernel cache writes and send them in big batches (FUSE writeback cache).
+    /// Off by default: the kernel then trusts its own file sizes and mtimes over the
+    /// server's, so it is safe only when this mount is the export's only writer (nothing
+    /// else, no other mount or client, changes the files it has cached).
+    #[arg(long, conflicts_with = "direct_io")]
+    writeback_cache: bool,
     /// Stay in the foreground (otherwise the command returns once the mount is ready and a
     /// background process serves it until `zcio umount`).
     #[arg(long)]
     foreground: bool,
+    /// Where a background mount writes its log (warnings such as a reconnect); without
+    /// it a background mount is silent. A foreground mount logs to stderr.
+    #[arg(long, value_name = "FILE")]
+    log_file: Option<PathBuf>,
+    /// Internal: this process is the background mount that `zcio mount` started.
+    #[arg(long, hide = true)]
+    background_child: bool,
     /// Threads serving kernel requests: the most zcio requests in flight at once.
     #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=256))]
     threads: u32,
@@ -124,8 +150,8 @@ pub(crate) struct MountArgs {
 /// Runs `zcio mount`.
 pub(crate) fn run(args: MountArgs) -> AnyResult<()> {
     preflight(&args.mountpoint)?;
-    if !args.foreground {
-        return spawn_background();
+    if !args.foreground && !args.background_child {
+        return spawn_background(args.log_file.as_deref());
     }
     let cfg = args
         .common
@@ -145,7 +171,8 @@ pub(crate) fn run(args: MountArgs) -> AnyResult<()> {
         })?
         .ino;
     let client_for_keepalive = client.clone();
-    let fs = ZcioFs::new(client, root, args.direct_io, read_only);
+    let mut fs = ZcioFs::new(client, root, args.direct_io, read_only);
+    fs.writeback = args.writeback_cache;
     let mut opts = vec![
         MountOption::FSName(format!("zcio:{}", args.addr)),
         MountOption::Subtype("zcio".into()),
@@ -181,6 +208,12 @@ pub(crate) fn run(args: MountArgs) -> AnyResult<()> {
         args.mountpoint.display()
     );
     let _ = std::io::stdout().flush();
+    if args.background_child {
+        // The parent has read that line and is gone: our stdout and stderr are pipes
+        // nobody reads (a write would fail with EPIPE). From now on they go to the log
+        // file, or nowhere.
+        detach_output(args.log_file.as_deref())?;
+    }
     session.run()?;
     Ok(())
 }
@@ -255,14 +288,45 @@ fn find_in_path(name: &str) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
-/// Starts `zcio mount --foreground` in its own process group and waits until it says the
-/// mount is ready; if it exits first, its error output becomes ours.
-fn spawn_background() -> AnyResult<()> {
+/// Points stdout and stderr at `log` (appended to, created 0600) or `/dev/null`.
+fn detach_output(log: Option<&Path>) -> AnyResult<()> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::OpenOptionsExt;
+    let target = match log {
+        Some(p) => std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(p)
+            .map_err(|e| format!("log file {}: {e}", p.display()))?,
+        None => std::fs::OpenOptions::new().write(true).open("/dev/null")?,
+    };
+    for fd in [libc::STDOUT_FILENO, libc::STDERR_FILENO] {
+        // SAFETY: dup2 of a descriptor we own onto a standard one; it closes the old pipe
+        // atomically, and the standard streams' Rust handles keep using the same numbers.
+        if unsafe { libc::dup2(target.as_raw_fd(), fd) } < 0 {
+            return Err(std::io::Error::last_os_error().into());
+        }
+    }
+    Ok(())
+}
+
+/// Starts this mount again as its background process (own process group) and waits until
+/// it says the mount is ready; if it exits first, its error output becomes ours. A log
+/// file is checked here, so a bad one is an error before anything is mounted.
+fn spawn_background(log: Option<&Path>) -> AnyResult<()> {
     use std::io::Read;
     use std::os::unix::process::CommandExt;
+    if let Some(p) = log {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(p)
+            .map_err(|e| format!("log file {}: {e}", p.display()))?;
+    }
     let me = std::env::current_exe()?;
     let mut argv: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
-    argv.push("--foreground".into());
+    argv.push("--background-child".into());
     let mut child = std::process::Command::new(me)
         .args(argv)
         .stdin(std::process::Stdio::null())
@@ -343,6 +407,8 @@ struct ZcioFs {
     root: u64,
     direct_io: bool,
     read_only: bool,
+    /// `--writeback-cache` asked for (and the kernel has it: see `init`).
+    writeback: bool,
     nodes: Mutex<HashMap<u64, Node>>,
     files: Mutex<HashMap<u64, Arc<zcio::File>>>,
     dirs: Mutex<HashMap<u64, Arc<Mutex<DirHandle>>>>,
@@ -441,6 +507,7 @@ impl ZcioFs {
             root,
             direct_io,
             read_only,
+            writeback: false,
             nodes: Mutex::new(nodes),
             files: Mutex::new(HashMap::new()),
             dirs: Mutex::new(HashMap::new()),
@@ -565,7 +632,13 @@ impl ZcioFs {
             libc::O_RDWR => OpenFlags::rw(),
             _ => OpenFlags::READ,
         };
-        if flags & libc::O_APPEND != 0 {
+        if self.writeback {
+            // The kernel fills partly written pages by reading them, even through a
+            // write-only descriptor, and it places appends itself (it owns the size).
+            if f == OpenFlags::WRITE {
+                f = OpenFlags::rw();
+            }
+        } else if flags & libc::O_APPEND != 0 {
             f = f | OpenFlags::APPEND;
         }
         if flags & libc::O_TRUNC != 0 {
@@ -608,6 +681,14 @@ impl Filesystem for ZcioFs {
         // Listings with attributes (always, not the kernel's adaptive choice): `ls -l` of
         // a big directory is a few zcio requests instead of a lookup per entry.
         let _ = config.add_capabilities(InitFlags::FUSE_DO_READDIRPLUS);
+        if self.writeback {
+            if let Err(missing) = config.add_capabilities(InitFlags::FUSE_WRITEBACK_CACHE) {
+                tracing::warn!(
+                    "the kernel has no FUSE writeback cache ({missing:?}): writes go through"
+                );
+                self.writeback = false;
+            }
+        }
         Ok(())
     }
 
@@ -852,7 +933,24 @@ impl Filesystem for ZcioFs {
         if fl.contains(OpenFlags::WRITE) && self.read_only {
             return reply.error(Errno::EROFS);
         }
-        match self.client.open(&path, fl) {
+        let opened = match self.client.open(&path, fl) {
+            // Write-only made read-write for the writeback cache, and the server may not
+            // read it: write-only then (the kernel reads such a file's partial pages only
+            // when it has no other way, and gets the error then).
+            Err(e)
+                if self.writeback
+                    && errno(&e) == Errno::EACCES
+                    && flags.0 & libc::O_ACCMODE == libc::O_WRONLY =>
+            {
+                let mut wo = OpenFlags(fl.0 & !OpenFlags::READ.0);
+                if flags.0 & libc::O_APPEND != 0 {
+                    wo = wo | OpenFlags::APPEND;
+                }
+                self.client.open(&path, wo)
+            }
+            r => r,
+        };
+        match opened {
             Ok(f) => {
                 let fh = self.add_file(f);
                 reply.opened(FileHandle(fh), self.fopen_flags(direct));

@@ -71,11 +71,16 @@ struct Mounted {
 
 impl Mounted {
     fn new(addr: &str, extra: &[&str]) -> Mounted {
+        Mounted::with_env(addr, extra, &[])
+    }
+
+    fn with_env(addr: &str, extra: &[&str], env: &[(&str, &str)]) -> Mounted {
         let dir = tempfile::Builder::new()
             .prefix("zcio-mnt-")
             .tempdir()
             .unwrap();
         let out = zcio()
+            .envs(env.iter().copied())
             .arg("mount")
             .arg(addr)
             .arg(dir.path())
@@ -451,6 +456,76 @@ fn big_requests_arrive_as_one() {
     let after = reads();
     assert_eq!((after.0 - before.0, after.1 - before.1), (1, 1 << 20));
     drop(f);
+    m.umount();
+    srv.shutdown();
+}
+
+/// `--writeback-cache`: a tree copied in and a file written in odd pieces through a
+/// write-only descriptor read back identical, through the mount and on the server's disk.
+/// The mount runs in the background at debug level, logging every request to its log file
+/// (a background mount once died at its first log line); one without a log file is silent
+/// and survives too.
+#[test]
+#[ignore = "needs root, /dev/fuse and the programs ci/setup installs; ci/test runs it"]
+fn writeback_cache_and_background_logging() {
+    let export = tempfile::tempdir().unwrap();
+    let srv = server(export.path());
+    let logs = tempfile::tempdir().unwrap();
+    let log = logs.path().join("mount.log");
+    let debug = [("ZCIO_LOG", "debug")];
+    let m = Mounted::with_env(
+        srv.local_addr(),
+        &["--writeback-cache", "--log-file", log.to_str().unwrap()],
+        &debug,
+    );
+    let local = tempfile::tempdir().unwrap();
+    let src = local.path().join("src");
+    make_tree(&src, 300);
+    let (s, mp, ex) = (
+        src.display(),
+        m.dir.path().display(),
+        export.path().display(),
+    );
+    sh(&format!(
+        "cp -a {s} {mp}/cp && diff -r --no-dereference {s} {mp}/cp"
+    ));
+    // Pieces of 1000 bytes at odd offsets through O_WRONLY (dd conv=notrunc): the kernel
+    // must read the partly written pages, through a descriptor opened write-only.
+    let base: Vec<u8> = (0..200_000u32).map(|i| (i * 7 % 256) as u8).collect();
+    std::fs::write(local.path().join("base"), &base).unwrap();
+    sh(&format!("cp {}/base {mp}/w", local.path().display()));
+    let mut want = base.clone();
+    for (k, off) in [(1u8, 333usize), (2, 4095), (3, 150_001)] {
+        let piece = vec![k; 1000];
+        std::fs::write(local.path().join("piece"), &piece).unwrap();
+        sh(&format!(
+            "dd if={}/piece of={mp}/w bs=1 seek={off} conv=notrunc status=none",
+            local.path().display()
+        ));
+        want[off..off + 1000].copy_from_slice(&piece);
+    }
+    // Appends, placed by the kernel.
+    sh(&format!(
+        "printf abc >> {mp}/w && printf de >> {mp}/w && sync {mp}/w"
+    ));
+    want.extend_from_slice(b"abcde");
+    assert_eq!(std::fs::read(m.path("w")).unwrap(), want);
+    sh(&format!("sync {mp}/w"));
+    assert_eq!(std::fs::read(export.path().join("w")).unwrap(), want);
+    sh(&format!("sync && diff -r --no-dereference {s} {ex}/cp"));
+    assert!(is_mounted(m.dir.path()), "the background mount died");
+    let logged = std::fs::read_to_string(&log).unwrap();
+    assert!(logged.contains("request"), "nothing logged: {logged:?}");
+    m.umount();
+
+    // No log file: silent, and alive after many requests that would have logged.
+    let m = Mounted::with_env(srv.local_addr(), &[], &debug);
+    sh(&format!(
+        "cp -a {s} {}/cp2 && diff -r {s} {}/cp2",
+        m.dir.path().display(),
+        m.dir.path().display()
+    ));
+    assert!(is_mounted(m.dir.path()), "the silent background mount died");
     m.umount();
     srv.shutdown();
 }
