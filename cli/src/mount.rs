@@ -41,6 +41,16 @@
 //! (a few zcio requests however many entries), and each entry the kernel is handed counts
 //! as a lookup, so `ls -l` costs no request per entry.
 //!
+//! Server restarts: every operation goes through the client's reconnecting path
+//! (`zcio::client::reconnect`). When the connection is lost, the client redials with
+//! backoff, reopens the mount's open files by path, and sends again what is safe to repeat
+//! (reads, writes at an offset, attributes, setattr, fsync, listings, xattr reads); a
+//! program reading and writing through the mount sees nothing. An operation that is not
+//! safe to repeat (create, mkdir, unlink, rename, link, symlink, rmdir) fails with
+//! ENOTCONN when the connection drops under it. A server gone for good: each operation
+//! fails with ENOTCONN after `client.reconnect_give_up_ms`, and `zcio umount` works. The
+//! client's keepalive keeps an idle mount's connection open.
+//!
 //! A background mount (without `--foreground`) logs to `--log-file`, or nowhere: once it
 //! is ready, its standard output and error no longer lead to the terminal it started from.
 
@@ -170,7 +180,6 @@ pub(crate) fn run(args: MountArgs) -> AnyResult<()> {
             source: e,
         })?
         .ino;
-    let client_for_keepalive = client.clone();
     let mut fs = ZcioFs::new(client, root, args.direct_io, read_only);
     fs.writeback = args.writeback_cache;
     let mut opts = vec![
@@ -197,7 +206,6 @@ pub(crate) fn run(args: MountArgs) -> AnyResult<()> {
             path: args.mountpoint.clone(),
             source: e,
         })?;
-    keepalive(client_for_keepalive);
     if !args.direct_io {
         raise_readahead(&args.mountpoint);
     }
@@ -216,22 +224,6 @@ pub(crate) fn run(args: MountArgs) -> AnyResult<()> {
     }
     session.run()?;
     Ok(())
-}
-
-/// Keeps an idle mount's connection from being closed by the server's idle timeout
-/// (`server.idle_timeout`, 300 s by default): one small request a minute. (Reconnecting
-/// after a lost connection is the connection-lifecycle issue's; until then a mount whose
-/// connection is gone answers ENOTCONN/EIO and can be unmounted.)
-fn keepalive(client: Client) {
-    let _ = std::thread::Builder::new()
-        .name("zcio-keepalive".into())
-        .spawn(move || loop {
-            std::thread::sleep(Duration::from_secs(60));
-            if let Err(e) = client.getattr("", true) {
-                tracing::warn!("zcio mount: the connection to the server is gone: {e}");
-                return;
-            }
-        });
 }
 
 /// The kernel caps a FUSE mount's readahead at its default (128 KiB) whatever `init`
