@@ -279,6 +279,16 @@ pub enum Req {
         /// Directory handle.
         dh: u64,
     },
+    /// Next entries of a directory stream with their attributes ([`Resp::List`]; entries
+    /// as [`decode_dir_plus_entries`] payload), so a listing that needs every entry's
+    /// attributes (`ls -l`, FUSE readdirplus) costs a few requests, not one per entry.
+    /// Same cookie rules as [`Req::Readdir`]; the two may not be mixed on one stream.
+    Readdirplus {
+        /// Directory handle from [`Req::Opendir`].
+        dh: u64,
+        /// Entries already seen (0 to start).
+        cookie: u64,
+    },
 }
 
 /// Longest symlink target accepted (it travels in a header).
@@ -369,6 +379,7 @@ impl Req {
             Req::Opendir { .. } => 34,
             Req::Readdir { .. } => 35,
             Req::Releasedir { .. } => 36,
+            Req::Readdirplus { .. } => 37,
         }
     }
 
@@ -405,6 +416,7 @@ impl Req {
             Req::Opendir { .. } => "opendir",
             Req::Readdir { .. } => "readdir",
             Req::Releasedir { .. } => "releasedir",
+            Req::Readdirplus { .. } => "readdirplus",
         }
     }
 
@@ -516,7 +528,7 @@ impl Req {
                 w.str(path);
                 w.str(name);
             }
-            Req::Readdir { dh, cookie } => {
+            Req::Readdir { dh, cookie } | Req::Readdirplus { dh, cookie } => {
                 w.u64(*dh);
                 w.u64(*cookie);
             }
@@ -667,6 +679,10 @@ impl Req {
                 cookie: r.u64()?,
             },
             36 => Req::Releasedir { dh: r.u64()? },
+            37 => Req::Readdirplus {
+                dh: r.u64()?,
+                cookie: r.u64()?,
+            },
             op => return Err(Error::decode("request header", format!("unknown op {op}"))),
         };
         r.finish()?;
@@ -881,20 +897,7 @@ pub fn encode_ok_into(resp: &Resp, out: &mut Vec<u8>) {
             w.u8(u8::from(*done));
         }
         Resp::Ok => {}
-        Resp::Attr(a) => {
-            w.u64(a.ino);
-            w.u32(a.mode);
-            w.u32(a.nlink);
-            w.u32(a.uid);
-            w.u32(a.gid);
-            w.u32(a.rdev);
-            w.u32(a.blksize);
-            w.u64(a.size);
-            w.u64(a.blocks);
-            w.u64(a.atime_ns as u64);
-            w.u64(a.mtime_ns as u64);
-            w.u64(a.ctime_ns as u64);
-        }
+        Resp::Attr(a) => w.attr(a),
         Resp::Target(t) => w.str(t),
         Resp::Statfs(f) => {
             w.u64(f.blocks);
@@ -969,7 +972,7 @@ pub fn decode_reply(req: &Req, b: &[u8]) -> Result<Resp> {
             mode: r.u32()?,
             mtime_ns: r.u64()? as i64,
         }),
-        Req::List { .. } | Req::Readdir { .. } => Resp::List {
+        Req::List { .. } | Req::Readdir { .. } | Req::Readdirplus { .. } => Resp::List {
             count: r.u32()?,
             next_cookie: r.u64()?,
             done: r.bool()?,
@@ -978,20 +981,7 @@ pub fn decode_reply(req: &Req, b: &[u8]) -> Result<Resp> {
             fh: r.u64()?,
             size: r.u64()?,
         },
-        Req::Getattr { .. } | Req::Fgetattr { .. } | Req::Setattr(_) => Resp::Attr(Attr {
-            ino: r.u64()?,
-            mode: r.u32()?,
-            nlink: r.u32()?,
-            uid: r.u32()?,
-            gid: r.u32()?,
-            rdev: r.u32()?,
-            blksize: r.u32()?,
-            size: r.u64()?,
-            blocks: r.u64()?,
-            atime_ns: r.i64()?,
-            mtime_ns: r.i64()?,
-            ctime_ns: r.i64()?,
-        }),
+        Req::Getattr { .. } | Req::Fgetattr { .. } | Req::Setattr(_) => Resp::Attr(r.attr()?),
         Req::Readlink { .. } => Resp::Target(r.string(MAX_TARGET)?),
         Req::Statfs => Resp::Statfs(StatfsReply {
             blocks: r.u64()?,
@@ -1138,6 +1128,75 @@ pub fn decode_dir_entries(b: &[u8], count: u32) -> Result<Vec<DirStreamEntry>> {
     Ok(v)
 }
 
+/// Encoded length of [`Attr`] on the wire.
+pub const ATTR_LEN: usize = 72;
+
+/// One entry of a directory stream read with [`Req::Readdirplus`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DirPlusEntry {
+    /// The entry as [`Req::Readdir`] gives it.
+    pub entry: DirStreamEntry,
+    /// Its attributes as `lstat(2)` gives them on the server, or `None` when the server
+    /// could not stat it (the name is still listed; a lookup will tell why).
+    pub attr: Option<Attr>,
+}
+
+/// Appends one entry to a readdirplus payload:
+/// `ino u64, kind u8, has_attr u8, [attr], name (u16 + bytes)`.
+pub fn encode_dir_plus_entry(out: &mut Vec<u8>, e: &DirPlusEntry) {
+    let mut w = Writer(std::mem::take(out));
+    w.u64(e.entry.ino);
+    w.u8(e.entry.kind);
+    w.u8(u8::from(e.attr.is_some()));
+    if let Some(a) = &e.attr {
+        w.attr(a);
+    }
+    w.str(&e.entry.name);
+    *out = w.0;
+}
+
+/// Encoded length of a readdirplus entry.
+pub fn dir_plus_entry_len(e: &DirPlusEntry) -> usize {
+    dir_entry_len(&e.entry) + 1 + if e.attr.is_some() { ATTR_LEN } else { 0 }
+}
+
+/// Decodes `count` entries from a readdirplus payload.
+pub fn decode_dir_plus_entries(b: &[u8], count: u32) -> Result<Vec<DirPlusEntry>> {
+    const WHAT: &str = "directory stream with attributes";
+    let mut r = Reader::new(b, WHAT);
+    // Each entry takes at least 13 bytes (no attributes, a one-byte name).
+    if (count as usize).saturating_mul(13) > b.len() {
+        return Err(Error::decode(
+            WHAT,
+            format!("{count} entries cannot fit in {} bytes", b.len()),
+        ));
+    }
+    let mut v = Vec::with_capacity(count as usize);
+    for _ in 0..count {
+        let ino = r.u64()?;
+        let kind = r.u8()?;
+        let attr = if r.bool()? { Some(r.attr()?) } else { None };
+        let name = r.string(255)?;
+        if name.is_empty()
+            || name.contains('/')
+            || name.contains('\0')
+            || name == "."
+            || name == ".."
+        {
+            return Err(Error::decode(WHAT, format!("bad name {name:?}")));
+        }
+        if kind > 15 {
+            return Err(Error::decode(WHAT, format!("bad type {kind}")));
+        }
+        v.push(DirPlusEntry {
+            entry: DirStreamEntry { ino, kind, name },
+            attr,
+        });
+    }
+    r.finish()?;
+    Ok(v)
+}
+
 struct Writer(Vec<u8>);
 
 impl Writer {
@@ -1155,6 +1214,20 @@ impl Writer {
     }
     fn bytes(&mut self, b: &[u8]) {
         self.0.extend_from_slice(b);
+    }
+    fn attr(&mut self, a: &Attr) {
+        self.u64(a.ino);
+        self.u32(a.mode);
+        self.u32(a.nlink);
+        self.u32(a.uid);
+        self.u32(a.gid);
+        self.u32(a.rdev);
+        self.u32(a.blksize);
+        self.u64(a.size);
+        self.u64(a.blocks);
+        self.u64(a.atime_ns as u64);
+        self.u64(a.mtime_ns as u64);
+        self.u64(a.ctime_ns as u64);
     }
     fn str(&mut self, s: &str) {
         // Callers keep strings under MAX_PATH (checked by `Reader::path` on the far side);
@@ -1244,6 +1317,22 @@ impl<'a> Reader<'a> {
             return Err(Error::decode(self.what, "bad extended attribute name"));
         }
         Ok(n)
+    }
+    fn attr(&mut self) -> Result<Attr> {
+        Ok(Attr {
+            ino: self.u64()?,
+            mode: self.u32()?,
+            nlink: self.u32()?,
+            uid: self.u32()?,
+            gid: self.u32()?,
+            rdev: self.u32()?,
+            blksize: self.u32()?,
+            size: self.u64()?,
+            blocks: self.u64()?,
+            atime_ns: self.i64()?,
+            mtime_ns: self.i64()?,
+            ctime_ns: self.i64()?,
+        })
     }
     pub(crate) fn i64(&mut self) -> Result<i64> {
         Ok(self.u64()? as i64)
@@ -1389,6 +1478,7 @@ mod tests {
             Req::Opendir { path: "d".into() },
             Req::Readdir { dh: 9, cookie: 7 },
             Req::Releasedir { dh: 9 },
+            Req::Readdirplus { dh: 9, cookie: 3 },
         ]
     }
 
@@ -1527,6 +1617,14 @@ mod tests {
                     done: true,
                 },
             ),
+            (
+                Req::Readdirplus { dh: 3, cookie: 2 },
+                Resp::List {
+                    count: 1,
+                    next_cookie: 3,
+                    done: false,
+                },
+            ),
             (Req::Rmdir { path: "d".into() }, Resp::Ok),
         ];
         for (req, resp) in cases {
@@ -1578,6 +1676,59 @@ mod tests {
                 },
             );
             assert!(decode_dir_entries(&bad, 1).is_err(), "{kind} {name:?}");
+        }
+    }
+
+    #[test]
+    fn dir_plus_entries() {
+        let es = vec![
+            DirPlusEntry {
+                entry: DirStreamEntry {
+                    ino: 5,
+                    kind: 8,
+                    name: "f".into(),
+                },
+                attr: Some(Attr {
+                    ino: 5,
+                    mode: 0o100644,
+                    nlink: 1,
+                    size: 7,
+                    atime_ns: -3,
+                    ..Attr::default()
+                }),
+            },
+            DirPlusEntry {
+                entry: DirStreamEntry {
+                    ino: 6,
+                    kind: 4,
+                    name: "sub".into(),
+                },
+                attr: None,
+            },
+        ];
+        let mut b = Vec::new();
+        for e in &es {
+            encode_dir_plus_entry(&mut b, e);
+        }
+        assert_eq!(b.len(), es.iter().map(dir_plus_entry_len).sum::<usize>());
+        assert_eq!(decode_dir_plus_entries(&b, 2).unwrap(), es);
+        for n in 0..b.len() {
+            assert!(decode_dir_plus_entries(&b[..n], 2).is_err(), "{n}");
+        }
+        assert!(decode_dir_plus_entries(&b, 3).is_err());
+        assert!(decode_dir_plus_entries(&b, 1).is_err());
+        assert!(decode_dir_plus_entries(&b, u32::MAX).is_err());
+        // A has-attributes flag other than 0 or 1, a bad type or a bad name is refused.
+        let mut bad = b.clone();
+        bad[9] = 2;
+        assert!(decode_dir_plus_entries(&bad, 2).is_err());
+        for (kind, name) in [(8u8, ".."), (8, "a/b"), (16, "x"), (8, ""), (8, "a\0")] {
+            let mut bad = Vec::new();
+            let mut e = es[1].clone();
+            e.entry.kind = kind;
+            e.entry.name = name.into();
+            encode_dir_plus_entry(&mut bad, &e);
+            assert!(decode_dir_plus_entries(&bad, 1).is_err(), "{kind} {name:?}");
         }
     }
 

@@ -71,11 +71,16 @@ struct Mounted {
 
 impl Mounted {
     fn new(addr: &str, extra: &[&str]) -> Mounted {
+        Mounted::with_env(addr, extra, &[])
+    }
+
+    fn with_env(addr: &str, extra: &[&str], env: &[(&str, &str)]) -> Mounted {
         let dir = tempfile::Builder::new()
             .prefix("zcio-mnt-")
             .tempdir()
             .unwrap();
         let out = zcio()
+            .envs(env.iter().copied())
             .arg("mount")
             .arg(addr)
             .arg(dir.path())
@@ -455,8 +460,286 @@ fn big_requests_arrive_as_one() {
     srv.shutdown();
 }
 
-/// The server dies while a program reads: the program gets an error, not a hang, and
-/// `zcio umount` works afterwards. Bad addresses and tokens fail clearly, mounting nothing.
+/// `--writeback-cache`: a tree copied in and a file written in odd pieces through a
+/// write-only descriptor read back identical, through the mount and on the server's disk.
+/// The mount runs in the background at debug level, logging every request to its log file
+/// (a background mount once died at its first log line); one without a log file is silent
+/// and survives too.
+#[test]
+#[ignore = "needs root, /dev/fuse and the programs ci/setup installs; ci/test runs it"]
+fn writeback_cache_and_background_logging() {
+    let export = tempfile::tempdir().unwrap();
+    let srv = server(export.path());
+    let logs = tempfile::tempdir().unwrap();
+    let log = logs.path().join("mount.log");
+    let debug = [("ZCIO_LOG", "debug")];
+    let m = Mounted::with_env(
+        srv.local_addr(),
+        &["--writeback-cache", "--log-file", log.to_str().unwrap()],
+        &debug,
+    );
+    let local = tempfile::tempdir().unwrap();
+    let src = local.path().join("src");
+    make_tree(&src, 300);
+    let (s, mp, ex) = (
+        src.display(),
+        m.dir.path().display(),
+        export.path().display(),
+    );
+    sh(&format!(
+        "cp -a {s} {mp}/cp && diff -r --no-dereference {s} {mp}/cp"
+    ));
+    // Pieces of 1000 bytes at odd offsets through O_WRONLY (dd conv=notrunc): the kernel
+    // must read the partly written pages, through a descriptor opened write-only.
+    let base: Vec<u8> = (0..200_000u32).map(|i| (i * 7 % 256) as u8).collect();
+    std::fs::write(local.path().join("base"), &base).unwrap();
+    sh(&format!("cp {}/base {mp}/w", local.path().display()));
+    let mut want = base.clone();
+    for (k, off) in [(1u8, 333usize), (2, 4095), (3, 150_001)] {
+        let piece = vec![k; 1000];
+        std::fs::write(local.path().join("piece"), &piece).unwrap();
+        sh(&format!(
+            "dd if={}/piece of={mp}/w bs=1 seek={off} conv=notrunc status=none",
+            local.path().display()
+        ));
+        want[off..off + 1000].copy_from_slice(&piece);
+    }
+    // Appends, placed by the kernel.
+    sh(&format!(
+        "printf abc >> {mp}/w && printf de >> {mp}/w && sync {mp}/w"
+    ));
+    want.extend_from_slice(b"abcde");
+    assert_eq!(std::fs::read(m.path("w")).unwrap(), want);
+    sh(&format!("sync {mp}/w"));
+    assert_eq!(std::fs::read(export.path().join("w")).unwrap(), want);
+    sh(&format!("sync && diff -r --no-dereference {s} {ex}/cp"));
+    assert!(is_mounted(m.dir.path()), "the background mount died");
+    let logged = std::fs::read_to_string(&log).unwrap();
+    assert!(logged.contains("request"), "nothing logged: {logged:?}");
+    m.umount();
+
+    // No log file: silent, and alive after many requests that would have logged.
+    let m = Mounted::with_env(srv.local_addr(), &[], &debug);
+    sh(&format!(
+        "cp -a {s} {}/cp2 && diff -r {s} {}/cp2",
+        m.dir.path().display(),
+        m.dir.path().display()
+    ));
+    assert!(is_mounted(m.dir.path()), "the silent background mount died");
+    m.umount();
+    srv.shutdown();
+}
+
+/// `ls -ln` of a 3000-entry directory: readdirplus brings every entry's attributes in the
+/// listing, so the server sees a handful of requests (not a lookup per entry), and the
+/// listing is what the server's disk says.
+#[test]
+#[ignore = "needs root, /dev/fuse and the programs ci/setup installs; ci/test runs it"]
+fn ls_of_a_big_directory_is_a_few_requests() {
+    let export = tempfile::tempdir().unwrap();
+    let big = export.path().join("big");
+    std::fs::create_dir(&big).unwrap();
+    for i in 0..3000 {
+        std::fs::write(big.join(format!("entry-{i:05}")), vec![1u8; i % 300]).unwrap();
+    }
+    std::fs::create_dir(big.join("sub")).unwrap();
+    std::os::unix::fs::symlink("entry-00001", big.join("link")).unwrap();
+    let srv = server(export.path());
+    let st = srv.stats();
+    let m = Mounted::new(srv.local_addr(), &[]);
+    let ls = |dir: &Path| sh(&format!("ls -ln --time-style=full-iso {}", dir.display()));
+    let before = st.requests.load(Ordering::Relaxed);
+    let listed = ls(&m.path("big"));
+    let used = st.requests.load(Ordering::Relaxed) - before;
+    assert_eq!(listed.lines().count(), 3003, "total line and 3002 entries");
+    assert_eq!(
+        listed,
+        ls(&big),
+        "the mount's listing differs from the server's"
+    );
+    assert!(used < 30, "ls -ln of 3002 entries took {used} requests");
+    // The entries are usable afterwards (the kernel holds references from the listing).
+    assert_eq!(
+        std::fs::read(m.path("big/entry-00299")).unwrap(),
+        vec![1u8; 299]
+    );
+    assert_eq!(
+        std::fs::read_link(m.path("big/link")).unwrap(),
+        Path::new("entry-00001")
+    );
+    m.umount();
+    srv.shutdown();
+}
+
+/// Starts `zcio serve` on `addr` for `export` and waits until it listens.
+fn serve_at(addr: &str, export: &Path) -> Child {
+    let c = zcio()
+        .args(["serve", "--listen", addr, "--export"])
+        .arg(export)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_until("zcio serve to listen", Duration::from_secs(60), || {
+        std::net::TcpStream::connect(addr).is_ok()
+    });
+    c
+}
+
+fn free_port_addr() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    format!("127.0.0.1:{}", l.local_addr().unwrap().port())
+}
+
+/// A program reading one file and writing another through the mount (threads of this
+/// test, on descriptors opened before) while the server is SIGKILLed and restarted on
+/// the same port, then SIGTERMed and restarted: no call fails, every byte read is right,
+/// and the written file on the server's disk is byte-identical to what was written.
+#[test]
+#[ignore = "needs root, /dev/fuse and the programs ci/setup installs; ci/test runs it"]
+fn mount_survives_server_restarts() {
+    use std::os::unix::fs::FileExt;
+    use std::sync::atomic::{AtomicBool, AtomicU64};
+    use std::sync::Arc;
+    const BLOCK: usize = 64 << 10;
+    const BLOCKS: usize = 64;
+    let export = tempfile::tempdir().unwrap();
+    let data: Vec<u8> = (0..(BLOCK * BLOCKS) as u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
+        .collect();
+    std::fs::write(export.path().join("f"), &data).unwrap();
+    std::fs::write(export.path().join("out"), b"").unwrap();
+    let addr = free_port_addr();
+    let mut serve = serve_at(&addr, export.path());
+    let logs = tempfile::tempdir().unwrap();
+    let log = logs.path().join("mount.log");
+    let m = Mounted::new(
+        &addr,
+        &[
+            "--direct-io",
+            "--set",
+            "client.reconnect_give_up_ms=60000",
+            "--log-file",
+            log.to_str().unwrap(),
+        ],
+    );
+    let reader = std::fs::File::open(m.path("f")).unwrap();
+    let writer = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(m.path("out"))
+        .unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new((AtomicU64::new(0), AtomicU64::new(0)));
+    let read_thread = {
+        let (stop, done, data) = (stop.clone(), done.clone(), data.clone());
+        let (fpath, root) = (m.path("f"), m.path(""));
+        std::thread::spawn(move || -> Result<(), String> {
+            let mut buf = vec![0u8; BLOCK];
+            let mut k = 0usize;
+            while !stop.load(Ordering::Relaxed) {
+                let off = (k % BLOCKS) * BLOCK;
+                reader
+                    .read_exact_at(&mut buf, off as u64)
+                    .map_err(|e| format!("read of block {k}: {e}"))?;
+                if buf[..] != data[off..off + BLOCK] {
+                    return Err(format!("block {k} read wrong"));
+                }
+                // Metadata too (no attribute cache with --direct-io): a lookup and a
+                // getattr, and a listing (opendir, readdirplus) now and then.
+                let len = std::fs::metadata(&fpath)
+                    .map_err(|e| format!("stat after block {k}: {e}"))?
+                    .len();
+                if len != data.len() as u64 {
+                    return Err(format!("stat says {len} bytes"));
+                }
+                if k % 8 == 0 {
+                    let n = std::fs::read_dir(&root)
+                        .and_then(|d| d.collect::<Result<Vec<_>, _>>())
+                        .map_err(|e| format!("listing after block {k}: {e}"))?
+                        .len();
+                    if n != 2 {
+                        return Err(format!("listing has {n} entries"));
+                    }
+                }
+                k += 1;
+                done.0.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(())
+        })
+    };
+    let write_thread = {
+        let (stop, done) = (stop.clone(), done.clone());
+        std::thread::spawn(move || -> Result<Vec<u8>, String> {
+            let mut image = vec![0u8; BLOCK * BLOCKS];
+            let mut back = vec![0u8; BLOCK];
+            let mut k = 0usize;
+            while !stop.load(Ordering::Relaxed) {
+                let off = (k % BLOCKS) * BLOCK;
+                let block: Vec<u8> = (0..BLOCK).map(|i| (i + 7 * k) as u8).collect();
+                writer
+                    .write_all_at(&block, off as u64)
+                    .map_err(|e| format!("write of block {k}: {e}"))?;
+                writer
+                    .read_exact_at(&mut back, off as u64)
+                    .map_err(|e| format!("read back of block {k}: {e}"))?;
+                if back != block {
+                    return Err(format!("block {k} read back wrong"));
+                }
+                image[off..off + BLOCK].copy_from_slice(&block);
+                k += 1;
+                done.1.fetch_add(1, Ordering::Relaxed);
+            }
+            writer.sync_all().map_err(|e| format!("fsync: {e}"))?;
+            Ok(image)
+        })
+    };
+    // Both make progress (again) past `n` more operations each.
+    let progress = |what: &str, n: u64| {
+        let (r0, w0) = (
+            done.0.load(Ordering::Relaxed),
+            done.1.load(Ordering::Relaxed),
+        );
+        wait_until(what, Duration::from_secs(120), || {
+            read_thread.is_finished()
+                || write_thread.is_finished()
+                || (done.0.load(Ordering::Relaxed) >= r0 + n
+                    && done.1.load(Ordering::Relaxed) >= w0 + n)
+        });
+    };
+    progress("reads and writes before any restart", 50);
+    serve.kill().unwrap();
+    serve.wait().unwrap();
+    serve = serve_at(&addr, export.path());
+    progress("reads and writes after a SIGKILL and restart", 50);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(serve.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    assert!(serve.wait().unwrap().success(), "zcio serve after SIGTERM");
+    serve = serve_at(&addr, export.path());
+    progress("reads and writes after a SIGTERM and restart", 50);
+    stop.store(true, Ordering::Relaxed);
+    let r = read_thread.join().unwrap();
+    let w = write_thread.join().unwrap();
+    assert_eq!(r, Ok(()), "the reader");
+    let image = w.expect("the writer");
+    assert_eq!(
+        std::fs::read(export.path().join("out")).unwrap(),
+        image,
+        "the written file on the server's disk"
+    );
+    let logged = std::fs::read_to_string(&log).unwrap();
+    assert!(logged.contains("reconnected"), "mount log: {logged}");
+    m.umount();
+    serve.kill().unwrap();
+    serve.wait().unwrap();
+}
+
+/// The server dies for good while a program reads: the mount tries to reconnect for
+/// `client.reconnect_give_up_ms` (2 s here), then the program gets an error, not a hang,
+/// and `zcio umount` works afterwards. Bad addresses and tokens fail clearly, mounting nothing.
 #[test]
 #[ignore = "needs root, /dev/fuse and the programs ci/setup installs; ci/test runs it"]
 fn failures_are_clear_and_leave_nothing_mounted() {
@@ -501,7 +784,16 @@ fn failures_are_clear_and_leave_nothing_mounted() {
     assert!(e.contains("not an existing directory"), "{e}");
 
     let out = zcio()
-        .args(["mount", &addr, m, "--direct-io", "--token", "s3cret"])
+        .args([
+            "mount",
+            &addr,
+            m,
+            "--direct-io",
+            "--token",
+            "s3cret",
+            "--set",
+            "client.reconnect_give_up_ms=2000",
+        ])
         .output()
         .unwrap();
     assert!(

@@ -13,8 +13,9 @@ use std::net::Ipv6Addr;
 use std::path::Path;
 
 use zcio::proto::{
-    encode_dir_entry, encode_dirent, encode_err, encode_ok, Attr, DirEntry, DirStreamEntry,
-    HelloReply, OpenFlags, Req, Resp, SetattrReq, Stat, StatfsReply, MAC_LEN, NONCE_LEN, VERSION,
+    encode_dir_entry, encode_dir_plus_entry, encode_dirent, encode_err, encode_ok, Attr, DirEntry,
+    DirPlusEntry, DirStreamEntry, HelloReply, OpenFlags, Req, Resp, SetattrReq, Stat, StatfsReply,
+    MAC_LEN, NONCE_LEN, VERSION,
 };
 use zcio::transport::Limits;
 use zcio_rdma::transport::bootstrap::{Hello as BootHello, Role};
@@ -234,6 +235,14 @@ fn fs_ops() -> Vec<(Req, Resp)> {
             },
         ),
         (Req::Releasedir { dh: 2 }, Resp::Ok),
+        (
+            Req::Readdirplus { dh: 2, cookie: 0 },
+            Resp::List {
+                count: 2,
+                next_cookie: 2,
+                done: true,
+            },
+        ),
     ]
 }
 
@@ -291,6 +300,38 @@ fn main() {
         );
     }
     write("proto_reply", "dir-entries", &b);
+    // A readdirplus payload: selector (readdirplus), count, one entry with attributes and
+    // one without.
+    let mut b = vec![30u8];
+    b.extend(2u32.to_le_bytes());
+    for (ino, kind, name, attr) in [
+        (
+            12u64,
+            8u8,
+            "a.txt",
+            Some(Attr {
+                ino: 12,
+                mode: 0o100644,
+                nlink: 1,
+                size: 5,
+                ..Attr::default()
+            }),
+        ),
+        (13, 4, "sub", None),
+    ] {
+        encode_dir_plus_entry(
+            &mut b,
+            &DirPlusEntry {
+                entry: DirStreamEntry {
+                    ino,
+                    kind,
+                    name: name.into(),
+                },
+                attr,
+            },
+        );
+    }
+    write("proto_reply", "dir-plus-entries", &b);
 
     // tcp_frame: selector (bit 0: 0 = request, 1 = reply; bits 1..=2: limits preset), then
     // a handshake and/or frames.

@@ -1,6 +1,6 @@
 //! Reply decoding as a client does it: `zcio::proto::decode_reply` (whose shape depends on
 //! the request it answers), `zcio::proto::decode_dirents` (a listing payload) and
-//! `zcio::proto::decode_dir_entries` (a directory stream payload).
+//! `zcio::proto::decode_dir_entries` and `decode_dir_plus_entries` (directory stream payloads).
 //!
 //! Input layout: `op selector u8 | rest`. The selector picks one representative request
 //! per op (`selector % 30`: the 13 first ops, then the mount's 17); `rest` is the reply
@@ -13,8 +13,8 @@
 
 use libfuzzer_sys::fuzz_target;
 use zcio::proto::{
-    decode_dir_entries, decode_dirents, decode_reply, OpenFlags, Req, SetattrReq, MAC_LEN,
-    NONCE_LEN,
+    decode_dir_entries, decode_dir_plus_entries, decode_dirents, decode_reply, OpenFlags, Req,
+    SetattrReq, MAC_LEN, NONCE_LEN,
 };
 
 /// One request of each op, in op order (1 = hello ... 13 = mkdir, 20 = getattr ... 36 =
@@ -103,7 +103,8 @@ fn request(selector: u8) -> Req {
         },
         27 => Req::Opendir { path: "d".into() },
         28 => Req::Readdir { dh: 1, cookie: 0 },
-        _ => Req::Releasedir { dh: 1 },
+        29 => Req::Releasedir { dh: 1 },
+        _ => Req::Readdirplus { dh: 1, cookie: 0 },
     }
 }
 
@@ -119,5 +120,6 @@ fuzz_target!(|data: &[u8]| {
         let count = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]);
         let _ = decode_dirents(&rest[4..], count);
         let _ = decode_dir_entries(&rest[4..], count);
+        let _ = decode_dir_plus_entries(&rest[4..], count);
     }
 });

@@ -7,7 +7,8 @@ use std::ptr::NonNull;
 use super::{check_path, Client, File};
 use crate::error::{Error, Result};
 use crate::proto::{
-    self, Attr, DirStreamEntry, Req, Resp, SetattrReq, StatfsReply, MAX_TARGET, MAX_XATTR_VALUE,
+    self, Attr, DirPlusEntry, DirStreamEntry, Req, Resp, SetattrReq, StatfsReply, MAX_TARGET,
+    MAX_XATTR_VALUE,
 };
 use crate::transport::{RawSeg, RecvSeg, SendSeg};
 
@@ -16,17 +17,26 @@ fn unexpected<T>(what: &'static str, r: Resp) -> Result<T> {
 }
 
 impl Client {
-    fn call_ok(&self, req: &Req) -> Result<()> {
-        self.call_simple(req).map(drop)
+    /// Sends `req` (no payload), reconnecting and sending it again when the connection is
+    /// lost if it is `idempotent` (see [`Client::retrying`]).
+    fn call_again(&self, idempotent: bool, req: &Req) -> Result<Resp> {
+        self.retrying(req.name(), idempotent, || self.call_simple(req))
+    }
+
+    fn call_ok(&self, idempotent: bool, req: &Req) -> Result<()> {
+        self.call_again(idempotent, req).map(drop)
     }
 
     /// Complete attributes of `path` (a symlink itself unless `follow`).
     pub fn getattr(&self, path: &str, follow: bool) -> Result<Attr> {
         check_path(path)?;
-        match self.call_simple(&Req::Getattr {
-            path: path.into(),
-            follow,
-        })? {
+        match self.call_again(
+            true,
+            &Req::Getattr {
+                path: path.into(),
+                follow,
+            },
+        )? {
             Resp::Attr(a) => Ok(a),
             r => unexpected("getattr reply", r),
         }
@@ -35,7 +45,8 @@ impl Client {
     /// Changes attributes (the `SET_*` bits of `a.valid` say which); returns the new ones.
     pub fn setattr(&self, a: &SetattrReq) -> Result<Attr> {
         check_path(&a.path)?;
-        match self.call_simple(&Req::Setattr(a.clone()))? {
+        // Setting values again is harmless ("now" becomes a later now).
+        match self.call_again(true, &Req::Setattr(a.clone()))? {
             Resp::Attr(a) => Ok(a),
             r => unexpected("setattr reply", r),
         }
@@ -44,27 +55,33 @@ impl Client {
     /// Creates a directory with the given permission bits.
     pub fn mkdir_mode(&self, path: &str, mode: u32) -> Result<()> {
         check_path(path)?;
-        self.call_ok(&Req::Mkdir {
-            path: path.into(),
-            mode: mode & 0o7777,
-        })
+        self.call_ok(
+            false,
+            &Req::Mkdir {
+                path: path.into(),
+                mode: mode & 0o7777,
+            },
+        )
     }
 
     /// Renames `from` to `to`; `flags` is 0, [`proto::RENAME_NOREPLACE`] or
     /// [`proto::RENAME_EXCHANGE`].
     pub fn rename(&self, from: &str, to: &str, flags: u32) -> Result<()> {
         check_two(from, to)?;
-        self.call_ok(&Req::Rename {
-            from: from.into(),
-            to: to.into(),
-            flags,
-        })
+        self.call_ok(
+            false,
+            &Req::Rename {
+                from: from.into(),
+                to: to.into(),
+                flags,
+            },
+        )
     }
 
     /// Removes an empty directory.
     pub fn rmdir(&self, path: &str) -> Result<()> {
         check_path(path)?;
-        self.call_ok(&Req::Rmdir { path: path.into() })
+        self.call_ok(false, &Req::Rmdir { path: path.into() })
     }
 
     /// Creates a symlink at `path` with content `target` (stored as written).
@@ -75,16 +92,19 @@ impl Client {
             )));
         }
         check_two(target, path)?;
-        self.call_ok(&Req::Symlink {
-            target: target.into(),
-            path: path.into(),
-        })
+        self.call_ok(
+            false,
+            &Req::Symlink {
+                target: target.into(),
+                path: path.into(),
+            },
+        )
     }
 
     /// A symlink's target, as written.
     pub fn readlink(&self, path: &str) -> Result<String> {
         check_path(path)?;
-        match self.call_simple(&Req::Readlink { path: path.into() })? {
+        match self.call_again(true, &Req::Readlink { path: path.into() })? {
             Resp::Target(t) => Ok(t),
             r => unexpected("readlink reply", r),
         }
@@ -93,15 +113,18 @@ impl Client {
     /// Creates the hard link `to` for `from`.
     pub fn link(&self, from: &str, to: &str) -> Result<()> {
         check_two(from, to)?;
-        self.call_ok(&Req::Link {
-            from: from.into(),
-            to: to.into(),
-        })
+        self.call_ok(
+            false,
+            &Req::Link {
+                from: from.into(),
+                to: to.into(),
+            },
+        )
     }
 
     /// File system statistics of the export.
     pub fn statfs(&self) -> Result<StatfsReply> {
-        match self.call_simple(&Req::Statfs)? {
+        match self.call_again(true, &Req::Statfs)? {
             Resp::Statfs(s) => Ok(s),
             r => unexpected("statfs reply", r),
         }
@@ -121,19 +144,26 @@ impl Client {
             name: name.into(),
             flags,
         };
-        let send = match NonNull::new(value.as_ptr().cast_mut()) {
-            Some(p) if !value.is_empty() => {
-                // SAFETY: `value` is borrowed for this whole call, which waits for the
-                // reply; the transport only reads send segments.
-                vec![SendSeg::Raw(unsafe { RawSeg::new(p, value.len()) })]
-            }
-            _ => Vec::new(),
-        };
-        let reply = self.start(&req, send, Vec::new())?.wait()?;
-        proto::decode_reply(&req, &reply.header).map(drop)
+        // Setting a value again is harmless; creating or replacing only may not be.
+        self.retrying("setxattr", flags == 0, || {
+            let send = match NonNull::new(value.as_ptr().cast_mut()) {
+                Some(p) if !value.is_empty() => {
+                    // SAFETY: `value` is borrowed for this whole call, which waits for the
+                    // reply; the transport only reads send segments.
+                    vec![SendSeg::Raw(unsafe { RawSeg::new(p, value.len()) })]
+                }
+                _ => Vec::new(),
+            };
+            let reply = self.start(&req, send, Vec::new())?.wait()?;
+            proto::decode_reply(&req, &reply.header).map(drop)
+        })
     }
 
     fn xattr_call(&self, req: Req, cap: usize) -> Result<std::result::Result<Vec<u8>, usize>> {
+        self.retrying(req.name(), true, || self.xattr_once(&req, cap))
+    }
+
+    fn xattr_once(&self, req: &Req, cap: usize) -> Result<std::result::Result<Vec<u8>, usize>> {
         let recv = if cap > 0 {
             vec![RecvSeg::Pool(
                 self.inner.pool.get(cap.min(MAX_XATTR_VALUE))?,
@@ -141,8 +171,8 @@ impl Client {
         } else {
             Vec::new()
         };
-        let reply = self.start(&req, Vec::new(), recv)?.wait()?;
-        match proto::decode_reply(&req, &reply.header)? {
+        let reply = self.start(req, Vec::new(), recv)?.wait()?;
+        match proto::decode_reply(req, &reply.header)? {
             Resp::Xattr { len, fits: false } => Ok(Err(len as usize)),
             Resp::Xattr { len, fits: true } => {
                 if len == 0 {
@@ -194,16 +224,23 @@ impl Client {
     pub fn removexattr(&self, path: &str, name: &str) -> Result<()> {
         check_path(path)?;
         check_xattr_name(name)?;
-        self.call_ok(&Req::Removexattr {
-            path: path.into(),
-            name: name.into(),
-        })
+        self.call_ok(
+            false,
+            &Req::Removexattr {
+                path: path.into(),
+                name: name.into(),
+            },
+        )
     }
 
     /// Opens a directory stream; read it with [`Client::readdir`], close it with
     /// [`Client::releasedir`].
     pub fn opendir(&self, path: &str) -> Result<u64> {
         check_path(path)?;
+        self.opendir_once(path)
+    }
+
+    fn opendir_once(&self, path: &str) -> Result<u64> {
         match self.call_simple(&Req::Opendir { path: path.into() })? {
             Resp::Open { fh, .. } => Ok(fh),
             r => unexpected("opendir reply", r),
@@ -242,9 +279,94 @@ impl Client {
         Ok((proto::decode_dir_entries(&b[..n], count)?, next, done))
     }
 
+    /// [`Client::readdir`] with each entry's attributes ([`Req::Readdirplus`]): a listing
+    /// that needs them costs a few requests instead of one per entry.
+    pub fn readdirplus(
+        &self,
+        dh: u64,
+        cookie: u64,
+        max_bytes: usize,
+    ) -> Result<(Vec<DirPlusEntry>, u64, bool)> {
+        let req = Req::Readdirplus { dh, cookie };
+        let (payload, count, next, done) = self.dir_page(&req, max_bytes)?;
+        Ok((
+            proto::decode_dir_plus_entries(&payload[..], count)?,
+            next,
+            done,
+        ))
+    }
+
+    /// Sends a directory page request and returns its payload, count, next cookie and
+    /// whether the stream is done.
+    fn dir_page(
+        &self,
+        req: &Req,
+        max_bytes: usize,
+    ) -> Result<(crate::pool::Iobuf, u32, u64, bool)> {
+        let size = max_bytes.clamp(4096, self.inner.limits.max_payload);
+        let buf = self.inner.pool.get(size)?;
+        let reply = self
+            .start(req, Vec::new(), vec![RecvSeg::Pool(buf)])?
+            .wait()?;
+        let (count, next, done) = match proto::decode_reply(req, &reply.header)? {
+            Resp::List {
+                count,
+                next_cookie,
+                done,
+            } => (count, next_cookie, done),
+            r => return unexpected("directory page reply", r),
+        };
+        let Some(RecvSeg::Pool(mut b)) = reply.recv.into_iter().next() else {
+            return Err(Error::decode(
+                "directory page reply",
+                "receive buffer not returned",
+            ));
+        };
+        let n = reply.payload_len.min(b.len());
+        b.set_len(n);
+        Ok((b.freeze(), count, next, done))
+    }
+
+    /// Every entry of the directory at `path` with its attributes, through one stream
+    /// (opendir, readdirplus pages of up to 256 KiB, releasedir). Safe to repeat, so it is
+    /// retried as a whole after a reconnect (a directory handle does not survive one).
+    pub fn read_dir_plus(&self, path: &str) -> Result<Vec<DirPlusEntry>> {
+        check_path(path)?;
+        self.retrying("readdirplus", true, || {
+            let gen = self.inner.link.gen();
+            let dh = self.opendir_once(path)?;
+            let mut out = Vec::new();
+            let mut cookie = 0;
+            let r = loop {
+                match self.readdirplus(dh, cookie, 256 << 10) {
+                    Ok((es, next, done)) => {
+                        out.extend(es);
+                        if done || next <= cookie {
+                            break Ok(());
+                        }
+                        cookie = next;
+                    }
+                    Err(e) => break Err(e),
+                }
+            };
+            r?;
+            if self.inner.link.gen() != gen {
+                // Reconnected meanwhile (another caller noticed): `dh` named a stream on
+                // the old connection, so the pages may not be ours. Read it again.
+                return Err(Error::ConnectionClosed(
+                    "reconnected while reading a directory".into(),
+                ));
+            }
+            // A close that fails leaves a stream open on the server until the connection
+            // ends; the listing itself is complete.
+            let _ = self.releasedir(dh);
+            Ok(out)
+        })
+    }
+
     /// Closes a directory stream.
     pub fn releasedir(&self, dh: u64) -> Result<()> {
-        self.call_ok(&Req::Releasedir { dh })
+        self.call_ok(false, &Req::Releasedir { dh })
     }
 
     /// Every entry of a directory, through one stream (O(entries) on the server).
@@ -272,38 +394,54 @@ impl Client {
 impl File {
     /// Complete attributes of the open file.
     pub fn getattr(&self) -> Result<Attr> {
-        match self.client.call_simple(&Req::Fgetattr {
-            fh: self.state.fh()?,
-        })? {
-            Resp::Attr(a) => Ok(a),
-            r => unexpected("fgetattr reply", r),
-        }
+        self.client.retrying("fgetattr", true, || {
+            match self.client.call_simple(&Req::Fgetattr {
+                fh: self.state.fh()?,
+            })? {
+                Resp::Attr(a) => Ok(a),
+                r => unexpected("fgetattr reply", r),
+            }
+        })
     }
 
     /// Changes attributes through this handle (`a.path` is ignored; truncation needs the
     /// file open for writing).
     pub fn setattr(&self, a: &SetattrReq) -> Result<Attr> {
         let mut a = a.clone();
-        a.fh = self.state.fh()?;
-        self.client.setattr(&a)
+        self.client.retrying("setattr", true, || {
+            a.fh = self.state.fh()?;
+            match self.client.call_simple(&Req::Setattr(a.clone()))? {
+                Resp::Attr(a) => Ok(a),
+                r => unexpected("setattr reply", r),
+            }
+        })
     }
 
     /// Flushes the file's data (and only the metadata needed to read it back).
     pub fn fdatasync(&self) -> Result<()> {
-        self.client.call_ok(&Req::Fsync {
-            fh: self.state.fh()?,
-            datasync: true,
+        self.client.retrying("fdatasync", true, || {
+            self.client
+                .call_simple(&Req::Fsync {
+                    fh: self.state.fh()?,
+                    datasync: true,
+                })
+                .map(drop)
         })
     }
 
     /// `fallocate(2)` on the file (mode 0 allocates; FALLOC_FL_* bits as the server's
     /// file system allows).
     pub fn fallocate(&self, mode: u32, offset: u64, len: u64) -> Result<()> {
-        self.client.call_ok(&Req::Fallocate {
-            fh: self.state.fh()?,
-            mode,
-            offset,
-            len,
+        // Allocating, punching or zeroing the same range again ends the same.
+        self.client.retrying("fallocate", true, || {
+            self.client
+                .call_simple(&Req::Fallocate {
+                    fh: self.state.fh()?,
+                    mode,
+                    offset,
+                    len,
+                })
+                .map(drop)
         })
     }
 }

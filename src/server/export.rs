@@ -343,7 +343,7 @@ impl Export {
 use nix::sys::stat::{utimensat, UtimensatFlags};
 use nix::sys::time::TimeSpec;
 
-use crate::proto::{Attr, DirStreamEntry, SetattrReq, StatfsReply};
+use crate::proto::{Attr, DirPlusEntry, DirStreamEntry, SetattrReq, StatfsReply};
 
 pub(crate) fn to_attr(st: &FileStat) -> Attr {
     let ns = |s: i64, n: i64| s.saturating_mul(1_000_000_000).saturating_add(n);
@@ -384,6 +384,8 @@ fn timespec(ns: i64) -> TimeSpec {
 pub(crate) struct DirStream {
     path: String,
     iter: nix::dir::OwningIter,
+    /// The directory again, for `fstatat` of its entries (readdirplus).
+    fd: OwnedFd,
     /// Entries handed out so far (the cookie that continues the stream).
     pos: u64,
     /// An entry read but not sent (it did not fit in the last page).
@@ -689,10 +691,12 @@ impl Export {
     /// Opens a directory stream.
     pub(crate) fn opendir(&self, path: &str) -> Result<DirStream, OpError> {
         let fd = self.resolve(path, OFlag::O_RDONLY | OFlag::O_DIRECTORY, 0, "opendir")?;
+        let again = fd.try_clone().map_err(|e| io_err(e, "opendir", path))?;
         let dir = nix::dir::Dir::from_fd(fd).map_err(|e| OpError::errno(e, "opendir", path))?;
         Ok(DirStream {
             path: path.to_string(),
             iter: dir.into_iter(),
+            fd: again,
             pos: 0,
             held: None,
         })
@@ -707,6 +711,47 @@ impl Export {
         cookie: u64,
         budget: usize,
     ) -> Result<(Vec<DirStreamEntry>, bool), OpError> {
+        self.stream(ds, cookie, budget, |_, e| e, crate::proto::dir_entry_len)
+    }
+
+    /// [`Export::readdir`] with each entry's attributes (`fstatat` beneath the directory,
+    /// not following a symlink: one component, so it cannot leave the export). An entry
+    /// that cannot be stat'ed (removed meanwhile, no search permission) is listed without
+    /// attributes.
+    pub(crate) fn readdirplus(
+        &self,
+        ds: &mut DirStream,
+        cookie: u64,
+        budget: usize,
+    ) -> Result<(Vec<DirPlusEntry>, bool), OpError> {
+        self.stream(
+            ds,
+            cookie,
+            budget,
+            |fd, entry| {
+                let attr = fstatat(
+                    fd,
+                    entry.name.as_str(),
+                    nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+                )
+                .ok()
+                .map(|st| to_attr(&st));
+                DirPlusEntry { entry, attr }
+            },
+            crate::proto::dir_plus_entry_len,
+        )
+    }
+
+    /// The next entries of a stream from `cookie`, each made into a `T` by `make` and
+    /// as many as fit in `budget` bytes by `len`.
+    fn stream<T>(
+        &self,
+        ds: &mut DirStream,
+        cookie: u64,
+        budget: usize,
+        make: impl Fn(&OwnedFd, DirStreamEntry) -> T,
+        len: impl Fn(&T) -> usize,
+    ) -> Result<(Vec<T>, bool), OpError> {
         if cookie != ds.pos {
             let path = ds.path.clone();
             *ds = self.opendir(&path)?;
@@ -727,7 +772,8 @@ impl Export {
                     None => return Ok((out, true)),
                 },
             };
-            let n = crate::proto::dir_entry_len(&e);
+            let t = make(&ds.fd, e.clone());
+            let n = len(&t);
             if used + n > budget {
                 if out.is_empty() {
                     return Err(OpError::new(
@@ -740,7 +786,7 @@ impl Export {
             }
             used += n;
             ds.pos += 1;
-            out.push(e);
+            out.push(t);
         }
     }
 }

@@ -191,6 +191,23 @@ pub(super) fn execute(conn: &Conn, req: &Req, inc: &Incoming) -> Served {
                 payload(conn, &bytes)?,
             ))
         }
+        Req::Readdirplus { dh, cookie } => {
+            let ds = dir(conn, *dh)?;
+            let budget = reply_budget(conn, inc);
+            let (entries, done) = export.readdirplus(&mut lock(&ds), *cookie, budget)?;
+            let mut bytes = Vec::with_capacity(budget.min(64 << 10));
+            for e in &entries {
+                proto::encode_dir_plus_entry(&mut bytes, e);
+            }
+            Ok((
+                Resp::List {
+                    count: entries.len() as u32,
+                    next_cookie: cookie + entries.len() as u64,
+                    done,
+                },
+                payload(conn, &bytes)?,
+            ))
+        }
         Req::Releasedir { dh } => {
             if lock(&conn.dirs).remove(dh).is_none() {
                 return Err(OpError::new(
