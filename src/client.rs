@@ -658,7 +658,9 @@ impl File {
             ),
         };
         let groups: smallvec::SmallVec<[&[Piece]; 1]> = if plan.is_empty() {
-            std::iter::once(&one[..]).filter(|g| !g.is_empty()).collect()
+            std::iter::once(&one[..])
+                .filter(|g| !g.is_empty())
+                .collect()
         } else {
             plan.iter().map(Vec::as_slice).collect()
         };

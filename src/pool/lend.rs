@@ -253,8 +253,10 @@ mod tests {
         let data = vec![1u8; 8];
         let iov = [IoSlice::new(&data)];
         let lent = Lent::for_writing(&iov);
-        let _ = lent.run(&[vec![(0, 4, 5)]], Default::default, |_, _, _| -> Result<Pending<()>> {
-            unreachable!("no request may start")
-        });
+        let _ = lent.run(
+            &[vec![(0, 4, 5)]],
+            Default::default,
+            |_, _, _| -> Result<Pending<()>> { unreachable!("no request may start") },
+        );
     }
 }
