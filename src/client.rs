@@ -34,7 +34,7 @@ use std::task::{Context, Poll};
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::pool::lend::Lent;
-use crate::pool::{Iobref, IobufMut, Pool};
+use crate::pool::{Iobref, Pool};
 use crate::proto::{self, DirEntry, OpenFlags, Req, Resp, Stat, NONCE_LEN};
 use crate::transport::{
     ClientConn, Limits, Pending, RecvSeg, Registry, Reply, Request, SendSeg, Transport,
@@ -73,6 +73,9 @@ pub(crate) struct Inner {
     pool: Pool,
     /// The keepalive thread, woken when the client goes so that it ends promptly.
     keepalive: std::sync::OnceLock<std::thread::Thread>,
+    /// Request vectors given back by replies, for later requests: a warm client makes its
+    /// requests without allocating.
+    spare: std::sync::Mutex<Spare>,
 }
 
 impl Drop for Inner {
@@ -80,6 +83,25 @@ impl Drop for Inner {
         if let Some(t) = self.keepalive.get() {
             t.unpark();
         }
+    }
+}
+
+/// Most vectors of each kind kept in [`Spare`] (more than any iodepth needs).
+const MAX_SPARE: usize = 1024;
+
+/// Emptied request vectors (header, send and receive segments) to reuse.
+#[derive(Default)]
+struct Spare {
+    headers: Vec<Vec<u8>>,
+    sends: Vec<Vec<SendSeg>>,
+    recvs: Vec<Vec<RecvSeg>>,
+}
+
+/// Keeps `v`, emptied, in `store` if it has room to spare and `store` is not full.
+fn keep<T>(store: &mut Vec<Vec<T>>, mut v: Vec<T>) {
+    if v.capacity() > 0 && store.len() < MAX_SPARE {
+        v.clear();
+        store.push(v);
     }
 }
 
@@ -202,6 +224,7 @@ impl Client {
                 link: Link::new(conn, negotiated, how, name, fallback),
                 pool,
                 keepalive: std::sync::OnceLock::new(),
+                spare: Default::default(),
             }),
         };
         if let Some(every) = cfg.client.keepalive {
@@ -374,11 +397,29 @@ impl Client {
         let _span =
             tracing::debug_span!("request", op = req.name(), peer = %self.inner.link.peer())
                 .entered();
-        self.inner.link.start(Request {
-            header: req.encode(),
-            send,
-            recv,
-        })
+        let mut header = crate::lock(&self.inner.spare)
+            .headers
+            .pop()
+            .unwrap_or_default();
+        req.encode_into(&mut header);
+        self.inner.link.start(Request { header, send, recv })
+    }
+
+    /// Empty send and receive vectors for a request, reused from earlier replies when
+    /// there are some.
+    fn vectors(&self) -> (Vec<SendSeg>, Vec<RecvSeg>) {
+        let mut sp = crate::lock(&self.inner.spare);
+        let send = sp.sends.pop().unwrap_or_default();
+        (send, sp.recvs.pop().unwrap_or_default())
+    }
+
+    /// Keeps a reply's vectors for later requests (its segments are dropped: they are raw
+    /// views, or buffers the caller no longer wants).
+    fn recycle(&self, reply: Reply) {
+        let mut sp = crate::lock(&self.inner.spare);
+        keep(&mut sp.headers, reply.header);
+        keep(&mut sp.sends, reply.send);
+        keep(&mut sp.recvs, reply.recv);
     }
 
     /// Sends `req` with no payload and decodes its reply (also for the conformance suite's
@@ -571,7 +612,7 @@ fn write_len(req: &Req, reply: &Reply) -> Result<usize> {
 
 /// Adds up per-request byte counts of a split transfer: stops at the first short piece
 /// (end of file), and fails if any piece failed.
-fn contiguous(results: Vec<(usize, Result<usize>)>) -> Result<usize> {
+fn contiguous(results: impl IntoIterator<Item = (usize, Result<usize>)>) -> Result<usize> {
     let mut total = 0;
     let mut short = false;
     let mut first_err = None;
@@ -621,22 +662,44 @@ impl File {
         done_len: fn(&Req, &Reply) -> Result<usize>,
     ) -> Result<usize> {
         let l = self.limits();
-        let plan = plan_requests(&lent.lens(), l.max_segments, l.max_payload);
-        let mut sent = Vec::with_capacity(plan.len());
+        // One request carrying everything (the common case) is planned on the stack.
+        let (one, plan) = match lent.one_group(l.max_segments, l.max_payload) {
+            Some((pieces, _)) => (pieces, Vec::new()),
+            None => (
+                Default::default(),
+                plan_requests(&lent.lens(), l.max_segments, l.max_payload),
+            ),
+        };
+        let groups: smallvec::SmallVec<[&[Piece]; 1]> = if plan.is_empty() {
+            std::iter::once(&one[..])
+                .filter(|g| !g.is_empty())
+                .collect()
+        } else {
+            plan.iter().map(Vec::as_slice).collect()
+        };
+        let mut sent: smallvec::SmallVec<[(usize, Req); 1]> =
+            smallvec::SmallVec::with_capacity(groups.len());
         let mut pos = offset;
-        let (replies, err) = lent.run(&plan, |pieces, send, recv| {
-            let want: usize = pieces.iter().map(|p| p.2).sum();
-            let req = header(pos, want);
-            let p = self.client.start(&req, send, recv)?;
-            pos += want as u64;
-            sent.push((want, req));
-            Ok(p)
+        let (replies, err) = lent.run(
+            &groups,
+            || self.client.vectors(),
+            |pieces, send, recv| {
+                let want: usize = pieces.iter().map(|p| p.2).sum();
+                let req = header(pos, want);
+                let p = self.client.start(&req, send, recv)?;
+                pos += want as u64;
+                sent.push((want, req));
+                Ok(p)
+            },
+        );
+        let results = sent.into_iter().zip(replies).map(|((want, req), r)| {
+            let n = r.and_then(|r| {
+                let n = done_len(&req, &r);
+                self.client.recycle(r);
+                n
+            });
+            (want, n)
         });
-        let results: Vec<(usize, Result<usize>)> = sent
-            .into_iter()
-            .zip(replies)
-            .map(|((want, req), r)| (want, r.and_then(|r| done_len(&req, &r))))
-            .collect();
         let total = contiguous(results)?;
         match err {
             Some(e) => Err(e),
@@ -687,6 +750,13 @@ impl File {
             .retrying("read", true, || self.zero_readv_async(len, offset)?.wait())
     }
 
+    /// Reads into the given pool buffers at `offset` (their visible lengths say how much)
+    /// and returns them, trimmed to what was read: [`File::zero_readv`] on buffers the
+    /// caller reuses, which allocates nothing once the client is warm.
+    pub fn read_into(&self, bufs: Iobref, offset: u64) -> Result<Iobref> {
+        self.read_into_async(bufs, offset)?.wait()
+    }
+
     /// Writes pool buffers (from [`Client::get_buffers`]) at `offset` without copying.
     pub fn zero_writev(&self, bufs: &Iobref, offset: u64) -> Result<usize> {
         let lent = Lent::for_writing_pool(bufs);
@@ -719,62 +789,13 @@ impl File {
     }
 
     /// Starts a read at `offset` into the given pool buffers (their visible lengths say how
-    /// much); completes with them, trimmed to what was read.
+    /// much); completes with them, trimmed to what was read. One request (the common case:
+    /// within the negotiated segments and payload) allocates nothing once the client is
+    /// warm.
     pub fn read_into_async(&self, bufs: Iobref, offset: u64) -> Result<Completion<Iobref>> {
-        if self.client.inner.link.can_redial() {
-            return Ok(self
-                .held_async(bufs, offset, false)?
-                .map(|(n, b)| held::trim(b, n)));
-        }
-        let l = self.limits();
-        let bufs = bufs.into_vec();
-        if let Some(want) = one_request(&bufs, &l) {
-            let req = Req::Read {
-                fh: self.state.fh()?,
-                offset,
-                len: want as u32,
-            };
-            let recv = bufs.into_iter().map(RecvSeg::Pool).collect();
-            let p = self.client.start(&req, Vec::new(), recv)?;
-            return Ok(Completion::one(p, req, want, |req, want, r| {
-                let mut out = Iobref::new();
-                take_read(&mut out, &mut false, want, &req, r)?;
-                Ok(out)
-            }));
-        }
-        let groups = group_buffers(bufs, l.max_segments, l.max_payload)?;
-        let mut parts = Vec::with_capacity(groups.len());
-        let mut wants = Vec::with_capacity(groups.len());
-        let mut pos = offset;
-        for g in groups {
-            let want: usize = g.iter().map(|b| b.len()).sum();
-            let req = Req::Read {
-                fh: self.state.fh()?,
-                offset: pos,
-                len: want as u32,
-            };
-            parts.push(self.client.start(
-                &req,
-                Vec::new(),
-                g.into_iter().map(RecvSeg::Pool).collect(),
-            )?);
-            wants.push((want, req));
-            pos += want as u64;
-        }
-        Ok(Completion::new(parts, move |replies| {
-            let mut out = Iobref::new();
-            let mut short = false;
-            let mut first_err = None;
-            for ((want, req), r) in wants.into_iter().zip(replies) {
-                if let Err(e) = take_read(&mut out, &mut short, want, &req, r) {
-                    first_err.get_or_insert(e);
-                }
-            }
-            match first_err {
-                Some(e) => Err(e),
-                None => Ok(out),
-            }
-        }))
+        self.held_op(bufs, offset, false, held::finish_read_trimmed, |(n, b)| {
+            held::trim(b, n)
+        })
     }
 
     /// Starts a read at `offset` into the caller's own buffers (moved in for the duration,
@@ -798,69 +819,16 @@ impl File {
         self.owned_async(bufs, offset, true)
     }
 
-    /// The async `preadv`/`pwritev` on caller-owned buffers, split within the limits.
+    /// The async `preadv`/`pwritev` on caller-owned buffers, split within the limits. The
+    /// completion holds the buffers while the transport fills or drains them (so a
+    /// reconnecting client can do the operation again on them).
     fn owned_async(
         &self,
         bufs: Vec<Vec<u8>>,
         offset: u64,
         write: bool,
     ) -> Result<Completion<(usize, Vec<Vec<u8>>)>> {
-        if self.client.inner.link.can_redial() {
-            return self.held_async(bufs, offset, write);
-        }
-        let l = self.limits();
-        let lens: Vec<usize> = bufs.iter().map(Vec::len).collect();
-        let groups = group_lens(&lens, l.max_segments, l.max_payload)?;
-        let mut it = bufs.into_iter();
-        let mut parts = Vec::with_capacity(groups.len());
-        let mut wants = Vec::with_capacity(groups.len());
-        let mut pos = offset;
-        for (count, want) in groups {
-            let segs = it.by_ref().take(count);
-            let (req, send, recv) = if write {
-                let req = Req::Write {
-                    fh: self.state.fh()?,
-                    offset: pos,
-                };
-                (req, segs.map(SendSeg::Owned).collect(), Vec::new())
-            } else {
-                let req = Req::Read {
-                    fh: self.state.fh()?,
-                    offset: pos,
-                    len: want as u32,
-                };
-                (req, Vec::new(), segs.map(RecvSeg::Owned).collect())
-            };
-            parts.push(self.client.start(&req, send, recv)?);
-            wants.push((want, req));
-            pos += want as u64;
-        }
-        Ok(Completion::new(parts, move |replies| {
-            let mut back = Vec::new();
-            let mut results = Vec::with_capacity(wants.len());
-            for ((want, req), r) in wants.into_iter().zip(replies) {
-                match r {
-                    Ok(reply) => {
-                        let n = if write {
-                            write_len(&req, &reply)
-                        } else {
-                            read_len(&req, &reply)
-                        };
-                        results.push((want, n));
-                        back.extend(reply.send.into_iter().filter_map(|s| match s {
-                            SendSeg::Owned(v) => Some(v),
-                            _ => None,
-                        }));
-                        back.extend(reply.recv.into_iter().filter_map(|s| match s {
-                            RecvSeg::Owned(v) => Some(v),
-                            _ => None,
-                        }));
-                    }
-                    Err(e) => results.push((want, Err(e))),
-                }
-            }
-            Ok((contiguous(results)?, back))
-        }))
+        self.held_async(bufs, offset, write)
     }
 
     /// Starts a write of pool buffers at `offset`; completes with the bytes written and
@@ -870,56 +838,7 @@ impl File {
         bufs: Iobref,
         offset: u64,
     ) -> Result<Completion<(usize, Iobref)>> {
-        if self.client.inner.link.can_redial() {
-            return self.held_async(bufs, offset, true);
-        }
-        let l = self.limits();
-        let bufs = bufs.into_vec();
-        if let Some(want) = one_request(&bufs, &l) {
-            let req = Req::Write {
-                fh: self.state.fh()?,
-                offset,
-            };
-            let send = bufs.into_iter().map(SendSeg::PoolMut).collect();
-            let p = self.client.start(&req, send, Vec::new())?;
-            return Ok(Completion::one(p, req, want, |req, _, r| {
-                let (mut total, mut back) = (0, Iobref::new());
-                take_write(&mut total, &mut back, &req, r)?;
-                Ok((total, back))
-            }));
-        }
-        let groups = group_buffers(bufs, l.max_segments, l.max_payload)?;
-        let mut parts = Vec::with_capacity(groups.len());
-        let mut reqs = Vec::with_capacity(groups.len());
-        let mut pos = offset;
-        for g in groups {
-            let want: usize = g.iter().map(|b| b.len()).sum();
-            let req = Req::Write {
-                fh: self.state.fh()?,
-                offset: pos,
-            };
-            parts.push(self.client.start(
-                &req,
-                g.into_iter().map(SendSeg::PoolMut).collect(),
-                Vec::new(),
-            )?);
-            reqs.push(req);
-            pos += want as u64;
-        }
-        Ok(Completion::new(parts, move |replies| {
-            let mut total = 0;
-            let mut back = Iobref::new();
-            let mut first_err = None;
-            for (req, r) in reqs.into_iter().zip(replies) {
-                if let Err(e) = take_write(&mut total, &mut back, &req, r) {
-                    first_err.get_or_insert(e);
-                }
-            }
-            match first_err {
-                Some(e) => Err(e),
-                None => Ok((total, back)),
-            }
-        }))
+        self.held_async(bufs, offset, true)
     }
 
     /// Flushes the file to stable storage.
@@ -982,109 +901,26 @@ impl Drop for File {
     }
 }
 
-/// The payload of `bufs` if one request can carry them all (the common case, which then
-/// allocates nothing for grouping or for the completion).
-fn one_request(bufs: &[IobufMut], l: &Limits) -> Option<usize> {
-    let total: usize = bufs.iter().map(|b| b.len()).sum();
-    (!bufs.is_empty() && bufs.len() <= l.max_segments && total <= l.max_payload).then_some(total)
-}
-
-/// Takes one read request's reply: its filled buffers, trimmed to what was read, go to
-/// `out`. After a short piece (`short`: end of file) later pieces add nothing.
-fn take_read(
-    out: &mut Iobref,
-    short: &mut bool,
-    want: usize,
-    req: &Req,
-    r: Result<Reply>,
-) -> Result<()> {
-    let reply = r?;
-    let n = read_len(req, &reply)?;
-    let mut left = if *short { 0 } else { n };
-    for seg in reply.recv {
-        if let RecvSeg::Pool(mut b) = seg {
-            let k = b.len().min(left);
-            left -= k;
-            if k > 0 {
-                b.set_len(k);
-                out.push(b);
-            }
-        }
-    }
-    *short |= n < want;
-    Ok(())
-}
-
-/// Takes one write request's reply: the bytes written add to `total`, and the buffers
-/// come back into `back` whatever the reply says.
-fn take_write(total: &mut usize, back: &mut Iobref, req: &Req, r: Result<Reply>) -> Result<()> {
-    let reply = r?;
-    let n = write_len(req, &reply);
-    for s in reply.send {
-        if let SendSeg::PoolMut(b) = s {
-            back.push(b);
-        }
-    }
-    *total += n?;
-    Ok(())
-}
-
-/// Groups whole buffers of the given lengths into requests within the limits: returns
-/// `(buffers, bytes)` per request.
-fn group_lens(
-    lens: &[usize],
-    max_segments: usize,
-    max_payload: usize,
-) -> Result<Vec<(usize, usize)>> {
-    let mut out = Vec::new();
-    let (mut count, mut bytes) = (0usize, 0usize);
-    for &len in lens {
-        if len > max_payload {
-            return Err(Error::LimitExceeded {
-                what: "one buffer's length",
-                value: len as u64,
-                limit: max_payload as u64,
-            });
-        }
-        if count == max_segments || bytes + len > max_payload {
-            out.push((count, bytes));
-            (count, bytes) = (0, 0);
-        }
-        count += 1;
-        bytes += len;
-    }
-    if count > 0 {
-        out.push((count, bytes));
-    }
-    Ok(out)
-}
-
-/// Groups whole pool buffers into requests within the limits.
-fn group_buffers(
-    bufs: Vec<IobufMut>,
-    max_segments: usize,
-    max_payload: usize,
-) -> Result<Vec<Vec<IobufMut>>> {
-    let lens: Vec<usize> = bufs.iter().map(|b| b.len()).collect();
-    let mut it = bufs.into_iter();
-    Ok(group_lens(&lens, max_segments, max_payload)?
-        .into_iter()
-        .map(|(count, _)| it.by_ref().take(count).collect())
-        .collect())
-}
-
 type Finish<T> = Box<dyn FnOnce(Vec<Result<Reply>>) -> Result<T> + Send>;
 
-/// How a one-request operation's result is made from its reply, given the request and its
-/// payload length: a plain function, so that such an operation allocates no completion
-/// state.
-type FinishOne<T> = fn(Req, usize, Result<Reply>) -> Result<T>;
+/// What a one-request operation keeps until its reply: the request, the buffers it holds for the transport (if any), and the file and offset to do it again
+/// on after a reconnect.
+pub(crate) struct One {
+    req: Req,
+    held: held::Holding,
+    file: Option<File>,
+    offset: u64,
+}
+
+/// How a one-request operation's result is made from its reply and what it kept: a plain
+/// function, so that such an operation allocates no completion state.
+pub(crate) type FinishOne<T> = fn(One, Result<Reply>) -> Result<T>;
 
 enum Parts<T> {
     /// One request (the common case).
     One {
         pending: Option<Pending<Reply>>,
-        finish: Option<(FinishOne<T>, Req, usize)>,
+        finish: Option<(FinishOne<T>, One)>,
     },
     /// Several requests: their replies are collected in order, then finished together.
     Many {
@@ -1132,11 +968,11 @@ impl<T> Completion<T> {
 
     /// One request's operation, finished by `finish` (a function, not a closure: nothing
     /// to allocate).
-    fn one(pending: Pending<Reply>, req: Req, want: usize, finish: FinishOne<T>) -> Self {
+    fn one(pending: Pending<Reply>, ctx: One, finish: FinishOne<T>) -> Self {
         Completion {
             parts: Parts::One {
                 pending: Some(pending),
-                finish: Some((finish, req, want)),
+                finish: Some((finish, ctx)),
             },
         }
     }
@@ -1179,9 +1015,9 @@ impl<T> Completion<T> {
                 parts: Parts::Many {
                     parts: pending.into_iter().collect(),
                     done: Vec::with_capacity(1),
-                    finish: finish.map(|(g, req, want)| -> Finish<U> {
+                    finish: finish.map(|(g, ctx)| -> Finish<U> {
                         Box::new(move |mut r| {
-                            g(req, want, r.pop().unwrap_or_else(|| Err(finished_err()))).map(f)
+                            g(ctx, r.pop().unwrap_or_else(|| Err(finished_err()))).map(f)
                         })
                     }),
                 },
@@ -1209,9 +1045,9 @@ impl<T> Completion<T> {
     }
 }
 
-fn conclude_one<T>(finish: &mut Option<(FinishOne<T>, Req, usize)>, r: Result<Reply>) -> Result<T> {
-    let (f, req, want) = finish.take().ok_or_else(finished_err)?;
-    f(req, want, r)
+fn conclude_one<T>(finish: &mut Option<(FinishOne<T>, One)>, r: Result<Reply>) -> Result<T> {
+    let (f, ctx) = finish.take().ok_or_else(finished_err)?;
+    f(ctx, r)
 }
 
 fn conclude_many<T>(finish: &mut Option<Finish<T>>, done: &mut Vec<Result<Reply>>) -> Result<T> {

@@ -710,6 +710,9 @@ struct Job<'a> {
     seg: usize,
     /// Caller-owned iovec sets to reuse (direct, bounce, per-segment).
     spare: Vec<Vec<Vec<u8>>>,
+    /// Pool buffer sets to reuse (zero-copy, bounce), as an application recycles its
+    /// buffers: an operation then allocates nothing.
+    spare_bufs: Vec<Iobref>,
     cursor: u64,
     rng: rand::rngs::ThreadRng,
     lat: Vec<u64>,
@@ -722,6 +725,25 @@ impl Job<'_> {
         self.spare
             .pop()
             .unwrap_or_else(|| vec![vec![0u8; self.seg]; self.a.segments as usize])
+    }
+
+    /// A set of `--segments` pool buffers of the segment size: one given back by an earlier
+    /// operation, or new ones.
+    fn buffers(&mut self) -> AnyResult<Iobref> {
+        match self.spare_bufs.pop() {
+            Some(b) => Ok(b),
+            None => Ok(self
+                .client
+                .get_buffers(self.seg, self.a.segments as usize)?),
+        }
+    }
+
+    /// Keeps a set of pool buffers for a later operation if it is whole.
+    fn keep_buffers(&mut self, b: Iobref) {
+        if b.count() == self.a.segments as usize && b.buffers().iter().all(|x| x.len() == self.seg)
+        {
+            self.spare_bufs.push(b);
+        }
     }
 
     /// Starts the request for segment `k` of a per-segment operation at `off`.
@@ -767,13 +789,11 @@ impl Job<'_> {
         let (fi, off) = self.next_pos();
         let file = self.file_ids[fi];
         let start = Instant::now();
-        let seg = self.seg;
-        let n = self.a.segments as usize;
         let read = self.a.rw.is_read();
         let verify = self.a.verify;
         let op = match (self.mode, read) {
             (Mode::ZeroCopy | Mode::Bounce, true) => {
-                let bufs = self.client.get_buffers(seg, n)?;
+                let bufs = self.buffers()?;
                 Op::Pool(self.files[fi].read_into_async(bufs, off)?)
             }
             (Mode::Direct, true) => {
@@ -782,7 +802,7 @@ impl Job<'_> {
             }
             (Mode::PerSegment, _) => Op::Chain(fi, self.segment(fi, file, off, 0)?),
             (Mode::ZeroCopy, false) => {
-                let mut bufs = self.client.get_buffers(seg, n)?;
+                let mut bufs = self.buffers()?;
                 if verify {
                     let mut o = off;
                     for b in bufs.buffers_mut() {
@@ -814,7 +834,7 @@ impl Job<'_> {
                         o += b.len() as u64;
                     }
                 }
-                let mut bufs = self.client.get_buffers(seg, n)?;
+                let mut bufs = self.buffers()?;
                 for (d, s) in bufs.buffers_mut().iter_mut().zip(&v) {
                     d.copy_from_slice(s);
                 }
@@ -857,6 +877,7 @@ impl Job<'_> {
                         o += b.len() as u64;
                     }
                 }
+                self.keep_buffers(bufs);
                 n
             }
             Op::Vecs(c) => {
@@ -867,7 +888,11 @@ impl Job<'_> {
                 self.spare.push(v);
                 n
             }
-            Op::PoolWrite(c) => c.wait()?.0,
+            Op::PoolWrite(c) => {
+                let (n, bufs) = c.wait()?;
+                self.keep_buffers(bufs);
+                n
+            }
             Op::Chain(fi, first) => {
                 // One request per segment, each issued when the previous one is done: the
                 // kernel's FUSE direct I/O before the 2012 scatter-gather patch.
@@ -973,6 +998,7 @@ fn measure(
                             client,
                             seg: a.bs / a.segments as usize,
                             spare: Vec::new(),
+                            spare_bufs: Vec::new(),
                             cursor: 0,
                             rng: rand::thread_rng(),
                             lat: Vec::with_capacity(1 << 16),

@@ -303,7 +303,7 @@ impl Client {
         req: &Req,
         max_bytes: usize,
     ) -> Result<(crate::pool::Iobuf, u32, u64, bool)> {
-        let size = max_bytes.clamp(4096, self.inner.limits.max_payload);
+        let size = max_bytes.clamp(4096, self.inner.link.limits().max_payload);
         let buf = self.inner.pool.get(size)?;
         let reply = self
             .start(req, Vec::new(), vec![RecvSeg::Pool(buf)])?

@@ -13,26 +13,39 @@
 use std::ptr::NonNull;
 
 use super::reconnect::is_lost;
-use super::{contiguous, plan_requests, read_len, write_len, Completion, File};
+use super::{contiguous, plan_requests, read_len, write_len, Completion, File, One};
 use crate::error::Result;
 use crate::pool::Iobref;
 use crate::proto::Req;
-use crate::transport::{RawSeg, RecvSeg, SendSeg};
+use crate::transport::{RawSeg, RecvSeg, Reply, SendSeg};
 
 /// Buffers a completion holds while the transport uses raw views of them.
 pub(crate) trait Held: Send + 'static {
+    /// How many buffers.
+    fn count(&self) -> usize;
+    /// The length of buffer `i`.
+    fn len_of(&self, i: usize) -> usize;
     /// Each buffer's length.
-    fn lens(&self) -> Vec<usize>;
+    fn lens(&self) -> Vec<usize> {
+        (0..self.count()).map(|i| self.len_of(i)).collect()
+    }
     /// A raw view of `n` bytes at `off` in buffer `i`.
     ///
     /// # Safety
     /// The view must not outlive the buffers, and nothing may move or free them meanwhile.
     unsafe fn view(&mut self, i: usize, off: usize, n: usize) -> RawSeg;
+    /// The buffers as a [`Holding`], for a one-request completion.
+    fn hold(self) -> Holding;
+    /// The buffers back from [`Held::hold`].
+    fn unhold(h: Holding) -> Self;
 }
 
 impl Held for Vec<Vec<u8>> {
-    fn lens(&self) -> Vec<usize> {
-        self.iter().map(Vec::len).collect()
+    fn count(&self) -> usize {
+        self.len()
+    }
+    fn len_of(&self, i: usize) -> usize {
+        self[i].len()
     }
     unsafe fn view(&mut self, i: usize, off: usize, n: usize) -> RawSeg {
         // SAFETY: `off + n <= len` (the plan cuts within the lengths); the caller keeps the
@@ -41,11 +54,24 @@ impl Held for Vec<Vec<u8>> {
         // SAFETY: as above.
         unsafe { RawSeg::new(p, n) }
     }
+    fn hold(self) -> Holding {
+        Holding::Vecs(self)
+    }
+    fn unhold(h: Holding) -> Self {
+        match h {
+            Holding::Vecs(v) => v,
+            // Not reached: a completion unholds what it held.
+            _ => Vec::new(),
+        }
+    }
 }
 
 impl Held for Iobref {
-    fn lens(&self) -> Vec<usize> {
-        self.buffers().iter().map(|b| b.len()).collect()
+    fn count(&self) -> usize {
+        Iobref::count(self)
+    }
+    fn len_of(&self, i: usize) -> usize {
+        self.buffers()[i].len()
     }
     unsafe fn view(&mut self, i: usize, off: usize, n: usize) -> RawSeg {
         let b = &mut self.buffers_mut()[i];
@@ -58,6 +84,54 @@ impl Held for Iobref {
             // SAFETY: as above.
             unsafe { RawSeg::new(p, n) }
         }
+    }
+    fn hold(self) -> Holding {
+        Holding::Pool(self)
+    }
+    fn unhold(h: Holding) -> Self {
+        match h {
+            Holding::Pool(b) => b,
+            // Not reached: a completion unholds what it held.
+            _ => Iobref::new(),
+        }
+    }
+}
+
+/// The buffers a one-request completion holds, whatever their kind (so that
+/// [`Completion`] needs no type parameter for them, and no box).
+pub(crate) enum Holding {
+    /// The caller's own vectors.
+    Vecs(Vec<Vec<u8>>),
+    /// Pool buffers.
+    Pool(Iobref),
+}
+
+impl Held for Holding {
+    fn count(&self) -> usize {
+        match self {
+            Holding::Vecs(v) => v.count(),
+            Holding::Pool(b) => Held::count(b),
+        }
+    }
+    fn len_of(&self, i: usize) -> usize {
+        match self {
+            Holding::Vecs(v) => v.len_of(i),
+            Holding::Pool(b) => b.len_of(i),
+        }
+    }
+    unsafe fn view(&mut self, i: usize, off: usize, n: usize) -> RawSeg {
+        match self {
+            // SAFETY: the caller's contract, passed on.
+            Holding::Vecs(v) => unsafe { v.view(i, off, n) },
+            // SAFETY: as above.
+            Holding::Pool(b) => unsafe { b.view(i, off, n) },
+        }
+    }
+    fn hold(self) -> Holding {
+        self
+    }
+    fn unhold(h: Holding) -> Self {
+        h
     }
 }
 
@@ -127,7 +201,7 @@ fn redo<B: Held>(f: &File, bufs: &mut B, offset: u64, write: bool) -> Result<usi
             let results = started
                 .into_iter()
                 .map(|(want, req, p)| (want, p.wait().and_then(|r| done(&req, &r))))
-                .collect();
+                .collect::<Vec<_>>();
             contiguous(results)
         })
 }
@@ -147,6 +221,79 @@ impl File {
     /// An async read or write over held buffers (see the module docs); completes with the
     /// bytes done and the buffers.
     pub(crate) fn held_async<B: Held>(
+        &self,
+        bufs: B,
+        offset: u64,
+        write: bool,
+    ) -> Result<Completion<(usize, B)>> {
+        self.held_op(bufs, offset, write, finish_held::<B>, |r| r)
+    }
+
+    /// An async read or write over held buffers: when one request carries them all (the
+    /// common case), a completion that allocates nothing, finished by `one`; otherwise
+    /// one request per planned group, the result passed through `many`.
+    pub(crate) fn held_op<B: Held, T: 'static>(
+        &self,
+        mut bufs: B,
+        offset: u64,
+        write: bool,
+        one: super::FinishOne<T>,
+        many: fn((usize, B)) -> T,
+    ) -> Result<Completion<T>> {
+        let l = self.limits();
+        let count = bufs.count();
+        let total: usize = (0..count).map(|i| bufs.len_of(i)).sum();
+        let fits = total > 0 && count <= l.max_segments && total <= l.max_payload;
+        if !fits {
+            return Ok(self.held_many(bufs, offset, write)?.map(many));
+        }
+        let fh = self.state.fh()?;
+        let (mut send, mut recv) = self.client.vectors();
+        let req = if write {
+            Req::Write { fh, offset }
+        } else {
+            Req::Read {
+                fh,
+                offset,
+                len: total as u32,
+            }
+        };
+        for i in 0..count {
+            let n = bufs.len_of(i);
+            if n == 0 {
+                continue;
+            }
+            // SAFETY: the buffers move into the completion below, which waits for this
+            // request before it lets them go (also when dropped unfinished).
+            let v = unsafe { bufs.view(i, 0, n) };
+            if write {
+                send.push(SendSeg::Raw(v));
+            } else {
+                recv.push(RecvSeg::Raw(v));
+            }
+        }
+        let started = self.client.start(&req, send, recv);
+        let ctx = One {
+            req,
+            held: bufs.hold(),
+            file: Some(self.alias()),
+            offset,
+        };
+        match started {
+            Ok(p) => Ok(Completion::one(p, ctx, one)),
+            // The connection was already gone: nothing was sent; do it now, again.
+            Err(e) if is_lost(&e) && self.client.inner.link.can_redial() => {
+                let mut held = ctx.held;
+                let n = redo(self, &mut held, offset, write)?;
+                let bufs = B::unhold(held);
+                Ok(Completion::new(Vec::new(), move |_| Ok(many((n, bufs)))))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// [`File::held_async`] split into several requests.
+    fn held_many<B: Held>(
         &self,
         mut bufs: B,
         offset: u64,
@@ -174,7 +321,7 @@ impl File {
                 .into_iter()
                 .zip(replies)
                 .map(|((want, req), r)| (want, r.and_then(|r| done(&req, &r))))
-                .collect();
+                .collect::<Vec<_>>();
             let mut bufs = bufs;
             match contiguous(results) {
                 Ok(n) => Ok((n, bufs)),
@@ -188,18 +335,52 @@ impl File {
     }
 }
 
-/// Trims pool buffers to the first `n` bytes (the rest go back to the pool).
-pub(crate) fn trim(bufs: Iobref, n: usize) -> Iobref {
-    let mut left = n;
-    let mut out = Iobref::new();
-    for mut b in bufs.into_vec() {
-        if left == 0 {
-            break;
+/// Finishes a one-request operation on held buffers: the bytes done, or, when the
+/// connection was lost and the client reconnects, the whole operation done again on the
+/// same buffers. The reply's vectors go back to the client for later requests.
+fn conclude_held(one: One, r: Result<Reply>) -> Result<(usize, Holding)> {
+    let One {
+        req,
+        mut held,
+        file,
+        offset,
+    } = one;
+    let write = matches!(req, Req::Write { .. });
+    let done = r.and_then(|reply| {
+        let n = if write {
+            write_len(&req, &reply)
+        } else {
+            read_len(&req, &reply)
+        };
+        if let Some(f) = &file {
+            f.client.recycle(reply);
         }
-        let k = b.len().min(left);
-        b.set_len(k);
-        left -= k;
-        out.push(b);
+        n
+    });
+    match (done, file) {
+        (Ok(n), _) => Ok((n, held)),
+        (Err(e), Some(f)) if is_lost(&e) && f.client.inner.link.can_redial() => {
+            let n = redo(&f, &mut held, offset, write)?;
+            Ok((n, held))
+        }
+        (Err(e), _) => Err(e),
     }
-    out
+}
+
+/// [`conclude_held`] with the buffers given back as the caller's type.
+pub(crate) fn finish_held<B: Held>(one: One, r: Result<Reply>) -> Result<(usize, B)> {
+    let (n, held) = conclude_held(one, r)?;
+    Ok((n, B::unhold(held)))
+}
+
+/// [`conclude_held`] for a read into pool buffers: the buffers trimmed to what was read.
+pub(crate) fn finish_read_trimmed(one: One, r: Result<Reply>) -> Result<Iobref> {
+    let (n, held) = conclude_held(one, r)?;
+    Ok(trim(Iobref::unhold(held), n))
+}
+
+/// Trims pool buffers to the first `n` bytes (the rest go back to the pool), in place.
+pub(crate) fn trim(mut bufs: Iobref, n: usize) -> Iobref {
+    bufs.trim(n);
+    bufs
 }

@@ -133,7 +133,7 @@ impl File {
                     .into_iter()
                     .zip(replies)
                     .map(|((want, req), r)| (want, r.and_then(|r| done_len(&req, &r))))
-                    .collect(),
+                    .collect::<Vec<_>>(),
             )
         }))
     }

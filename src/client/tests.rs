@@ -105,31 +105,6 @@ fn token_is_required_and_checked() {
 }
 
 #[test]
-fn buffers_are_grouped_into_as_few_requests_as_the_limits_allow() {
-    let pool = Pool::new(&crate::pool::PoolConfig::default()).unwrap();
-    let bufs = |n: usize| -> Vec<IobufMut> { (0..n).map(|_| pool.get(4096).unwrap()).collect() };
-    let shape = |g: &[Vec<IobufMut>]| -> Vec<usize> { g.iter().map(Vec::len).collect() };
-    // All in one request: kept as they are, in order.
-    let b = bufs(3);
-    let first = b[0].as_ptr();
-    let g = group_buffers(b, 4, 16384).unwrap();
-    assert_eq!(shape(&g), [3]);
-    assert_eq!(g[0][0].as_ptr(), first);
-    // Split by segments, then by bytes.
-    assert_eq!(
-        shape(&group_buffers(bufs(5), 2, 1 << 20).unwrap()),
-        [2, 2, 1]
-    );
-    assert_eq!(shape(&group_buffers(bufs(5), 8, 8192).unwrap()), [2, 2, 1]);
-    // Nothing: no request at all; one buffer over the payload limit: an error.
-    assert!(group_buffers(Vec::new(), 4, 4096).unwrap().is_empty());
-    assert!(matches!(
-        group_buffers(bufs(1), 4, 1024),
-        Err(Error::LimitExceeded { .. })
-    ));
-}
-
-#[test]
 fn one_request_and_many_request_completions_wait_poll_and_map_alike() {
     let (_dir, _srv, l, cfg) = setup("");
     let c = client(&l, &cfg).unwrap();

@@ -338,6 +338,23 @@ impl Iobref {
         v
     }
 
+    /// Keeps the first `len` bytes: trims the visible lengths front to back and drops
+    /// (back to the pool) the buffers left with nothing past them. Allocates nothing.
+    pub(crate) fn trim(&mut self, len: usize) {
+        let mut left = len;
+        let mut keep = 0;
+        for b in &mut self.bufs {
+            if left == 0 {
+                break;
+            }
+            let n = b.len().min(left);
+            b.set_len(n);
+            left -= n;
+            keep += 1;
+        }
+        self.bufs.truncate(keep);
+    }
+
     /// Trims the visible lengths so that they add up to at most `len`, front to back.
     pub fn truncate(&mut self, mut len: usize) {
         for b in &mut self.bufs {

@@ -14,6 +14,8 @@ use std::io::{IoSlice, IoSliceMut};
 use std::marker::PhantomData;
 use std::ptr::NonNull;
 
+use smallvec::SmallVec;
+
 use crate::error::{Error, Result};
 use crate::pool::seg::{RawSeg, RecvSeg, SendSeg};
 use crate::pool::{Iobref, IobufMut};
@@ -21,6 +23,15 @@ use crate::transport::Pending;
 
 /// One piece of lent memory: `(index of the iovec or buffer, offset in it, length)`.
 pub(crate) type Piece = (usize, usize, usize);
+
+/// Iovecs or buffers a call lends, up to this many without a heap allocation.
+const INLINE: usize = 16;
+
+/// Requests one call starts, up to this many without a heap allocation.
+const INLINE_REQUESTS: usize = 4;
+
+/// The results of [`Lent::run`], in order.
+pub(crate) type Results<R> = SmallVec<[Result<R>; INLINE_REQUESTS]>;
 
 enum Src<'a> {
     /// Caller memory: its start and length.
@@ -42,7 +53,7 @@ impl Src<'_> {
 /// Memory borrowed for `'a` and lent to requests, either for the transport to fill
 /// (`for_reading`) or to send from (`for_writing`, `for_writing_pool`).
 pub(crate) struct Lent<'a> {
-    srcs: Vec<Src<'a>>,
+    srcs: SmallVec<[Src<'a>; INLINE]>,
     /// True when the transport writes the memory (receive segments).
     fill: bool,
     _borrow: PhantomData<&'a mut [u8]>,
@@ -89,6 +100,22 @@ impl<'a> Lent<'a> {
         self.srcs.iter().map(Src::len).collect()
     }
 
+    /// The lent memory as one group of whole, non-empty pieces, and its bytes, if one
+    /// request within `max_segments` and `max_payload` can carry it all.
+    pub(crate) fn one_group(
+        &self,
+        max_segments: usize,
+        max_payload: usize,
+    ) -> Option<(SmallVec<[Piece; INLINE]>, usize)> {
+        let pieces: SmallVec<[Piece; INLINE]> = (self.srcs.iter().enumerate())
+            .filter(|(_, s)| s.len() > 0)
+            .map(|(i, s)| (i, 0, s.len()))
+            .collect();
+        let total: usize = pieces.iter().map(|p| p.2).sum();
+        (!pieces.is_empty() && pieces.len() <= max_segments && total <= max_payload)
+            .then_some((pieces, total))
+    }
+
     /// The segment for one piece. Panics on a piece outside the lent memory (a planning
     /// bug), before any segment exists.
     fn seg(&self, (i, off, n): Piece) -> RawSeg {
@@ -122,25 +149,28 @@ impl<'a> Lent<'a> {
     }
 
     /// Starts one request per group of pieces with that group's segments (receive
-    /// segments when lent for reading, send segments when lent for writing): `start` gets
-    /// the group and its send and receive segments, and gives them to the transport in a
-    /// request whose [`Pending`] it returns. Stops starting at the first error, which it
-    /// returns beside the results. Returns only once every started request has completed,
-    /// their results in order.
-    pub(crate) fn run<R>(
+    /// segments when lent for reading, send segments when lent for writing), pushed into
+    /// the empty vectors `vectors` gives: `start` gets the group and its send and receive
+    /// segments, and gives them to the transport in a request whose [`Pending`] it
+    /// returns. Stops starting at the first error, which it returns beside the results.
+    /// Returns only once every started request has completed, their results in order.
+    pub(crate) fn run<R, G: AsRef<[Piece]>>(
         &self,
-        groups: &[Vec<Piece>],
+        groups: &[G],
+        mut vectors: impl FnMut() -> (Vec<SendSeg>, Vec<RecvSeg>),
         mut start: impl FnMut(&[Piece], Vec<SendSeg>, Vec<RecvSeg>) -> Result<Pending<R>>,
-    ) -> (Vec<Result<R>>, Option<Error>) {
-        let mut started = WaitAll(Vec::with_capacity(groups.len()));
+    ) -> (Results<R>, Option<Error>) {
+        let mut started = WaitAll(SmallVec::with_capacity(groups.len()));
         let mut err = None;
         for g in groups {
+            let g = g.as_ref();
             let segs = g.iter().map(|&p| self.seg(p));
-            let (send, recv) = if self.fill {
-                (Vec::new(), segs.map(RecvSeg::Raw).collect())
+            let (mut send, mut recv) = vectors();
+            if self.fill {
+                recv.extend(segs.map(RecvSeg::Raw));
             } else {
-                (segs.map(SendSeg::Raw).collect(), Vec::new())
-            };
+                send.extend(segs.map(SendSeg::Raw));
+            }
             match start(g, send, recv) {
                 Ok(p) => started.0.push(p),
                 Err(e) => {
@@ -151,7 +181,7 @@ impl<'a> Lent<'a> {
         }
         // Waited for front to back; whatever a panic leaves in `started` is waited for as
         // it drops.
-        let mut results = Vec::with_capacity(started.0.len());
+        let mut results = Results::with_capacity(started.0.len());
         started.0.reverse();
         while let Some(p) = started.0.pop() {
             results.push(p.wait());
@@ -163,7 +193,7 @@ impl<'a> Lent<'a> {
 /// Requests in flight on lent memory: waited for if dropped early (a panic unwinding
 /// through [`Lent::run`]), so that the memory is never released under a transport still
 /// using it.
-struct WaitAll<R>(Vec<Pending<R>>);
+struct WaitAll<R>(SmallVec<[Pending<R>; INLINE_REQUESTS]>);
 
 impl<R> Drop for WaitAll<R> {
     fn drop(&mut self) {
@@ -191,7 +221,7 @@ mod tests {
             vec![(1, 0, 1)],
         ];
         let mut calls = 0;
-        let (results, err) = lent.run(&groups, |pieces, send, mut recv| {
+        let (results, err) = lent.run(&groups, Default::default, |pieces, send, mut recv| {
             calls += 1;
             assert!(send.is_empty());
             let lens: Vec<usize> = recv.iter().map(RecvSeg::len).collect();
@@ -223,8 +253,10 @@ mod tests {
         let data = vec![1u8; 8];
         let iov = [IoSlice::new(&data)];
         let lent = Lent::for_writing(&iov);
-        let _ = lent.run(&[vec![(0, 4, 5)]], |_, _, _| -> Result<Pending<()>> {
-            unreachable!("no request may start")
-        });
+        let _ = lent.run(
+            &[vec![(0, 4, 5)]],
+            Default::default,
+            |_, _, _| -> Result<Pending<()>> { unreachable!("no request may start") },
+        );
     }
 }

@@ -129,6 +129,8 @@ struct SchedState<C> {
     /// Connections with queued requests, each at most once.
     ready: std::collections::VecDeque<Arc<C>>,
     closed: bool,
+    /// Workers waiting for a request (a push signals only when there is one).
+    idle: usize,
 }
 
 /// What the scheduler needs of a connection: its queue of requests.
@@ -148,6 +150,7 @@ impl<C: Queued> Scheduler<C> {
             ready: Mutex::new(SchedState {
                 ready: std::collections::VecDeque::new(),
                 closed: false,
+                idle: 0,
             }),
             cond: Condvar::new(),
         }
@@ -159,14 +162,21 @@ impl<C: Queued> Scheduler<C> {
             q.jobs.push_back(inc);
             !std::mem::replace(&mut q.scheduled, true)
         };
-        if schedule {
-            lock(&self.ready).ready.push_back(conn.clone());
-        }
+        let idle = {
+            let mut st = lock(&self.ready);
+            if schedule {
+                st.ready.push_back(conn.clone());
+            }
+            st.idle
+        };
         // Every request may take an idle worker, also when its connection is already in
         // line: else one connection's queue would be worked by one worker at a time. (A
         // worker only waits when no connection is in line, so a request queued while all
-        // were busy is taken by the next one to finish, without a wake-up.)
-        self.cond.notify_one();
+        // were busy is taken by the next one to finish, without a wake-up; and with no
+        // worker waiting, no wake-up system call is made.)
+        if idle > 0 {
+            self.cond.notify_one();
+        }
     }
 
     /// The next request and its connection, or `None` once the scheduler is closed.
@@ -192,7 +202,9 @@ impl<C: Queued> Scheduler<C> {
             if st.closed {
                 return None;
             }
+            st.idle += 1;
             st = self.cond.wait(st).unwrap_or_else(|p| p.into_inner());
+            st.idle -= 1;
         }
     }
 
@@ -210,25 +222,40 @@ struct ConnQueue {
 
 /// A counting semaphore for requests in flight on one connection.
 struct Permits {
-    free: Mutex<usize>,
+    /// Free permits, and how many threads wait for one (signalled only then).
+    free: Mutex<(usize, usize)>,
     cond: Condvar,
 }
 
 impl Permits {
+    fn new(n: usize) -> Permits {
+        Permits {
+            free: Mutex::new((n, 0)),
+            cond: Condvar::new(),
+        }
+    }
     fn acquire(&self) {
         let mut f = lock(&self.free);
-        while *f == 0 {
+        while f.0 == 0 {
+            f.1 += 1;
             f = self.cond.wait(f).unwrap_or_else(|p| p.into_inner());
+            f.1 -= 1;
         }
-        *f -= 1;
+        f.0 -= 1;
     }
     fn release(&self) {
-        *lock(&self.free) += 1;
-        self.cond.notify_one();
+        let waiting = {
+            let mut f = lock(&self.free);
+            f.0 += 1;
+            f.1
+        };
+        if waiting > 0 {
+            self.cond.notify_one();
+        }
     }
 
     fn available(&self) -> usize {
-        *lock(&self.free)
+        lock(&self.free).0
     }
 }
 
@@ -820,10 +847,7 @@ fn serve_conn(shared: &Arc<Shared>, mut sc: Box<dyn ServerConn>, jobs: &Schedule
         unauthed_refusals: AtomicUsize::new(0),
         close_after_reply: AtomicBool::new(false),
         open_count: AtomicUsize::new(0),
-        permits: Permits {
-            free: Mutex::new(shared.cfg.server.max_in_flight),
-            cond: Condvar::new(),
-        },
+        permits: Permits::new(shared.cfg.server.max_in_flight),
         queue: Mutex::new(ConnQueue {
             // Queued requests never make it grow (up to a bound): no allocation per request.
             jobs: std::collections::VecDeque::with_capacity(

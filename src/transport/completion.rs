@@ -13,6 +13,10 @@ struct State<T> {
     value: Option<Result<T>>,
     done: bool,
     waker: Option<Waker>,
+    /// A thread is blocked (or about to block) on the condition variable: only then does
+    /// completing signal it (a futex wake-up is a system call, saved when the waiter has
+    /// not blocked yet).
+    blocked: bool,
 }
 
 struct Shared<T> {
@@ -75,6 +79,7 @@ fn new_shared<T>() -> Arc<Shared<T>> {
             value: None,
             done: false,
             waker: None,
+            blocked: false,
         }),
         cond: Condvar::new(),
     })
@@ -134,6 +139,7 @@ impl<T> CompletionCell<T> {
                 st.value = None;
                 st.done = false;
                 st.waker = None;
+                st.blocked = false;
             }
             None => self.shared = new_shared(),
         }
@@ -155,16 +161,18 @@ impl<T> Completer<T> {
     }
 
     fn deliver(s: &Shared<T>, r: Result<T>) {
-        let waker = {
+        let (waker, blocked) = {
             let mut st = s.lock();
             if st.done {
                 return;
             }
             st.value = Some(r);
             st.done = true;
-            st.waker.take()
+            (st.waker.take(), st.blocked)
         };
-        s.cond.notify_all();
+        if blocked {
+            s.cond.notify_all();
+        }
         if let Some(w) = waker {
             w.wake();
         }
@@ -201,6 +209,7 @@ impl<T> Pending<T> {
         self.progress(None);
         let mut st = self.shared.lock();
         while !st.done {
+            st.blocked = true;
             st = match self.shared.cond.wait(st) {
                 Ok(g) => g,
                 Err(p) => p.into_inner(),
@@ -220,6 +229,7 @@ impl<T> Pending<T> {
                 if now >= deadline {
                     break;
                 }
+                st.blocked = true;
                 st = match self.shared.cond.wait_timeout(st, deadline - now) {
                     Ok((g, _)) => g,
                     Err(p) => p.into_inner().0,

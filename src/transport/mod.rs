@@ -203,6 +203,8 @@ pub struct Admission {
 struct AdmissionState {
     bytes: usize,
     by_id: std::collections::HashMap<u64, usize>,
+    /// Threads waiting for room (a release signals only then).
+    waiting: usize,
 }
 
 impl Admission {
@@ -216,6 +218,7 @@ impl Admission {
             held: Mutex::new(AdmissionState {
                 bytes: 0,
                 by_id: std::collections::HashMap::with_capacity(max_in_flight),
+                waiting: 0,
             }),
             freed: Condvar::new(),
         }
@@ -255,11 +258,13 @@ impl Admission {
         let mut st = crate::lock(&self.held);
         while st.bytes > 0 && st.bytes.saturating_add(len) > self.budget {
             keep_waiting()?;
+            st.waiting += 1;
             st = self
                 .freed
                 .wait_timeout(st, tick)
                 .unwrap_or_else(|p| p.into_inner())
                 .0;
+            st.waiting -= 1;
         }
         st.bytes += len;
         *st.by_id.entry(id).or_insert(0) += len;
@@ -271,8 +276,11 @@ impl Admission {
         let mut st = crate::lock(&self.held);
         if let Some(n) = st.by_id.remove(&id) {
             st.bytes -= n;
+            let waiting = st.waiting > 0;
             drop(st);
-            self.freed.notify_all();
+            if waiting {
+                self.freed.notify_all();
+            }
         }
     }
 }

@@ -107,6 +107,8 @@ struct State {
     next_id: u64,
     /// Why the connection is dead, once it is.
     dead: Option<String>,
+    /// Callers waiting for a free request slot (completions signal `slot_freed` only then).
+    slot_waiters: usize,
 }
 
 /// A completion to deliver once the state lock is released.
@@ -189,9 +191,12 @@ fn take_if_done(st: &mut State, id: u64) -> Option<Done> {
 }
 
 impl Shared {
-    fn deliver(&self, done: impl IntoIterator<Item = Done>) {
+    /// Completes what is done; `wake`: a caller waits for a free slot (read under the
+    /// state lock the entries left the map under, where a waiter counts itself, so no
+    /// wake-up is lost; none is signalled when nobody waits).
+    fn deliver(&self, done: impl IntoIterator<Item = Done>, wake: bool) {
         let mut done = done.into_iter().peekable();
-        if done.peek().is_some() {
+        if wake && done.peek().is_some() {
             self.slot_freed.notify_all();
         }
         for (c, r) in done {
@@ -227,7 +232,7 @@ impl Shared {
             }
         }
         self.slot_freed.notify_all();
-        self.deliver(done);
+        self.deliver(done, false);
     }
 
     /// The writer gives a request's send segments back.
@@ -241,9 +246,9 @@ impl Shared {
             if let Some(e) = st.pending.get_mut(&id) {
                 e.send = Some(send);
             }
-            take_if_done(&mut st, id)
+            (take_if_done(&mut st, id), st.slot_waiters > 0)
         };
-        self.deliver(done);
+        self.deliver(done.0, done.1);
     }
 
     /// The reader takes the receive segments of request `id` to read a reply payload of
@@ -287,9 +292,9 @@ impl Shared {
                     e.outcome = Some(Ok(r));
                 }
             }
-            take_if_done(&mut st, id)
+            (take_if_done(&mut st, id), st.slot_waiters > 0)
         };
-        self.deliver(done);
+        self.deliver(done.0, done.1);
     }
 
     /// Fails the connection when the oldest unanswered request is older than the timeout.
@@ -474,6 +479,7 @@ pub(crate) fn connect(cfg: &Config) -> Result<TcpClientConn> {
                 .collect(),
             next_id: 1,
             dead: None,
+            slot_waiters: 0,
         }),
         slot_freed: Condvar::new(),
         limits,
@@ -524,7 +530,9 @@ impl ClientConn for TcpClientConn {
                         sh.peer, sh.limits.max_in_flight
                     )
                 })?;
+                st.slot_waiters += 1;
                 st = deadline.wait(&sh.slot_freed, st);
+                st.slot_waiters -= 1;
             }
             let id = st.next_id;
             st.next_id = st.next_id.wrapping_add(1);

@@ -283,8 +283,65 @@ pub(crate) fn read_exact_vectored<E>(
     }
 }
 
+/// Reads at least `min` bytes (at most `buf.len()`) into `buf` from `sock`, as few reads
+/// as it takes: whatever the socket holds comes along, so that one read brings several
+/// small frames. `wait_first`: the socket was found empty last time, so wait for data
+/// (`poll`, on a polling ticker) before reading instead of after a read that would find
+/// none. Returns the bytes read and whether the last read drained the socket (took less
+/// than it asked for). Ticks and failures as [`read_exact_vectored`].
+pub(crate) fn read_at_least<E>(
+    mut sock: &TcpStream,
+    buf: &mut [u8],
+    min: usize,
+    wait_first: bool,
+    ticker: &mut Ticker,
+    tick: &mut dyn FnMut() -> Result<(), E>,
+) -> Result<(usize, bool), ReadError<E>> {
+    let mut got = 0;
+    let mut wait = wait_first && ticker.poll;
+    loop {
+        let timed_out = if wait {
+            wait = false;
+            wait_readable(sock, ticker)
+        } else {
+            let want = buf.len() - got;
+            match sock.read(&mut buf[got..]) {
+                Ok(0) => return Err(ReadError::Eof { got }),
+                Ok(n) => {
+                    got += n;
+                    if got >= min {
+                        return Ok((got, n < want));
+                    }
+                    false
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => false,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock && ticker.poll => {
+                    wait_readable(sock, ticker)
+                }
+                Err(e)
+                    if e.kind() == io::ErrorKind::WouldBlock
+                        || e.kind() == io::ErrorKind::TimedOut =>
+                {
+                    true
+                }
+                Err(e) => return Err(ReadError::Io(e)),
+            }
+        };
+        if ticker.due(timed_out) {
+            tick().map_err(ReadError::Tick)?;
+        }
+    }
+}
+
+/// Waits up to a tick for `sock` to become readable; true when the tick passed first.
+fn wait_readable(sock: &TcpStream, ticker: &Ticker) -> bool {
+    let t = PollTimeout::try_from(ticker.every).unwrap_or(PollTimeout::MAX);
+    let mut fds = [PollFd::new(sock.as_fd(), PollFlags::POLLIN)];
+    !matches!(poll(&mut fds, t), Ok(n) if n > 0)
+}
+
 /// Moves the front of `parts` on by `n` bytes.
-fn advance_mut(parts: &mut [&mut [u8]], mut n: usize) {
+pub(crate) fn advance_mut(parts: &mut [&mut [u8]], mut n: usize) {
     for p in parts.iter_mut() {
         if n == 0 {
             return;
