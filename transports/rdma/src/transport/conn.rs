@@ -30,7 +30,8 @@ use crate::verbs::{
 use crate::RdmaError;
 
 pub(crate) use super::lane::send_queue::{
-    wr_id, wr_parts, Held, SendQueue, KIND_READ, KIND_RECV, KIND_SEND, KIND_WRITE,
+    wr_id, wr_parts, Held, SendQueue, KIND_BIND, KIND_INV, KIND_READ, KIND_RECV, KIND_SEND,
+    KIND_WRITE,
 };
 
 /// Largest scatter/gather list this transport builds (on the stack).
@@ -290,6 +291,8 @@ pub(crate) fn describe_failure(kind: u8, status: WcStatus) -> String {
         KIND_SEND => "a SEND",
         KIND_WRITE => "an RDMA WRITE",
         KIND_READ => "an RDMA READ",
+        KIND_BIND => "a memory window bind",
+        KIND_INV => "a memory window invalidation",
         _ => "a work request",
     };
     let why = match status {
