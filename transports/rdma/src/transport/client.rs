@@ -717,7 +717,15 @@ impl Lane {
         self.ended.record(&reason);
         st.dead = Some(reason.clone());
         self.dead.store(true, Ordering::SeqCst);
-        // First: after this the device touches none of our memory.
+        // First the windows of requests in flight: freeing a bound window invalidates it at
+        // once, and rxe keeps a queue pair with windows bound on it from being destroyed
+        // (destroying it first waits for them, for tens of seconds).
+        for slot in st.slots.iter_mut() {
+            for f in slot.req.iter_mut().chain(slot.invalidating.iter_mut()) {
+                f.scratch.windows.clear();
+            }
+        }
+        // Then the queue pair: after this the device touches none of our memory.
         st.qp = None;
         st.recv.clear();
         st.sq.clear();
@@ -812,7 +820,11 @@ impl Lane {
         let st = &mut *st;
         let bound = post_binds(st, i, &mut scratch);
         let sq_seq = st.sq.next_seq();
-        let signaled = st.requests.signal_next(st.sq.room());
+        // With windows, a later request may need more room than one entry: every request
+        // then ends in a signaled completion that retires what came before it (its last
+        // invalidation, or, binding no window, its SEND), so room always comes back.
+        let signaled =
+            st.requests.signal_next(st.sq.room()) || (self.windowed.is_some() && windows == 0);
         let wr = wr_id(KIND_SEND, i, sq_seq);
         let posted = match (&st.qp, sge) {
             _ if bound.is_err() => bound,
