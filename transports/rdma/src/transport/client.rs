@@ -1248,6 +1248,12 @@ impl LaneEvents for Lane {
     fn on_cq_error(&self, why: String) {
         self.fail(format!("rdma connection to {}: {why}", self.peer), None);
     }
+
+    /// With windows a request completes on its last invalidation's completion, which a
+    /// thread waiting for that request must not sleep through.
+    fn wake_on_sends(&self) -> bool {
+        self.windowed.is_some()
+    }
 }
 
 impl RdmaClientConn {

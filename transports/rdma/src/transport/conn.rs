@@ -341,6 +341,12 @@ pub(crate) trait LaneEvents: Send + Sync + 'static {
     fn on_socket_end(&self, why: Option<String>);
     /// Waiting for completions failed.
     fn on_cq_error(&self, why: String);
+    /// Whether a thread waiting for its own completion must be woken by send-queue
+    /// completions too, not only by the peer's messages (a client whose requests end with
+    /// the completion of a local memory window invalidation).
+    fn wake_on_sends(&self) -> bool {
+        false
+    }
 }
 
 /// A connection's completion queue, polled by its connection thread and by threads that
@@ -653,8 +659,17 @@ fn lead_loop<'p, C: LaneEvents + ?Sized + 'p>(
             Some(_) => continue,
         }
         // A leader waits for messages (its reply, the next request): its own send-queue
-        // completions, taken at its next drain anyway, need not wake it.
-        if (0..n).any(|k| lane(k).0.cq.request_notify_solicited().is_err()) {
+        // completions, taken at its next drain anyway, need not wake it; unless a request
+        // ends with one (a window invalidation: `wake_on_sends`).
+        let armed = |k: usize| {
+            let (p, events) = lane(k);
+            if events.wake_on_sends() {
+                p.cq.request_notify()
+            } else {
+                p.cq.request_notify_solicited()
+            }
+        };
+        if (0..n).any(|k| armed(k).is_err()) {
             return LeaderExit::Failed;
         }
         // Completions that raced the arming raise no event: look once more.
