@@ -13,6 +13,7 @@
 //! credits = 32
 //! queue_pairs = 2
 //! register_threshold = "256K"
+//! client_exposure = "request" # or "arena"
 //! ```
 //!
 //! `zcio config` prints each key with its doc (the `doc` of its entry in `KEYS`).
@@ -48,6 +49,32 @@ pub struct RdmaConfig {
     /// Caller iovec segments at least this long are registered on the fly; shorter ones
     /// are bounced through pool buffers.
     pub register_threshold: usize,
+    /// How much of a client's memory the server can reach over RDMA.
+    pub client_exposure: ClientExposure,
+}
+
+/// How much of a client's memory a server can reach (`rdma.client_exposure`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub enum ClientExposure {
+    /// `"request"`: only the buffers of a request in flight, in the direction it needs
+    /// (reads: the server may write them; writes: it may read them), through type 2 memory
+    /// windows bound per request and invalidated before the request completes. Needs a
+    /// device with type 2 memory windows.
+    #[default]
+    Request,
+    /// `"arena"`: every buffer of the client's pool, read and write, for the pool's life
+    /// (its arenas are registered with remote access and their rkeys sent with requests).
+    Arena,
+}
+
+impl ClientExposure {
+    /// The configuration value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ClientExposure::Request => "request",
+            ClientExposure::Arena => "arena",
+        }
+    }
 }
 
 impl Default for RdmaConfig {
@@ -62,6 +89,7 @@ impl Default for RdmaConfig {
             credits: 32,
             queue_pairs: 2,
             register_threshold: 256 << 10,
+            client_exposure: ClientExposure::Request,
         }
     }
 }
@@ -169,6 +197,26 @@ impl Section for RdmaConfig {
             get: |c| int(c.register_threshold),
             set: |c, v| {
                 c.register_threshold = value::size(v, 1 << 40)?;
+                Ok(())
+            },
+        },
+        Key {
+            name: "client_exposure",
+            doc: "what of a client's memory the server can reach over RDMA: \"request\" = \
+                  only the buffers of a request in flight, in the direction it needs, through \
+                  a memory window bound per request and invalidated before the request \
+                  completes (needs type 2 memory windows: a device without them is refused at \
+                  connect); \"arena\" = every buffer of the client's pool, read and write, \
+                  for the pool's life (cheaper, trusts the server)",
+            get: |c| Value::String(c.client_exposure.as_str().to_owned()),
+            set: |c, v| {
+                c.client_exposure = match value::string(v)?.as_str() {
+                    "request" => ClientExposure::Request,
+                    "arena" => ClientExposure::Arena,
+                    other => {
+                        return Err(format!("must be \"request\" or \"arena\", not {other:?}"))
+                    }
+                };
                 Ok(())
             },
         },

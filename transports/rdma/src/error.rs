@@ -129,6 +129,22 @@ pub enum RdmaError {
         source: io::Error,
     },
 
+    /// `ibv_alloc_mw` failed (EOPNOTSUPP: the device or its provider has no memory windows).
+    #[error("failed to allocate a type 2 memory window on `{device}`")]
+    AllocMw {
+        /// The device name.
+        device: String,
+        /// The OS error.
+        source: io::Error,
+    },
+
+    /// A memory window bind or invalidation that cannot be posted as asked.
+    #[error("memory window: {what}")]
+    Window {
+        /// What is wrong.
+        what: String,
+    },
+
     /// A region handed to registration is null or empty.
     #[error("cannot register memory at {addr:#x} with length {len}: {reason}")]
     InvalidRegion {

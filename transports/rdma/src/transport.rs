@@ -8,16 +8,26 @@
 //! compile without the `rdma` feature (unit- and property-tested on any host, fuzzable);
 //! [`RdmaTransport`] and everything that touches a device need the feature: the drivers
 //! (`client`, `server`, each with its connection set-up in `setup`) feed the state machines
-//! what happens and carry out what they answer, and `verbs` holds every `unsafe` block but
-//! one.
+//! what happens and carry out what they answer, and `verbs` holds every `unsafe` block: this
+//! module forbids it.
 //!
 //! ## Memory and registration
 //! One device context and one protection domain per device and process, opened lazily.
 //! Each data pool gets one registrar per (device, role), installed with
 //! `Pool::add_registrar`, so every arena (existing and future) is registered once and a
 //! buffer's keys are `buf.keys(id)` in O(1):
-//! - a **client** registers its pool LOCAL_WRITE | REMOTE_READ | REMOTE_WRITE (the server
-//!   READs request payload from it and WRITEs reply payload into it);
+//! - a **client** with `rdma.client_exposure = "request"` (the default) registers its pool
+//!   LOCAL_WRITE | MW_BIND: no remote access through the arenas' own rkeys. For each
+//!   request it binds a type 2 memory window over each descriptor of pool memory (remote
+//!   read for request payload, remote write for reply payload), posted before the
+//!   request's SEND, and sends the windows' rkeys; when the reply arrives it posts a local
+//!   invalidation of each window and completes the request only once the last one has
+//!   executed, so the server reaches a request's buffers only while it is in flight and
+//!   only in its direction. A failed connection destroys the queue pair first, which ends
+//!   every window bound on it. A device without type 2 windows is refused at connect;
+//! - a client with `"arena"` registers its pool LOCAL_WRITE | REMOTE_READ | REMOTE_WRITE
+//!   (the server READs request payload from it and WRITEs reply payload into it, and could
+//!   touch any of it at any time);
 //! - a **server** registers its pool LOCAL_WRITE only: it initiates every RDMA operation,
 //!   so no client can read or write server memory.
 //!
@@ -84,7 +94,8 @@
 //! - **Caller memory outside the pool** (`RawSeg`/`Vec` segments without keys): a segment
 //!   of at least `rdma.register_threshold` bytes (and at least the pool's largest buffer
 //!   size) is registered on the fly (`ibv_reg_mr`, REMOTE_READ only for send segments,
-//!   REMOTE_READ|WRITE for receive segments) and deregistered when its request completes;
+//!   REMOTE_WRITE for receive segments, or REMOTE_READ|WRITE with `"arena"`) and
+//!   deregistered when its request completes;
 //!   shorter ones are bounced: consecutive small segments are packed into pool buffers,
 //!   copied in before the request is sent (writes) or out after the reply arrived (reads).
 //!   Pool segments with keys are used in place. Descriptors that continue each other (same
@@ -202,6 +213,7 @@
 //! `max_segments` (it may exceed the device's SGE limit: splitting across work requests is
 //! internal), `max_payload`, `max_header` and `max_in_flight` = the credits of all queue
 //! pairs.
+#![forbid(unsafe_code)]
 
 pub mod bootstrap;
 pub mod lane;

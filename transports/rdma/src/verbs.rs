@@ -6,6 +6,9 @@
 //! - [`CompletionQueue`]: a basic CQ (not the extended one, which is broken on rxe with
 //!   rdma-core 44), optionally with a completion channel so waiting blocks instead of
 //!   spinning ([`CqMode`]). Polling fills a caller-provided array of [`WorkCompletion`]s.
+//! - [`MemoryWindow`]: a type 2 window, bound over part of a region by
+//!   [`QueuePair::post_bind`] and invalidated by [`QueuePair::post_invalidate`]: how a client
+//!   exposes exactly one request's buffers to the server, and only while it is in flight.
 //! - [`QueuePair`]: an RC queue pair; [`Endpoint`] is what the peer needs to connect to it,
 //!   with a fixed binary encoding for the TCP bootstrap exchange.
 //!
@@ -32,6 +35,10 @@ mod cq;
 mod qp;
 #[cfg(feature = "rdma")]
 mod registrar;
+#[cfg(feature = "rdma")]
+mod segment;
+#[cfg(feature = "rdma")]
+mod window;
 
 pub use endpoint::Endpoint;
 pub use memlock::{check_memlock, has_ipc_lock_capability, memlock_limit};
@@ -47,3 +54,7 @@ pub use cq::{CompletionQueue, CqMode, WcOpcode, WcStatus, WorkCompletion};
 pub use qp::{QpCaps, QpConfig, QueuePair, Remote, Sge, RNR_RETRY};
 #[cfg(feature = "rdma")]
 pub(crate) use registrar::ArenaRegistrar;
+#[cfg(feature = "rdma")]
+pub(crate) use segment::{RegisteredRecv, RegisteredSend};
+#[cfg(feature = "rdma")]
+pub use window::{MemoryWindow, WindowAccess};

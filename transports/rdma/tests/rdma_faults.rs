@@ -10,6 +10,10 @@
 //! child process (the same test, selected with `--exact`, doing the role named by the
 //! `ZCIO_FAULTS_CHILD` variable) to have a peer that can be killed, or whose resource limits
 //! can be lowered without touching the other tests.
+//!
+//! Every device test runs in both `rdma.client_exposure` modes: as itself with the default
+//! ("request": memory windows per request) and as `arena::<name>` with "arena" (see
+//! [`with_exposure`] and the `arena` module at the end).
 #![cfg(feature = "rdma")]
 
 use std::io::{BufRead, BufReader, IoSlice, IoSliceMut, Write};
@@ -23,7 +27,7 @@ use zcio::conformance::{pattern, test_pool, Harness};
 use zcio::proto::{self, OpenFlags, Req, Resp};
 use zcio::transport::{RawSeg, RecvSeg, Request, SendSeg, Transport};
 use zcio::{Client, Error, Pool};
-use zcio_rdma::config::RdmaConfig;
+use zcio_rdma::config::{ClientExposure, RdmaConfig};
 use zcio_rdma::transport::Faults;
 use zcio_rdma::verbs::Context;
 use zcio_rdma::RdmaTransport;
@@ -41,12 +45,38 @@ fn device_name() -> Option<String> {
         .filter(|n| !n.is_empty())
 }
 
+thread_local! {
+    /// The client exposure mode of the test running on this thread (see [`with_exposure`]).
+    static EXPOSURE: std::cell::Cell<Option<ClientExposure>> = const { std::cell::Cell::new(None) };
+}
+
+/// The `rdma.client_exposure` every configuration of this test gets: set by
+/// [`with_exposure`], or in a child process by its parent (`ZCIO_FAULTS_EXPOSURE`), or the
+/// default.
+fn exposure() -> ClientExposure {
+    if let Some(e) = EXPOSURE.with(std::cell::Cell::get) {
+        return e;
+    }
+    match std::env::var("ZCIO_FAULTS_EXPOSURE").as_deref() {
+        Ok("arena") => ClientExposure::Arena,
+        Ok("request") => ClientExposure::Request,
+        _ => ClientExposure::default(),
+    }
+}
+
+/// Runs `test` with clients in `mode`.
+fn with_exposure(mode: ClientExposure, test: fn()) {
+    EXPOSURE.with(|e| e.set(Some(mode)));
+    test();
+}
+
 fn base_config() -> Config {
     let mut cfg = Config {
         transport: "rdma".into(),
         ..Config::default()
     };
     RdmaConfig::of_mut(&mut cfg).device = device_name();
+    RdmaConfig::of_mut(&mut cfg).client_exposure = exposure();
     cfg.pool = test_pool();
     cfg.server.listen = "127.0.0.1:0".into();
     cfg
@@ -70,6 +100,7 @@ fn device_present() -> bool {
 fn start(t: Arc<dyn Transport>, tweak: impl FnOnce(&mut Config)) -> Harness {
     Harness::start(t, |c| {
         RdmaConfig::of_mut(c).device = device_name();
+        RdmaConfig::of_mut(c).client_exposure = exposure();
         tweak(c);
     })
 }
@@ -103,6 +134,7 @@ fn spawn_child(test: &str, role: &str, env: &[(&str, &str)]) -> ChildGuard {
         "--test-threads=1",
     ])
     .env("ZCIO_FAULTS_CHILD", role)
+    .env("ZCIO_FAULTS_EXPOSURE", exposure().as_str())
     .stdout(Stdio::piped())
     .stderr(Stdio::inherit());
     for (k, v) in env {
@@ -1365,4 +1397,40 @@ fn a_request_waiting_for_buffers_does_not_hold_up_finished_ones() {
     assert_eq!(third.header, [last]);
     tb.answer(third);
     tb.finish(pending);
+}
+
+/// Every device test again, with `rdma.client_exposure = "arena"`.
+mod arena {
+    macro_rules! in_arena_mode {
+        ($($name:ident),* $(,)?) => {
+            $(
+                #[test]
+                #[ignore = "needs an RDMA device: ci/rxe-test runs it"]
+                fn $name() {
+                    super::with_exposure(super::ClientExposure::Arena, super::$name);
+                }
+            )*
+        };
+    }
+
+    in_arena_mode!(
+        segments_up_to_and_beyond_the_sge_limit,
+        mixed_segment_kinds_in_one_request,
+        credits_exhausted_and_replenished_at_iodepth_64,
+        client_killed_mid_transfer,
+        server_killed_client_requests_fail_promptly,
+        server_closing_a_connection_fails_its_requests_promptly,
+        bogus_rkey_is_reported_and_the_server_keeps_serving,
+        memlock_too_small_is_a_clear_error,
+        busy_poll_round_trip,
+        spinning_waiters_share_the_completion_queue,
+        waiters_take_their_own_replies_and_nothing_is_stranded,
+        inline_payloads_up_to_the_largest_threshold,
+        idle_connection_is_closed_by_the_server,
+        request_without_reply_times_out,
+        queue_pairs_are_negotiated_share_out_requests_and_route_replies,
+        one_queue_pair_failing_fails_the_whole_connection,
+        request_payloads_wait_for_server_buffers_when_the_pool_is_empty,
+        a_request_waiting_for_buffers_does_not_hold_up_finished_ones,
+    );
 }

@@ -15,9 +15,9 @@ use std::time::{Duration, Instant};
 use nix::poll::{poll, PollFd, PollFlags};
 use zcio_rdma::devices::{list_devices, LinkLayer, PortState};
 use zcio_rdma::verbs::{
-    check_memlock, CompletionQueue, Context, CqMode, Endpoint, MemoryRegion, MrAccess,
-    ProtectionDomain, QpConfig, QpState, QueuePair, Remote, Sge, WcOpcode, WcStatus,
-    WorkCompletion,
+    check_memlock, CompletionQueue, Context, CqMode, Endpoint, MemoryRegion, MemoryWindow,
+    MrAccess, ProtectionDomain, QpConfig, QpState, QueuePair, Remote, Sge, WcOpcode, WcStatus,
+    WindowAccess, WorkCompletion,
 };
 use zcio_rdma::RdmaError;
 
@@ -662,4 +662,265 @@ fn post_poll_and_wait_do_not_allocate() {
     );
     // The RDMA READ brought back what the WRITE put there.
     assert!(p.a.buf.read(64 * 1024, 8192) == p.a.buf.read(0, 8192));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Type 2 memory windows: side `a` owns memory registered LocalWriteBind and exposes part of
+// it through a window; side `b` plays the peer (a server) and tries to reach it.
+
+const WIN_LEN: usize = 64 * 1024;
+
+/// Fields drop in order: the window, then the queue pairs, then the region and its memory.
+struct Windowed {
+    w: MemoryWindow,
+    p: Pair,
+    mr: MemoryRegion,
+    buf: Buf,
+}
+
+impl Windowed {
+    fn new(ctx: &Context) -> Windowed {
+        let p = connected_pair(ctx, CqMode::BusyPoll);
+        let buf = Buf::new(WIN_LEN);
+        buf.write(0, &pattern(WIN_LEN, 77));
+        // SAFETY: `buf` outlives `mr` (field order), and is only touched through raw copies
+        // while no work request and no window reaches it.
+        let mr = unsafe { p.a._pd.register(buf.ptr, WIN_LEN, MrAccess::LocalWriteBind) }
+            .unwrap_or_else(|e| panic!("register LocalWriteBind: {}", chain(&e)));
+        let w = MemoryWindow::new(&p.a._pd).unwrap_or_else(|e| panic!("alloc_mw: {}", chain(&e)));
+        Windowed { w, p, mr, buf }
+    }
+
+    /// Binds the window over `len` bytes at `off` and waits for the bind to complete.
+    fn bind(&mut self, off: usize, len: usize, access: WindowAccess) -> u32 {
+        let rkey = self
+            .p
+            .a
+            .qp
+            .post_bind(
+                90,
+                &mut self.w,
+                &self.mr,
+                self.buf.addr(off),
+                len,
+                access,
+                true,
+            )
+            .unwrap_or_else(|e| panic!("bind: {}", chain(&e)));
+        self.p.a.expect_ok(90, WcOpcode::BindMw);
+        assert_eq!(rkey, self.w.rkey());
+        rkey
+    }
+
+    fn invalidate(&mut self) {
+        self.p.a.qp.post_invalidate(91, &mut self.w, true).unwrap();
+        self.p.a.expect_ok(91, WcOpcode::LocalInv);
+    }
+
+    /// `b` RDMA WRITEs 4 KiB of a pattern to `off` of `a`'s windowed memory with `rkey`.
+    fn peer_write(&self, off: usize, rkey: u32) -> WorkCompletion {
+        self.p.b.buf.write(0, &pattern(4096, 5));
+        let remote = Remote {
+            addr: self.buf.addr(off),
+            rkey,
+        };
+        self.p
+            .b
+            .qp
+            .post_write(92, &[self.p.b.sge(0, 4096)], remote)
+            .unwrap();
+        self.p.b.wait_one()
+    }
+
+    /// `b` RDMA READs 4 KiB from `off` of `a`'s windowed memory with `rkey`.
+    fn peer_read(&self, off: usize, rkey: u32) -> WorkCompletion {
+        let remote = Remote {
+            addr: self.buf.addr(off),
+            rkey,
+        };
+        self.p
+            .b
+            .qp
+            .post_read(93, &[self.p.b.sge(8192, 4096)], remote)
+            .unwrap();
+        self.p.b.wait_one()
+    }
+
+    fn untouched(&self) -> bool {
+        self.buf.read(0, WIN_LEN) == pattern(WIN_LEN, 77)
+    }
+}
+
+fn is_rxe(ctx: &Context) -> bool {
+    ctx.name().starts_with("rxe")
+}
+
+#[test]
+#[ignore = "needs an RDMA device: ci/rxe-test runs it"]
+fn device_reports_type2_memory_windows() {
+    let ctx = device("device_reports_type2_memory_windows");
+    let caps = ctx.caps().unwrap();
+    println!(
+        "{}: max_mw {}, type 2 windows {}",
+        ctx.name(),
+        caps.max_mw,
+        caps.mw_type2
+    );
+    if is_rxe(&ctx) {
+        assert!(caps.mw_type2 && caps.max_mw > 0, "{caps:?}");
+    }
+}
+
+#[test]
+#[ignore = "needs an RDMA device: ci/rxe-test runs it"]
+fn a_window_grants_its_direction_only_while_bound() {
+    let ctx = device("a_window_grants_its_direction_only_while_bound");
+    // Write window: the peer's write lands, in the window.
+    let mut t = Windowed::new(&ctx);
+    let rkey = t.bind(8192, 8192, WindowAccess::RemoteWrite);
+    let c = t.peer_write(8192, rkey);
+    assert_eq!(c.status, WcStatus::Success, "{c:?}");
+    assert_eq!(t.buf.read(8192, 4096), pattern(4096, 5));
+    assert_eq!(t.buf.read(0, 8192), pattern(WIN_LEN, 77)[..8192]);
+    // Invalidated: the same rkey is refused and nothing changes.
+    t.invalidate();
+    t.buf.write(0, &pattern(WIN_LEN, 77));
+    let c = t.peer_write(8192, rkey);
+    assert_eq!(c.status, WcStatus::RemoteAccessError, "stale rkey: {c:?}");
+    assert!(t.untouched(), "a write with an invalidated rkey landed");
+
+    // Read window: the peer reads it; writing through it is refused.
+    let mut t = Windowed::new(&ctx);
+    let rkey = t.bind(4096, 4096, WindowAccess::RemoteRead);
+    let c = t.peer_read(4096, rkey);
+    assert_eq!(c.status, WcStatus::Success, "{c:?}");
+    assert_eq!(t.p.b.buf.read(8192, 4096), pattern(WIN_LEN, 77)[4096..8192]);
+    let c = t.peer_write(4096, rkey);
+    assert_eq!(
+        c.status,
+        WcStatus::RemoteAccessError,
+        "wrong direction: {c:?}"
+    );
+    assert!(t.untouched(), "a write through a read window landed");
+
+    // Write window read from: refused.
+    let mut t = Windowed::new(&ctx);
+    let rkey = t.bind(4096, 4096, WindowAccess::RemoteWrite);
+    let c = t.peer_read(4096, rkey);
+    assert_eq!(
+        c.status,
+        WcStatus::RemoteAccessError,
+        "wrong direction: {c:?}"
+    );
+
+    // The region's own rkey grants nothing.
+    let t = Windowed::new(&ctx);
+    let c = t.peer_write(0, t.mr.rkey());
+    assert_eq!(c.status, WcStatus::RemoteAccessError, "region rkey: {c:?}");
+    assert!(t.untouched());
+
+    // Rebound elsewhere: the previous binding's rkey is dead, the new one works.
+    let mut t = Windowed::new(&ctx);
+    let old = t.bind(0, 4096, WindowAccess::RemoteWrite);
+    t.invalidate();
+    let new = t.bind(16384, 4096, WindowAccess::RemoteWrite);
+    assert_ne!(old, new);
+    let c = t.peer_write(0, old);
+    assert_eq!(
+        c.status,
+        WcStatus::RemoteAccessError,
+        "old rkey after rebind: {c:?}"
+    );
+    assert!(t.untouched());
+}
+
+#[test]
+#[ignore = "needs an RDMA device: ci/rxe-test runs it"]
+fn window_misuse_is_an_error_not_a_post() {
+    let ctx = device("window_misuse_is_an_error_not_a_post");
+    let mut t = Windowed::new(&ctx);
+    let qp = &t.p.a.qp;
+    let a = t.buf.addr(0);
+    // Outside the region, empty, a region without MW_BIND, invalidating an unbound window.
+    let e = qp.post_bind(
+        1,
+        &mut t.w,
+        &t.mr,
+        a + WIN_LEN as u64 - 10,
+        4096,
+        WindowAccess::RemoteRead,
+        true,
+    );
+    assert!(matches!(e, Err(RdmaError::Window { .. })), "{e:?}");
+    let e = qp.post_bind(1, &mut t.w, &t.mr, a, 0, WindowAccess::RemoteRead, true);
+    assert!(matches!(e, Err(RdmaError::Window { .. })), "{e:?}");
+    let e = qp.post_bind(
+        1,
+        &mut t.w,
+        &t.p.a.mr,
+        t.p.a.buf.addr(0),
+        4096,
+        WindowAccess::RemoteRead,
+        true,
+    );
+    assert!(matches!(e, Err(RdmaError::Window { .. })), "{e:?}");
+    let e = qp.post_invalidate(1, &mut t.w, true);
+    assert!(matches!(e, Err(RdmaError::Window { .. })), "{e:?}");
+    // Binding twice without an invalidation.
+    t.bind(0, 4096, WindowAccess::RemoteRead);
+    let e =
+        t.p.a
+            .qp
+            .post_bind(1, &mut t.w, &t.mr, a, 4096, WindowAccess::RemoteRead, true);
+    assert!(matches!(e, Err(RdmaError::Window { .. })), "{e:?}");
+    // A window of another protection domain.
+    let other = ctx.alloc_pd().unwrap();
+    let mut w2 = MemoryWindow::new(&other).unwrap();
+    let e =
+        t.p.a
+            .qp
+            .post_bind(1, &mut w2, &t.mr, a, 4096, WindowAccess::RemoteRead, true);
+    assert!(matches!(e, Err(RdmaError::Window { .. })), "{e:?}");
+}
+
+/// What Soft-RoCE does not enforce: a window's bounds. Linux 6.1's rxe checks a window's
+/// rkey, state, queue pair and access rights, then checks the address range against the
+/// window's *memory region*, not the window (`check_rkey` in rxe_resp.c). So on rxe the peer
+/// reaches, through a bound window of the right direction, any byte of the region it was
+/// bound over. Asserted as observed, so a fixed rxe (or a device that enforces bounds, as
+/// the verbs specification requires) shows up here.
+#[test]
+#[ignore = "needs an RDMA device: ci/rxe-test runs it"]
+fn window_bounds_on_this_device() {
+    let ctx = device("window_bounds_on_this_device");
+    let mut t = Windowed::new(&ctx);
+    let rkey = t.bind(8192, 4096, WindowAccess::RemoteWrite);
+    // 4 KiB past the window's end, inside the region.
+    let c = t.peer_write(3 * 4096, rkey);
+    println!(
+        "{}: a write outside a bound window, inside its region: {:?}",
+        ctx.name(),
+        c.status
+    );
+    if is_rxe(&ctx) {
+        assert_eq!(
+            c.status,
+            WcStatus::Success,
+            "rxe enforces window bounds now: update docs/RXE.md"
+        );
+        assert_eq!(t.buf.read(3 * 4096, 4096), pattern(4096, 5));
+    } else {
+        assert_eq!(c.status, WcStatus::RemoteAccessError, "{c:?}");
+        assert!(t.untouched());
+    }
+    // Outside the region entirely: refused everywhere.
+    let mut t = Windowed::new(&ctx);
+    let rkey = t.bind(WIN_LEN - 4096, 4096, WindowAccess::RemoteWrite);
+    let c = t.peer_write(WIN_LEN, rkey);
+    assert_eq!(
+        c.status,
+        WcStatus::RemoteAccessError,
+        "past the region: {c:?}"
+    );
+    assert!(t.untouched());
 }

@@ -18,6 +18,7 @@ spin_us = 250
 credits = 8
 queue_pairs = 3
 register_threshold = "1M"
+client_exposure = "arena"
 "#;
 
 #[test]
@@ -33,6 +34,12 @@ fn every_key_parsed() {
     assert_eq!(r.credits, 8);
     assert_eq!(r.queue_pairs, 3);
     assert_eq!(r.register_threshold, 1 << 20);
+    assert_eq!(r.client_exposure, ClientExposure::Arena);
+    assert_eq!(
+        RdmaConfig::default().client_exposure,
+        ClientExposure::Request,
+        "per-request exposure is the default"
+    );
     assert_eq!(RdmaConfig::of(&parse("").unwrap()), &RdmaConfig::default());
 }
 
@@ -101,6 +108,11 @@ fn bad_values_name_key_and_value() {
         ("[rdma]\nbusy_poll = \"yes\"", "rdma.busy_poll", "yes"),
         ("[rdma]\nport = \"one\"", "rdma.port", "one"),
         ("[rdma]\ndevice = 3", "rdma.device", "3"),
+        (
+            "[rdma]\nclient_exposure = \"pool\"",
+            "rdma.client_exposure",
+            "pool",
+        ),
         ("[rdma]\ndevcie = \"rxe0\"", "rdma.devcie", "rxe0"),
     ];
     for (text, key, value) in cases {

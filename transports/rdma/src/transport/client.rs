@@ -50,7 +50,7 @@ use zcio::{Error, IobufMut, Pool, Result};
 
 use super::conn::{
     buf_sge, chain, describe_failure, post_recv_buf, wr_id, wr_parts, LaneEvents, Poller,
-    SendQueue, KIND_RECV, KIND_SEND,
+    SendQueue, KIND_BIND, KIND_INV, KIND_RECV, KIND_SEND,
 };
 use super::device::register_err;
 use super::lane::client::ClientLane;
@@ -58,7 +58,10 @@ use super::lane::receives::Receives;
 use super::msg::{decode_reply, encode_request, request_len, Desc, MsgLimits, RequestHead};
 use super::plan::push_desc;
 use super::{lock, Faults, MAX_INLINE};
-use crate::verbs::{MemoryRegion, MrAccess, ProtectionDomain, QueuePair, WorkCompletion};
+use crate::verbs::{
+    ArenaRegistrar, MemoryRegion, MemoryWindow, ProtectionDomain, QueuePair, RegisteredRecv,
+    RegisteredSend, WindowAccess, WorkCompletion,
+};
 
 /// A run of small receive segments bounced through one pool buffer.
 struct RecvBounce {
@@ -70,16 +73,35 @@ struct RecvBounce {
     seg_off: usize,
 }
 
+/// A memory window to bind over pool memory for one request (`rdma.client_exposure =
+/// "request"`).
+struct Bind {
+    mr: MemoryRegion,
+    addr: u64,
+    len: usize,
+    access: WindowAccess,
+}
+
 /// Per-slot working storage, reused from request to request: nothing on a request's way
 /// allocates once the slot has carried a request of its shape.
 #[derive(Default)]
 struct Scratch {
     send_descs: Vec<Desc>,
     recv_descs: Vec<Desc>,
-    /// Regions registered on the fly for this request.
-    mrs: Vec<MemoryRegion>,
+    /// Segments registered on the fly for this request, by their index in the request
+    /// (taken out of it, and put back when the reply is in).
+    sent: Vec<(usize, RegisteredSend)>,
+    recvd: Vec<(usize, RegisteredRecv)>,
     send_bounce: Vec<IobufMut>,
     recv_bounce: Vec<RecvBounce>,
+    /// The windows this request binds, `binds[k]` with `windows[k]`.
+    binds: Vec<Bind>,
+    /// The slot's memory windows, allocated as its requests need them and kept: the first
+    /// `binds.len()` are bound while the request is in flight, and invalidated (the
+    /// invalidations executed) before it completes.
+    windows: Vec<MemoryWindow>,
+    /// The reply's inline payload, held while the windows are being invalidated.
+    inline: Vec<u8>,
 }
 
 impl Scratch {
@@ -87,18 +109,28 @@ impl Scratch {
         Scratch {
             send_descs: Vec::with_capacity(n),
             recv_descs: Vec::with_capacity(n),
-            mrs: Vec::new(),
+            sent: Vec::new(),
+            recvd: Vec::new(),
             send_bounce: Vec::new(),
             recv_bounce: Vec::new(),
+            // Room for the windows of a request of a few segments (more grow once).
+            binds: Vec::with_capacity(4),
+            windows: Vec::with_capacity(4),
+            inline: Vec::with_capacity(MAX_INLINE),
         }
     }
 
+    /// Back to empty for the next request; the windows stay, unbound (a request's windows
+    /// are invalidated before it completes; after a failure the scratch goes with it).
     fn clear(&mut self) {
         self.send_descs.clear();
         self.recv_descs.clear();
-        self.mrs.clear();
+        self.sent.clear();
+        self.recvd.clear();
         self.send_bounce.clear();
         self.recv_bounce.clear();
+        self.binds.clear();
+        self.inline.clear();
     }
 }
 
@@ -112,6 +144,9 @@ struct InFlight {
     recv: Vec<RecvSeg>,
     recv_cap: usize,
     scratch: Scratch,
+    /// Once the reply is in: its payload length and whether it came inline (then in
+    /// `scratch.inline`).
+    reply: Option<(usize, bool)>,
 }
 
 /// One credit's data; whether it is taken is [`ClientLane`]'s. A slot (and its message
@@ -124,6 +159,8 @@ struct Slot {
     /// Working storage (lent out while a request is prepared or completed).
     scratch: Option<Scratch>,
     req: Option<InFlight>,
+    /// A request whose reply is in, while its windows are being invalidated.
+    invalidating: Option<InFlight>,
 }
 
 struct LaneState {
@@ -184,6 +221,11 @@ struct Lane {
     /// The caller's pool: bounce buffers.
     pool: Pool,
     reg: RegistrarId,
+    /// With `rdma.client_exposure = "request"`: the registrar of the pool's arenas, whose
+    /// regions windows are bound over. `None` with `"arena"`.
+    windowed: Option<Arc<ArenaRegistrar>>,
+    /// Send-queue entries in all: a request binding `n` windows needs `2n + 1` at once.
+    sq_total: usize,
     ctl_reg: RegistrarId,
     pd: ProtectionDomain,
     limits: Limits,
@@ -246,8 +288,8 @@ pub(crate) struct RdmaClientConn {
 }
 
 /// Where a send segment's bytes are.
-fn send_ptr(s: &SendSeg) -> *const u8 {
-    s.as_slice().as_ptr()
+fn send_addr(s: &SendSeg) -> u64 {
+    s.as_slice().as_ptr() as u64
 }
 
 impl Lane {
@@ -336,15 +378,16 @@ impl Lane {
         }
     }
 
-    fn register(&self, ptr: *mut u8, len: usize, access: MrAccess) -> Result<MemoryRegion> {
-        // SAFETY: `ptr..ptr+len` is a segment of the request being prepared: borrowed memory
-        // the caller promised (RawSeg's contract) stays valid and otherwise untouched until
-        // the request completes, or a Vec the request owns (its heap buffer does not move).
-        // The region lives in the request's slot and is dropped, i.e. deregistered, before
-        // the request completes: after its reply (every RDMA operation on it is then over),
-        // or after the queue pair was destroyed (on failure). No Rust reference to a receive
-        // segment is made while the server may write it.
-        unsafe { self.pd.register(ptr, len, access) }.map_err(register_err)
+    /// The key a descriptor of pool memory carries until the request is sent: the
+    /// arena's rkey with `"arena"`; with `"request"` its lkey, which [`Lane::plan_windows`]
+    /// looks the region up by and replaces with a window's rkey (a region without remote
+    /// access may have no distinct rkey: rxe gives them all 0).
+    fn pool_key(&self, lkey: u32, rkey: u32) -> u32 {
+        if self.windowed.is_some() {
+            lkey
+        } else {
+            rkey
+        }
     }
 
     /// A bounce buffer for the next `want` bytes of a run of small segments.
@@ -358,7 +401,7 @@ impl Lane {
         })?;
         Ok(Desc {
             addr: buf.as_ptr() as u64,
-            rkey: keys.rkey,
+            rkey: self.pool_key(keys.lkey, keys.rkey),
             len: len as u32,
         })
     }
@@ -376,10 +419,11 @@ impl Lane {
                 .sum::<usize>()
     }
 
-    fn describe_send(&self, send: &[SendSeg], s: &mut Scratch) -> Result<()> {
+    fn describe_send(&self, send: &mut [SendSeg], s: &mut Scratch) -> Result<()> {
         // The bounce buffer being filled, and how much of it is.
         let mut cur: Option<(IobufMut, usize)> = None;
-        for (i, seg) in send.iter().enumerate() {
+        for i in 0..send.len() {
+            let seg = &send[i];
             let len = seg.len();
             if len == 0 {
                 continue;
@@ -389,23 +433,25 @@ impl Lane {
                 push_desc(
                     &mut s.send_descs,
                     Desc {
-                        addr: send_ptr(seg) as u64,
-                        rkey: k.rkey,
+                        addr: send_addr(seg),
+                        rkey: self.pool_key(k.lkey, k.rkey),
                         len: len as u32,
                     },
                 );
             } else if len >= self.register_threshold {
                 self.flush_send(&mut cur, s)?;
-                let mr = self.register(send_ptr(seg).cast_mut(), len, MrAccess::RemoteRead)?;
+                // Out of the request while registered; put back with the reply.
+                let seg = std::mem::replace(&mut send[i], SendSeg::Owned(Vec::new()));
+                let r = RegisteredSend::new(&self.pd, seg).map_err(register_err)?;
                 push_desc(
                     &mut s.send_descs,
                     Desc {
-                        addr: send_ptr(seg) as u64,
-                        rkey: mr.rkey(),
+                        addr: r.addr(),
+                        rkey: r.rkey(),
                         len: len as u32,
                     },
                 );
-                s.mrs.push(mr);
+                s.sent.push((i, r));
             } else {
                 let mut bytes = seg.as_slice();
                 while !bytes.is_empty() {
@@ -467,24 +513,26 @@ impl Lane {
                     &mut s.recv_descs,
                     Desc {
                         addr,
-                        rkey: k.rkey,
+                        rkey: self.pool_key(k.lkey, k.rkey),
                         len: len as u32,
                     },
                 );
                 pos += len;
             } else if len >= self.register_threshold {
                 self.flush_recv(&mut cur, pos, s)?;
-                let ptr = recv[i].addr();
-                let mr = self.register(ptr, len, MrAccess::RemoteReadWrite)?;
+                // With per-request exposure, the server may only write a reply's memory.
+                let readable = self.windowed.is_none();
+                let seg = std::mem::replace(&mut recv[i], RecvSeg::Owned(Vec::new()));
+                let r = RegisteredRecv::new(&self.pd, seg, readable).map_err(register_err)?;
                 push_desc(
                     &mut s.recv_descs,
                     Desc {
-                        addr: ptr as u64,
-                        rkey: mr.rkey(),
+                        addr: r.addr(),
+                        rkey: r.rkey(),
                         len: len as u32,
                     },
                 );
-                s.mrs.push(mr);
+                s.recvd.push((i, r));
                 pos += len;
             } else {
                 let mut off = 0;
@@ -528,13 +576,83 @@ impl Lane {
         Ok(())
     }
 
+    /// With per-request exposure: a window for each descriptor of pool memory (the others
+    /// name regions registered on the fly for this request alone), over exactly its bytes,
+    /// remote read for request payload and remote write for reply payload; the descriptor
+    /// gets the rkey the window's bind will give. The binds are posted in `start`.
+    fn plan_windows(&self, reg: &ArenaRegistrar, s: &mut Scratch) -> Result<()> {
+        let Scratch {
+            send_descs,
+            recv_descs,
+            sent,
+            recvd,
+            binds,
+            windows,
+            ..
+        } = s;
+        let descs = send_descs
+            .iter_mut()
+            .map(|d| (d, WindowAccess::RemoteRead))
+            .chain(
+                recv_descs
+                    .iter_mut()
+                    .map(|d| (d, WindowAccess::RemoteWrite)),
+            );
+        for (d, access) in descs {
+            // A segment registered for this request alone: its own rkey, its own range.
+            let inside = |addr: u64, len: usize| {
+                d.addr >= addr && d.addr + u64::from(d.len) <= addr + len as u64
+            };
+            let own = sent
+                .iter()
+                .any(|(_, r)| r.rkey() == d.rkey && inside(r.addr(), r.len()))
+                || recvd
+                    .iter()
+                    .any(|(_, r)| r.rkey() == d.rkey && inside(r.addr(), r.len()));
+            if own {
+                continue;
+            }
+            // Pool memory: the descriptor carries the arena's lkey (`pool_key`).
+            let mr = reg.region(d.rkey).ok_or_else(|| {
+                Error::InvalidArgument("a pool buffer without rdma registration".into())
+            })?;
+            if !usize::try_from(d.addr).is_ok_and(|a| mr.contains(a, d.len as usize)) {
+                return Err(Error::InvalidArgument(format!(
+                    "{} bytes at {:#x} are not inside the pool arena they name",
+                    d.len, d.addr
+                )));
+            }
+            let k = binds.len();
+            if windows.len() <= k {
+                windows.push(MemoryWindow::new(&self.pd).map_err(window_err)?);
+            }
+            d.rkey = windows[k].next_rkey();
+            binds.push(Bind {
+                mr,
+                addr: d.addr,
+                len: d.len as usize,
+                access,
+            });
+        }
+        let need = 2 * binds.len() + 1;
+        if need > self.sq_total {
+            return Err(Error::InvalidArgument(format!(
+                "the request needs {} memory windows, {need} send-queue entries; the queue \
+                 pair has {} (rdma.client_exposure = \"request\")",
+                binds.len(),
+                self.sq_total
+            )));
+        }
+        Ok(())
+    }
+
     /// Describes the payload and encodes the request into `msg`; returns the message
     /// length and the reply capacity.
     fn prepare(
         &self,
         id: u64,
         header: &[u8],
-        send: &[SendSeg],
+        send: &mut [SendSeg],
         recv: &mut [RecvSeg],
         s: &mut Scratch,
         msg: &mut IobufMut,
@@ -549,6 +667,9 @@ impl Lane {
         }
         if recv_cap > inline {
             self.describe_recv(recv, s)?;
+        }
+        if let Some(reg) = &self.windowed {
+            self.plan_windows(reg, s)?;
         }
         let keyed = !s.send_descs.is_empty() || !s.recv_descs.is_empty();
         let every = u64::from(self.faults.qp_error_every);
@@ -603,13 +724,26 @@ impl Lane {
         self.ended.record(&reason);
         st.dead = Some(reason.clone());
         self.dead.store(true, Ordering::SeqCst);
-        // First: after this the device touches none of our memory.
+        // First the windows of requests in flight: freeing a bound window invalidates it at
+        // once, and rxe keeps a queue pair with windows bound on it from being destroyed
+        // (destroying it first waits for them, for tens of seconds).
+        for slot in st.slots.iter_mut() {
+            for f in slot.req.iter_mut().chain(slot.invalidating.iter_mut()) {
+                f.scratch.windows.clear();
+            }
+        }
+        // Then the queue pair: after this the device touches none of our memory.
         st.qp = None;
         st.recv.clear();
         st.sq.clear();
         st.requests.fail();
         let mut done = Vec::new();
         for slot in st.slots.iter_mut() {
+            // The queue pair is gone: no window bound on it grants anything any more, so
+            // the buffers of requests whose windows were being invalidated may go back.
+            if let Some(f) = slot.invalidating.take() {
+                done.push((f.completer, Err(Error::ConnectionClosed(reason.clone()))));
+            }
             if let Some(f) = slot.req.take() {
                 let err = match culprit.take() {
                     Some((id, e)) if id == f.id => e,
@@ -649,13 +783,13 @@ impl Lane {
         let (i, mut scratch, mut msg) = self.acquire()?;
         let Request {
             header,
-            send,
+            mut send,
             mut recv,
         } = req;
         // Ids stay below 2^56: the server keeps the top byte for itself.
         let id = self.lock().requests.next_id(i);
         let (msg_len, recv_cap) =
-            match self.prepare(id, &header, &send, &mut recv, &mut scratch, &mut msg) {
+            match self.prepare(id, &header, &mut send, &mut recv, &mut scratch, &mut msg) {
                 Ok(v) => v,
                 Err(e) => {
                     self.release(i, scratch, msg);
@@ -663,9 +797,13 @@ impl Lane {
                 }
             };
         let mut st = self.lock();
+        // The binds, the SEND, and room set aside for the invalidations.
+        let windows = scratch.binds.len();
+        let need = 2 * windows + 1;
         // Room in the send queue: only short of it while the connection thread has yet to
-        // see a signaled SEND's completion, which is already on its way (`signal_send`).
-        while st.sq.room() == 0 && st.dead.is_none() {
+        // see a signaled SEND's completion, which is already on its way (`signal_send`), or
+        // (with windows) while other requests' windows are bound; their replies free it.
+        while st.sq.room() < need && st.dead.is_none() {
             // The completion that frees room may sit in the queue with nobody waiting on
             // the channel: let the connection thread take it.
             self.poller.background(false);
@@ -687,10 +825,16 @@ impl Lane {
         let inline = msg_len <= self.max_inline_send;
         let sge = buf_sge(&msg, msg_len, self.ctl_reg);
         let st = &mut *st;
+        let bound = post_binds(st, i, &mut scratch);
         let sq_seq = st.sq.next_seq();
-        let signaled = st.requests.signal_next(st.sq.room());
+        // With windows, a later request may need more room than one entry: every request
+        // then ends in a signaled completion that retires what came before it (its last
+        // invalidation, or, binding no window, its SEND), so room always comes back.
+        let signaled =
+            st.requests.signal_next(st.sq.room()) || (self.windowed.is_some() && windows == 0);
         let wr = wr_id(KIND_SEND, i, sq_seq);
         let posted = match (&st.qp, sge) {
+            _ if bound.is_err() => bound,
             (Some(qp), _) if inline && signaled => qp.post_send_inline(wr, &[&msg[..msg_len]]),
             (Some(qp), _) if inline => qp.post_send_inline_unsignaled(wr, &[&msg[..msg_len]]),
             (Some(qp), Some(sge)) if signaled => qp.post_send(wr, &[sge]),
@@ -707,6 +851,7 @@ impl Lane {
             recv,
             recv_cap,
             scratch,
+            reply: None,
         });
         let failed = match (posted, st.requests.sent(i, id, Instant::now())) {
             (Err(e), _) => Some(format!(
@@ -845,12 +990,95 @@ impl Lane {
             self.finish_fail(done);
             return;
         }
-        match inline_len {
-            Some(n) => {
-                zcio::transport::scatter_into(&mut f.recv, &inline_bytes[..n]);
-                inline_bytes[..n].fill(0);
+        if let Some(n) = inline_len {
+            // Within the capacity reserved at set-up: no allocation.
+            f.scratch.inline.clear();
+            f.scratch.inline.extend_from_slice(&inline_bytes[..n]);
+            inline_bytes[..n].fill(0);
+        }
+        f.reply = Some((payload_len, inline_len.is_some()));
+        if f.scratch.binds.is_empty() {
+            self.finish(slot, f);
+        } else {
+            self.invalidate(slot, f);
+        }
+    }
+
+    /// Posts the invalidation of every window of `f` (whose reply is in), the last one
+    /// signaled; `f` completes when that completion arrives ([`Lane::on_invalidated`]), so
+    /// its buffers go back to the caller only once the server can no longer reach them.
+    fn invalidate(&self, slot: usize, mut f: InFlight) {
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        if st.dead.is_some() {
+            // The queue pair is destroyed: its windows grant nothing any more.
+            let e = self.closed_err(st);
+            drop(guard);
+            f.completer.complete(Err(e));
+            return;
+        }
+        let n = f.scratch.binds.len();
+        st.sq.unreserve(n);
+        let mut posted = Ok(());
+        if let Some(qp) = &st.qp {
+            for (k, w) in f.scratch.windows[..n].iter_mut().enumerate() {
+                let seq = st.sq.next_seq();
+                posted = qp.post_invalidate(wr_id(KIND_INV, slot, seq), w, k + 1 == n);
+                if posted.is_err() {
+                    break;
+                }
             }
-            None => copy_out(&mut f.recv, &f.scratch.recv_bounce, payload_len),
+        }
+        match posted {
+            Ok(()) => st.slots[slot].invalidating = Some(f),
+            Err(e) => {
+                let reason = format!(
+                    "posting a memory window invalidation on the connection to {}: {}",
+                    self.peer,
+                    chain(&e)
+                );
+                let mut done = self.fail_locked(st, reason.clone(), None);
+                drop(guard);
+                done.push((f.completer, Err(Error::ConnectionClosed(reason))));
+                self.finish_fail(done);
+            }
+        }
+    }
+
+    /// The last invalidation of the request in `slot` executed: it completes.
+    fn on_invalidated(&self, slot: usize) {
+        let f = {
+            let mut st = self.lock();
+            if st.dead.is_some() {
+                return;
+            }
+            st.slots.get_mut(slot).and_then(|s| s.invalidating.take())
+        };
+        match f {
+            Some(f) => self.finish(slot, f),
+            None => self.fail(
+                format!("internal: an invalidation completed for slot {slot}, which has none"),
+                None,
+            ),
+        }
+    }
+
+    /// Delivers the reply of `f` (in `f.reply`; the server can reach none of its memory any
+    /// more) and frees its slot.
+    fn finish(&self, slot: usize, mut f: InFlight) {
+        // Deregistered, and back in their places.
+        for (k, r) in f.scratch.sent.drain(..) {
+            f.send[k] = r.into_segment();
+        }
+        for (k, r) in f.scratch.recvd.drain(..) {
+            f.recv[k] = r.into_segment();
+        }
+        let (payload_len, inline) = f.reply.unwrap_or((0, false));
+        if inline {
+            zcio::transport::scatter_into(&mut f.recv, &f.scratch.inline);
+            f.scratch.inline.fill(0);
+        } else {
+            copy_out(&mut f.recv, &f.scratch.recv_bounce, payload_len);
         }
         let InFlight {
             completer,
@@ -860,7 +1088,7 @@ impl Lane {
             mut scratch,
             ..
         } = f;
-        // Deregisters the on-the-fly regions, returns the bounce buffers.
+        // Returns the bounce buffers (the on-the-fly registrations are back in place).
         scratch.clear();
         completer.complete(Ok(Reply {
             header,
@@ -876,6 +1104,53 @@ impl Lane {
             self.busy.fetch_sub(1, Ordering::Relaxed);
             self.cond.notify_one();
         }
+    }
+}
+
+/// Posts the binds of a request's windows (unsignaled: the request's SEND, or a later
+/// signaled work request, retires them) and sets room aside for their invalidations. The
+/// caller made sure of `2n + 1` entries of room.
+fn post_binds(
+    st: &mut LaneState,
+    slot: usize,
+    s: &mut Scratch,
+) -> std::result::Result<(), crate::RdmaError> {
+    let LaneState { qp, sq, .. } = st;
+    let Some(qp) = qp else {
+        return Ok(());
+    };
+    for (b, w) in s.binds.iter().zip(s.windows.iter_mut()) {
+        let seq = sq.next_seq();
+        let planned = w.next_rkey();
+        let rkey = qp.post_bind(
+            wr_id(KIND_BIND, slot, seq),
+            w,
+            &b.mr,
+            b.addr,
+            b.len,
+            b.access,
+            false,
+        )?;
+        if rkey != planned {
+            return Err(crate::RdmaError::Window {
+                what: format!("bound with rkey {rkey:#x}, the request carries {planned:#x}"),
+            });
+        }
+    }
+    if !sq.reserve(s.binds.len()) {
+        return Err(crate::RdmaError::Window {
+            what: "internal: no send-queue room left for the invalidations".into(),
+        });
+    }
+    Ok(())
+}
+
+/// The error a failed window allocation becomes.
+fn window_err(e: crate::RdmaError) -> Error {
+    Error::Transport {
+        transport: "rdma",
+        what: "allocating a memory window (rdma.client_exposure = \"request\")".into(),
+        source: Box::new(e),
     }
 }
 
@@ -927,6 +1202,10 @@ impl LaneEvents for Lane {
         }
         match kind {
             KIND_SEND => self.on_send_done(seq),
+            KIND_INV => {
+                self.on_send_done(seq);
+                self.on_invalidated(slot);
+            }
             KIND_RECV => self.on_reply(slot, c.byte_len as usize),
             other => self.fail(
                 format!("internal: a completion of unknown kind {other}"),
@@ -976,6 +1255,12 @@ impl LaneEvents for Lane {
 
     fn on_cq_error(&self, why: String) {
         self.fail(format!("rdma connection to {}: {why}", self.peer), None);
+    }
+
+    /// With windows a request completes on its last invalidation's completion, which a
+    /// thread waiting for that request must not sleep through.
+    fn wake_on_sends(&self) -> bool {
+        self.windowed.is_some()
     }
 }
 

@@ -30,7 +30,8 @@ use crate::verbs::{
 use crate::RdmaError;
 
 pub(crate) use super::lane::send_queue::{
-    wr_id, wr_parts, Held, SendQueue, KIND_READ, KIND_RECV, KIND_SEND, KIND_WRITE,
+    wr_id, wr_parts, Held, SendQueue, KIND_BIND, KIND_INV, KIND_READ, KIND_RECV, KIND_SEND,
+    KIND_WRITE,
 };
 
 /// Largest scatter/gather list this transport builds (on the stack).
@@ -290,6 +291,8 @@ pub(crate) fn describe_failure(kind: u8, status: WcStatus) -> String {
         KIND_SEND => "a SEND",
         KIND_WRITE => "an RDMA WRITE",
         KIND_READ => "an RDMA READ",
+        KIND_BIND => "a memory window bind",
+        KIND_INV => "a memory window invalidation",
         _ => "a work request",
     };
     let why = match status {
@@ -338,6 +341,12 @@ pub(crate) trait LaneEvents: Send + Sync + 'static {
     fn on_socket_end(&self, why: Option<String>);
     /// Waiting for completions failed.
     fn on_cq_error(&self, why: String);
+    /// Whether a thread waiting for its own completion must be woken by send-queue
+    /// completions too, not only by the peer's messages (a client whose requests end with
+    /// the completion of a local memory window invalidation).
+    fn wake_on_sends(&self) -> bool {
+        false
+    }
 }
 
 /// A connection's completion queue, polled by its connection thread and by threads that
@@ -650,8 +659,17 @@ fn lead_loop<'p, C: LaneEvents + ?Sized + 'p>(
             Some(_) => continue,
         }
         // A leader waits for messages (its reply, the next request): its own send-queue
-        // completions, taken at its next drain anyway, need not wake it.
-        if (0..n).any(|k| lane(k).0.cq.request_notify_solicited().is_err()) {
+        // completions, taken at its next drain anyway, need not wake it; unless a request
+        // ends with one (a window invalidation: `wake_on_sends`).
+        let armed = |k: usize| {
+            let (p, events) = lane(k);
+            if events.wake_on_sends() {
+                p.cq.request_notify()
+            } else {
+                p.cq.request_notify_solicited()
+            }
+        };
+        if (0..n).any(|k| armed(k).is_err()) {
             return LeaderExit::Failed;
         }
         // Completions that raced the arming raise no event: look once more.

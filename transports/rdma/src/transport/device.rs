@@ -2,8 +2,11 @@
 //! opened lazily and kept for the life of the process, and one memory registrar per
 //! (device, pool, role) installed on the pool.
 //!
-//! The client's registrar registers arenas `LOCAL_WRITE | REMOTE_READ | REMOTE_WRITE` (the
-//! server reads request payload from them and writes reply payload into them); the
+//! The client's registrar registers arenas `LOCAL_WRITE | MW_BIND` with
+//! `rdma.client_exposure = "request"` (the server reaches only the buffers of a request in
+//! flight, through memory windows the connection binds per request), or
+//! `LOCAL_WRITE | REMOTE_READ | REMOTE_WRITE` with `"arena"` (the server may read and write
+//! every buffer of the pool at any time); the
 //! server's registers them `LOCAL_WRITE` only, so no client can touch server memory: every
 //! RDMA operation is initiated by the server. Registrations last as long as the pool (the
 //! memory region lives in the arena's [`RegionKeys::guard`](zcio::pool::RegionKeys::guard)); a buffer's keys are
@@ -31,8 +34,11 @@ pub(crate) struct Device {
 /// Which side registers: decides the access rights of pool memory.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub(crate) enum Side {
-    /// A client's data pool: the server may READ and WRITE it.
+    /// A client's data pool with `rdma.client_exposure = "arena"`: the server may READ and
+    /// WRITE it.
     Client,
+    /// A client's data pool with `"request"`: memory windows are bound over it per request.
+    ClientWindowed,
     /// A server's data pool: local access only.
     Server,
     /// A connection's private control pool (messages): local access only.
@@ -124,15 +130,27 @@ pub(crate) fn device(cfg: &RdmaConfig) -> Result<Arc<Device>> {
 
 /// The id of the registrar of (`dev`, `pool`, `side`), installing it on first use.
 pub(crate) fn registrar_id(dev: &Device, pool: &Pool, side: Side) -> Result<RegistrarId> {
+    registrar(dev, pool, side).map(|(id, _)| id)
+}
+
+/// The registrar of (`dev`, `pool`, `side`) and its id, installing it on first use.
+pub(crate) fn registrar(
+    dev: &Device,
+    pool: &Pool,
+    side: Side,
+) -> Result<(RegistrarId, Arc<ArenaRegistrar>)> {
     let key = (dev.ctx.name().to_string(), pool.id(), side);
     let mut regs = lock(registrars());
-    if let Some((id, _)) = regs.get(&key) {
-        return Ok(*id);
+    if let Some((id, w)) = regs.get(&key) {
+        if let Some(r) = w.upgrade() {
+            return Ok((*id, r));
+        }
     }
     // Forget registrars of pools that are gone (pool ids are never reused).
     regs.retain(|_, (_, w)| w.strong_count() > 0);
     let access = match side {
         Side::Client => MrAccess::RemoteReadWrite,
+        Side::ClientWindowed => MrAccess::LocalWriteBind,
         Side::Server | Side::Control => MrAccess::LocalWrite,
     };
     let r = Arc::new(ArenaRegistrar::new(
@@ -143,15 +161,16 @@ pub(crate) fn registrar_id(dev: &Device, pool: &Pool, side: Side) -> Result<Regi
             dev.ctx.name(),
             match side {
                 Side::Client => "client",
+                Side::ClientWindowed => "client-windowed",
                 Side::Server => "server",
                 Side::Control => "control",
             }
         ),
     ));
     let weak = Arc::downgrade(&r);
-    let id = pool.add_registrar(r)?;
+    let id = pool.add_registrar(r.clone())?;
     regs.insert(key, (id, weak));
-    Ok(id)
+    Ok((id, r))
 }
 
 /// The error a failed on-the-fly registration becomes.

@@ -289,7 +289,18 @@ pub struct DeviceCaps {
     pub max_qp_rd_atom: u32,
     /// Maximum outstanding RDMA READs a queue pair can issue (initiator side).
     pub max_qp_init_rd_atom: u32,
+    /// Maximum memory windows (0: none).
+    pub max_mw: u32,
+    /// Whether the device has type 2 memory windows (`IBV_DEVICE_MEM_WINDOW_TYPE_2A` or
+    /// `_2B` in its capability flags): windows bound by a work request on one queue pair
+    /// and invalidated by a work request, which is what [`MemoryWindow`] uses.
+    ///
+    /// [`MemoryWindow`]: crate::verbs::MemoryWindow
+    pub mw_type2: bool,
 }
+
+/// `IBV_DEVICE_MEM_WINDOW_TYPE_2A | IBV_DEVICE_MEM_WINDOW_TYPE_2B` (verbs.h).
+const MW_TYPE2_FLAGS: u32 = (1 << 23) | (1 << 24);
 
 fn non_negative(v: i32) -> u32 {
     u32::try_from(v).unwrap_or(0)
@@ -358,6 +369,8 @@ impl Context {
             max_mr_size: attr.max_mr_size,
             max_qp_rd_atom: non_negative(attr.max_qp_rd_atom),
             max_qp_init_rd_atom: non_negative(attr.max_qp_init_rd_atom),
+            max_mw: non_negative(attr.max_mw),
+            mw_type2: attr.device_cap_flags & MW_TYPE2_FLAGS != 0,
         })
     }
 
@@ -430,6 +443,16 @@ pub enum MrAccess {
     /// (SEND source, local side of an RDMA WRITE) but nothing may write it. For memory a
     /// client only sends from: it may be read-only, and the peer cannot modify it.
     RemoteRead,
+    /// Local access, and memory windows may be bound over it ([`MemoryWindow`]): no peer
+    /// can touch it through the region itself, only through a window while it is bound, in
+    /// the window's direction. What a client registers with `rdma.client_exposure =
+    /// "request"`.
+    ///
+    /// [`MemoryWindow`]: crate::verbs::MemoryWindow
+    LocalWriteBind,
+    /// Local access, and a peer holding the rkey may RDMA WRITE it (not READ it): a
+    /// client's caller memory registered for one request's reply.
+    RemoteWrite,
 }
 
 impl MrAccess {
@@ -440,6 +463,8 @@ impl MrAccess {
                 AccessFlags::LocalWrite | AccessFlags::RemoteRead | AccessFlags::RemoteWrite
             }
             MrAccess::RemoteRead => AccessFlags::RemoteRead,
+            MrAccess::LocalWriteBind => AccessFlags::LocalWrite | AccessFlags::MemoryWindowBind,
+            MrAccess::RemoteWrite => AccessFlags::LocalWrite | AccessFlags::RemoteWrite,
         }
     }
 }
@@ -461,7 +486,9 @@ impl ProtectionDomain {
     ///   region is registered, i.e. it outlives the `MemoryRegion`;
     /// - while registered, the memory may be written by the device at any time a work request
     ///   targets it (a posted RECV, the local side of an RDMA READ) and, with
-    ///   [`MrAccess::RemoteReadWrite`], whenever a peer holding the rkey decides to; so Rust
+    ///   [`MrAccess::RemoteReadWrite`] or [`MrAccess::RemoteWrite`], whenever a peer holding
+    ///   the rkey decides to, and with [`MrAccess::LocalWriteBind`], whenever a peer holding
+    ///   the rkey of a window bound over it decides to, while it is bound; so Rust
     ///   code must not hold references (`&[u8]`/`&mut [u8]`) to parts of it that the device
     ///   may write concurrently, and must only read a buffer after the completion of the work
     ///   request that filled it.
@@ -519,6 +546,13 @@ impl ProtectionDomain {
     pub(crate) fn sideway(&self) -> &Arc<SwProtectionDomain> {
         &self.inner
     }
+
+    /// The `ibv_pd` handle. Valid while `self` lives.
+    pub(crate) fn raw(&self) -> *mut rdma_mummy_sys::ibv_pd {
+        // SAFETY: only reads the pointer; `self.inner` keeps the PD allocated while `self`
+        // lives, and callers use it only within borrows of `self` (or keep a clone).
+        unsafe { self.inner.pd() }.as_ptr()
+    }
 }
 
 /// A registered memory region. Keeps its protection domain (and device) alive; deregisters
@@ -530,6 +564,34 @@ pub struct MemoryRegion {
     access: MrAccess,
     addr: usize,
     len: usize,
+}
+
+/// A [`MemoryRegion`] that is not kept registered: [`WeakRegion::upgrade`] gives it back
+/// while some other handle keeps it registered.
+pub(crate) struct WeakRegion {
+    inner: std::sync::Weak<SwMemoryRegion>,
+    pd: ProtectionDomain,
+    access: MrAccess,
+    addr: usize,
+    len: usize,
+}
+
+impl WeakRegion {
+    /// The region, if it is still registered.
+    pub(crate) fn upgrade(&self) -> Option<MemoryRegion> {
+        Some(MemoryRegion {
+            inner: self.inner.upgrade()?,
+            pd: self.pd.clone(),
+            access: self.access,
+            addr: self.addr,
+            len: self.len,
+        })
+    }
+
+    /// Whether the region was deregistered.
+    pub(crate) fn is_gone(&self) -> bool {
+        self.inner.strong_count() == 0
+    }
 }
 
 impl fmt::Debug for MemoryRegion {
@@ -579,6 +641,25 @@ impl MemoryRegion {
     /// The protection domain it belongs to.
     pub fn pd(&self) -> &ProtectionDomain {
         &self.pd
+    }
+
+    /// The `ibv_mr` handle, for a work request that names the region (a window bind).
+    /// Valid while `self` lives.
+    pub(crate) fn raw(&self) -> *mut rdma_mummy_sys::ibv_mr {
+        // SAFETY: only reads the pointer; `self.inner` keeps the region registered while
+        // `self` lives, and callers use it only within borrows of `self`.
+        unsafe { self.inner.mr() }.as_ptr()
+    }
+
+    /// A handle that does not keep the region registered.
+    pub(crate) fn downgrade(&self) -> WeakRegion {
+        WeakRegion {
+            inner: Arc::downgrade(&self.inner),
+            pd: self.pd.clone(),
+            access: self.access,
+            addr: self.addr,
+            len: self.len,
+        }
     }
 
     /// Whether `[addr, addr + len)` lies inside the region.

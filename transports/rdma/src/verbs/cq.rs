@@ -127,6 +127,10 @@ pub enum WcOpcode {
     Recv,
     /// A receive consumed by an incoming RDMA WRITE with immediate data.
     RecvRdmaWithImm,
+    /// A memory window bind this side posted.
+    BindMw,
+    /// A local invalidation this side posted.
+    LocalInv,
     /// Anything else.
     Other(u32),
 }
@@ -141,6 +145,8 @@ impl WcOpcode {
             IBV_WC_RDMA_READ => WcOpcode::RdmaRead,
             IBV_WC_RECV => WcOpcode::Recv,
             IBV_WC_RECV_RDMA_WITH_IMM => WcOpcode::RecvRdmaWithImm,
+            IBV_WC_BIND_MW => WcOpcode::BindMw,
+            IBV_WC_LOCAL_INV => WcOpcode::LocalInv,
             other => WcOpcode::Other(other),
         }
     }

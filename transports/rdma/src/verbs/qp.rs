@@ -6,9 +6,9 @@ use std::mem::{align_of, offset_of, size_of};
 use std::ptr;
 
 use rdma_mummy_sys::{
-    bind_mw_tso_union_t, ibv_post_recv, ibv_post_send, ibv_qp, ibv_recv_wr, ibv_send_flags,
-    ibv_send_wr, ibv_sge, ibv_wr_opcode, imm_data_invalidated_rkey_union_t, qp_type_t, rdma_t,
-    tso_t, wr_t, xrc_t,
+    bind_mw_t, bind_mw_tso_union_t, ibv_mw_bind_info, ibv_post_recv, ibv_post_send, ibv_qp,
+    ibv_recv_wr, ibv_send_flags, ibv_send_wr, ibv_sge, ibv_wr_opcode,
+    imm_data_invalidated_rkey_union_t, qp_type_t, rdma_t, tso_t, wr_t, xrc_t,
 };
 use sideway::ibverbs::address::{AddressHandleAttribute, Gid};
 use sideway::ibverbs::device_context::Mtu as SwMtu;
@@ -21,10 +21,11 @@ use sideway::ibverbs::AccessFlags;
 
 use crate::devices::{LinkLayer, PortState};
 use crate::error::RdmaError;
-use crate::verbs::context::ProtectionDomain;
+use crate::verbs::context::{MemoryRegion, MrAccess, ProtectionDomain};
 use crate::verbs::cq::CompletionQueue;
 use crate::verbs::endpoint::{Endpoint, MAX_24BIT};
 use crate::verbs::types::{Mtu, QpState};
+use crate::verbs::window::{next_rkey, MemoryWindow, WindowAccess};
 
 /// Most pieces one inline SEND may gather (they are collected on the stack).
 const MAX_INLINE_PIECES: usize = 32;
@@ -755,6 +756,163 @@ impl QueuePair {
                 },
             )
         }
+    }
+
+    /// Posts a bind of `window` over `len` bytes at `addr` of `mr` with `access`, and
+    /// returns the rkey the peer of this queue pair may use for it once the bind has
+    /// executed (work requests execute in order, so a SEND posted after it reaches the peer
+    /// only after it). The completion, if `signaled` or failed, has `wr_id`.
+    ///
+    /// `mr` must be registered [`MrAccess::LocalWriteBind`], the window free
+    /// ([`MemoryWindow::is_bound`] false) and all three of this queue pair's protection
+    /// domain; `[addr, addr + len)` non-empty and inside `mr`. Safe: what the peer may then
+    /// touch is memory the caller registered for exactly this, under the contract of
+    /// [`ProtectionDomain::register`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn post_bind(
+        &self,
+        wr_id: u64,
+        window: &mut MemoryWindow,
+        mr: &MemoryRegion,
+        addr: u64,
+        len: usize,
+        access: WindowAccess,
+        signaled: bool,
+    ) -> Result<u32, RdmaError> {
+        let bad = |what: String| Err(RdmaError::Window { what });
+        if mr.access() != MrAccess::LocalWriteBind {
+            return bad(format!(
+                "binding over a region registered {:?}, not LocalWriteBind",
+                mr.access()
+            ));
+        }
+        if window.is_bound() {
+            return bad("binding a window that is still bound (invalidate it first)".into());
+        }
+        if window.pd().raw() != self.pd.raw() || mr.pd().raw() != self.pd.raw() {
+            return bad(
+                "window, region and queue pair belong to different protection domains".into(),
+            );
+        }
+        if len == 0 || !usize::try_from(addr).is_ok_and(|a| mr.contains(a, len)) {
+            return bad(format!(
+                "{len} bytes at {addr:#x} are not a non-empty part of the region at {:#x} \
+                 ({} bytes)",
+                mr.addr(),
+                mr.len()
+            ));
+        }
+        let rkey = next_rkey(window.rkey());
+        let mut wr = ibv_send_wr {
+            wr_id,
+            next: ptr::null_mut(),
+            sg_list: ptr::null_mut(),
+            num_sge: 0,
+            opcode: ibv_wr_opcode::IBV_WR_BIND_MW,
+            send_flags: if signaled {
+                ibv_send_flags::IBV_SEND_SIGNALED.0
+            } else {
+                0
+            },
+            imm_data_invalidated_rkey_union: imm_data_invalidated_rkey_union_t { imm_data: 0 },
+            wr: wr_t {
+                rdma: rdma_t {
+                    remote_addr: 0,
+                    rkey: 0,
+                },
+            },
+            qp_type: qp_type_t {
+                xrc: xrc_t { remote_srqn: 0 },
+            },
+            bind_mw_tso_union: bind_mw_tso_union_t {
+                bind_mw: bind_mw_t {
+                    mw: window.raw(),
+                    rkey,
+                    bind_info: ibv_mw_bind_info {
+                        mr: mr.raw(),
+                        addr,
+                        length: len as u64,
+                        mw_access_flags: access.flags(),
+                    },
+                },
+            },
+        };
+        // SAFETY: the window and region handles are live for the call (borrowed), and the
+        // provider copies what it needs into the send queue before returning; see `post_wr`.
+        unsafe { self.post_wr(&mut wr, "BIND_MW") }?;
+        window.set_bound(rkey);
+        Ok(rkey)
+    }
+
+    /// Posts a local invalidation of `window`'s current binding: once it has executed
+    /// (its completion, or that of any later work request of this queue pair), the rkey it
+    /// had grants nothing, and the window may be bound again.
+    pub fn post_invalidate(
+        &self,
+        wr_id: u64,
+        window: &mut MemoryWindow,
+        signaled: bool,
+    ) -> Result<(), RdmaError> {
+        if !window.is_bound() {
+            return Err(RdmaError::Window {
+                what: "invalidating a window that is not bound".into(),
+            });
+        }
+        let mut wr = ibv_send_wr {
+            wr_id,
+            next: ptr::null_mut(),
+            sg_list: ptr::null_mut(),
+            num_sge: 0,
+            opcode: ibv_wr_opcode::IBV_WR_LOCAL_INV,
+            send_flags: if signaled {
+                ibv_send_flags::IBV_SEND_SIGNALED.0
+            } else {
+                0
+            },
+            imm_data_invalidated_rkey_union: imm_data_invalidated_rkey_union_t {
+                invalidated_rkey: window.rkey(),
+            },
+            wr: wr_t {
+                rdma: rdma_t {
+                    remote_addr: 0,
+                    rkey: 0,
+                },
+            },
+            qp_type: qp_type_t {
+                xrc: xrc_t { remote_srqn: 0 },
+            },
+            bind_mw_tso_union: bind_mw_tso_union_t {
+                tso: tso_t {
+                    hdr: ptr::null_mut(),
+                    hdr_sz: 0,
+                    mss: 0,
+                },
+            },
+        };
+        // SAFETY: a fully initialized work request without memory; see `post_wr`.
+        unsafe { self.post_wr(&mut wr, "LOCAL_INV") }?;
+        window.set_unbound();
+        Ok(())
+    }
+
+    /// Posts one fully built send-queue work request.
+    ///
+    /// # Safety
+    ///
+    /// `wr` is one initialized work request (`next` NULL) whose pointers (scatter/gather
+    /// list, window, region) are valid for the call.
+    unsafe fn post_wr(&self, wr: &mut ibv_send_wr, opcode: &'static str) -> Result<(), RdmaError> {
+        let mut bad: *mut ibv_send_wr = ptr::null_mut();
+        // SAFETY: the QP pointer is live (owned by `self.qp`); `wr` is valid per this
+        // function's contract.
+        let ret = unsafe { ibv_post_send(self.raw(), wr, &mut bad) };
+        if ret != 0 {
+            return Err(RdmaError::PostSend {
+                opcode,
+                source: io::Error::from_raw_os_error(ret.abs()),
+            });
+        }
+        Ok(())
     }
 
     /// Posts a receive of one buffer. An incoming SEND lands in it and completes on the

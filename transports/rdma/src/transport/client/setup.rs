@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
-use crate::config::RdmaConfig;
+use crate::config::{ClientExposure, RdmaConfig};
 use zcio::config::Config;
 use zcio::transport::{CompletionCell, Limits, MAX_HEADER};
 use zcio::{Error, IobufMut, Pool, Result};
@@ -18,13 +18,13 @@ use super::super::conn::{
     msg_limits, post_initial_receives, qp_inline, recv_exact, round_page, send_all,
     spawn_conn_thread, tick_for, ConnectedQp, Poller, QpSizes, SendQueue,
 };
-use super::super::device::{device, registrar_id, Device, Side};
+use super::super::device::{device, registrar, registrar_id, Device, Side};
 use super::super::lane::client::{sq_depth, ClientLane};
 use super::super::lane::receives::Receives;
 use super::super::msg::{max_request_len, reply_len, DESC_LEN, REQUEST_FIXED};
 use super::super::{bootstrap_err, handshake_io_err, memlock_err, Faults, MAX_INLINE};
 use super::{Ended, Lane, LaneHandle, LaneState, RdmaClientConn, Scratch, Slot};
-use crate::verbs::check_memlock;
+use crate::verbs::{check_memlock, MemoryWindow};
 
 fn tcp_connect(target: &str, timeout: Duration) -> Result<TcpStream> {
     let addrs: Vec<SocketAddr> = target
@@ -47,6 +47,35 @@ fn tcp_connect(target: &str, timeout: Duration) -> Result<TcpStream> {
     ))
 }
 
+/// With `rdma.client_exposure = "request"`: refuses a device without type 2 memory
+/// windows, by its capabilities and by allocating one (a provider may lack them even when
+/// the kernel driver has them).
+fn check_windows(dev: &Device) -> Result<()> {
+    let refuse = |why: String| Error::TransportUnavailable {
+        name: "rdma".into(),
+        reason: format!(
+            "RDMA device `{}` {why}, which rdma.client_exposure = \"request\" (the default) \
+             needs to expose only each request's buffers to the server",
+            dev.ctx.name()
+        ),
+        hint: "set rdma.client_exposure = \"arena\" to let the server reach the whole \
+               client pool instead (trusting the server), or use a device with memory windows"
+            .into(),
+    };
+    if !dev.caps.mw_type2 || dev.caps.max_mw == 0 {
+        return Err(refuse(format!(
+            "has no type 2 memory windows (max_mw {})",
+            dev.caps.max_mw
+        )));
+    }
+    MemoryWindow::new(&dev.pd).map(drop).map_err(|e| {
+        refuse(format!(
+            "cannot allocate a memory window ({})",
+            super::super::conn::chain(&e)
+        ))
+    })
+}
+
 /// Connects to `cfg.client.connect`: bootstrap, queue pairs, threads.
 pub(crate) fn connect(faults: Faults, cfg: &Config, pool: &Pool) -> Result<RdmaClientConn> {
     let r = RdmaConfig::of(cfg);
@@ -61,11 +90,19 @@ pub(crate) fn connect(faults: Faults, cfg: &Config, pool: &Pool) -> Result<RdmaC
         inline: r.inline_threshold.min(MAX_INLINE),
         max_segments: cfg.limits.max_segments.clamp(1, usize::from(u16::MAX)),
         max_payload: cfg.limits.max_payload.min(1 << 30),
+        windows: r.client_exposure == ClientExposure::Request,
     };
     let classes = p.classes();
     check_memlock((pool.total_bytes() + usize::from(offer) * control_bytes(&classes)) as u64)
         .map_err(memlock_err)?;
-    let reg = registrar_id(&dev, pool, Side::Client)?;
+    let (reg, windowed) = match r.client_exposure {
+        ClientExposure::Arena => (registrar_id(&dev, pool, Side::Client)?, None),
+        ClientExposure::Request => {
+            check_windows(&dev)?;
+            let (id, reg) = registrar(&dev, pool, Side::ClientWindowed)?;
+            (id, Some(reg))
+        }
+    };
 
     let target = &cfg.client.connect;
     let sock = tcp_connect(target, timeout)?;
@@ -131,8 +168,12 @@ pub(crate) fn connect(faults: Faults, cfg: &Config, pool: &Pool) -> Result<RdmaC
                 msg: Some(ctl.get_control(req_size)?),
                 scratch: Some(Scratch::with_capacity(limits.max_segments)),
                 req: None,
+                invalidating: None,
             });
         }
+        // What the device granted, within what the ledger would use without windows.
+        let sq_total = (qp.caps().max_send_wr as usize)
+            .min(sq_depth(credits) + p.window_wrs(limits.max_segments));
         let max_inline_send = qp.caps().max_inline_data as usize;
         running.push(Arc::new(Lane {
             state: Mutex::new(LaneState {
@@ -141,7 +182,7 @@ pub(crate) fn connect(faults: Faults, cfg: &Config, pool: &Pool) -> Result<RdmaC
                 recv: Receives::new(recv),
                 slots,
                 requests: ClientLane::new(credits),
-                sq: SendQueue::new(sq_depth(credits), 0),
+                sq: SendQueue::new(sq_total, 0),
                 room_waiters: 0,
                 cells: (0..2 * credits).map(|_| CompletionCell::new()).collect(),
                 next_cell: 0,
@@ -154,6 +195,8 @@ pub(crate) fn connect(faults: Faults, cfg: &Config, pool: &Pool) -> Result<RdmaC
             sock: sock.try_clone().map_err(setup)?,
             pool: pool.clone(),
             reg,
+            windowed: windowed.clone(),
+            sq_total,
             ctl_reg,
             pd: dev.pd.clone(),
             limits,
@@ -203,9 +246,22 @@ struct LaneParams {
     inline: usize,
     max_segments: usize,
     max_payload: usize,
+    /// `rdma.client_exposure = "request"`: requests bind memory windows.
+    windows: bool,
 }
 
 impl LaneParams {
+    /// Send-queue entries for memory windows on top of the requests' SENDs: a request
+    /// binds at most one window per descriptor (`max_segments` of each kind), and holds
+    /// an entry for each one's invalidation.
+    fn window_wrs(&self, max_segments: usize) -> usize {
+        if self.windows {
+            4 * max_segments
+        } else {
+            0
+        }
+    }
+
     fn reply_size(&self) -> usize {
         round_page(reply_len(MAX_HEADER, self.inline))
     }
@@ -252,7 +308,7 @@ fn open_lane(
         dev,
         r,
         &QpSizes {
-            send_wr: sq_depth(p.credits),
+            send_wr: sq_depth(p.credits) + p.window_wrs(p.max_segments),
             recv_wr: p.credits,
             inline: qp_inline(p.inline),
             remote_access: true,

@@ -16,6 +16,10 @@ pub const KIND_SEND: u8 = 2;
 pub const KIND_WRITE: u8 = 3;
 /// An RDMA READ.
 pub const KIND_READ: u8 = 4;
+/// A memory window bind (client, `rdma.client_exposure = "request"`).
+pub const KIND_BIND: u8 = 5;
+/// A local invalidation of a memory window (the same); the slot is the request's.
+pub const KIND_INV: u8 = 6;
 
 const SEQ_BITS: u32 = 40;
 const SEQ_MASK: u64 = (1 << SEQ_BITS) - 1;
@@ -85,6 +89,23 @@ impl SendQueue {
         s
     }
 
+    /// Sets `n` entries aside for work requests to be posted later (a request's window
+    /// invalidations, posted when its reply arrives, where nothing may wait for room);
+    /// false, and nothing set aside, if there is not that much room.
+    pub fn reserve(&mut self, n: usize) -> bool {
+        if self.room < n {
+            return false;
+        }
+        self.room -= n;
+        true
+    }
+
+    /// Gives back `n` entries set aside by [`SendQueue::reserve`], just before posting
+    /// the work requests they were for.
+    pub fn unreserve(&mut self, n: usize) {
+        self.room += n;
+    }
+
     /// Keeps `h` until work request `seq` completes.
     pub fn hold(&mut self, seq: u64, h: Held) {
         self.held.push_back((seq, h));
@@ -142,6 +163,27 @@ mod tests {
             assert_eq!(wr_parts(wr_id(k, s, q)), (k, s, q));
         }
         assert_eq!(wr_parts(wr_id(KIND_WRITE, 1, SEQ_MASK + 5)).2, 4);
+    }
+
+    #[test]
+    fn reserved_room_is_held_until_given_back() {
+        let mut sq = SendQueue::new(5, 0);
+        assert!(sq.reserve(3));
+        assert_eq!(sq.room(), 2);
+        assert!(!sq.reserve(3), "only 2 left");
+        assert_eq!(sq.room(), 2);
+        let a = sq.next_seq();
+        assert_eq!(sq.room(), 1);
+        sq.unreserve(3);
+        assert_eq!(sq.room(), 4);
+        for _ in 0..3 {
+            sq.next_seq();
+        }
+        assert_eq!(sq.room(), 1);
+        // The last one's completion retires all four.
+        sq.complete(a + 3).unwrap();
+        assert_eq!(sq.room(), 5);
+        assert!(sq.idle());
     }
 
     #[test]
