@@ -55,6 +55,7 @@ fn config_prints_every_key_and_set_overrides_them() {
         "server.token",
         "server.workers",
         "server.max_connections",
+        "server.max_connections_per_addr",
         "server.max_in_flight",
         "server.max_open_files",
         "server.idle_timeout_ms",
