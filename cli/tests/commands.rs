@@ -82,6 +82,7 @@ fn config_prints_every_key_and_set_overrides_them() {
         "rdma.credits",
         "rdma.queue_pairs",
         "rdma.register_threshold",
+        "rdma.client_exposure",
     ];
     for key in documented {
         assert!(
