@@ -247,6 +247,10 @@ fn fs_ops() -> Vec<(Req, Resp)> {
 }
 
 fn main() {
+    // The transports' own sections, as the config fuzz target registers them, so the
+    // config seeds with `[tcp]` or `[rdma]` parse.
+    zcio_tcp::config::register();
+    zcio_rdma::config::register();
     let reqs = requests();
     for r in &reqs {
         write("proto_request", r.name(), &r.encode());
