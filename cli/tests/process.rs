@@ -341,8 +341,11 @@ fn client_killed_mid_write_loses_nothing_acknowledged_and_tears_nothing() {
 #[test]
 fn bench_counts_heap_allocations_per_operation() {
     // The embedded server over TCP: the count covers the client job, the server and the
-    // transport threads, and only once the job is connected, so it is per operation and
-    // neither zero (the file API and TCP allocate) nor the setup's thousands.
+    // transport threads, and only once the job is connected, so it is per operation, not
+    // the setup's thousands. The file API, TCP and the server allocate nothing per
+    // operation once warm: what is left is the warm-up inside the counted second (a queue
+    // or cache reaching its high-water mark), far below one allocation per operation (the
+    // file API made 4 before it reused its vectors).
     let dir = tempfile::tempdir().unwrap();
     let allocs_per_op = |extra: &[&str]| -> serde_json::Value {
         let out = zcio()
@@ -364,7 +367,7 @@ fn bench_counts_heap_allocations_per_operation() {
     let n = allocs_per_op(&["--count-allocs"])
         .as_f64()
         .expect("allocs_per_op in the JSON");
-    assert!(n > 0.0 && n < 500.0, "allocations per operation: {n}");
+    assert!((0.0..0.05).contains(&n), "allocations per operation: {n}");
     // Without the flag nothing is counted.
     assert!(allocs_per_op(&[]).is_null());
 }

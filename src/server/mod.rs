@@ -148,7 +148,7 @@ impl<C: Queued> Scheduler<C> {
     fn new() -> Self {
         Scheduler {
             ready: Mutex::new(SchedState {
-                ready: std::collections::VecDeque::new(),
+                ready: std::collections::VecDeque::with_capacity(64),
                 closed: false,
                 idle: 0,
             }),

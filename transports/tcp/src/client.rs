@@ -44,8 +44,7 @@ use zcio::transport::{
 use zcio::{Error, Result};
 
 use crate::io::{
-    gather, give_up, read_exact_vectored, scatter, shutdown, tick_for, write_all_vectored,
-    ReadError, Ticker,
+    gather, give_up, scatter, shutdown, tick_for, write_all_vectored, Ahead, ReadError, Ticker,
 };
 use crate::wire::{decode_prefix, Hello, Kind, Prefix, HELLO_LEN, PREFIX_LEN};
 use crate::{lock, transport_err, wire_err};
@@ -340,9 +339,12 @@ impl Shared {
     fn read_replies(&self) -> Failure {
         let mut ticker = Ticker::new(tick_for(self.timeout));
         let mut tick = || self.check_timeout();
+        // The next reply's head, read along with the payload before it: one `readv` per
+        // reply when replies queue up, instead of one each for prefix, header and payload.
+        let mut ahead = Ahead::new();
         loop {
             let mut pfx = [0u8; PREFIX_LEN];
-            match read_exact_vectored(&self.sock, &mut [&mut pfx[..]], &mut ticker, &mut tick) {
+            match ahead.take(&self.sock, &mut [&mut pfx[..]], &mut ticker, &mut tick) {
                 Ok(()) => {}
                 Err(ReadError::Eof { got: 0 }) => {
                     return Failure::new(format!("the server {} closed the connection", self.peer))
@@ -368,7 +370,7 @@ impl Shared {
                 ReplyHeader::Short(b, n) => &mut b[..*n],
                 ReplyHeader::Long(v) => &mut v[..],
             };
-            if let Err(e) = read_exact_vectored(&self.sock, &mut [h], &mut ticker, &mut tick) {
+            if let Err(e) = ahead.take(&self.sock, &mut [h], &mut ticker, &mut tick) {
                 return self.read_failure(e, "a reply header", p.header_len);
             }
             let mut recv = match self.take_recv(p.id, p.payload_len) {
@@ -390,7 +392,7 @@ impl Shared {
                     Some(&mut d[..k])
                 });
                 scatter(n, parts, |parts| {
-                    read_exact_vectored(&self.sock, parts, &mut ticker, &mut tick)
+                    ahead.take(&self.sock, parts, &mut ticker, &mut tick)
                 })
             };
             match res {

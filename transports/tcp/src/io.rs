@@ -333,6 +333,118 @@ pub(crate) fn read_at_least<E>(
     }
 }
 
+/// Fills every byte of `parts` from `sock` like [`read_exact_vectored`], with `spill` as a
+/// last vector in each `readv`: bytes the socket holds past `parts` (the start of the next
+/// frame) come in the same system call and land in `spill`. Returns how many did. With more
+/// parts than fit the stack, reads exactly `parts` (nothing spills).
+pub(crate) fn read_exact_spill<E>(
+    mut sock: &TcpStream,
+    parts: &mut [&mut [u8]],
+    spill: &mut [u8],
+    ticker: &mut Ticker,
+    tick: &mut dyn FnMut() -> Result<(), E>,
+) -> Result<usize, ReadError<E>> {
+    if parts.len() >= STACK_PARTS {
+        return read_exact_vectored(sock, parts, ticker, tick).map(|()| 0);
+    }
+    let mut got = 0;
+    loop {
+        let need: usize = parts.iter().map(|p| p.len()).sum();
+        if need == 0 {
+            return Ok(0);
+        }
+        let res = {
+            let mut stack: [IoSliceMut<'_>; STACK_PARTS] =
+                std::array::from_fn(|_| IoSliceMut::new(&mut []));
+            let mut k = 0;
+            for p in parts.iter_mut().filter(|p| !p.is_empty()) {
+                stack[k] = IoSliceMut::new(p);
+                k += 1;
+            }
+            stack[k] = IoSliceMut::new(&mut spill[..]);
+            sock.read_vectored(&mut stack[..k + 1])
+        };
+        let timed_out = match res {
+            Ok(0) => return Err(ReadError::Eof { got }),
+            Ok(n) if n >= need => return Ok(n - need),
+            Ok(n) => {
+                got += n;
+                advance_mut(parts, n);
+                false
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => false,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock && ticker.poll => {
+                wait_readable(sock, ticker)
+            }
+            Err(e)
+                if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::TimedOut =>
+            {
+                true
+            }
+            Err(e) => return Err(ReadError::Io(e)),
+        };
+        if ticker.due(timed_out) {
+            tick().map_err(ReadError::Tick)?;
+        }
+    }
+}
+
+/// Bytes read past the end of what a reader asked for (the next frame's start), taken
+/// first by its next read.
+pub(crate) struct Ahead {
+    buf: [u8; AHEAD],
+    pos: usize,
+    end: usize,
+}
+
+/// The most bytes a reader reads ahead: room for the next reply's prefix and a short
+/// header, so that reading one payload also brings the next frame's head (a payload byte
+/// that comes along is copied out: at most this many per frame).
+pub(crate) const AHEAD: usize = 128;
+
+impl Ahead {
+    pub(crate) fn new() -> Ahead {
+        Ahead {
+            buf: [0; AHEAD],
+            pos: 0,
+            end: 0,
+        }
+    }
+
+    /// Fills every byte of `parts`: from the bytes read ahead, then from `sock` with
+    /// [`read_exact_spill`] into this buffer. An end of stream reports the bytes of
+    /// `parts` filled before it.
+    pub(crate) fn take<E>(
+        &mut self,
+        sock: &TcpStream,
+        parts: &mut [&mut [u8]],
+        ticker: &mut Ticker,
+        tick: &mut dyn FnMut() -> Result<(), E>,
+    ) -> Result<(), ReadError<E>> {
+        let mut copied = 0;
+        for p in parts.iter_mut() {
+            if self.pos == self.end {
+                break;
+            }
+            let n = p.len().min(self.end - self.pos);
+            p[..n].copy_from_slice(&self.buf[self.pos..self.pos + n]);
+            self.pos += n;
+            copied += n;
+        }
+        advance_mut(parts, copied);
+        if self.pos < self.end {
+            return Ok(());
+        }
+        let spilled =
+            read_exact_spill(sock, parts, &mut self.buf, ticker, tick).map_err(|e| match e {
+                ReadError::Eof { got } => ReadError::Eof { got: got + copied },
+                e => e,
+            })?;
+        (self.pos, self.end) = (0, spilled);
+        Ok(())
+    }
+}
+
 /// Waits up to a tick for `sock` to become readable; true when the tick passed first.
 fn wait_readable(sock: &TcpStream, ticker: &Ticker) -> bool {
     let t = PollTimeout::try_from(ticker.every).unwrap_or(PollTimeout::MAX);
@@ -376,6 +488,49 @@ mod tests {
         advance_mut(&mut m, 3);
         assert!(m[0].is_empty());
         assert_eq!(&*m[1], b"def");
+    }
+
+    #[test]
+    fn reading_ahead_brings_the_next_head_and_loses_no_byte() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let a = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (b, _) = l.accept().unwrap();
+        b.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+        // Frames of a 24-byte head and a payload of 0 to 70,000 bytes, written at once.
+        let sizes = [4096usize, 0, 70_000, 1, 300, 4096, 129, 0, 0, 8];
+        let data: Vec<u8> = (0..sizes.iter().map(|n| 24 + n).sum::<usize>() as u32)
+            .map(|i| (i * 13 + i / 97) as u8)
+            .collect();
+        let sent = data.clone();
+        let writer = std::thread::spawn(move || {
+            write_all_vectored(&a, &mut [&sent[..]], &mut give_up).unwrap();
+        });
+        let mut ahead = Ahead::new();
+        let mut ticker = Ticker::new(Duration::from_millis(50));
+        let mut ok = || -> Result<(), ()> { Ok(()) };
+        let mut at = 0;
+        for (k, &n) in sizes.iter().enumerate() {
+            let mut head = [0u8; 24];
+            ahead
+                .take(&b, &mut [&mut head[..]], &mut ticker, &mut ok)
+                .unwrap();
+            assert_eq!(head[..], data[at..at + 24], "head {k}");
+            at += 24;
+            // The payload in two parts, as a request's segments.
+            let mut payload = vec![0u8; n];
+            let (x, y) = payload.split_at_mut(n / 3);
+            ahead.take(&b, &mut [x, y], &mut ticker, &mut ok).unwrap();
+            assert!(payload[..] == data[at..at + n], "payload {k}");
+            at += n;
+            assert!(ahead.end - ahead.pos <= AHEAD);
+        }
+        writer.join().unwrap();
+        drop(l);
+        let mut more = [0u8; 1];
+        assert!(matches!(
+            ahead.take(&b, &mut [&mut more[..]], &mut ticker, &mut ok),
+            Err(ReadError::Eof { got: 0 })
+        ));
     }
 
     #[test]
