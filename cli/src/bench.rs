@@ -218,13 +218,13 @@ pub(crate) struct BenchArgs {
     #[arg(long, value_name = "FILE.svg", requires = "sweep")]
     plot: Option<PathBuf>,
     /// Hostile TCP peers (garbage, truncated and oversized frames, duplicate ids, floods,
-    /// slowloris) attacking the server: each mode is then measured without and with the
+    /// slowloris, clients that never read their replies) attacking the server: each mode is then measured without and with the
     /// attack, side by side.
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=256))]
     hostile: u32,
     /// With --hostile: only these attack classes, comma separated (garbage, truncated,
     /// huge, dup-ids, reply, tiny-flood, slowloris, window, slow-handshake, no-auth,
-    /// pool-hog); default all, in turn.
+    /// pool-hog, slow-reader); default all, in turn.
     #[arg(long, value_delimiter = ',', value_parser = crate::hostile::class_arg)]
     attack: Vec<usize>,
     /// Export directory of the embedded server (default: a temporary directory in $TMPDIR).

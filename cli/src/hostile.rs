@@ -15,11 +15,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rand::Rng;
-use zcio::proto::{Req, NONCE_LEN};
+use zcio::proto::{OpenFlags, Req, Resp, NONCE_LEN};
 use zcio_tcp::wire::{Hello, Kind, Prefix};
 
 /// The attack classes, in the order each attacker cycles through them.
-pub(crate) const CLASSES: [&str; 11] = [
+pub(crate) const CLASSES: [&str; 12] = [
     "garbage bytes",
     "truncated frame",
     "huge lengths",
@@ -31,6 +31,7 @@ pub(crate) const CLASSES: [&str; 11] = [
     "slow handshake",
     "never authenticating",
     "pool hog",
+    "slow reader",
 ];
 
 /// Short names for `--attack`, in the order of [`CLASSES`].
@@ -46,6 +47,7 @@ pub(crate) const CLASS_KEYS: [&str; CLASSES.len()] = [
     "slow-handshake",
     "no-auth",
     "pool-hog",
+    "slow-reader",
 ];
 
 /// Parses `--attack` values (keys of [`CLASS_KEYS`]) into class indices.
@@ -160,6 +162,22 @@ fn request(id: u64, req: &Req) -> Vec<u8> {
     let mut v = prefix(Kind::Request, h.len(), id, 0, 4096).to_vec();
     v.extend_from_slice(&h);
     v
+}
+
+/// Sends `req` as request `id` and reads its reply (one without payload), decoded.
+fn call(s: &mut TcpStream, id: u64, req: &Req) -> Option<Resp> {
+    s.write_all(&request(id, req)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    let mut p = [0u8; zcio_tcp::wire::PREFIX_LEN];
+    s.read_exact(&mut p).ok()?;
+    let limits = zcio::Config::default().limits;
+    let p = zcio_tcp::wire::decode_prefix(&p, Kind::Reply, &limits).ok()?;
+    if p.id != id || p.payload_len != 0 {
+        return None;
+    }
+    let mut h = vec![0u8; p.header_len];
+    s.read_exact(&mut h).ok()?;
+    zcio::proto::decode_reply(req, &h).ok()
 }
 
 /// Runs one attack of class `k`; true if the server repelled it.
@@ -376,6 +394,59 @@ fn attack(addr: &str, k: usize, stop: &AtomicBool) -> bool {
             let _ = drain.join();
             // Contained either way (pushed back or closed); what it cost the others is
             // the benchmark's measure.
+            true
+        }
+        11 => {
+            // Authenticates, opens the benchmark's first file, asks for 64 x 1 MiB of it
+            // (the negotiated in-flight window) and then never reads a byte of the
+            // answers, for up to 5 s. Contained: the replies queue for this connection
+            // alone, up to the server's output-queue cap, after which the server reads no
+            // further request of it (or fails it at the reply deadline); other clients
+            // are not held up.
+            let Some(mut s) = handshake(addr) else {
+                return false;
+            };
+            let hello = Req::Hello {
+                version: zcio::proto::VERSION,
+                client_nonce: [2; NONCE_LEN],
+            };
+            if !matches!(call(&mut s, 1, &hello), Some(Resp::Hello(_))) {
+                return false;
+            }
+            let open = Req::Open {
+                path: "zcio-bench.0".into(),
+                flags: OpenFlags::READ,
+                mode: 0,
+            };
+            let Some(Resp::Open { fh, size }) = call(&mut s, 2, &open) else {
+                return false;
+            };
+            const MIB: u64 = 1 << 20;
+            let mut reads = Vec::new();
+            for i in 0..64u64 {
+                let offset = if size > MIB {
+                    (i * MIB) % (size - MIB)
+                } else {
+                    0
+                };
+                let h = Req::Read {
+                    fh,
+                    offset,
+                    len: MIB as u32,
+                }
+                .encode();
+                reads.extend_from_slice(&prefix(Kind::Request, h.len(), 3 + i, 0, MIB as usize));
+                reads.extend_from_slice(&h);
+            }
+            // The requests are small; a failed write is the server closing the connection.
+            if s.write_all(&reads).is_err() {
+                return true;
+            }
+            let t0 = Instant::now();
+            while t0.elapsed() < Duration::from_secs(5) && !stop.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = s.shutdown(std::net::Shutdown::Both);
             true
         }
         _ => {
