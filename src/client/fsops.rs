@@ -335,21 +335,7 @@ impl Client {
         self.retrying("readdirplus", true, || {
             let gen = self.inner.link.gen();
             let dh = self.opendir_once(path)?;
-            let mut out = Vec::new();
-            let mut cookie = 0;
-            let r = loop {
-                match self.readdirplus(dh, cookie, 256 << 10) {
-                    Ok((es, next, done)) => {
-                        out.extend(es);
-                        if done || next <= cookie {
-                            break Ok(());
-                        }
-                        cookie = next;
-                    }
-                    Err(e) => break Err(e),
-                }
-            };
-            r?;
+            let out = Self::all_pages(|cookie| self.readdirplus(dh, cookie, 256 << 10))?;
             if self.inner.link.gen() != gen {
                 // Reconnected meanwhile (another caller noticed): `dh` named a stream on
                 // the old connection, so the pages may not be ours. Read it again.
@@ -364,6 +350,21 @@ impl Client {
         })
     }
 
+    /// Every page of one directory stream, from cookie 0 until a page says it is the last
+    /// (or the cookie stops advancing).
+    fn all_pages<T>(mut page: impl FnMut(u64) -> Result<(Vec<T>, u64, bool)>) -> Result<Vec<T>> {
+        let mut out = Vec::new();
+        let mut cookie = 0;
+        loop {
+            let (es, next, done) = page(cookie)?;
+            out.extend(es);
+            if done || next <= cookie {
+                return Ok(out);
+            }
+            cookie = next;
+        }
+    }
+
     /// Closes a directory stream.
     pub fn releasedir(&self, dh: u64) -> Result<()> {
         self.call_ok(false, &Req::Releasedir { dh })
@@ -372,22 +373,9 @@ impl Client {
     /// Every entry of a directory, through one stream (O(entries) on the server).
     pub fn read_dir(&self, path: &str) -> Result<Vec<DirStreamEntry>> {
         let dh = self.opendir(path)?;
-        let mut out = Vec::new();
-        let mut cookie = 0;
-        let r = loop {
-            match self.readdir(dh, cookie, 256 << 10) {
-                Ok((es, next, done)) => {
-                    out.extend(es);
-                    if done || next <= cookie {
-                        break Ok(());
-                    }
-                    cookie = next;
-                }
-                Err(e) => break Err(e),
-            }
-        };
+        let r = Self::all_pages(|cookie| self.readdir(dh, cookie, 256 << 10));
         let closed = self.releasedir(dh);
-        r.and(closed).map(|()| out)
+        r.and_then(|out| closed.map(|()| out))
     }
 }
 

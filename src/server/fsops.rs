@@ -33,6 +33,29 @@ fn payload(conn: &Conn, bytes: &[u8]) -> Result<Vec<Iobuf>, OpError> {
     Ok(vec![buf.freeze()])
 }
 
+/// A directory page's reply: `entries` encoded into the payload, the next cookie after them.
+fn list_reply<E>(
+    conn: &Conn,
+    cookie: u64,
+    budget: usize,
+    entries: &[E],
+    done: bool,
+    encode: fn(&mut Vec<u8>, &E),
+) -> Served {
+    let mut bytes = Vec::with_capacity(budget.min(64 << 10));
+    for e in entries {
+        encode(&mut bytes, e);
+    }
+    Ok((
+        Resp::List {
+            count: entries.len() as u32,
+            next_cookie: cookie + entries.len() as u64,
+            done,
+        },
+        payload(conn, &bytes)?,
+    ))
+}
+
 /// The most a reply payload may carry for this request.
 fn reply_budget(conn: &Conn, inc: &Incoming) -> usize {
     inc.reply_capacity
@@ -178,35 +201,27 @@ pub(super) fn execute(conn: &Conn, req: &Req, inc: &Incoming) -> Served {
             let ds = dir(conn, *dh)?;
             let budget = reply_budget(conn, inc);
             let (entries, done) = export.readdir(&mut lock(&ds), *cookie, budget)?;
-            let mut bytes = Vec::with_capacity(budget.min(64 << 10));
-            for e in &entries {
-                proto::encode_dir_entry(&mut bytes, e);
-            }
-            Ok((
-                Resp::List {
-                    count: entries.len() as u32,
-                    next_cookie: cookie + entries.len() as u64,
-                    done,
-                },
-                payload(conn, &bytes)?,
-            ))
+            list_reply(
+                conn,
+                *cookie,
+                budget,
+                &entries,
+                done,
+                proto::encode_dir_entry,
+            )
         }
         Req::Readdirplus { dh, cookie } => {
             let ds = dir(conn, *dh)?;
             let budget = reply_budget(conn, inc);
             let (entries, done) = export.readdirplus(&mut lock(&ds), *cookie, budget)?;
-            let mut bytes = Vec::with_capacity(budget.min(64 << 10));
-            for e in &entries {
-                proto::encode_dir_plus_entry(&mut bytes, e);
-            }
-            Ok((
-                Resp::List {
-                    count: entries.len() as u32,
-                    next_cookie: cookie + entries.len() as u64,
-                    done,
-                },
-                payload(conn, &bytes)?,
-            ))
+            list_reply(
+                conn,
+                *cookie,
+                budget,
+                &entries,
+                done,
+                proto::encode_dir_plus_entry,
+            )
         }
         Req::Releasedir { dh } => {
             if lock(&conn.dirs).remove(dh).is_none() {
