@@ -63,6 +63,13 @@ pub enum Violation {
     IdInFlight(u64),
     /// More requests than the negotiated credits (the number given).
     TooManyRequests(usize),
+    /// A request carries payload before the connection is authenticated.
+    PayloadBeforeAuth {
+        /// The request's id.
+        id: u64,
+        /// Its payload bytes.
+        bytes: usize,
+    },
 }
 
 impl fmt::Display for Violation {
@@ -73,6 +80,10 @@ impl fmt::Display for Violation {
             Violation::TooManyRequests(credits) => {
                 write!(f, "more than the negotiated {credits} requests in flight")
             }
+            Violation::PayloadBeforeAuth { id, bytes } => write!(
+                f,
+                "request {id} carries {bytes} payload bytes before authentication"
+            ),
         }
     }
 }
@@ -109,6 +120,10 @@ pub struct ServerLane {
     by_id: HashMap<u64, usize>,
     ready: VecDeque<Ready>,
     failed: bool,
+    /// What each slot's request carries (set by [`Event::Request`]).
+    payloads: Vec<Payload>,
+    /// The most reply payload each slot's request takes (set by [`Event::Request`]).
+    reply_caps: Vec<usize>,
 }
 
 impl ServerLane {
@@ -121,6 +136,8 @@ impl ServerLane {
             by_id: HashMap::with_capacity(2 * credits),
             ready: VecDeque::with_capacity(2 * credits),
             failed: false,
+            payloads: vec![Payload::None; credits],
+            reply_caps: vec![0; credits],
         }
     }
 
@@ -323,6 +340,376 @@ impl ServerLane {
             queued[s] += 1;
             assert!(queued[s] == 1, "slot {s} queued twice for recv");
         }
+    }
+}
+
+/// What a request carries besides its header.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Payload {
+    /// Nothing.
+    None,
+    /// Bytes inside the request message: copied into pool buffers before it is handed out.
+    Inline,
+    /// Bytes in the client's memory: RDMA READ into pool buffers before it is handed out.
+    Read,
+}
+
+/// What happened, as the driver tells the lane ([`ServerLane::handle`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// A request message was decoded (the driver has taken it out of its receive buffer).
+    Request {
+        /// Its id (as the client gave it).
+        id: u64,
+        /// What it carries.
+        payload: Payload,
+        /// Its payload bytes (0 with [`Payload::None`]).
+        bytes: usize,
+        /// The most reply payload it takes.
+        reply_cap: usize,
+        /// Whether the connection may carry payload yet (authenticated, or no such rule).
+        authenticated: bool,
+    },
+    /// The READs [`Action::ReadNow`] asked for were not posted: no budget, no pool buffers
+    /// without waiting, or no room in the send queue. `recv` takes the request.
+    ReadsNotPosted {
+        /// The slot.
+        slot: usize,
+    },
+    /// The last (signaled) READ of a slot's payload completed.
+    ReadsCompleted {
+        /// The slot.
+        slot: usize,
+    },
+    /// `recv` looks at this lane for something to hand out.
+    Recv,
+    /// The budget and pool buffers [`Action::Take`] asked for are in hand.
+    Buffers {
+        /// The slot.
+        slot: usize,
+    },
+    /// The budget or pool buffers [`Action::Take`] asked for are not there.
+    Short {
+        /// The slot.
+        slot: usize,
+        /// Whether `recv` may still wait a while for them.
+        can_wait: bool,
+    },
+    /// The server replies to request `id` with `bytes` of payload.
+    Reply {
+        /// The id as the lane handed it out.
+        id: u64,
+        /// The reply's payload bytes.
+        bytes: usize,
+    },
+    /// The connection failed or was closed: every request is dropped.
+    Failed,
+}
+
+/// Why a reply is refused; the connection lives on (the replier's mistake, not the client's).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReplyRefusal {
+    /// No request with this id waits for its reply on this lane.
+    NotInFlight(u64),
+    /// More reply payload than the request takes.
+    TooLarge {
+        /// The reply's payload bytes.
+        bytes: usize,
+        /// What the request takes.
+        cap: usize,
+    },
+}
+
+/// What the driver does next, as the lane answers an [`Event`]; carried out in order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Keep the decoded request's header and descriptors in slot `slot`'s storage (and
+    /// count it in flight).
+    Accept {
+        /// The slot.
+        slot: usize,
+    },
+    /// Post the receive buffer the request came in again.
+    PostRecv,
+    /// Take budget and pool buffers for the slot's payload only if they come without
+    /// waiting, and post its READs only if the send queue has room; otherwise tell the lane
+    /// [`Event::ReadsNotPosted`]. The slot is `Reading`.
+    ReadNow {
+        /// The slot.
+        slot: usize,
+    },
+    /// Take budget and pool buffers for the slot's payload (waiting up to a slice if
+    /// `wait`), then tell the lane [`Event::Buffers`] or [`Event::Short`].
+    Take {
+        /// The slot.
+        slot: usize,
+        /// Whether to wait.
+        wait: bool,
+    },
+    /// Post the READs of the slot's payload into the buffers taken, waiting for room. The
+    /// slot is `Reading`; its last READ's completion is [`Event::ReadsCompleted`].
+    Read {
+        /// The slot.
+        slot: usize,
+    },
+    /// Hand the slot's request out to `recv`'s caller.
+    HandOut {
+        /// The slot.
+        slot: usize,
+        /// The request's id.
+        id: u64,
+        /// Copy its inline payload into the buffers taken first.
+        copy_inline: bool,
+    },
+    /// Wake `recv`: this lane has something new for it.
+    Wake,
+    /// Nothing for `recv` to hand out now: the next request waits for budget or buffers.
+    Blocked,
+    /// Post the reply to the slot's request; the slot (credit) is free again.
+    Reply {
+        /// The slot.
+        slot: usize,
+    },
+    /// Refuse the reply with this error; nothing else changes.
+    RefuseReply(ReplyRefusal),
+    /// Drop what the slot holds (the connection failed).
+    Drop {
+        /// The slot.
+        slot: usize,
+    },
+    /// Fail the connection: the client broke the protocol.
+    Fail(Violation),
+}
+
+/// An event the lane cannot take: a bug in the driver, never the peer's doing (the driver
+/// fails the connection with it as an internal error).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refused {
+    /// A slot was not in the stage the event needs.
+    WrongStage(WrongStage),
+    /// The driver's action buffer was full.
+    Overflow {
+        /// Its capacity.
+        capacity: usize,
+    },
+}
+
+impl fmt::Display for Refused {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Refused::WrongStage(w) => w.fmt(f),
+            Refused::Overflow { capacity } => write!(
+                f,
+                "internal: more than {capacity} actions for one event of a request lane"
+            ),
+        }
+    }
+}
+
+impl From<WrongStage> for Refused {
+    fn from(w: WrongStage) -> Refused {
+        Refused::WrongStage(w)
+    }
+}
+
+/// A fixed-capacity list of actions, owned by the driver and filled by `handle`: made once
+/// per lane, it never grows (a push past its capacity is [`Refused::Overflow`]).
+#[derive(Debug)]
+pub struct Actions<A> {
+    items: Vec<A>,
+}
+
+impl<A: Copy> Actions<A> {
+    /// Room for `capacity` actions, allocated here and only here.
+    pub fn with_capacity(capacity: usize) -> Actions<A> {
+        Actions {
+            items: Vec::with_capacity(capacity),
+        }
+    }
+
+    /// How many actions it takes.
+    pub fn capacity(&self) -> usize {
+        self.items.capacity()
+    }
+
+    /// Adds one, unless it is full.
+    pub fn push(&mut self, a: A) -> Result<(), Refused> {
+        if self.items.len() == self.items.capacity() {
+            return Err(Refused::Overflow {
+                capacity: self.items.capacity(),
+            });
+        }
+        self.items.push(a);
+        Ok(())
+    }
+
+    /// The actions, in order.
+    pub fn as_slice(&self) -> &[A] {
+        &self.items
+    }
+
+    /// The `k`-th action.
+    pub fn get(&self, k: usize) -> Option<A> {
+        self.items.get(k).copied()
+    }
+
+    /// How many there are.
+    pub fn len(&self) -> usize {
+        self.items.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+
+    /// Empties it (keeping its room).
+    pub fn clear(&mut self) {
+        self.items.clear();
+    }
+}
+
+impl ServerLane {
+    /// A buffer for the actions of a lane with `credits` slots: one [`Action::Drop`] per
+    /// slot when the connection fails, and at most three actions for any other event.
+    pub fn actions_for(credits: usize) -> Actions<Action> {
+        Actions::with_capacity(credits.max(3))
+    }
+
+    /// A buffer for [`handle`](Self::handle)'s actions.
+    pub fn actions(&self) -> Actions<Action> {
+        Self::actions_for(self.credits())
+    }
+
+    /// Slot `s`'s payload, as its request said.
+    pub fn payload(&self, s: usize) -> Payload {
+        self.payloads.get(s).copied().unwrap_or(Payload::None)
+    }
+
+    /// Takes event `ev` and writes what to do into `out` (emptied first). Every decision
+    /// of what to post next is here: the driver only turns what happened into events and
+    /// carries out the actions. `Err` is a driver bug (a transition from the wrong stage,
+    /// or `out` too small): the driver fails the connection with it.
+    pub fn handle(&mut self, ev: Event, out: &mut Actions<Action>) -> Result<(), Refused> {
+        out.clear();
+        match ev {
+            Event::Request {
+                id,
+                payload,
+                bytes,
+                reply_cap,
+                authenticated,
+            } => {
+                let s = match self.admit(id) {
+                    Ok(s) => s,
+                    Err(v) => return out.push(Action::Fail(v)),
+                };
+                let payload = if bytes == 0 { Payload::None } else { payload };
+                if payload != Payload::None && !authenticated {
+                    return out.push(Action::Fail(Violation::PayloadBeforeAuth { id, bytes }));
+                }
+                self.payloads[s] = payload;
+                self.reply_caps[s] = reply_cap;
+                out.push(Action::Accept { slot: s })?;
+                out.push(Action::PostRecv)?;
+                if payload == Payload::Read {
+                    // READ it here, on the completion thread, if that needs no wait.
+                    self.start_reads(s)?;
+                    out.push(Action::ReadNow { slot: s })
+                } else {
+                    self.push_new(s)?;
+                    out.push(Action::Wake)
+                }
+            }
+            Event::ReadsNotPosted { slot } => {
+                self.unstart_reads(slot)?;
+                self.push_new(slot)?;
+                out.push(Action::Wake)
+            }
+            Event::ReadsCompleted { slot } => {
+                if self.reads_completed(slot) {
+                    out.push(Action::Wake)?;
+                }
+                Ok(())
+            }
+            Event::Recv => match self.next_ready() {
+                None => Ok(()),
+                Some(Ready::ReadsDone(s)) => self.hand_out(s, false, out),
+                Some(Ready::New(s)) => {
+                    if self.payload(s) == Payload::None {
+                        self.hand_out(s, false, out)
+                    } else {
+                        self.expect(s, Stage::Queued, "take buffers")?;
+                        out.push(Action::Take {
+                            slot: s,
+                            wait: false,
+                        })
+                    }
+                }
+            },
+            Event::Buffers { slot } => match self.payload(slot) {
+                Payload::Read => {
+                    self.start_reads(slot)?;
+                    out.push(Action::Read { slot })
+                }
+                _ => self.hand_out(slot, true, out),
+            },
+            Event::Short { slot, can_wait } => {
+                self.expect(slot, Stage::Queued, "wait for buffers")?;
+                // A request whose READs are done goes first: its bytes and buffers come back
+                // once it is served, so waiting while it sits behind could wait for nothing.
+                if let Some(d) = self.take_reads_done() {
+                    self.push_new_front(slot)?;
+                    return self.hand_out(d, false, out);
+                }
+                if can_wait {
+                    return out.push(Action::Take { slot, wait: true });
+                }
+                self.push_new_front(slot)?;
+                out.push(Action::Blocked)
+            }
+            Event::Reply { id, bytes } => {
+                let Some(s) = self.reply_slot(id) else {
+                    return out.push(Action::RefuseReply(ReplyRefusal::NotInFlight(id)));
+                };
+                let cap = self.reply_caps[s];
+                if bytes > cap {
+                    return out.push(Action::RefuseReply(ReplyRefusal::TooLarge { bytes, cap }));
+                }
+                self.release(s)?;
+                self.payloads[s] = Payload::None;
+                self.reply_caps[s] = 0;
+                out.push(Action::Reply { slot: s })
+            }
+            Event::Failed => {
+                if self.failed {
+                    return Ok(());
+                }
+                for s in 0..self.credits() {
+                    if self.stages[s] != Stage::Free {
+                        out.push(Action::Drop { slot: s })?;
+                    }
+                }
+                self.fail();
+                self.payloads.fill(Payload::None);
+                self.reply_caps.fill(0);
+                Ok(())
+            }
+        }
+    }
+
+    fn hand_out(
+        &mut self,
+        s: usize,
+        copy_inline: bool,
+        out: &mut Actions<Action>,
+    ) -> Result<(), Refused> {
+        let id = self.deliver(s)?;
+        out.push(Action::HandOut {
+            slot: s,
+            id,
+            copy_inline,
+        })
     }
 }
 
