@@ -16,20 +16,22 @@ use zcio::Pool;
 
 use super::client::{ClientLane, Violation as ReplyViolation};
 use super::send_queue::{Held, SendQueue};
-use super::server::{Ready, ServerLane, Stage, Violation};
+use super::server::{
+    Action, Actions, Event as LaneEvent, Payload, Ready, ServerLane, Stage, Violation,
+};
 
 /// One thing that happens; the numbers pick among what is possible at that moment.
 #[derive(Clone, Debug)]
 enum Event {
-    /// The caller starts a request (with a payload to READ or not), or gives the slot back
-    /// before sending (its preparation failed).
-    Start { payload: bool, abandon: bool },
+    /// The caller starts a request (with a payload to READ, one inline, or none), or gives
+    /// the slot back before sending (its preparation failed).
+    Start { payload: Payload, abandon: bool },
     /// The next request message reaches the server; with `direct`, its READs start at once
     /// on the completion thread.
     Arrive { direct: bool },
-    /// `recv` looks at the next thing to do; with `no_room`, READs it starts find the send
-    /// queue full and go back in line.
-    Recv { no_room: bool },
+    /// `recv` looks at the next thing to do; with `short`, the budget or pool buffers a
+    /// request needs are not there (it waits a slice, in vain, and is blocked).
+    Recv { short: bool },
     /// The last READ of one of the requests being read completes.
     ReadDone(usize),
     /// The server replies to one of the requests handed out.
@@ -48,10 +50,13 @@ const TIMEOUT: Duration = Duration::from_secs(5);
 
 fn event() -> impl Strategy<Value = Event> {
     prop_oneof![
-        4 => (any::<bool>(), prop::bool::weighted(0.1))
+        4 => (
+            prop_oneof![Just(Payload::None), Just(Payload::Inline), Just(Payload::Read)],
+            prop::bool::weighted(0.1)
+        )
             .prop_map(|(payload, abandon)| Event::Start { payload, abandon }),
         4 => any::<bool>().prop_map(|direct| Event::Arrive { direct }),
-        4 => prop::bool::weighted(0.2).prop_map(|no_room| Event::Recv { no_room }),
+        4 => prop::bool::weighted(0.2).prop_map(|short| Event::Recv { short }),
         3 => any::<usize>().prop_map(Event::ReadDone),
         3 => any::<usize>().prop_map(Event::Reply),
         4 => Just(Event::ReplyArrives),
@@ -73,12 +78,14 @@ struct Pair {
     credits: usize,
     client: ClientLane,
     server: ServerLane,
-    /// Request messages on their way: (id, has payload).
-    requests: VecDeque<(u64, bool)>,
+    /// Request messages on their way: (id, payload).
+    requests: VecDeque<(u64, Payload)>,
     /// Reply messages on their way.
     replies: VecDeque<u64>,
-    /// The server's view: which slots have a payload to READ.
-    payload: HashMap<usize, bool>,
+    /// The server driver's view: what each request in flight carries.
+    payload: HashMap<u64, Payload>,
+    /// The server driver's action buffer, made once.
+    actions: Actions<Action>,
     /// Requests handed out by `recv`, waiting for the server's reply.
     handed_out: Vec<u64>,
     /// Every request the client sent, and how it ended (once).
@@ -96,6 +103,7 @@ impl Pair {
             requests: VecDeque::new(),
             replies: VecDeque::new(),
             payload: HashMap::new(),
+            actions: ServerLane::actions_for(credits),
             handed_out: Vec::new(),
             outcome: HashMap::new(),
             failed: false,
@@ -137,35 +145,76 @@ impl Pair {
                     return;
                 };
                 // A client that keeps to its credits never trips the server's checks.
-                let s = self.server.admit(id).unwrap();
-                self.payload.insert(s, payload);
-                if payload && direct {
-                    self.server.start_reads(s).unwrap();
+                let a = self.act(LaneEvent::Request {
+                    id,
+                    payload,
+                    bytes: usize::from(payload != Payload::None),
+                    reply_cap: 0,
+                    authenticated: true,
+                });
+                let Action::Accept { slot: s } = a[0] else {
+                    panic!("request {id} not accepted: {a:?}")
+                };
+                assert_eq!(a[1], Action::PostRecv);
+                self.payload.insert(id, payload);
+                if payload == Payload::Read {
+                    assert_eq!(a[2..], [Action::ReadNow { slot: s }]);
+                    assert_eq!(self.server.stage(s), Stage::Reading);
+                    if !direct {
+                        // No buffers or room without waiting: `recv` takes it.
+                        let a = self.act(LaneEvent::ReadsNotPosted { slot: s });
+                        assert_eq!(a, [Action::Wake]);
+                    }
                 } else {
-                    self.server.push_new(s).unwrap();
+                    assert_eq!(a[2..], [Action::Wake]);
                 }
             }
-            Event::Recv { no_room } => match self.server.next_ready() {
-                None => {}
-                Some(Ready::ReadsDone(s)) => self.hand_out(s),
-                Some(Ready::New(s)) => {
-                    if !self.payload[&s] {
-                        self.hand_out(s);
-                    } else {
-                        self.server.start_reads(s).unwrap();
-                        if no_room {
-                            self.server.unstart_reads(s).unwrap();
-                            self.server.push_new_front(s).unwrap();
+            Event::Recv { short } => {
+                let mut ev = LaneEvent::Recv;
+                // Follows `recv`'s driver: one action per event, until it hands a request
+                // out or has nothing to do.
+                for round in 0.. {
+                    assert!(round < 4, "recv goes round in circles");
+                    let a = self.act(ev);
+                    ev = match a[..] {
+                        [] | [Action::Blocked] => break,
+                        [Action::HandOut {
+                            slot,
+                            id,
+                            copy_inline,
+                        }] => {
+                            assert_eq!(self.server.stage(slot), Stage::Delivered);
+                            assert_eq!(copy_inline, self.payload[&id] == Payload::Inline);
+                            self.handed_out.push(id);
+                            break;
                         }
-                    }
+                        [Action::Take { slot, wait }] => {
+                            assert_ne!(self.payload_of(slot), Payload::None);
+                            if short {
+                                LaneEvent::Short {
+                                    slot,
+                                    can_wait: !wait,
+                                }
+                            } else {
+                                LaneEvent::Buffers { slot }
+                            }
+                        }
+                        [Action::Read { slot }] => {
+                            assert_eq!(self.payload_of(slot), Payload::Read);
+                            assert_eq!(self.server.stage(slot), Stage::Reading);
+                            break;
+                        }
+                        _ => panic!("recv answered with {a:?}"),
+                    };
                 }
-            },
+            }
             Event::ReadDone(k) => {
                 let reading: Vec<usize> = (0..self.credits)
                     .filter(|&s| self.server.stage(s) == Stage::Reading)
                     .collect();
                 if !reading.is_empty() {
-                    assert!(self.server.reads_completed(reading[k % reading.len()]));
+                    let slot = reading[k % reading.len()];
+                    assert_eq!(self.act(LaneEvent::ReadsCompleted { slot }), [Action::Wake]);
                 }
             }
             Event::Reply(k) => {
@@ -174,8 +223,12 @@ impl Pair {
                 }
                 let id = self.handed_out.swap_remove(k % self.handed_out.len());
                 let s = self.server.reply_slot(id).expect("a handed-out request");
-                self.server.release(s).unwrap();
+                assert_eq!(
+                    self.act(LaneEvent::Reply { id, bytes: 0 }),
+                    [Action::Reply { slot: s }]
+                );
                 assert_eq!(self.server.reply_slot(id), None);
+                self.payload.remove(&id);
                 self.replies.push_back(id);
             }
             Event::ReplyArrives => {
@@ -205,7 +258,18 @@ impl Pair {
             .filter_map(|s| self.client.in_flight(s))
             .collect();
         self.client.fail();
-        self.server.fail();
+        let in_use: Vec<usize> = (0..self.credits)
+            .filter(|&s| self.server.stage(s) != Stage::Free)
+            .collect();
+        let dropped: Vec<usize> = self
+            .act(LaneEvent::Failed)
+            .iter()
+            .map(|a| match *a {
+                Action::Drop { slot } => slot,
+                _ => panic!("failing answered with {a:?}"),
+            })
+            .collect();
+        assert_eq!(dropped, in_use, "every slot in use dropped, once");
         for id in in_flight {
             let how = if Some(id) == overdue {
                 Outcome::TimedOut
@@ -217,9 +281,18 @@ impl Pair {
         self.failed = true;
     }
 
-    fn hand_out(&mut self, s: usize) {
-        let id = self.server.deliver(s).unwrap();
-        self.handed_out.push(id);
+    /// The server lane's answer to `ev`: never a driver bug, never more actions than the
+    /// buffer made for the lane holds.
+    fn act(&mut self, ev: LaneEvent) -> Vec<Action> {
+        if let Err(e) = self.server.handle(ev, &mut self.actions) {
+            panic!("{ev:?} refused: {e}");
+        }
+        self.actions.as_slice().to_vec()
+    }
+
+    /// What slot `s`'s request carries, as the driver knows it.
+    fn payload_of(&self, s: usize) -> Payload {
+        self.payload[&self.server.id(s)]
     }
 
     fn check(&self) {
@@ -239,7 +312,7 @@ impl Pair {
     fn settle(&mut self) {
         for _ in 0..10 * self.credits + 10 {
             self.apply(&Event::Arrive { direct: false });
-            self.apply(&Event::Recv { no_room: false });
+            self.apply(&Event::Recv { short: false });
             for k in 0..self.credits {
                 self.apply(&Event::ReadDone(k));
             }

@@ -647,7 +647,10 @@ impl ServerLane {
                     }
                 }
             },
-            Event::Buffers { slot } => match self.payload(slot) {
+            Event::Buffers { slot } => match self
+                .expect(slot, Stage::Queued, "take buffers")
+                .map(|()| self.payload(slot))?
+            {
                 Payload::Read => {
                     self.start_reads(slot)?;
                     out.push(Action::Read { slot })
@@ -888,6 +891,446 @@ mod tests {
         assert_eq!(
             e.to_string(),
             "internal: request slot 0 is Free, cannot be released"
+        );
+    }
+}
+
+/// The event API ([`ServerLane::handle`]): what each event answers, every way a request
+/// ends, a client breaking the protocol, and driver bugs refused without a panic.
+#[cfg(test)]
+mod event_tests {
+    use super::*;
+
+    fn req(id: u64, payload: Payload, bytes: usize) -> Event {
+        Event::Request {
+            id,
+            payload,
+            bytes,
+            reply_cap: 4096,
+            authenticated: true,
+        }
+    }
+
+    fn handle(l: &mut ServerLane, out: &mut Actions<Action>, ev: Event) -> Vec<Action> {
+        l.handle(ev, out).unwrap();
+        l.check();
+        out.as_slice().to_vec()
+    }
+
+    #[test]
+    fn a_request_without_payload_is_handed_out_and_replied() {
+        let mut l = ServerLane::new(2);
+        let mut out = l.actions();
+        assert_eq!(
+            handle(&mut l, &mut out, req(7, Payload::None, 0)),
+            [Action::Accept { slot: 0 }, Action::PostRecv, Action::Wake]
+        );
+        assert_eq!(
+            handle(&mut l, &mut out, Event::Recv),
+            [Action::HandOut {
+                slot: 0,
+                id: 7,
+                copy_inline: false
+            }]
+        );
+        assert_eq!(handle(&mut l, &mut out, Event::Recv), []);
+        assert_eq!(
+            handle(&mut l, &mut out, Event::Reply { id: 7, bytes: 4096 }),
+            [Action::Reply { slot: 0 }]
+        );
+        assert_eq!(l.free_slots(), 2);
+    }
+
+    #[test]
+    fn a_payload_is_read_on_the_completion_thread_when_that_needs_no_wait() {
+        let mut l = ServerLane::new(2);
+        let mut out = l.actions();
+        assert_eq!(
+            handle(&mut l, &mut out, req(1, Payload::Read, 100)),
+            [
+                Action::Accept { slot: 0 },
+                Action::PostRecv,
+                Action::ReadNow { slot: 0 }
+            ]
+        );
+        assert_eq!(l.stage(0), Stage::Reading);
+        assert_eq!(
+            handle(&mut l, &mut out, Event::Recv),
+            [],
+            "not before its READs"
+        );
+        assert_eq!(
+            handle(&mut l, &mut out, Event::ReadsCompleted { slot: 0 }),
+            [Action::Wake]
+        );
+        assert_eq!(
+            handle(&mut l, &mut out, Event::ReadsCompleted { slot: 0 }),
+            [],
+            "a stale completion changes nothing"
+        );
+        assert_eq!(
+            handle(&mut l, &mut out, Event::Recv),
+            [Action::HandOut {
+                slot: 0,
+                id: 1,
+                copy_inline: false
+            }]
+        );
+    }
+
+    #[test]
+    fn reads_not_posted_at_once_are_posted_by_recv() {
+        let mut l = ServerLane::new(1);
+        let mut out = l.actions();
+        handle(&mut l, &mut out, req(1, Payload::Read, 100));
+        assert_eq!(
+            handle(&mut l, &mut out, Event::ReadsNotPosted { slot: 0 }),
+            [Action::Wake]
+        );
+        assert_eq!(l.stage(0), Stage::Queued);
+        assert_eq!(
+            handle(&mut l, &mut out, Event::Recv),
+            [Action::Take {
+                slot: 0,
+                wait: false
+            }]
+        );
+        assert_eq!(
+            handle(&mut l, &mut out, Event::Buffers { slot: 0 }),
+            [Action::Read { slot: 0 }]
+        );
+        assert_eq!(l.stage(0), Stage::Reading);
+        handle(&mut l, &mut out, Event::ReadsCompleted { slot: 0 });
+        assert_eq!(
+            handle(&mut l, &mut out, Event::Recv),
+            [Action::HandOut {
+                slot: 0,
+                id: 1,
+                copy_inline: false
+            }]
+        );
+    }
+
+    #[test]
+    fn an_inline_payload_is_copied_into_buffers_and_handed_out() {
+        let mut l = ServerLane::new(1);
+        let mut out = l.actions();
+        assert_eq!(
+            handle(&mut l, &mut out, req(3, Payload::Inline, 10)),
+            [Action::Accept { slot: 0 }, Action::PostRecv, Action::Wake]
+        );
+        assert_eq!(
+            handle(&mut l, &mut out, Event::Recv),
+            [Action::Take {
+                slot: 0,
+                wait: false
+            }]
+        );
+        assert_eq!(
+            handle(&mut l, &mut out, Event::Buffers { slot: 0 }),
+            [Action::HandOut {
+                slot: 0,
+                id: 3,
+                copy_inline: true
+            }]
+        );
+        // A payload kind with 0 bytes carries nothing.
+        handle(&mut l, &mut out, Event::Reply { id: 3, bytes: 0 });
+        handle(&mut l, &mut out, req(4, Payload::Read, 0));
+        assert_eq!(out.as_slice()[2], Action::Wake);
+        assert_eq!(l.payload(0), Payload::None);
+    }
+
+    #[test]
+    fn short_of_buffers_waits_then_blocks_and_stays_first_in_line() {
+        let mut l = ServerLane::new(2);
+        let mut out = l.actions();
+        handle(&mut l, &mut out, req(1, Payload::Inline, 10));
+        handle(&mut l, &mut out, req(2, Payload::None, 0));
+        handle(&mut l, &mut out, Event::Recv);
+        assert_eq!(
+            handle(
+                &mut l,
+                &mut out,
+                Event::Short {
+                    slot: 0,
+                    can_wait: true
+                }
+            ),
+            [Action::Take {
+                slot: 0,
+                wait: true
+            }]
+        );
+        assert_eq!(
+            handle(
+                &mut l,
+                &mut out,
+                Event::Short {
+                    slot: 0,
+                    can_wait: false
+                }
+            ),
+            [Action::Blocked]
+        );
+        // Still first: the request behind it waits too (requests are served in order).
+        assert_eq!(
+            handle(&mut l, &mut out, Event::Recv),
+            [Action::Take {
+                slot: 0,
+                wait: false
+            }]
+        );
+    }
+
+    #[test]
+    fn a_request_short_of_buffers_gives_way_to_one_whose_reads_are_done() {
+        let mut l = ServerLane::new(3);
+        let mut out = l.actions();
+        handle(&mut l, &mut out, req(1, Payload::Read, 100));
+        handle(&mut l, &mut out, Event::ReadsNotPosted { slot: 0 });
+        handle(&mut l, &mut out, req(2, Payload::Read, 100));
+        handle(&mut l, &mut out, Event::ReadsCompleted { slot: 1 });
+        assert_eq!(
+            handle(&mut l, &mut out, Event::Recv),
+            [Action::Take {
+                slot: 0,
+                wait: false
+            }]
+        );
+        assert_eq!(
+            handle(
+                &mut l,
+                &mut out,
+                Event::Short {
+                    slot: 0,
+                    can_wait: true
+                }
+            ),
+            [Action::HandOut {
+                slot: 1,
+                id: 2,
+                copy_inline: false
+            }]
+        );
+        assert_eq!(
+            handle(&mut l, &mut out, Event::Recv),
+            [Action::Take {
+                slot: 0,
+                wait: false
+            }]
+        );
+    }
+
+    #[test]
+    fn out_of_order_read_completions_are_handed_out_as_they_complete() {
+        let mut l = ServerLane::new(3);
+        let mut out = l.actions();
+        for id in 0..3 {
+            handle(&mut l, &mut out, req(id, Payload::Read, 10));
+        }
+        for s in [2, 0, 1] {
+            assert_eq!(
+                handle(&mut l, &mut out, Event::ReadsCompleted { slot: s }),
+                [Action::Wake]
+            );
+        }
+        for s in [2, 0, 1] {
+            assert_eq!(
+                handle(&mut l, &mut out, Event::Recv),
+                [Action::HandOut {
+                    slot: s,
+                    id: s as u64,
+                    copy_inline: false
+                }]
+            );
+        }
+        // Replies in yet another order.
+        for id in [1, 2, 0] {
+            assert_eq!(
+                handle(&mut l, &mut out, Event::Reply { id, bytes: 0 }),
+                [Action::Reply { slot: id as usize }]
+            );
+        }
+        assert_eq!(l.free_slots(), 3);
+    }
+
+    #[test]
+    fn credits_run_out_and_come_back_with_replies() {
+        let mut l = ServerLane::new(2);
+        let mut out = l.actions();
+        handle(&mut l, &mut out, req(1, Payload::None, 0));
+        handle(&mut l, &mut out, req(2, Payload::None, 0));
+        assert_eq!(
+            handle(&mut l, &mut out, req(3, Payload::None, 0)),
+            [Action::Fail(Violation::TooManyRequests(2))]
+        );
+        handle(&mut l, &mut out, Event::Recv);
+        handle(&mut l, &mut out, Event::Reply { id: 1, bytes: 0 });
+        assert_eq!(
+            handle(&mut l, &mut out, req(3, Payload::None, 0)),
+            [Action::Accept { slot: 0 }, Action::PostRecv, Action::Wake]
+        );
+    }
+
+    #[test]
+    fn a_client_breaking_the_protocol_gets_the_violation() {
+        let mut l = ServerLane::new(2);
+        let mut out = l.actions();
+        assert_eq!(
+            handle(&mut l, &mut out, req(1 << LANE_SHIFT, Payload::None, 0)),
+            [Action::Fail(Violation::IdTooLarge(1 << LANE_SHIFT))]
+        );
+        handle(&mut l, &mut out, req(5, Payload::None, 0));
+        assert_eq!(
+            handle(&mut l, &mut out, req(5, Payload::Read, 10)),
+            [Action::Fail(Violation::IdInFlight(5))]
+        );
+        let unauth = Event::Request {
+            id: 6,
+            payload: Payload::Read,
+            bytes: 10,
+            reply_cap: 0,
+            authenticated: false,
+        };
+        assert_eq!(
+            handle(&mut l, &mut out, unauth),
+            [Action::Fail(Violation::PayloadBeforeAuth {
+                id: 6,
+                bytes: 10
+            })]
+        );
+        assert_eq!(
+            Violation::PayloadBeforeAuth { id: 6, bytes: 10 }.to_string(),
+            "request 6 carries 10 payload bytes before authentication"
+        );
+        // Without payload, authentication is not needed.
+        let mut l = ServerLane::new(1);
+        let hello = Event::Request {
+            id: 1,
+            payload: Payload::None,
+            bytes: 0,
+            reply_cap: 0,
+            authenticated: false,
+        };
+        assert_eq!(
+            handle(&mut l, &mut out, hello)[0],
+            Action::Accept { slot: 0 }
+        );
+    }
+
+    #[test]
+    fn replies_the_lane_refuses_leave_everything_as_it_was() {
+        let mut l = ServerLane::new(1);
+        let mut out = l.actions();
+        assert_eq!(
+            handle(&mut l, &mut out, Event::Reply { id: 9, bytes: 0 }),
+            [Action::RefuseReply(ReplyRefusal::NotInFlight(9))]
+        );
+        handle(&mut l, &mut out, req(9, Payload::None, 0));
+        assert_eq!(
+            handle(&mut l, &mut out, Event::Reply { id: 9, bytes: 0 }),
+            [Action::RefuseReply(ReplyRefusal::NotInFlight(9))],
+            "not handed out yet"
+        );
+        handle(&mut l, &mut out, Event::Recv);
+        assert_eq!(
+            handle(&mut l, &mut out, Event::Reply { id: 9, bytes: 4097 }),
+            [Action::RefuseReply(ReplyRefusal::TooLarge {
+                bytes: 4097,
+                cap: 4096
+            })]
+        );
+        assert_eq!(l.stage(0), Stage::Delivered);
+        assert_eq!(
+            handle(&mut l, &mut out, Event::Reply { id: 9, bytes: 4096 }),
+            [Action::Reply { slot: 0 }]
+        );
+        assert_eq!(
+            handle(&mut l, &mut out, Event::Reply { id: 9, bytes: 0 }),
+            [Action::RefuseReply(ReplyRefusal::NotInFlight(9))],
+            "a second reply"
+        );
+    }
+
+    #[test]
+    fn a_failure_mid_request_drops_every_slot_in_use_once() {
+        let mut l = ServerLane::new(4);
+        let mut out = l.actions();
+        handle(&mut l, &mut out, req(1, Payload::Read, 10)); // Reading
+        handle(&mut l, &mut out, req(2, Payload::Inline, 10)); // Queued
+        handle(&mut l, &mut out, req(3, Payload::None, 0));
+        handle(&mut l, &mut out, Event::Recv); // slot 1: Take
+        assert_eq!(
+            handle(&mut l, &mut out, Event::Failed),
+            [
+                Action::Drop { slot: 0 },
+                Action::Drop { slot: 1 },
+                Action::Drop { slot: 2 }
+            ]
+        );
+        assert!(l.failed());
+        assert_eq!(handle(&mut l, &mut out, Event::Failed), [], "once");
+        assert_eq!(
+            handle(&mut l, &mut out, Event::ReadsCompleted { slot: 0 }),
+            []
+        );
+        assert_eq!(handle(&mut l, &mut out, Event::Recv), []);
+        assert_eq!(
+            handle(&mut l, &mut out, Event::Reply { id: 3, bytes: 0 }),
+            [Action::RefuseReply(ReplyRefusal::NotInFlight(3))]
+        );
+        assert_eq!(
+            handle(&mut l, &mut out, req(5, Payload::None, 0)),
+            [Action::Fail(Violation::TooManyRequests(4))]
+        );
+        // A driver still holding slot 1's buffers when it failed: refused, no panic.
+        assert!(matches!(
+            l.handle(Event::Buffers { slot: 1 }, &mut out),
+            Err(Refused::WrongStage(_))
+        ));
+    }
+
+    #[test]
+    fn a_full_lane_failing_fits_the_action_buffer() {
+        for credits in 1..8 {
+            let mut l = ServerLane::new(credits);
+            let mut out = l.actions();
+            for id in 0..credits as u64 {
+                handle(&mut l, &mut out, req(id, Payload::Read, 1));
+            }
+            assert_eq!(handle(&mut l, &mut out, Event::Failed).len(), credits);
+        }
+    }
+
+    #[test]
+    fn driver_bugs_are_refused_not_panics() {
+        let mut l = ServerLane::new(1);
+        let mut small = Actions::with_capacity(1);
+        let e = l.handle(req(1, Payload::None, 0), &mut small).unwrap_err();
+        assert_eq!(e, Refused::Overflow { capacity: 1 });
+        assert_eq!(
+            e.to_string(),
+            "internal: more than 1 actions for one event of a request lane"
+        );
+        let mut out = l.actions();
+        for ev in [
+            Event::ReadsNotPosted { slot: 0 },
+            Event::Buffers { slot: 5 },
+            Event::Short {
+                slot: 9,
+                can_wait: true,
+            },
+        ] {
+            assert!(
+                matches!(l.handle(ev, &mut out), Err(Refused::WrongStage(_))),
+                "{ev:?}"
+            );
+        }
+        let e = l.handle(Event::Buffers { slot: 3 }, &mut out).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "internal: request slot 3 is Free, cannot take buffers"
         );
     }
 }
