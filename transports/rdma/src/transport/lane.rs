@@ -15,6 +15,8 @@
 //!   request SEND is signaled, and the checks on a server's replies.
 #![forbid(unsafe_code)]
 
+use std::fmt;
+
 pub mod client;
 pub mod receives;
 pub mod send_queue;
@@ -22,3 +24,78 @@ pub mod server;
 
 #[cfg(test)]
 mod props;
+
+/// An action buffer was full: a driver bug (its capacity is fixed when the lane is made and
+/// covers the most actions one event gives), reported as an error, never a panic.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Overflow {
+    /// The buffer's capacity.
+    pub capacity: usize,
+}
+
+impl fmt::Display for Overflow {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "internal: more than {} actions for one event of a request lane",
+            self.capacity
+        )
+    }
+}
+
+/// A fixed-capacity list of actions, owned by the driver and filled by `handle`: made once
+/// per lane, it never grows (a push past its capacity is [`Overflow`]).
+#[derive(Debug)]
+pub struct Actions<A> {
+    items: Vec<A>,
+}
+
+impl<A: Copy> Actions<A> {
+    /// Room for `capacity` actions, allocated here and only here.
+    pub fn with_capacity(capacity: usize) -> Actions<A> {
+        Actions {
+            items: Vec::with_capacity(capacity),
+        }
+    }
+
+    /// How many actions it takes.
+    pub fn capacity(&self) -> usize {
+        self.items.capacity()
+    }
+
+    /// Adds one, unless it is full.
+    pub fn push(&mut self, a: A) -> Result<(), Overflow> {
+        if self.items.len() == self.items.capacity() {
+            return Err(Overflow {
+                capacity: self.items.capacity(),
+            });
+        }
+        self.items.push(a);
+        Ok(())
+    }
+
+    /// The actions, in order.
+    pub fn as_slice(&self) -> &[A] {
+        &self.items
+    }
+
+    /// The `k`-th action.
+    pub fn get(&self, k: usize) -> Option<A> {
+        self.items.get(k).copied()
+    }
+
+    /// How many there are.
+    pub fn len(&self) -> usize {
+        self.items.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+
+    /// Empties it (keeping its room).
+    pub fn clear(&mut self) {
+        self.items.clear();
+    }
+}

@@ -59,7 +59,9 @@ use super::conn::{
     Poller, SendQueue, KIND_READ, KIND_RECV, KIND_SEND, KIND_WRITE, MAX_SGE,
 };
 use super::lane::receives::Receives;
-use super::lane::server::{Ready, ServerLane, WrongStage, LANE_SHIFT};
+use super::lane::server::{
+    Action, Actions, Event, Payload, ReplyRefusal, ServerLane, Violation, LANE_SHIFT,
+};
 use super::msg::{decode_request, encode_reply, reply_len, Desc, MsgLimits};
 use super::plan::{Local, Plan};
 use super::{lock, MAX_INLINE};
@@ -133,8 +135,10 @@ struct LaneState {
     closing: bool,
     recv: Receives<IobufMut>,
     slots: Vec<Slot>,
-    /// Which slot holds which request, at which stage; what `recv` does next.
+    /// Which slot holds which request, at which stage; what to post next.
     requests: ServerLane,
+    /// What `requests` answers each event with (fixed capacity, made with the lane).
+    actions: Actions<Action>,
     /// Descriptor lists lent to posts in progress: a request's remote descriptors (and the
     /// local pieces of its READs) move out of the state while they are posted, and come
     /// back here, kept for their capacity.
@@ -375,6 +379,15 @@ enum Step {
 /// at every queue pair's events again.
 const POOL_SLICE: Duration = Duration::from_millis(20);
 
+/// An action the lane gave that the driver has no use for at that point: a driver bug.
+struct Unexpected(Option<Action>);
+
+impl std::fmt::Display for Unexpected {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "internal: unexpected request-lane action {:?}", self.0)
+    }
+}
+
 fn to_sge(l: &Local) -> Sge {
     Sge {
         addr: l.addr,
@@ -413,10 +426,22 @@ impl Lane {
             p.sq.clear();
         }
         st.recv.clear();
-        for s in st.slots.iter_mut() {
-            s.reset();
+        let LaneState {
+            requests,
+            actions,
+            slots,
+            ..
+        } = st;
+        if requests.handle(Event::Failed, actions).is_ok() {
+            for a in actions.as_slice() {
+                if let Action::Drop { slot } = *a {
+                    slots[slot].reset();
+                }
+            }
+        } else {
+            slots.iter_mut().for_each(Slot::reset);
+            requests.fail();
         }
-        st.requests.fail();
         true
     }
 
@@ -476,59 +501,133 @@ impl Lane {
         if st.dead.is_some() {
             return;
         }
-        let s = match st.requests.admit(view.id) {
-            Ok(s) => s,
-            Err(v) => {
-                let r = self.violation(v.to_string());
-                if self.fail_locked(st, r, End::Failed) {
-                    drop(guard);
-                    self.after_fail();
-                }
-                return;
-            }
+        let payload = if view.send_descs().len() > 0 {
+            Payload::Read
+        } else if view.inline.is_empty() {
+            Payload::None
+        } else {
+            Payload::Inline
         };
-        let slot = &mut st.slots[s];
-        slot.header.clear();
-        slot.header.extend_from_slice(view.header);
-        slot.send.clear();
-        slot.send.extend(view.send_descs());
-        slot.recv.clear();
-        slot.recv.extend(view.recv_descs());
-        slot.inline.clear();
-        slot.inline.extend_from_slice(view.inline);
-        slot.recv_cap = view.recv_cap;
-        slot.send_total = view.send_total;
-        slot.id = view.id | (self.lane << LANE_SHIFT);
-        slot.admitted = false;
-        if view.send_total > 0 {
-            if let Some(a) = self.shared.admission.get() {
-                if !a.authenticated() {
-                    // Refused before any pool buffer is taken for it.
-                    let r = self.violation(format!(
-                        "request {} carries {} payload bytes before authentication",
-                        view.id, view.send_total
-                    ));
-                    tracing::warn!(peer = %self.peer, "{r}; closing that connection");
+        let ev = Event::Request {
+            id: view.id,
+            payload,
+            bytes: view.send_total,
+            reply_cap: view.recv_cap,
+            authenticated: self
+                .shared
+                .admission
+                .get()
+                .is_none_or(|a| a.authenticated()),
+        };
+        if self.feed(st, ev).is_err() {
+            drop(guard);
+            self.after_fail();
+            return;
+        }
+        for k in 0..st.actions.len() {
+            match st.actions.get(k) {
+                Some(Action::Accept { slot: s }) => {
+                    let slot = &mut st.slots[s];
+                    slot.header.clear();
+                    slot.header.extend_from_slice(view.header);
+                    slot.send.clear();
+                    slot.send.extend(view.send_descs());
+                    slot.recv.clear();
+                    slot.recv.extend(view.recv_descs());
+                    slot.inline.clear();
+                    slot.inline.extend_from_slice(view.inline);
+                    slot.recv_cap = view.recv_cap;
+                    slot.send_total = view.send_total;
+                    slot.id = view.id | (self.lane << LANE_SHIFT);
+                    slot.admitted = false;
+                    self.shared.in_flight.fetch_add(1, Ordering::Relaxed);
+                    self.shared.queued.fetch_add(1, Ordering::Relaxed);
+                    self.shared.touch();
+                }
+                Some(Action::PostRecv) => {
+                    // Repost at once: the client may send its next request as soon as it
+                    // has this one's reply.
+                    let posted = match &*self.qp() {
+                        Some(qp) => post_recv_buf(qp, ri, &buf, self.ctl_reg),
+                        None => Ok(()),
+                    };
+                    st.recv.repost(ri, buf);
+                    if let Err(e) = posted {
+                        if self.fail_locked(st, format!("reposting a receive: {e}"), End::Failed) {
+                            drop(guard);
+                            self.after_fail();
+                        }
+                        return;
+                    }
+                    // `buf` is moved: the rest of the actions do not need it.
+                    return self.on_request_rest(guard, k + 1);
+                }
+                Some(Action::Fail(v)) => {
+                    let r = self.violation(v.to_string());
+                    if matches!(v, Violation::PayloadBeforeAuth { .. }) {
+                        tracing::warn!(peer = %self.peer, "{r}; closing that connection");
+                    }
                     if self.fail_locked(st, r, End::Failed) {
                         drop(guard);
                         self.after_fail();
                     }
                     return;
                 }
+                other => {
+                    let _ = self.refused(st, Unexpected(other));
+                    drop(guard);
+                    self.after_fail();
+                    return;
+                }
             }
         }
-        // A payload to READ: start the READs here, on this queue pair's completion thread,
-        // if the pool can give the buffers without waiting. On Soft-RoCE the READ's
-        // protocol work (the client's responses included) runs in the posting thread, so
-        // each queue pair then moves its own payload instead of every request of the
-        // connection queuing for the thread behind `recv`; and the READs start without a
-        // hand-off. Otherwise `recv` takes the buffers (it may wait) and posts them.
-        let direct = if view.send_total > 0
-            && !st.slots[s].send.is_empty()
-            && self.try_admit(&mut st.slots[s])
-        {
+    }
+
+    /// The actions of a request after its receive was posted again: READ its payload now
+    /// (on this completion thread, if that needs no wait), or wake `recv`.
+    fn on_request_rest<'a>(&'a self, mut guard: MutexGuard<'a, LaneState>, mut k: usize) {
+        while let Some(a) = guard.actions.get(k) {
+            match a {
+                Action::Wake => {
+                    drop(guard);
+                    self.shared.notify();
+                    return;
+                }
+                Action::ReadNow { slot: s } => {
+                    guard = match self.read_now(guard, s) {
+                        Some(g) => g,
+                        None => return,
+                    };
+                    // The lane's answer to `ReadsNotPosted`.
+                    k = 0;
+                }
+                other => {
+                    let _ = self.refused(&mut guard, Unexpected(Some(other)));
+                    drop(guard);
+                    self.after_fail();
+                    return;
+                }
+            }
+        }
+    }
+
+    /// [`Action::ReadNow`]: READs of slot `s`'s payload on the completion thread, if the
+    /// budget and the pool give the buffers without waiting and the send queue has room.
+    /// On Soft-RoCE the READ's protocol work (the client's responses included) runs in the
+    /// posting thread, so each queue pair then moves its own payload instead of every
+    /// request of the connection queuing for the thread behind `recv`; and the READs start
+    /// without a hand-off. Otherwise `recv` takes the buffers (it may wait) and posts them.
+    /// `None` once the guard is let go of (the READs posted, or the connection failed).
+    fn read_now<'a>(
+        &'a self,
+        mut guard: MutexGuard<'a, LaneState>,
+        s: usize,
+    ) -> Option<MutexGuard<'a, LaneState>> {
+        let st = &mut *guard;
+        let total = st.slots[s].send_total;
+        let bufs = if self.try_admit(&mut st.slots[s]) {
             let mut v = st.spare_bufs.pop().unwrap_or_default();
-            if let Ok(true) = self.pool.try_get_span_into(view.send_total, &mut v) {
+            if let Ok(true) = self.pool.try_get_span_into(total, &mut v) {
                 Some(v)
             } else {
                 keep_spare(&mut st.spare_bufs, v);
@@ -537,51 +636,45 @@ impl Lane {
         } else {
             None
         };
-        if direct.is_none() {
-            if let Err(e) = st.requests.push_new(s) {
-                self.refused(st, e);
-                drop(guard);
-                self.after_fail();
-                return;
+        if let Some(bufs) = bufs {
+            let (g, r) = self.post_reads(guard, s, bufs, false);
+            guard = g;
+            match r {
+                Ok(ReadStart::Posted) => return None,
+                Ok(ReadStart::NoRoom(bufs)) => keep_spare(&mut guard.spare_bufs, bufs),
+                Err(_) => {
+                    drop(guard);
+                    self.after_fail();
+                    return None;
+                }
             }
         }
-        self.shared.in_flight.fetch_add(1, Ordering::Relaxed);
-        self.shared.queued.fetch_add(1, Ordering::Relaxed);
-        self.shared.touch();
-        // Repost at once: the client may send its next request as soon as it has this
-        // one's reply.
-        let posted = match &*self.qp() {
-            Some(qp) => post_recv_buf(qp, ri, &buf, self.ctl_reg),
-            None => Ok(()),
-        };
-        st.recv.repost(ri, buf);
-        if let Err(e) = posted {
-            if self.fail_locked(st, format!("reposting a receive: {e}"), End::Failed) {
-                drop(guard);
-                self.after_fail();
-            }
-            return;
+        // `recv` posts them, once there is budget, buffers and room. (Refused only if the
+        // queue pair failed meanwhile.)
+        if guard.dead.is_some() {
+            return None;
         }
-        let Some(bufs) = direct else {
+        if self
+            .feed(&mut guard, Event::ReadsNotPosted { slot: s })
+            .is_err()
+        {
             drop(guard);
-            self.shared.notify();
-            return;
-        };
-        let (mut guard, r) = self.post_reads(guard, s, bufs, false);
-        match r {
-            Ok(ReadStart::Posted) => {}
-            Ok(ReadStart::NoRoom(bufs)) => {
-                // The send queue is full: `recv` posts them once there is room. (Refused
-                // only if the queue pair failed meanwhile.)
-                let _ = guard.requests.push_new(s);
-                keep_spare(&mut guard.spare_bufs, bufs);
-                drop(guard);
-                self.shared.notify();
-            }
-            Err(_) => {
-                drop(guard);
-                self.after_fail();
-            }
+            self.after_fail();
+            return None;
+        }
+        Some(guard)
+    }
+
+    /// Gives `ev` to the lane's request state machine; its actions are in `st.actions`. A
+    /// refusal (a driver bug) fails the queue pair (the caller wakes everyone once it has
+    /// let go of the lock).
+    fn feed(&self, st: &mut LaneState, ev: Event) -> Result<()> {
+        let LaneState {
+            requests, actions, ..
+        } = st;
+        match requests.handle(ev, actions) {
+            Ok(()) => Ok(()),
+            Err(e) => Err(self.refused(st, e)),
         }
     }
 
@@ -608,7 +701,12 @@ impl Lane {
         if st.dead.is_some() {
             return;
         }
-        if st.requests.reads_completed(slot) {
+        if self.feed(&mut st, Event::ReadsCompleted { slot }).is_err() {
+            drop(st);
+            self.after_fail();
+            return;
+        }
+        if st.actions.as_slice().contains(&Action::Wake) {
             drop(st);
             self.shared.notify();
         }
@@ -616,13 +714,7 @@ impl Lane {
 
     /// Hands request `s` out with its payload, in vectors kept from earlier requests when
     /// there are some.
-    fn deliver(
-        &self,
-        st: &mut LaneState,
-        s: usize,
-        mut bufs: Vec<IobufMut>,
-    ) -> std::result::Result<Incoming, WrongStage> {
-        let id = st.requests.deliver(s)?;
+    fn deliver(&self, st: &mut LaneState, s: usize, id: u64, mut bufs: Vec<IobufMut>) -> Incoming {
         self.shared.queued.fetch_sub(1, Ordering::Relaxed);
         let mut payload = if bufs.is_empty() {
             Vec::new()
@@ -634,18 +726,18 @@ impl Lane {
         // The slot keeps a vector to decode its next request's header into.
         let next_header = st.spare_headers.pop().unwrap_or_default();
         let slot = &mut st.slots[s];
-        Ok(Incoming {
+        Incoming {
             id,
             header: std::mem::replace(&mut slot.header, next_header),
             payload,
             reply_capacity: slot.recv_cap,
-        })
+        }
     }
 
     /// A transition the request state machine refused: a bug in this driver, never the
     /// client's doing. Fails the queue pair (the caller wakes everyone once it has let go
     /// of the lock) and gives the error to return.
-    fn refused(&self, st: &mut LaneState, e: WrongStage) -> Error {
+    fn refused(&self, st: &mut LaneState, e: impl std::fmt::Display) -> Error {
         let r = e.to_string();
         self.fail_locked(st, r.clone(), End::Failed);
         Error::ConnectionClosed(r)
@@ -722,13 +814,13 @@ impl Lane {
             .unwrap_or_else(|| Vec::with_capacity(self.limits.max_segments))
     }
 
-    /// Starts the RDMA READs of request `s`'s payload into `bufs`: under the state lock
-    /// (held by the caller) the slot moves to `Reading` with the buffers, and its
-    /// descriptors are lent out; then the READs are posted under the send-side lock only.
-    /// Unless `wait`, a send queue without room for them gives the slot back as it was
-    /// (`NoRoom`, with the buffers): a completion thread must not wait for room that only
-    /// its own completions make. On `Err` the connection has failed (the caller wakes
-    /// everyone).
+    /// Starts the RDMA READs of request `s`'s payload into `bufs` (the lane has it
+    /// `Reading`): under the state lock (held by the caller) the slot takes the buffers, and
+    /// its descriptors are lent out; then the READs are posted under the send-side lock
+    /// only. Unless `wait`, a send queue without room for them gives the slot its
+    /// descriptors back (`NoRoom`, with the buffers; the caller tells the lane): a
+    /// completion thread must not wait for room that only its own completions make. On
+    /// `Err` the connection has failed (the caller wakes everyone).
     fn post_reads<'a>(
         &'a self,
         mut guard: MutexGuard<'a, LaneState>,
@@ -758,11 +850,6 @@ impl Lane {
                 }
             }
         }
-        if let Err(e) = st.requests.start_reads(s) {
-            keep_spare(&mut st.spare_local, local);
-            let e = self.refused(st, e);
-            return (guard, Err(e));
-        }
         let spare = self.spare_descs(st);
         let remote = std::mem::replace(&mut st.slots[s].send, spare);
         let n = Plan::new(&remote, &local, total as u64, self.read_sge).count();
@@ -787,10 +874,6 @@ impl Lane {
             std::mem::swap(&mut slot.send, &mut remote);
             let bufs = std::mem::take(&mut slot.bufs);
             keep_spare(&mut st.spare_descs, remote);
-            if let Err(e) = st.requests.unstart_reads(s) {
-                let e = self.refused(st, e);
-                return (guard, Err(e));
-            }
             return (guard, Ok(ReadStart::NoRoom(bufs)));
         }
         keep_spare(&mut st.spare_descs, remote);
@@ -880,163 +963,169 @@ impl Lane {
         self.step_locked(self.lock(), wait)
     }
 
-    /// Hands request `s` out ([`deliver`](Self::deliver)), or fails the queue pair if the
-    /// state machine refuses.
-    fn hand_out(
+    /// [`refused`](Self::refused) for `step`: fails the queue pair, wakes everyone.
+    fn refused_step(
         &self,
         mut st: MutexGuard<'_, LaneState>,
-        s: usize,
-        bufs: Vec<IobufMut>,
+        e: impl std::fmt::Display,
     ) -> Result<Step> {
-        match self.deliver(&mut st, s, bufs) {
-            Ok(inc) => Ok(Step::Got(inc)),
-            Err(e) => self.refused_step(st, e),
-        }
-    }
-
-    /// [`refused`](Self::refused) for `step`: fails the queue pair, wakes everyone.
-    fn refused_step(&self, mut st: MutexGuard<'_, LaneState>, e: WrongStage) -> Result<Step> {
         let e = self.refused(&mut st, e);
         drop(st);
         self.after_fail();
         Err(e)
     }
 
+    /// `recv`'s look at this queue pair: tells the lane, carries out its one action (hand
+    /// a request out, take buffers, post READs, or nothing to do) and tells it how that went,
+    /// until something is handed out or nothing can be.
     fn step_locked<'a>(
         &'a self,
         mut st: MutexGuard<'a, LaneState>,
         wait: Option<Duration>,
     ) -> Result<Step> {
+        let mut ev = Event::Recv;
         loop {
             if st.dead.is_some() {
                 return Ok(Step::Dead);
             }
-            let Some(next) = st.requests.next_ready() else {
-                return Ok(Step::Empty);
-            };
-            let s = match next {
-                Ready::ReadsDone(s) => {
-                    let bufs = std::mem::take(&mut st.slots[s].bufs);
-                    return self.hand_out(st, s, bufs);
-                }
-                Ready::New(s) => s,
-            };
-            let total = st.slots[s].send_total;
-            if total == 0 {
-                return self.hand_out(st, s, Vec::new());
-            }
-            // First the payload's bytes in the connection's budget (back-pressure: this
-            // connection waits while its earlier requests hold it), then pool buffers.
-            if !self.try_admit(&mut st.slots[s]) {
-                if let Some(d) = st.requests.take_reads_done() {
-                    if let Err(e) = st.requests.push_new_front(s) {
-                        return self.refused_step(st, e);
-                    }
-                    let done_bufs = std::mem::take(&mut st.slots[d].bufs);
-                    return self.hand_out(st, d, done_bufs);
-                }
-                let Some(slice) = wait else {
-                    if let Err(e) = st.requests.push_new_front(s) {
-                        return self.refused_step(st, e);
-                    }
-                    return Ok(Step::Blocked);
-                };
-                let id = st.slots[s].id;
-                let admission = self.shared.admission.get().cloned();
-                // Not under the lock.
-                drop(st);
-                let mut waited = false;
-                let reserved = admission.is_none_or(|a| {
-                    a.reserve(id, total, slice, || {
-                        if waited {
-                            Err(())
-                        } else {
-                            waited = true;
-                            Ok(())
-                        }
-                    })
-                    .is_ok()
-                });
-                st = self.lock();
-                if st.dead.is_some() {
-                    return Ok(Step::Dead);
-                }
-                if !reserved {
-                    if let Err(e) = st.requests.push_new_front(s) {
-                        return self.refused_step(st, e);
-                    }
-                    return Ok(Step::Blocked);
-                }
-                st.slots[s].admitted = true;
-            }
-            let mut bufs = st.spare_bufs.pop().unwrap_or_default();
-            let bufs = match self.pool.try_get_span_into(total, &mut bufs) {
-                Ok(true) => bufs,
-                _ => {
-                    if let Some(d) = st.requests.take_reads_done() {
-                        keep_spare(&mut st.spare_bufs, bufs);
-                        if let Err(e) = st.requests.push_new_front(s) {
-                            return self.refused_step(st, e);
-                        }
-                        let done_bufs = std::mem::take(&mut st.slots[d].bufs);
-                        return self.hand_out(st, d, done_bufs);
-                    }
-                    let Some(slice) = wait else {
-                        keep_spare(&mut st.spare_bufs, bufs);
-                        if let Err(e) = st.requests.push_new_front(s) {
-                            return self.refused_step(st, e);
-                        }
-                        return Ok(Step::Blocked);
-                    };
-                    // Not under the lock.
-                    drop(st);
-                    let b = self.pool.get_span_within_into(total, slice, &mut bufs);
-                    st = self.lock();
-                    if st.dead.is_some() {
-                        return Ok(Step::Dead);
-                    }
-                    match b {
-                        Ok(()) => bufs,
-                        // Back-pressure, not failure: the pool stays short only while
-                        // requests hold its buffers, and they give them back once served.
-                        Err(Error::PoolExhausted { .. }) => {
-                            keep_spare(&mut st.spare_bufs, bufs);
-                            if let Err(e) = st.requests.push_new_front(s) {
-                                return self.refused_step(st, e);
-                            }
-                            return Ok(Step::Blocked);
-                        }
-                        Err(e) => {
-                            let r = format!(
-                                "no pool buffers for a {total}-byte request payload from {}: {e}",
-                                self.peer,
-                            );
-                            if self.fail_locked(&mut st, r, End::Failed) {
-                                drop(st);
-                                self.after_fail();
-                            }
-                            return Err(e);
-                        }
-                    }
-                }
-            };
-            if st.slots[s].send.is_empty() {
-                // Inline payload: copy it into the pool buffers.
-                let mut bufs = bufs;
-                let mut src: &[u8] = &st.slots[s].inline;
-                for b in bufs.iter_mut() {
-                    let k = b.len().min(src.len());
-                    b[..k].copy_from_slice(&src[..k]);
-                    src = &src[k..];
-                }
-                return self.hand_out(st, s, bufs);
-            }
-            let (g, r) = self.post_reads(st, s, bufs, true);
-            st = g;
-            if let Err(e) = r {
+            if let Err(e) = self.feed(&mut st, ev) {
                 drop(st);
                 self.after_fail();
                 return Err(e);
+            }
+            // `recv`'s events have one action each, or none.
+            let Some(a) = st.actions.get(0) else {
+                return Ok(Step::Empty);
+            };
+            ev = match a {
+                Action::HandOut {
+                    slot,
+                    id,
+                    copy_inline,
+                } => {
+                    let mut bufs = std::mem::take(&mut st.slots[slot].bufs);
+                    if copy_inline {
+                        // Inline payload: copy it into the pool buffers.
+                        let mut src: &[u8] = &st.slots[slot].inline;
+                        for b in bufs.iter_mut() {
+                            let k = b.len().min(src.len());
+                            b[..k].copy_from_slice(&src[..k]);
+                            src = &src[k..];
+                        }
+                    }
+                    let inc = self.deliver(&mut st, slot, id, bufs);
+                    return Ok(Step::Got(inc));
+                }
+                Action::Blocked => return Ok(Step::Blocked),
+                Action::Take { slot, wait: w } => {
+                    let (g, next) = self.take(st, slot, w, wait)?;
+                    st = g;
+                    match next {
+                        Some(ev) => ev,
+                        None => return Ok(Step::Dead),
+                    }
+                }
+                Action::Read { slot } => {
+                    let bufs = std::mem::take(&mut st.slots[slot].bufs);
+                    let (g, r) = self.post_reads(st, slot, bufs, true);
+                    st = g;
+                    if let Err(e) = r {
+                        drop(st);
+                        self.after_fail();
+                        return Err(e);
+                    }
+                    Event::Recv
+                }
+                other => return self.refused_step(st, Unexpected(Some(other))),
+            };
+        }
+    }
+
+    /// [`Action::Take`]: the connection's payload budget, then pool buffers (kept in the
+    /// slot), for slot `s`'s payload. Without `w` only what needs no wait; with it, a wait of
+    /// up to `slice` for the budget (if not yet reserved; then the buffers without waiting)
+    /// or else for the buffers. The answer is the event to tell the lane; `None` once the
+    /// connection is dead. Never a failure for want of budget or buffers: back-pressure on
+    /// this connection, for as long as it stays open.
+    fn take<'a>(
+        &'a self,
+        mut st: MutexGuard<'a, LaneState>,
+        s: usize,
+        w: bool,
+        slice: Option<Duration>,
+    ) -> Result<(MutexGuard<'a, LaneState>, Option<Event>)> {
+        let may_wait = slice.is_some();
+        let short = |can_wait| Some(Event::Short { slot: s, can_wait });
+        let total = st.slots[s].send_total;
+        let slice = slice.unwrap_or(Duration::ZERO);
+        let mut pool_wait = w;
+        if !self.try_admit(&mut st.slots[s]) {
+            if !w {
+                return Ok((st, short(may_wait)));
+            }
+            pool_wait = false;
+            let id = st.slots[s].id;
+            let admission = self.shared.admission.get().cloned();
+            // Not under the lock.
+            drop(st);
+            let mut waited = false;
+            let reserved = admission.is_none_or(|a| {
+                a.reserve(id, total, slice, || {
+                    if waited {
+                        Err(())
+                    } else {
+                        waited = true;
+                        Ok(())
+                    }
+                })
+                .is_ok()
+            });
+            st = self.lock();
+            if st.dead.is_some() {
+                return Ok((st, None));
+            }
+            if !reserved {
+                return Ok((st, short(false)));
+            }
+            st.slots[s].admitted = true;
+        }
+        let mut bufs = st.spare_bufs.pop().unwrap_or_default();
+        if let Ok(true) = self.pool.try_get_span_into(total, &mut bufs) {
+            st.slots[s].bufs = bufs;
+            return Ok((st, Some(Event::Buffers { slot: s })));
+        }
+        if !pool_wait {
+            keep_spare(&mut st.spare_bufs, bufs);
+            return Ok((st, short(may_wait)));
+        }
+        // Not under the lock.
+        drop(st);
+        let b = self.pool.get_span_within_into(total, slice, &mut bufs);
+        st = self.lock();
+        if st.dead.is_some() {
+            return Ok((st, None));
+        }
+        match b {
+            Ok(()) => {
+                st.slots[s].bufs = bufs;
+                Ok((st, Some(Event::Buffers { slot: s })))
+            }
+            // Back-pressure, not failure: the pool stays short only while requests hold
+            // its buffers, and they give them back once served.
+            Err(Error::PoolExhausted { .. }) => {
+                keep_spare(&mut st.spare_bufs, bufs);
+                Ok((st, short(false)))
+            }
+            Err(e) => {
+                let r = format!(
+                    "no pool buffers for a {total}-byte request payload from {}: {e}",
+                    self.peer,
+                );
+                if self.fail_locked(&mut st, r, End::Failed) {
+                    drop(st);
+                    self.after_fail();
+                }
+                Err(e)
             }
         }
     }
@@ -1120,31 +1209,35 @@ impl Lane {
                     self.peer
                 )));
             }
-            let s = match st.requests.reply_slot(id) {
-                Some(s) => s,
-                None => {
+            if let Err(e) = self.feed(st, Event::Reply { id, bytes: total }) {
+                drop(guard);
+                self.after_fail();
+                return Err(e);
+            }
+            let s = match st.actions.get(0) {
+                Some(Action::Reply { slot }) => slot,
+                Some(Action::RefuseReply(ReplyRefusal::NotInFlight(id))) => {
                     return Err(Error::InvalidArgument(format!(
                     "reply to request id {id}, which is not in flight on the connection from {}",
                     self.peer
                 )))
                 }
+                Some(Action::RefuseReply(ReplyRefusal::TooLarge { bytes, cap })) => {
+                    return Err(over(
+                        "reply payload (the request's reply capacity)",
+                        bytes,
+                        cap,
+                    ));
+                }
+                other => {
+                    let e = self.refused(st, Unexpected(other));
+                    drop(guard);
+                    self.after_fail();
+                    return Err(e);
+                }
             };
-            let cap = st.slots[s].recv_cap;
-            if total > cap {
-                return Err(over(
-                    "reply payload (the request's reply capacity)",
-                    total,
-                    cap,
-                ));
-            }
             let spare = self.spare_descs(st);
             let remote = std::mem::replace(&mut st.slots[s].recv, spare);
-            if let Err(e) = st.requests.release(s) {
-                let e = self.refused(st, e);
-                drop(guard);
-                self.after_fail();
-                return Err(e);
-            }
             st.slots[s].reset();
             // `close` waits for this reply's post too.
             self.posting.fetch_add(1, Ordering::SeqCst);
@@ -1152,6 +1245,14 @@ impl Lane {
         };
         self.shared.in_flight.fetch_sub(1, Ordering::Relaxed);
         self.shared.touch();
+        tracing::debug!(
+            id = id | (self.lane << LANE_SHIFT),
+            wire_id = id,
+            lane = self.lane,
+            payload_len = total,
+            inline,
+            "rdma reply posted"
+        );
         let msg = match ctl_buf {
             Some(b) => ReplyMsg::Buf(b, msg_len),
             None => ReplyMsg::Inline(&stack[..msg_len]),
@@ -1464,7 +1565,16 @@ impl RdmaServerConn {
             self.background();
         }
         self.next = (i + 1) % self.set.lanes.len();
+        let wire_id = inc.id;
         inc.id |= (i as u64) << LANE_SHIFT;
+        tracing::debug!(
+            id = inc.id,
+            wire_id,
+            lane = i,
+            payload_len = inc.payload.iter().map(|b| b.len()).sum::<usize>(),
+            reply_cap = inc.reply_capacity,
+            "rdma request received"
+        );
         inc
     }
 }

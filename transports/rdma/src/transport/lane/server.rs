@@ -26,6 +26,13 @@
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
 
+pub use super::{Actions, Overflow};
+
+/// Adds `a` to `out`, or refuses: the buffer is full (a driver bug).
+fn push(out: &mut Actions<Action>, a: Action) -> Result<(), Refused> {
+    Ok(out.push(a)?)
+}
+
 /// The queue pair's index goes in the top byte of the request ids the server hands out:
 /// a client's ids must stay below `1 << LANE_SHIFT`.
 pub const LANE_SHIFT: u32 = 56;
@@ -488,84 +495,27 @@ pub enum Refused {
     /// A slot was not in the stage the event needs.
     WrongStage(WrongStage),
     /// The driver's action buffer was full.
-    Overflow {
-        /// Its capacity.
-        capacity: usize,
-    },
+    Overflow(Overflow),
 }
 
 impl fmt::Display for Refused {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Refused::WrongStage(w) => w.fmt(f),
-            Refused::Overflow { capacity } => write!(
-                f,
-                "internal: more than {capacity} actions for one event of a request lane"
-            ),
+            Refused::Overflow(o) => o.fmt(f),
         }
+    }
+}
+
+impl From<Overflow> for Refused {
+    fn from(o: Overflow) -> Refused {
+        Refused::Overflow(o)
     }
 }
 
 impl From<WrongStage> for Refused {
     fn from(w: WrongStage) -> Refused {
         Refused::WrongStage(w)
-    }
-}
-
-/// A fixed-capacity list of actions, owned by the driver and filled by `handle`: made once
-/// per lane, it never grows (a push past its capacity is [`Refused::Overflow`]).
-#[derive(Debug)]
-pub struct Actions<A> {
-    items: Vec<A>,
-}
-
-impl<A: Copy> Actions<A> {
-    /// Room for `capacity` actions, allocated here and only here.
-    pub fn with_capacity(capacity: usize) -> Actions<A> {
-        Actions {
-            items: Vec::with_capacity(capacity),
-        }
-    }
-
-    /// How many actions it takes.
-    pub fn capacity(&self) -> usize {
-        self.items.capacity()
-    }
-
-    /// Adds one, unless it is full.
-    pub fn push(&mut self, a: A) -> Result<(), Refused> {
-        if self.items.len() == self.items.capacity() {
-            return Err(Refused::Overflow {
-                capacity: self.items.capacity(),
-            });
-        }
-        self.items.push(a);
-        Ok(())
-    }
-
-    /// The actions, in order.
-    pub fn as_slice(&self) -> &[A] {
-        &self.items
-    }
-
-    /// The `k`-th action.
-    pub fn get(&self, k: usize) -> Option<A> {
-        self.items.get(k).copied()
-    }
-
-    /// How many there are.
-    pub fn len(&self) -> usize {
-        self.items.len()
-    }
-
-    /// Whether there are none.
-    pub fn is_empty(&self) -> bool {
-        self.items.is_empty()
-    }
-
-    /// Empties it (keeping its room).
-    pub fn clear(&mut self) {
-        self.items.clear();
     }
 }
 
@@ -602,33 +552,36 @@ impl ServerLane {
             } => {
                 let s = match self.admit(id) {
                     Ok(s) => s,
-                    Err(v) => return out.push(Action::Fail(v)),
+                    Err(v) => return push(out, Action::Fail(v)),
                 };
                 let payload = if bytes == 0 { Payload::None } else { payload };
                 if payload != Payload::None && !authenticated {
-                    return out.push(Action::Fail(Violation::PayloadBeforeAuth { id, bytes }));
+                    return push(
+                        out,
+                        Action::Fail(Violation::PayloadBeforeAuth { id, bytes }),
+                    );
                 }
                 self.payloads[s] = payload;
                 self.reply_caps[s] = reply_cap;
-                out.push(Action::Accept { slot: s })?;
-                out.push(Action::PostRecv)?;
+                push(out, Action::Accept { slot: s })?;
+                push(out, Action::PostRecv)?;
                 if payload == Payload::Read {
                     // READ it here, on the completion thread, if that needs no wait.
                     self.start_reads(s)?;
-                    out.push(Action::ReadNow { slot: s })
+                    push(out, Action::ReadNow { slot: s })
                 } else {
                     self.push_new(s)?;
-                    out.push(Action::Wake)
+                    push(out, Action::Wake)
                 }
             }
             Event::ReadsNotPosted { slot } => {
                 self.unstart_reads(slot)?;
                 self.push_new(slot)?;
-                out.push(Action::Wake)
+                push(out, Action::Wake)
             }
             Event::ReadsCompleted { slot } => {
                 if self.reads_completed(slot) {
-                    out.push(Action::Wake)?;
+                    push(out, Action::Wake)?;
                 }
                 Ok(())
             }
@@ -640,10 +593,13 @@ impl ServerLane {
                         self.hand_out(s, false, out)
                     } else {
                         self.expect(s, Stage::Queued, "take buffers")?;
-                        out.push(Action::Take {
-                            slot: s,
-                            wait: false,
-                        })
+                        push(
+                            out,
+                            Action::Take {
+                                slot: s,
+                                wait: false,
+                            },
+                        )
                     }
                 }
             },
@@ -653,7 +609,7 @@ impl ServerLane {
             {
                 Payload::Read => {
                     self.start_reads(slot)?;
-                    out.push(Action::Read { slot })
+                    push(out, Action::Read { slot })
                 }
                 _ => self.hand_out(slot, true, out),
             },
@@ -666,23 +622,26 @@ impl ServerLane {
                     return self.hand_out(d, false, out);
                 }
                 if can_wait {
-                    return out.push(Action::Take { slot, wait: true });
+                    return push(out, Action::Take { slot, wait: true });
                 }
                 self.push_new_front(slot)?;
-                out.push(Action::Blocked)
+                push(out, Action::Blocked)
             }
             Event::Reply { id, bytes } => {
                 let Some(s) = self.reply_slot(id) else {
-                    return out.push(Action::RefuseReply(ReplyRefusal::NotInFlight(id)));
+                    return push(out, Action::RefuseReply(ReplyRefusal::NotInFlight(id)));
                 };
                 let cap = self.reply_caps[s];
                 if bytes > cap {
-                    return out.push(Action::RefuseReply(ReplyRefusal::TooLarge { bytes, cap }));
+                    return push(
+                        out,
+                        Action::RefuseReply(ReplyRefusal::TooLarge { bytes, cap }),
+                    );
                 }
                 self.release(s)?;
                 self.payloads[s] = Payload::None;
                 self.reply_caps[s] = 0;
-                out.push(Action::Reply { slot: s })
+                push(out, Action::Reply { slot: s })
             }
             Event::Failed => {
                 if self.failed {
@@ -690,7 +649,7 @@ impl ServerLane {
                 }
                 for s in 0..self.credits() {
                     if self.stages[s] != Stage::Free {
-                        out.push(Action::Drop { slot: s })?;
+                        push(out, Action::Drop { slot: s })?;
                     }
                 }
                 self.fail();
@@ -708,11 +667,14 @@ impl ServerLane {
         out: &mut Actions<Action>,
     ) -> Result<(), Refused> {
         let id = self.deliver(s)?;
-        out.push(Action::HandOut {
-            slot: s,
-            id,
-            copy_inline,
-        })
+        push(
+            out,
+            Action::HandOut {
+                slot: s,
+                id,
+                copy_inline,
+            },
+        )
     }
 }
 
@@ -1308,7 +1270,7 @@ mod event_tests {
         let mut l = ServerLane::new(1);
         let mut small = Actions::with_capacity(1);
         let e = l.handle(req(1, Payload::None, 0), &mut small).unwrap_err();
-        assert_eq!(e, Refused::Overflow { capacity: 1 });
+        assert_eq!(e, Refused::Overflow(Overflow { capacity: 1 }));
         assert_eq!(
             e.to_string(),
             "internal: more than 1 actions for one event of a request lane"

@@ -364,6 +364,7 @@ fn make_lane(
             recv: Receives::new(recv),
             slots,
             requests: ServerLane::new(credits),
+            actions: ServerLane::actions_for(credits),
             spare_descs: spares(LENT, credits, limits.max_segments),
             spare_local: spares(LENT, credits, limits.max_segments),
             spare_headers: spares(credits, credits, HEADER_ROOM),
