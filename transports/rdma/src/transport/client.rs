@@ -53,7 +53,7 @@ use super::conn::{
     SendQueue, KIND_BIND, KIND_INV, KIND_RECV, KIND_SEND,
 };
 use super::device::register_err;
-use super::lane::client::ClientLane;
+use super::lane::client::{Action, Actions, ClientLane, Event};
 use super::lane::receives::Receives;
 use super::msg::{decode_reply, encode_request, request_len, Desc, MsgLimits, RequestHead};
 use super::plan::push_desc;
@@ -142,7 +142,6 @@ struct InFlight {
     header: Vec<u8>,
     send: Vec<SendSeg>,
     recv: Vec<RecvSeg>,
-    recv_cap: usize,
     scratch: Scratch,
     /// Once the reply is in: its payload length and whether it came inline (then in
     /// `scratch.inline`).
@@ -169,8 +168,11 @@ struct LaneState {
     qp: Option<QueuePair>,
     recv: Receives<IobufMut>,
     slots: Vec<Slot>,
-    /// Which slots are taken, the ids in flight, which SENDs are signaled.
+    /// Which slots are taken, the ids in flight, which SENDs are signaled, the checks on
+    /// replies: what to do next.
     requests: ClientLane,
+    /// What `requests` answers each event with (fixed capacity, made with the lane).
+    actions: Actions<Action>,
     sq: SendQueue,
     /// Threads in `start` waiting for send-queue room.
     room_waiters: usize,
@@ -180,6 +182,16 @@ struct LaneState {
 }
 
 impl LaneState {
+    /// Gives `ev` to the lane's request state machine and returns its first action (every
+    /// event but a failure answers with at most one); a refusal (a driver bug) is the
+    /// reason to fail the connection with.
+    fn feed(&mut self, ev: Event) -> std::result::Result<Option<Action>, String> {
+        match self.requests.handle(ev, &mut self.actions) {
+            Ok(()) => Ok(self.actions.get(0)),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
     /// A completion pair for a new request, on the next cell that nothing holds any more.
     /// Cells are not tied to slots: a slot is free again as soon as its reply is in, which
     /// may be before the caller has waited on (and let go of) that request's [`Pending`].
@@ -307,19 +319,19 @@ impl Lane {
         Error::ConnectionClosed(st.dead.clone().unwrap_or_default())
     }
 
-    /// Takes a free slot, waiting up to the timeout.
-    fn acquire(&self) -> Result<(usize, Scratch, IobufMut)> {
+    /// Takes a free slot and the id of the request to send in it, waiting up to the timeout.
+    fn acquire(&self) -> Result<(usize, u64, Scratch, IobufMut)> {
         let mut st = self.lock();
         let deadline = Instant::now() + self.timeout;
         loop {
             if st.dead.is_some() {
                 return Err(self.closed_err(&st));
             }
-            if let Some(i) = st.requests.acquire() {
+            if let Ok(Some(Action::Prepare { slot: i, id })) = st.feed(Event::Acquire) {
                 let slot = &mut st.slots[i];
                 if let (Some(scratch), Some(msg)) = (slot.scratch.take(), slot.msg.take()) {
                     self.busy.fetch_add(1, Ordering::Relaxed);
-                    return Ok((i, scratch, msg));
+                    return Ok((i, id, scratch, msg));
                 }
                 // Unreachable: a free slot has its storage home.
                 return Err(Error::ConnectionClosed("rdma slot state lost".into()));
@@ -365,10 +377,10 @@ impl Lane {
         let slot = &mut st.slots[i];
         slot.scratch = Some(scratch);
         slot.msg = Some(msg);
-        let refused = st.requests.release(i);
-        let done = match refused {
-            Ok(()) => Vec::new(),
-            Err(e) => self.fail_locked(&mut st, e.to_string(), None),
+        let refused = st.feed(Event::Unsent { slot: i });
+        let done = match refused.clone() {
+            Ok(_) => Vec::new(),
+            Err(e) => self.fail_locked(&mut st, e, None),
         };
         drop(st);
         self.busy.fetch_sub(1, Ordering::Relaxed);
@@ -736,9 +748,26 @@ impl Lane {
         st.qp = None;
         st.recv.clear();
         st.sq.clear();
-        st.requests.fail();
         let mut done = Vec::new();
-        for slot in st.slots.iter_mut() {
+        let LaneState {
+            requests,
+            actions,
+            slots,
+            ..
+        } = st;
+        if requests.handle(Event::Failed, actions).is_err() {
+            // Unreachable: the buffer holds an action per slot.
+            requests.fail();
+            actions.clear();
+        }
+        // The requests the lane aborts, then (unreachable, but no request may be lost) any
+        // other the slots still hold.
+        let aborted = actions.as_slice().iter().filter_map(|a| match *a {
+            Action::Abort { slot } => Some(slot),
+            _ => None,
+        });
+        for s in aborted.chain(0..slots.len()) {
+            let slot = &mut slots[s];
             // The queue pair is gone: no window bound on it grants anything any more, so
             // the buffers of requests whose windows were being invalidated may go back.
             if let Some(f) = slot.invalidating.take() {
@@ -780,14 +809,12 @@ impl Lane {
 
     fn start(self: &Arc<Self>, req: Request) -> Result<Pending<Reply>> {
         check_request(&req, &self.limits)?;
-        let (i, mut scratch, mut msg) = self.acquire()?;
+        let (i, id, mut scratch, mut msg) = self.acquire()?;
         let Request {
             header,
             mut send,
             mut recv,
         } = req;
-        // Ids stay below 2^56: the server keeps the top byte for itself.
-        let id = self.lock().requests.next_id(i);
         let (msg_len, recv_cap) =
             match self.prepare(id, &header, &mut send, &mut recv, &mut scratch, &mut msg) {
                 Ok(v) => v,
@@ -796,6 +823,14 @@ impl Lane {
                     return Err(e);
                 }
             };
+        tracing::debug!(
+            id,
+            slot = i,
+            payload_len = send.iter().map(|b| b.len()).sum::<usize>(),
+            recv_cap,
+            peer = %self.peer,
+            "rdma request"
+        );
         let mut st = self.lock();
         // The binds, the SEND, and room set aside for the invalidations.
         let windows = scratch.binds.len();
@@ -830,10 +865,27 @@ impl Lane {
         // With windows, a later request may need more room than one entry: every request
         // then ends in a signaled completion that retires what came before it (its last
         // invalidation, or, binding no window, its SEND), so room always comes back.
-        let signaled =
-            st.requests.signal_next(st.sq.room()) || (self.windowed.is_some() && windows == 0);
+        let ev = Event::Send {
+            slot: i,
+            id,
+            now: Instant::now(),
+            reply_cap: recv_cap,
+            offered: !scratch.recv_descs.is_empty(),
+            windows: windows > 0,
+            room_after: st.sq.room(),
+            force_signal: self.windowed.is_some() && windows == 0,
+        };
+        let (signaled, refused) = match st.feed(ev) {
+            Ok(Some(Action::Post { signaled, .. })) => (signaled, None),
+            Ok(other) => (
+                false,
+                Some(format!("internal: {other:?} for a request SEND")),
+            ),
+            Err(e) => (false, Some(e)),
+        };
         let wr = wr_id(KIND_SEND, i, sq_seq);
         let posted = match (&st.qp, sge) {
+            _ if refused.is_some() => Ok(()),
             _ if bound.is_err() => bound,
             (Some(qp), _) if inline && signaled => qp.post_send_inline(wr, &[&msg[..msg_len]]),
             (Some(qp), _) if inline => qp.post_send_inline_unsignaled(wr, &[&msg[..msg_len]]),
@@ -849,18 +901,17 @@ impl Lane {
             header,
             send,
             recv,
-            recv_cap,
             scratch,
             reply: None,
         });
-        let failed = match (posted, st.requests.sent(i, id, Instant::now())) {
-            (Err(e), _) => Some(format!(
+        let failed = match (posted, refused) {
+            (_, Some(r)) => Some(r),
+            (Err(e), None) => Some(format!(
                 "posting a request to {} failed: {}",
                 self.peer,
                 chain(&e)
             )),
-            (Ok(()), Err(e)) => Some(e.to_string()),
-            (Ok(()), Ok(())) => None,
+            (Ok(()), None) => None,
         };
         if let Some(reason) = failed {
             let done = self.fail_locked(st, reason, None);
@@ -927,14 +978,20 @@ impl Lane {
                 return;
             }
             let st = &mut *st;
-            match st.requests.reply_arrived(id) {
-                Err(v) => {
+            let ev = Event::ReplyArrived {
+                id,
+                payload_len,
+                inline: inline_len.is_some(),
+            };
+            match st.feed(ev) {
+                Ok(Some(Action::Fail(v))) => {
                     let r = self.violation(v.to_string());
                     let done = self.fail_locked(st, r, None);
                     drop(buf);
                     Err(done)
                 }
-                Ok(slot) => {
+                Ok(Some(a @ (Action::Complete { slot } | Action::Invalidate { slot }))) => {
+                    let invalidate = matches!(a, Action::Invalidate { .. });
                     let mut f = st.slots[slot].req.take();
                     if let Some(f) = f.as_mut() {
                         // Into the request's header buffer: no allocation for a reply header
@@ -951,7 +1008,7 @@ impl Lane {
                     };
                     st.recv.repost(ri, buf);
                     match posted {
-                        Ok(()) => Ok((slot, f)),
+                        Ok(()) => Ok((slot, f, invalidate)),
                         Err(e) => {
                             let mut done =
                                 self.fail_locked(st, format!("reposting a receive: {e}"), None);
@@ -962,34 +1019,29 @@ impl Lane {
                         }
                     }
                 }
+                other => {
+                    let r = match other {
+                        Err(r) => r,
+                        Ok(a) => format!("internal: {a:?} for a reply"),
+                    };
+                    Err(self.fail_locked(st, r, None))
+                }
             }
         };
-        let (slot, mut f) = match taken {
-            Ok((slot, Some(f))) => (slot, f),
-            Ok((_, None)) => return,
+        let (slot, mut f, invalidate) = match taken {
+            Ok((slot, Some(f), invalidate)) => (slot, f, invalidate),
+            Ok((_, None, _)) => return,
             Err(done) => {
                 self.finish_fail(done);
                 return;
             }
         };
-        // Check the reply against what the request offered.
-        let checked = ClientLane::check_reply(
+        tracing::debug!(
             id,
             payload_len,
-            inline_len.is_some(),
-            f.recv_cap,
-            !f.scratch.recv_descs.is_empty(),
+            inline = inline_len.is_some(),
+            "rdma reply arrived"
         );
-        if let Err(why) = checked {
-            let reason = self.violation(why.to_string());
-            let mut done = {
-                let mut st = self.lock();
-                self.fail_locked(&mut st, reason.clone(), None)
-            };
-            done.push((f.completer, Err(Error::ConnectionClosed(reason))));
-            self.finish_fail(done);
-            return;
-        }
         if let Some(n) = inline_len {
             // Within the capacity reserved at set-up: no allocation.
             f.scratch.inline.clear();
@@ -997,10 +1049,10 @@ impl Lane {
             inline_bytes[..n].fill(0);
         }
         f.reply = Some((payload_len, inline_len.is_some()));
-        if f.scratch.binds.is_empty() {
-            self.finish(slot, f);
-        } else {
+        if invalidate {
             self.invalidate(slot, f);
+        } else {
+            self.finish(slot, f);
         }
     }
 
@@ -1052,7 +1104,12 @@ impl Lane {
             if st.dead.is_some() {
                 return;
             }
-            st.slots.get_mut(slot).and_then(|s| s.invalidating.take())
+            match st.feed(Event::Invalidated { slot }) {
+                Ok(Some(Action::Complete { .. })) => {
+                    st.slots.get_mut(slot).and_then(|s| s.invalidating.take())
+                }
+                _ => None,
+            }
         };
         match f {
             Some(f) => self.finish(slot, f),
@@ -1099,10 +1156,21 @@ impl Lane {
         let mut guard = self.lock();
         let st = &mut *guard;
         st.slots[slot].scratch = Some(scratch);
-        if st.dead.is_none() && st.requests.reply_done(slot) {
-            drop(guard);
-            self.busy.fetch_sub(1, Ordering::Relaxed);
-            self.cond.notify_one();
+        if st.dead.is_some() {
+            return;
+        }
+        match st.feed(Event::Delivered { slot }) {
+            Ok(Some(Action::ReturnCredit { .. })) => {
+                drop(guard);
+                self.busy.fetch_sub(1, Ordering::Relaxed);
+                self.cond.notify_one();
+            }
+            Ok(_) => {}
+            Err(r) => {
+                let done = self.fail_locked(st, r, None);
+                drop(guard);
+                self.finish_fail(done);
+            }
         }
     }
 }
@@ -1219,7 +1287,11 @@ impl LaneEvents for Lane {
         if st.dead.is_some() {
             return;
         }
-        if let Some(id) = st.requests.overdue(Instant::now(), self.timeout) {
+        let tick = Event::Tick {
+            now: Instant::now(),
+            timeout: self.timeout,
+        };
+        if let Ok(Some(Action::TimedOut { id })) = st.feed(tick) {
             let reason = format!(
                 "request {id} to {} got no reply within client.timeout ({:?})",
                 self.peer, self.timeout

@@ -4,8 +4,9 @@
 //! them, their ids and stages. These modules hold that state and the protocol checks on
 //! it, and nothing else: no locks, no threads, no verbs, no `unsafe`, no allocation after
 //! set-up. The drivers (`client.rs`, `server.rs`) keep them under their lane lock, feed
-//! them what happened (a message arrived, a work request completed, the connection failed)
-//! and carry out what they answer (post, complete, fail). So the protocol logic is tested
+//! them what happened as events (a message arrived, a work request completed, the
+//! connection failed) and carry out the actions they write into an [`Actions`] buffer
+//! (post, complete, fail). So the protocol logic is tested
 //! here, on any host, without a device; the drivers' tests need one.
 //!
 //! - [`server::ServerLane`]: which slot holds which request at which stage (queued,

@@ -983,7 +983,14 @@ impl Lane {
         mut st: MutexGuard<'a, LaneState>,
         wait: Option<Duration>,
     ) -> Result<Step> {
-        let mut ev = Event::Recv;
+        let recv = || Event::Recv {
+            authenticated: self
+                .shared
+                .admission
+                .get()
+                .is_none_or(|a| a.authenticated()),
+        };
+        let mut ev = recv();
         loop {
             if st.dead.is_some() {
                 return Ok(Step::Dead);
@@ -1034,7 +1041,16 @@ impl Lane {
                         self.after_fail();
                         return Err(e);
                     }
-                    Event::Recv
+                    recv()
+                }
+                Action::Fail(v) => {
+                    let r = self.violation(v.to_string());
+                    tracing::warn!(peer = %self.peer, "{r}; closing that connection");
+                    if self.fail_locked(&mut st, r, End::Failed) {
+                        drop(st);
+                        self.after_fail();
+                    }
+                    return Ok(Step::Dead);
                 }
                 other => return self.refused_step(st, Unexpected(Some(other))),
             };

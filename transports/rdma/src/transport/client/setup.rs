@@ -182,6 +182,7 @@ pub(crate) fn connect(faults: Faults, cfg: &Config, pool: &Pool) -> Result<RdmaC
                 recv: Receives::new(recv),
                 slots,
                 requests: ClientLane::new(credits),
+                actions: ClientLane::actions_for(credits),
                 sq: SendQueue::new(sq_total, 0),
                 room_waiters: 0,
                 cells: (0..2 * credits).map(|_| CompletionCell::new()).collect(),

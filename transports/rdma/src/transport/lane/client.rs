@@ -13,12 +13,45 @@
 //! ```
 //!
 //! A slot is free again once its reply is in, not when the request's SEND completes: the
-//! server could only reply after the whole request message reached it. Nothing here
-//! allocates after [`ClientLane::new`].
+//! server could only reply after the whole request message reached it. The driver talks to
+//! it through [`ClientLane::handle`]: an [`Event`] in, the [`Action`]s to carry out written
+//! into its [`Actions`] buffer. Nothing here allocates after [`ClientLane::new`].
 #![forbid(unsafe_code)]
 
 use std::fmt;
 use std::time::{Duration, Instant};
+
+pub use super::{Actions, Overflow};
+
+/// An event the lane cannot take: a bug in the driver, never the peer's doing (the driver
+/// fails the connection with it as an internal error).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refused {
+    /// A slot was not in the state the event needs.
+    WrongState(WrongState),
+    /// The driver's action buffer was full.
+    Overflow(Overflow),
+}
+
+impl fmt::Display for Refused {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Refused::WrongState(w) => w.fmt(f),
+            Refused::Overflow(o) => o.fmt(f),
+        }
+    }
+}
+
+impl From<Overflow> for Refused {
+    fn from(o: Overflow) -> Refused {
+        Refused::Overflow(o)
+    }
+}
+
+/// Adds `a` to `out`, or refuses: the buffer is full (a driver bug).
+fn push(out: &mut Actions<Action>, a: Action) -> Result<(), Refused> {
+    Ok(out.push(a)?)
+}
 
 /// Request ids are `(sequence << SLOT_BITS) | slot`.
 pub const SLOT_BITS: u32 = 16;
@@ -121,6 +154,21 @@ pub struct ClientLane {
     /// SENDs posted unsignaled since the last signaled one.
     unsignaled: usize,
     failed: bool,
+    /// What the event API knows of each slot's request (set by [`Event::Send`]).
+    reqs: Vec<ReqFacts>,
+}
+
+/// What the event API keeps of a request in flight, to check its reply and end it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct ReqFacts {
+    /// The most reply payload it takes.
+    reply_cap: usize,
+    /// Whether it offered memory for the reply's payload.
+    offered: bool,
+    /// Whether it bound memory windows (invalidated once the reply is in).
+    windows: bool,
+    /// Its reply is in and its windows are being invalidated.
+    invalidating: bool,
 }
 
 impl ClientLane {
@@ -135,6 +183,7 @@ impl ClientLane {
             next_seq: 1,
             unsignaled: 0,
             failed: false,
+            reqs: vec![ReqFacts::default(); credits],
         }
     }
 
@@ -304,6 +353,248 @@ impl ClientLane {
             if let Some(id) = self.in_flight[s] {
                 assert!(self.busy[s], "slot {s} in flight but not busy");
                 assert_eq!((id & 0xffff) as usize, s);
+            }
+        }
+    }
+}
+
+/// What happened, as the client driver tells the lane ([`ClientLane::handle`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// A caller wants to start a request: a credit, please.
+    Acquire,
+    /// The request prepared in taken slot `slot` is not sent after all (its preparation
+    /// failed, or the connection ended first).
+    Unsent {
+        /// The slot.
+        slot: usize,
+    },
+    /// The request `id` prepared in taken slot `slot` is about to be posted.
+    Send {
+        /// The slot.
+        slot: usize,
+        /// Its id (from [`Action::Prepare`]).
+        id: u64,
+        /// When.
+        now: Instant,
+        /// The most reply payload it takes.
+        reply_cap: usize,
+        /// Whether it offers memory for the reply's payload.
+        offered: bool,
+        /// Whether it bound memory windows.
+        windows: bool,
+        /// Send-queue entries left once its SEND is posted.
+        room_after: usize,
+        /// Its SEND must be signaled whatever the count says.
+        force_signal: bool,
+    },
+    /// A reply arrived.
+    ReplyArrived {
+        /// Its id.
+        id: u64,
+        /// The payload length it claims.
+        payload_len: usize,
+        /// Whether the payload came inline.
+        inline: bool,
+    },
+    /// The last invalidation of slot `slot`'s windows completed.
+    Invalidated {
+        /// The slot.
+        slot: usize,
+    },
+    /// Slot `slot`'s reply was handed to its caller.
+    Delivered {
+        /// The slot.
+        slot: usize,
+    },
+    /// The connection thread's tick.
+    Tick {
+        /// The time.
+        now: Instant,
+        /// How long a request may wait for its reply (`client.timeout`).
+        timeout: Duration,
+    },
+    /// The connection failed.
+    Failed,
+}
+
+/// What the client driver does next, as the lane answers an [`Event`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// A credit is taken: prepare the request in slot `slot` with id `id`.
+    Prepare {
+        /// The slot.
+        slot: usize,
+        /// The request's id.
+        id: u64,
+    },
+    /// No free credit: wait for a reply (or the connection's end).
+    NoCredit,
+    /// The slot's credit is free again: its storage goes home, a waiter may take it.
+    ReturnCredit {
+        /// The slot.
+        slot: usize,
+    },
+    /// Post the slot's request SEND, signaled or not.
+    Post {
+        /// The slot.
+        slot: usize,
+        /// Whether the SEND is signaled.
+        signaled: bool,
+    },
+    /// The slot's reply is in: invalidate its windows, then [`Event::Invalidated`].
+    Invalidate {
+        /// The slot.
+        slot: usize,
+    },
+    /// The slot's reply is in and the server can reach none of its memory: complete the
+    /// request with it, then [`Event::Delivered`].
+    Complete {
+        /// The slot.
+        slot: usize,
+    },
+    /// Request `id` waited longer than the timeout: fail the connection, that request with
+    /// a timeout.
+    TimedOut {
+        /// Its id.
+        id: u64,
+    },
+    /// Fail the connection: the server broke the protocol.
+    Fail(Violation),
+    /// Complete the slot's request with the connection's error.
+    Abort {
+        /// The slot.
+        slot: usize,
+    },
+}
+
+impl ClientLane {
+    /// A buffer for the actions of a lane with `credits` slots: one [`Action::Abort`] per
+    /// slot when the connection fails, and one action for any other event.
+    pub fn actions_for(credits: usize) -> Actions<Action> {
+        Actions::with_capacity(credits.clamp(1, 1 << SLOT_BITS))
+    }
+
+    /// A buffer for [`handle`](Self::handle)'s actions.
+    pub fn actions(&self) -> Actions<Action> {
+        Self::actions_for(self.credits())
+    }
+
+    /// Takes event `ev` and writes what to do into `out` (emptied first): which credit and
+    /// id a request gets, whether its SEND is signaled, whether its reply keeps to the
+    /// protocol, when it completes and with what, when its credit comes back. `Err` is a
+    /// driver bug (the wrong state, or `out` too small): the driver fails the connection.
+    pub fn handle(&mut self, ev: Event, out: &mut Actions<Action>) -> Result<(), Refused> {
+        out.clear();
+        match ev {
+            Event::Acquire => match self.acquire() {
+                Some(slot) => {
+                    let id = self.next_id(slot);
+                    push(out, Action::Prepare { slot, id })
+                }
+                None => push(out, Action::NoCredit),
+            },
+            Event::Unsent { slot } => {
+                self.release(slot).map_err(Refused::WrongState)?;
+                if self.failed {
+                    return Ok(());
+                }
+                push(out, Action::ReturnCredit { slot })
+            }
+            Event::Send {
+                slot,
+                id,
+                now,
+                reply_cap,
+                offered,
+                windows,
+                room_after,
+                force_signal,
+            } => {
+                self.sent(slot, id, now).map_err(Refused::WrongState)?;
+                self.reqs[slot] = ReqFacts {
+                    reply_cap,
+                    offered,
+                    windows,
+                    invalidating: false,
+                };
+                let signaled = self.signal_next(room_after) || force_signal;
+                push(out, Action::Post { slot, signaled })
+            }
+            Event::ReplyArrived {
+                id,
+                payload_len,
+                inline,
+            } => {
+                let s = (id & ((1 << SLOT_BITS) - 1)) as usize;
+                if self.in_flight(s) != Some(id) {
+                    return push(out, Action::Fail(Violation::NotInFlight(id)));
+                }
+                let r = self.reqs[s];
+                if let Err(v) = Self::check_reply(id, payload_len, inline, r.reply_cap, r.offered) {
+                    // Still in flight: the failure that follows completes it.
+                    return push(out, Action::Fail(v));
+                }
+                self.reply_arrived(id).map_err(|_| {
+                    Refused::WrongState(WrongState {
+                        slot: s,
+                        asked: "take its reply",
+                    })
+                })?;
+                if r.windows {
+                    self.reqs[s].invalidating = true;
+                    push(out, Action::Invalidate { slot: s })
+                } else {
+                    push(out, Action::Complete { slot: s })
+                }
+            }
+            Event::Invalidated { slot } => {
+                if self.failed
+                    || !self.reqs.get(slot).is_some_and(|r| r.invalidating)
+                    || self.in_flight(slot).is_some()
+                {
+                    return Err(Refused::WrongState(WrongState {
+                        slot,
+                        asked: "end its invalidations",
+                    }));
+                }
+                self.reqs[slot].invalidating = false;
+                push(out, Action::Complete { slot })
+            }
+            Event::Delivered { slot } => {
+                if self.reqs.get(slot).is_some_and(|r| r.invalidating) {
+                    return Err(Refused::WrongState(WrongState {
+                        slot,
+                        asked: "deliver before its invalidations",
+                    }));
+                }
+                if self.reply_done(slot) {
+                    self.reqs[slot] = ReqFacts::default();
+                    push(out, Action::ReturnCredit { slot })?;
+                }
+                Ok(())
+            }
+            Event::Tick { now, timeout } => {
+                if self.failed {
+                    return Ok(());
+                }
+                match self.overdue(now, timeout) {
+                    Some(id) => push(out, Action::TimedOut { id }),
+                    None => Ok(()),
+                }
+            }
+            Event::Failed => {
+                if self.failed {
+                    return Ok(());
+                }
+                for s in 0..self.credits() {
+                    if self.in_flight[s].is_some() || self.reqs[s].invalidating {
+                        push(out, Action::Abort { slot: s })?;
+                    }
+                }
+                self.fail();
+                self.reqs.fill(ReqFacts::default());
+                Ok(())
             }
         }
     }
@@ -539,5 +830,375 @@ mod tests {
         assert_eq!(l.overdue(t + Duration::from_secs(8), timeout), Some(a));
         l.fail();
         assert_eq!(l.overdue(t + Duration::from_secs(60), timeout), None);
+    }
+}
+
+/// The event API ([`ClientLane::handle`]): credits, signaling, replies checked, windows
+/// invalidated before completion, timeouts, failure, driver bugs refused without a panic.
+#[cfg(test)]
+mod event_tests {
+    use super::*;
+
+    fn handle(l: &mut ClientLane, out: &mut Actions<Action>, ev: Event) -> Vec<Action> {
+        l.handle(ev, out).unwrap();
+        l.check();
+        out.as_slice().to_vec()
+    }
+
+    /// Takes a credit and sends a request in it: (slot, id).
+    fn send(
+        l: &mut ClientLane,
+        out: &mut Actions<Action>,
+        now: Instant,
+        cap: usize,
+        windows: bool,
+    ) -> (usize, u64) {
+        let [Action::Prepare { slot, id }] = handle(l, out, Event::Acquire)[..] else {
+            panic!("no credit")
+        };
+        let a = handle(
+            l,
+            out,
+            Event::Send {
+                slot,
+                id,
+                now,
+                reply_cap: cap,
+                offered: cap > 0,
+                windows,
+                room_after: 100,
+                force_signal: false,
+            },
+        );
+        assert!(matches!(a[..], [Action::Post { slot: s, .. }] if s == slot));
+        (slot, id)
+    }
+
+    fn arrived(id: u64, payload_len: usize) -> Event {
+        Event::ReplyArrived {
+            id,
+            payload_len,
+            inline: false,
+        }
+    }
+
+    #[test]
+    fn credits_run_out_and_come_back_once_replies_are_delivered() {
+        let mut l = ClientLane::new(2);
+        let mut out = l.actions();
+        let t = Instant::now();
+        let (a, ida) = send(&mut l, &mut out, t, 0, false);
+        let (b, _) = send(&mut l, &mut out, t, 0, false);
+        assert_eq!((a, b), (0, 1));
+        assert_eq!(handle(&mut l, &mut out, Event::Acquire), [Action::NoCredit]);
+        assert_eq!(
+            handle(&mut l, &mut out, arrived(ida, 0)),
+            [Action::Complete { slot: a }]
+        );
+        assert_eq!(
+            handle(&mut l, &mut out, Event::Acquire),
+            [Action::NoCredit],
+            "not before the caller has the reply"
+        );
+        assert_eq!(
+            handle(&mut l, &mut out, Event::Delivered { slot: a }),
+            [Action::ReturnCredit { slot: a }]
+        );
+        assert!(matches!(
+            handle(&mut l, &mut out, Event::Acquire)[..],
+            [Action::Prepare { slot: 0, .. }]
+        ));
+    }
+
+    #[test]
+    fn an_unsent_request_gives_its_credit_back() {
+        let mut l = ClientLane::new(1);
+        let mut out = l.actions();
+        let [Action::Prepare { slot, .. }] = handle(&mut l, &mut out, Event::Acquire)[..] else {
+            panic!()
+        };
+        assert_eq!(
+            handle(&mut l, &mut out, Event::Unsent { slot }),
+            [Action::ReturnCredit { slot }]
+        );
+        assert!(matches!(
+            l.handle(Event::Unsent { slot }, &mut out),
+            Err(Refused::WrongState(_))
+        ));
+        let (s, _) = send(&mut l, &mut out, Instant::now(), 0, false);
+        assert!(
+            l.handle(Event::Unsent { slot: s }, &mut out).is_err(),
+            "a request in flight is not unsent"
+        );
+    }
+
+    #[test]
+    fn one_send_in_every_credits_is_signaled_or_when_forced() {
+        let mut l = ClientLane::new(3);
+        let mut out = l.actions();
+        let mut signaled = Vec::new();
+        for force in [false, false, false, true] {
+            let [Action::Prepare { slot, id }] = handle(&mut l, &mut out, Event::Acquire)[..]
+            else {
+                // Out of credits: deliver the oldest's reply.
+                unreachable!()
+            };
+            let ev = Event::Send {
+                slot,
+                id,
+                now: Instant::now(),
+                reply_cap: 0,
+                offered: false,
+                windows: false,
+                room_after: 100,
+                force_signal: force,
+            };
+            let [Action::Post { signaled: s, .. }] = handle(&mut l, &mut out, ev)[..] else {
+                panic!()
+            };
+            signaled.push(s);
+            if slot == 2 {
+                break;
+            }
+        }
+        assert_eq!(signaled, [false, false, true]);
+        let mut l = ClientLane::new(3);
+        let [Action::Prepare { slot, id }] = handle(&mut l, &mut out, Event::Acquire)[..] else {
+            panic!()
+        };
+        let ev = Event::Send {
+            slot,
+            id,
+            now: Instant::now(),
+            reply_cap: 0,
+            offered: false,
+            windows: false,
+            room_after: 100,
+            force_signal: true,
+        };
+        assert_eq!(
+            handle(&mut l, &mut out, ev),
+            [Action::Post {
+                slot,
+                signaled: true
+            }]
+        );
+    }
+
+    #[test]
+    fn a_request_with_windows_completes_after_their_invalidation() {
+        let mut l = ClientLane::new(1);
+        let mut out = l.actions();
+        let (s, id) = send(&mut l, &mut out, Instant::now(), 4096, true);
+        assert_eq!(
+            handle(&mut l, &mut out, arrived(id, 4096)),
+            [Action::Invalidate { slot: s }]
+        );
+        assert!(
+            l.handle(Event::Delivered { slot: s }, &mut out).is_err(),
+            "not before its windows are invalidated"
+        );
+        assert_eq!(
+            handle(&mut l, &mut out, Event::Invalidated { slot: s }),
+            [Action::Complete { slot: s }]
+        );
+        assert!(
+            l.handle(Event::Invalidated { slot: s }, &mut out).is_err(),
+            "one invalidation end per request"
+        );
+        assert_eq!(
+            handle(&mut l, &mut out, Event::Delivered { slot: s }),
+            [Action::ReturnCredit { slot: s }]
+        );
+    }
+
+    #[test]
+    fn a_server_breaking_the_protocol_fails_the_connection_and_its_request() {
+        let mut l = ClientLane::new(2);
+        let mut out = l.actions();
+        let t = Instant::now();
+        let (a, ida) = send(&mut l, &mut out, t, 100, false);
+        let (b, idb) = send(&mut l, &mut out, t, 0, false);
+        assert_eq!(
+            handle(&mut l, &mut out, arrived(ida + (1 << SLOT_BITS), 0)),
+            [Action::Fail(Violation::NotInFlight(ida + (1 << SLOT_BITS)))]
+        );
+        assert_eq!(
+            handle(&mut l, &mut out, arrived(ida, 101)),
+            [Action::Fail(Violation::TooLong {
+                id: ida,
+                payload_len: 101,
+                room: 100
+            })]
+        );
+        assert_eq!(
+            handle(&mut l, &mut out, arrived(idb, 0)),
+            [Action::Complete { slot: b }],
+            "an empty reply needs no memory"
+        );
+        assert_eq!(
+            handle(&mut l, &mut out, arrived(idb, 0)),
+            [Action::Fail(Violation::NotInFlight(idb))],
+            "a second reply"
+        );
+        // The request whose reply broke the rules is still in flight: the failure ends it.
+        assert_eq!(
+            handle(&mut l, &mut out, Event::Failed),
+            [Action::Abort { slot: a }]
+        );
+        let mut l = ClientLane::new(1);
+        let (_, id) = send(&mut l, &mut out, t, 0, false);
+        assert_eq!(
+            handle(&mut l, &mut out, arrived(id, 10)),
+            [Action::Fail(Violation::TooLong {
+                id,
+                payload_len: 10,
+                room: 0
+            })]
+        );
+        let mut l = ClientLane::new(1);
+        let [Action::Prepare { slot, id }] = handle(&mut l, &mut out, Event::Acquire)[..] else {
+            panic!()
+        };
+        let ev = Event::Send {
+            slot,
+            id,
+            now: t,
+            reply_cap: 100,
+            offered: false,
+            windows: false,
+            room_after: 100,
+            force_signal: false,
+        };
+        handle(&mut l, &mut out, ev);
+        assert_eq!(
+            handle(&mut l, &mut out, arrived(id, 10)),
+            [Action::Fail(Violation::NothingOffered {
+                id,
+                payload_len: 10
+            })]
+        );
+        assert_eq!(
+            handle(
+                &mut l,
+                &mut out,
+                Event::ReplyArrived {
+                    id,
+                    payload_len: 10,
+                    inline: true
+                }
+            ),
+            [Action::Complete { slot }],
+            "inline payload needs no memory offered"
+        );
+    }
+
+    #[test]
+    fn out_of_order_replies_free_their_own_credits() {
+        let mut l = ClientLane::new(3);
+        let mut out = l.actions();
+        let t = Instant::now();
+        let sent: Vec<(usize, u64)> = (0..3)
+            .map(|_| send(&mut l, &mut out, t, 0, false))
+            .collect();
+        for k in [2, 0, 1] {
+            let (s, id) = sent[k];
+            assert_eq!(
+                handle(&mut l, &mut out, arrived(id, 0)),
+                [Action::Complete { slot: s }]
+            );
+            assert_eq!(
+                handle(&mut l, &mut out, Event::Delivered { slot: s }),
+                [Action::ReturnCredit { slot: s }]
+            );
+        }
+        assert_eq!(l.free_slots(), 3);
+    }
+
+    #[test]
+    fn a_tick_times_out_the_oldest_request_past_the_timeout() {
+        let mut l = ClientLane::new(2);
+        let mut out = l.actions();
+        let t = Instant::now();
+        let timeout = Duration::from_secs(5);
+        let (_, old) = send(&mut l, &mut out, t, 0, false);
+        send(&mut l, &mut out, t + Duration::from_secs(3), 0, false);
+        let tick = |s| Event::Tick {
+            now: t + Duration::from_secs(s),
+            timeout,
+        };
+        assert_eq!(handle(&mut l, &mut out, tick(5)), []);
+        assert_eq!(
+            handle(&mut l, &mut out, tick(6)),
+            [Action::TimedOut { id: old }]
+        );
+    }
+
+    #[test]
+    fn a_failure_aborts_every_request_in_flight_or_invalidating_and_no_other() {
+        let mut l = ClientLane::new(4);
+        let mut out = l.actions();
+        let t = Instant::now();
+        let (a, _) = send(&mut l, &mut out, t, 0, false); // in flight
+        let (b, idb) = send(&mut l, &mut out, t, 0, true); // invalidating
+        handle(&mut l, &mut out, arrived(idb, 0));
+        let (_, idc) = send(&mut l, &mut out, t, 0, false); // answered, being delivered
+        handle(&mut l, &mut out, arrived(idc, 0));
+        let [Action::Prepare { slot: d, .. }] = handle(&mut l, &mut out, Event::Acquire)[..] else {
+            panic!()
+        }; // taken, being prepared
+        assert_eq!(
+            handle(&mut l, &mut out, Event::Failed),
+            [Action::Abort { slot: a }, Action::Abort { slot: b }]
+        );
+        assert_eq!(handle(&mut l, &mut out, Event::Failed), [], "once");
+        assert_eq!(handle(&mut l, &mut out, Event::Acquire), [Action::NoCredit]);
+        assert_eq!(handle(&mut l, &mut out, Event::Unsent { slot: d }), []);
+        assert_eq!(
+            handle(
+                &mut l,
+                &mut out,
+                Event::Tick {
+                    now: t + Duration::from_secs(100),
+                    timeout: Duration::ZERO
+                }
+            ),
+            []
+        );
+        assert_eq!(
+            handle(&mut l, &mut out, arrived(idb, 0)),
+            [Action::Fail(Violation::NotInFlight(idb))]
+        );
+        assert!(l.handle(Event::Invalidated { slot: b }, &mut out).is_err());
+    }
+
+    #[test]
+    fn driver_bugs_are_refused_not_panics() {
+        let mut l = ClientLane::new(2);
+        let mut out = l.actions();
+        let t = Instant::now();
+        send(&mut l, &mut out, t, 0, false);
+        send(&mut l, &mut out, t, 0, false);
+        let mut small = Actions::with_capacity(1);
+        let e = l.handle(Event::Failed, &mut small).unwrap_err();
+        assert_eq!(e, Refused::Overflow(Overflow { capacity: 1 }));
+        let mut l = ClientLane::new(2);
+        let ev = Event::Send {
+            slot: 0,
+            id: 1 << SLOT_BITS,
+            now: t,
+            reply_cap: 0,
+            offered: false,
+            windows: false,
+            room_after: 1,
+            force_signal: false,
+        };
+        let e = l.handle(ev, &mut out).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "internal: rdma request slot 0 cannot carry a request"
+        );
+        assert!(l.handle(Event::Invalidated { slot: 7 }, &mut out).is_err());
+        assert_eq!(handle(&mut l, &mut out, Event::Delivered { slot: 7 }), []);
     }
 }

@@ -14,7 +14,9 @@ use proptest::prelude::*;
 use zcio::pool::{ClassConfig, PoolConfig};
 use zcio::Pool;
 
-use super::client::{ClientLane, Violation as ReplyViolation};
+use super::client::{
+    Action as ClientAction, ClientLane, Event as ClientEvent, Violation as ReplyViolation,
+};
 use super::send_queue::{Held, SendQueue};
 use super::server::{
     Action, Actions, Event as LaneEvent, Payload, Ready, ServerLane, Stage, Violation,
@@ -25,7 +27,11 @@ use super::server::{
 enum Event {
     /// The caller starts a request (with a payload to READ, one inline, or none), or gives
     /// the slot back before sending (its preparation failed).
-    Start { payload: Payload, abandon: bool },
+    Start {
+        payload: Payload,
+        abandon: bool,
+        windows: bool,
+    },
     /// The next request message reaches the server; with `direct`, its READs start at once
     /// on the completion thread.
     Arrive { direct: bool },
@@ -36,6 +42,8 @@ enum Event {
     ReadDone(usize),
     /// The server replies to one of the requests handed out.
     Reply(usize),
+    /// The invalidation of one answered request's windows completes.
+    Invalidated(usize),
     /// The next reply reaches the client.
     ReplyArrives,
     /// The connection fails (peer gone, error completion).
@@ -52,13 +60,15 @@ fn event() -> impl Strategy<Value = Event> {
     prop_oneof![
         4 => (
             prop_oneof![Just(Payload::None), Just(Payload::Inline), Just(Payload::Read)],
-            prop::bool::weighted(0.1)
+            prop::bool::weighted(0.1),
+            any::<bool>(),
         )
-            .prop_map(|(payload, abandon)| Event::Start { payload, abandon }),
+            .prop_map(|(payload, abandon, windows)| Event::Start { payload, abandon, windows }),
         4 => any::<bool>().prop_map(|direct| Event::Arrive { direct }),
         4 => prop::bool::weighted(0.2).prop_map(|short| Event::Recv { short }),
         3 => any::<usize>().prop_map(Event::ReadDone),
         3 => any::<usize>().prop_map(Event::Reply),
+        2 => any::<usize>().prop_map(Event::Invalidated),
         4 => Just(Event::ReplyArrives),
         1 => Just(Event::Fail),
         2 => (0u64..3000).prop_map(Event::Tick),
@@ -86,6 +96,14 @@ struct Pair {
     payload: HashMap<u64, Payload>,
     /// The server driver's action buffer, made once.
     actions: Actions<Action>,
+    /// The client driver's action buffer, made once.
+    client_actions: Actions<ClientAction>,
+    /// The client's requests sent and not completed, by slot.
+    client_ids: HashMap<usize, u64>,
+    /// Which requests bound windows.
+    windows: HashMap<u64, bool>,
+    /// Answered requests whose windows are being invalidated (slots).
+    invalidating: Vec<usize>,
     /// Requests handed out by `recv`, waiting for the server's reply.
     handed_out: Vec<u64>,
     /// Every request the client sent, and how it ended (once).
@@ -104,6 +122,10 @@ impl Pair {
             replies: VecDeque::new(),
             payload: HashMap::new(),
             actions: ServerLane::actions_for(credits),
+            client_actions: ClientLane::actions_for(credits),
+            client_ids: HashMap::new(),
+            windows: HashMap::new(),
+            invalidating: Vec::new(),
             handed_out: Vec::new(),
             outcome: HashMap::new(),
             failed: false,
@@ -122,22 +144,44 @@ impl Pair {
             return;
         }
         match *ev {
-            Event::Start { payload, abandon } => {
-                let Some(s) = self.client.acquire() else {
-                    // Every credit in use: the caller waits for a reply.
-                    assert_eq!(self.client.free_slots(), 0);
-                    return;
+            Event::Start {
+                payload,
+                abandon,
+                windows,
+            } => {
+                let (slot, id) = match self.act_client(ClientEvent::Acquire)[..] {
+                    [ClientAction::Prepare { slot, id }] => (slot, id),
+                    [ClientAction::NoCredit] => {
+                        // Every credit in use: the caller waits for a reply.
+                        assert_eq!(self.client.free_slots(), 0);
+                        return;
+                    }
+                    ref a => panic!("acquire answered with {a:?}"),
                 };
-                let id = self.client.next_id(s);
                 if abandon {
-                    self.client.release(s).unwrap();
+                    assert_eq!(
+                        self.act_client(ClientEvent::Unsent { slot }),
+                        [ClientAction::ReturnCredit { slot }]
+                    );
                     return;
                 }
-                self.client.sent(s, id, self.now).unwrap();
+                let a = self.act_client(ClientEvent::Send {
+                    slot,
+                    id,
+                    now: self.now,
+                    reply_cap: 0,
+                    offered: false,
+                    windows,
+                    room_after: 2 * self.credits,
+                    force_signal: false,
+                });
+                assert!(matches!(a[..], [ClientAction::Post { slot: s, .. }] if s == slot));
                 assert!(
                     self.outcome.insert(id, None).is_none(),
                     "id {id} reused in flight"
                 );
+                self.client_ids.insert(slot, id);
+                self.windows.insert(id, windows);
                 self.requests.push_back((id, payload));
             }
             Event::Arrive { direct } => {
@@ -170,7 +214,9 @@ impl Pair {
                 }
             }
             Event::Recv { short } => {
-                let mut ev = LaneEvent::Recv;
+                let mut ev = LaneEvent::Recv {
+                    authenticated: true,
+                };
                 // Follows `recv`'s driver: one action per event, until it hands a request
                 // out or has nothing to do.
                 for round in 0.. {
@@ -235,16 +281,45 @@ impl Pair {
                 let Some(id) = self.replies.pop_front() else {
                     return;
                 };
-                let s = self.client.reply_arrived(id).unwrap();
-                ClientLane::check_reply(id, 0, false, 0, false).unwrap();
-                assert!(self.client.reply_done(s));
-                self.complete(id, Outcome::Replied);
+                let a = self.act_client(ClientEvent::ReplyArrived {
+                    id,
+                    payload_len: 0,
+                    inline: false,
+                });
+                match a[..] {
+                    [ClientAction::Invalidate { slot }] => {
+                        assert!(self.windows[&id]);
+                        self.invalidating.push(slot);
+                    }
+                    [ClientAction::Complete { slot }] => {
+                        assert!(!self.windows[&id]);
+                        self.deliver(slot);
+                    }
+                    _ => panic!("reply {id} answered with {a:?}"),
+                }
+            }
+            Event::Invalidated(k) => {
+                if self.invalidating.is_empty() {
+                    return;
+                }
+                let slot = self.invalidating.swap_remove(k % self.invalidating.len());
+                assert_eq!(
+                    self.act_client(ClientEvent::Invalidated { slot }),
+                    [ClientAction::Complete { slot }]
+                );
+                self.deliver(slot);
             }
             Event::Fail => self.fail(None),
             Event::Tick(ms) => {
                 self.now += Duration::from_millis(ms);
-                if let Some(id) = self.client.overdue(self.now, TIMEOUT) {
-                    self.fail(Some(id));
+                let tick = ClientEvent::Tick {
+                    now: self.now,
+                    timeout: TIMEOUT,
+                };
+                match self.act_client(tick)[..] {
+                    [] => {}
+                    [ClientAction::TimedOut { id }] => self.fail(Some(id)),
+                    ref a => panic!("a tick answered with {a:?}"),
                 }
             }
         }
@@ -254,10 +329,21 @@ impl Pair {
     /// error (the overdue one, if a tick found one, with a timeout); a reply already on the
     /// wire is never seen.
     fn fail(&mut self, overdue: Option<u64>) {
-        let in_flight: Vec<u64> = (0..self.credits)
-            .filter_map(|s| self.client.in_flight(s))
+        let mut expect: Vec<usize> = (0..self.credits)
+            .filter(|&s| self.client.in_flight(s).is_some())
+            .chain(self.invalidating.iter().copied())
             .collect();
-        self.client.fail();
+        expect.sort_unstable();
+        let aborted: Vec<usize> = self
+            .act_client(ClientEvent::Failed)
+            .iter()
+            .map(|a| match *a {
+                ClientAction::Abort { slot } => slot,
+                _ => panic!("failing answered with {a:?}"),
+            })
+            .collect();
+        assert_eq!(aborted, expect, "every request in flight aborted, once");
+        let in_flight: Vec<u64> = aborted.iter().map(|s| self.client_ids[s]).collect();
         let in_use: Vec<usize> = (0..self.credits)
             .filter(|&s| self.server.stage(s) != Stage::Free)
             .collect();
@@ -290,6 +376,28 @@ impl Pair {
         self.actions.as_slice().to_vec()
     }
 
+    /// The client lane's answer to `ev`: never a driver bug, never more actions than the
+    /// buffer made for the lane holds.
+    fn act_client(&mut self, ev: ClientEvent) -> Vec<ClientAction> {
+        if let Err(e) = self.client.handle(ev, &mut self.client_actions) {
+            panic!("{ev:?} refused: {e}");
+        }
+        self.client_actions.as_slice().to_vec()
+    }
+
+    /// The reply in client slot `slot` goes to its caller, and the credit comes back.
+    fn deliver(&mut self, slot: usize) {
+        let id = self
+            .client_ids
+            .remove(&slot)
+            .expect("a request in the slot");
+        self.complete(id, Outcome::Replied);
+        assert_eq!(
+            self.act_client(ClientEvent::Delivered { slot }),
+            [ClientAction::ReturnCredit { slot }]
+        );
+    }
+
     /// What slot `s`'s request carries, as the driver knows it.
     fn payload_of(&self, s: usize) -> Payload {
         self.payload[&self.server.id(s)]
@@ -303,7 +411,12 @@ impl Pair {
                 .filter(|&s| self.client.in_flight(s).is_some())
                 .count();
             let open = self.outcome.values().filter(|o| o.is_none()).count();
-            assert_eq!(in_flight, open, "a request the client lost track of");
+            assert_eq!(
+                in_flight + self.invalidating.len(),
+                open,
+                "a request the client lost track of"
+            );
+            assert_eq!(self.client_ids.len(), open);
             assert!(self.server.free_slots() >= self.client.free_slots());
         }
     }
@@ -321,6 +434,9 @@ impl Pair {
             }
             while !self.replies.is_empty() && !self.failed {
                 self.apply(&Event::ReplyArrives);
+            }
+            while !self.invalidating.is_empty() && !self.failed {
+                self.apply(&Event::Invalidated(0));
             }
             self.check();
         }

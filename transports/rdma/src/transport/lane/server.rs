@@ -18,6 +18,10 @@
 //! Free <------------------------------------- release (the reply) ----------------------------'
 //! ```
 //!
+//! The driver talks to it through [`ServerLane::handle`]: an [`Event`] in, the
+//! [`Action`]s to carry out written into its [`Actions`] buffer. The transitions above are
+//! the steps `handle` takes (and what the unit tests drive one by one).
+//!
 //! Nothing here allocates after [`ServerLane::new`]: the free list, the id map and the
 //! event queue are sized for the credits, and a peer can never have more than that many
 //! requests admitted.
@@ -131,6 +135,8 @@ pub struct ServerLane {
     payloads: Vec<Payload>,
     /// The most reply payload each slot's request takes (set by [`Event::Request`]).
     reply_caps: Vec<usize>,
+    /// Each slot's payload bytes (set by [`Event::Request`]).
+    bytes: Vec<usize>,
 }
 
 impl ServerLane {
@@ -145,6 +151,7 @@ impl ServerLane {
             failed: false,
             payloads: vec![Payload::None; credits],
             reply_caps: vec![0; credits],
+            bytes: vec![0; credits],
         }
     }
 
@@ -389,7 +396,13 @@ pub enum Event {
         slot: usize,
     },
     /// `recv` looks at this lane for something to hand out.
-    Recv,
+    Recv {
+        /// Whether the connection may carry payload by now. A request can arrive before
+        /// the server has told the connection its rules (the queue pair is up before the
+        /// server takes the connection): its payload is checked again here, before any
+        /// buffer is taken for it or it is handed out.
+        authenticated: bool,
+    },
     /// The budget and pool buffers [`Action::Take`] asked for are in hand.
     Buffers {
         /// The slot.
@@ -563,6 +576,7 @@ impl ServerLane {
                 }
                 self.payloads[s] = payload;
                 self.reply_caps[s] = reply_cap;
+                self.bytes[s] = bytes;
                 push(out, Action::Accept { slot: s })?;
                 push(out, Action::PostRecv)?;
                 if payload == Payload::Read {
@@ -585,8 +599,17 @@ impl ServerLane {
                 }
                 Ok(())
             }
-            Event::Recv => match self.next_ready() {
+            Event::Recv { authenticated } => match self.next_ready() {
                 None => Ok(()),
+                Some(Ready::New(s) | Ready::ReadsDone(s))
+                    if !authenticated && self.payload(s) != Payload::None =>
+                {
+                    let (id, bytes) = (self.ids[s], self.bytes[s]);
+                    push(
+                        out,
+                        Action::Fail(Violation::PayloadBeforeAuth { id, bytes }),
+                    )
+                }
                 Some(Ready::ReadsDone(s)) => self.hand_out(s, false, out),
                 Some(Ready::New(s)) => {
                     if self.payload(s) == Payload::None {
@@ -641,6 +664,7 @@ impl ServerLane {
                 self.release(s)?;
                 self.payloads[s] = Payload::None;
                 self.reply_caps[s] = 0;
+                self.bytes[s] = 0;
                 push(out, Action::Reply { slot: s })
             }
             Event::Failed => {
@@ -655,6 +679,7 @@ impl ServerLane {
                 self.fail();
                 self.payloads.fill(Payload::None);
                 self.reply_caps.fill(0);
+                self.bytes.fill(0);
                 Ok(())
             }
         }
@@ -863,6 +888,11 @@ mod tests {
 mod event_tests {
     use super::*;
 
+    /// `recv` on an authenticated connection.
+    const RECV: Event = Event::Recv {
+        authenticated: true,
+    };
+
     fn req(id: u64, payload: Payload, bytes: usize) -> Event {
         Event::Request {
             id,
@@ -888,14 +918,14 @@ mod event_tests {
             [Action::Accept { slot: 0 }, Action::PostRecv, Action::Wake]
         );
         assert_eq!(
-            handle(&mut l, &mut out, Event::Recv),
+            handle(&mut l, &mut out, RECV),
             [Action::HandOut {
                 slot: 0,
                 id: 7,
                 copy_inline: false
             }]
         );
-        assert_eq!(handle(&mut l, &mut out, Event::Recv), []);
+        assert_eq!(handle(&mut l, &mut out, RECV), []);
         assert_eq!(
             handle(&mut l, &mut out, Event::Reply { id: 7, bytes: 4096 }),
             [Action::Reply { slot: 0 }]
@@ -916,11 +946,7 @@ mod event_tests {
             ]
         );
         assert_eq!(l.stage(0), Stage::Reading);
-        assert_eq!(
-            handle(&mut l, &mut out, Event::Recv),
-            [],
-            "not before its READs"
-        );
+        assert_eq!(handle(&mut l, &mut out, RECV), [], "not before its READs");
         assert_eq!(
             handle(&mut l, &mut out, Event::ReadsCompleted { slot: 0 }),
             [Action::Wake]
@@ -931,7 +957,7 @@ mod event_tests {
             "a stale completion changes nothing"
         );
         assert_eq!(
-            handle(&mut l, &mut out, Event::Recv),
+            handle(&mut l, &mut out, RECV),
             [Action::HandOut {
                 slot: 0,
                 id: 1,
@@ -951,7 +977,7 @@ mod event_tests {
         );
         assert_eq!(l.stage(0), Stage::Queued);
         assert_eq!(
-            handle(&mut l, &mut out, Event::Recv),
+            handle(&mut l, &mut out, RECV),
             [Action::Take {
                 slot: 0,
                 wait: false
@@ -964,7 +990,7 @@ mod event_tests {
         assert_eq!(l.stage(0), Stage::Reading);
         handle(&mut l, &mut out, Event::ReadsCompleted { slot: 0 });
         assert_eq!(
-            handle(&mut l, &mut out, Event::Recv),
+            handle(&mut l, &mut out, RECV),
             [Action::HandOut {
                 slot: 0,
                 id: 1,
@@ -982,7 +1008,7 @@ mod event_tests {
             [Action::Accept { slot: 0 }, Action::PostRecv, Action::Wake]
         );
         assert_eq!(
-            handle(&mut l, &mut out, Event::Recv),
+            handle(&mut l, &mut out, RECV),
             [Action::Take {
                 slot: 0,
                 wait: false
@@ -1009,7 +1035,7 @@ mod event_tests {
         let mut out = l.actions();
         handle(&mut l, &mut out, req(1, Payload::Inline, 10));
         handle(&mut l, &mut out, req(2, Payload::None, 0));
-        handle(&mut l, &mut out, Event::Recv);
+        handle(&mut l, &mut out, RECV);
         assert_eq!(
             handle(
                 &mut l,
@@ -1037,7 +1063,7 @@ mod event_tests {
         );
         // Still first: the request behind it waits too (requests are served in order).
         assert_eq!(
-            handle(&mut l, &mut out, Event::Recv),
+            handle(&mut l, &mut out, RECV),
             [Action::Take {
                 slot: 0,
                 wait: false
@@ -1054,7 +1080,7 @@ mod event_tests {
         handle(&mut l, &mut out, req(2, Payload::Read, 100));
         handle(&mut l, &mut out, Event::ReadsCompleted { slot: 1 });
         assert_eq!(
-            handle(&mut l, &mut out, Event::Recv),
+            handle(&mut l, &mut out, RECV),
             [Action::Take {
                 slot: 0,
                 wait: false
@@ -1076,7 +1102,7 @@ mod event_tests {
             }]
         );
         assert_eq!(
-            handle(&mut l, &mut out, Event::Recv),
+            handle(&mut l, &mut out, RECV),
             [Action::Take {
                 slot: 0,
                 wait: false
@@ -1099,7 +1125,7 @@ mod event_tests {
         }
         for s in [2, 0, 1] {
             assert_eq!(
-                handle(&mut l, &mut out, Event::Recv),
+                handle(&mut l, &mut out, RECV),
                 [Action::HandOut {
                     slot: s,
                     id: s as u64,
@@ -1127,7 +1153,7 @@ mod event_tests {
             handle(&mut l, &mut out, req(3, Payload::None, 0)),
             [Action::Fail(Violation::TooManyRequests(2))]
         );
-        handle(&mut l, &mut out, Event::Recv);
+        handle(&mut l, &mut out, RECV);
         handle(&mut l, &mut out, Event::Reply { id: 1, bytes: 0 });
         assert_eq!(
             handle(&mut l, &mut out, req(3, Payload::None, 0)),
@@ -1166,6 +1192,39 @@ mod event_tests {
             Violation::PayloadBeforeAuth { id: 6, bytes: 10 }.to_string(),
             "request 6 carries 10 payload bytes before authentication"
         );
+        // A request that arrived before the connection's rules were known (taken as
+        // authenticated) is checked again before `recv` takes buffers for it or hands it
+        // out; one without payload is handed out.
+        let mut l = ServerLane::new(3);
+        handle(&mut l, &mut out, req(1, Payload::Inline, 10));
+        handle(&mut l, &mut out, req(2, Payload::Read, 20));
+        handle(&mut l, &mut out, Event::ReadsCompleted { slot: 1 });
+        handle(&mut l, &mut out, req(3, Payload::None, 0));
+        let unauthed = Event::Recv {
+            authenticated: false,
+        };
+        assert_eq!(
+            handle(&mut l, &mut out, unauthed),
+            [Action::Fail(Violation::PayloadBeforeAuth {
+                id: 1,
+                bytes: 10
+            })]
+        );
+        let mut l = ServerLane::new(2);
+        handle(&mut l, &mut out, req(2, Payload::Read, 20));
+        handle(&mut l, &mut out, Event::ReadsCompleted { slot: 0 });
+        assert_eq!(
+            handle(&mut l, &mut out, unauthed),
+            [Action::Fail(Violation::PayloadBeforeAuth {
+                id: 2,
+                bytes: 20
+            })]
+        );
+        handle(&mut l, &mut out, req(3, Payload::None, 0));
+        assert!(matches!(
+            handle(&mut l, &mut out, unauthed)[..],
+            [Action::HandOut { id: 3, .. }]
+        ));
         // Without payload, authentication is not needed.
         let mut l = ServerLane::new(1);
         let hello = Event::Request {
@@ -1195,7 +1254,7 @@ mod event_tests {
             [Action::RefuseReply(ReplyRefusal::NotInFlight(9))],
             "not handed out yet"
         );
-        handle(&mut l, &mut out, Event::Recv);
+        handle(&mut l, &mut out, RECV);
         assert_eq!(
             handle(&mut l, &mut out, Event::Reply { id: 9, bytes: 4097 }),
             [Action::RefuseReply(ReplyRefusal::TooLarge {
@@ -1222,7 +1281,7 @@ mod event_tests {
         handle(&mut l, &mut out, req(1, Payload::Read, 10)); // Reading
         handle(&mut l, &mut out, req(2, Payload::Inline, 10)); // Queued
         handle(&mut l, &mut out, req(3, Payload::None, 0));
-        handle(&mut l, &mut out, Event::Recv); // slot 1: Take
+        handle(&mut l, &mut out, RECV); // slot 1: Take
         assert_eq!(
             handle(&mut l, &mut out, Event::Failed),
             [
@@ -1237,7 +1296,7 @@ mod event_tests {
             handle(&mut l, &mut out, Event::ReadsCompleted { slot: 0 }),
             []
         );
-        assert_eq!(handle(&mut l, &mut out, Event::Recv), []);
+        assert_eq!(handle(&mut l, &mut out, RECV), []);
         assert_eq!(
             handle(&mut l, &mut out, Event::Reply { id: 3, bytes: 0 }),
             [Action::RefuseReply(ReplyRefusal::NotInFlight(3))]
