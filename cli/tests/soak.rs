@@ -5,6 +5,17 @@ mod support;
 
 use support::{run_ok, zcio};
 
+/// `zcio bench` of 2 s on two 8 MiB files, every byte verified, with 4 hostile peers and
+/// `extra` arguments; it must succeed. Returns its standard output and error.
+fn hostile_bench(extra: &[&str]) -> (String, String) {
+    run_ok(
+        zcio()
+            .args(["bench", "--size", "8M", "--files", "2", "--runtime", "2s"])
+            .args(["--hostile", "4", "--verify", "--json"])
+            .args(extra),
+    )
+}
+
 /// Checks the JSON document that `zcio bench --hostile` prints before its attack table: a
 /// verified operation completed under attack and the server's pool ended with nothing in use.
 fn under_attack(what: &str, stdout: &str) {
@@ -50,20 +61,7 @@ fn soak_64_connections_iodepth_32_no_corruption_no_leak() {
 
 #[test]
 fn verified_reads_survive_hostile_peers() {
-    let (stdout, _) = run_ok(zcio().args([
-        "bench",
-        "--size",
-        "8M",
-        "--files",
-        "2",
-        "--runtime",
-        "2s",
-        "--hostile",
-        "4",
-        "--verify",
-        "--json",
-    ]));
-    // The JSON document comes first, the attack table after it.
+    let (stdout, _) = hostile_bench(&[]);
     under_attack("reads", &stdout);
 }
 
@@ -73,23 +71,7 @@ fn slow_readers_stall_no_good_client() {
     // good clients read (every byte checked as it arrives) and then write (every byte
     // checked after the run): all must succeed, and the server must end clean.
     for rw in ["read", "write"] {
-        let (stdout, stderr) = run_ok(zcio().args([
-            "bench",
-            "--rw",
-            rw,
-            "--size",
-            "8M",
-            "--files",
-            "2",
-            "--runtime",
-            "2s",
-            "--hostile",
-            "4",
-            "--attack",
-            "slow-reader",
-            "--verify",
-            "--json",
-        ]));
+        let (stdout, stderr) = hostile_bench(&["--rw", rw, "--attack", "slow-reader"]);
         under_attack(rw, &stdout);
         // The attack ran (its line of the table: tried / contained) and the server
         // caught no panic.
