@@ -766,15 +766,7 @@ pub fn encode_ok_into(resp: &Resp, out: &mut Vec<u8>) {
     w.0.clear();
     w.u32(0);
     match resp {
-        Resp::Hello(h) => {
-            w.u16(h.version);
-            w.bytes(&h.server_nonce);
-            w.u8(u8::from(h.auth_required));
-            w.u8(u8::from(h.read_only));
-            w.u32(h.max_segments);
-            w.u32(h.max_payload);
-            w.u32(h.max_in_flight);
-        }
+        Resp::Hello(h) => h.put(&mut w),
         Resp::Auth { mac } => w.bytes(mac),
         Resp::Open { fh, size } => {
             w.u64(*fh);
@@ -785,11 +777,7 @@ pub fn encode_ok_into(resp: &Resp, out: &mut Vec<u8>) {
             w.u8(u8::from(*eof));
         }
         Resp::Write { written } => w.u32(*written),
-        Resp::Stat(s) => {
-            w.u64(s.size);
-            w.u32(s.mode);
-            w.u64(s.mtime_ns as u64);
-        }
+        Resp::Stat(s) => s.put(&mut w),
         Resp::List {
             count,
             next_cookie,
@@ -800,18 +788,9 @@ pub fn encode_ok_into(resp: &Resp, out: &mut Vec<u8>) {
             w.u8(u8::from(*done));
         }
         Resp::Ok => {}
-        Resp::Attr(a) => w.attr(a),
+        Resp::Attr(a) => a.put(&mut w),
         Resp::Target(t) => w.str(t),
-        Resp::Statfs(f) => {
-            w.u64(f.blocks);
-            w.u64(f.bfree);
-            w.u64(f.bavail);
-            w.u64(f.files);
-            w.u64(f.ffree);
-            w.u32(f.bsize);
-            w.u32(f.namelen);
-            w.u32(f.frsize);
-        }
+        Resp::Statfs(f) => f.put(&mut w),
         Resp::Xattr { len, fits } => {
             w.u32(*len);
             w.u8(u8::from(*fits));
@@ -851,15 +830,7 @@ pub fn decode_reply(req: &Req, b: &[u8]) -> Result<Resp> {
         });
     }
     let resp = match req {
-        Req::Hello { .. } => Resp::Hello(HelloReply {
-            version: r.u16()?,
-            server_nonce: r.array()?,
-            auth_required: r.bool()?,
-            read_only: r.bool()?,
-            max_segments: r.u32()?,
-            max_payload: r.u32()?,
-            max_in_flight: r.u32()?,
-        }),
+        Req::Hello { .. } => Resp::Hello(HelloReply::get(&mut r)?),
         Req::Auth { .. } => Resp::Auth { mac: r.array()? },
         Req::Open { .. } | Req::Opendir { .. } => Resp::Open {
             fh: r.u64()?,
@@ -870,28 +841,17 @@ pub fn decode_reply(req: &Req, b: &[u8]) -> Result<Resp> {
             eof: r.bool()?,
         },
         Req::Write { .. } => Resp::Write { written: r.u32()? },
-        Req::Stat { .. } | Req::Fstat { .. } => Resp::Stat(Stat {
-            size: r.u64()?,
-            mode: r.u32()?,
-            mtime_ns: r.u64()? as i64,
-        }),
+        Req::Stat { .. } | Req::Fstat { .. } => Resp::Stat(Stat::get(&mut r)?),
         Req::List { .. } | Req::Readdir { .. } | Req::Readdirplus { .. } => Resp::List {
             count: r.u32()?,
             next_cookie: r.u64()?,
             done: r.bool()?,
         },
-        Req::Getattr { .. } | Req::Fgetattr { .. } | Req::Setattr(_) => Resp::Attr(r.attr()?),
+        Req::Getattr { .. } | Req::Fgetattr { .. } | Req::Setattr(_) => {
+            Resp::Attr(Attr::get(&mut r)?)
+        }
         Req::Readlink { .. } => Resp::Target(r.string(MAX_TARGET)?),
-        Req::Statfs => Resp::Statfs(StatfsReply {
-            blocks: r.u64()?,
-            bfree: r.u64()?,
-            bavail: r.u64()?,
-            files: r.u64()?,
-            ffree: r.u64()?,
-            bsize: r.u32()?,
-            namelen: r.u32()?,
-            frsize: r.u32()?,
-        }),
+        Req::Statfs => Resp::Statfs(StatfsReply::get(&mut r)?),
         Req::Getxattr { .. } | Req::Listxattr { .. } => {
             let len = r.u32()?;
             let fits = r.bool()?;
@@ -1052,7 +1012,7 @@ pub fn encode_dir_plus_entry(out: &mut Vec<u8>, e: &DirPlusEntry) {
         w.u8(e.entry.kind);
         w.u8(u8::from(e.attr.is_some()));
         if let Some(a) = &e.attr {
-            w.attr(a);
+            a.put(w);
         }
         w.str(&e.entry.name);
     });
@@ -1069,7 +1029,7 @@ pub fn decode_dir_plus_entries(b: &[u8], count: u32) -> Result<Vec<DirPlusEntry>
     // Each entry takes at least 13 bytes (no attributes, a one-byte name).
     decode_entries(b, count, WHAT, 13, |r| {
         let (entry, attr) = decode_stream_entry(r, WHAT, |r| {
-            Ok(if r.bool()? { Some(r.attr()?) } else { None })
+            Ok(if r.bool()? { Some(Attr::get(r)?) } else { None })
         })?;
         Ok(DirPlusEntry { entry, attr })
     })
@@ -1098,20 +1058,6 @@ impl Writer {
     }
     fn bytes(&mut self, b: &[u8]) {
         self.0.extend_from_slice(b);
-    }
-    fn attr(&mut self, a: &Attr) {
-        self.u64(a.ino);
-        self.u32(a.mode);
-        self.u32(a.nlink);
-        self.u32(a.uid);
-        self.u32(a.gid);
-        self.u32(a.rdev);
-        self.u32(a.blksize);
-        self.u64(a.size);
-        self.u64(a.blocks);
-        self.u64(a.atime_ns as u64);
-        self.u64(a.mtime_ns as u64);
-        self.u64(a.ctime_ns as u64);
     }
     fn str(&mut self, s: &str) {
         // Callers keep strings under MAX_PATH (checked by `Reader::path` on the far side);
@@ -1158,6 +1104,12 @@ impl Put for u64 {
     }
 }
 
+impl Put for i64 {
+    fn put(&self, w: &mut Writer) {
+        w.u64(*self as u64);
+    }
+}
+
 impl<const N: usize> Put for [u8; N] {
     fn put(&self, w: &mut Writer) {
         w.bytes(self);
@@ -1167,6 +1119,59 @@ impl<const N: usize> Put for [u8; N] {
 impl Put for String {
     fn put(&self, w: &mut Writer) {
         w.str(self);
+    }
+}
+
+/// The reply structures whose fields go on the wire in order (`Reader` method named after
+/// each field): one row gives both `put` and `get`, so they cannot disagree.
+macro_rules! wire_structs {
+    ($($ty:ident { $($field:ident: $get:ident),* $(,)? })*) => {$(
+        impl $ty {
+            fn put(&self, w: &mut Writer) {
+                $(Put::put(&self.$field, w);)*
+            }
+
+            fn get(r: &mut Reader<'_>) -> Result<$ty> {
+                Ok($ty { $($field: r.$get()?),* })
+            }
+        }
+    )*};
+}
+
+wire_structs! {
+    HelloReply {
+        version: u16,
+        server_nonce: array,
+        auth_required: bool,
+        read_only: bool,
+        max_segments: u32,
+        max_payload: u32,
+        max_in_flight: u32,
+    }
+    Stat { size: u64, mode: u32, mtime_ns: i64 }
+    StatfsReply {
+        blocks: u64,
+        bfree: u64,
+        bavail: u64,
+        files: u64,
+        ffree: u64,
+        bsize: u32,
+        namelen: u32,
+        frsize: u32,
+    }
+    Attr {
+        ino: u64,
+        mode: u32,
+        nlink: u32,
+        uid: u32,
+        gid: u32,
+        rdev: u32,
+        blksize: u32,
+        size: u64,
+        blocks: u64,
+        atime_ns: i64,
+        mtime_ns: i64,
+        ctime_ns: i64,
     }
 }
 
@@ -1246,22 +1251,6 @@ impl<'a> Reader<'a> {
             return Err(Error::decode(self.what, "bad extended attribute name"));
         }
         Ok(n)
-    }
-    fn attr(&mut self) -> Result<Attr> {
-        Ok(Attr {
-            ino: self.u64()?,
-            mode: self.u32()?,
-            nlink: self.u32()?,
-            uid: self.u32()?,
-            gid: self.u32()?,
-            rdev: self.u32()?,
-            blksize: self.u32()?,
-            size: self.u64()?,
-            blocks: self.u64()?,
-            atime_ns: self.i64()?,
-            mtime_ns: self.i64()?,
-            ctime_ns: self.i64()?,
-        })
     }
     pub(crate) fn i64(&mut self) -> Result<i64> {
         Ok(self.u64()? as i64)
