@@ -515,29 +515,13 @@ impl Client {
     fn list_once(&self, path: &str) -> Result<Vec<DirEntry>> {
         let mut out = Vec::new();
         let mut cookie = 0u64;
-        let size = (64 << 10).min(self.inner.link.limits().max_payload);
         loop {
-            let buf = self.inner.pool.get(size)?;
             let req = Req::List {
                 path: path.into(),
                 cookie,
             };
-            let reply = self
-                .start(&req, Vec::new(), vec![RecvSeg::Pool(buf)])?
-                .wait()?;
-            let (count, next, done) = match proto::decode_reply(&req, &reply.header)? {
-                Resp::List {
-                    count,
-                    next_cookie,
-                    done,
-                } => (count, next_cookie, done),
-                r => return Err(Error::decode("list reply", format!("{r:?}"))),
-            };
-            let Some(RecvSeg::Pool(b)) = reply.recv.into_iter().next() else {
-                return Err(Error::decode("list reply", "receive buffer not returned"));
-            };
-            let n = reply.payload_len.min(b.len());
-            out.extend(proto::decode_dirents(&b[..n], count)?);
+            let (payload, count, next, done) = self.dir_page(&req, 64 << 10, "list reply")?;
+            out.extend(proto::decode_dirents(&payload[..], count)?);
             if done || next <= cookie {
                 return Ok(out);
             }

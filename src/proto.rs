@@ -346,78 +346,113 @@ impl SetattrReq {
     pub const ALL: u32 = 255;
 }
 
-impl Req {
-    fn op(&self) -> u8 {
-        match self {
-            Req::Hello { .. } => 1,
-            Req::Auth { .. } => 2,
-            Req::Open { .. } => 3,
-            Req::Read { .. } => 4,
-            Req::Write { .. } => 5,
-            Req::Fsync { .. } => 6,
-            Req::Stat { .. } => 7,
-            Req::Fstat { .. } => 8,
-            Req::Truncate { .. } => 9,
-            Req::Close { .. } => 10,
-            Req::Unlink { .. } => 11,
-            Req::List { .. } => 12,
-            Req::Mkdir { .. } => 13,
-            Req::Getattr { .. } => 20,
-            Req::Fgetattr { .. } => 21,
-            Req::Setattr(_) => 22,
-            Req::Rename { .. } => 23,
-            Req::Rmdir { .. } => 24,
-            Req::Symlink { .. } => 25,
-            Req::Readlink { .. } => 26,
-            Req::Link { .. } => 27,
-            Req::Statfs => 28,
-            Req::Fallocate { .. } => 29,
-            Req::Setxattr { .. } => 30,
-            Req::Getxattr { .. } => 31,
-            Req::Listxattr { .. } => 32,
-            Req::Removexattr { .. } => 33,
-            Req::Opendir { .. } => 34,
-            Req::Readdir { .. } => 35,
-            Req::Releasedir { .. } => 36,
-            Req::Readdirplus { .. } => 37,
+/// The op number and name of every request: one table for [`Req::op`] and [`Req::name`].
+macro_rules! op_table {
+    ($($variant:ident = $op:literal $name:literal,)*) => {
+        fn op(&self) -> u8 {
+            match self {
+                $(Req::$variant { .. } => $op,)*
+            }
         }
+
+        /// The operation's name, for errors and logs.
+        pub fn name(&self) -> &'static str {
+            match self {
+                $(Req::$variant { .. } => $name,)*
+            }
+        }
+    };
+}
+
+/// The requests whose fields go on the wire in order with no check beyond the field's own
+/// (`Reader` method named after each field): one table for both directions, so an op's
+/// encoder and decoder cannot disagree. Requests with cross-field checks are written out in
+/// [`Req::encode_into`] and [`Req::decode`].
+macro_rules! plain_requests {
+    ($($op:literal => $variant:ident { $($field:ident: $get:ident),* },)*) => {
+        /// Writes the fields of a request from the table; false for the others.
+        fn encode_plain(&self, w: &mut Writer) -> bool {
+            match self {
+                $(Req::$variant { $($field),* } => {
+                    $(Put::put($field, w);)*
+                    true
+                })*
+                _ => false,
+            }
+        }
+
+        /// Reads the fields of request op `op` if the table has it.
+        fn decode_plain(op: u8, r: &mut Reader<'_>) -> Result<Option<Req>> {
+            Ok(Some(match op {
+                $($op => Req::$variant { $($field: r.$get()?),* },)*
+                _ => return Ok(None),
+            }))
+        }
+    };
+}
+
+impl Req {
+    op_table! {
+        Hello = 1 "hello",
+        Auth = 2 "auth",
+        Open = 3 "open",
+        Read = 4 "read",
+        Write = 5 "write",
+        Fsync = 6 "fsync",
+        Stat = 7 "stat",
+        Fstat = 8 "fstat",
+        Truncate = 9 "truncate",
+        Close = 10 "close",
+        Unlink = 11 "unlink",
+        List = 12 "list",
+        Mkdir = 13 "mkdir",
+        Getattr = 20 "getattr",
+        Fgetattr = 21 "fgetattr",
+        Setattr = 22 "setattr",
+        Rename = 23 "rename",
+        Rmdir = 24 "rmdir",
+        Symlink = 25 "symlink",
+        Readlink = 26 "readlink",
+        Link = 27 "link",
+        Statfs = 28 "statfs",
+        Fallocate = 29 "fallocate",
+        Setxattr = 30 "setxattr",
+        Getxattr = 31 "getxattr",
+        Listxattr = 32 "listxattr",
+        Removexattr = 33 "removexattr",
+        Opendir = 34 "opendir",
+        Readdir = 35 "readdir",
+        Releasedir = 36 "releasedir",
+        Readdirplus = 37 "readdirplus",
     }
 
-    /// The operation's name, for errors and logs.
-    pub fn name(&self) -> &'static str {
-        match self {
-            Req::Hello { .. } => "hello",
-            Req::Auth { .. } => "auth",
-            Req::Open { .. } => "open",
-            Req::Read { .. } => "read",
-            Req::Write { .. } => "write",
-            Req::Fsync { .. } => "fsync",
-            Req::Stat { .. } => "stat",
-            Req::Fstat { .. } => "fstat",
-            Req::Truncate { .. } => "truncate",
-            Req::Close { .. } => "close",
-            Req::Unlink { .. } => "unlink",
-            Req::List { .. } => "list",
-            Req::Mkdir { .. } => "mkdir",
-            Req::Getattr { .. } => "getattr",
-            Req::Fgetattr { .. } => "fgetattr",
-            Req::Setattr(_) => "setattr",
-            Req::Rename { .. } => "rename",
-            Req::Rmdir { .. } => "rmdir",
-            Req::Symlink { .. } => "symlink",
-            Req::Readlink { .. } => "readlink",
-            Req::Link { .. } => "link",
-            Req::Statfs => "statfs",
-            Req::Fallocate { .. } => "fallocate",
-            Req::Setxattr { .. } => "setxattr",
-            Req::Getxattr { .. } => "getxattr",
-            Req::Listxattr { .. } => "listxattr",
-            Req::Removexattr { .. } => "removexattr",
-            Req::Opendir { .. } => "opendir",
-            Req::Readdir { .. } => "readdir",
-            Req::Releasedir { .. } => "releasedir",
-            Req::Readdirplus { .. } => "readdirplus",
-        }
+    plain_requests! {
+        1 => Hello { version: u16, client_nonce: array },
+        2 => Auth { mac: array },
+        4 => Read { fh: u64, offset: u64, len: u32 },
+        5 => Write { fh: u64, offset: u64 },
+        6 => Fsync { fh: u64, datasync: bool },
+        7 => Stat { path: path },
+        8 => Fstat { fh: u64 },
+        9 => Truncate { fh: u64, len: u64 },
+        10 => Close { fh: u64 },
+        11 => Unlink { path: path },
+        12 => List { path: path, cookie: u64 },
+        13 => Mkdir { path: path, mode: mode },
+        20 => Getattr { path: path, follow: bool },
+        21 => Fgetattr { fh: u64 },
+        24 => Rmdir { path: path },
+        26 => Readlink { path: path },
+        27 => Link { from: path, to: path },
+        28 => Statfs {},
+        29 => Fallocate { fh: u64, mode: u32, offset: u64, len: u64 },
+        31 => Getxattr { path: path, name: xattr_name },
+        32 => Listxattr { path: path },
+        33 => Removexattr { path: path, name: xattr_name },
+        34 => Opendir { path: path },
+        35 => Readdir { dh: u64, cookie: u64 },
+        36 => Releasedir { dh: u64 },
+        37 => Readdirplus { dh: u64, cookie: u64 },
     }
 
     /// Encodes the request header.
@@ -434,51 +469,11 @@ impl Req {
         w.u8(self.op());
         w.bytes(&[0, 0, 0]);
         match self {
-            Req::Hello {
-                version,
-                client_nonce,
-            } => {
-                w.u16(*version);
-                w.bytes(client_nonce);
-            }
-            Req::Auth { mac } => w.bytes(mac),
             Req::Open { path, flags, mode } => {
                 w.str(path);
                 w.u32(flags.0);
                 w.u32(*mode);
             }
-            Req::Read { fh, offset, len } => {
-                w.u64(*fh);
-                w.u64(*offset);
-                w.u32(*len);
-            }
-            Req::Write { fh, offset } => {
-                w.u64(*fh);
-                w.u64(*offset);
-            }
-            Req::Fsync { fh, datasync } => {
-                w.u64(*fh);
-                w.u8(u8::from(*datasync));
-            }
-            Req::Stat { path } | Req::Unlink { path } => w.str(path),
-            Req::Fstat { fh } | Req::Close { fh } => w.u64(*fh),
-            Req::Truncate { fh, len } => {
-                w.u64(*fh);
-                w.u64(*len);
-            }
-            Req::List { path, cookie } => {
-                w.str(path);
-                w.u64(*cookie);
-            }
-            Req::Mkdir { path, mode } => {
-                w.str(path);
-                w.u32(*mode);
-            }
-            Req::Getattr { path, follow } => {
-                w.str(path);
-                w.u8(u8::from(*follow));
-            }
-            Req::Fgetattr { fh } | Req::Releasedir { dh: fh } => w.u64(*fh),
             Req::Setattr(a) => {
                 w.str(&a.path);
                 w.u64(a.fh);
@@ -495,42 +490,18 @@ impl Req {
                 w.str(to);
                 w.u32(*flags);
             }
-            Req::Rmdir { path }
-            | Req::Readlink { path }
-            | Req::Listxattr { path }
-            | Req::Opendir { path } => w.str(path),
             Req::Symlink { target, path } => {
                 w.str(target);
                 w.str(path);
-            }
-            Req::Link { from, to } => {
-                w.str(from);
-                w.str(to);
-            }
-            Req::Statfs => {}
-            Req::Fallocate {
-                fh,
-                mode,
-                offset,
-                len,
-            } => {
-                w.u64(*fh);
-                w.u32(*mode);
-                w.u64(*offset);
-                w.u64(*len);
             }
             Req::Setxattr { path, name, flags } => {
                 w.str(path);
                 w.str(name);
                 w.u32(*flags);
             }
-            Req::Getxattr { path, name } | Req::Removexattr { path, name } => {
-                w.str(path);
-                w.str(name);
-            }
-            Req::Readdir { dh, cookie } | Req::Readdirplus { dh, cookie } => {
-                w.u64(*dh);
-                w.u64(*cookie);
+            plain => {
+                let known = plain.encode_plain(&mut w);
+                debug_assert!(known, "{} is in neither table", plain.name());
             }
         }
         *out = w.0;
@@ -542,11 +513,6 @@ impl Req {
         let op = r.u8()?;
         r.bytes(3)?;
         let req = match op {
-            1 => Req::Hello {
-                version: r.u16()?,
-                client_nonce: r.array()?,
-            },
-            2 => Req::Auth { mac: r.array()? },
             3 => {
                 let path = r.path()?;
                 let flags = r.u32()?;
@@ -559,43 +525,9 @@ impl Req {
                 Req::Open {
                     path,
                     flags: OpenFlags(flags),
-                    mode: r.u32()? & 0o777,
+                    mode: r.mode()?,
                 }
             }
-            4 => Req::Read {
-                fh: r.u64()?,
-                offset: r.u64()?,
-                len: r.u32()?,
-            },
-            5 => Req::Write {
-                fh: r.u64()?,
-                offset: r.u64()?,
-            },
-            6 => Req::Fsync {
-                fh: r.u64()?,
-                datasync: r.bool()?,
-            },
-            7 => Req::Stat { path: r.path()? },
-            8 => Req::Fstat { fh: r.u64()? },
-            9 => Req::Truncate {
-                fh: r.u64()?,
-                len: r.u64()?,
-            },
-            10 => Req::Close { fh: r.u64()? },
-            11 => Req::Unlink { path: r.path()? },
-            12 => Req::List {
-                path: r.path()?,
-                cookie: r.u64()?,
-            },
-            13 => Req::Mkdir {
-                path: r.path()?,
-                mode: r.u32()? & 0o777,
-            },
-            20 => Req::Getattr {
-                path: r.path()?,
-                follow: r.bool()?,
-            },
-            21 => Req::Fgetattr { fh: r.u64()? },
             22 => {
                 let a = SetattrReq {
                     path: r.path()?,
@@ -628,7 +560,6 @@ impl Req {
                 }
                 Req::Rename { from, to, flags }
             }
-            24 => Req::Rmdir { path: r.path()? },
             25 => {
                 let target = r.string(MAX_TARGET)?;
                 if target.is_empty() || target.contains('\0') {
@@ -639,18 +570,6 @@ impl Req {
                     path: r.path()?,
                 }
             }
-            26 => Req::Readlink { path: r.path()? },
-            27 => Req::Link {
-                from: r.path()?,
-                to: r.path()?,
-            },
-            28 => Req::Statfs,
-            29 => Req::Fallocate {
-                fh: r.u64()?,
-                mode: r.u32()?,
-                offset: r.u64()?,
-                len: r.u64()?,
-            },
             30 => Req::Setxattr {
                 path: r.path()?,
                 name: r.xattr_name()?,
@@ -664,26 +583,10 @@ impl Req {
                     }
                 },
             },
-            31 => Req::Getxattr {
-                path: r.path()?,
-                name: r.xattr_name()?,
+            op => match Req::decode_plain(op, &mut r)? {
+                Some(req) => req,
+                None => return Err(Error::decode("request header", format!("unknown op {op}"))),
             },
-            32 => Req::Listxattr { path: r.path()? },
-            33 => Req::Removexattr {
-                path: r.path()?,
-                name: r.xattr_name()?,
-            },
-            34 => Req::Opendir { path: r.path()? },
-            35 => Req::Readdir {
-                dh: r.u64()?,
-                cookie: r.u64()?,
-            },
-            36 => Req::Releasedir { dh: r.u64()? },
-            37 => Req::Readdirplus {
-                dh: r.u64()?,
-                cookie: r.u64()?,
-            },
-            op => return Err(Error::decode("request header", format!("unknown op {op}"))),
         };
         r.finish()?;
         Ok(req)
@@ -863,15 +766,7 @@ pub fn encode_ok_into(resp: &Resp, out: &mut Vec<u8>) {
     w.0.clear();
     w.u32(0);
     match resp {
-        Resp::Hello(h) => {
-            w.u16(h.version);
-            w.bytes(&h.server_nonce);
-            w.u8(u8::from(h.auth_required));
-            w.u8(u8::from(h.read_only));
-            w.u32(h.max_segments);
-            w.u32(h.max_payload);
-            w.u32(h.max_in_flight);
-        }
+        Resp::Hello(h) => h.put(&mut w),
         Resp::Auth { mac } => w.bytes(mac),
         Resp::Open { fh, size } => {
             w.u64(*fh);
@@ -882,11 +777,7 @@ pub fn encode_ok_into(resp: &Resp, out: &mut Vec<u8>) {
             w.u8(u8::from(*eof));
         }
         Resp::Write { written } => w.u32(*written),
-        Resp::Stat(s) => {
-            w.u64(s.size);
-            w.u32(s.mode);
-            w.u64(s.mtime_ns as u64);
-        }
+        Resp::Stat(s) => s.put(&mut w),
         Resp::List {
             count,
             next_cookie,
@@ -897,18 +788,9 @@ pub fn encode_ok_into(resp: &Resp, out: &mut Vec<u8>) {
             w.u8(u8::from(*done));
         }
         Resp::Ok => {}
-        Resp::Attr(a) => w.attr(a),
+        Resp::Attr(a) => a.put(&mut w),
         Resp::Target(t) => w.str(t),
-        Resp::Statfs(f) => {
-            w.u64(f.blocks);
-            w.u64(f.bfree);
-            w.u64(f.bavail);
-            w.u64(f.files);
-            w.u64(f.ffree);
-            w.u32(f.bsize);
-            w.u32(f.namelen);
-            w.u32(f.frsize);
-        }
+        Resp::Statfs(f) => f.put(&mut w),
         Resp::Xattr { len, fits } => {
             w.u32(*len);
             w.u8(u8::from(*fits));
@@ -948,17 +830,9 @@ pub fn decode_reply(req: &Req, b: &[u8]) -> Result<Resp> {
         });
     }
     let resp = match req {
-        Req::Hello { .. } => Resp::Hello(HelloReply {
-            version: r.u16()?,
-            server_nonce: r.array()?,
-            auth_required: r.bool()?,
-            read_only: r.bool()?,
-            max_segments: r.u32()?,
-            max_payload: r.u32()?,
-            max_in_flight: r.u32()?,
-        }),
+        Req::Hello { .. } => Resp::Hello(HelloReply::get(&mut r)?),
         Req::Auth { .. } => Resp::Auth { mac: r.array()? },
-        Req::Open { .. } => Resp::Open {
+        Req::Open { .. } | Req::Opendir { .. } => Resp::Open {
             fh: r.u64()?,
             size: r.u64()?,
         },
@@ -967,32 +841,17 @@ pub fn decode_reply(req: &Req, b: &[u8]) -> Result<Resp> {
             eof: r.bool()?,
         },
         Req::Write { .. } => Resp::Write { written: r.u32()? },
-        Req::Stat { .. } | Req::Fstat { .. } => Resp::Stat(Stat {
-            size: r.u64()?,
-            mode: r.u32()?,
-            mtime_ns: r.u64()? as i64,
-        }),
+        Req::Stat { .. } | Req::Fstat { .. } => Resp::Stat(Stat::get(&mut r)?),
         Req::List { .. } | Req::Readdir { .. } | Req::Readdirplus { .. } => Resp::List {
             count: r.u32()?,
             next_cookie: r.u64()?,
             done: r.bool()?,
         },
-        Req::Opendir { .. } => Resp::Open {
-            fh: r.u64()?,
-            size: r.u64()?,
-        },
-        Req::Getattr { .. } | Req::Fgetattr { .. } | Req::Setattr(_) => Resp::Attr(r.attr()?),
+        Req::Getattr { .. } | Req::Fgetattr { .. } | Req::Setattr(_) => {
+            Resp::Attr(Attr::get(&mut r)?)
+        }
         Req::Readlink { .. } => Resp::Target(r.string(MAX_TARGET)?),
-        Req::Statfs => Resp::Statfs(StatfsReply {
-            blocks: r.u64()?,
-            bfree: r.u64()?,
-            bavail: r.u64()?,
-            files: r.u64()?,
-            ffree: r.u64()?,
-            bsize: r.u32()?,
-            namelen: r.u32()?,
-            frsize: r.u32()?,
-        }),
+        Req::Statfs => Resp::Statfs(StatfsReply::get(&mut r)?),
         Req::Getxattr { .. } | Req::Listxattr { .. } => {
             let len = r.u32()?;
             let fits = r.bool()?;
@@ -1023,11 +882,11 @@ pub struct DirEntry {
 
 /// Appends one entry to a listing payload: `is_dir u8, size u64, name (u16 + bytes)`.
 pub fn encode_dirent(out: &mut Vec<u8>, e: &DirEntry) {
-    let mut w = Writer(std::mem::take(out));
-    w.u8(u8::from(e.is_dir));
-    w.u64(e.size);
-    w.str(&e.name);
-    *out = w.0;
+    Writer::append(out, |w| {
+        w.u8(u8::from(e.is_dir));
+        w.u64(e.size);
+        w.str(&e.name);
+    });
 }
 
 /// Encoded length of an entry.
@@ -1037,30 +896,63 @@ pub fn dirent_len(e: &DirEntry) -> usize {
 
 /// Decodes `count` entries from a listing payload.
 pub fn decode_dirents(b: &[u8], count: u32) -> Result<Vec<DirEntry>> {
-    let mut r = Reader::new(b, "directory listing");
-    // Each entry takes at least 11 bytes: a count the payload cannot hold is refused
-    // before anything is allocated for it.
-    if (count as usize).saturating_mul(11) > b.len() {
-        return Err(Error::decode(
-            "directory listing",
-            format!("{count} entries cannot fit in {} bytes", b.len()),
-        ));
-    }
-    let mut v = Vec::with_capacity(count as usize);
-    for _ in 0..count {
+    const WHAT: &str = "directory listing";
+    // Each entry takes at least 11 bytes.
+    decode_entries(b, count, WHAT, 11, |r| {
         let is_dir = r.bool()?;
         let size = r.u64()?;
         let name = r.string(MAX_PATH)?;
         if name.is_empty() || name.contains('/') || name == "." || name == ".." {
-            return Err(Error::decode(
-                "directory listing",
-                format!("bad name {name:?}"),
-            ));
+            return Err(Error::decode(WHAT, format!("bad name {name:?}")));
         }
-        v.push(DirEntry { name, size, is_dir });
+        Ok(DirEntry { name, size, is_dir })
+    })
+}
+
+/// Decodes `count` entries of at least `min_len` bytes each from a listing payload with
+/// `entry`, then checks nothing is left over. A count the payload cannot hold is refused
+/// before anything is allocated for it.
+fn decode_entries<T>(
+    b: &[u8],
+    count: u32,
+    what: &'static str,
+    min_len: usize,
+    mut entry: impl FnMut(&mut Reader<'_>) -> Result<T>,
+) -> Result<Vec<T>> {
+    if (count as usize).saturating_mul(min_len) > b.len() {
+        return Err(Error::decode(
+            what,
+            format!("{count} entries cannot fit in {} bytes", b.len()),
+        ));
+    }
+    let mut r = Reader::new(b, what);
+    let mut v = Vec::with_capacity(count as usize);
+    for _ in 0..count {
+        v.push(entry(&mut r)?);
     }
     r.finish()?;
     Ok(v)
+}
+
+/// Reads the `ino u64, kind u8` head of a directory stream entry; `attr` reads what stands
+/// between it and the name (nothing for [`Req::Readdir`], the attributes for
+/// [`Req::Readdirplus`]).
+fn decode_stream_entry<A>(
+    r: &mut Reader<'_>,
+    what: &'static str,
+    attr: impl FnOnce(&mut Reader<'_>) -> Result<A>,
+) -> Result<(DirStreamEntry, A)> {
+    let ino = r.u64()?;
+    let kind = r.u8()?;
+    let a = attr(r)?;
+    let name = r.string(255)?;
+    if name.is_empty() || name.contains('/') || name.contains('\0') || name == "." || name == ".." {
+        return Err(Error::decode(what, format!("bad name {name:?}")));
+    }
+    if kind > 15 {
+        return Err(Error::decode(what, format!("bad type {kind}")));
+    }
+    Ok((DirStreamEntry { ino, kind, name }, a))
 }
 
 /// One entry of a directory stream ([`Req::Readdir`]): no attributes, so a listing
@@ -1078,11 +970,11 @@ pub struct DirStreamEntry {
 
 /// Appends one entry to a directory stream payload: `ino u64, kind u8, name (u16 + bytes)`.
 pub fn encode_dir_entry(out: &mut Vec<u8>, e: &DirStreamEntry) {
-    let mut w = Writer(std::mem::take(out));
-    w.u64(e.ino);
-    w.u8(e.kind);
-    w.str(&e.name);
-    *out = w.0;
+    Writer::append(out, |w| {
+        w.u64(e.ino);
+        w.u8(e.kind);
+        w.str(&e.name);
+    });
 }
 
 /// Encoded length of a directory stream entry.
@@ -1092,40 +984,11 @@ pub fn dir_entry_len(e: &DirStreamEntry) -> usize {
 
 /// Decodes `count` entries from a directory stream payload.
 pub fn decode_dir_entries(b: &[u8], count: u32) -> Result<Vec<DirStreamEntry>> {
-    let mut r = Reader::new(b, "directory stream");
+    const WHAT: &str = "directory stream";
     // Each entry takes at least 12 bytes (a name has one byte or more).
-    if (count as usize).saturating_mul(12) > b.len() {
-        return Err(Error::decode(
-            "directory stream",
-            format!("{count} entries cannot fit in {} bytes", b.len()),
-        ));
-    }
-    let mut v = Vec::with_capacity(count as usize);
-    for _ in 0..count {
-        let ino = r.u64()?;
-        let kind = r.u8()?;
-        let name = r.string(255)?;
-        if name.is_empty()
-            || name.contains('/')
-            || name.contains('\0')
-            || name == "."
-            || name == ".."
-        {
-            return Err(Error::decode(
-                "directory stream",
-                format!("bad name {name:?}"),
-            ));
-        }
-        if kind > 15 {
-            return Err(Error::decode(
-                "directory stream",
-                format!("bad type {kind}"),
-            ));
-        }
-        v.push(DirStreamEntry { ino, kind, name });
-    }
-    r.finish()?;
-    Ok(v)
+    decode_entries(b, count, WHAT, 12, |r| {
+        Ok(decode_stream_entry(r, WHAT, |_| Ok(()))?.0)
+    })
 }
 
 /// Encoded length of [`Attr`] on the wire.
@@ -1144,15 +1007,15 @@ pub struct DirPlusEntry {
 /// Appends one entry to a readdirplus payload:
 /// `ino u64, kind u8, has_attr u8, [attr], name (u16 + bytes)`.
 pub fn encode_dir_plus_entry(out: &mut Vec<u8>, e: &DirPlusEntry) {
-    let mut w = Writer(std::mem::take(out));
-    w.u64(e.entry.ino);
-    w.u8(e.entry.kind);
-    w.u8(u8::from(e.attr.is_some()));
-    if let Some(a) = &e.attr {
-        w.attr(a);
-    }
-    w.str(&e.entry.name);
-    *out = w.0;
+    Writer::append(out, |w| {
+        w.u64(e.entry.ino);
+        w.u8(e.entry.kind);
+        w.u8(u8::from(e.attr.is_some()));
+        if let Some(a) = &e.attr {
+            a.put(w);
+        }
+        w.str(&e.entry.name);
+    });
 }
 
 /// Encoded length of a readdirplus entry.
@@ -1163,43 +1026,24 @@ pub fn dir_plus_entry_len(e: &DirPlusEntry) -> usize {
 /// Decodes `count` entries from a readdirplus payload.
 pub fn decode_dir_plus_entries(b: &[u8], count: u32) -> Result<Vec<DirPlusEntry>> {
     const WHAT: &str = "directory stream with attributes";
-    let mut r = Reader::new(b, WHAT);
     // Each entry takes at least 13 bytes (no attributes, a one-byte name).
-    if (count as usize).saturating_mul(13) > b.len() {
-        return Err(Error::decode(
-            WHAT,
-            format!("{count} entries cannot fit in {} bytes", b.len()),
-        ));
-    }
-    let mut v = Vec::with_capacity(count as usize);
-    for _ in 0..count {
-        let ino = r.u64()?;
-        let kind = r.u8()?;
-        let attr = if r.bool()? { Some(r.attr()?) } else { None };
-        let name = r.string(255)?;
-        if name.is_empty()
-            || name.contains('/')
-            || name.contains('\0')
-            || name == "."
-            || name == ".."
-        {
-            return Err(Error::decode(WHAT, format!("bad name {name:?}")));
-        }
-        if kind > 15 {
-            return Err(Error::decode(WHAT, format!("bad type {kind}")));
-        }
-        v.push(DirPlusEntry {
-            entry: DirStreamEntry { ino, kind, name },
-            attr,
-        });
-    }
-    r.finish()?;
-    Ok(v)
+    decode_entries(b, count, WHAT, 13, |r| {
+        let (entry, attr) = decode_stream_entry(r, WHAT, |r| {
+            Ok(if r.bool()? { Some(Attr::get(r)?) } else { None })
+        })?;
+        Ok(DirPlusEntry { entry, attr })
+    })
 }
 
 struct Writer(Vec<u8>);
 
 impl Writer {
+    /// Runs `f` on a writer that appends to `out`.
+    fn append(out: &mut Vec<u8>, f: impl FnOnce(&mut Writer)) {
+        let mut w = Writer(std::mem::take(out));
+        f(&mut w);
+        *out = w.0;
+    }
     fn u8(&mut self, v: u8) {
         self.0.push(v);
     }
@@ -1215,20 +1059,6 @@ impl Writer {
     fn bytes(&mut self, b: &[u8]) {
         self.0.extend_from_slice(b);
     }
-    fn attr(&mut self, a: &Attr) {
-        self.u64(a.ino);
-        self.u32(a.mode);
-        self.u32(a.nlink);
-        self.u32(a.uid);
-        self.u32(a.gid);
-        self.u32(a.rdev);
-        self.u32(a.blksize);
-        self.u64(a.size);
-        self.u64(a.blocks);
-        self.u64(a.atime_ns as u64);
-        self.u64(a.mtime_ns as u64);
-        self.u64(a.ctime_ns as u64);
-    }
     fn str(&mut self, s: &str) {
         // Callers keep strings under MAX_PATH (checked by `Reader::path` on the far side);
         // longer ones are cut at a char boundary rather than mis-framed.
@@ -1242,6 +1072,106 @@ impl Writer {
         }
         self.u16(s.len() as u16);
         self.bytes(s.as_bytes());
+    }
+}
+
+/// A request field as [`Writer`] puts it on the wire (for `plain_requests!`).
+trait Put {
+    fn put(&self, w: &mut Writer);
+}
+
+impl Put for bool {
+    fn put(&self, w: &mut Writer) {
+        w.u8(u8::from(*self));
+    }
+}
+
+impl Put for u16 {
+    fn put(&self, w: &mut Writer) {
+        w.u16(*self);
+    }
+}
+
+impl Put for u32 {
+    fn put(&self, w: &mut Writer) {
+        w.u32(*self);
+    }
+}
+
+impl Put for u64 {
+    fn put(&self, w: &mut Writer) {
+        w.u64(*self);
+    }
+}
+
+impl Put for i64 {
+    fn put(&self, w: &mut Writer) {
+        w.u64(*self as u64);
+    }
+}
+
+impl<const N: usize> Put for [u8; N] {
+    fn put(&self, w: &mut Writer) {
+        w.bytes(self);
+    }
+}
+
+impl Put for String {
+    fn put(&self, w: &mut Writer) {
+        w.str(self);
+    }
+}
+
+/// The reply structures whose fields go on the wire in order (`Reader` method named after
+/// each field): one row gives both `put` and `get`, so they cannot disagree.
+macro_rules! wire_structs {
+    ($($ty:ident { $($field:ident: $get:ident),* $(,)? })*) => {$(
+        impl $ty {
+            fn put(&self, w: &mut Writer) {
+                $(Put::put(&self.$field, w);)*
+            }
+
+            fn get(r: &mut Reader<'_>) -> Result<$ty> {
+                Ok($ty { $($field: r.$get()?),* })
+            }
+        }
+    )*};
+}
+
+wire_structs! {
+    HelloReply {
+        version: u16,
+        server_nonce: array,
+        auth_required: bool,
+        read_only: bool,
+        max_segments: u32,
+        max_payload: u32,
+        max_in_flight: u32,
+    }
+    Stat { size: u64, mode: u32, mtime_ns: i64 }
+    StatfsReply {
+        blocks: u64,
+        bfree: u64,
+        bavail: u64,
+        files: u64,
+        ffree: u64,
+        bsize: u32,
+        namelen: u32,
+        frsize: u32,
+    }
+    Attr {
+        ino: u64,
+        mode: u32,
+        nlink: u32,
+        uid: u32,
+        gid: u32,
+        rdev: u32,
+        blksize: u32,
+        size: u64,
+        blocks: u64,
+        atime_ns: i64,
+        mtime_ns: i64,
+        ctime_ns: i64,
     }
 }
 
@@ -1311,28 +1241,16 @@ impl<'a> Reader<'a> {
         }
         Ok(p)
     }
+    /// Permission bits: no setuid, setgid or sticky bit.
+    fn mode(&mut self) -> Result<u32> {
+        Ok(self.u32()? & 0o777)
+    }
     fn xattr_name(&mut self) -> Result<String> {
         let n = self.string(MAX_XATTR_NAME)?;
         if n.is_empty() || n.contains('\0') {
             return Err(Error::decode(self.what, "bad extended attribute name"));
         }
         Ok(n)
-    }
-    fn attr(&mut self) -> Result<Attr> {
-        Ok(Attr {
-            ino: self.u64()?,
-            mode: self.u32()?,
-            nlink: self.u32()?,
-            uid: self.u32()?,
-            gid: self.u32()?,
-            rdev: self.u32()?,
-            blksize: self.u32()?,
-            size: self.u64()?,
-            blocks: self.u64()?,
-            atime_ns: self.i64()?,
-            mtime_ns: self.i64()?,
-            ctime_ns: self.i64()?,
-        })
     }
     pub(crate) fn i64(&mut self) -> Result<i64> {
         Ok(self.u64()? as i64)

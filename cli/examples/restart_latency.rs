@@ -7,27 +7,15 @@
 //! `cargo build --release -p zcio-cli --bin zcio --example restart_latency &&
 //!  target/release/examples/restart_latency 20`
 
-use std::process::{Child, Command, Stdio};
+#[path = "../tests/support/process.rs"]
+mod support;
+
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use support::{free_port, spawn_serve};
 use zcio::{Client, Config, OpenFlags, Pool};
-
-fn spawn(bin: &str, export: &std::path::Path, port: u16) -> Child {
-    Command::new(bin)
-        .args([
-            "serve",
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--export",
-        ])
-        .arg(export)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn zcio serve")
-}
 
 fn main() {
     let n: usize = std::env::args()
@@ -45,12 +33,8 @@ fn main() {
     });
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("f"), vec![1u8; 4096]).unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let mut server = spawn(&bin, dir.path(), port);
+    let port = free_port();
+    let mut server = spawn_serve(&bin, dir.path(), port);
     let mut cfg = Config::default();
     cfg.client.connect = format!("127.0.0.1:{port}");
     let t0 = Instant::now();
@@ -90,7 +74,7 @@ fn main() {
         // The client notices and starts backing off while the server is down.
         std::thread::sleep(Duration::from_millis(100));
         let restart = base.elapsed().as_micros() as u64;
-        server = spawn(&bin, dir.path(), port);
+        server = spawn_serve(&bin, dir.path(), port);
         while last_ok.load(Ordering::SeqCst) <= restart {
             std::thread::sleep(Duration::from_micros(200));
         }

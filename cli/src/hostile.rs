@@ -16,7 +16,8 @@ use std::time::{Duration, Instant};
 
 use rand::Rng;
 use zcio::proto::{OpenFlags, Req, Resp, NONCE_LEN};
-use zcio_tcp::wire::{Hello, Kind, Prefix};
+use zcio_tcp::wire::{Kind, Prefix};
+use zcio_test_support::{closed_within, connect_from, hello_bytes, request_frame};
 
 /// The attack classes, in the order each attacker cycles through them.
 pub(crate) const CLASSES: [&str; 12] = [
@@ -66,12 +67,6 @@ pub(crate) struct AttackStats {
     pub(crate) repelled: [AtomicU64; CLASSES.len()],
 }
 
-fn hello_bytes() -> [u8; zcio_tcp::wire::HELLO_LEN] {
-    // A client's default limits (`[limits]`), 64 requests in flight.
-    let l = zcio::Config::default().limits;
-    Hello::from_limits(&l, 64).encode()
-}
-
 fn prefix(kind: Kind, header_len: usize, id: u64, payload_len: usize, recv_cap: usize) -> [u8; 24] {
     Prefix {
         kind,
@@ -81,27 +76,6 @@ fn prefix(kind: Kind, header_len: usize, id: u64, payload_len: usize, recv_cap: 
         recv_cap,
     }
     .encode()
-}
-
-/// Reads until the server closes (Ok(true)), an error (Ok(true): reset counts as closed),
-/// or `limit` passes (Ok(false)).
-fn server_closes(s: &mut TcpStream, limit: Duration) -> bool {
-    let _ = s.set_read_timeout(Some(Duration::from_millis(200)));
-    let t0 = Instant::now();
-    let mut buf = [0u8; 4096];
-    while t0.elapsed() < limit {
-        match s.read(&mut buf) {
-            Ok(0) => return true,
-            Ok(_) => {}
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) => {}
-            Err(_) => return true,
-        }
-    }
-    false
 }
 
 /// True once the server either closes the connection or sends something back (replies),
@@ -121,24 +95,9 @@ fn server_answers_or_closes(s: &mut TcpStream, limit: Duration) -> bool {
 
 /// Connects to `addr`; to a loopback server from 127.0.0.2 (see the module documentation).
 fn connect(addr: &str) -> Option<TcpStream> {
-    let dst: std::net::SocketAddr = addr.parse().ok()?;
-    let s = match dst {
+    let s = match addr.parse().ok()? {
         std::net::SocketAddr::V4(d) if d.ip().is_loopback() => {
-            use nix::sys::socket::{
-                bind, connect, socket, AddressFamily, SockFlag, SockType, SockaddrIn,
-            };
-            use std::os::fd::AsRawFd;
-            let fd = socket(
-                AddressFamily::Inet,
-                SockType::Stream,
-                SockFlag::SOCK_CLOEXEC,
-                None,
-            )
-            .ok()?;
-            let src = std::net::SocketAddrV4::new(std::net::Ipv4Addr::new(127, 0, 0, 2), 0);
-            bind(fd.as_raw_fd(), &SockaddrIn::from(src)).ok()?;
-            connect(fd.as_raw_fd(), &SockaddrIn::from(d)).ok()?;
-            TcpStream::from(fd)
+            connect_from(std::net::Ipv4Addr::new(127, 0, 0, 2), d).ok()?
         }
         _ => TcpStream::connect(addr).ok()?,
     };
@@ -150,18 +109,12 @@ fn connect(addr: &str) -> Option<TcpStream> {
 /// Handshake, reading the server's hello back.
 fn handshake(addr: &str) -> Option<TcpStream> {
     let mut s = connect(addr)?;
-    s.write_all(&hello_bytes()).ok()?;
-    let mut h = [0u8; zcio_tcp::wire::HELLO_LEN];
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    s.read_exact(&mut h).ok()?;
+    zcio_test_support::handshake(&mut s, Duration::from_secs(5)).ok()?;
     Some(s)
 }
 
 fn request(id: u64, req: &Req) -> Vec<u8> {
-    let h = req.encode();
-    let mut v = prefix(Kind::Request, h.len(), id, 0, 4096).to_vec();
-    v.extend_from_slice(&h);
-    v
+    request_frame(id, req, &[])
 }
 
 /// Sends `req` as request `id` and reads its reply (one without payload), decoded.
@@ -190,7 +143,7 @@ fn attack(addr: &str, k: usize, stop: &AtomicBool) -> bool {
             };
             let junk: Vec<u8> = (0..rng.gen_range(1..4096)).map(|_| rng.gen()).collect();
             let _ = s.write_all(&junk);
-            server_closes(&mut s, Duration::from_secs(10))
+            closed_within(&mut s, Duration::from_secs(10))
         }
         1 => {
             let Some(mut s) = handshake(addr) else {
@@ -199,7 +152,7 @@ fn attack(addr: &str, k: usize, stop: &AtomicBool) -> bool {
             let p = prefix(Kind::Request, 100, 1, 0, 0);
             let _ = s.write_all(&p[..rng.gen_range(1..24)]);
             let _ = s.shutdown(std::net::Shutdown::Write);
-            server_closes(&mut s, Duration::from_secs(10))
+            closed_within(&mut s, Duration::from_secs(10))
         }
         2 => {
             let Some(mut s) = handshake(addr) else {
@@ -211,7 +164,7 @@ fn attack(addr: &str, k: usize, stop: &AtomicBool) -> bool {
                 _ => prefix(Kind::Request, 4, 1, 0, u32::MAX as usize),
             };
             let _ = s.write_all(&p);
-            server_closes(&mut s, Duration::from_secs(10))
+            closed_within(&mut s, Duration::from_secs(10))
         }
         3 => {
             let Some(mut s) = handshake(addr) else {
@@ -240,7 +193,7 @@ fn attack(addr: &str, k: usize, stop: &AtomicBool) -> bool {
             let mut v = prefix(Kind::Reply, 4, 1, 0, 0).to_vec();
             v.extend_from_slice(&[0, 0, 0, 0]);
             let _ = s.write_all(&v);
-            server_closes(&mut s, Duration::from_secs(10))
+            closed_within(&mut s, Duration::from_secs(10))
         }
         5 => {
             // Thousands of tiny valid requests, pipelined, replies never read: the server
@@ -273,7 +226,7 @@ fn attack(addr: &str, k: usize, stop: &AtomicBool) -> bool {
                 return true;
             }
             let mut first = [0u8; 28];
-            s.read_exact(&mut first).is_ok() || server_closes(&mut s, Duration::from_secs(2))
+            s.read_exact(&mut first).is_ok() || closed_within(&mut s, Duration::from_secs(2))
         }
         6 => {
             // One byte of a frame every 100 ms: the idle timeout must end it; the attacker
@@ -309,11 +262,11 @@ fn attack(addr: &str, k: usize, stop: &AtomicBool) -> bool {
                 if s.write_all(&[*b]).is_err() {
                     return true;
                 }
-                if server_closes(&mut s, Duration::from_millis(200)) {
+                if closed_within(&mut s, Duration::from_millis(200)) {
                     return true;
                 }
             }
-            server_closes(&mut s, Duration::from_secs(10))
+            closed_within(&mut s, Duration::from_secs(10))
         }
         9 => {
             // A transport handshake, then a request (answered "hello and authentication
@@ -340,7 +293,7 @@ fn attack(addr: &str, k: usize, stop: &AtomicBool) -> bool {
                 }
                 id += 1;
                 // Reads the answer and paces the loop (about 200 ms a request).
-                if server_closes(&mut s, Duration::from_millis(100)) {
+                if closed_within(&mut s, Duration::from_millis(100)) {
                     return true;
                 }
             }

@@ -546,6 +546,11 @@ impl ZcioFs {
         }
     }
 
+    /// The open directory `fh` (from `opendir`), if it is one.
+    fn dir(&self, fh: FileHandle) -> Option<Arc<Mutex<DirHandle>>> {
+        lock(&self.dirs).get(&fh.0).cloned()
+    }
+
     fn ttl(&self) -> Duration {
         if self.direct_io {
             Duration::ZERO
@@ -1117,7 +1122,7 @@ impl Filesystem for ZcioFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        let Some(d) = lock(&self.dirs).get(&fh.0).cloned() else {
+        let Some(d) = self.dir(fh) else {
             return reply.error(Errno::EBADF);
         };
         let d = lock(&d);
@@ -1151,7 +1156,7 @@ impl Filesystem for ZcioFs {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
-        let Some(d) = lock(&self.dirs).get(&fh.0).cloned() else {
+        let Some(d) = self.dir(fh) else {
             return reply.error(Errno::EBADF);
         };
         let d = lock(&d);

@@ -1,16 +1,16 @@
 //! The `zcio` commands' own behaviour, run as real processes: `config` (every key, `--set`),
 //! `serve --read-only --token`, and `devices`.
 
-use std::process::{Child, Command, Stdio};
+mod support;
+
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
+
+use support::{free_port, wait_listening, zcio};
 
 use zcio::pool::Pool;
 use zcio::proto::{OpenFlags, Status};
 use zcio::{Client, Config, Error};
-
-fn zcio() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_zcio"))
-}
 
 /// Kills the child when dropped (also when the test panics).
 struct Killed(Child);
@@ -148,24 +148,6 @@ fn config_prints_every_key_and_set_overrides_them() {
         assert!(!out.status.success(), "{bad} accepted");
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains(needle), "{bad}: {err}");
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// Waits (60 s at most: this is a slow machine's margin, not a speed check) until a
-/// `zcio serve` takes connections on `port`.
-fn wait_listening(port: u16) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "zcio serve did not listen");
-        std::thread::sleep(Duration::from_millis(20));
     }
 }
 

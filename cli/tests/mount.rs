@@ -5,6 +5,8 @@
 //! `ci/test` runs them with `--ignored` (where a missing tool or device is a failure, not
 //! a skip).
 
+mod support;
+
 use std::io::IoSliceMut;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -12,14 +14,11 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use support::{free_port, run_ok, tcp_server, wait_until, zcio};
 use zcio::pool::Pool;
-use zcio::{Config, Server, ServerHandle};
+use zcio::{Config, ServerHandle};
 
 const NEEDS: &str = "needs root, /dev/fuse and the programs ci/setup installs; ci/test runs it";
-
-fn zcio() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_zcio"))
-}
 
 /// Runs a shell command line; panics with its output if it fails.
 fn sh(cmd: &str) -> String {
@@ -37,14 +36,6 @@ fn sh(cmd: &str) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-fn wait_until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
-    let t0 = Instant::now();
-    while !f() {
-        assert!(t0.elapsed() < limit, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 fn is_mounted(mnt: &Path) -> bool {
     let m = std::fs::read_to_string("/proc/self/mounts").unwrap();
     let want = mnt.to_str().unwrap();
@@ -57,11 +48,7 @@ fn server(export: &Path) -> ServerHandle {
     cfg.server.listen = "127.0.0.1:0".into();
     cfg.server.export = export.to_path_buf();
     cfg.server.workers = 4;
-    let pool = Pool::new(&cfg.pool).unwrap();
-    Server::bind_transport(&cfg, &zcio_tcp::TcpTransport, pool)
-        .unwrap()
-        .spawn()
-        .unwrap()
+    tcp_server(&cfg)
 }
 
 /// A mount made by `zcio mount`; unmounted (by `zcio umount`, else lazily) when dropped.
@@ -79,18 +66,13 @@ impl Mounted {
             .prefix("zcio-mnt-")
             .tempdir()
             .unwrap();
-        let out = zcio()
-            .envs(env.iter().copied())
-            .arg("mount")
-            .arg(addr)
-            .arg(dir.path())
-            .args(extra)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "zcio mount failed: {}",
-            String::from_utf8_lossy(&out.stderr)
+        run_ok(
+            zcio()
+                .envs(env.iter().copied())
+                .arg("mount")
+                .arg(addr)
+                .arg(dir.path())
+                .args(extra),
         );
         assert!(
             is_mounted(dir.path()),
@@ -587,8 +569,7 @@ fn serve_at(addr: &str, export: &Path) -> Child {
 }
 
 fn free_port_addr() -> String {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    format!("127.0.0.1:{}", l.local_addr().unwrap().port())
+    format!("127.0.0.1:{}", free_port())
 }
 
 /// A program reading one file and writing another through the mount (threads of this

@@ -1,15 +1,17 @@
 //! Real processes killed mid-run: the `zcio` binary as a client or as a server, SIGKILLed.
 
-use std::process::{Child, Command, Stdio};
+mod support;
+
+use std::process::{Child, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use zcio::pool::Pool;
-use zcio::{Client, Config, Error, OpenFlags, Server};
+use support::{
+    free_port, run_ok, server_cfg, small_pool, spawn_serve, tcp_server, wait_until, zcio,
+};
 
-fn zcio() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_zcio"))
-}
+use zcio::pool::Pool;
+use zcio::{Client, Config, Error, OpenFlags};
 
 fn kill(mut c: Child) {
     // SIGKILL: no destructors, no clean shutdown.
@@ -17,40 +19,11 @@ fn kill(mut c: Child) {
     let _ = c.wait();
 }
 
-fn wait_until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
-    let t0 = Instant::now();
-    while !f() {
-        assert!(t0.elapsed() < limit, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn server_cfg(dir: &std::path::Path) -> Config {
-    let mut cfg = Config::default();
-    cfg.server.listen = "127.0.0.1:0".into();
-    cfg.server.export = dir.to_path_buf();
-    cfg.pool = zcio_pool_small();
-    cfg
-}
-
-fn zcio_pool_small() -> zcio::PoolConfig {
-    let mut p = zcio::PoolConfig::default();
-    for c in &mut p.classes {
-        c.count = c.count.min(128);
-        c.reserve = c.reserve.min(8);
-    }
-    p
-}
-
 #[test]
 fn client_process_killed_mid_write_leaves_server_clean() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = server_cfg(dir.path());
-    let pool = Pool::new(&cfg.pool).unwrap();
-    let srv = Server::bind_transport(&cfg, &zcio_tcp::TcpTransport, pool)
-        .unwrap()
-        .spawn()
-        .unwrap();
+    let srv = tcp_server(&cfg);
     let child = zcio()
         .args([
             "bench",
@@ -104,43 +77,16 @@ fn client_process_killed_mid_write_leaves_server_clean() {
     assert!(f.zero_readv(8 << 20, 0).unwrap().to_vec() == on_disk);
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn spawn_server(export: &std::path::Path, port: u16) -> Child {
-    let child = zcio()
-        .args([
-            "serve",
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--export",
-        ])
-        .arg(export)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    wait_until("the server to listen", Duration::from_secs(30), || {
-        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
-    });
-    child
-}
-
 #[test]
 fn server_process_killed_mid_run_fails_requests_promptly_and_clients_reconnect() {
     let dir = tempfile::tempdir().unwrap();
     let data: Arc<Vec<u8>> = Arc::new((0..(8u32 << 20)).map(|i| (i % 251) as u8).collect());
     std::fs::write(dir.path().join("f"), &*data).unwrap();
     let port = free_port();
-    let server = spawn_server(dir.path(), port);
+    let server = spawn_serve(dir.path(), port);
     let mut cfg = Config::default();
     cfg.client.connect = format!("127.0.0.1:{port}");
-    cfg.pool = zcio_pool_small();
+    cfg.pool = small_pool();
     let c = Client::connect_transport(&cfg, &zcio_tcp::TcpTransport, Pool::new(&cfg.pool).unwrap())
         .unwrap();
     let f = Arc::new(c.open("f", OpenFlags::READ).unwrap());
@@ -192,7 +138,7 @@ fn server_process_killed_mid_run_fails_requests_promptly_and_clients_reconnect()
     // New requests on the dead connection fail at once too.
     assert!(f.zero_readv(4096, 0).is_err());
     // A restarted server takes a new connection; the file is intact.
-    let server = spawn_server(dir.path(), port);
+    let server = spawn_serve(dir.path(), port);
     let c2 =
         Client::connect_transport(&cfg, &zcio_tcp::TcpTransport, Pool::new(&cfg.pool).unwrap())
             .unwrap();
@@ -247,10 +193,7 @@ fn cli_errors_are_clear() {
 fn get_and_put_copy_files_byte_for_byte() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = server_cfg(dir.path());
-    let srv = Server::bind_transport(&cfg, &zcio_tcp::TcpTransport, Pool::new(&cfg.pool).unwrap())
-        .unwrap()
-        .spawn()
-        .unwrap();
+    let srv = tcp_server(&cfg);
     let local = tempfile::tempdir().unwrap();
     let src = local.path().join("src");
     let data: Vec<u8> = (0..3_000_017u32).map(|i| (i * 13 % 256) as u8).collect();
@@ -284,10 +227,7 @@ fn get_and_put_copy_files_byte_for_byte() {
 fn client_killed_mid_write_loses_nothing_acknowledged_and_tears_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = server_cfg(dir.path());
-    let srv = Server::bind_transport(&cfg, &zcio_tcp::TcpTransport, Pool::new(&cfg.pool).unwrap())
-        .unwrap()
-        .spawn()
-        .unwrap();
+    let srv = tcp_server(&cfg);
     let logdir = tempfile::tempdir().unwrap();
     let log = logdir.path().join("acked");
     let child = zcio()
@@ -348,20 +288,15 @@ fn bench_counts_heap_allocations_per_operation() {
     // file API made 4 before it reused its vectors).
     let dir = tempfile::tempdir().unwrap();
     let allocs_per_op = |extra: &[&str]| -> serde_json::Value {
-        let out = zcio()
-            .args(["bench", "--rw", "read", "--bs", "64K", "--iodepth", "4"])
-            .args(["--size", "4M", "--files", "1", "--runtime", "1s", "--json"])
-            .args(extra)
-            .arg("--export")
-            .arg(dir.path())
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
+        let (stdout, _) = run_ok(
+            zcio()
+                .args(["bench", "--rw", "read", "--bs", "64K", "--iodepth", "4"])
+                .args(["--size", "4M", "--files", "1", "--runtime", "1s", "--json"])
+                .args(extra)
+                .arg("--export")
+                .arg(dir.path()),
         );
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
         v["results"][0]["allocs_per_op"].clone()
     };
     let n = allocs_per_op(&["--count-allocs"])
@@ -376,29 +311,17 @@ fn bench_counts_heap_allocations_per_operation() {
 fn bench_sweeps_reports_cpu_per_gib_and_plots() {
     let dir = tempfile::tempdir().unwrap();
     let svg = dir.path().join("sweep.svg");
-    let out = zcio()
-        .args([
-            "bench",
-            "--rw",
-            "randread",
-            "--bs",
-            "4K",
-            "--sweep",
-            "iodepth=1,2",
-        ])
-        .args(["--baseline", "tcp-rpc", "--size", "1M", "--files", "1"])
-        .args(["--runtime", "200ms", "--json", "--plot"])
-        .arg(&svg)
-        .arg("--export")
-        .arg(dir.path())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let (stdout, _) = run_ok(
+        zcio()
+            .args(["bench", "--rw", "randread", "--bs", "4K"])
+            .args(["--sweep", "iodepth=1,2"])
+            .args(["--baseline", "tcp-rpc", "--size", "1M", "--files", "1"])
+            .args(["--runtime", "200ms", "--json", "--plot"])
+            .arg(&svg)
+            .arg("--export")
+            .arg(dir.path()),
     );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
     assert_eq!(v["sweep"], "iodepth");
     let points = v["points"].as_array().expect("points");
     assert_eq!(points.len(), 2);

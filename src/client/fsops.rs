@@ -255,28 +255,9 @@ impl Client {
         cookie: u64,
         max_bytes: usize,
     ) -> Result<(Vec<DirStreamEntry>, u64, bool)> {
-        let size = max_bytes.clamp(4096, self.inner.link.limits().max_payload);
-        let buf = self.inner.pool.get(size)?;
         let req = Req::Readdir { dh, cookie };
-        let reply = self
-            .start(&req, Vec::new(), vec![RecvSeg::Pool(buf)])?
-            .wait()?;
-        let (count, next, done) = match proto::decode_reply(&req, &reply.header)? {
-            Resp::List {
-                count,
-                next_cookie,
-                done,
-            } => (count, next_cookie, done),
-            r => return unexpected("readdir reply", r),
-        };
-        let Some(RecvSeg::Pool(b)) = reply.recv.into_iter().next() else {
-            return Err(Error::decode(
-                "readdir reply",
-                "receive buffer not returned",
-            ));
-        };
-        let n = reply.payload_len.min(b.len());
-        Ok((proto::decode_dir_entries(&b[..n], count)?, next, done))
+        let (payload, count, next, done) = self.dir_page(&req, max_bytes, "readdir reply")?;
+        Ok((proto::decode_dir_entries(&payload[..], count)?, next, done))
     }
 
     /// [`Client::readdir`] with each entry's attributes ([`Req::Readdirplus`]): a listing
@@ -288,7 +269,8 @@ impl Client {
         max_bytes: usize,
     ) -> Result<(Vec<DirPlusEntry>, u64, bool)> {
         let req = Req::Readdirplus { dh, cookie };
-        let (payload, count, next, done) = self.dir_page(&req, max_bytes)?;
+        let (payload, count, next, done) =
+            self.dir_page(&req, max_bytes, "directory page reply")?;
         Ok((
             proto::decode_dir_plus_entries(&payload[..], count)?,
             next,
@@ -296,14 +278,19 @@ impl Client {
         ))
     }
 
-    /// Sends a directory page request and returns its payload, count, next cookie and
-    /// whether the stream is done.
-    fn dir_page(
+    /// Sends a directory page request (`List`, `Readdir` or `Readdirplus`) for up to
+    /// `max_bytes` (4 KiB at least, unless the negotiated payload limit is less) and returns
+    /// its payload, count, next cookie and whether the listing is done; `what` names the
+    /// reply in errors.
+    pub(super) fn dir_page(
         &self,
         req: &Req,
         max_bytes: usize,
+        what: &'static str,
     ) -> Result<(crate::pool::Iobuf, u32, u64, bool)> {
-        let size = max_bytes.clamp(4096, self.inner.link.limits().max_payload);
+        let size = max_bytes
+            .max(4096)
+            .min(self.inner.link.limits().max_payload);
         let buf = self.inner.pool.get(size)?;
         let reply = self
             .start(req, Vec::new(), vec![RecvSeg::Pool(buf)])?
@@ -314,13 +301,10 @@ impl Client {
                 next_cookie,
                 done,
             } => (count, next_cookie, done),
-            r => return unexpected("directory page reply", r),
+            r => return unexpected(what, r),
         };
         let Some(RecvSeg::Pool(mut b)) = reply.recv.into_iter().next() else {
-            return Err(Error::decode(
-                "directory page reply",
-                "receive buffer not returned",
-            ));
+            return Err(Error::decode(what, "receive buffer not returned"));
         };
         let n = reply.payload_len.min(b.len());
         b.set_len(n);

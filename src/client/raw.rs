@@ -25,11 +25,8 @@ impl File {
         iov: &[(NonNull<u8>, usize)],
         offset: u64,
     ) -> Result<Completion<usize>> {
-        let lens: Vec<usize> = iov.iter().map(|s| s.1).collect();
-        // SAFETY: the caller's contract covers every range of `iov`.
-        let seg = |i: usize, off, n| unsafe { raw_piece(iov[i].0, off, n) };
-        // SAFETY: as above.
-        unsafe { self.raw_async(&lens, offset, false, seg) }
+        // SAFETY: the caller's contract.
+        unsafe { self.iov_async(iov, offset, false) }
     }
 
     /// Starts a write at `offset` from the caller's memory `iov`; completes with the bytes
@@ -43,11 +40,25 @@ impl File {
         iov: &[(NonNull<u8>, usize)],
         offset: u64,
     ) -> Result<Completion<usize>> {
+        // SAFETY: the caller's contract.
+        unsafe { self.iov_async(iov, offset, true) }
+    }
+
+    /// [`File::preadv_raw_async`] (`write` false) or [`File::pwritev_raw_async`].
+    ///
+    /// # Safety
+    /// As those.
+    unsafe fn iov_async(
+        &self,
+        iov: &[(NonNull<u8>, usize)],
+        offset: u64,
+        write: bool,
+    ) -> Result<Completion<usize>> {
         let lens: Vec<usize> = iov.iter().map(|s| s.1).collect();
         // SAFETY: the caller's contract covers every range of `iov`.
         let seg = |i: usize, off, n| unsafe { raw_piece(iov[i].0, off, n) };
         // SAFETY: as above.
-        unsafe { self.raw_async(&lens, offset, true, seg) }
+        unsafe { self.raw_async(&lens, offset, write, seg) }
     }
 
     /// Starts a write of pool buffers the caller keeps (they are not moved into the

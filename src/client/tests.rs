@@ -2,14 +2,19 @@ use super::*;
 use crate::transport::mem::MemListener;
 use crate::Server;
 
-fn setup(
-    token: &str,
-) -> (
+type Setup = (
     tempfile::TempDir,
     crate::ServerHandle,
     Arc<MemListener>,
     Config,
-) {
+);
+
+fn setup(token: &str) -> Setup {
+    setup_carrying(token, Config::default().limits.max_payload)
+}
+
+/// [`setup`] over an in-memory transport that carries `max_payload` bytes per request.
+fn setup_carrying(token: &str, max_payload: usize) -> Setup {
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = Config::default();
     cfg.server.export = dir.path().to_path_buf();
@@ -22,7 +27,7 @@ fn setup(
     let pool = Pool::new(&cfg.pool).unwrap();
     let limits = Limits {
         max_segments: cfg.limits.max_segments,
-        max_payload: cfg.limits.max_payload,
+        max_payload,
         max_header: crate::transport::MAX_HEADER,
         max_in_flight: 64,
         inline_threshold: 0,
@@ -89,6 +94,38 @@ fn end_to_end_over_the_in_memory_transport() {
     assert_eq!(c.list("").unwrap().len(), 1);
     c.unlink("a.bin").unwrap();
     assert!(c.stat("a.bin").is_err());
+}
+
+#[test]
+fn listings_fit_a_payload_limit_under_4_kib() {
+    // Directory pages are sized to what the connection carries, even below the 4 KiB a
+    // page asks for at least (readdir's `clamp(4096, max_payload)` panicked here).
+    let (dir, _srv, l, cfg) = setup_carrying("", 1024);
+    let names: Vec<String> = (0..40)
+        .map(|i| format!("entry-with-a-long-name-{i:03}"))
+        .collect();
+    for n in &names {
+        std::fs::write(dir.path().join(n), b"x").unwrap();
+    }
+    let c = client(&l, &cfg).unwrap();
+    assert_eq!(c.limits().max_payload, 1024);
+    let sorted = |mut v: Vec<String>| {
+        v.sort();
+        v
+    };
+    let listed = c.list("").unwrap().into_iter().map(|e| e.name).collect();
+    assert_eq!(sorted(listed), names);
+    let streamed = c
+        .read_dir("")
+        .unwrap()
+        .into_iter()
+        .map(|e| e.name)
+        .collect();
+    assert_eq!(sorted(streamed), names);
+    let plus = c.read_dir_plus("").unwrap();
+    assert!(plus.iter().all(|e| e.attr.is_some_and(|a| a.size == 1)));
+    let plus = plus.into_iter().map(|e| e.entry.name).collect();
+    assert_eq!(sorted(plus), names);
 }
 
 #[test]

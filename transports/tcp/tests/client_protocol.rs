@@ -4,7 +4,7 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -175,6 +175,49 @@ fn end_of_stream_mid_reply_fails_the_request() {
 /// The server answers as soon as it has read the request header, while the client is
 /// still sending the payload: the reply waits for the writer to hand the send segments
 /// back, and then completes normally.
+/// The send queue (bytes the peer has not acknowledged) and receive queue (bytes the
+/// application has not read) of the IPv4 TCP socket from `local` to `remote`, as
+/// `/proc/net/tcp` shows them.
+fn tcp_queues(local: SocketAddr, remote: SocketAddr) -> Option<(u64, u64)> {
+    let hex = |a: SocketAddr| match a {
+        SocketAddr::V4(a) => format!(
+            "{:08X}:{:04X}",
+            u32::from_ne_bytes(a.ip().octets()),
+            a.port()
+        ),
+        SocketAddr::V6(_) => panic!("IPv4 expected"),
+    };
+    let (local, remote) = (hex(local), hex(remote));
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    table.lines().skip(1).find_map(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.get(1) != Some(&local.as_str()) || f.get(2) != Some(&remote.as_str()) {
+            return None;
+        }
+        let (tx, rx) = f.get(4)?.split_once(':')?;
+        Some((
+            u64::from_str_radix(tx, 16).ok()?,
+            u64::from_str_radix(rx, 16).ok()?,
+        ))
+    })
+}
+
+/// Waits until what the server wrote on `s` has reached the client (the server's send
+/// queue is empty: acknowledged) and the client has read it (the client's receive queue
+/// is empty), so a reply written on `s` is in the client's hands.
+fn wait_reply_read(s: &TcpStream) {
+    let (server, client) = (s.local_addr().unwrap(), s.peer_addr().unwrap());
+    let t0 = std::time::Instant::now();
+    loop {
+        let delivered = tcp_queues(server, client).is_some_and(|(tx, _)| tx == 0);
+        if delivered && tcp_queues(client, server).is_some_and(|(_, rx)| rx == 0) {
+            return;
+        }
+        assert!(t0.elapsed() < PATIENCE, "the client did not read the reply");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 #[test]
 fn reply_overtaking_its_request_payload() {
     // More than the kernel buffers on both ends can hold (4 MiB send buffer at most by
@@ -186,8 +229,9 @@ fn reply_overtaking_its_request_payload() {
         let (p, header) = read_request_head(&mut s);
         assert_eq!(header, b"req");
         s.write_all(&reply_frame(p.id, b"early", b"xyz")).unwrap();
-        // Only now drain the payload.
-        std::thread::sleep(Duration::from_millis(100));
+        // Only once the client has read the reply, drain the payload: its writer is still
+        // blocked on the payload then, so the reply has overtaken it.
+        wait_reply_read(&s);
         let mut payload = vec![0u8; p.payload_len];
         s.read_exact(&mut payload).unwrap();
         assert!(payload == expect);
@@ -209,6 +253,7 @@ fn reply_overtaking_its_request_payload() {
     req.send = send;
     let r = wait(c.start(req).unwrap()).unwrap();
     assert_eq!((r.header.as_slice(), r.payload_len), (&b"early"[..], 3));
+    assert_eq!(&r.recv[0].as_slice()[..3], b"xyz");
     assert_eq!(r.send.len(), 8);
     drop(c);
     h.join().unwrap();

@@ -6,8 +6,7 @@
 //! (127.0.0.1), as hosts of their own, so per-address limits apply to them alone.
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
-use std::os::fd::AsRawFd;
+use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -16,8 +15,9 @@ use std::time::{Duration, Instant};
 use zcio::conformance::Harness;
 use zcio::proto::{self, OpenFlags, Req, Resp, NONCE_LEN};
 use zcio::{Client, Config, Error};
-use zcio_tcp::wire::{Hello, Kind, Prefix, HELLO_LEN, PREFIX_LEN};
+use zcio_tcp::wire::{HELLO_LEN, PREFIX_LEN};
 use zcio_tcp::TcpTransport;
+use zcio_test_support::{closed_within, handshake, hello_bytes, pattern, request_frame};
 
 /// A hang guard, never a speed check.
 const PATIENCE: Duration = Duration::from_secs(30);
@@ -28,15 +28,7 @@ fn harness(tweak: impl FnOnce(&mut Config)) -> Harness {
 
 /// Deterministic bytes for client `who`, round `round`.
 fn data(who: usize, round: usize, len: usize) -> Vec<u8> {
-    let mut x = (who as u64 * 1_000_003 + round as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
+    pattern(who as u64 * 1_000_003 + round as u64, len)
 }
 
 /// Good clients: each connects `rounds` times (a new connection each round, so the
@@ -95,56 +87,14 @@ fn assert_all_good(clients: Vec<JoinHandle<Result<usize, String>>>, rounds: usiz
 
 /// A socket to `addr` from loopback address `from` (e.g. "127.0.0.2").
 fn connect_from(from: &str, addr: &str) -> TcpStream {
-    use nix::sys::socket::{bind, connect, socket, AddressFamily, SockFlag, SockType, SockaddrIn};
-    let src: SocketAddr = format!("{from}:0").parse().unwrap();
-    let dst: SocketAddr = addr.parse().unwrap();
-    let (SocketAddr::V4(src), SocketAddr::V4(dst)) = (src, dst) else {
-        panic!("IPv4 loopback expected")
-    };
-    let fd = socket(
-        AddressFamily::Inet,
-        SockType::Stream,
-        SockFlag::SOCK_CLOEXEC,
-        None,
-    )
-    .unwrap();
-    bind(fd.as_raw_fd(), &SockaddrIn::from(src)).unwrap();
-    connect(fd.as_raw_fd(), &SockaddrIn::from(dst)).unwrap();
-    let s = TcpStream::from(fd);
-    s.set_nodelay(true).unwrap();
-    s
-}
-
-fn hello_bytes() -> [u8; HELLO_LEN] {
-    // A client's default limits (`[limits]`), 64 requests in flight.
-    let l = Config::default().limits;
-    Hello::from_limits(&l, 64).encode()
+    zcio_test_support::connect_from_str(from.parse().unwrap(), addr).unwrap()
 }
 
 /// A transport handshake from `from`, the server's hello read back.
 fn handshake_from(from: &str, addr: &str) -> TcpStream {
     let mut s = connect_from(from, addr);
-    s.write_all(&hello_bytes()).unwrap();
-    let mut h = [0u8; HELLO_LEN];
-    s.set_read_timeout(Some(PATIENCE)).unwrap();
-    s.read_exact(&mut h).unwrap();
+    handshake(&mut s, PATIENCE).unwrap();
     s
-}
-
-fn frame(id: u64, req: &Req, payload: &[u8]) -> Vec<u8> {
-    let h = req.encode();
-    let mut v = Prefix {
-        kind: Kind::Request,
-        header_len: h.len(),
-        id,
-        payload_len: payload.len(),
-        recv_cap: 4096,
-    }
-    .encode()
-    .to_vec();
-    v.extend_from_slice(&h);
-    v.extend_from_slice(payload);
-    v
 }
 
 /// Sends `req` and reads its reply (`None` if the server closed the connection; an error
@@ -160,7 +110,7 @@ fn call_with(
     req: &Req,
     payload: &[u8],
 ) -> Option<Result<(Resp, Vec<u8>), String>> {
-    s.write_all(&frame(id, req, payload)).ok()?;
+    s.write_all(&request_frame(id, req, payload)).ok()?;
     // A slow reply (a loaded machine) is not a closed connection.
     s.set_read_timeout(Some(PATIENCE)).unwrap();
     let mut p = [0u8; PREFIX_LEN];
@@ -191,27 +141,6 @@ fn hello_from(from: &str, addr: &str) -> Option<Result<TcpStream, String>> {
         Ok(other) => panic!("hello answered {other:?}"),
         Err(msg) => Some(Err(msg)),
     }
-}
-
-/// True if the server has closed `s` (end of stream or a reset) before `within`.
-fn closed_within(s: &mut TcpStream, within: Duration) -> bool {
-    let t0 = Instant::now();
-    let mut buf = [0u8; 4096];
-    while t0.elapsed() < within {
-        s.set_read_timeout(Some(Duration::from_millis(100)))
-            .unwrap();
-        match s.read(&mut buf) {
-            Ok(0) => return true,
-            Ok(_) => {}
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) => {}
-            Err(_) => return true,
-        }
-    }
-    false
 }
 
 #[test]
@@ -333,7 +262,7 @@ fn never_authenticating_connections_are_cut_off_and_wrong_tokens_slowed() {
         }
         other => panic!("wrong tokens answered {other:?}"),
     }
-    let fh_write = frame(99, &Req::Write { fh: 1, offset: 0 }, &[0xAB; 64 << 10]);
+    let fh_write = request_frame(99, &Req::Write { fh: 1, offset: 0 }, &[0xAB; 64 << 10]);
     let _ = s.write_all(&fh_write);
     assert!(
         closed_within(&mut s, PATIENCE),

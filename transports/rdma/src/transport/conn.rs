@@ -19,7 +19,7 @@ use zcio::pool::{ClassConfig, PoolConfig, RegistrarId};
 use zcio::transport::Limits;
 use zcio::{Error, IobufMut, Pool, Result};
 
-use super::bootstrap::READY;
+use super::bootstrap::{Hello, Role, READY};
 use super::device::Device;
 use super::msg::MsgLimits;
 use super::rdma_err;
@@ -140,6 +140,52 @@ pub(crate) struct ConnectedQp {
     pub(crate) ctl_reg: RegistrarId,
     /// This queue pair's negotiated limits (`max_in_flight`: its credits).
     pub(crate) limits: Limits,
+}
+
+/// The numbers of one queue pair that a hello offers and, once both hellos are in, the
+/// negotiated ones: what both sides' set-up writes into its hello and its [`Limits`].
+pub(crate) struct LaneTerms {
+    pub(crate) credits: usize,
+    pub(crate) max_segments: usize,
+    pub(crate) max_payload: usize,
+    pub(crate) max_header: usize,
+    pub(crate) inline: usize,
+}
+
+impl LaneTerms {
+    /// This side's hello with these numbers, from the queue pair at `endpoint` (one of
+    /// `queue_pairs`) whose receives take `recv_size` bytes.
+    pub(crate) fn hello(
+        &self,
+        role: Role,
+        queue_pairs: u8,
+        endpoint: Endpoint,
+        recv_size: usize,
+    ) -> Hello {
+        Hello {
+            role,
+            queue_pairs,
+            endpoint,
+            credits: self.credits as u32,
+            max_segments: self.max_segments as u32,
+            max_payload: self.max_payload as u32,
+            max_header: self.max_header as u32,
+            inline_threshold: self.inline as u32,
+            recv_size: recv_size as u32,
+        }
+    }
+
+    /// The queue pair's limits (`max_in_flight`: its credits; payload by RDMA).
+    pub(crate) fn limits(&self) -> Limits {
+        Limits {
+            max_segments: self.max_segments,
+            max_payload: self.max_payload,
+            max_header: self.max_header,
+            max_in_flight: self.credits,
+            inline_threshold: self.inline,
+            rdma_payload: true,
+        }
+    }
 }
 
 /// How to size one connection's queue pair.

@@ -312,20 +312,46 @@ fn check_descs(
     Ok(())
 }
 
-/// Decodes and checks a request.
-pub fn decode_request<'a>(msg: &'a [u8], l: &MsgLimits) -> Result<RequestView<'a>, MsgError> {
-    if msg.len() < REQUEST_FIXED {
+/// Checks that `msg` holds at least the `fixed` bytes of its kind's fixed part and is of
+/// kind `kind`.
+fn check_head(msg: &[u8], fixed: usize, kind: u8) -> Result<(), MsgError> {
+    if msg.len() < fixed {
         return Err(MsgError::Truncated {
-            need: REQUEST_FIXED,
+            need: fixed,
             got: msg.len(),
         });
     }
-    if msg[0] != KIND_REQUEST {
+    if msg[0] != kind {
         return Err(MsgError::Kind {
-            expected: KIND_REQUEST,
+            expected: kind,
             got: msg[0],
         });
     }
+    Ok(())
+}
+
+/// Checks that `msg` is as long as its fixed part says (`described` bytes).
+fn check_length(described: usize, msg: &[u8]) -> Result<(), MsgError> {
+    if described != msg.len() {
+        return Err(MsgError::Length {
+            described: described as u64,
+            got: msg.len(),
+        });
+    }
+    Ok(())
+}
+
+/// Checks that `field`'s `value` is at most `limit`.
+fn at_most(field: &'static str, value: usize, limit: usize) -> Result<(), MsgError> {
+    if value > limit {
+        return Err(too_large(field, value, limit));
+    }
+    Ok(())
+}
+
+/// Decodes and checks a request.
+pub fn decode_request<'a>(msg: &'a [u8], l: &MsgLimits) -> Result<RequestView<'a>, MsgError> {
+    check_head(msg, REQUEST_FIXED, KIND_REQUEST)?;
     if msg[1] != 0 || u32_at(msg, 28) != 0 {
         return Err(MsgError::BadValue {
             field: "reserved",
@@ -340,32 +366,14 @@ pub fn decode_request<'a>(msg: &'a [u8], l: &MsgLimits) -> Result<RequestView<'a
     let inline_len = u32_at(msg, 16) as usize;
     let recv_cap = u32_at(msg, 20) as usize;
     let send_total = u32_at(msg, 24) as usize;
-    if header_len > l.max_header {
-        return Err(too_large("header_len", header_len, l.max_header));
-    }
-    if n_send > l.max_segments {
-        return Err(too_large("n_send", n_send, l.max_segments));
-    }
-    if n_recv > l.max_segments {
-        return Err(too_large("n_recv", n_recv, l.max_segments));
-    }
-    if inline_len > l.inline_threshold {
-        return Err(too_large("inline_len", inline_len, l.inline_threshold));
-    }
-    if recv_cap > l.max_payload {
-        return Err(too_large("recv_cap", recv_cap, l.max_payload));
-    }
-    if send_total > l.max_payload {
-        return Err(too_large("send_total", send_total, l.max_payload));
-    }
+    at_most("header_len", header_len, l.max_header)?;
+    at_most("n_send", n_send, l.max_segments)?;
+    at_most("n_recv", n_recv, l.max_segments)?;
+    at_most("inline_len", inline_len, l.inline_threshold)?;
+    at_most("recv_cap", recv_cap, l.max_payload)?;
+    at_most("send_total", send_total, l.max_payload)?;
     // Every term is bounded by the checks above, so this cannot overflow.
-    let described = request_len(header_len, n_send, n_recv, inline_len);
-    if described != msg.len() {
-        return Err(MsgError::Length {
-            described: described as u64,
-            got: msg.len(),
-        });
-    }
+    check_length(request_len(header_len, n_send, n_recv, inline_len), msg)?;
     let mut at = REQUEST_FIXED;
     let header = &msg[at..at + header_len];
     at += header_len;
@@ -454,18 +462,7 @@ pub struct ReplyView<'a> {
 
 /// Decodes and checks a reply.
 pub fn decode_reply<'a>(msg: &'a [u8], l: &MsgLimits) -> Result<ReplyView<'a>, MsgError> {
-    if msg.len() < REPLY_FIXED {
-        return Err(MsgError::Truncated {
-            need: REPLY_FIXED,
-            got: msg.len(),
-        });
-    }
-    if msg[0] != KIND_REPLY {
-        return Err(MsgError::Kind {
-            expected: KIND_REPLY,
-            got: msg[0],
-        });
-    }
+    check_head(msg, REPLY_FIXED, KIND_REPLY)?;
     let flags = msg[1];
     if flags & !FLAG_INLINE != 0 {
         return Err(MsgError::BadValue {
@@ -478,26 +475,15 @@ pub fn decode_reply<'a>(msg: &'a [u8], l: &MsgLimits) -> Result<ReplyView<'a>, M
     let header_len = usize::from(u16_at(msg, 2));
     let payload_len = u32_at(msg, 4) as usize;
     let id = u64_at(msg, 8);
-    if header_len > l.max_header {
-        return Err(too_large("header_len", header_len, l.max_header));
+    at_most("header_len", header_len, l.max_header)?;
+    at_most("payload_len", payload_len, l.max_payload)?;
+    if inline {
+        at_most("inline payload_len", payload_len, l.inline_threshold)?;
     }
-    if payload_len > l.max_payload {
-        return Err(too_large("payload_len", payload_len, l.max_payload));
-    }
-    if inline && payload_len > l.inline_threshold {
-        return Err(too_large(
-            "inline payload_len",
-            payload_len,
-            l.inline_threshold,
-        ));
-    }
-    let described = reply_len(header_len, if inline { payload_len } else { 0 });
-    if described != msg.len() {
-        return Err(MsgError::Length {
-            described: described as u64,
-            got: msg.len(),
-        });
-    }
+    check_length(
+        reply_len(header_len, if inline { payload_len } else { 0 }),
+        msg,
+    )?;
     let header = &msg[REPLY_FIXED..REPLY_FIXED + header_len];
     Ok(ReplyView {
         id,

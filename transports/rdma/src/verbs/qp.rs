@@ -274,6 +274,46 @@ struct Post {
     signaled: bool,
 }
 
+/// A send-queue work request `wr_id` of `opcode` with `send_flags`, and nothing else: no
+/// scatter/gather list, no remote address, no immediate data, no window (the caller sets
+/// what its opcode needs). `next` is NULL: one work request.
+fn send_wr(wr_id: u64, opcode: u32, send_flags: u32) -> ibv_send_wr {
+    ibv_send_wr {
+        wr_id,
+        next: ptr::null_mut(),
+        sg_list: ptr::null_mut(),
+        num_sge: 0,
+        opcode,
+        send_flags,
+        imm_data_invalidated_rkey_union: imm_data_invalidated_rkey_union_t { imm_data: 0 },
+        wr: wr_t {
+            rdma: rdma_t {
+                remote_addr: 0,
+                rkey: 0,
+            },
+        },
+        qp_type: qp_type_t {
+            xrc: xrc_t { remote_srqn: 0 },
+        },
+        bind_mw_tso_union: bind_mw_tso_union_t {
+            tso: tso_t {
+                hdr: ptr::null_mut(),
+                hdr_sz: 0,
+                mss: 0,
+            },
+        },
+    }
+}
+
+/// `IBV_SEND_SIGNALED` if `signaled`, else no flag.
+fn signaled_flag(signaled: bool) -> u32 {
+    if signaled {
+        ibv_send_flags::IBV_SEND_SIGNALED.0
+    } else {
+        0
+    }
+}
+
 impl QueuePair {
     /// Creates an RC queue pair on `pd` using `send_cq` and `recv_cq` (they may be the same
     /// CQ), and moves it to INIT. Checks the configuration against the device's limits and
@@ -569,10 +609,7 @@ impl QueuePair {
         remote: Remote,
         how: Post,
     ) -> Result<(), RdmaError> {
-        let mut flags = 0;
-        if how.signaled {
-            flags |= ibv_send_flags::IBV_SEND_SIGNALED.0;
-        }
+        let mut flags = signaled_flag(how.signaled);
         if how.inline {
             flags |= ibv_send_flags::IBV_SEND_INLINE.0;
         }
@@ -581,46 +618,22 @@ impl QueuePair {
             // woken by this one, and not by its own send-queue completions.
             flags |= ibv_send_flags::IBV_SEND_SOLICITED.0;
         }
-        let mut wr = ibv_send_wr {
-            wr_id,
-            next: ptr::null_mut(),
-            // Providers only read the list; the `*mut` is the C prototype's.
-            sg_list: sg_list.cast_mut(),
-            num_sge: num_sge as i32,
-            opcode: op.opcode(),
-            send_flags: flags,
-            imm_data_invalidated_rkey_union: imm_data_invalidated_rkey_union_t { imm_data: 0 },
-            wr: wr_t {
-                rdma: rdma_t {
-                    remote_addr: remote.addr,
-                    rkey: remote.rkey,
-                },
-            },
-            qp_type: qp_type_t {
-                xrc: xrc_t { remote_srqn: 0 },
-            },
-            bind_mw_tso_union: bind_mw_tso_union_t {
-                tso: tso_t {
-                    hdr: ptr::null_mut(),
-                    hdr_sz: 0,
-                    mss: 0,
-                },
+        let mut wr = send_wr(wr_id, op.opcode(), flags);
+        // Providers only read the list; the `*mut` is the C prototype's.
+        wr.sg_list = sg_list.cast_mut();
+        wr.num_sge = num_sge as i32;
+        wr.wr = wr_t {
+            rdma: rdma_t {
+                remote_addr: remote.addr,
+                rkey: remote.rkey,
             },
         };
-        let mut bad: *mut ibv_send_wr = ptr::null_mut();
-        // SAFETY: the QP pointer is live (owned by `self.qp`); `wr` is one fully initialized
-        // work request on the stack (next = NULL); its scatter/gather list is valid per this
-        // function's contract, and with IBV_SEND_INLINE the provider copies the data before
-        // returning. The device checks the lkeys and the remote key; memory registration's
-        // contract makes what it may touch the caller's responsibility.
-        let ret = unsafe { ibv_post_send(self.raw(), &mut wr, &mut bad) };
-        if ret != 0 {
-            return Err(RdmaError::PostSend {
-                opcode: op.name(),
-                source: io::Error::from_raw_os_error(ret.abs()),
-            });
-        }
-        Ok(())
+        // SAFETY: `wr` is one work request on the stack (next = NULL); its scatter/gather
+        // list is valid per this function's contract, and with IBV_SEND_INLINE the provider
+        // copies the data before returning. The device checks the lkeys and the remote key;
+        // memory registration's contract makes what it may touch the caller's
+        // responsibility.
+        unsafe { self.post_wr(&mut wr, op.name()) }
     }
 
     /// Posts a signaled SEND gathering `sges` (at most [`QpCaps::max_send_sge`]); the peer
@@ -803,37 +816,20 @@ impl QueuePair {
             ));
         }
         let rkey = next_rkey(window.rkey());
-        let mut wr = ibv_send_wr {
+        let mut wr = send_wr(
             wr_id,
-            next: ptr::null_mut(),
-            sg_list: ptr::null_mut(),
-            num_sge: 0,
-            opcode: ibv_wr_opcode::IBV_WR_BIND_MW,
-            send_flags: if signaled {
-                ibv_send_flags::IBV_SEND_SIGNALED.0
-            } else {
-                0
-            },
-            imm_data_invalidated_rkey_union: imm_data_invalidated_rkey_union_t { imm_data: 0 },
-            wr: wr_t {
-                rdma: rdma_t {
-                    remote_addr: 0,
-                    rkey: 0,
-                },
-            },
-            qp_type: qp_type_t {
-                xrc: xrc_t { remote_srqn: 0 },
-            },
-            bind_mw_tso_union: bind_mw_tso_union_t {
-                bind_mw: bind_mw_t {
-                    mw: window.raw(),
-                    rkey,
-                    bind_info: ibv_mw_bind_info {
-                        mr: mr.raw(),
-                        addr,
-                        length: len as u64,
-                        mw_access_flags: access.flags(),
-                    },
+            ibv_wr_opcode::IBV_WR_BIND_MW,
+            signaled_flag(signaled),
+        );
+        wr.bind_mw_tso_union = bind_mw_tso_union_t {
+            bind_mw: bind_mw_t {
+                mw: window.raw(),
+                rkey,
+                bind_info: ibv_mw_bind_info {
+                    mr: mr.raw(),
+                    addr,
+                    length: len as u64,
+                    mw_access_flags: access.flags(),
                 },
             },
         };
@@ -858,36 +854,13 @@ impl QueuePair {
                 what: "invalidating a window that is not bound".into(),
             });
         }
-        let mut wr = ibv_send_wr {
+        let mut wr = send_wr(
             wr_id,
-            next: ptr::null_mut(),
-            sg_list: ptr::null_mut(),
-            num_sge: 0,
-            opcode: ibv_wr_opcode::IBV_WR_LOCAL_INV,
-            send_flags: if signaled {
-                ibv_send_flags::IBV_SEND_SIGNALED.0
-            } else {
-                0
-            },
-            imm_data_invalidated_rkey_union: imm_data_invalidated_rkey_union_t {
-                invalidated_rkey: window.rkey(),
-            },
-            wr: wr_t {
-                rdma: rdma_t {
-                    remote_addr: 0,
-                    rkey: 0,
-                },
-            },
-            qp_type: qp_type_t {
-                xrc: xrc_t { remote_srqn: 0 },
-            },
-            bind_mw_tso_union: bind_mw_tso_union_t {
-                tso: tso_t {
-                    hdr: ptr::null_mut(),
-                    hdr_sz: 0,
-                    mss: 0,
-                },
-            },
+            ibv_wr_opcode::IBV_WR_LOCAL_INV,
+            signaled_flag(signaled),
+        );
+        wr.imm_data_invalidated_rkey_union = imm_data_invalidated_rkey_union_t {
+            invalidated_rkey: window.rkey(),
         };
         // SAFETY: a fully initialized work request without memory; see `post_wr`.
         unsafe { self.post_wr(&mut wr, "LOCAL_INV") }?;

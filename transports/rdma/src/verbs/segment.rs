@@ -14,25 +14,23 @@ use zcio::transport::{RecvSeg, SendSeg};
 use crate::error::RdmaError;
 use crate::verbs::{MemoryRegion, MrAccess, ProtectionDomain};
 
-/// A send segment registered REMOTE_READ only: the peer may read it, nothing may write it.
-pub(crate) struct RegisteredSend {
+/// A request's segment registered with a memory region of its own, for as long as the
+/// request is in flight: [`RegisteredSend`] or [`RegisteredRecv`].
+pub(crate) struct Registered<S> {
+    // Declaration order is drop order: the region goes before the segment.
     mr: MemoryRegion,
-    seg: SendSeg,
+    seg: S,
 }
 
-impl RegisteredSend {
-    /// Registers `seg` (dropped on failure: its request fails).
-    pub(crate) fn new(pd: &ProtectionDomain, seg: SendSeg) -> Result<RegisteredSend, RdmaError> {
-        let bytes = seg.as_slice();
-        let (ptr, len) = (bytes.as_ptr().cast_mut(), bytes.len());
-        // SAFETY: the memory stays valid while `seg` is owned here (see the module
-        // documentation), and `mr` is dropped before `seg` is given back or dropped. With
-        // REMOTE_READ access the device only reads it, so the shared reference `as_slice`
-        // hands out elsewhere is never written under.
-        let mr = unsafe { pd.register(ptr, len, MrAccess::RemoteRead) }?;
-        Ok(RegisteredSend { mr, seg })
-    }
+/// A send segment registered REMOTE_READ only: the peer may read it, nothing may write it.
+pub(crate) type RegisteredSend = Registered<SendSeg>;
 
+/// A receive segment registered for the peer to RDMA WRITE (and, when asked, READ). The
+/// segment is not reachable from Rust while registered: the device may write it at any
+/// time.
+pub(crate) type RegisteredRecv = Registered<RecvSeg>;
+
+impl<S> Registered<S> {
     /// The remote key of the registration.
     pub(crate) fn rkey(&self) -> u32 {
         self.mr.rkey()
@@ -49,19 +47,25 @@ impl RegisteredSend {
     }
 
     /// Deregisters and gives the segment back.
-    pub(crate) fn into_segment(self) -> SendSeg {
-        let RegisteredSend { mr, seg } = self;
+    pub(crate) fn into_segment(self) -> S {
+        let Registered { mr, seg } = self;
         drop(mr);
         seg
     }
 }
 
-/// A receive segment registered for the peer to RDMA WRITE (and, when asked, READ). The
-/// segment is not reachable from Rust while registered: the device may write it at any
-/// time.
-pub(crate) struct RegisteredRecv {
-    mr: MemoryRegion,
-    seg: RecvSeg,
+impl RegisteredSend {
+    /// Registers `seg` (dropped on failure: its request fails).
+    pub(crate) fn new(pd: &ProtectionDomain, seg: SendSeg) -> Result<RegisteredSend, RdmaError> {
+        let bytes = seg.as_slice();
+        let (ptr, len) = (bytes.as_ptr().cast_mut(), bytes.len());
+        // SAFETY: the memory stays valid while `seg` is owned here (see the module
+        // documentation), and `mr` is dropped before `seg` is given back or dropped. With
+        // REMOTE_READ access the device only reads it, so the shared reference `as_slice`
+        // hands out elsewhere is never written under.
+        let mr = unsafe { pd.register(ptr, len, MrAccess::RemoteRead) }?;
+        Ok(Registered { mr, seg })
+    }
 }
 
 impl RegisteredRecv {
@@ -85,28 +89,6 @@ impl RegisteredRecv {
         // exposes none, and the segment's owner (the request) gets it back only through
         // `into_segment`, after deregistration.
         let mr = unsafe { pd.register(ptr, len, access) }?;
-        Ok(RegisteredRecv { mr, seg })
-    }
-
-    /// The remote key of the registration.
-    pub(crate) fn rkey(&self) -> u32 {
-        self.mr.rkey()
-    }
-
-    /// Address of the segment's first byte.
-    pub(crate) fn addr(&self) -> u64 {
-        self.mr.addr() as u64
-    }
-
-    /// Length of the segment.
-    pub(crate) fn len(&self) -> usize {
-        self.mr.len()
-    }
-
-    /// Deregisters and gives the segment back.
-    pub(crate) fn into_segment(self) -> RecvSeg {
-        let RegisteredRecv { mr, seg } = self;
-        drop(mr);
-        seg
+        Ok(Registered { mr, seg })
     }
 }

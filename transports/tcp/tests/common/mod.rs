@@ -84,18 +84,7 @@ pub fn config() -> Config {
     c
 }
 
-/// Deterministic pattern bytes.
-pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
+pub use zcio_test_support::pattern;
 
 pub struct TestServer {
     pub addr: String,
@@ -336,13 +325,8 @@ use zcio::lock;
 
 /// A raw connection that has done a valid handshake with default limits.
 pub fn raw_handshaken(addr: &str) -> TcpStream {
-    use std::io::{Read, Write};
     let mut s = TcpStream::connect(addr).expect("raw connect");
-    s.set_read_timeout(Some(PATIENCE)).unwrap();
-    let hello = zcio_tcp::wire::Hello::from_limits(&config().limits, 64);
-    s.write_all(&hello.encode()).unwrap();
-    let mut b = [0u8; zcio_tcp::wire::HELLO_LEN];
-    s.read_exact(&mut b).unwrap();
+    let b = zcio_test_support::handshake(&mut s, PATIENCE).expect("raw handshake");
     zcio_tcp::wire::Hello::decode(&b).expect("server hello");
     s
 }

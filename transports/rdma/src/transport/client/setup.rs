@@ -9,14 +9,14 @@ use std::time::Duration;
 
 use crate::config::{ClientExposure, RdmaConfig};
 use zcio::config::Config;
-use zcio::transport::{CompletionCell, Limits, MAX_HEADER};
+use zcio::transport::{CompletionCell, MAX_HEADER};
 use zcio::{Error, IobufMut, Pool, Result};
 
 use super::super::bootstrap::{Hello, Role, HELLO_LEN, MAX_CREDITS, MAX_QUEUE_PAIRS};
 use super::super::conn::{
     connect_qp, connection_limits, control_bytes, control_pool, create_qp, exchange_ready,
     msg_limits, post_initial_receives, qp_inline, recv_exact, round_page, send_all,
-    spawn_conn_thread, tick_for, ConnectedQp, Poller, QpSizes, SendQueue,
+    spawn_conn_thread, tick_for, ConnectedQp, LaneTerms, Poller, QpSizes, SendQueue,
 };
 use super::super::device::{device, registrar, registrar_id, Device, Side};
 use super::super::lane::client::{sq_depth, ClientLane};
@@ -316,17 +316,14 @@ fn open_lane(
         },
     )?;
     post_initial_receives(&qp, &ctl, ctl_reg, reply_size, p.credits, &mut recv)?;
-    let ours = Hello {
-        role: Role::Client,
-        queue_pairs: n,
-        endpoint: qp.local_endpoint(),
-        credits: p.credits as u32,
-        max_segments: p.max_segments as u32,
-        max_payload: p.max_payload as u32,
-        max_header: MAX_HEADER as u32,
-        inline_threshold: p.inline as u32,
-        recv_size: reply_size as u32,
+    let offer = LaneTerms {
+        credits: p.credits,
+        max_segments: p.max_segments,
+        max_payload: p.max_payload,
+        max_header: MAX_HEADER,
+        inline: p.inline,
     };
+    let ours = offer.hello(Role::Client, n, qp.local_endpoint(), reply_size);
     send_all(sock, &ours.encode()).map_err(hs)?;
     let mut b = [0u8; HELLO_LEN];
     recv_exact(sock, &mut b).map_err(hs)?;
@@ -354,14 +351,14 @@ fn open_lane(
             recv,
             ctl,
             ctl_reg,
-            limits: Limits {
+            limits: LaneTerms {
+                credits,
                 max_segments,
                 max_payload: p.max_payload.min(theirs.max_payload as usize),
                 max_header,
-                max_in_flight: credits,
-                inline_threshold: inline,
-                rdma_payload: true,
-            },
+                inline,
+            }
+            .limits(),
         },
         req_size: p.req_size(),
         granted: theirs.queue_pairs,

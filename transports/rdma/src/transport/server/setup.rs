@@ -19,7 +19,7 @@ use super::super::bootstrap::{
 use super::super::conn::{
     connect_qp, connection_limits, control_bytes, control_pool, create_qp, exchange_ready,
     msg_limits, post_initial_receives, qp_inline, recv_exact, round_page, send_all,
-    spawn_conn_thread, tick_for, ConnectedQp, Poller, QpSizes, SendQueue, MAX_SGE,
+    spawn_conn_thread, tick_for, ConnectedQp, LaneTerms, Poller, QpSizes, SendQueue, MAX_SGE,
 };
 use super::super::device::{device, registrar_id, Device, Side};
 use super::super::lane::receives::Receives;
@@ -284,17 +284,14 @@ fn accept_lane(
         });
     }
     post_initial_receives(&qp, &ctl, ctl_reg, req_size, credits, &mut recv)?;
-    let ours = Hello {
-        role: Role::Server,
-        queue_pairs: n,
-        endpoint: qp.local_endpoint(),
-        credits: credits as u32,
-        max_segments: max_segments as u32,
-        max_payload: max_payload as u32,
-        max_header: max_header as u32,
-        inline_threshold: inline as u32,
-        recv_size: req_size as u32,
+    let terms = LaneTerms {
+        credits,
+        max_segments,
+        max_payload,
+        max_header,
+        inline,
     };
+    let ours = terms.hello(Role::Server, n, qp.local_endpoint(), req_size);
     send_all(sock, &ours.encode()).map_err(hs)?;
     connect_qp(&mut qp, &theirs.endpoint, peer)?;
     Ok(OpenedLane {
@@ -304,14 +301,7 @@ fn accept_lane(
             recv,
             ctl,
             ctl_reg,
-            limits: Limits {
-                max_segments,
-                max_payload,
-                max_header,
-                max_in_flight: credits,
-                inline_threshold: inline,
-                rdma_payload: true,
-            },
+            limits: terms.limits(),
         },
         write_sge,
         read_sge,
