@@ -210,24 +210,16 @@ pub fn encode_request(
     send: &[Desc],
     recv: &[Desc],
 ) -> Result<usize, MsgError> {
-    let need = request_len(header.len(), send.len(), recv.len(), head.inline_len);
-    if out.len() < need {
-        return Err(MsgError::NoRoom {
-            need,
-            have: out.len(),
-        });
-    }
-    let header_len = u16::try_from(header.len())
-        .map_err(|_| too_large("header_len", header.len(), u16::MAX as usize))?;
-    let n_send = u16::try_from(send.len())
-        .map_err(|_| too_large("n_send", send.len(), u16::MAX as usize))?;
-    let n_recv = u16::try_from(recv.len())
-        .map_err(|_| too_large("n_recv", recv.len(), u16::MAX as usize))?;
-    let u32_of =
-        |field, v: usize| u32::try_from(v).map_err(|_| too_large(field, v, u32::MAX as usize));
-    let inline_len = u32_of("inline_len", head.inline_len)?;
-    let recv_cap = u32_of("recv_cap", head.recv_cap)?;
-    let send_total = u32_of("send_total", head.send_total)?;
+    has_room(
+        out,
+        request_len(header.len(), send.len(), recv.len(), head.inline_len),
+    )?;
+    let header_len = as_u16("header_len", header.len())?;
+    let n_send = as_u16("n_send", send.len())?;
+    let n_recv = as_u16("n_recv", recv.len())?;
+    let inline_len = as_u32("inline_len", head.inline_len)?;
+    let recv_cap = as_u32("recv_cap", head.recv_cap)?;
+    let send_total = as_u32("send_total", head.send_total)?;
     out[0] = KIND_REQUEST;
     out[1] = 0;
     out[2..4].copy_from_slice(&header_len.to_le_bytes());
@@ -310,6 +302,27 @@ fn check_descs(
         });
     }
     Ok(())
+}
+
+/// Checks that `out` has room for `need` bytes.
+fn has_room(out: &[u8], need: usize) -> Result<(), MsgError> {
+    if out.len() < need {
+        return Err(MsgError::NoRoom {
+            need,
+            have: out.len(),
+        });
+    }
+    Ok(())
+}
+
+/// `field`'s `value` as the u16 the wire holds it in.
+fn as_u16(field: &'static str, value: usize) -> Result<u16, MsgError> {
+    u16::try_from(value).map_err(|_| too_large(field, value, u16::MAX as usize))
+}
+
+/// `field`'s `value` as the u32 the wire holds it in.
+fn as_u32(field: &'static str, value: usize) -> Result<u32, MsgError> {
+    u32::try_from(value).map_err(|_| too_large(field, value, u32::MAX as usize))
 }
 
 /// Checks that `msg` holds at least the `fixed` bytes of its kind's fixed part and is of
@@ -427,17 +440,12 @@ pub fn encode_reply(
     payload_len: usize,
     inline: bool,
 ) -> Result<usize, MsgError> {
-    let need = reply_len(header.len(), if inline { payload_len } else { 0 });
-    if out.len() < need {
-        return Err(MsgError::NoRoom {
-            need,
-            have: out.len(),
-        });
-    }
-    let header_len = u16::try_from(header.len())
-        .map_err(|_| too_large("header_len", header.len(), u16::MAX as usize))?;
-    let payload = u32::try_from(payload_len)
-        .map_err(|_| too_large("payload_len", payload_len, u32::MAX as usize))?;
+    has_room(
+        out,
+        reply_len(header.len(), if inline { payload_len } else { 0 }),
+    )?;
+    let header_len = as_u16("header_len", header.len())?;
+    let payload = as_u32("payload_len", payload_len)?;
     out[0] = KIND_REPLY;
     out[1] = if inline { FLAG_INLINE } else { 0 };
     out[2..4].copy_from_slice(&header_len.to_le_bytes());
