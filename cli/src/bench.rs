@@ -13,8 +13,8 @@
 //!
 //! Several modes (comma separated) and `--repeat N` interleave runs in one process, so
 //! figures are compared side by side; the summary gives medians and ratios to the first
-//! mode. `--baseline tcp-stream,tcp-pingpong,tcp-rpc` adds raw-socket baselines to the same
-//! run.
+//! mode. `--baseline tcp-stream,tcp-pingpong,tcp-rpc,tcp-sendfile,tcp-file-write,tcp-splice-write`
+//! adds raw-socket baselines to the same run.
 //!
 //! Every run also reports the CPU seconds the process spent per GiB moved (user + system,
 //! from `getrusage`): with the embedded server that is client and server together, against a
@@ -96,6 +96,17 @@ pub(crate) enum Baseline {
     /// answered with `bs` bytes from memory.
     #[value(name = "tcp-rpc")]
     Rpc,
+    /// `tcp-stream` with the writer sending a file of `--size` bytes from the page cache
+    /// with `sendfile(2)`: the ceiling of a zero-copy read.
+    #[value(name = "tcp-sendfile")]
+    Sendfile,
+    /// `tcp-stream` with the reader writing each chunk into a file of `--size` bytes
+    /// (`read`, `pwrite`): the ceiling of a write.
+    #[value(name = "tcp-file-write")]
+    FileWrite,
+    /// `tcp-file-write` with `splice(2)` socket -> pipe -> file (no user-space copy).
+    #[value(name = "tcp-splice-write")]
+    SpliceWrite,
 }
 
 /// What `--sweep` varies.
@@ -610,6 +621,13 @@ fn run_point(
                 Baseline::Stream => baseline::tcp_stream(a.bs, a.runtime, &label)?,
                 Baseline::Pingpong => baseline::tcp_pingpong(a.bs, a.runtime, &label)?,
                 Baseline::Rpc => baseline::tcp_rpc(a.bs, a.iodepth, a.runtime, &label)?,
+                Baseline::Sendfile => baseline::tcp_sendfile(a.bs, a.size, a.runtime, &label)?,
+                Baseline::FileWrite => {
+                    baseline::tcp_file_write(a.bs, a.size, a.runtime, &label, false)?
+                }
+                Baseline::SpliceWrite => {
+                    baseline::tcp_file_write(a.bs, a.size, a.runtime, &label, true)?
+                }
             };
             eprintln!("{}", run.line());
             runs[variants.len() + k].1.push(run);
@@ -623,6 +641,9 @@ fn baseline_name(b: Baseline) -> &'static str {
         Baseline::Stream => "raw-tcp-stream",
         Baseline::Pingpong => "raw-tcp-pingpong",
         Baseline::Rpc => "raw-tcp-rpc",
+        Baseline::Sendfile => "raw-tcp-sendfile",
+        Baseline::FileWrite => "raw-tcp-file-write",
+        Baseline::SpliceWrite => "raw-tcp-splice-write",
     }
 }
 

@@ -307,6 +307,62 @@ fn bench_counts_heap_allocations_per_operation() {
     assert!(allocs_per_op(&[]).is_null());
 }
 
+/// The file baselines run next to a mode and report bytes and CPU like the others.
+#[test]
+fn bench_file_baselines_run_side_by_side() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = zcio()
+        .args([
+            "bench",
+            "--rw",
+            "write",
+            "--bs",
+            "128K",
+            "--mode",
+            "zero-copy",
+        ])
+        .args(["--baseline", "tcp-sendfile,tcp-file-write,tcp-splice-write"])
+        .args([
+            "--size",
+            "1M",
+            "--files",
+            "1",
+            "--runtime",
+            "200ms",
+            "--json",
+        ])
+        .arg("--export")
+        .arg(dir.path())
+        .env("TMPDIR", dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let results = v["results"].as_array().expect("results");
+    let names: Vec<&str> = results
+        .iter()
+        .map(|r| r["mode"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "zero-copy",
+            "raw-tcp-sendfile",
+            "raw-tcp-file-write",
+            "raw-tcp-splice-write"
+        ]
+    );
+    for r in results {
+        assert!(r["mb_per_s"].as_f64().unwrap() > 0.0, "{r}");
+        let cpu = r["cpu_s_per_gib"].as_f64().expect("cpu_s_per_gib");
+        assert!(cpu > 0.0 && cpu.is_finite(), "{r}");
+    }
+}
+
 #[test]
 fn bench_sweeps_reports_cpu_per_gib_and_plots() {
     let dir = tempfile::tempdir().unwrap();
