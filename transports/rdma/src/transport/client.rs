@@ -43,25 +43,20 @@ use std::time::{Duration, Instant};
 
 use zcio::pool::RegistrarId;
 use zcio::transport::{
-    check_request, recv_len, send_len, ClientConn, Completer, CompletionCell, Limits, Pending,
-    Progress, RecvSeg, Reply, Request, SendSeg,
+    check_request, ClientConn, Completer, CompletionCell, Limits, Pending, Progress, RecvSeg,
+    Reply, Request, SendSeg,
 };
 use zcio::{Error, IobufMut, Pool, Result};
 
 use super::conn::{
     buf_sge, chain, describe_failure, post_recv_buf, wr_id, wr_parts, LaneEvents, Poller,
-    SendQueue, KIND_BIND, KIND_INV, KIND_RECV, KIND_SEND,
+    SendQueue, KIND_INV, KIND_RECV, KIND_SEND,
 };
-use super::device::register_err;
 use super::lane::client::{Action, Actions, ClientLane, Event};
 use super::lane::receives::Receives;
-use super::msg::{decode_reply, encode_request, request_len, Desc, MsgLimits, RequestHead};
-use super::plan::push_desc;
+use super::msg::{decode_reply, MsgError, MsgLimits};
 use super::{lock, Faults, MAX_INLINE};
-use crate::verbs::{
-    ArenaRegistrar, MemoryRegion, MemoryWindow, ProtectionDomain, QueuePair, RegisteredRecv,
-    RegisteredSend, WindowAccess, WorkCompletion,
-};
+use crate::verbs::{ArenaRegistrar, ProtectionDomain, QueuePair, WorkCompletion};
 
 /// A request in flight.
 struct InFlight {
@@ -346,6 +341,19 @@ impl Lane {
         format!("protocol violation by the server {}: {what}", self.peer)
     }
 
+    /// A reply message that does not decode: the lane fails the connection.
+    fn on_malformed(&self, e: MsgError) {
+        let mut st = self.lock();
+        let r = match st.feed(Event::Malformed(e)) {
+            Ok(Some(Action::Fail(v))) => self.violation(v.to_string()),
+            Ok(other) => format!("internal: {other:?} for a malformed reply"),
+            Err(r) => r,
+        };
+        let done = self.fail_locked(&mut st, r, None);
+        drop(st);
+        self.finish_fail(done);
+    }
+
     fn on_reply(&self, ri: usize, byte_len: usize) {
         let buf = {
             let mut st = self.lock();
@@ -366,10 +374,7 @@ impl Lane {
         let len = byte_len.min(buf.len());
         let view = match decode_reply(&buf[..len], &self.msg_limits) {
             Ok(v) => v,
-            Err(e) => {
-                self.fail(self.violation(format!("malformed reply: {e}")), None);
-                return;
-            }
+            Err(e) => return self.on_malformed(e),
         };
         let (id, payload_len) = (view.id, view.payload_len);
         let mut inline_bytes = [0u8; MAX_INLINE];

@@ -12,7 +12,9 @@
 //! The completion thread decodes each request message as it arrives, copies what it needs
 //! into the request's slot (one per credit, preallocated) and reposts the receive buffer at
 //! once. A request with a payload in the client's memory gets its pool buffers and its RDMA
-//! READs right there, if the pool has the buffers free and the send queue has room (the
+//! READs right there, if the server has set the connection's rules
+//! ([`ServerConn::set_admission`]; until then the request waits for `recv`, which checks it
+//! against them first), the pool has the buffers free and the send queue has room (the
 //! completion thread must not wait): each queue pair then moves its own payload, in
 //! parallel, with no hand-off before the READs start. Otherwise the request is queued for
 //! `recv` (the core's connection thread, which may block), which takes the buffers, waiting
@@ -46,8 +48,8 @@
 //! Other connections are not affected.
 
 use std::net::TcpStream;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, RwLock, RwLockReadGuard, Weak};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard};
 use std::time::{Duration, Instant};
 
 use zcio::pool::RegistrarId;
@@ -55,17 +57,18 @@ use zcio::transport::{check_reply, Admission, Incoming, Limits, Replier, ServerC
 use zcio::{Error, Iobuf, IobufMut, Pool, Result};
 
 use super::conn::{
-    buf_sge, chain, describe_failure, lead_all, post_recv_buf, wr_id, wr_parts, Held, LaneEvents,
-    Poller, SendQueue, KIND_READ, KIND_RECV, KIND_SEND, KIND_WRITE, MAX_SGE,
+    describe_failure, lead_all, post_recv_buf, wr_parts, LaneEvents, Poller, SendQueue, KIND_READ,
+    KIND_RECV, KIND_SEND, KIND_WRITE,
 };
+use super::lane::idle::{Activity, IdleTimeout};
 use super::lane::receives::Receives;
 use super::lane::server::{
     Action, Actions, Event, Payload, ReplyRefusal, ServerLane, Violation, LANE_SHIFT,
 };
-use super::msg::{decode_request, encode_reply, reply_len, Desc, MsgLimits};
-use super::plan::{Local, Plan};
+use super::msg::{decode_request, Desc, MsgError, MsgLimits, RequestView};
+use super::plan::Local;
 use super::{lock, MAX_INLINE};
-use crate::verbs::{QueuePair, Remote, Sge, WcStatus, WorkCompletion};
+use crate::verbs::{QueuePair, WcStatus, WorkCompletion};
 
 /// The longest a connecting client may take for the bootstrap exchange.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -117,6 +120,23 @@ struct Slot {
 }
 
 impl Slot {
+    /// Copies what the request in `view` needs out of its receive buffer (into vectors
+    /// with room kept from earlier requests); `id` is its id as the server sees it.
+    fn accept(&mut self, view: &RequestView<'_>, id: u64) {
+        self.header.clear();
+        self.header.extend_from_slice(view.header);
+        self.send.clear();
+        self.send.extend(view.send_descs());
+        self.recv.clear();
+        self.recv.extend(view.recv_descs());
+        self.inline.clear();
+        self.inline.extend_from_slice(view.inline);
+        self.recv_cap = view.recv_cap;
+        self.send_total = view.send_total;
+        self.id = id;
+        self.admitted = false;
+    }
+
     fn reset(&mut self) {
         self.admitted = false;
         self.send.clear();
@@ -305,6 +325,41 @@ impl Lane {
         format!("protocol violation by the client {}: {what}", self.peer)
     }
 
+    /// [`Action::Fail`]: the client broke the protocol; its connection ends, and only it.
+    /// True if this ended it (the caller wakes everyone once it has let go of the lock).
+    fn fail_violation(&self, st: &mut LaneState, v: Violation) -> bool {
+        let r = self.violation(v.to_string());
+        if matches!(
+            v,
+            Violation::PayloadBeforeAuth { .. } | Violation::Malformed(_)
+        ) {
+            tracing::warn!(peer = %self.peer, "{r}; closing that connection");
+        }
+        self.fail_locked(st, r, End::Failed)
+    }
+
+    /// A request message that does not decode: the lane fails the connection.
+    fn on_malformed(&self, e: MsgError) {
+        let mut st = self.lock();
+        if st.dead.is_some() {
+            return;
+        }
+        let failed = match self.feed(&mut st, Event::Malformed(e)) {
+            Ok(()) => match st.actions.get(0) {
+                Some(Action::Fail(v)) => self.fail_violation(&mut st, v),
+                other => {
+                    let _ = self.refused(&mut st, Unexpected(other));
+                    true
+                }
+            },
+            Err(_) => true,
+        };
+        drop(st);
+        if failed {
+            self.after_fail();
+        }
+    }
+
     /// A request message arrived in receive buffer `ri`.
     fn on_request(&self, ri: usize, byte_len: usize) {
         let buf = {
@@ -327,12 +382,7 @@ impl Lane {
         let len = byte_len.min(buf.len());
         let view = match decode_request(&buf[..len], &self.msg_limits) {
             Ok(v) => v,
-            Err(e) => {
-                let r = self.violation(format!("malformed request: {e}"));
-                tracing::warn!(peer = %self.peer, "{r}; closing that connection");
-                self.fail(r, End::Failed);
-                return;
-            }
+            Err(e) => return self.on_malformed(e),
         };
         let mut guard = self.lock();
         let st = &mut *guard;
@@ -356,6 +406,7 @@ impl Lane {
                 .admission
                 .get()
                 .is_none_or(|a| a.authenticated()),
+            rules_set: self.shared.admission.get().is_some(),
         };
         if self.feed(st, ev).is_err() {
             drop(guard);
@@ -365,19 +416,7 @@ impl Lane {
         for k in 0..st.actions.len() {
             match st.actions.get(k) {
                 Some(Action::Accept { slot: s }) => {
-                    let slot = &mut st.slots[s];
-                    slot.header.clear();
-                    slot.header.extend_from_slice(view.header);
-                    slot.send.clear();
-                    slot.send.extend(view.send_descs());
-                    slot.recv.clear();
-                    slot.recv.extend(view.recv_descs());
-                    slot.inline.clear();
-                    slot.inline.extend_from_slice(view.inline);
-                    slot.recv_cap = view.recv_cap;
-                    slot.send_total = view.send_total;
-                    slot.id = view.id | (self.lane << LANE_SHIFT);
-                    slot.admitted = false;
+                    st.slots[s].accept(&view, view.id | (self.lane << LANE_SHIFT));
                     self.shared.in_flight.fetch_add(1, Ordering::Relaxed);
                     self.shared.queued.fetch_add(1, Ordering::Relaxed);
                     self.shared.touch();
@@ -401,11 +440,7 @@ impl Lane {
                     return self.on_request_rest(guard, k + 1);
                 }
                 Some(Action::Fail(v)) => {
-                    let r = self.violation(v.to_string());
-                    if matches!(v, Violation::PayloadBeforeAuth { .. }) {
-                        tracing::warn!(peer = %self.peer, "{r}; closing that connection");
-                    }
-                    if self.fail_locked(st, r, End::Failed) {
+                    if self.fail_violation(st, v) {
                         drop(guard);
                         self.after_fail();
                     }
@@ -600,9 +635,7 @@ impl Lane {
                     recv()
                 }
                 Action::Fail(v) => {
-                    let r = self.violation(v.to_string());
-                    tracing::warn!(peer = %self.peer, "{r}; closing that connection");
-                    if self.fail_locked(&mut st, r, End::Failed) {
+                    if self.fail_violation(&mut st, v) {
                         drop(st);
                         self.after_fail();
                     }
@@ -746,16 +779,22 @@ impl LaneEvents for Lane {
     }
 
     fn on_tick(&self) {
-        let Some(idle) = self.idle else { return };
+        let Some(idle) = self.idle.map(IdleTimeout::new) else {
+            return;
+        };
         let mut st = self.lock();
-        // Idle means no request of any queue pair in flight and none for `idle`.
-        if st.dead.is_some() || self.shared.in_flight.load(Ordering::Relaxed) > 0 {
+        if st.dead.is_some() {
             return;
         }
-        if !self.post_lock().sq.idle() {
-            return;
-        }
-        if self.shared.idle_for() > idle {
+        let in_flight = self.shared.in_flight.load(Ordering::Relaxed);
+        let activity = Activity {
+            in_flight,
+            // The send-side lock only when it can matter.
+            send_queue_idle: in_flight == 0 && self.post_lock().sq.idle(),
+            quiet_for: self.shared.idle_for(),
+        };
+        if idle.expired(activity) {
+            let idle = idle.after();
             let r = format!(
                 "the connection from {} was idle for longer than server.idle_timeout ({idle:?})",
                 self.peer
@@ -878,7 +917,9 @@ impl RdmaServerConn {
 
 impl ServerConn for RdmaServerConn {
     /// Payload is refused before authentication (the connection fails, before any pool
-    /// buffer is taken for it) and held to the budget with back-pressure.
+    /// buffer is taken for it) and held to the budget with back-pressure. A request that
+    /// arrived before this call is not READ until `recv`, which checks it against these
+    /// rules first.
     fn set_admission(&mut self, admission: Arc<Admission>) {
         let _ = self.shared.admission.set(admission);
     }

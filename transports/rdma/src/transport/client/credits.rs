@@ -1,7 +1,12 @@
 //! Taking a free slot (a credit) for a request, waiting for one up to the timeout, and
 //! giving back one that never carried its request.
 
-use super::*;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use zcio::{Error, IobufMut, Result};
+
+use super::{Action, Event, Lane, Scratch};
 
 impl Lane {
     pub(super) fn free_slots(&self) -> usize {

@@ -3,7 +3,19 @@
 //! with per-request exposure the memory windows to bind; then the request message itself.
 //! And, once the reply is in, bounced payload copied out to where it belongs.
 
-use super::*;
+use std::sync::atomic::Ordering;
+
+use zcio::transport::{recv_len, send_len, RecvSeg, SendSeg};
+use zcio::{Error, IobufMut, Result};
+
+use super::super::device::register_err;
+use super::super::msg::{encode_request, request_len, Desc, RequestHead};
+use super::super::plan::push_desc;
+use super::super::MAX_INLINE;
+use super::Lane;
+use crate::verbs::{
+    ArenaRegistrar, MemoryRegion, MemoryWindow, RegisteredRecv, RegisteredSend, WindowAccess,
+};
 
 /// A run of small receive segments bounced through one pool buffer.
 pub(super) struct RecvBounce {

@@ -1,7 +1,13 @@
 //! A connection's failure: the queue pair destroyed first, then every request in flight
 //! taken out and completed with the error; how the connection ended, shared by its queue pairs.
 
-use super::*;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+
+use zcio::Error;
+
+use super::super::lock;
+use super::{Action, Done, Event, Lane, LaneState};
 
 /// Whether and why a connection ended: the first of its queue pairs to fail records it.
 /// The others follow when they see the bootstrap socket (shut down by the first) end, after

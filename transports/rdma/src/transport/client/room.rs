@@ -1,6 +1,8 @@
 //! Waiting for room in a queue pair's send queue before a request is posted.
 
-use super::*;
+use std::sync::MutexGuard;
+
+use super::{Lane, LaneState};
 
 impl Lane {
     /// Waits until the send queue has `need` free entries or the connection is dead. Room

@@ -1,7 +1,10 @@
 //! Per-request memory windows (`rdma.client_exposure = "request"`): bound before the
 //! request's SEND, invalidated once its reply is in, before the request completes.
 
-use super::*;
+use zcio::Error;
+
+use super::super::conn::{chain, wr_id, KIND_BIND, KIND_INV};
+use super::{Action, Event, InFlight, Lane, LaneState, Scratch};
 
 /// Posts the binds of a request's windows (unsignaled: the request's SEND, or a later
 /// signaled work request, retires them) and sets room aside for their invalidations. The

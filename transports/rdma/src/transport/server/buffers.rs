@@ -1,8 +1,13 @@
 //! A request's payload budget and pool buffers: reserved in the connection's
-//! [`Admission`], then taken from the pool, without waiting on the completion thread and with
+//! [`Admission`](zcio::transport::Admission), then taken from the pool, without waiting on the completion thread and with
 //! waits of a slice at a time in `recv`.
 
-use super::*;
+use std::sync::MutexGuard;
+use std::time::Duration;
+
+use zcio::{Error, Result};
+
+use super::{keep_spare, End, Event, Lane, LaneState, ReadStart, Slot};
 
 /// How long `recv` waits for the payload budget or pool buffers at a time before it looks
 /// at every queue pair's events again.
@@ -23,7 +28,7 @@ impl Lane {
         slot.admitted
     }
 
-    /// [`Action::Take`]: the connection's payload budget, then pool buffers (kept in the
+    /// [`Action::Take`](super::super::lane::server::Action::Take): the connection's payload budget, then pool buffers (kept in the
     /// slot), for slot `s`'s payload. Without `w` only what needs no wait; with it, a wait of
     /// up to `slice` for the budget (if not yet reserved; then the buffers without waiting)
     /// or else for the buffers. The answer is the event to tell the lane; `None` once the
@@ -112,7 +117,7 @@ impl Lane {
         }
     }
 
-    /// [`Action::ReadNow`]: READs of slot `s`'s payload on the completion thread, if the
+    /// [`Action::ReadNow`](super::super::lane::server::Action::ReadNow): READs of slot `s`'s payload on the completion thread, if the
     /// budget and the pool give the buffers without waiting and the send queue has room.
     /// On Soft-RoCE the READ's protocol work (the client's responses included) runs in the
     /// posting thread, so each queue pair then moves its own payload instead of every

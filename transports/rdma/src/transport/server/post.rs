@@ -1,7 +1,16 @@
 //! Posting a queue pair's work requests: a request's RDMA READs, and a reply's RDMA
 //! WRITEs and SEND, under the send-side lock only.
 
-use super::*;
+use std::sync::atomic::Ordering;
+use std::sync::MutexGuard;
+
+use zcio::{Error, Iobuf, IobufMut, Result};
+
+use super::super::conn::{buf_sge, chain, wr_id, Held, KIND_READ, KIND_SEND, KIND_WRITE, MAX_SGE};
+use super::super::msg::{encode_reply, reply_len, Desc};
+use super::super::plan::{Local, Plan};
+use super::{keep_spare, End, Lane, LaneState, PostSide, STACK_MSG};
+use crate::verbs::{Remote, Sge};
 
 pub(super) fn to_sge(l: &Local) -> Sge {
     Sge {

@@ -1,8 +1,14 @@
 //! Vectors kept for their capacity, so that a request's way through the server allocates
 //! nothing: descriptor lists lent to posts, request headers and payload vectors given back by
-//! [`Replier::recycle`], and the vectors pool buffers are taken into.
+//! [`Replier::recycle`](zcio::transport::Replier::recycle), and the vectors pool buffers are taken into.
 
-use super::*;
+use std::sync::atomic::Ordering;
+
+use zcio::transport::Incoming;
+use zcio::{Iobuf, IobufMut};
+
+use super::super::msg::Desc;
+use super::{Lane, LaneState};
 
 /// Room in the vectors made when a queue pair is set up: a request header's bytes, and a
 /// request payload's buffers (one per largest pool buffer). A larger request grows the
@@ -61,7 +67,7 @@ impl Lane {
         }
     }
 
-    /// Keeps a served request's vectors for later requests ([`Replier::recycle`]).
+    /// Keeps a served request's vectors for later requests ([`Replier::recycle`](zcio::transport::Replier::recycle)).
     pub(super) fn recycle(&self, mut header: Vec<u8>, mut payload: Vec<Iobuf>) {
         // The payload buffers go back to the pool outside the lock.
         header.clear();

@@ -1,7 +1,11 @@
 //! Waiting for room in a queue pair's send queue, and for posted work requests to drain
 //! before the connection closes.
 
-use super::*;
+use std::sync::atomic::Ordering;
+use std::sync::MutexGuard;
+use std::time::Instant;
+
+use super::{Lane, PostSide, ROOM_STALL};
 
 impl Lane {
     /// Waits for `n` free send-queue entries; `Err` (with why) once the connection is dead

@@ -1,7 +1,15 @@
 //! What a connection's queue pairs share: the signal `recv` waits on, the activity the
 //! idle timeout is measured from, and how the connection ended.
 
-use super::*;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, OnceLock, Weak};
+use std::time::{Duration, Instant};
+
+use zcio::transport::{Admission, Incoming};
+use zcio::{Error, Result};
+
+use super::super::lock;
+use super::Lane;
 
 /// How the connection ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -37,7 +45,7 @@ pub(super) struct Shared {
     pub(super) base: Instant,
     /// The connection's queue pairs, set once they all exist.
     pub(super) lanes: OnceLock<Vec<Weak<Lane>>>,
-    /// What the server lets this connection take in (see [`ServerConn::set_admission`]):
+    /// What the server lets this connection take in (see [`ServerConn::set_admission`](zcio::transport::ServerConn::set_admission)):
     /// no payload before authentication, and at most its budget of payload bytes in pool
     /// buffers at once.
     pub(super) admission: OnceLock<Arc<Admission>>,
