@@ -23,8 +23,12 @@
 //! which SEND is signaled, the request timeout, the checks on a server's replies), with the
 //! send-queue ledger ([`SendQueue`]) and the posted receives ([`Receives`]); all three are
 //! pure and tested on any host. This module is the driver: it holds them under each queue
-//! pair's lock, feeds them what happened (a reply, a send completion, a tick, the socket's
-//! end) and carries out what they answer (post, complete, fail). Connection set-up is in
+//! pair's lock, feeds them what happened (a reply, a malformed reply, a send completion, a
+//! tick, the socket's end) and carries out what they answer (post, complete, fail), each
+//! action with a call into a module of its own: `credits` (a free slot), `describe` (the
+//! payload's keys, registrations and bounce buffers, and the request message), `room`
+//! (send-queue room), `post` (the request's SEND), `windows` (bind and invalidate memory windows), `deliver` (complete a
+//! request with its reply) and `fail` (ending the connection). Connection set-up is in
 //! `setup`.
 //!
 //! # Failure
@@ -49,8 +53,8 @@ use zcio::transport::{
 use zcio::{Error, IobufMut, Pool, Result};
 
 use super::conn::{
-    buf_sge, chain, describe_failure, post_recv_buf, wr_id, wr_parts, LaneEvents, Poller,
-    SendQueue, KIND_INV, KIND_RECV, KIND_SEND,
+    chain, describe_failure, post_recv_buf, wr_parts, LaneEvents, Poller, SendQueue, KIND_INV,
+    KIND_RECV, KIND_SEND,
 };
 use super::lane::client::{Action, Actions, ClientLane, Event};
 use super::lane::receives::Receives;
@@ -190,14 +194,16 @@ struct LaneHandle {
 }
 
 mod credits;
+mod deliver;
 mod describe;
 mod fail;
+mod post;
 mod room;
 mod setup;
 mod windows;
 pub(crate) use setup::connect;
 
-use describe::{copy_out, Scratch};
+use describe::Scratch;
 use fail::Ended;
 use windows::post_binds;
 
@@ -257,8 +263,6 @@ impl Lane {
         }
         let progress: Arc<dyn Progress> = self.clone();
         let (completer, pending) = st.completion(Some(progress));
-        let inline = msg_len <= self.max_inline_send;
-        let sge = buf_sge(&msg, msg_len, self.ctl_reg);
         let st = &mut *st;
         let bound = post_binds(st, i, &mut scratch);
         let sq_seq = st.sq.next_seq();
@@ -283,15 +287,11 @@ impl Lane {
             ),
             Err(e) => (false, Some(e)),
         };
-        let wr = wr_id(KIND_SEND, i, sq_seq);
-        let posted = match (&st.qp, sge) {
+        let posted = match &st.qp {
             _ if refused.is_some() => Ok(()),
             _ if bound.is_err() => bound,
-            (Some(qp), _) if inline && signaled => qp.post_send_inline(wr, &[&msg[..msg_len]]),
-            (Some(qp), _) if inline => qp.post_send_inline_unsignaled(wr, &[&msg[..msg_len]]),
-            (Some(qp), Some(sge)) if signaled => qp.post_send(wr, &[sge]),
-            (Some(qp), Some(sge)) => qp.post_send_unsignaled(wr, &[sge]),
-            _ => Ok(()),
+            Some(qp) => self.post_request(qp, i, sq_seq, &msg, msg_len, signaled),
+            None => Ok(()),
         };
         let slot = &mut st.slots[i];
         slot.msg = Some(msg);
@@ -463,60 +463,6 @@ impl Lane {
             self.invalidate(slot, f);
         } else {
             self.finish(slot, f);
-        }
-    }
-
-    /// Delivers the reply of `f` (in `f.reply`; the server can reach none of its memory any
-    /// more) and frees its slot.
-    fn finish(&self, slot: usize, mut f: InFlight) {
-        // Deregistered, and back in their places.
-        for (k, r) in f.scratch.sent.drain(..) {
-            f.send[k] = r.into_segment();
-        }
-        for (k, r) in f.scratch.recvd.drain(..) {
-            f.recv[k] = r.into_segment();
-        }
-        let (payload_len, inline) = f.reply.unwrap_or((0, false));
-        if inline {
-            zcio::transport::scatter_into(&mut f.recv, &f.scratch.inline);
-            f.scratch.inline.fill(0);
-        } else {
-            copy_out(&mut f.recv, &f.scratch.recv_bounce, payload_len);
-        }
-        let InFlight {
-            completer,
-            header,
-            send,
-            recv,
-            mut scratch,
-            ..
-        } = f;
-        // Returns the bounce buffers (the on-the-fly registrations are back in place).
-        scratch.clear();
-        completer.complete(Ok(Reply {
-            header,
-            payload_len,
-            recv,
-            send,
-        }));
-        let mut guard = self.lock();
-        let st = &mut *guard;
-        st.slots[slot].scratch = Some(scratch);
-        if st.dead.is_some() {
-            return;
-        }
-        match st.feed(Event::Delivered { slot }) {
-            Ok(Some(Action::ReturnCredit { .. })) => {
-                drop(guard);
-                self.busy.fetch_sub(1, Ordering::Relaxed);
-                self.cond.notify_one();
-            }
-            Ok(_) => {}
-            Err(r) => {
-                let done = self.fail_locked(st, r, None);
-                drop(guard);
-                self.finish_fail(done);
-            }
         }
     }
 }

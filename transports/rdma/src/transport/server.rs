@@ -34,10 +34,15 @@
 //! The request state machine is plain data in [`ServerLane`] (which slot holds which request
 //! at which stage, the checks on a client's ids and credits, what `recv` does next), with the
 //! send-queue ledger ([`SendQueue`]) and the posted receives ([`Receives`]); all three are
-//! pure and tested on any host. This module is the driver: it holds them under each queue
-//! pair's locks, feeds them what happened (a request, a READ completion, `recv`, a reply,
-//! the socket's end) and carries out what they answer (post READs, hand a request out, post
-//! the reply, fail). Connection set-up is in `setup`.
+//! pure and tested on any host; so is when the connection counts as idle ([`IdleTimeout`]).
+//! This module is the driver: it holds them under each queue pair's locks, feeds them what
+//! happened (a request, a malformed message, a READ completion, `recv`, a reply, the
+//! socket's end) and carries out what they answer (post READs, hand a request out, post the
+//! reply, fail), each action with a call into a module of its own: `post` (encode a reply,
+//! post READs, WRITEs and SENDs), `buffers` (payload budget and pool buffers), `room`
+//! (send-queue room, draining), `reuse` (vectors kept for their capacity), `fail` (ending
+//! the connection), `shared` (what its queue pairs share) and `wait` (how `recv` waits).
+//! Connection set-up is in `setup`.
 //!
 //! # Failure
 //! An error completion (a client's bogus memory key shows up as a remote access error of
@@ -57,8 +62,8 @@ use zcio::transport::{check_reply, Admission, Incoming, Limits, Replier, ServerC
 use zcio::{Error, Iobuf, IobufMut, Pool, Result};
 
 use super::conn::{
-    describe_failure, lead_all, post_recv_buf, wr_parts, LaneEvents, Poller, SendQueue, KIND_READ,
-    KIND_RECV, KIND_SEND, KIND_WRITE,
+    describe_failure, post_recv_buf, wr_parts, LaneEvents, Poller, SendQueue, KIND_READ, KIND_RECV,
+    KIND_SEND, KIND_WRITE,
 };
 use super::lane::idle::{Activity, IdleTimeout};
 use super::lane::receives::Receives;
@@ -89,11 +94,13 @@ const CLOSE_DRAIN: Duration = Duration::from_secs(2);
 pub const ROOM_STALL: Duration = Duration::from_secs(10);
 
 mod buffers;
+mod fail;
 mod post;
 mod reuse;
 mod room;
 mod setup;
 mod shared;
+mod wait;
 pub(crate) use setup::listen;
 
 use buffers::POOL_SLICE;
@@ -265,77 +272,6 @@ impl Lane {
 
     fn qp(&self) -> RwLockReadGuard<'_, Option<QueuePair>> {
         self.qp.read().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Marks the connection dead and releases everything; the QP goes first.
-    fn fail_locked(&self, st: &mut LaneState, reason: String, end: End) -> bool {
-        if st.dead.is_some() {
-            return false;
-        }
-        tracing::debug!(peer = %self.peer, lane = self.lane, %reason, "rdma server queue pair ends");
-        self.shared.record_end(&reason, end);
-        st.dead = Some(reason);
-        self.dead.store(true, Ordering::SeqCst);
-        {
-            // First: after this the device touches none of our memory. Waits for a post in
-            // progress to end.
-            let mut p = self.post_lock();
-            *self.qp.write().unwrap_or_else(|p| p.into_inner()) = None;
-            p.sq.clear();
-        }
-        st.recv.clear();
-        let LaneState {
-            requests,
-            actions,
-            slots,
-            ..
-        } = st;
-        if requests.handle(Event::Failed, actions).is_ok() {
-            for a in actions.as_slice() {
-                if let Action::Drop { slot } = *a {
-                    slots[slot].reset();
-                }
-            }
-        } else {
-            slots.iter_mut().for_each(Slot::reset);
-            requests.fail();
-        }
-        true
-    }
-
-    fn after_fail(&self) {
-        // The other queue pairs' threads see the bootstrap socket end and follow.
-        let _ = self.sock.shutdown(std::net::Shutdown::Both);
-        self.poller.end();
-        self.shared.notify();
-        self.room_cv.notify_all();
-    }
-
-    fn fail(&self, reason: String, end: End) {
-        let failed = {
-            let mut st = self.lock();
-            self.fail_locked(&mut st, reason, end)
-        };
-        if failed {
-            self.after_fail();
-        }
-    }
-
-    fn violation(&self, what: String) -> String {
-        format!("protocol violation by the client {}: {what}", self.peer)
-    }
-
-    /// [`Action::Fail`]: the client broke the protocol; its connection ends, and only it.
-    /// True if this ended it (the caller wakes everyone once it has let go of the lock).
-    fn fail_violation(&self, st: &mut LaneState, v: Violation) -> bool {
-        let r = self.violation(v.to_string());
-        if matches!(
-            v,
-            Violation::PayloadBeforeAuth { .. } | Violation::Malformed(_)
-        ) {
-            tracing::warn!(peer = %self.peer, "{r}; closing that connection");
-        }
-        self.fail_locked(st, r, End::Failed)
     }
 
     /// A request message that does not decode: the lane fails the connection.
@@ -529,15 +465,6 @@ impl Lane {
             drop(st);
             self.shared.notify();
         }
-    }
-
-    /// A transition the request state machine refused: a bug in this driver, never the
-    /// client's doing. Fails the queue pair (the caller wakes everyone once it has let go
-    /// of the lock) and gives the error to return.
-    fn refused(&self, st: &mut LaneState, e: impl std::fmt::Display) -> Error {
-        let r = e.to_string();
-        self.fail_locked(st, r.clone(), End::Failed);
-        Error::ConnectionClosed(r)
     }
 
     /// Works through this queue pair's events until a request is ready to hand out (its
@@ -866,33 +793,6 @@ impl Replier for LaneSet {
 }
 
 impl RdmaServerConn {
-    /// Lets the connection threads take completions (see `lead_all`).
-    fn background(&self) {
-        for c in &self.set.lanes {
-            c.poller.background(false);
-        }
-    }
-
-    /// Polls every queue pair's completion queue on this thread until something is ready
-    /// for `recv` (the generation moves past `gen`) or `rdma.spin_us` has passed.
-    fn spin(&self, gen: u64) {
-        let Some(first) = self.set.lanes.first() else {
-            return;
-        };
-        let deadline = Instant::now() + first.poller.spin_time();
-        loop {
-            for c in &self.set.lanes {
-                if c.poller.drain(&**c).is_err() {
-                    return;
-                }
-            }
-            if *lock(&self.shared.gen) != gen || Instant::now() >= deadline {
-                return;
-            }
-            std::hint::spin_loop();
-        }
-    }
-
     /// A request from queue pair `i`, its id marked with the queue pair for the reply.
     /// Once more than this one is being served, the connection threads take the
     /// completions (of their replies) while `recv` is not called (see `lead_all`).
@@ -958,32 +858,7 @@ impl ServerConn for RdmaServerConn {
                     Err(e) => return Err(e),
                 }
             }
-            let spins = self.set.lanes.iter().any(|c| c.poller.spins());
-            if spins && !spun {
-                // Take the next request off the completion queues on this thread, if it
-                // comes soon (see `Poller`), before sleeping.
-                spun = true;
-                self.spin(gen);
-                continue;
-            }
-            // While no request is being served, wait on the completion channels here: the
-            // next request then needs no hand-off from a connection thread. Else those
-            // threads take completions (replies' among them) and wake this one.
-            if self.shared.in_flight.load(Ordering::SeqCst) == 0
-                && lead_all(&self.set.lanes, |c| &c.poller, &|| {
-                    *lock(&self.shared.gen) != gen
-                })
-            {
-                continue;
-            }
-            self.background();
-            let mut g = lock(&self.shared.gen);
-            while *g == gen {
-                g = match self.shared.events_cv.wait(g) {
-                    Ok(g) => g,
-                    Err(p) => p.into_inner(),
-                };
-            }
+            self.wait_for_events(gen, &mut spun);
         }
     }
 

@@ -1,7 +1,6 @@
 //! Describing a request to the server: its payload by memory keys (pool segments), regions
 //! registered on the fly (large foreign segments), bounce buffers (small ones) or inline bytes;
 //! with per-request exposure the memory windows to bind; then the request message itself.
-//! And, once the reply is in, bounced payload copied out to where it belongs.
 
 use std::sync::atomic::Ordering;
 
@@ -99,29 +98,6 @@ pub(super) fn window_err(e: crate::RdmaError) -> Error {
         transport: "rdma",
         what: "allocating a memory window (rdma.client_exposure = \"request\")".into(),
         source: Box::new(e),
-    }
-}
-
-/// Copies bounced reply payload into the receive segments.
-pub(super) fn copy_out(recv: &mut [RecvSeg], bounces: &[RecvBounce], payload_len: usize) {
-    for b in bounces {
-        if b.pos >= payload_len {
-            break;
-        }
-        let n = (payload_len - b.pos).min(b.buf.len());
-        let mut src = &b.buf[..n];
-        let (mut seg, mut off) = (b.seg, b.seg_off);
-        while !src.is_empty() && seg < recv.len() {
-            let d = recv[seg].as_mut_slice();
-            let k = d.len().saturating_sub(off).min(src.len());
-            d[off..off + k].copy_from_slice(&src[..k]);
-            src = &src[k..];
-            off += k;
-            if off >= d.len() {
-                seg += 1;
-                off = 0;
-            }
-        }
     }
 }
 
