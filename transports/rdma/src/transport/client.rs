@@ -53,8 +53,8 @@ use zcio::transport::{
 use zcio::{Error, IobufMut, Pool, Result};
 
 use super::conn::{
-    chain, describe_failure, post_recv_buf, wr_parts, LaneEvents, Poller, SendQueue, KIND_INV,
-    KIND_RECV, KIND_SEND,
+    chain, describe_failure, wr_parts, LaneEvents, Poller, SendQueue, KIND_INV, KIND_RECV,
+    KIND_SEND,
 };
 use super::lane::client::{Action, Actions, ClientLane, Event};
 use super::lane::receives::Receives;
@@ -411,13 +411,7 @@ impl Lane {
                     }
                     // Repost first: the server may send the next reply as soon as the client
                     // knows this one arrived.
-                    let posted = match &st.qp {
-                        Some(_) if self.faults.stop_reposting => Ok(()),
-                        Some(qp) => post_recv_buf(qp, ri, &buf, self.ctl_reg),
-                        None => Ok(()),
-                    };
-                    st.recv.repost(ri, buf);
-                    match posted {
+                    match self.repost(st, ri, buf) {
                         Ok(()) => Ok((slot, f, invalidate)),
                         Err(e) => {
                             let mut done =

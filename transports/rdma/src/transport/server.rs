@@ -62,8 +62,8 @@ use zcio::transport::{check_reply, Admission, Incoming, Limits, Replier, ServerC
 use zcio::{Error, Iobuf, IobufMut, Pool, Result};
 
 use super::conn::{
-    describe_failure, post_recv_buf, wr_parts, LaneEvents, Poller, SendQueue, KIND_READ, KIND_RECV,
-    KIND_SEND, KIND_WRITE,
+    describe_failure, wr_parts, LaneEvents, Poller, SendQueue, KIND_READ, KIND_RECV, KIND_SEND,
+    KIND_WRITE,
 };
 use super::lane::idle::{Activity, IdleTimeout};
 use super::lane::receives::Receives;
@@ -255,6 +255,17 @@ enum Step {
 /// An action the lane gave that the driver has no use for at that point: a driver bug.
 struct Unexpected(Option<Action>);
 
+/// What a decoded request carries, as the lane knows it.
+fn payload_of(view: &RequestView<'_>) -> Payload {
+    if view.send_descs().len() > 0 {
+        Payload::Read
+    } else if view.inline.is_empty() {
+        Payload::None
+    } else {
+        Payload::Inline
+    }
+}
+
 impl std::fmt::Display for Unexpected {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "internal: unexpected request-lane action {:?}", self.0)
@@ -325,23 +336,12 @@ impl Lane {
         if st.dead.is_some() {
             return;
         }
-        let payload = if view.send_descs().len() > 0 {
-            Payload::Read
-        } else if view.inline.is_empty() {
-            Payload::None
-        } else {
-            Payload::Inline
-        };
         let ev = Event::Request {
             id: view.id,
-            payload,
+            payload: payload_of(&view),
             bytes: view.send_total,
             reply_cap: view.recv_cap,
-            authenticated: self
-                .shared
-                .admission
-                .get()
-                .is_none_or(|a| a.authenticated()),
+            authenticated: self.shared.authenticated(),
             rules_set: self.shared.admission.get().is_some(),
         };
         if self.feed(st, ev).is_err() {
@@ -358,21 +358,14 @@ impl Lane {
                     self.shared.touch();
                 }
                 Some(Action::PostRecv) => {
-                    // Repost at once: the client may send its next request as soon as it
-                    // has this one's reply.
-                    let posted = match &*self.qp() {
-                        Some(qp) => post_recv_buf(qp, ri, &buf, self.ctl_reg),
-                        None => Ok(()),
-                    };
-                    st.recv.repost(ri, buf);
-                    if let Err(e) = posted {
-                        if self.fail_locked(st, format!("reposting a receive: {e}"), End::Failed) {
+                    // `buf` is moved: the rest of the actions do not need it.
+                    if let Err(e) = self.repost(st, ri, buf) {
+                        if self.fail_locked(st, e, End::Failed) {
                             drop(guard);
                             self.after_fail();
                         }
                         return;
                     }
-                    // `buf` is moved: the rest of the actions do not need it.
                     return self.on_request_rest(guard, k + 1);
                 }
                 Some(Action::Fail(v)) => {
@@ -502,11 +495,7 @@ impl Lane {
         wait: Option<Duration>,
     ) -> Result<Step> {
         let recv = || Event::Recv {
-            authenticated: self
-                .shared
-                .admission
-                .get()
-                .is_none_or(|a| a.authenticated()),
+            authenticated: self.shared.authenticated(),
         };
         let mut ev = recv();
         loop {

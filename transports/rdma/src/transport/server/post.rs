@@ -6,7 +6,9 @@ use std::sync::MutexGuard;
 
 use zcio::{Error, Iobuf, IobufMut, Result};
 
-use super::super::conn::{buf_sge, chain, wr_id, Held, KIND_READ, KIND_SEND, KIND_WRITE, MAX_SGE};
+use super::super::conn::{
+    buf_sge, chain, post_recv_buf, wr_id, Held, KIND_READ, KIND_SEND, KIND_WRITE, MAX_SGE,
+};
 use super::super::msg::{encode_reply, reply_len, Desc};
 use super::super::plan::{Local, Plan};
 use super::{keep_spare, End, Lane, LaneState, PostSide, STACK_MSG};
@@ -45,6 +47,23 @@ pub(super) struct ReplyOut<'a> {
 }
 
 impl Lane {
+    /// Posts receive buffer `ri` again, at once: the client may send its next request as
+    /// soon as it has this one's reply. The buffer goes back into the ring either way; `Err`
+    /// (why) if the post failed (the caller fails the connection).
+    pub(super) fn repost(
+        &self,
+        st: &mut LaneState,
+        ri: usize,
+        buf: IobufMut,
+    ) -> std::result::Result<(), String> {
+        let posted = match &*self.qp() {
+            Some(qp) => post_recv_buf(qp, ri, &buf, self.ctl_reg),
+            None => Ok(()),
+        };
+        st.recv.repost(ri, buf);
+        posted.map_err(|e| format!("reposting a receive: {e}"))
+    }
+
     /// Encodes the reply to `id` (checked against the limits by the caller): on `stack` for
     /// an inline SEND, else into a control buffer; payload up to the inline threshold goes
     /// into the message. Payload outside this server's registered pool is copied into it.

@@ -67,6 +67,11 @@ impl Shared {
         }
     }
 
+    /// Whether the connection may carry payload: authenticated, or no rules set (yet).
+    pub(super) fn authenticated(&self) -> bool {
+        self.admission.get().is_none_or(|a| a.authenticated())
+    }
+
     pub(super) fn notify(&self) {
         *lock(&self.gen) += 1;
         self.events_cv.notify_one();
