@@ -14,11 +14,14 @@
 //!   credits, and what `recv` does next.
 //! - [`client::ClientLane`]: free slots (credits), the ids of requests in flight, which
 //!   request SEND is signaled, and the checks on a server's replies.
+//! - [`idle::IdleTimeout`]: when a server's connection counts as idle, over all of its
+//!   queue pairs.
 #![forbid(unsafe_code)]
 
 use std::fmt;
 
 pub mod client;
+pub mod idle;
 pub mod receives;
 pub mod send_queue;
 pub mod server;

@@ -93,7 +93,7 @@ pub struct MsgLimits {
 }
 
 /// A malformed message.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum MsgError {
     /// Shorter than the fixed part.

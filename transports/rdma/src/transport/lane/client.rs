@@ -21,6 +21,8 @@
 use std::fmt;
 use std::time::{Duration, Instant};
 
+use super::super::msg::MsgError;
+
 pub use super::{Actions, Overflow};
 
 /// An event the lane cannot take: a bug in the driver, never the peer's doing (the driver
@@ -96,6 +98,9 @@ pub enum Violation {
         /// The payload length it claims.
         payload_len: usize,
     },
+    /// A reply message that does not decode: truncated, of the wrong kind, lengths that do
+    /// not add up, or a field over its limit.
+    Malformed(MsgError),
 }
 
 impl fmt::Display for Violation {
@@ -116,6 +121,7 @@ impl fmt::Display for Violation {
                 f,
                 "reply {id} claims {payload_len} bytes written, but the request offered none"
             ),
+            Violation::Malformed(e) => write!(f, "malformed reply: {e}"),
         }
     }
 }
@@ -414,6 +420,8 @@ pub enum Event {
         /// How long a request may wait for its reply (`client.timeout`).
         timeout: Duration,
     },
+    /// A reply message did not decode: the server broke the protocol.
+    Malformed(MsgError),
     /// The connection failed.
     Failed,
 }
@@ -583,6 +591,7 @@ impl ClientLane {
                     None => Ok(()),
                 }
             }
+            Event::Malformed(e) => push(out, Action::Fail(Violation::Malformed(e))),
             Event::Failed => {
                 if self.failed {
                     return Ok(());
@@ -1009,6 +1018,29 @@ mod event_tests {
         assert_eq!(
             handle(&mut l, &mut out, Event::Delivered { slot: s }),
             [Action::ReturnCredit { slot: s }]
+        );
+    }
+
+    #[test]
+    fn a_malformed_reply_fails_the_connection_and_aborts_what_is_in_flight() {
+        let mut l = ClientLane::new(2);
+        let mut out = l.actions();
+        let (a, _) = send(&mut l, &mut out, Instant::now(), 100, false);
+        let e = MsgError::Length {
+            described: 40,
+            got: 24,
+        };
+        assert_eq!(
+            handle(&mut l, &mut out, Event::Malformed(e)),
+            [Action::Fail(Violation::Malformed(e))]
+        );
+        assert_eq!(
+            Violation::Malformed(e).to_string(),
+            "malformed reply: message is 24 bytes but its fields describe 40"
+        );
+        assert_eq!(
+            handle(&mut l, &mut out, Event::Failed),
+            [Action::Abort { slot: a }]
         );
     }
 

@@ -33,8 +33,9 @@ enum Event {
         windows: bool,
     },
     /// The next request message reaches the server; with `direct`, its READs start at once
-    /// on the completion thread.
-    Arrive { direct: bool },
+    /// on the completion thread; with `early`, before the server has set the connection's
+    /// rules (then its payload waits for `recv`).
+    Arrive { direct: bool, early: bool },
     /// `recv` looks at the next thing to do; with `short`, the budget or pool buffers a
     /// request needs are not there (it waits a slice, in vain, and is blocked).
     Recv { short: bool },
@@ -64,7 +65,8 @@ fn event() -> impl Strategy<Value = Event> {
             any::<bool>(),
         )
             .prop_map(|(payload, abandon, windows)| Event::Start { payload, abandon, windows }),
-        4 => any::<bool>().prop_map(|direct| Event::Arrive { direct }),
+        4 => (any::<bool>(), any::<bool>())
+            .prop_map(|(direct, early)| Event::Arrive { direct, early }),
         4 => prop::bool::weighted(0.2).prop_map(|short| Event::Recv { short }),
         3 => any::<usize>().prop_map(Event::ReadDone),
         3 => any::<usize>().prop_map(Event::Reply),
@@ -184,7 +186,7 @@ impl Pair {
                 self.windows.insert(id, windows);
                 self.requests.push_back((id, payload));
             }
-            Event::Arrive { direct } => {
+            Event::Arrive { direct, early } => {
                 let Some((id, payload)) = self.requests.pop_front() else {
                     return;
                 };
@@ -195,13 +197,18 @@ impl Pair {
                     bytes: usize::from(payload != Payload::None),
                     reply_cap: 0,
                     authenticated: true,
+                    rules_set: !early,
                 });
                 let Action::Accept { slot: s } = a[0] else {
                     panic!("request {id} not accepted: {a:?}")
                 };
                 assert_eq!(a[1], Action::PostRecv);
                 self.payload.insert(id, payload);
-                if payload == Payload::Read {
+                if payload == Payload::Read && early {
+                    // Not READ before the rules are known: `recv` takes it.
+                    assert_eq!(a[2..], [Action::Wake]);
+                    assert_eq!(self.server.stage(s), Stage::Queued);
+                } else if payload == Payload::Read {
                     assert_eq!(a[2..], [Action::ReadNow { slot: s }]);
                     assert_eq!(self.server.stage(s), Stage::Reading);
                     if !direct {
@@ -424,7 +431,10 @@ impl Pair {
     /// Runs everything in flight to its end, in a fixed order.
     fn settle(&mut self) {
         for _ in 0..10 * self.credits + 10 {
-            self.apply(&Event::Arrive { direct: false });
+            self.apply(&Event::Arrive {
+                direct: false,
+                early: false,
+            });
             self.apply(&Event::Recv { short: false });
             for k in 0..self.credits {
                 self.apply(&Event::ReadDone(k));

@@ -30,6 +30,8 @@
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
 
+use super::super::msg::MsgError;
+
 pub use super::{Actions, Overflow};
 
 /// Adds `a` to `out`, or refuses: the buffer is full (a driver bug).
@@ -81,6 +83,9 @@ pub enum Violation {
         /// Its payload bytes.
         bytes: usize,
     },
+    /// A request message that does not decode: truncated, of the wrong kind, lengths that
+    /// do not add up, or a field (descriptors, header, payload) over its limit.
+    Malformed(MsgError),
 }
 
 impl fmt::Display for Violation {
@@ -95,6 +100,7 @@ impl fmt::Display for Violation {
                 f,
                 "request {id} carries {bytes} payload bytes before authentication"
             ),
+            Violation::Malformed(e) => write!(f, "malformed request: {e}"),
         }
     }
 }
@@ -383,6 +389,11 @@ pub enum Event {
         reply_cap: usize,
         /// Whether the connection may carry payload yet (authenticated, or no such rule).
         authenticated: bool,
+        /// Whether the server has told the connection its rules yet (the queue pair is up
+        /// before the server takes the connection). Until then no payload is READ: the
+        /// request waits for `recv`, which checks it against the rules first
+        /// ([`Event::Recv`]), so no buffer is ever taken for a payload the rules refuse.
+        rules_set: bool,
     },
     /// The READs [`Action::ReadNow`] asked for were not posted: no budget, no pool buffers
     /// without waiting, or no room in the send queue. `recv` takes the request.
@@ -422,6 +433,8 @@ pub enum Event {
         /// The reply's payload bytes.
         bytes: usize,
     },
+    /// A request message did not decode: the client broke the protocol.
+    Malformed(MsgError),
     /// The connection failed or was closed: every request is dropped.
     Failed,
 }
@@ -562,6 +575,7 @@ impl ServerLane {
                 bytes,
                 reply_cap,
                 authenticated,
+                rules_set,
             } => {
                 let s = match self.admit(id) {
                     Ok(s) => s,
@@ -579,7 +593,7 @@ impl ServerLane {
                 self.bytes[s] = bytes;
                 push(out, Action::Accept { slot: s })?;
                 push(out, Action::PostRecv)?;
-                if payload == Payload::Read {
+                if payload == Payload::Read && rules_set {
                     // READ it here, on the completion thread, if that needs no wait.
                     self.start_reads(s)?;
                     push(out, Action::ReadNow { slot: s })
@@ -667,6 +681,7 @@ impl ServerLane {
                 self.bytes[s] = 0;
                 push(out, Action::Reply { slot: s })
             }
+            Event::Malformed(e) => push(out, Action::Fail(Violation::Malformed(e))),
             Event::Failed => {
                 if self.failed {
                     return Ok(());
@@ -900,6 +915,7 @@ mod event_tests {
             bytes,
             reply_cap: 4096,
             authenticated: true,
+            rules_set: true,
         }
     }
 
@@ -931,6 +947,78 @@ mod event_tests {
             [Action::Reply { slot: 0 }]
         );
         assert_eq!(l.free_slots(), 2);
+    }
+
+    #[test]
+    fn no_payload_is_read_before_the_connections_rules_are_set() {
+        // The queue pair is up before the server sets the connection's rules: a request
+        // that arrives first waits for `recv`, which checks it against them before any
+        // buffer is taken, instead of being READ on the completion thread at once.
+        let early = Event::Request {
+            id: 1,
+            payload: Payload::Read,
+            bytes: 10,
+            reply_cap: 0,
+            authenticated: true,
+            rules_set: false,
+        };
+        let mut l = ServerLane::new(2);
+        let mut out = l.actions();
+        assert_eq!(
+            handle(&mut l, &mut out, early),
+            [Action::Accept { slot: 0 }, Action::PostRecv, Action::Wake]
+        );
+        assert_eq!(l.stage(0), Stage::Queued);
+        // Rules that refuse payload before authentication: the connection fails, and no
+        // buffer was asked for.
+        let unauthed = Event::Recv {
+            authenticated: false,
+        };
+        assert_eq!(
+            handle(&mut l, &mut out, unauthed),
+            [Action::Fail(Violation::PayloadBeforeAuth {
+                id: 1,
+                bytes: 10
+            })]
+        );
+        // Rules that allow it: `recv` takes its buffers, then READs it.
+        let mut l = ServerLane::new(2);
+        handle(&mut l, &mut out, early);
+        assert_eq!(
+            handle(&mut l, &mut out, RECV),
+            [Action::Take {
+                slot: 0,
+                wait: false
+            }]
+        );
+        assert_eq!(
+            handle(&mut l, &mut out, Event::Buffers { slot: 0 }),
+            [Action::Read { slot: 0 }]
+        );
+    }
+
+    #[test]
+    fn a_malformed_or_oversized_request_fails_the_connection_and_drops_every_slot_in_use() {
+        let mut l = ServerLane::new(2);
+        let mut out = l.actions();
+        handle(&mut l, &mut out, req(1, Payload::None, 0));
+        let e = MsgError::TooLarge {
+            field: "request descriptors",
+            value: 9,
+            limit: 4,
+        };
+        assert_eq!(
+            handle(&mut l, &mut out, Event::Malformed(e)),
+            [Action::Fail(Violation::Malformed(e))]
+        );
+        assert_eq!(
+            Violation::Malformed(e).to_string(),
+            "malformed request: request descriptors is 9, over the limit of 4"
+        );
+        assert_eq!(
+            handle(&mut l, &mut out, Event::Failed),
+            [Action::Drop { slot: 0 }]
+        );
     }
 
     #[test]
@@ -1180,6 +1268,7 @@ mod event_tests {
             bytes: 10,
             reply_cap: 0,
             authenticated: false,
+            rules_set: true,
         };
         assert_eq!(
             handle(&mut l, &mut out, unauth),
@@ -1233,6 +1322,7 @@ mod event_tests {
             bytes: 0,
             reply_cap: 0,
             authenticated: false,
+            rules_set: true,
         };
         assert_eq!(
             handle(&mut l, &mut out, hello)[0],
