@@ -145,6 +145,13 @@ pub(crate) fn peer_hung_up(sock: &TcpStream) -> bool {
     }
 }
 
+/// Whether the socket has bytes to read, or an end of stream or error to report. Never
+/// blocks.
+pub(crate) fn readable_now(sock: &TcpStream) -> bool {
+    let mut fds = [PollFd::new(sock.as_fd(), PollFlags::POLLIN)];
+    matches!(poll(&mut fds, PollTimeout::ZERO), Ok(n) if n > 0)
+}
+
 /// Whether bytes wait unread in the socket. Never blocks.
 pub(crate) fn has_unread(sock: &TcpStream) -> bool {
     let mut b = [0u8; 1];
@@ -409,6 +416,11 @@ impl Ahead {
             pos: 0,
             end: 0,
         }
+    }
+
+    /// Bytes read ahead and not taken yet.
+    pub(crate) fn buffered(&self) -> usize {
+        self.end - self.pos
     }
 
     /// Fills every byte of `parts`: from the bytes read ahead, then from `sock` with
