@@ -871,6 +871,12 @@ fn serve_conn(shared: &Arc<Shared>, mut sc: Box<dyn ServerConn>, jobs: &Schedule
     tracing::debug!("connection from {}", conn.peer);
     warm_scratch();
     loop {
+        // Replies the transport holds must not wait for a permit (only this thread takes
+        // them: with one available, taking it does not block).
+        // (A failed flush has ended the connection: `recv` says so.)
+        if conn.permits.available() == 0 {
+            let _ = sc.flush();
+        }
         conn.permits.acquire();
         match sc.recv() {
             Ok(Some(inc)) if !inc.payload.is_empty() && !conn.authed.load(Ordering::SeqCst) => {
@@ -915,6 +921,9 @@ fn serve_conn(shared: &Arc<Shared>, mut sc: Box<dyn ServerConn>, jobs: &Schedule
                     continue;
                 };
                 if depth == 1 && !sc.backlog() {
+                    // It may block (an fsync, a cold read): held replies go first. (A
+                    // failed flush has ended the connection: the reply fails too.)
+                    let _ = sc.flush();
                     stats.served_inline.fetch_add(1, Ordering::Relaxed);
                     handle(Job {
                         conn: conn.clone(),

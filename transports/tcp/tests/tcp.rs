@@ -946,3 +946,48 @@ fn backlog_sees_requests_waiting_in_the_socket() {
     assert_eq!(wait(p1).expect("reply").header, b"a");
     assert_eq!(wait(p2).expect("reply").header, b"b");
 }
+
+/// A reply the receiving thread makes while another whole request waits in its read-ahead
+/// buffer is held back to leave with the next ones (one `sendmsg`); it must still leave
+/// when that thread goes on to wait for more requests.
+#[test]
+fn replies_held_on_the_receiving_thread_leave_before_it_waits() {
+    let cfg = config();
+    let spool = pool();
+    let listener = TcpTransport.listen(&cfg, &spool).expect("listen");
+    let mut ccfg = cfg.clone();
+    ccfg.client.connect = listener.local_addr();
+    let c = connect(&ccfg);
+    let mut s = listener.accept().expect("accept").expect("handshake");
+    let p1 = c.start(echo(b"1", Vec::new(), Vec::new())).expect("start");
+    let p2 = c.start(echo(b"2", Vec::new(), Vec::new())).expect("start");
+    let p3 = c.start(echo(b"3", Vec::new(), Vec::new())).expect("start");
+    // Over loopback each frame is in the server's socket once its `start` returned, so the
+    // first read takes all three (the replies must arrive whether or not they were held).
+    let deadline = std::time::Instant::now() + PATIENCE;
+    while !s.backlog() {
+        assert!(std::time::Instant::now() < deadline, "no backlog seen");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let r = s.replier();
+    // Held (more requests wait whole behind them), on the receiving thread.
+    let a = s.recv().expect("recv").expect("request");
+    r.reply(a.id, b"a", &[]).expect("reply");
+    let b = s.recv().expect("recv").expect("request");
+    r.reply(b.id, b"b", &[]).expect("reply");
+    let c3 = s.recv().expect("recv").expect("request");
+    // The receiving thread now waits for a fourth request that never comes: what it held
+    // must leave before it waits (nothing else sends it).
+    let waiter = std::thread::spawn(move || {
+        let _ = s.recv();
+    });
+    assert_eq!(wait(p1).expect("reply").header, b"a");
+    assert_eq!(wait(p2).expect("reply").header, b"b");
+    // Another thread's reply goes out whole.
+    std::thread::spawn(move || r.reply(c3.id, b"c", &[]).expect("reply"))
+        .join()
+        .expect("replying thread");
+    assert_eq!(wait(p3).expect("reply").header, b"c");
+    c.close();
+    waiter.join().expect("receiving thread");
+}
