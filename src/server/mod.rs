@@ -10,7 +10,9 @@
 //! client) when a connection asks for more than its share. A request that is alone
 //! (nothing else of its connection in flight, and nothing waiting behind it in the
 //! transport: `ServerConn::backlog`) is served on the receiving thread itself, one thread
-//! hand-off less for a synchronous client. Only regular files are opened: a FIFO or device
+//! hand-off less for a synchronous client; so is, at any depth, a small read whose bytes
+//! are all in the page cache (`serve_cached_read`), which cannot block. Only regular
+//! files are opened: a FIFO or device
 //! node in the export is refused without blocking. A connection's open files are closed
 //! when it goes away, however it goes.
 //!

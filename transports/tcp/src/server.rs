@@ -38,6 +38,9 @@
 //! payload) are queued, `recv` reads no further request of that connection. A queued reply
 //! that the socket takes no byte of for `server.idle_timeout` ([`REPLY_DEADLINE`] when it
 //! is off), or whose client has ended its side of the stream, fails that connection only.
+//! Replies the receiving thread makes while whole requests wait in its read-ahead buffer
+//! are held and leave together (`outq`'s cork), before `recv` reads the socket or waits,
+//! or when the server calls [`ServerConn::flush`].
 //! The socket is non-blocking after the handshake: reads wait in `poll`, a tick at a time.
 //!
 //! # Reading requests
