@@ -267,11 +267,10 @@ impl Shared {
         }
     }
 
-    /// Marks the connection dead (the first reason wins), shuts the socket down and fails
-    /// every request that has no outcome yet; those whose segments are home complete now,
+    /// Marks the connection dead (the first reason wins), fails every request that has no
+    /// outcome yet, then shuts the socket down; those whose segments are home complete now,
     /// the others when the writer or reader brings them back.
     fn fail(&self, f: Failure) {
-        shutdown(&self.sock);
         let mut done = Vec::new();
         {
             let mut st = lock(&self.state);
@@ -294,6 +293,9 @@ impl Shared {
                 done.extend(take_if_done(&mut st, id));
             }
         }
+        // Only now: a thread reading the socket fails with an end of stream, after the
+        // first reason (a timeout, say) has given every request its outcome.
+        shutdown(&self.sock);
         self.slot_freed.notify_all();
         self.end_lead();
         self.deliver(done, false);
