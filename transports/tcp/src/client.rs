@@ -413,7 +413,7 @@ impl Shared {
         let Rx { ahead, ticker } = rx;
         let mut tick = || self.check_timeout();
         let mut pfx = [0u8; PREFIX_LEN];
-        match ahead.take(&self.sock, &mut [&mut pfx[..]], ticker, &mut tick) {
+        match ahead.take_head(&self.sock, &mut [&mut pfx[..]], ticker, &mut tick) {
             Ok(()) => {}
             Err(ReadError::Eof { got: 0 }) => {
                 return Err(Failure::new(format!(
