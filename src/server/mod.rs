@@ -10,7 +10,9 @@
 //! client) when a connection asks for more than its share. A request that is alone
 //! (nothing else of its connection in flight, and nothing waiting behind it in the
 //! transport: `ServerConn::backlog`) is served on the receiving thread itself, one thread
-//! hand-off less for a synchronous client. Only regular files are opened: a FIFO or device
+//! hand-off less for a synchronous client; so is, at any depth, a small read whose bytes
+//! are all in the page cache (`serve_cached_read`), which cannot block. Only regular
+//! files are opened: a FIFO or device
 //! node in the export is refused without blocking. A connection's open files are closed
 //! when it goes away, however it goes.
 //!
@@ -871,6 +873,12 @@ fn serve_conn(shared: &Arc<Shared>, mut sc: Box<dyn ServerConn>, jobs: &Schedule
     tracing::debug!("connection from {}", conn.peer);
     warm_scratch();
     loop {
+        // Replies the transport holds must not wait for a permit (only this thread takes
+        // them: with one available, taking it does not block).
+        // (A failed flush has ended the connection: `recv` says so.)
+        if conn.permits.available() == 0 {
+            let _ = sc.flush();
+        }
         conn.permits.acquire();
         match sc.recv() {
             Ok(Some(inc)) if !inc.payload.is_empty() && !conn.authed.load(Ordering::SeqCst) => {
@@ -907,7 +915,17 @@ fn serve_conn(shared: &Arc<Shared>, mut sc: Box<dyn ServerConn>, jobs: &Schedule
                 // the workers, which run them in parallel; so does a request with more
                 // already waiting in the transport behind it (else a deep queue would be
                 // served here one at a time: each arrives alone as the last is answered).
+                // A small read of a buffered file whose bytes are in the page cache is
+                // served here at any depth: it cannot block, and a hand-off to a worker
+                // (a futex wake-up and two context switches) would cost more than the read.
+                let Some(inc) = serve_cached_read(&conn, inc) else {
+                    stats.served_inline.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                };
                 if depth == 1 && !sc.backlog() {
+                    // It may block (an fsync, a cold read): held replies go first. (A
+                    // failed flush has ended the connection: the reply fails too.)
+                    let _ = sc.flush();
                     stats.served_inline.fetch_add(1, Ordering::Relaxed);
                     handle(Job {
                         conn: conn.clone(),
@@ -1013,6 +1031,14 @@ fn handle_with(job: Job, scratch: &mut Scratch) {
             )
         }
     };
+    drop(req_span);
+    finish(&conn, inc, header, payload, scratch);
+}
+
+/// Answers `inc` with `header` and `payload` (or the file range left in the scratch), after
+/// giving the request back, and releases its permit.
+fn finish(conn: &Conn, inc: Incoming, header: Vec<u8>, payload: Vec<Iobuf>, scratch: &mut Scratch) {
+    let shared = &conn.shared;
     // Give the request back (its payload buffers to the pool, its vectors to the transport)
     // before replying: once the client has the reply it may send the next request, which
     // then finds them. Its payload bytes leave the connection's budget with it.
@@ -1060,6 +1086,120 @@ fn handle_with(job: Job, scratch: &mut Scratch) {
         scratch.header = header;
     }
     conn.permits.release();
+}
+
+/// Reads up to this many bytes are served on the receiving thread when the page cache
+/// holds them ([`serve_cached_read`]).
+const CACHED_READ_MAX: usize = 16 << 10;
+
+/// Serves `inc` on this (the receiving) thread if it is a read of at most
+/// [`CACHED_READ_MAX`] bytes of a buffered file, from an authenticated connection, whose
+/// bytes are all in the page cache: `preadv2(RWF_NOWAIT)` into pool buffers (one copy of a
+/// few KiB, cheaper than the `fstat`, `sendmsg` and `sendfile` of a file-range reply) and
+/// the reply, which never waits for the client (the transport queues what the socket does
+/// not take). Anything else, a read that would block included, comes back for the usual
+/// path. Returns `None` once served.
+fn serve_cached_read(conn: &Conn, inc: Incoming) -> Option<Incoming> {
+    if !conn.authed.load(Ordering::SeqCst) || !inc.payload.is_empty() {
+        return Some(inc);
+    }
+    let Ok(Req::Read { fh, offset, len }) = Req::decode(&inc.header) else {
+        return Some(inc);
+    };
+    let shared = &conn.shared;
+    let want = (len as usize)
+        .min(inc.reply_capacity)
+        .min(shared.cfg.limits.max_payload);
+    if want == 0
+        || want > CACHED_READ_MAX
+        || i64::try_from(offset.saturating_add(want as u64)).is_err()
+    {
+        return Some(inc);
+    }
+    let Ok(f) = file(conn, fh) else {
+        return Some(inc);
+    };
+    if !f.rangeable {
+        return Some(inc);
+    }
+    SCRATCH.with(|s| {
+        let Ok(mut scratch) = s.try_borrow_mut() else {
+            return Some(inc);
+        };
+        let scratch = &mut *scratch;
+        let got = matches!(
+            shared.pool.try_get_span_into(want, &mut scratch.span),
+            Ok(true)
+        );
+        if !got || !fill_nowait(&f.file, offset, want, &mut scratch.span) {
+            // The buffers go back to the pool; a worker (or the inline path) reads it.
+            scratch.span.clear();
+            return Some(inc);
+        }
+        let mut payload = std::mem::take(&mut scratch.payload);
+        payload.clear();
+        payload.extend(scratch.span.drain(..).map(IobufMut::freeze));
+        shared.stats.reads.fetch_add(1, Ordering::Relaxed);
+        shared
+            .stats
+            .read_bytes
+            .fetch_add(want as u64, Ordering::Relaxed);
+        shared
+            .stats
+            .pool_read_replies
+            .fetch_add(1, Ordering::Relaxed);
+        let mut header = std::mem::take(&mut scratch.header);
+        proto::encode_ok_into(
+            &Resp::Read {
+                len: want as u32,
+                eof: false,
+            },
+            &mut header,
+        );
+        finish(conn, inc, header, payload, scratch);
+        None
+    })
+}
+
+/// Fills `bufs` with exactly `want` bytes of `f` from `offset` with one
+/// `preadv2(RWF_NOWAIT)`, trimming them to it (the buffers past it go back to the pool):
+/// true only when every byte came from the page cache at once. False when any would need
+/// the disk (`EAGAIN`), the file ends first (a short read: the usual path tells the end of
+/// the file from a partly cached range), the file system does not take the flag, or any
+/// other error (the usual path reports it).
+fn fill_nowait(f: &File, offset: u64, want: usize, bufs: &mut Vec<IobufMut>) -> bool {
+    if bufs.len() > STACK_IOV {
+        return false;
+    }
+    let mut left = want;
+    let mut stack: [IoSliceMut<'_>; STACK_IOV] = std::array::from_fn(|_| IoSliceMut::new(&mut []));
+    let mut k = 0;
+    for (d, b) in stack.iter_mut().zip(bufs.iter_mut()) {
+        if left == 0 {
+            break;
+        }
+        let n = b.len().min(left);
+        left -= n;
+        *d = IoSliceMut::new(&mut b[..n]);
+        k += 1;
+    }
+    let read = rustix::io::preadv2(
+        f,
+        &mut stack[..k],
+        offset,
+        rustix::io::ReadWriteFlags::NOWAIT,
+    );
+    if !matches!(read, Ok(n) if n == want) {
+        return false;
+    }
+    let mut left = want;
+    bufs.retain_mut(|b| {
+        let n = b.len().min(left);
+        left -= n;
+        b.set_len(n);
+        n > 0
+    });
+    true
 }
 
 /// [`execute`], with a panic turned into that request's error: the worker, the

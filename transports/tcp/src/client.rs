@@ -15,6 +15,23 @@
 //! touches the request's memory, even when the connection fails while a write or a read
 //! is in progress.
 //!
+//! # Who reads replies
+//! A thread that waits for its reply ([`Pending::wait`], through [`Progress`]) *leads*: it
+//! reads replies from the socket itself, completing whichever arrive, until its own has,
+//! so that a reply reaches its waiter without a hand-off from another thread (a futex
+//! wake-up and two context switches fewer per request). Only one thread reads at a time;
+//! other threads waiting meanwhile *follow*: they sleep until a reply was completed (maybe
+//! theirs) or the reader left, and then one of them leads. A caller waiting for a free
+//! request slot leads the same way, until a request completes.
+//!
+//! The connection's reader thread reads in the *background* mode only: once a [`Pending`]
+//! has been awaited as a future (whose waker somebody must call; for good), or while a
+//! caller waits with a deadline ([`Pending::wait_timeout`], which does not lead). Otherwise
+//! it wakes once per tick to check the timeouts and to read what has arrived for nobody
+//! in particular while no thread leads (the reply of a request whose [`Pending`] nobody
+//! waits on yet), so that nothing is stranded. In the background mode it steps back after
+//! the reply it is reading when a caller comes to lead.
+//!
 //! # Failure
 //! End of stream, an I/O error, a protocol violation by the server, a failed write,
 //! [`ClientConn::close`] or a request older than `client.timeout` mark the connection dead
@@ -39,12 +56,13 @@ use std::time::{Duration, Instant};
 use zcio::config::Config;
 use zcio::transport::{
     check_request, recv_len, send_len, ClientConn, Completer, CompletionCell, Deadline, Limits,
-    Pending, RecvSeg, Reply, Request, SendSeg,
+    Pending, Progress, RecvSeg, Reply, Request, SendSeg,
 };
 use zcio::{Error, Result};
 
 use crate::io::{
-    gather, give_up, scatter, shutdown, tick_for, write_all_vectored, Ahead, ReadError, Ticker,
+    gather, give_up, readable_now, scatter, shutdown, tick_for, write_all_vectored, Ahead,
+    ReadError, Ticker,
 };
 use crate::wire::{decode_prefix, Hello, Kind, Prefix, HELLO_LEN, PREFIX_LEN};
 use crate::{lock, transport_err, wire_err};
@@ -113,8 +131,37 @@ struct State {
 /// A completion to deliver once the state lock is released.
 type Done = (Completer<Reply>, Result<Reply>);
 
+/// Who reads replies now (see the module documentation).
+#[derive(Default)]
+struct Lead {
+    /// A thread holds the read side (a leader, or the reader thread).
+    reading: bool,
+    /// Threads waiting on `lead_cv` for their completion or for the read side.
+    followers: usize,
+    /// The reader thread reads replies as they come.
+    background: bool,
+    /// A future was awaited: the background mode stays on.
+    sticky: bool,
+    /// The connection is over.
+    ended: bool,
+}
+
+/// The read side of the socket: whoever holds it (`Lead::reading`) reads replies.
+struct Rx {
+    /// The next reply's head, read along with the payload before it: one `readv` per
+    /// reply when replies queue up, instead of one each for prefix, header and payload.
+    ahead: Ahead,
+    ticker: Ticker,
+}
+
 struct Shared {
     sock: TcpStream,
+    lead: Mutex<Lead>,
+    /// Followers and the reader thread wait on it: signalled when a reply completes while
+    /// somebody follows, when the read side is let go, when the mode changes and at the end.
+    lead_cv: Condvar,
+    /// Taken only by the thread that set `Lead::reading`: never contended.
+    rx: Mutex<Rx>,
     /// Serializes frames on the socket.
     write_lock: Mutex<()>,
     state: Mutex<State>,
@@ -145,7 +192,11 @@ impl Failure {
 impl State {
     /// A completion pair on a free cell: the first free one, looking from the oldest; a new
     /// cell when none is free and there are fewer than `max_in_flight + 1`.
-    fn pair(&mut self, max_in_flight: usize) -> (Completer<Reply>, Pending<Reply>) {
+    fn pair(
+        &mut self,
+        max_in_flight: usize,
+        progress: Arc<dyn Progress>,
+    ) -> (Completer<Reply>, Pending<Reply>) {
         let n = self.cells.len();
         let free = (0..n).find(|_| {
             let free = self.cells.front_mut().is_some_and(CompletionCell::is_free);
@@ -158,7 +209,7 @@ impl State {
             Some(_) => self.cells.pop_front().unwrap_or_default(),
             None => CompletionCell::new(),
         };
-        let p = cell.pair(None);
+        let p = cell.pair(Some(progress));
         if self.cells.len() <= max_in_flight {
             self.cells.push_back(cell);
         }
@@ -198,16 +249,28 @@ impl Shared {
         if wake && done.peek().is_some() {
             self.slot_freed.notify_all();
         }
+        let mut any = false;
         for (c, r) in done {
             c.complete(r);
+            any = true;
+        }
+        if any {
+            self.wake_followers();
         }
     }
 
-    /// Marks the connection dead (the first reason wins), shuts the socket down and fails
-    /// every request that has no outcome yet; those whose segments are home complete now,
+    /// Lets followers look whether their request completed (none are signalled when none
+    /// wait).
+    fn wake_followers(&self) {
+        if lock(&self.lead).followers > 0 {
+            self.lead_cv.notify_all();
+        }
+    }
+
+    /// Marks the connection dead (the first reason wins), fails every request that has no
+    /// outcome yet, then shuts the socket down; those whose segments are home complete now,
     /// the others when the writer or reader brings them back.
     fn fail(&self, f: Failure) {
-        shutdown(&self.sock);
         let mut done = Vec::new();
         {
             let mut st = lock(&self.state);
@@ -230,8 +293,18 @@ impl Shared {
                 done.extend(take_if_done(&mut st, id));
             }
         }
+        // Only now: a thread reading the socket fails with an end of stream, after the
+        // first reason (a timeout, say) has given every request its outcome.
+        shutdown(&self.sock);
         self.slot_freed.notify_all();
+        self.end_lead();
         self.deliver(done, false);
+    }
+
+    /// Wakes every follower and the reader thread for good: the connection is over.
+    fn end_lead(&self) {
+        lock(&self.lead).ended = true;
+        self.lead_cv.notify_all();
     }
 
     /// The writer gives a request's send segments back.
@@ -335,74 +408,238 @@ impl Shared {
         }
     }
 
-    /// Reads replies until the connection fails; returns why.
-    fn read_replies(&self) -> Failure {
-        let mut ticker = Ticker::new(tick_for(self.timeout));
+    /// Reads one reply and completes its request, on the thread holding the read side.
+    fn read_one(&self, rx: &mut Rx) -> Result<(), Failure> {
+        let Rx { ahead, ticker } = rx;
         let mut tick = || self.check_timeout();
-        // The next reply's head, read along with the payload before it: one `readv` per
-        // reply when replies queue up, instead of one each for prefix, header and payload.
-        let mut ahead = Ahead::new();
-        loop {
-            let mut pfx = [0u8; PREFIX_LEN];
-            match ahead.take(&self.sock, &mut [&mut pfx[..]], &mut ticker, &mut tick) {
-                Ok(()) => {}
-                Err(ReadError::Eof { got: 0 }) => {
-                    return Failure::new(format!("the server {} closed the connection", self.peer))
-                }
-                Err(e) => return self.read_failure(e, "a reply prefix", PREFIX_LEN),
+        let mut pfx = [0u8; PREFIX_LEN];
+        match ahead.take_head(&self.sock, &mut [&mut pfx[..]], ticker, &mut tick) {
+            Ok(()) => {}
+            Err(ReadError::Eof { got: 0 }) => {
+                return Err(Failure::new(format!(
+                    "the server {} closed the connection",
+                    self.peer
+                )))
             }
-            let p = match decode_prefix(&pfx, Kind::Reply, &self.limits) {
-                Ok(p) => p,
-                Err(e) => {
-                    return Failure::new(format!(
-                        "protocol violation by the server {}: bad reply frame: {e}",
-                        self.peer
-                    ))
+            Err(e) => return Err(self.read_failure(e, "a reply prefix", PREFIX_LEN)),
+        }
+        let p = decode_prefix(&pfx, Kind::Reply, &self.limits).map_err(|e| {
+            Failure::new(format!(
+                "protocol violation by the server {}: bad reply frame: {e}",
+                self.peer
+            ))
+        })?;
+        // Short headers on the stack: no allocation.
+        let mut header = if p.header_len <= SHORT_HEADER {
+            ReplyHeader::Short([0; SHORT_HEADER], p.header_len)
+        } else {
+            ReplyHeader::Long(vec![0; p.header_len])
+        };
+        let h = match &mut header {
+            ReplyHeader::Short(b, n) => &mut b[..*n],
+            ReplyHeader::Long(v) => &mut v[..],
+        };
+        if let Err(e) = ahead.take(&self.sock, &mut [h], ticker, &mut tick) {
+            return Err(self.read_failure(e, "a reply header", p.header_len));
+        }
+        let mut recv = self.take_recv(p.id, p.payload_len)?;
+        let res = {
+            // Straight into the request's segments, front to back, exactly
+            // `payload_len` bytes (the next frame must stay in the socket).
+            let mut left = p.payload_len;
+            let n = recv.len();
+            let parts = recv.iter_mut().map_while(|s| {
+                if left == 0 {
+                    return None;
                 }
-            };
-            // Short headers on the stack: no allocation.
-            let mut header = if p.header_len <= SHORT_HEADER {
-                ReplyHeader::Short([0; SHORT_HEADER], p.header_len)
-            } else {
-                ReplyHeader::Long(vec![0; p.header_len])
-            };
-            let h = match &mut header {
-                ReplyHeader::Short(b, n) => &mut b[..*n],
-                ReplyHeader::Long(v) => &mut v[..],
-            };
-            if let Err(e) = ahead.take(&self.sock, &mut [h], &mut ticker, &mut tick) {
-                return self.read_failure(e, "a reply header", p.header_len);
+                let d = s.as_mut_slice();
+                let k = d.len().min(left);
+                left -= k;
+                Some(&mut d[..k])
+            });
+            scatter(n, parts, |parts| {
+                ahead.take(&self.sock, parts, ticker, &mut tick)
+            })
+        };
+        match res {
+            Ok(()) => {
+                self.return_recv(p.id, recv, Some((header, p.payload_len)));
+                Ok(())
             }
-            let mut recv = match self.take_recv(p.id, p.payload_len) {
-                Ok(r) => r,
-                Err(f) => return f,
-            };
-            let res = {
-                // Straight into the request's segments, front to back, exactly
-                // `payload_len` bytes (the next frame must stay in the socket).
-                let mut left = p.payload_len;
-                let n = recv.len();
-                let parts = recv.iter_mut().map_while(|s| {
-                    if left == 0 {
-                        return None;
-                    }
-                    let d = s.as_mut_slice();
-                    let k = d.len().min(left);
-                    left -= k;
-                    Some(&mut d[..k])
-                });
-                scatter(n, parts, |parts| {
-                    ahead.take(&self.sock, parts, &mut ticker, &mut tick)
-                })
-            };
-            match res {
-                Ok(()) => self.return_recv(p.id, recv, Some((header, p.payload_len))),
-                Err(e) => {
-                    self.return_recv(p.id, recv, None);
-                    return self.read_failure(e, "a reply payload", p.payload_len);
-                }
+            Err(e) => {
+                self.return_recv(p.id, recv, None);
+                Err(self.read_failure(e, "a reply payload", p.payload_len))
             }
         }
+    }
+
+    /// Lets go of the read side (set by this thread), signalling whoever waits for it or
+    /// for a completion.
+    fn let_go(&self, mut l: std::sync::MutexGuard<'_, Lead>) {
+        l.reading = false;
+        if l.followers > 0 || l.background {
+            self.lead_cv.notify_all();
+        }
+    }
+
+    /// Leads (see the module documentation) until `done()`: reads replies on this thread
+    /// while no other thread does, else follows. Returns early, leaving the rest to the
+    /// reader thread, in the sticky background mode, and at the connection's end.
+    fn lead_until(&self, done: &dyn Fn() -> bool) {
+        let mut l = lock(&self.lead);
+        loop {
+            if l.ended || l.sticky || done() {
+                return;
+            }
+            // A reader thread reading in the background steps back after its reply.
+            l.background = false;
+            if !l.reading {
+                l.reading = true;
+                drop(l);
+                let res = {
+                    let mut rx = lock(&self.rx);
+                    loop {
+                        if let Err(f) = self.read_one(&mut rx) {
+                            break Err(f);
+                        }
+                        if done() {
+                            break Ok(());
+                        }
+                    }
+                };
+                self.let_go(lock(&self.lead));
+                if let Err(f) = res {
+                    self.fail(f);
+                }
+                return;
+            }
+            l.followers += 1;
+            l = match self.lead_cv.wait(l) {
+                Ok(g) => g,
+                Err(p) => p.into_inner(),
+            };
+            l.followers -= 1;
+        }
+    }
+
+    /// Switches the reader thread to the background mode (`sticky`: for good).
+    fn background(&self, sticky: bool) {
+        let mut l = lock(&self.lead);
+        l.sticky |= sticky;
+        if !l.background {
+            l.background = true;
+            self.lead_cv.notify_all();
+        }
+    }
+
+    /// The reader thread: reads replies in the background mode, else wakes once per tick
+    /// to check the timeouts and take replies that arrived while nobody leads. Returns why
+    /// the connection ended.
+    fn reader_thread(&self) -> Failure {
+        let tick = tick_for(self.timeout);
+        let mut l = lock(&self.lead);
+        loop {
+            if l.ended {
+                let st = lock(&self.state);
+                return Failure::new(
+                    st.dead
+                        .clone()
+                        .unwrap_or_else(|| format!("the connection to {} is closed", self.peer)),
+                );
+            }
+            if l.background && !l.reading {
+                l.reading = true;
+                drop(l);
+                let res = {
+                    let mut rx = lock(&self.rx);
+                    loop {
+                        if let Err(f) = self.read_one(&mut rx) {
+                            break Err(f);
+                        }
+                        if !lock(&self.lead).background {
+                            break Ok(());
+                        }
+                    }
+                };
+                l = lock(&self.lead);
+                l.reading = false;
+                if l.followers > 0 {
+                    self.lead_cv.notify_all();
+                }
+                if let Err(f) = res {
+                    return f;
+                }
+                continue;
+            }
+            let timed_out = match self.lead_cv.wait_timeout(l, tick) {
+                Ok((g, t)) => {
+                    l = g;
+                    t.timed_out()
+                }
+                Err(p) => {
+                    let (g, t) = p.into_inner();
+                    l = g;
+                    t.timed_out()
+                }
+            };
+            if !timed_out || l.ended || l.background {
+                continue;
+            }
+            drop(l);
+            if let Err(f) = self.check_timeout() {
+                return f;
+            }
+            l = lock(&self.lead);
+            if l.reading || l.background {
+                continue;
+            }
+            // Replies nobody is reading (nobody waits for them): take what has come.
+            l.reading = true;
+            drop(l);
+            let res = {
+                let mut rx = lock(&self.rx);
+                let mut res = Ok(());
+                while rx.ahead.buffered() > 0 || readable_now(&self.sock) {
+                    res = self.read_one(&mut rx);
+                    if res.is_err() || lock(&self.lead).reading_wanted() {
+                        break;
+                    }
+                }
+                res
+            };
+            l = lock(&self.lead);
+            l.reading = false;
+            if l.followers > 0 {
+                self.lead_cv.notify_all();
+            }
+            if let Err(f) = res {
+                return f;
+            }
+        }
+    }
+}
+
+impl Lead {
+    /// Whether another thread waits to lead or the background mode began: the reader
+    /// thread's stray pick-up makes way.
+    fn reading_wanted(&self) -> bool {
+        self.followers > 0 || self.background
+    }
+}
+
+impl Progress for Shared {
+    /// A thread about to block on its reply reads replies itself (see the module
+    /// documentation). With a deadline it does not (it could not stop in the middle of a
+    /// reply): the reader thread reads in the background mode while it waits.
+    fn progress(&self, done: &dyn Fn() -> bool, deadline: Option<Instant>) {
+        match deadline {
+            None => self.lead_until(done),
+            Some(_) => self.background(false),
+        }
+    }
+
+    fn will_await(&self) {
+        self.background(true);
     }
 }
 
@@ -470,6 +707,12 @@ pub(crate) fn connect(cfg: &Config) -> Result<TcpClientConn> {
 
     let shared = Arc::new(Shared {
         sock,
+        lead: Mutex::new(Lead::default()),
+        lead_cv: Condvar::new(),
+        rx: Mutex::new(Rx {
+            ahead: Ahead::new(),
+            ticker: Ticker::new(tick_for(timeout)),
+        }),
         write_lock: Mutex::new(()),
         state: Mutex::new(State {
             pending: HashMap::with_capacity(limits.max_in_flight.min(PREMADE_CELLS)),
@@ -493,7 +736,7 @@ pub(crate) fn connect(cfg: &Config) -> Result<TcpClientConn> {
         .name("zcio-tcp-client".into())
         .spawn(move || {
             let _span = tracing::debug_span!("conn", peer = %sh.peer).entered();
-            let f = sh.read_replies();
+            let f = sh.reader_thread();
             tracing::debug!(peer = %sh.peer, reason = %f.reason, "tcp client connection ended");
             sh.fail(f);
         })
@@ -515,7 +758,8 @@ impl ClientConn for TcpClientConn {
         let Request { header, send, recv } = req;
         let payload_len = send_len(&send);
         let recv_cap = recv_len(&recv);
-        let (completer, pending) = lock(&sh.state).pair(sh.limits.max_in_flight);
+        let progress: Arc<dyn Progress> = self.shared.clone();
+        let (completer, pending) = lock(&sh.state).pair(sh.limits.max_in_flight, progress);
         let id = {
             let mut st = lock(&sh.state);
             let deadline = Deadline::after(sh.timeout);
@@ -532,6 +776,17 @@ impl ClientConn for TcpClientConn {
                         sh.peer, sh.limits.max_in_flight
                     )
                 })?;
+                // Read replies on this thread until one completes (unless another thread
+                // reads them): nobody else may be waiting for them.
+                drop(st);
+                sh.lead_until(&|| {
+                    let st = lock(&sh.state);
+                    st.dead.is_some() || st.pending.len() < sh.limits.max_in_flight
+                });
+                st = lock(&sh.state);
+                if st.dead.is_some() || st.pending.len() < sh.limits.max_in_flight {
+                    continue;
+                }
                 st.slot_waiters += 1;
                 st = deadline.wait(&sh.slot_freed, st);
                 st.slot_waiters -= 1;
@@ -589,9 +844,10 @@ impl ClientConn for TcpClientConn {
                 ));
             }
         }
-        // The reader wakes up to end of stream and fails what is pending.
+        // Whoever reads wakes up to end of stream and fails what is pending.
         shutdown(&sh.sock);
         sh.slot_freed.notify_all();
+        sh.end_lead();
     }
 
     fn peer(&self) -> String {

@@ -145,6 +145,13 @@ pub(crate) fn peer_hung_up(sock: &TcpStream) -> bool {
     }
 }
 
+/// Whether the socket has bytes to read, or an end of stream or error to report. Never
+/// blocks.
+pub(crate) fn readable_now(sock: &TcpStream) -> bool {
+    let mut fds = [PollFd::new(sock.as_fd(), PollFlags::POLLIN)];
+    matches!(poll(&mut fds, PollTimeout::ZERO), Ok(n) if n > 0)
+}
+
 /// Whether bytes wait unread in the socket. Never blocks.
 pub(crate) fn has_unread(sock: &TcpStream) -> bool {
     let mut b = [0u8; 1];
@@ -392,23 +399,34 @@ pub(crate) fn read_exact_spill<E>(
 /// Bytes read past the end of what a reader asked for (the next frame's start), taken
 /// first by its next read.
 pub(crate) struct Ahead {
-    buf: [u8; AHEAD],
+    buf: [u8; AHEAD_WIDE],
     pos: usize,
     end: usize,
 }
 
-/// The most bytes a reader reads ahead: room for the next reply's prefix and a short
-/// header, so that reading one payload also brings the next frame's head (a payload byte
-/// that comes along is copied out: at most this many per frame).
+/// The most bytes a reader reads ahead of a payload: room for the next reply's prefix and
+/// a short header, so that reading one payload also brings the next frame's head (a payload
+/// byte that comes along is copied out: at most this many per frame).
 pub(crate) const AHEAD: usize = 128;
+
+/// The most bytes read ahead by a frame's first read when nothing was read ahead of it
+/// ([`Ahead::take_head`]): a small reply (4 KiB of payload and its head) comes whole in
+/// one `readv` and is copied out, where reading its head and then its payload would cost
+/// a second system call; of a larger payload, at most this much is copied.
+pub(crate) const AHEAD_WIDE: usize = 4096 + 256;
 
 impl Ahead {
     pub(crate) fn new() -> Ahead {
         Ahead {
-            buf: [0; AHEAD],
+            buf: [0; AHEAD_WIDE],
             pos: 0,
             end: 0,
         }
+    }
+
+    /// Bytes read ahead and not taken yet.
+    pub(crate) fn buffered(&self) -> usize {
+        self.end - self.pos
     }
 
     /// Fills every byte of `parts`: from the bytes read ahead, then from `sock` with
@@ -416,6 +434,29 @@ impl Ahead {
     /// `parts` filled before it.
     pub(crate) fn take<E>(
         &mut self,
+        sock: &TcpStream,
+        parts: &mut [&mut [u8]],
+        ticker: &mut Ticker,
+        tick: &mut dyn FnMut() -> Result<(), E>,
+    ) -> Result<(), ReadError<E>> {
+        self.take_up_to(AHEAD, sock, parts, ticker, tick)
+    }
+
+    /// [`Ahead::take`] for the start of a frame (its prefix): when nothing was read ahead,
+    /// reads ahead up to [`AHEAD_WIDE`] bytes, so that a small frame comes whole.
+    pub(crate) fn take_head<E>(
+        &mut self,
+        sock: &TcpStream,
+        parts: &mut [&mut [u8]],
+        ticker: &mut Ticker,
+        tick: &mut dyn FnMut() -> Result<(), E>,
+    ) -> Result<(), ReadError<E>> {
+        self.take_up_to(AHEAD_WIDE, sock, parts, ticker, tick)
+    }
+
+    fn take_up_to<E>(
+        &mut self,
+        spill: usize,
         sock: &TcpStream,
         parts: &mut [&mut [u8]],
         ticker: &mut Ticker,
@@ -435,11 +476,12 @@ impl Ahead {
         if self.pos < self.end {
             return Ok(());
         }
-        let spilled =
-            read_exact_spill(sock, parts, &mut self.buf, ticker, tick).map_err(|e| match e {
+        let spilled = read_exact_spill(sock, parts, &mut self.buf[..spill], ticker, tick).map_err(
+            |e| match e {
                 ReadError::Eof { got } => ReadError::Eof { got: got + copied },
                 e => e,
-            })?;
+            },
+        )?;
         (self.pos, self.end) = (0, spilled);
         Ok(())
     }
@@ -510,10 +552,14 @@ mod tests {
         let mut ok = || -> Result<(), ()> { Ok(()) };
         let mut at = 0;
         for (k, &n) in sizes.iter().enumerate() {
+            // Heads as the client reads them (wide when nothing is read ahead), and narrow.
             let mut head = [0u8; 24];
-            ahead
-                .take(&b, &mut [&mut head[..]], &mut ticker, &mut ok)
-                .unwrap();
+            if k % 2 == 0 {
+                ahead.take_head(&b, &mut [&mut head[..]], &mut ticker, &mut ok)
+            } else {
+                ahead.take(&b, &mut [&mut head[..]], &mut ticker, &mut ok)
+            }
+            .unwrap();
             assert_eq!(head[..], data[at..at + 24], "head {k}");
             at += 24;
             // The payload in two parts, as a request's segments.
@@ -522,7 +568,7 @@ mod tests {
             ahead.take(&b, &mut [x, y], &mut ticker, &mut ok).unwrap();
             assert!(payload[..] == data[at..at + n], "payload {k}");
             at += n;
-            assert!(ahead.end - ahead.pos <= AHEAD);
+            assert!(ahead.end - ahead.pos <= AHEAD_WIDE);
         }
         writer.join().unwrap();
         drop(l);

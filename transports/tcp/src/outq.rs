@@ -15,6 +15,13 @@
 //! has a deadline: when the socket takes no byte for that long (or the client has ended
 //! its side of the stream), the connection fails; other connections never notice.
 //!
+//! Replies the connection's receiving thread makes itself while more requests wait in its
+//! read-ahead buffer (small cached reads, served without a hand-off) are *held*
+//! ([`OutQueue::cork`]) and leave together, several per `sendmsg`, when the receiving
+//! thread is about to read the socket or wait ([`OutQueue::flush`]), after
+//! [`CORK_FRAMES`] of them, or before any other thread's reply is written. A held reply is
+//! queued like a blocked one (header copied, pool buffers referenced), never a file range.
+//!
 //! All writes happen under the queue's lock and never block in a system call (the socket
 //! is non-blocking); only the writer thread waits, in `poll`, without the lock.
 
@@ -24,6 +31,7 @@ use std::io::{self, IoSlice};
 use std::net::TcpStream;
 use std::os::fd::{AsFd, AsRawFd};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::ThreadId;
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
@@ -38,6 +46,9 @@ use crate::lock;
 /// Spare frame vectors made when a connection opens (more are made as needed, and kept up
 /// to the connection's requests in flight).
 const PREMADE_FRAMES: usize = 16;
+
+/// Most replies held back by a cork before they are written anyway.
+pub(crate) const CORK_FRAMES: usize = 16;
 
 /// One reply frame, or what is left of it.
 pub(crate) struct Frame {
@@ -111,6 +122,10 @@ struct Out {
     spare_heads: Vec<Vec<u8>>,
     spare_payloads: Vec<Vec<Iobuf>>,
     keep: usize,
+    /// The thread whose replies are held ([`OutQueue::cork`]).
+    cork: Option<ThreadId>,
+    /// Frames held, unsent, at the front of `queue` (never while `handed_off`).
+    held: usize,
 }
 
 impl Out {
@@ -157,6 +172,8 @@ impl OutQueue {
                 spare_heads: (0..pre).map(|_| Vec::with_capacity(128)).collect(),
                 spare_payloads: (0..pre).map(|_| Vec::with_capacity(4)).collect(),
                 keep,
+                cork: None,
+                held: 0,
             }),
             cond: Condvar::new(),
             cap,
@@ -175,7 +192,15 @@ impl OutQueue {
                 "the connection is closed",
             ));
         }
-        let sent = if out.handed_off {
+        let hold = !out.handed_off
+            && r.file.is_none()
+            && out.cork.is_some()
+            && out.cork == Some(std::thread::current().id());
+        if !hold && out.held > 0 {
+            // Held frames go first: a frame written directly must not be cut by them.
+            self.flush_locked(sock, &mut out)?;
+        }
+        let sent = if out.handed_off || hold {
             0
         } else {
             match write_direct(sock, r)? {
@@ -197,7 +222,46 @@ impl OutQueue {
         }
         out.bytes += r.len() - sent;
         out.queue.push_back(f);
+        if hold {
+            out.held += 1;
+            if out.held >= CORK_FRAMES {
+                self.flush_locked(sock, &mut out)?;
+            }
+            return Ok(());
+        }
         if !out.handed_off {
+            out.handed_off = true;
+            self.cond.notify_all();
+        }
+        Ok(())
+    }
+
+    /// `on`: holds the calling thread's replies back (see the module docs) until
+    /// [`OutQueue::flush`] or `cork(false)`; other threads' replies are not held. Off: its
+    /// next replies are written at once, after those held so far.
+    pub(crate) fn cork(&self, on: bool) {
+        let mut out = lock(&self.out);
+        out.cork = (on && !out.closed).then(|| std::thread::current().id());
+    }
+
+    /// Ends the cork and writes the held replies, several per `sendmsg`, without waiting:
+    /// what the socket does not take goes to the writer thread.
+    pub(crate) fn flush(&self, sock: &TcpStream) -> io::Result<()> {
+        let mut out = lock(&self.out);
+        out.cork = None;
+        if out.held == 0 || out.closed {
+            return Ok(());
+        }
+        self.flush_locked(sock, &mut out)
+    }
+
+    /// Writes the held frames (and anything queued behind them) now.
+    fn flush_locked(&self, sock: &TcpStream, out: &mut MutexGuard<'_, Out>) -> io::Result<()> {
+        out.held = 0;
+        if out.handed_off {
+            return Ok(());
+        }
+        if let (Wrote::Blocked(_), _) = write_queued(sock, out)? {
             out.handed_off = true;
             self.cond.notify_all();
         }
@@ -222,6 +286,8 @@ impl OutQueue {
         let mut out = lock(&self.out);
         out.closed = true;
         out.bytes = 0;
+        out.held = 0;
+        out.cork = None;
         while let Some(f) = out.queue.pop_front() {
             out.recycle(f);
         }

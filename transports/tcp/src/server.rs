@@ -38,6 +38,9 @@
 //! payload) are queued, `recv` reads no further request of that connection. A queued reply
 //! that the socket takes no byte of for `server.idle_timeout` ([`REPLY_DEADLINE`] when it
 //! is off), or whose client has ended its side of the stream, fails that connection only.
+//! Replies the receiving thread makes while whole requests wait in its read-ahead buffer
+//! are held and leave together (`outq`'s cork), before `recv` reads the socket or waits,
+//! or when the server calls [`ServerConn::flush`].
 //! The socket is non-blocking after the handshake: reads wait in `poll`, a tick at a time.
 //!
 //! # Reading requests
@@ -438,6 +441,22 @@ impl InBuf {
         self.end - self.pos
     }
 
+    /// Whether a whole request frame without payload is buffered: `recv` can return it
+    /// without reading the socket or waiting.
+    fn whole_frame(&self, limits: &Limits) -> bool {
+        let b = &self.buf[self.pos..self.end];
+        let Some(pfx) = b
+            .get(..PREFIX_LEN)
+            .and_then(|p| <&[u8; PREFIX_LEN]>::try_from(p).ok())
+        else {
+            return false;
+        };
+        match decode_prefix(pfx, Kind::Request, limits) {
+            Ok(p) => p.payload_len == 0 && b.len() >= PREFIX_LEN + p.header_len,
+            Err(_) => false,
+        }
+    }
+
     /// Fills every byte of `parts`: from the bytes read ahead first, then from the socket
     /// (through the buffer for a small rest, straight into `parts` for a large one).
     fn take<E>(
@@ -521,6 +540,12 @@ impl TcpServerConn {
 
     fn recv_frame(&mut self) -> Result<Option<Incoming>> {
         let sh = &*self.shared;
+        // Replies held back go out before this reads the socket or waits.
+        if !self.inbuf.whole_frame(&sh.limits) {
+            sh.out
+                .flush(&sh.sock)
+                .map_err(|e| transport_err(format!("sending replies to {}", sh.peer), e))?;
+        }
         let (idle, last_in) = (self.idle, self.last_in);
         let mut ticker = Ticker::polling(idle.map_or(Duration::from_secs(1), tick_for));
         // Back-pressure: no new request while too many reply bytes wait for this client.
@@ -617,6 +642,9 @@ impl TcpServerConn {
         }
         lock(&sh.state).in_flight.insert(p.id, p.recv_cap);
         self.last_in = Instant::now();
+        // While more requests wait whole in the buffer, the replies this thread makes leave
+        // together, once it reaches the end of them.
+        sh.out.cork(self.inbuf.whole_frame(&sh.limits));
         tracing::debug!(
             id = p.id,
             payload_len = p.payload_len,
@@ -675,6 +703,16 @@ impl ServerConn for TcpServerConn {
 
     fn replier(&self) -> Arc<dyn Replier> {
         self.shared.clone()
+    }
+
+    /// Writes the replies held back (see `outq`); a failure ends the connection.
+    fn flush(&mut self) -> Result<()> {
+        let sh = &*self.shared;
+        sh.out.flush(&sh.sock).map_err(|e| {
+            let what = format!("sending replies to {}", sh.peer);
+            sh.close_with(format!("{what}: {e}"));
+            transport_err(what, e)
+        })
     }
 
     fn peer(&self) -> String {

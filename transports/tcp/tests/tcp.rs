@@ -4,6 +4,7 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::{config, pattern, pool, raw_handshaken, Event, TestServer, PATIENCE};
@@ -945,4 +946,166 @@ fn backlog_sees_requests_waiting_in_the_socket() {
     r.reply(b.id, b"b", &[]).expect("reply");
     assert_eq!(wait(p1).expect("reply").header, b"a");
     assert_eq!(wait(p2).expect("reply").header, b"b");
+}
+
+/// A reply the receiving thread makes while another whole request waits in its read-ahead
+/// buffer is held back to leave with the next ones (one `sendmsg`); it must still leave
+/// when that thread goes on to wait for more requests.
+#[test]
+fn replies_held_on_the_receiving_thread_leave_before_it_waits() {
+    let cfg = config();
+    let spool = pool();
+    let listener = TcpTransport.listen(&cfg, &spool).expect("listen");
+    let mut ccfg = cfg.clone();
+    ccfg.client.connect = listener.local_addr();
+    let c = connect(&ccfg);
+    let mut s = listener.accept().expect("accept").expect("handshake");
+    let p1 = c.start(echo(b"1", Vec::new(), Vec::new())).expect("start");
+    let p2 = c.start(echo(b"2", Vec::new(), Vec::new())).expect("start");
+    let p3 = c.start(echo(b"3", Vec::new(), Vec::new())).expect("start");
+    // Over loopback each frame is in the server's socket once its `start` returned, so the
+    // first read takes all three (the replies must arrive whether or not they were held).
+    let deadline = std::time::Instant::now() + PATIENCE;
+    while !s.backlog() {
+        assert!(std::time::Instant::now() < deadline, "no backlog seen");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let r = s.replier();
+    // Held (more requests wait whole behind them), on the receiving thread.
+    let a = s.recv().expect("recv").expect("request");
+    r.reply(a.id, b"a", &[]).expect("reply");
+    let b = s.recv().expect("recv").expect("request");
+    r.reply(b.id, b"b", &[]).expect("reply");
+    let c3 = s.recv().expect("recv").expect("request");
+    // The receiving thread now waits for a fourth request that never comes: what it held
+    // must leave before it waits (nothing else sends it).
+    let waiter = std::thread::spawn(move || {
+        let _ = s.recv();
+    });
+    assert_eq!(wait(p1).expect("reply").header, b"a");
+    assert_eq!(wait(p2).expect("reply").header, b"b");
+    // Another thread's reply goes out whole.
+    std::thread::spawn(move || r.reply(c3.id, b"c", &[]).expect("reply"))
+        .join()
+        .expect("replying thread");
+    assert_eq!(wait(p3).expect("reply").header, b"c");
+    c.close();
+    waiter.join().expect("receiving thread");
+}
+
+/// Runs `f` on its own thread and returns its result, failing the test instead of hanging
+/// (for plain `Pending::wait`, which has no deadline).
+fn guarded<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(PATIENCE)
+        .expect("a wait still blocked after the test's patience")
+}
+
+fn queued(n: u32, tag: u8) -> Request {
+    let mut header = b"Q".to_vec();
+    header.extend_from_slice(&n.to_le_bytes());
+    header.push(tag);
+    Request {
+        header,
+        ..Request::default()
+    }
+}
+
+/// Threads that block in `wait` read replies themselves (one leads, the others follow):
+/// replies answered in reverse order, so the leader reads the others' first, each reach
+/// their own waiter; then many threads at once, each with its requests one at a time.
+#[test]
+fn waiting_threads_each_get_their_reply_whoever_reads_it() {
+    let server = TestServer::start(&config());
+    let c = Arc::new(connect(&server.client_config()));
+    let n = 6u8;
+    let waiters: Vec<_> = (0..n)
+        .map(|k| {
+            let p = c.start(queued(u32::from(n), k)).expect("start");
+            std::thread::spawn(move || p.wait())
+        })
+        .collect();
+    for (k, w) in waiters.into_iter().enumerate() {
+        let r = guarded(move || w.join().expect("waiter")).expect("reply");
+        let mut want = b"R".to_vec();
+        want.extend_from_slice(&u32::from(n).to_le_bytes());
+        want.push(k as u8);
+        assert_eq!(r.header, want, "waiter {k} got another's reply");
+    }
+    let threads: Vec<_> = (0..8u8)
+        .map(|t| {
+            let c = c.clone();
+            std::thread::spawn(move || {
+                for i in 0..50u8 {
+                    let tag = [t, i];
+                    let r = c.start(echo(&tag, Vec::new(), Vec::new())).expect("start");
+                    let r = r.wait().expect("reply");
+                    assert_eq!(r.header, [b'R', t, i], "thread {t} request {i}");
+                }
+            })
+        })
+        .collect();
+    guarded(move || {
+        for t in threads {
+            t.join().expect("thread");
+        }
+    });
+}
+
+/// A thread leading (blocked in `wait`) still enforces `client.timeout`: a request the
+/// server never answers fails with `Error::Timeout`, and later requests fail at once.
+#[test]
+fn a_leading_waiter_times_out() {
+    let server = TestServer::start(&config());
+    let mut cfg = server.client_config();
+    cfg.client.timeout = Duration::from_millis(300);
+    let c = connect(&cfg);
+    let p = c.start(held(1)).expect("start");
+    match guarded(move || p.wait()) {
+        Err(Error::Timeout { after, .. }) => assert_eq!(after, cfg.client.timeout),
+        other => panic!("{other:?}"),
+    }
+    assert!(c.start(echo(b"late", Vec::new(), Vec::new())).is_err());
+}
+
+/// A reply nobody waits for is still read (by the reader thread, at its next tick), and a
+/// caller waiting for a free request slot reads replies itself.
+#[test]
+fn replies_nobody_waits_for_are_read_and_a_full_window_frees() {
+    let mut scfg = config();
+    scfg.server.max_in_flight = 2;
+    let server = TestServer::start(&scfg);
+    let mut cfg = server.client_config();
+    // A short tick: the reader thread looks every 25 ms.
+    cfg.client.timeout = Duration::from_millis(200);
+    let c = Arc::new(connect(&cfg));
+    let p = c
+        .start(echo(b"alone", Vec::new(), Vec::new()))
+        .expect("start");
+    let deadline = std::time::Instant::now() + PATIENCE;
+    while !p.is_done() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "a reply nobody waits for was never read"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert_eq!(p.wait().expect("reply").header, b"Ralone");
+    // Two in flight (the negotiated window), nobody waiting; the third `start` waits for a
+    // slot and must read a reply to get one.
+    let c2 = c.clone();
+    let all = guarded(move || {
+        let ps: Vec<_> = (0..3u8)
+            .map(|k| c2.start(echo(&[k], Vec::new(), Vec::new())).expect("start"))
+            .collect();
+        ps.into_iter()
+            .map(|p| p.wait().map(|r| r.header))
+            .collect::<Vec<_>>()
+    });
+    for (k, r) in all.into_iter().enumerate() {
+        assert_eq!(r.expect("reply"), [b'R', k as u8]);
+    }
 }
