@@ -436,5 +436,4 @@ fn held_views_are_checked_and_survive_moving_the_holder() {
     assert_eq!(&r.buffers()[0][90..], &[7u8; 10]);
     // No registrar is installed, so the view has no keys to carry.
     assert_eq!(whole.keys(id), None);
-    drop((whole, tail));
 }
