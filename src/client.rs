@@ -24,6 +24,7 @@
 //! One request carries every segment of an iovec up to the negotiated limits (segments
 //! and payload bytes); a larger iovec is split into as few requests as those limits allow,
 //! and the pieces travel concurrently. Never one request per segment.
+#![deny(unsafe_code)]
 
 use std::future::Future;
 use std::io::{IoSlice, IoSliceMut};
@@ -40,10 +41,12 @@ use crate::transport::{
     ClientConn, Limits, Pending, RecvSeg, Registry, Reply, Request, SendSeg, Transport,
 };
 
+#[forbid(unsafe_code)]
 mod held;
 // Its module documentation is written for maintainers and links to the module's private
 // parts (they resolve in `cargo doc --document-private-items`).
 #[allow(rustdoc::private_intra_doc_links)]
+#[forbid(unsafe_code)]
 pub mod reconnect;
 
 use reconnect::{FileState, Link, Redial};
@@ -1096,9 +1099,14 @@ impl<T> Future for Completion<T> {
 }
 
 #[cfg(test)]
+#[forbid(unsafe_code)]
 mod tests;
 
+/// The raw-pointer entry points the C library calls: the one module of the client with
+/// `unsafe` (each is an `unsafe fn` taking caller pointers).
+#[allow(unsafe_code)]
 mod raw;
 
 /// Calls for the operations a mounted file system needs.
+#[forbid(unsafe_code)]
 mod fsops;

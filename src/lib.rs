@@ -12,19 +12,27 @@
 //!   [`transport::mem`], an in-memory test double.
 //! - [`config`]: the TOML configuration.
 //!
-//! `unsafe` lives only in the pool (and in `zcio-rdma`'s verbs layer); every block carries a
-//! `// SAFETY:` comment.
+//! `unsafe` lives only in the pool (and in `zcio-rdma`'s verbs layer), plus the raw-pointer
+//! entry points the C library calls (`client/raw.rs`); every block carries a `// SAFETY:`
+//! comment. The other modules forbid it (`unsafe_code`), and the client's own code denies it
+//! outside `raw`.
 
 pub mod client;
+#[forbid(unsafe_code)]
 pub mod error;
+#[forbid(unsafe_code)]
 pub mod limits;
 pub mod pool;
+#[forbid(unsafe_code)]
 pub mod proto;
+#[forbid(unsafe_code)]
 pub mod server;
 
 pub use error::{Error, Result};
 pub use pool::{Iobref, Iobuf, IobufMut, Pool, PoolConfig};
+#[forbid(unsafe_code)]
 pub mod config;
+#[forbid(unsafe_code)]
 pub mod transport;
 
 pub use client::{Client, Completion, File};
@@ -33,8 +41,10 @@ pub use proto::{DirEntry, OpenFlags, Stat};
 pub use server::{Server, ServerHandle};
 
 #[cfg(feature = "testkit")]
+#[forbid(unsafe_code)]
 pub mod conformance;
 #[cfg(feature = "testkit")]
+#[forbid(unsafe_code)]
 pub mod conformance_fs;
 
 /// Locks `m`; a poisoned lock (a thread panicked while holding it) is taken over rather

@@ -1,6 +1,6 @@
 //! The client's life cycle over the in-memory transport: the keepalive thread ends with its
-//! client, and a reconnect to a server with other limits is followed by `limits()` and
-//! `read_only()`.
+//! client, a reconnect to a server with other limits is followed by `limits()` and
+//! `read_only()`, and async operations over held buffers are done again after a restart.
 //!
 //! Its own test binary: the keepalive test counts the process's `zcio-keepalive` threads,
 //! so no other test here may keep a client with a keepalive.
@@ -170,4 +170,90 @@ fn limits_and_read_only_follow_the_connection_after_a_reconnect() {
     assert_eq!(c.limits().max_payload, 256 << 10);
     assert!(c.read_only(), "read_only of the first connection kept");
     srv2.shutdown();
+}
+
+/// Async reads and writes started after the server went away complete on the next one:
+/// the completion holds the buffers (the pool's `Held`), the transport gets views of them,
+/// and when the connection turns out lost the operation is done again on the same buffers.
+/// Covers one request (caller vectors, pool buffers) and several (an iovec over the
+/// payload limit).
+#[test]
+fn held_async_reads_and_writes_survive_a_server_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    std::fs::write(dir.path().join("f.bin"), &data).unwrap();
+    let mem = MemTransport::new();
+    let sw = Arc::new(Switch {
+        mem: mem.clone(),
+        target: Mutex::new(String::new()),
+    });
+    let mut cfg = server_cfg(dir.path());
+    cfg.limits.max_payload = 128 << 10;
+    let pool = Pool::new(&cfg.pool).unwrap();
+    let start = |cfg: &Config| {
+        Server::bind_transport(cfg, mem.as_ref(), pool.clone())
+            .unwrap()
+            .spawn()
+            .unwrap()
+    };
+    let mut srv = start(&cfg);
+    *sw.target.lock().unwrap() = srv.local_addr().to_string();
+    let mut ccfg = cfg.clone();
+    ccfg.client.connect = "switch".into();
+    ccfg.client.keepalive = None;
+    ccfg.client.reconnect = true;
+    ccfg.client.reconnect_give_up = Duration::from_secs(30);
+    let c = Client::connect_shared(&ccfg, sw.clone(), Pool::new(&ccfg.pool).unwrap()).unwrap();
+    let f = c.open("f.bin", OpenFlags::READ | OpenFlags::WRITE).unwrap();
+
+    // Each round: the server "restarts" (a new listener at the switch), then an async
+    // operation starts on the dead connection.
+    let mut restart = || {
+        let next = start(&cfg);
+        *sw.target.lock().unwrap() = next.local_addr().to_string();
+        std::mem::replace(&mut srv, next).shutdown();
+    };
+
+    restart();
+    let (n, v) = f
+        .preadv_async(vec![vec![0u8; 1000], vec![0u8; 3000]], 5000)
+        .unwrap()
+        .wait()
+        .unwrap();
+    assert_eq!(n, 4000);
+    assert_eq!(v[0], data[5000..6000]);
+    assert_eq!(v[1], data[6000..9000]);
+
+    restart();
+    let got = f
+        .read_into_async(c.get_buffers(4096, 3).unwrap(), 100)
+        .unwrap()
+        .wait()
+        .unwrap();
+    let bytes: Vec<u8> = got.buffers().iter().flat_map(|b| b.to_vec()).collect();
+    assert_eq!(bytes, data[100..100 + 3 * 4096]);
+
+    // Over the 128 KiB payload limit: several requests over the same held vectors.
+    restart();
+    let (n, v) = f
+        .preadv_async(vec![vec![0u8; 100_000]; 3], 0)
+        .unwrap()
+        .wait()
+        .unwrap();
+    assert_eq!(n, 300_000);
+    assert_eq!(v.concat(), data);
+
+    restart();
+    let (n, _) = f
+        .pwritev_async(vec![vec![1u8; 100_000], vec![2u8; 100_000]], 50_000)
+        .unwrap()
+        .wait()
+        .unwrap();
+    assert_eq!(n, 200_000);
+    let on_disk = std::fs::read(dir.path().join("f.bin")).unwrap();
+    assert_eq!(on_disk[..50_000], data[..50_000]);
+    assert!(on_disk[50_000..150_000].iter().all(|&b| b == 1));
+    assert!(on_disk[150_000..250_000].iter().all(|&b| b == 2));
+    assert_eq!(on_disk[250_000..], data[250_000..]);
+    srv.shutdown();
 }

@@ -2,15 +2,13 @@
 //! attributes, setattr, rename, rmdir, symlinks, hard links, statfs, fallocate, fdatasync,
 //! user extended attributes and directory streams. Each is one request.
 
-use std::ptr::NonNull;
-
 use super::{check_path, Client, File};
 use crate::error::{Error, Result};
 use crate::proto::{
     self, Attr, DirPlusEntry, DirStreamEntry, Req, Resp, SetattrReq, StatfsReply, MAX_TARGET,
     MAX_XATTR_VALUE,
 };
-use crate::transport::{RawSeg, RecvSeg, SendSeg};
+use crate::transport::{RecvSeg, SendSeg};
 
 fn unexpected<T>(what: &'static str, r: Resp) -> Result<T> {
     Err(Error::decode(what, format!("{r:?}")))
@@ -146,13 +144,12 @@ impl Client {
         };
         // Setting a value again is harmless; creating or replacing only may not be.
         self.retrying("setxattr", flags == 0, || {
-            let send = match NonNull::new(value.as_ptr().cast_mut()) {
-                Some(p) if !value.is_empty() => {
-                    // SAFETY: `value` is borrowed for this whole call, which waits for the
-                    // reply; the transport only reads send segments.
-                    vec![SendSeg::Raw(unsafe { RawSeg::new(p, value.len()) })]
-                }
-                _ => Vec::new(),
+            // A copy (values are small and this is no data path) the request owns: no
+            // borrowed view of `value`, so no `unsafe` here.
+            let send = if value.is_empty() {
+                Vec::new()
+            } else {
+                vec![SendSeg::Owned(value.to_vec())]
             };
             let reply = self.start(&req, send, Vec::new())?.wait()?;
             proto::decode_reply(&req, &reply.header).map(drop)

@@ -3,137 +3,21 @@
 //! The plain async operations move the caller's buffers into the transport, which keeps
 //! them when the connection fails: nothing is left to send again. When the client may
 //! reconnect, [`File`]'s async operations come here instead: the completion *holds* the
-//! buffers, and the transport gets raw views of them (pool buffers keep their
+//! buffers (a [`Held`] from the pool module, which owns the `unsafe` and says why the views
+//! stay valid), and the transport gets raw views of them (pool buffers keep their
 //! registration keys). If the connection is lost, the completion's finish step reconnects
 //! and does the whole operation again synchronously on the same buffers (reads, and writes
 //! at an offset, are safe to repeat), then hands the buffers back as usual. A completion
 //! dropped unfinished waits for its requests (see [`super::Completion`]'s `Drop`), so the
 //! held buffers outlive every view the transport has of them.
 
-use std::ptr::NonNull;
-
 use super::reconnect::is_lost;
 use super::{contiguous, plan_requests, read_len, write_len, Completion, File, One};
 use crate::error::Result;
+pub(crate) use crate::pool::held::{Held, Holding};
 use crate::pool::Iobref;
 use crate::proto::Req;
-use crate::transport::{RawSeg, RecvSeg, Reply, SendSeg};
-
-/// Buffers a completion holds while the transport uses raw views of them.
-pub(crate) trait Held: Send + 'static {
-    /// How many buffers.
-    fn count(&self) -> usize;
-    /// The length of buffer `i`.
-    fn len_of(&self, i: usize) -> usize;
-    /// Each buffer's length.
-    fn lens(&self) -> Vec<usize> {
-        (0..self.count()).map(|i| self.len_of(i)).collect()
-    }
-    /// A raw view of `n` bytes at `off` in buffer `i`.
-    ///
-    /// # Safety
-    /// The view must not outlive the buffers, and nothing may move or free them meanwhile.
-    unsafe fn view(&mut self, i: usize, off: usize, n: usize) -> RawSeg;
-    /// The buffers as a [`Holding`], for a one-request completion.
-    fn hold(self) -> Holding;
-    /// The buffers back from [`Held::hold`].
-    fn unhold(h: Holding) -> Self;
-}
-
-impl Held for Vec<Vec<u8>> {
-    fn count(&self) -> usize {
-        self.len()
-    }
-    fn len_of(&self, i: usize) -> usize {
-        self[i].len()
-    }
-    unsafe fn view(&mut self, i: usize, off: usize, n: usize) -> RawSeg {
-        // SAFETY: `off + n <= len` (the plan cuts within the lengths); the caller keeps the
-        // vector alive and unmoved (its heap block does not move with the Vec).
-        let p = unsafe { NonNull::new_unchecked(self[i].as_mut_ptr().add(off)) };
-        // SAFETY: as above.
-        unsafe { RawSeg::new(p, n) }
-    }
-    fn hold(self) -> Holding {
-        Holding::Vecs(self)
-    }
-    fn unhold(h: Holding) -> Self {
-        match h {
-            Holding::Vecs(v) => v,
-            // Not reached: a completion unholds what it held.
-            _ => Vec::new(),
-        }
-    }
-}
-
-impl Held for Iobref {
-    fn count(&self) -> usize {
-        Iobref::count(self)
-    }
-    fn len_of(&self, i: usize) -> usize {
-        self.buffers()[i].len()
-    }
-    unsafe fn view(&mut self, i: usize, off: usize, n: usize) -> RawSeg {
-        let b = &mut self.buffers_mut()[i];
-        if off == 0 && n == b.len() {
-            // SAFETY: the caller keeps the buffer alive; a whole pool buffer keeps its keys.
-            unsafe { RawSeg::from_pool(b) }
-        } else {
-            // SAFETY: within the buffer; the caller keeps it alive.
-            let p = unsafe { NonNull::new_unchecked(b.as_mut_ptr().add(off)) };
-            // SAFETY: as above.
-            unsafe { RawSeg::new(p, n) }
-        }
-    }
-    fn hold(self) -> Holding {
-        Holding::Pool(self)
-    }
-    fn unhold(h: Holding) -> Self {
-        match h {
-            Holding::Pool(b) => b,
-            // Not reached: a completion unholds what it held.
-            _ => Iobref::new(),
-        }
-    }
-}
-
-/// The buffers a one-request completion holds, whatever their kind (so that
-/// [`Completion`] needs no type parameter for them, and no box).
-pub(crate) enum Holding {
-    /// The caller's own vectors.
-    Vecs(Vec<Vec<u8>>),
-    /// Pool buffers.
-    Pool(Iobref),
-}
-
-impl Held for Holding {
-    fn count(&self) -> usize {
-        match self {
-            Holding::Vecs(v) => v.count(),
-            Holding::Pool(b) => Held::count(b),
-        }
-    }
-    fn len_of(&self, i: usize) -> usize {
-        match self {
-            Holding::Vecs(v) => v.len_of(i),
-            Holding::Pool(b) => b.len_of(i),
-        }
-    }
-    unsafe fn view(&mut self, i: usize, off: usize, n: usize) -> RawSeg {
-        match self {
-            // SAFETY: the caller's contract, passed on.
-            Holding::Vecs(v) => unsafe { v.view(i, off, n) },
-            // SAFETY: as above.
-            Holding::Pool(b) => unsafe { b.view(i, off, n) },
-        }
-    }
-    fn hold(self) -> Holding {
-        self
-    }
-    fn unhold(h: Holding) -> Self {
-        h
-    }
-}
+use crate::transport::{RecvSeg, Reply, SendSeg};
 
 /// Starts one request per planned group over the held buffers.
 fn start_all<B: Held>(
@@ -151,15 +35,27 @@ fn start_all<B: Held>(
     let l = f.limits();
     let plan = plan_requests(&bufs.lens(), l.max_segments, l.max_payload);
     let fh = f.state.fh()?;
-    let mut out = Vec::with_capacity(plan.len());
+    let mut out: Vec<(usize, Req, crate::transport::Pending<Reply>)> =
+        Vec::with_capacity(plan.len());
     let mut pos = offset;
     for pieces in &plan {
         let want: usize = pieces.iter().map(|p| p.2).sum();
-        // SAFETY: the held buffers stay in the completion (or, on the synchronous path,
-        // borrowed by the caller) until every request started here has completed.
-        let views = pieces
+        // The held buffers stay in the completion (or, on the synchronous path, borrowed by
+        // the caller) until every request started here has completed.
+        let views = match pieces
             .iter()
-            .map(|&(i, off, n)| unsafe { bufs.view(i, off, n) });
+            .map(|&(i, off, n)| bufs.view(i, off, n))
+            .collect::<Result<Vec<_>>>()
+        {
+            Ok(v) => v.into_iter(),
+            Err(e) => {
+                // Wait for what was started (it uses the buffers) before failing.
+                for (_, _, p) in out {
+                    let _ = p.wait();
+                }
+                return Err(e);
+            }
+        };
         let (req, send, recv) = if write {
             (
                 Req::Write { fh, offset: pos },
@@ -263,9 +159,9 @@ impl File {
             if n == 0 {
                 continue;
             }
-            // SAFETY: the buffers move into the completion below, which waits for this
-            // request before it lets them go (also when dropped unfinished).
-            let v = unsafe { bufs.view(i, 0, n) };
+            // The buffers move into the completion below, which waits for this request
+            // before it lets them go (also when dropped unfinished).
+            let v = bufs.view(i, 0, n)?;
             if write {
                 send.push(SendSeg::Raw(v));
             } else {

@@ -32,6 +32,7 @@
 
 mod arena;
 mod buf;
+pub(crate) mod held;
 pub(crate) mod lend;
 pub mod seg;
 pub(crate) mod sync;

@@ -387,3 +387,53 @@ fn get_buffers_is_all_or_nothing() {
     assert_eq!(span.count(), 3);
     assert_eq!(span.total_len(), 65536 * 2 + 5);
 }
+
+/// Views of held buffers: checked ranges only, and the memory they point at stays put when
+/// the holder moves (into a completion, or through `hold`/`unhold`).
+#[test]
+fn held_views_are_checked_and_survive_moving_the_holder() {
+    use super::held::{Held, Holding};
+
+    // Caller vectors: a view of a range points into that vector's heap block.
+    let mut v: Vec<Vec<u8>> = vec![vec![0u8; 10], vec![0u8; 4]];
+    let mut part = v.view(0, 3, 5).unwrap();
+    assert_eq!(part.len(), 5);
+    assert_eq!(part.addr(), v[0][3..].as_ptr().cast_mut());
+    // Out of range, past the end, overflowing, or a buffer that is not there: errors.
+    for (i, off, n) in [(0, 6, 5), (1, 0, 5), (2, 0, 0), (0, usize::MAX, 2)] {
+        assert!(
+            matches!(v.view(i, off, n), Err(Error::Internal(_))),
+            "view {i} {off}+{n} must be refused"
+        );
+    }
+    // Move the holder (as the client moves it into a completion) and write through the
+    // view, as a transport filling a receive segment does: the bytes land in the buffer.
+    let held = v.hold();
+    let moved = Box::new(held);
+    part.as_mut_slice().copy_from_slice(b"hello");
+    let back = <Vec<Vec<u8>>>::unhold(*moved);
+    assert_eq!(&back[0], b"\0\0\0hello\0\0");
+
+    // Pool buffers: a whole buffer's view carries its pool (so its keys), a part does not.
+    let p = Pool::new(&small(4, 0, 2)).unwrap();
+    let mut r = Iobref::new();
+    r.push(p.get(100).unwrap());
+    let id = RegistrarId {
+        pool: r.buffers()[0].pool_id(),
+        index: 0,
+    };
+    let whole = r.view(0, 0, 100).unwrap();
+    assert_eq!(whole.addr(), r.buffers()[0].as_ptr().cast_mut());
+    assert_eq!(whole.len(), 100);
+    let mut tail = r.view(0, 90, 10).unwrap();
+    assert!(matches!(r.view(0, 90, 11), Err(Error::Internal(_))));
+    assert!(matches!(r.view(1, 0, 1), Err(Error::Internal(_))));
+    let mut h: Holding = r.hold();
+    assert_eq!(h.lens(), vec![100]);
+    tail.as_mut_slice().fill(7);
+    assert!(h.view(0, 0, 101).is_err());
+    let r = Iobref::unhold(h);
+    assert_eq!(&r.buffers()[0][90..], &[7u8; 10]);
+    // No registrar is installed, so the view has no keys to carry.
+    assert_eq!(whole.keys(id), None);
+}

@@ -87,8 +87,7 @@ pub struct QpConfig {
     /// Largest inline SEND, in bytes.
     pub max_inline_data: u32,
     /// Let the peer RDMA READ/WRITE this side's memory regions (those registered with
-    /// [`MrAccess::RemoteReadWrite`](crate::verbs::MrAccess::RemoteReadWrite)). A server
-    /// leaves this off.
+    /// [`MrAccess::RemoteReadWrite`]). A server leaves this off.
     pub allow_remote_access: bool,
     /// Outstanding RDMA READs, as initiator and as responder. Must be at least 1 (with 0,
     /// RDMA READs neither fail nor complete); clamped to the device's limits.
