@@ -1031,8 +1031,8 @@ fn handle_with(job: Job, scratch: &mut Scratch) {
             )
         }
     };
-    drop(req_span);
     finish(&conn, inc, header, payload, scratch);
+    drop(req_span);
 }
 
 /// Answers `inc` with `header` and `payload` (or the file range left in the scratch), after
@@ -1136,6 +1136,15 @@ fn serve_cached_read(conn: &Conn, inc: Incoming) -> Option<Incoming> {
             scratch.span.clear();
             return Some(inc);
         }
+        // The span a worker's request has (logs follow a request by id either way).
+        let req_span = tracing::debug_span!(
+            "request",
+            peer = %conn.peer,
+            id = inc.id,
+            op = tracing::field::Empty
+        )
+        .entered();
+        req_span.record("op", "read");
         let mut payload = std::mem::take(&mut scratch.payload);
         payload.clear();
         payload.extend(scratch.span.drain(..).map(IobufMut::freeze));
@@ -1157,6 +1166,7 @@ fn serve_cached_read(conn: &Conn, inc: Incoming) -> Option<Incoming> {
             &mut header,
         );
         finish(conn, inc, header, payload, scratch);
+        drop(req_span);
         None
     })
 }
