@@ -5,8 +5,8 @@
 //! A background acceptor thread takes sockets from the kernel and hands each to a short
 //! handshake thread (a total deadline of [`HANDSHAKE_TIMEOUT`], or `server.idle_timeout`
 //! when shorter, however slowly the bytes come; at most `server.max_handshakes_per_addr`
-//! at once from one IP address, more are closed at once); [`Listener::accept`] returns what the handshakes produce, in the order they
-//! finish: a ready connection, or `Ok(Err(..))` for a bad handshake. So a client that
+//! at once from one IP address, more are closed at once); the listener's `accept`
+//! ([`HandshakeListener`]) returns what the handshakes produce, in the order they finish: a ready connection, or `Ok(Err(..))` for a bad handshake. So a client that
 //! connects and says nothing costs a thread for a few seconds but never stalls the accept
 //! loop, and `limits()` is known as soon as `accept` returns a connection. At most
 //! [`MAX_PENDING`] connections are being handshaken or wait for `accept` at once; beyond
