@@ -9,6 +9,7 @@
 #   setup-failed        why rxe could not be brought up (absent on success)
 #   test.log, rc.N      test mode: the test binaries' output, exit status of binary N
 #   bench.log, bench/   bench mode: all perftest output; bench/results = "name client server"
+#   guest-started       written first: the host's boot watchdog (rxe_boot) waits for it
 #   guest-done          written last; if it is missing the guest died (panic, timeout)
 #
 # Setup follows docs/RXE.md: rdma_rxe on the loopback device gives rxe0 with GID index 1
@@ -28,6 +29,8 @@ setup_failed() {
     echo ok >"$W/guest-done"
     exit 1
 }
+
+echo ok >"$W/guest-started"
 
 # shellcheck source=/dev/null
 source "$W/params.sh" || setup_failed "cannot read $W/params.sh"
