@@ -996,16 +996,16 @@ fn handle(job: Job) {
     });
 }
 
+/// The span every request is served in, on a worker or the receiving thread: logs follow a
+/// request by its peer and id; `op` is recorded once the header is decoded.
+fn request_span(peer: &str, id: u64) -> tracing::Span {
+    tracing::debug_span!("request", peer = %peer, id = id, op = tracing::field::Empty)
+}
+
 fn handle_with(job: Job, scratch: &mut Scratch) {
     let Job { conn, inc } = job;
     let shared = conn.shared.clone();
-    let req_span = tracing::debug_span!(
-        "request",
-        peer = %conn.peer,
-        id = inc.id,
-        op = tracing::field::Empty
-    )
-    .entered();
+    let req_span = request_span(&conn.peer, inc.id).entered();
     let decoded = Req::decode(&inc.header);
     if let Ok(req) = &decoded {
         req_span.record("op", req.name());
@@ -1137,13 +1137,7 @@ fn serve_cached_read(conn: &Conn, inc: Incoming) -> Option<Incoming> {
             return Some(inc);
         }
         // The span a worker's request has (logs follow a request by id either way).
-        let req_span = tracing::debug_span!(
-            "request",
-            peer = %conn.peer,
-            id = inc.id,
-            op = tracing::field::Empty
-        )
-        .entered();
+        let req_span = request_span(&conn.peer, inc.id).entered();
         req_span.record("op", "read");
         let mut payload = std::mem::take(&mut scratch.payload);
         payload.clear();

@@ -496,17 +496,7 @@ impl Shared {
             if !l.reading {
                 l.reading = true;
                 drop(l);
-                let res = {
-                    let mut rx = lock(&self.rx);
-                    loop {
-                        if let Err(f) = self.read_one(&mut rx) {
-                            break Err(f);
-                        }
-                        if done() {
-                            break Ok(());
-                        }
-                    }
-                };
+                let res = self.read_until(done);
                 self.let_go(lock(&self.lead));
                 if let Err(f) = res {
                     self.fail(f);
@@ -519,6 +509,18 @@ impl Shared {
                 Err(p) => p.into_inner(),
             };
             l.followers -= 1;
+        }
+    }
+
+    /// Reads replies, under the reading lock, until `stop` says so after a reply or the
+    /// connection fails (the failure is returned, not yet applied).
+    fn read_until(&self, mut stop: impl FnMut() -> bool) -> Result<(), Failure> {
+        let mut rx = lock(&self.rx);
+        loop {
+            self.read_one(&mut rx)?;
+            if stop() {
+                return Ok(());
+            }
         }
     }
 
@@ -550,17 +552,7 @@ impl Shared {
             if l.background && !l.reading {
                 l.reading = true;
                 drop(l);
-                let res = {
-                    let mut rx = lock(&self.rx);
-                    loop {
-                        if let Err(f) = self.read_one(&mut rx) {
-                            break Err(f);
-                        }
-                        if !lock(&self.lead).background {
-                            break Ok(());
-                        }
-                    }
-                };
+                let res = self.read_until(|| !lock(&self.lead).background);
                 l = lock(&self.lead);
                 l.reading = false;
                 if l.followers > 0 {
