@@ -11,7 +11,9 @@
 //! (nothing else of its connection in flight, and nothing waiting behind it in the
 //! transport: `ServerConn::backlog`) is served on the receiving thread itself, one thread
 //! hand-off less for a synchronous client; so is, at any depth, a small read whose bytes
-//! are all in the page cache (`serve_cached_read`), which cannot block. Only regular
+//! are all in the page cache (`serve_cached_read`), which cannot block, and a write to a
+//! file opened without `O_DIRECT` (`inline_write`), which only copies into the page
+//! cache (it blocks only when the kernel throttles a writer: back-pressure). Only regular
 //! files are opened: a FIFO or device
 //! node in the export is refused without blocking. A connection's open files are closed
 //! when it goes away, however it goes.
@@ -266,6 +268,9 @@ struct OpenFile {
     writable: bool,
     /// Reads may be answered with a file range: opened for reading, without `O_DIRECT`.
     rangeable: bool,
+    /// Opened without `O_DIRECT` (the protocol has no sync flags): a write only copies
+    /// into the page cache, see [`inline_write`].
+    buffered: bool,
 }
 
 /// One connection's state. Dropped (closing its files) when its receive thread has ended
@@ -922,7 +927,15 @@ fn serve_conn(shared: &Arc<Shared>, mut sc: Box<dyn ServerConn>, jobs: &Schedule
                     stats.served_inline.fetch_add(1, Ordering::Relaxed);
                     continue;
                 };
-                if depth == 1 && !sc.backlog() {
+                if inline_write(&conn, &inc) {
+                    // Its reply is held with the others this thread makes, and leaves
+                    // with them before the thread waits for the client.
+                    stats.served_inline.fetch_add(1, Ordering::Relaxed);
+                    handle(Job {
+                        conn: conn.clone(),
+                        inc,
+                    });
+                } else if depth == 1 && !sc.backlog() {
                     // It may block (an fsync, a cold read): held replies go first. (A
                     // failed flush has ended the connection: the reply fails too.)
                     let _ = sc.flush();
@@ -1163,6 +1176,27 @@ fn serve_cached_read(conn: &Conn, inc: Incoming) -> Option<Incoming> {
         drop(req_span);
         None
     })
+}
+
+/// Whether `inc` is a write to serve on the receiving thread, at any depth: its payload is
+/// in, from an authenticated connection, to a writable file opened without `O_DIRECT`.
+/// Such a `pwritev` copies into the page cache and returns; a hand-off to a worker (a
+/// futex wake-up, two context switches, the payload's cache lines read on another CPU)
+/// costs more than it saves on a write that size. `pwritev2(RWF_NOWAIT)` would tell a
+/// write that would block from one that will not, but ext4 refuses it for buffered writes
+/// (`EOPNOTSUPP`, Linux 6.18), so the write is made plainly: it can block only where the
+/// kernel throttles a writer that dirties pages faster than they are written back
+/// (`balance_dirty_pages`), and then stalling that connection's receiving is the
+/// back-pressure its client should get (the workers would be stalled by it alike).
+/// Anything else (an error, a bad handle: the usual path reports it) goes the usual way.
+fn inline_write(conn: &Conn, inc: &Incoming) -> bool {
+    if inc.payload.is_empty() || !conn.authed.load(Ordering::SeqCst) {
+        return false;
+    }
+    let Ok(Req::Write { fh, .. }) = Req::decode(&inc.header) else {
+        return false;
+    };
+    matches!(file(conn, fh), Ok(f) if f.writable && f.buffered)
 }
 
 /// Fills `bufs` with exactly `want` bytes of `f` from `offset` with one
@@ -1410,6 +1444,7 @@ fn execute(
                     file: f,
                     writable,
                     rangeable,
+                    buffered: !direct,
                 }),
             );
             Ok((Resp::Open { fh, size }, Vec::new()))

@@ -172,8 +172,9 @@ pub trait ServerConn: Send {
     /// The reply side, shareable with worker threads.
     fn replier(&self) -> Arc<dyn Replier>;
     /// Sends now whatever replies made on the receiving thread the transport holds back
-    /// to send together. A transport may hold them while requests that `recv` can return
-    /// without waiting remain, and sends them before its `recv` waits; the server calls this
+    /// to send together. A transport may hold them while `recv` can go on without waiting
+    /// (for the peer's bytes, a payload budget, buffers), and sends them before its `recv`
+    /// waits; the server calls this
     /// before the receiving thread blocks anywhere else (a request served on it that may
     /// block, a full in-flight window). The default, for a transport that holds nothing,
     /// does nothing.

@@ -8,6 +8,7 @@
 use std::io::{self, IoSlice, IoSliceMut, Read};
 use std::net::{Shutdown, TcpStream};
 use std::os::fd::{AsFd, AsRawFd};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
@@ -191,6 +192,9 @@ pub(crate) struct Ticker {
     last: Instant,
     /// A non-blocking socket: wait for data with `poll`, up to a tick at a time.
     poll: bool,
+    /// Called before each `poll` that waits for data (the server writes the replies it
+    /// holds back there: they must not wait for the client's next bytes).
+    before_wait: Option<Arc<dyn Fn() + Send + Sync>>,
 }
 
 impl Ticker {
@@ -200,6 +204,7 @@ impl Ticker {
             every,
             last: Instant::now(),
             poll: false,
+            before_wait: None,
         }
     }
 
@@ -210,6 +215,12 @@ impl Ticker {
             poll: true,
             ..Ticker::new(every)
         }
+    }
+
+    /// A polling ticker that calls `f` each time before it waits for data.
+    pub(crate) fn before_wait(mut self, f: Arc<dyn Fn() + Send + Sync>) -> Ticker {
+        self.before_wait = Some(f);
+        self
     }
 
     fn due(&mut self, timed_out: bool) -> bool {
@@ -273,9 +284,7 @@ pub(crate) fn read_exact_vectored<E>(
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => false,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock && ticker.poll => {
-                let t = PollTimeout::try_from(ticker.every).unwrap_or(PollTimeout::MAX);
-                let mut fds = [PollFd::new(sock.as_fd(), PollFlags::POLLIN)];
-                !matches!(poll(&mut fds, t), Ok(n) if n > 0)
+                wait_readable(sock, ticker)
             }
             Err(e)
                 if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::TimedOut =>
@@ -489,6 +498,9 @@ impl Ahead {
 
 /// Waits up to a tick for `sock` to become readable; true when the tick passed first.
 fn wait_readable(sock: &TcpStream, ticker: &Ticker) -> bool {
+    if let Some(f) = &ticker.before_wait {
+        f();
+    }
     let t = PollTimeout::try_from(ticker.every).unwrap_or(PollTimeout::MAX);
     let mut fds = [PollFd::new(sock.as_fd(), PollFlags::POLLIN)];
     !matches!(poll(&mut fds, t), Ok(n) if n > 0)

@@ -15,11 +15,11 @@
 //! has a deadline: when the socket takes no byte for that long (or the client has ended
 //! its side of the stream), the connection fails; other connections never notice.
 //!
-//! Replies the connection's receiving thread makes itself while more requests wait in its
-//! read-ahead buffer (small cached reads, served without a hand-off) are *held*
-//! ([`OutQueue::cork`]) and leave together, several per `sendmsg`, when the receiving
-//! thread is about to read the socket or wait ([`OutQueue::flush`]), after
-//! [`CORK_FRAMES`] of them, or before any other thread's reply is written. A held reply is
+//! Replies the connection's receiving thread makes itself (small cached reads and buffered
+//! writes, served without a hand-off) are *held* ([`OutQueue::cork`]) and leave together,
+//! several per `sendmsg`, when the receiving thread is about to wait ([`OutQueue::flush`],
+//! also from [`OutQueue::wait_room`]), after [`CORK_FRAMES`] of them, or before any other
+//! thread's reply is written. A held reply is
 //! queued like a blocked one (header copied, pool buffers referenced), never a file range.
 //!
 //! All writes happen under the queue's lock and never block in a system call (the socket
@@ -268,9 +268,16 @@ impl OutQueue {
         Ok(())
     }
 
-    /// Waits while more than the byte cap is queued; `false` once the connection is closed.
-    pub(crate) fn wait_room(&self) -> bool {
+    /// Waits while more than the byte cap is queued (writing the held replies first);
+    /// `false` once the connection is closed.
+    pub(crate) fn wait_room(&self, sock: &TcpStream) -> bool {
         let mut out = lock(&self.out);
+        if out.bytes > self.cap && out.held > 0 && !out.closed {
+            out.cork = None;
+            if self.flush_locked(sock, &mut out).is_err() {
+                return false;
+            }
+        }
         while out.bytes > self.cap && !out.closed {
             out = self
                 .cond

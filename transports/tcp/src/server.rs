@@ -38,9 +38,10 @@
 //! payload) are queued, `recv` reads no further request of that connection. A queued reply
 //! that the socket takes no byte of for `server.idle_timeout` ([`REPLY_DEADLINE`] when it
 //! is off), or whose client has ended its side of the stream, fails that connection only.
-//! Replies the receiving thread makes while whole requests wait in its read-ahead buffer
-//! are held and leave together (`outq`'s cork), before `recv` reads the socket or waits,
-//! or when the server calls [`ServerConn::flush`].
+//! Replies the receiving thread makes are held and leave together (`outq`'s cork), before
+//! `recv` waits (for the socket, the payload budget or pool buffers), or when the server
+//! calls [`ServerConn::flush`]; reading a socket that holds more requests does not end
+//! the cork, so the replies of writes served on that thread batch as those of small reads.
 //! The socket is non-blocking after the handshake: reads wait in `poll`, a tick at a time.
 //!
 //! # Reading requests
@@ -48,7 +49,8 @@
 //! whatever the socket holds, so a burst of small request frames costs one system call,
 //! not two per frame (prefix, header). Payload bytes that came in the buffer are copied to
 //! the request's pool buffers (at most 4 KiB per request); a larger rest is read straight
-//! into them. When the last read emptied the socket, the next waits in `poll` first
+//! into them, with the buffer as the `readv`'s last vector, so the next frame's head comes
+//! along. When the last read emptied the socket, the next waits in `poll` first
 //! instead of making a read that would find nothing (an idle connection).
 
 use std::collections::HashMap;
@@ -63,8 +65,8 @@ use zcio::transport::{Admission, FileRange, Incoming, Limits, Replier, ServerCon
 use zcio::{Error, Iobuf, IobufMut, Pool, Result};
 
 use crate::io::{
-    advance_mut, give_up, has_unread, read_at_least, read_exact_vectored, scatter, shutdown,
-    tick_for, write_all_vectored, ReadError, Ticker,
+    advance_mut, give_up, has_unread, read_at_least, read_exact_spill, scatter, shutdown, tick_for,
+    write_all_vectored, ReadError, Ticker,
 };
 use crate::outq::{self, OutQueue};
 use crate::wire::{decode_prefix, Hello, Kind, Prefix, WireError, HELLO_LEN, PREFIX_LEN};
@@ -231,6 +233,12 @@ fn handshake(
         peer: peer.to_string(),
     });
     let weak = Arc::downgrade(&shared);
+    let held = weak.clone();
+    let flush_held: Arc<dyn Fn() + Send + Sync> = Arc::new(move || {
+        if let Some(c) = held.upgrade() {
+            c.flush_held();
+        }
+    });
     std::thread::Builder::new()
         .name("zcio-tcp-writer".into())
         .spawn(move || {
@@ -254,6 +262,7 @@ fn handshake(
         last_in: now,
         broken: None,
         admission: None,
+        flush_held,
     }))
 }
 
@@ -293,6 +302,14 @@ impl ConnShared {
         match &lock(&self.state).closed {
             Some(r) => Err(Error::ConnectionClosed(r.clone())),
             None => Ok(()),
+        }
+    }
+
+    /// Writes the replies the receiving thread holds back (see `outq`), before it waits
+    /// for anything: a failure ends the connection (and so the wait).
+    fn flush_held(&self) {
+        if let Err(e) = self.out.flush(&self.sock) {
+            self.close_with(format!("sending replies to {}: {e}", self.peer));
         }
     }
 
@@ -402,7 +419,10 @@ impl Replier for ConnShared {
         self.sent(id, self.out.reply(&self.sock, &r))
     }
 
+    /// Replies held back (the last ones the receiving thread made, a refusal) are written
+    /// first, as far as the socket takes them at once.
     fn close(&self) {
+        let _ = self.out.flush(&self.sock);
         self.close_with(format!(
             "the connection from {} was closed by the server",
             self.peer
@@ -441,22 +461,6 @@ impl InBuf {
         self.end - self.pos
     }
 
-    /// Whether a whole request frame without payload is buffered: `recv` can return it
-    /// without reading the socket or waiting.
-    fn whole_frame(&self, limits: &Limits) -> bool {
-        let b = &self.buf[self.pos..self.end];
-        let Some(pfx) = b
-            .get(..PREFIX_LEN)
-            .and_then(|p| <&[u8; PREFIX_LEN]>::try_from(p).ok())
-        else {
-            return false;
-        };
-        match decode_prefix(pfx, Kind::Request, limits) {
-            Ok(p) => p.payload_len == 0 && b.len() >= PREFIX_LEN + p.header_len,
-            Err(_) => false,
-        }
-    }
-
     /// Fills every byte of `parts`: from the bytes read ahead first, then from the socket
     /// (through the buffer for a small rest, straight into `parts` for a large one).
     fn take<E>(
@@ -491,8 +495,14 @@ impl InBuf {
                 e => e,
             };
             if need > INBUF / 2 {
-                // A large rest: straight into the destination.
-                return read_exact_vectored(sock, parts, ticker, tick).map_err(eof);
+                // A large rest: straight into the destination, with the buffer as the last
+                // vector, so that the next frame's head (prefix, header) comes in the same
+                // system call when the client has sent it already.
+                let spilled =
+                    read_exact_spill(sock, parts, &mut self.buf, ticker, tick).map_err(eof)?;
+                // A read that did not fill the buffer emptied the socket.
+                (self.pos, self.end, self.drained) = (0, spilled, spilled < INBUF);
+                return Ok(());
             }
             let (n, drained) = read_at_least(sock, &mut self.buf, need, self.drained, ticker, tick)
                 .map_err(eof)?;
@@ -515,6 +525,9 @@ struct TcpServerConn {
     broken: Option<String>,
     /// From the server: no payload before authentication, and a budget of payload bytes.
     admission: Option<Arc<Admission>>,
+    /// Writes the held replies ([`ConnShared::flush_held`]); called before `recv` waits
+    /// for the socket, the payload budget or pool buffers.
+    flush_held: Arc<dyn Fn() + Send + Sync>,
 }
 
 impl TcpServerConn {
@@ -540,16 +553,14 @@ impl TcpServerConn {
 
     fn recv_frame(&mut self) -> Result<Option<Incoming>> {
         let sh = &*self.shared;
-        // Replies held back go out before this reads the socket or waits.
-        if !self.inbuf.whole_frame(&sh.limits) {
-            sh.out
-                .flush(&sh.sock)
-                .map_err(|e| transport_err(format!("sending replies to {}", sh.peer), e))?;
-        }
         let (idle, last_in) = (self.idle, self.last_in);
-        let mut ticker = Ticker::polling(idle.map_or(Duration::from_secs(1), tick_for));
+        // Replies held back go out before this waits for the socket (never for bytes the
+        // client may send only once it has them), not before every read: so replies made
+        // while requests keep coming leave together.
+        let mut ticker = Ticker::polling(idle.map_or(Duration::from_secs(1), tick_for))
+            .before_wait(self.flush_held.clone());
         // Back-pressure: no new request while too many reply bytes wait for this client.
-        if !sh.out.wait_room() {
+        if !sh.out.wait_room(&sh.sock) {
             return Err(Error::ConnectionClosed(format!(
                 "the connection from {} is closed",
                 sh.peer
@@ -576,7 +587,11 @@ impl TcpServerConn {
             .take(&sh.sock, &mut [&mut pfx[..]], &mut ticker, &mut tick)
         {
             Ok(()) => {}
-            Err(ReadError::Eof { got: 0 }) => return Ok(None),
+            Err(ReadError::Eof { got: 0 }) => {
+                // The client sent its last request: its held replies still go.
+                sh.flush_held();
+                return Ok(None);
+            }
             Err(e) => return Err(self.read_failure(e, "a request prefix", PREFIX_LEN)),
         }
         let p = decode_prefix(&pfx, Kind::Request, &sh.limits)
@@ -609,7 +624,10 @@ impl TcpServerConn {
                 }
                 // Back-pressure on this connection only: its receiving stops until its
                 // earlier requests' payload is freed.
-                a.reserve(p.id, p.payload_len, PAYLOAD_WAIT_TICK, || sh.still_open())?;
+                a.reserve(p.id, p.payload_len, PAYLOAD_WAIT_TICK, || {
+                    sh.flush_held();
+                    sh.still_open()
+                })?;
             }
             let taken = match wait_for_span(&self.pool, sh, p.payload_len, &mut self.span) {
                 Err(e) => Err(e),
@@ -642,9 +660,12 @@ impl TcpServerConn {
         }
         lock(&sh.state).in_flight.insert(p.id, p.recv_cap);
         self.last_in = Instant::now();
-        // While more requests wait whole in the buffer, the replies this thread makes leave
-        // together, once it reaches the end of them.
-        sh.out.cork(self.inbuf.whole_frame(&sh.limits));
+        // While bytes of more requests wait in the buffer (whole frames, or the head of a
+        // next write that came with this payload), the replies this thread makes are held
+        // and leave together, once it is about to wait (for the socket, the budget, pool
+        // buffers; or the server's `flush` before anything else that may block), after
+        // `CORK_FRAMES` of them or before another thread's reply.
+        sh.out.cork(self.inbuf.buffered() > 0);
         tracing::debug!(
             id = p.id,
             payload_len = p.payload_len,
@@ -661,7 +682,12 @@ impl TcpServerConn {
 
 /// Takes pool buffers for a request's payload into `span`, waiting while the pool is short
 /// (as long as the connection is open: back-pressure, not failure).
+/// Held replies are written before it waits.
 fn wait_for_span(pool: &Pool, sh: &ConnShared, len: usize, span: &mut Vec<IobufMut>) -> Result<()> {
+    if pool.try_get_span_into(len, span)? {
+        return Ok(());
+    }
+    sh.flush_held();
     loop {
         match pool.get_span_within_into(len, PAYLOAD_WAIT_TICK, span) {
             Ok(()) => return Ok(()),

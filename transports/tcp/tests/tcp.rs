@@ -1109,3 +1109,68 @@ fn replies_nobody_waits_for_are_read_and_a_full_window_frees() {
         assert_eq!(r.expect("reply"), [b'R', k as u8]);
     }
 }
+
+/// The receiving thread's replies are held also while requests with payload keep coming
+/// (writes served on that thread), and must leave before it waits: here for the
+/// connection's payload budget (the client may send no more until it has them). Byte for
+/// byte, the payloads arrive as sent.
+#[test]
+fn replies_held_behind_payload_leave_before_the_receiving_thread_waits() {
+    fn bytes(inc: &zcio::transport::Incoming) -> Vec<u8> {
+        inc.payload.iter().flat_map(|b| b.iter().copied()).collect()
+    }
+    const LEN: usize = 32 << 10;
+    let cfg = config();
+    let spool = pool();
+    let listener = TcpTransport.listen(&cfg, &spool).expect("listen");
+    let mut ccfg = cfg.clone();
+    ccfg.client.connect = listener.local_addr();
+    let c = connect(&ccfg);
+    let cpool = pool();
+    let mut s = listener.accept().expect("accept").expect("handshake");
+    // A budget of one payload: a second one waits until the first is released.
+    let admission = Arc::new(zcio::transport::Admission::new(LEN, 8));
+    admission.authenticate();
+    s.set_admission(admission.clone());
+    let r = s.replier();
+    let data: Vec<Vec<u8>> = (0..3u64).map(|k| pattern(k + 7, LEN)).collect();
+    let send = |k: usize| {
+        let tag = [b'0' + k as u8];
+        c.start(echo(&tag, send_segs(&cpool, &data[k], &[LEN]), Vec::new()))
+            .expect("start")
+    };
+    let p0 = send(0);
+    let a = s.recv().expect("recv").expect("request");
+    assert_eq!(bytes(&a), data[0]);
+    // Served on the receiving thread: given back, then answered.
+    let id = a.id;
+    r.recycle(a);
+    admission.release(id);
+    r.reply(id, b"a", &[]).expect("reply");
+    assert_eq!(wait(p0).expect("reply").header, b"a");
+    // Two more, both in the server's socket before it reads: reading the first payload
+    // brings the second request's head along.
+    let p1 = send(1);
+    let p2 = send(2);
+    let b = s.recv().expect("recv").expect("request");
+    assert_eq!(bytes(&b), data[1]);
+    // Request 1 keeps the whole budget for now; its reply is held (more request bytes
+    // are in).
+    r.reply(b.id, b"b", &[]).expect("reply");
+    // The receiving thread takes request 2's head, then waits for the budget: the held
+    // reply must leave before that wait.
+    let waiter = std::thread::spawn(move || {
+        let c2 = s.recv().expect("recv").expect("request");
+        (s, c2)
+    });
+    assert_eq!(wait(p1).expect("reply").header, b"b");
+    assert!(!waiter.is_finished(), "the third payload passed the budget");
+    let id = b.id;
+    r.recycle(b);
+    admission.release(id);
+    let (s, c2) = waiter.join().expect("receiving thread");
+    assert_eq!(bytes(&c2), data[2]);
+    r.reply(c2.id, b"c", &[]).expect("reply");
+    assert_eq!(wait(p2).expect("reply").header, b"c");
+    drop(s);
+}
