@@ -75,8 +75,9 @@ pub struct ServerStats {
     /// sees, which tells a client that cannot keep the server busy from a server that
     /// cannot keep up.
     pub depth_sum: AtomicU64,
-    /// Requests served on their connection's receiving thread (alone in the server when
-    /// they arrived) rather than handed to the workers.
+    /// Requests served on their connection's receiving thread rather than handed to the
+    /// workers: those alone in the server when they arrived, small reads the page cache
+    /// held, and writes to files opened without `O_DIRECT`.
     pub served_inline: AtomicU64,
     /// Read requests answered (successfully), and their payload bytes: with `writes` and
     /// `write_bytes`, they show how big the requests that reached the server were (a
