@@ -144,3 +144,49 @@ pub(crate) fn process_allocations_in<R>(f: impl FnOnce() -> R) -> (R, u64, Strin
         .join("\n");
     (result, count, first)
 }
+
+/// This process's threads: task id and name (`comm`, at most 15 bytes).
+pub(crate) fn threads() -> Vec<(u32, String)> {
+    let mut v = Vec::new();
+    for e in std::fs::read_dir("/proc/self/task").expect("/proc/self/task") {
+        let Ok(e) = e else { continue };
+        let Some(tid) = e.file_name().to_str().and_then(|s| s.parse().ok()) else {
+            continue;
+        };
+        if let Ok(name) = std::fs::read_to_string(e.path().join("comm")) {
+            v.push((tid, name.trim_end().to_string()));
+        }
+    }
+    v
+}
+
+/// Waits until, for each of `names`, a thread that was not among `before` runs under that
+/// name (up to 10 s, then panics naming the missing ones).
+///
+/// A thread allocates as it starts, in the standard library before its own code runs (the
+/// name it keeps for stack-overflow reports); a thread spawned just before a counting
+/// window but scheduled only inside it (under load, tens of milliseconds later) is counted
+/// there, though no I/O made it. The standard library names the thread (its `comm`) right
+/// after that, so a new thread seen with its own name has made those allocations.
+pub(crate) fn wait_for_new_threads(before: &[(u32, String)], names: &[&str]) {
+    let t0 = std::time::Instant::now();
+    loop {
+        let now = threads();
+        let missing: Vec<&str> = names
+            .iter()
+            .copied()
+            .filter(|n| {
+                !now.iter()
+                    .any(|(tid, name)| name == n && !before.iter().any(|(b, _)| b == tid))
+            })
+            .collect();
+        if missing.is_empty() {
+            return;
+        }
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(10),
+            "threads {missing:?} did not start within 10 s (threads now: {now:?})"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+}
