@@ -22,6 +22,11 @@
 //! comes out a little slower, not the baseline faster. The file baselines make their file
 //! in `$TMPDIR` (where the embedded server's export is by default).
 //!
+//! Each runs its requesting (reading) end on the calling thread and its answering (writing)
+//! end on a thread of its own; with a placement (`zcio bench --cpus`, by default two
+//! different CPUs when there are two) the calling thread is put on the client side's CPUs
+//! for the run and the other end on the server side's.
+//!
 //! Each reports the process's CPU time (user + system, both ends: they run in this
 //! process) for CPU seconds per GiB, as the bench's own runs do.
 
@@ -40,6 +45,7 @@ use nix::fcntl::{fcntl, splice, FcntlArg, SpliceFFlags};
 use nix::sys::sendfile::sendfile64;
 
 use crate::bench::{cpu_seconds, Run};
+use crate::cpus::{spawn_on, PinGuard, Sides};
 use crate::AnyResult;
 
 fn pair() -> AnyResult<(TcpStream, TcpStream)> {
@@ -52,8 +58,13 @@ fn pair() -> AnyResult<(TcpStream, TcpStream)> {
 }
 
 /// Streams `bs`-byte chunks for `runtime`.
-pub(crate) fn tcp_stream(bs: usize, runtime: Duration, label: &str) -> AnyResult<Run> {
-    stream_with(bs, runtime, label, Source::Memory, &mut Sink::Discard)
+pub(crate) fn tcp_stream(
+    bs: usize,
+    runtime: Duration,
+    label: &str,
+    pin: Option<&Sides>,
+) -> AnyResult<Run> {
+    stream_with(bs, runtime, label, pin, Source::Memory, &mut Sink::Discard)
 }
 
 /// Streams `bs`-byte chunks of a file of `size` bytes with `sendfile(2)`, for `runtime`.
@@ -62,6 +73,7 @@ pub(crate) fn tcp_sendfile(
     size: usize,
     runtime: Duration,
     label: &str,
+    pin: Option<&Sides>,
 ) -> AnyResult<Run> {
     let f = bench_file(size.max(bs))?;
     // Into the page cache first, as the bench's own files are.
@@ -74,7 +86,7 @@ pub(crate) fn tcp_sendfile(
         }
         off += n as u64;
     }
-    stream_with(bs, runtime, label, Source::File(f), &mut Sink::Discard)
+    stream_with(bs, runtime, label, pin, Source::File(f), &mut Sink::Discard)
 }
 
 /// Streams `bs`-byte chunks into a file of `size` bytes: `read` then `pwrite`, or with
@@ -85,6 +97,7 @@ pub(crate) fn tcp_file_write(
     runtime: Duration,
     label: &str,
     with_splice: bool,
+    pin: Option<&Sides>,
 ) -> AnyResult<Run> {
     let f = bench_file(size.max(bs))?;
     let size = f.metadata()?.len();
@@ -106,7 +119,7 @@ pub(crate) fn tcp_file_write(
     } else {
         Sink::Pwrite { f, size, off: 0 }
     };
-    stream_with(bs, runtime, label, Source::Memory, &mut sink)
+    stream_with(bs, runtime, label, pin, Source::Memory, &mut sink)
 }
 
 /// A file of `size` bytes in `$TMPDIR`, removed when dropped (unlinked at once).
@@ -208,13 +221,15 @@ fn stream_with(
     bs: usize,
     runtime: Duration,
     label: &str,
+    pin: Option<&Sides>,
     source: Source,
     sink: &mut Sink,
 ) -> AnyResult<Run> {
+    let _here = PinGuard::new(pin.map(|p| &p.client[..]))?;
     let (mut rx, mut tx) = pair()?;
     let stop = Arc::new(AtomicBool::new(false));
     let stop2 = stop.clone();
-    let writer = std::thread::spawn(move || match source {
+    let writer = spawn_on(pin.map(|p| &p.server[..]), move || match source {
         Source::Memory => {
             let buf = vec![7u8; bs];
             while !stop2.load(Ordering::Relaxed) {
@@ -240,7 +255,7 @@ fn stream_with(
                 }
             }
         }
-    });
+    })?;
     let mut buf = vec![0u8; bs];
     let mut bytes = 0u64;
     let mut ops = 0u64;
@@ -308,9 +323,15 @@ fn finish_rpc(
 }
 
 /// Request/response round trips of a 32-byte request and a `bs`-byte reply.
-pub(crate) fn tcp_pingpong(bs: usize, runtime: Duration, label: &str) -> AnyResult<Run> {
+pub(crate) fn tcp_pingpong(
+    bs: usize,
+    runtime: Duration,
+    label: &str,
+    pin: Option<&Sides>,
+) -> AnyResult<Run> {
+    let _here = PinGuard::new(pin.map(|p| &p.client[..]))?;
     let (mut c, mut s) = pair()?;
-    let server = std::thread::spawn(move || {
+    let server = spawn_on(pin.map(|p| &p.server[..]), move || {
         let mut req = [0u8; 32];
         let reply = vec![9u8; bs];
         while s.read_exact(&mut req).is_ok() {
@@ -318,7 +339,7 @@ pub(crate) fn tcp_pingpong(bs: usize, runtime: Duration, label: &str) -> AnyResu
                 break;
             }
         }
-    });
+    })?;
     let req = [1u8; 32];
     let mut buf = vec![0u8; bs];
     let mut lat = Vec::new();
@@ -339,9 +360,16 @@ const RPC_REQ: usize = 32;
 /// `iodepth` requests of [`RPC_REQ`] bytes in flight on one socket, each answered with `bs`
 /// bytes from memory. The server reads whatever requests have arrived with one `read` and
 /// answers each with one `write`; the client sends a new request as each reply completes.
-pub(crate) fn tcp_rpc(bs: usize, iodepth: u32, runtime: Duration, label: &str) -> AnyResult<Run> {
+pub(crate) fn tcp_rpc(
+    bs: usize,
+    iodepth: u32,
+    runtime: Duration,
+    label: &str,
+    pin: Option<&Sides>,
+) -> AnyResult<Run> {
+    let _here = PinGuard::new(pin.map(|p| &p.client[..]))?;
     let (mut c, mut s) = pair()?;
-    let server = std::thread::spawn(move || {
+    let server = spawn_on(pin.map(|p| &p.server[..]), move || {
         let reply = vec![9u8; bs];
         let mut reqs = vec![0u8; RPC_REQ * 64];
         let mut have = 0;
@@ -359,7 +387,7 @@ pub(crate) fn tcp_rpc(bs: usize, iodepth: u32, runtime: Duration, label: &str) -
             reqs.copy_within(whole * RPC_REQ..have, 0);
             have -= whole * RPC_REQ;
         }
-    });
+    })?;
     let req = [1u8; RPC_REQ];
     let mut buf = vec![0u8; bs];
     let mut sent = VecDeque::with_capacity(iodepth as usize);

@@ -20,6 +20,12 @@
 //! from `getrusage`): with the embedded server that is client and server together, against a
 //! remote server the client alone. The baselines run in this process too, both ends.
 //!
+//! `--cpus` places the two sides on CPUs (see [`crate::cpus`]): by default the baselines'
+//! two ends run on two different CPUs when there are two, so that their latency is that of
+//! a round trip between two machines whatever the scheduler would have chosen; `--cpus 0/1`
+//! places zcio's client jobs and embedded server the same way. The JSON (`cpus`) and the
+//! summary say where each ran.
+//!
 //! `--sweep iodepth=1,2,4` (or `bs=4k,64k`) runs the whole comparison once per value, and
 //! `--plot FILE.svg` draws throughput and p99 latency against the swept value, one line per
 //! mode and baseline.
@@ -241,6 +247,19 @@ pub(crate) struct BenchArgs {
     /// Export directory of the embedded server (default: a temporary directory in $TMPDIR).
     #[arg(long, value_name = "DIR")]
     export: Option<PathBuf>,
+    /// Where the two sides run: `auto` puts the baselines' two ends on two different CPUs
+    /// when there are two (as a client and a server on two machines: every reply wakes a
+    /// thread on another CPU) and leaves zcio to the scheduler; `C/S` (CPU lists, e.g.
+    /// `0/1`, `0/0`, `0,1/2-3`) puts the client side (jobs and their transport threads, a
+    /// baseline's requesting end) on C and the server side (the embedded server's threads,
+    /// a baseline's answering end) on S, zcio and baselines alike; `none` places nothing.
+    /// Latency at a low iodepth depends on it: a thread woken on an idle CPU of a virtual
+    /// machine takes tens of microseconds longer than one woken where it already runs.
+    #[arg(long, default_value = "auto", value_name = "auto|none|C/S", value_parser = crate::cpus::cpus_arg)]
+    cpus: crate::cpus::CpusArg,
+    /// The placement `--cpus` resolved to on this machine.
+    #[arg(skip)]
+    placement: crate::cpus::Placement,
     #[command(flatten)]
     common: Common,
 }
@@ -406,6 +425,8 @@ pub(crate) fn run(mut a: BenchArgs) -> AnyResult<()> {
         }
     }
     let max_depth = all_depths.iter().copied().max().unwrap_or(1) as u32;
+    a.placement = crate::cpus::Placement::resolve(&a.cpus)?;
+    let zcio_place = a.placement.zcio.clone();
     let mut cfg = a.common.load()?;
     let reg = registry();
     // The embedded server, unless one was named.
@@ -443,7 +464,11 @@ pub(crate) fn run(mut a: BenchArgs) -> AnyResult<()> {
                     scfg.more_transports = rest.to_vec();
                 }
             }
-            let server = Server::bind(&scfg, &reg)?.spawn()?;
+            // Every thread the server makes descends from this one: placed with it.
+            let server = {
+                let _on = crate::cpus::PinGuard::new(zcio_place.as_ref().map(|p| &p.server[..]))?;
+                Server::bind(&scfg, &reg)?.spawn()?
+            };
             // One address, or one per transport (`tcp=ADDR rdma=ADDR`): both are what
             // client.connect takes.
             cfg.client.connect = server.local_addr().to_string();
@@ -454,6 +479,12 @@ pub(crate) fn run(mut a: BenchArgs) -> AnyResult<()> {
         .limits
         .max_in_flight
         .max((max_depth * a.segments) as usize + 8);
+    // The client side from here on: the jobs and every connection's threads descend from
+    // this thread.
+    if let Some(p) = &zcio_place {
+        crate::cpus::pin_this_thread(&p.client)?;
+    }
+    eprintln!("zcio bench: {}", a.placement.describe());
     // One client pool shared by every job, as an application would. A transport list
     // falls back in order; every job uses the transport the first connection chose.
     let client_pool = zcio::Pool::new(&cfg.pool)?;
@@ -617,16 +648,17 @@ fn run_point(
         }
         for (k, b) in a.baseline.iter().enumerate() {
             let label = format!("{} #{}", baseline_name(*b), r + 1);
+            let pin = a.placement.baselines.as_ref();
             let run = match b {
-                Baseline::Stream => baseline::tcp_stream(a.bs, a.runtime, &label)?,
-                Baseline::Pingpong => baseline::tcp_pingpong(a.bs, a.runtime, &label)?,
-                Baseline::Rpc => baseline::tcp_rpc(a.bs, a.iodepth, a.runtime, &label)?,
-                Baseline::Sendfile => baseline::tcp_sendfile(a.bs, a.size, a.runtime, &label)?,
+                Baseline::Stream => baseline::tcp_stream(a.bs, a.runtime, &label, pin)?,
+                Baseline::Pingpong => baseline::tcp_pingpong(a.bs, a.runtime, &label, pin)?,
+                Baseline::Rpc => baseline::tcp_rpc(a.bs, a.iodepth, a.runtime, &label, pin)?,
+                Baseline::Sendfile => baseline::tcp_sendfile(a.bs, a.size, a.runtime, &label, pin)?,
                 Baseline::FileWrite => {
-                    baseline::tcp_file_write(a.bs, a.size, a.runtime, &label, false)?
+                    baseline::tcp_file_write(a.bs, a.size, a.runtime, &label, false, pin)?
                 }
                 Baseline::SpliceWrite => {
-                    baseline::tcp_file_write(a.bs, a.size, a.runtime, &label, true)?
+                    baseline::tcp_file_write(a.bs, a.size, a.runtime, &label, true, pin)?
                 }
             };
             eprintln!("{}", run.line());
@@ -1254,6 +1286,7 @@ fn report(
             "iodepth": a.iodepth, "jobs": a.jobs, "files": a.files, "size": a.size,
             "runtime_s": a.runtime.as_secs_f64(), "repeat": a.repeat, "verified": a.verify,
             "cpu_includes_server": a.server.is_none(),
+            "cpus": a.placement.json(),
             "results": rows_json(&rows),
             "client_pool": pool_json(client),
             "server_pool": server.map(pool_json),
@@ -1276,6 +1309,7 @@ fn report(
     );
     print_rows(&rows);
     println!("{}", cpu_note(a));
+    println!("{}", a.placement.describe());
     if let Some(q) = queueing {
         println!(
             "server: {} requests, {:.1} of their connection's requests in the server when one arrived (mean), {:.0}% served on the receiving thread",
@@ -1309,6 +1343,7 @@ fn report_sweep(
             "jobs": a.jobs, "files": a.files, "size": a.size,
             "runtime_s": a.runtime.as_secs_f64(), "repeat": a.repeat, "verified": a.verify,
             "cpu_includes_server": a.server.is_none(),
+            "cpus": a.placement.json(),
             "sweep": sw.name(), "points": points,
             "client_pool": pool_json(client),
             "server_pool": server.map(pool_json),
@@ -1329,6 +1364,7 @@ fn report_sweep(
         print_rows(&rows(runs));
     }
     println!("{}", cpu_note(a));
+    println!("{}", a.placement.describe());
 }
 
 fn pool_json(s: &zcio::pool::PoolStats) -> serde_json::Value {

@@ -8,6 +8,7 @@
 mod allocs;
 mod baseline;
 mod bench;
+mod cpus;
 mod hostile;
 mod logging;
 mod mount;

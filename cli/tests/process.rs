@@ -422,3 +422,82 @@ fn bench_sweeps_reports_cpu_per_gib_and_plots() {
         .unwrap();
     assert!(!out.status.success());
 }
+
+/// The first CPU this process may run on, and how many it may (from /proc/self/status).
+fn allowed_cpus() -> (usize, usize) {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let list = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .expect("Cpus_allowed_list")
+        .trim()
+        .to_string();
+    let mut first = None;
+    let mut n = 0;
+    for part in list.split(',') {
+        let (a, b) = part.split_once('-').unwrap_or((part, part));
+        let (a, b): (usize, usize) = (a.parse().unwrap(), b.parse().unwrap());
+        first.get_or_insert(a);
+        n += b - a + 1;
+    }
+    (first.unwrap(), n)
+}
+
+/// `--cpus C/S` places zcio and the baselines alike and says so; the default places the
+/// baselines' ends on two CPUs (when there are two) and not zcio; bad lists and CPUs the
+/// process may not use are clear errors.
+#[test]
+fn bench_places_both_sides_on_the_cpus_asked_for() {
+    let dir = tempfile::tempdir().unwrap();
+    let (first, count) = allowed_cpus();
+    let bench = |cpus: Option<String>| {
+        let mut c = zcio();
+        c.args(["bench", "--rw", "randread", "--bs", "4K", "--iodepth", "1"])
+            .args(["--baseline", "tcp-pingpong", "--size", "1M", "--files", "1"])
+            .args(["--runtime", "200ms", "--json", "--export"])
+            .arg(dir.path());
+        if let Some(cpus) = cpus {
+            c.args(["--cpus", &cpus]);
+        }
+        let (stdout, _) = run_ok(&mut c);
+        let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+        v["cpus"].clone()
+    };
+    let placed = bench(Some(format!("{first}/{first}")));
+    for side in ["zcio", "baselines"] {
+        assert_eq!(
+            placed[side]["client"],
+            serde_json::json!([first]),
+            "{placed}"
+        );
+        assert_eq!(
+            placed[side]["server"],
+            serde_json::json!([first]),
+            "{placed}"
+        );
+    }
+    let auto = bench(None);
+    assert!(auto["zcio"].is_null(), "{auto}");
+    if count >= 2 {
+        let (c, s) = (&auto["baselines"]["client"], &auto["baselines"]["server"]);
+        assert!(c.is_array() && s.is_array() && c != s, "{auto}");
+    } else {
+        assert!(auto["baselines"].is_null(), "{auto}");
+    }
+    for (bad, says) in [
+        ("0", "CLIENT/SERVER"),
+        ("0/x", "`x`"),
+        ("2-1/0", "range"),
+        ("1023/0", "not available"),
+    ] {
+        let out = zcio()
+            .args(["bench", "--cpus", bad, "--runtime", "1s", "--size", "1M"])
+            .arg("--export")
+            .arg(dir.path())
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "--cpus {bad}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(says), "--cpus {bad}: {err}");
+    }
+}

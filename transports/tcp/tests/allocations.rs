@@ -19,7 +19,9 @@ use zcio_tcp::TcpTransport;
 
 #[path = "../../rdma/tests/counting/mod.rs"]
 mod counting;
-use counting::{process_allocations_in as allocations_in, CountingAlloc};
+use counting::{
+    process_allocations_in as allocations_in, threads, wait_for_new_threads, CountingAlloc,
+};
 
 #[global_allocator]
 static GLOBAL: CountingAlloc = CountingAlloc;
@@ -171,7 +173,14 @@ fn reads_and_writes_allocate_nothing_per_io() {
         });
         std::fs::write(h.path("f"), EXPECTED.with(Clone::clone)).unwrap();
         let cpool = Pool::new(&test_pool()).unwrap();
+        let before = threads();
         let conn = TcpTransport.connect(&h.cfg, &cpool).unwrap();
+        // The connection's threads, client and server, have started (a thread's start
+        // allocates, once): what is counted below is what the I/O does.
+        wait_for_new_threads(
+            &before,
+            &["zcio-tcp-client", "zcio-conn", "zcio-tcp-writer"],
+        );
         call(
             &*conn,
             &Req::Hello {

@@ -22,7 +22,9 @@ use zcio_tcp::TcpTransport;
 
 #[path = "../../rdma/tests/counting/mod.rs"]
 mod counting;
-use counting::{process_allocations_in as allocations_in, CountingAlloc};
+use counting::{
+    process_allocations_in as allocations_in, threads, wait_for_new_threads, CountingAlloc,
+};
 
 #[global_allocator]
 static GLOBAL: CountingAlloc = CountingAlloc;
@@ -192,11 +194,18 @@ fn the_file_api_allocates_nothing_per_operation() {
         cfg.client.keepalive = None;
         let pool = Pool::new(&test_pool()).unwrap();
         let t: Arc<dyn zcio::transport::Transport> = Arc::new(TcpTransport);
+        let before = threads();
         let client = if reconnect {
             Client::connect_shared(&cfg, t, pool).unwrap()
         } else {
             Client::connect_transport(&cfg, t.as_ref(), pool).unwrap()
         };
+        // The connection's threads, client and server, have started (a thread's start
+        // allocates, once): what is counted below is what the I/O does.
+        wait_for_new_threads(
+            &before,
+            &["zcio-tcp-client", "zcio-conn", "zcio-tcp-writer"],
+        );
         let file = client.open("f", OpenFlags::rw()).unwrap();
         for way in [
             Way::ZeroCopyAsync,
