@@ -1079,8 +1079,10 @@ fn replies_nobody_waits_for_are_read_and_a_full_window_frees() {
     scfg.server.max_in_flight = 2;
     let server = TestServer::start(&scfg);
     let mut cfg = server.client_config();
-    // A short tick: the reader thread looks every 25 ms.
-    cfg.client.timeout = Duration::from_millis(200);
+    // A short tick: the reader thread looks every 250 ms (an eighth of the timeout). Not
+    // shorter: under load a reply may take longer than a 200 ms timeout, which then failed
+    // the test without anything being wrong.
+    cfg.client.timeout = Duration::from_secs(2);
     let c = Arc::new(connect(&cfg));
     let p = c
         .start(echo(b"alone", Vec::new(), Vec::new()))
