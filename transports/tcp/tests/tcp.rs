@@ -13,6 +13,24 @@ use zcio::{Config, Error, Pool};
 use zcio_tcp::wire::{Hello, Kind, Prefix, HELLO_LEN, PREFIX_LEN};
 use zcio_tcp::TcpTransport;
 
+/// A listener on the test config, a client connected to it and the server's end of that
+/// connection (taking its buffers from `spool`); the listener is returned to keep it open.
+fn connected_pair(
+    spool: &Pool,
+) -> (
+    Box<dyn zcio::transport::Listener>,
+    Box<dyn ClientConn>,
+    Box<dyn zcio::transport::ServerConn>,
+) {
+    let cfg = config();
+    let listener = TcpTransport.listen(&cfg, spool).expect("listen");
+    let mut ccfg = cfg;
+    ccfg.client.connect = listener.local_addr();
+    let c = connect(&ccfg);
+    let s = listener.accept().expect("accept").expect("handshake");
+    (listener, c, s)
+}
+
 fn connect(cfg: &Config) -> Box<dyn ClientConn> {
     TcpTransport.connect(cfg, &pool()).expect("connect")
 }
@@ -912,13 +930,8 @@ fn zero_length_everything() {
 
 #[test]
 fn backlog_sees_requests_waiting_in_the_socket() {
-    let cfg = config();
     let spool = pool();
-    let listener = TcpTransport.listen(&cfg, &spool).expect("listen");
-    let mut ccfg = cfg.clone();
-    ccfg.client.connect = listener.local_addr();
-    let c = connect(&ccfg);
-    let mut s = listener.accept().expect("accept").expect("handshake");
+    let (_listener, c, mut s) = connected_pair(&spool);
     assert!(!s.backlog(), "nothing sent yet");
     let p1 = c.start(echo(b"1", Vec::new(), Vec::new())).expect("start");
     let p2 = c.start(echo(b"2", Vec::new(), Vec::new())).expect("start");
@@ -953,13 +966,8 @@ fn backlog_sees_requests_waiting_in_the_socket() {
 /// when that thread goes on to wait for more requests.
 #[test]
 fn replies_held_on_the_receiving_thread_leave_before_it_waits() {
-    let cfg = config();
     let spool = pool();
-    let listener = TcpTransport.listen(&cfg, &spool).expect("listen");
-    let mut ccfg = cfg.clone();
-    ccfg.client.connect = listener.local_addr();
-    let c = connect(&ccfg);
-    let mut s = listener.accept().expect("accept").expect("handshake");
+    let (_listener, c, mut s) = connected_pair(&spool);
     let p1 = c.start(echo(b"1", Vec::new(), Vec::new())).expect("start");
     let p2 = c.start(echo(b"2", Vec::new(), Vec::new())).expect("start");
     let p3 = c.start(echo(b"3", Vec::new(), Vec::new())).expect("start");
@@ -1122,14 +1130,9 @@ fn replies_held_behind_payload_leave_before_the_receiving_thread_waits() {
         inc.payload.iter().flat_map(|b| b.iter().copied()).collect()
     }
     const LEN: usize = 32 << 10;
-    let cfg = config();
     let spool = pool();
-    let listener = TcpTransport.listen(&cfg, &spool).expect("listen");
-    let mut ccfg = cfg.clone();
-    ccfg.client.connect = listener.local_addr();
-    let c = connect(&ccfg);
+    let (_listener, c, mut s) = connected_pair(&spool);
     let cpool = pool();
-    let mut s = listener.accept().expect("accept").expect("handshake");
     // A budget of one payload: a second one waits until the first is released.
     let admission = Arc::new(zcio::transport::Admission::new(LEN, 8));
     admission.authenticate();
