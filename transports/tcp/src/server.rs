@@ -233,12 +233,9 @@ fn handshake(
         peer: peer.to_string(),
     });
     let weak = Arc::downgrade(&shared);
-    let held = weak.clone();
-    let flush_held: Arc<dyn Fn() + Send + Sync> = Arc::new(move || {
-        if let Some(c) = held.upgrade() {
-            c.flush_held();
-        }
-    });
+    // Held by the connection's receiving side only, as `shared` is: no cycle.
+    let held = shared.clone();
+    let flush_held: Arc<dyn Fn() + Send + Sync> = Arc::new(move || held.flush_held());
     std::thread::Builder::new()
         .name("zcio-tcp-writer".into())
         .spawn(move || {
